@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what the project needs on a Debian 12 machine, skipping what is there:
+# PostgreSQL 15 server and headers, clang for pgrx's bindgen, cargo-pgrx 0.18.0 and its
+# pg15 configuration pointing at the system server. Idempotent and quiet when done.
+set -euo pipefail
+
+PGRX_VERSION=0.18.0
+PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
+
+need_pkgs=()
+for p in postgresql-15 postgresql-server-dev-15 postgresql-contrib clang libclang-dev pkg-config libssl-dev; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    echo "install-deps: installing Debian packages: ${need_pkgs[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+fi
+
+# Debian's postgresql-common creates and starts a "main" cluster on install; we never use it.
+# It is harmless, but stop it so it does not hold port 5432 or memory during tests.
+if command -v pg_lsclusters >/dev/null 2>&1 && pg_lsclusters -h 2>/dev/null | grep -q '^15 *main .*online'; then
+    $SUDO pg_ctlcluster 15 main stop || true
+fi
+
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
+    echo "install-deps: installing cargo-pgrx $PGRX_VERSION (takes a few minutes)"
+    cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
+fi
+
+PGRX_HOME="${PGRX_HOME:-$HOME/.pgrx}"
+if ! grep -qs "pg15 *= *\"$PG_CONFIG\"" "$PGRX_HOME/config.toml"; then
+    echo "install-deps: cargo pgrx init --pg15 $PG_CONFIG"
+    cargo pgrx init --pg15 "$PG_CONFIG"
+fi

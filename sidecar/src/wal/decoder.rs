@@ -1,0 +1,744 @@
+//! The streaming WAL decoder: bytes in, records out.
+//!
+//! WAL arrives as a byte stream addressed by LSN — whole segment files, or `XLogData` messages
+//! of a replication connection cut at arbitrary points. [`WalStreamDecoder`] buffers what it is
+//! fed, strips and validates page headers, reassembles records that cross page and segment
+//! boundaries, skips the dead rest of a segment after `XLOG_SWITCH`, and hands each complete
+//! record to [`DecodedRecord::parse`]. It follows PostgreSQL's `XLogDecodeNextRecord` check for
+//! check, so it stops exactly where PostgreSQL's own reader (and `pg_waldump`) would.
+//!
+//! Records that lie within one fed chunk and one page are returned as slices of that chunk
+//! (no copy); only records crossing a page or chunk boundary are assembled into new memory,
+//! and only once all of their bytes have been fed, so a garbage length can never make the
+//! decoder allocate more than the input it already holds.
+//!
+//! An error is sticky: the decoder stays before the offending record and returns the same
+//! error again, with [`WalStreamDecoder::position`] the end of the last good record. Whether
+//! that error is corruption or just the end of valid WAL (zeroed or recycled pages, a torn
+//! record) is the caller's call, as it is PostgreSQL's.
+
+use super::consts::*;
+use super::page::{PageHeader, PageHeaderError, PageValidator};
+use super::record::{is_switch, DecodedRecord, RecordError, XLogRecordHeader};
+use bytes::{Bytes, BytesMut};
+use neon_types::{Lsn, XLOG_BLCKSZ};
+use std::collections::VecDeque;
+
+/// Why decoding cannot go on at `lsn`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error(transparent)]
+    Page(#[from] PageHeaderError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("invalid record length at {lsn}: wanted at least {SIZE_OF_XLOG_RECORD}, got {len}")]
+    RecordLength { lsn: Lsn, len: u32 },
+    #[error("record length {len} at {lsn} exceeds the maximum {MAX_RECORD_LENGTH}")]
+    RecordTooLong { lsn: Lsn, len: u32 },
+    #[error("invalid resource manager ID {rmid} at {lsn}")]
+    Rmgr { lsn: Lsn, rmid: u8 },
+    #[error("record with incorrect prev-link {prev} at {lsn} (previous record at {expected})")]
+    PrevLink { lsn: Lsn, prev: Lsn, expected: Lsn },
+    #[error("invalid record offset at {lsn}")]
+    RecordOffset { lsn: Lsn },
+    #[error("contrecord is requested by {lsn}: the page starts with the rest of a record")]
+    ContrecordRequested { lsn: Lsn },
+    #[error("there is no contrecord flag at {page} for the record at {lsn}")]
+    NoContrecord { lsn: Lsn, page: Lsn },
+    #[error("invalid contrecord length {rem_len} (expected {expected}) at {page} for the record at {lsn}")]
+    ContrecordLength {
+        lsn: Lsn,
+        page: Lsn,
+        rem_len: u32,
+        expected: u32,
+    },
+}
+
+impl DecodeError {
+    /// The position the error is about.
+    pub fn lsn(&self) -> Lsn {
+        match self {
+            DecodeError::Page(e) => match e {
+                PageHeaderError::Magic { page, .. }
+                | PageHeaderError::InfoBits { page, .. }
+                | PageHeaderError::MissingLongHeader { page }
+                | PageHeaderError::UnexpectedLongHeader { page }
+                | PageHeaderError::PageAddr { page, .. }
+                | PageHeaderError::SystemId { page, .. }
+                | PageHeaderError::SegmentSize { page, .. }
+                | PageHeaderError::BlockSize { page, .. }
+                | PageHeaderError::TimelineBackwards { page, .. } => *page,
+            },
+            DecodeError::Record(e) => match e {
+                RecordError::Crc { lsn, .. }
+                | RecordError::ShortHeaders { lsn, .. }
+                | RecordError::LengthMismatch { lsn, .. }
+                | RecordError::BlockOrder { lsn, .. }
+                | RecordError::BlockId { lsn, .. }
+                | RecordError::Fork { lsn, .. }
+                | RecordError::Block { lsn, .. }
+                | RecordError::SameRelWithoutRel { lsn, .. } => *lsn,
+            },
+            DecodeError::RecordLength { lsn, .. }
+            | DecodeError::RecordTooLong { lsn, .. }
+            | DecodeError::Rmgr { lsn, .. }
+            | DecodeError::PrevLink { lsn, .. }
+            | DecodeError::RecordOffset { lsn }
+            | DecodeError::ContrecordRequested { lsn }
+            | DecodeError::NoContrecord { lsn, .. }
+            | DecodeError::ContrecordLength { lsn, .. } => *lsn,
+        }
+    }
+}
+
+const PAGE: u64 = XLOG_BLCKSZ as u64;
+
+/// Buffered input: chunks in LSN order, the first starting at `start`.
+#[derive(Default)]
+struct Input {
+    chunks: VecDeque<Bytes>,
+    start: Lsn,
+    len: u64,
+}
+
+impl Input {
+    fn end(&self) -> Lsn {
+        self.start + self.len
+    }
+
+    /// Drops input before `lsn`; returns false if the input does not reach that far yet.
+    fn discard_before(&mut self, lsn: Lsn) -> bool {
+        while self.start < lsn {
+            let Some(front) = self.chunks.front_mut() else {
+                return false;
+            };
+            let n = (lsn - self.start).min(front.len() as u64) as usize;
+            if n == front.len() {
+                self.chunks.pop_front();
+            } else {
+                let _ = front.split_to(n);
+            }
+            self.start = self.start + n as u64;
+            self.len -= n as u64;
+        }
+        true
+    }
+
+    /// The chunk holding `lsn` and the offset of `lsn` in it.
+    fn locate(&self, lsn: Lsn) -> Option<(usize, usize)> {
+        let mut off = lsn.checked_sub(self.start)?;
+        for (i, c) in self.chunks.iter().enumerate() {
+            if off < c.len() as u64 {
+                return Some((i, off as usize));
+            }
+            off -= c.len() as u64;
+        }
+        None
+    }
+
+    /// Copies `out.len()` bytes starting at `lsn` into `out`, if they are all buffered.
+    fn peek(&self, lsn: Lsn, out: &mut [u8]) -> bool {
+        if lsn < self.start || lsn + out.len() as u64 > self.end() {
+            return false;
+        }
+        let Some((mut i, mut off)) = self.locate(lsn) else {
+            return out.is_empty();
+        };
+        let mut done = 0;
+        while done < out.len() {
+            let c = &self.chunks[i];
+            let n = (c.len() - off).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&c[off..off + n]);
+            done += n;
+            i += 1;
+            off = 0;
+        }
+        true
+    }
+
+    /// `n` bytes at `lsn` without copying, when they lie in a single chunk.
+    fn slice(&self, lsn: Lsn, n: usize) -> Option<Bytes> {
+        let (i, off) = self.locate(lsn)?;
+        let c = &self.chunks[i];
+        (off + n <= c.len()).then(|| c.slice(off..off + n))
+    }
+
+    /// Appends `n` bytes at `lsn` (all buffered) to `out`.
+    fn copy_into(&self, lsn: Lsn, n: usize, out: &mut BytesMut) {
+        let (mut i, mut off) = self
+            .locate(lsn)
+            .expect("caller checked the bytes are buffered");
+        let mut left = n;
+        while left > 0 {
+            let c = &self.chunks[i];
+            let take = (c.len() - off).min(left);
+            out.extend_from_slice(&c[off..off + take]);
+            left -= take;
+            i += 1;
+            off = 0;
+        }
+    }
+}
+
+/// The piece of a record on one page.
+#[derive(Clone, Copy)]
+struct Piece {
+    lsn: Lsn,
+    len: u32,
+}
+
+/// Decodes a WAL byte stream into records. See the module documentation.
+pub struct WalStreamDecoder {
+    input: Input,
+    /// The next position to interpret: a page boundary or a record start.
+    pos: Lsn,
+    seg_size: u32,
+    validator: PageValidator,
+    /// Start of the previous record, for the prev-link check; invalid until the first record,
+    /// which (like PostgreSQL's random access) need only point backwards.
+    prev_record: Lsn,
+    /// At a page boundary, skip any continuation of a record that started earlier
+    /// (`XLogFindNextRecord`): true until the first record has been found.
+    finding_first: bool,
+    /// Records starting before this are decoded (to follow the chain) but not returned.
+    skip_before: Lsn,
+    /// The end of the last good record.
+    last_good_end: Lsn,
+}
+
+impl WalStreamDecoder {
+    /// A decoder whose input starts at `start`, with segments of `seg_size` bytes.
+    ///
+    /// `start` is either a record boundary, or a page boundary; at a page boundary the decoder
+    /// skips the rest of any record continued from the previous page, as `pg_waldump` does,
+    /// so the input may begin at any segment or page.
+    pub fn new(start: Lsn, seg_size: u32) -> Self {
+        WalStreamDecoder {
+            input: Input {
+                start,
+                ..Default::default()
+            },
+            pos: start,
+            seg_size,
+            validator: PageValidator::new(Some(seg_size), None),
+            prev_record: Lsn::INVALID,
+            finding_first: true,
+            skip_before: Lsn::INVALID,
+            last_good_end: start,
+        }
+    }
+
+    /// Decode but do not return records that start before `lsn` (for starting at an arbitrary
+    /// position: feed from the page holding `lsn` and skip up to it).
+    pub fn skip_records_before(&mut self, lsn: Lsn) {
+        self.skip_before = lsn;
+    }
+
+    /// Expect this system identifier in long page headers.
+    pub fn expect_system_id(&mut self, sysid: u64) {
+        self.validator.sysid = Some(sysid);
+    }
+
+    /// The system identifier seen in the last long page header, if any.
+    pub fn system_id(&self) -> Option<u64> {
+        self.validator.sysid
+    }
+
+    /// The timeline of the last page header read.
+    pub fn timeline(&self) -> u32 {
+        self.validator.timeline()
+    }
+
+    /// The end of the last good record (where the next one may start).
+    pub fn position(&self) -> Lsn {
+        self.last_good_end
+    }
+
+    /// The LSN just after the last byte fed.
+    pub fn input_end(&self) -> Lsn {
+        self.input.end()
+    }
+
+    /// Adds the next bytes of the stream (they must follow the previous ones).
+    pub fn feed(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.input.len += bytes.len() as u64;
+            self.input.chunks.push_back(bytes);
+        }
+    }
+
+    /// Adds the next bytes of the stream, copying them.
+    pub fn feed_slice(&mut self, bytes: &[u8]) {
+        self.feed(Bytes::copy_from_slice(bytes));
+    }
+
+    /// The next record, `Ok(None)` when more input is needed.
+    pub fn poll(&mut self) -> Result<Option<DecodedRecord>, DecodeError> {
+        loop {
+            if !self.input.discard_before(self.pos) {
+                return Ok(None);
+            }
+            if self.pos.page_offset() == 0 {
+                let Some(hdr) = self.page_header(self.pos)? else {
+                    return Ok(None);
+                };
+                let hsz = hdr.size() as u64;
+                if self.finding_first && hdr.is_contrecord() {
+                    let rem = Lsn(hdr.rem_len as u64).align().0;
+                    self.pos = if rem >= PAGE - hsz {
+                        self.pos + PAGE
+                    } else {
+                        self.pos + hsz + rem
+                    };
+                    if self.pos.page_offset() != 0 {
+                        self.finding_first = false;
+                    }
+                    continue;
+                }
+                if hdr.is_contrecord() {
+                    return Err(DecodeError::ContrecordRequested {
+                        lsn: self.pos + hsz,
+                    });
+                }
+                self.pos = self.pos + hsz;
+                self.finding_first = false;
+                continue;
+            }
+            self.finding_first = false;
+            if (self.pos.page_offset() as usize) < SIZE_OF_SHORT_PAGE_HEADER {
+                return Err(DecodeError::RecordOffset { lsn: self.pos });
+            }
+            match self.next_record()? {
+                Step::Record(rec) if rec.lsn >= self.skip_before => return Ok(Some(rec)),
+                Step::Record(_) | Step::Restart => {}
+                Step::NeedInput => return Ok(None),
+            }
+        }
+    }
+
+    /// Reads and validates the page header at `page`, if buffered.
+    fn page_header(&mut self, page: Lsn) -> Result<Option<PageHeader>, DecodeError> {
+        let mut buf = [0u8; SIZE_OF_LONG_PAGE_HEADER];
+        if !self.input.peek(page, &mut buf[..4]) {
+            return Ok(None);
+        }
+        let size = PageHeader::size_from_prefix(&buf);
+        if !self.input.peek(page, &mut buf[..size]) {
+            return Ok(None);
+        }
+        let hdr = PageHeader::parse(&buf[..size]);
+        self.validator.validate(page, &hdr)?;
+        Ok(Some(hdr))
+    }
+
+    /// Decodes the record at `self.pos` (a valid record offset), if all of it is buffered.
+    fn next_record(&mut self) -> Result<Step, DecodeError> {
+        let lsn = self.pos;
+        let mut len_bytes = [0u8; 4];
+        if !self.input.peek(lsn, &mut len_bytes) {
+            return Ok(Step::NeedInput);
+        }
+        let tot_len = u32::from_le_bytes(len_bytes);
+        if (tot_len as usize) < SIZE_OF_XLOG_RECORD {
+            return Err(DecodeError::RecordLength { lsn, len: tot_len });
+        }
+        if tot_len > MAX_RECORD_LENGTH {
+            return Err(DecodeError::RecordTooLong { lsn, len: tot_len });
+        }
+
+        let room = (PAGE - lsn.page_offset() as u64) as u32;
+        let (raw, end) = if tot_len <= room {
+            let end = lsn + tot_len as u64;
+            if self.input.end() < end {
+                return Ok(Step::NeedInput);
+            }
+            let raw = match self.input.slice(lsn, tot_len as usize) {
+                Some(b) => b,
+                None => {
+                    let mut buf = BytesMut::with_capacity(tot_len as usize);
+                    self.input.copy_into(lsn, tot_len as usize, &mut buf);
+                    buf.freeze()
+                }
+            };
+            (raw, end)
+        } else {
+            // Walk the continuation pages, checking each header, until the whole record is
+            // accounted for and buffered.
+            let mut pieces: Vec<Piece> = vec![Piece { lsn, len: room }];
+            let mut got = room;
+            let mut page = lsn.page_start() + PAGE;
+            let end = loop {
+                let Some(hdr) = self.page_header(page)? else {
+                    return Ok(Step::NeedInput);
+                };
+                if hdr.is_overwrite_contrecord() {
+                    // The record was abandoned at a crash; PostgreSQL restarts reading at this
+                    // page, where an XLOG_OVERWRITE_CONTRECORD record follows.
+                    self.pos = page;
+                    return Ok(Step::Restart);
+                }
+                if !hdr.is_contrecord() {
+                    return Err(DecodeError::NoContrecord { lsn, page });
+                }
+                let expected = tot_len - got;
+                if hdr.rem_len == 0 || hdr.rem_len != expected {
+                    return Err(DecodeError::ContrecordLength {
+                        lsn,
+                        page,
+                        rem_len: hdr.rem_len,
+                        expected,
+                    });
+                }
+                // Page headers only add to a record's span: until this much is buffered, stop
+                // after checking the first continuation page (which exposes a garbage length),
+                // so feeding small chunks does not walk the same pages again and again.
+                if self.input.end() < lsn + tot_len as u64 {
+                    return Ok(Step::NeedInput);
+                }
+                let hsz = hdr.size() as u32;
+                let n = expected.min(XLOG_BLCKSZ as u32 - hsz);
+                pieces.push(Piece {
+                    lsn: page + hsz as u64,
+                    len: n,
+                });
+                got += n;
+                if got == tot_len {
+                    break page + (hsz + n) as u64;
+                }
+                page = page + PAGE;
+            };
+            if self.input.end() < end {
+                return Ok(Step::NeedInput);
+            }
+            let mut buf = BytesMut::with_capacity(tot_len as usize);
+            for p in &pieces {
+                self.input.copy_into(p.lsn, p.len as usize, &mut buf);
+            }
+            (buf.freeze(), end)
+        };
+
+        let header =
+            XLogRecordHeader::parse(raw[..SIZE_OF_XLOG_RECORD].try_into().expect("24 bytes"));
+        if !rmgr_id_is_valid(header.rmid) {
+            return Err(DecodeError::Rmgr {
+                lsn,
+                rmid: header.rmid,
+            });
+        }
+        let prev_ok = if self.prev_record.is_valid() {
+            header.prev == self.prev_record
+        } else {
+            header.prev < lsn
+        };
+        if !prev_ok {
+            return Err(DecodeError::PrevLink {
+                lsn,
+                prev: header.prev,
+                expected: self.prev_record,
+            });
+        }
+        let mut end_lsn = end.align();
+        if is_switch(&header) {
+            let seg = self.seg_size as u64;
+            end_lsn = Lsn(end_lsn.0.div_ceil(seg) * seg);
+        }
+        let rec = DecodedRecord::parse(lsn, end_lsn, raw)?;
+        self.prev_record = lsn;
+        self.pos = end_lsn;
+        self.last_good_end = end_lsn;
+        Ok(Step::Record(rec))
+    }
+}
+
+/// What one attempt at the record at the current position gave.
+enum Step {
+    Record(DecodedRecord),
+    NeedInput,
+    /// The position moved (an abandoned record was skipped); look again.
+    Restart,
+}
+
+/// Built-in resource managers are 0..=21 in PostgreSQL 15; 128..=255 are for custom ones.
+fn rmgr_id_is_valid(rmid: u8) -> bool {
+    rmid <= 21 || rmid >= 128
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Lays records out in WAL pages exactly as PostgreSQL's insertion code does, for tests.
+    use super::super::page::make_page_header;
+    use super::super::record::testing::{build_record, TestBlock};
+    use super::*;
+
+    pub struct WalWriter {
+        pub seg_size: u32,
+        pub start: Lsn,
+        pub buf: Vec<u8>,
+        pub prev: Lsn,
+        pub sysid: u64,
+    }
+
+    impl WalWriter {
+        /// Starts writing at `start`, which must be a segment boundary.
+        pub fn new(start: Lsn, seg_size: u32) -> Self {
+            WalWriter {
+                seg_size,
+                start,
+                buf: Vec::new(),
+                prev: Lsn::INVALID,
+                sysid: 7,
+            }
+        }
+
+        pub fn pos(&self) -> Lsn {
+            self.start + self.buf.len() as u64
+        }
+
+        fn page_header(&mut self, rem_len: u32) {
+            let page = self.pos();
+            let info = if rem_len > 0 {
+                XLP_FIRST_IS_CONTRECORD
+            } else {
+                0
+            };
+            let long =
+                (page.segment_offset(self.seg_size) == 0).then_some((self.sysid, self.seg_size));
+            let mut h = make_page_header(page, info, rem_len, long);
+            h.resize(PageHeader::size_from_prefix(&h), 0);
+            self.buf.extend_from_slice(&h);
+        }
+
+        /// Appends raw record bytes; returns (start, aligned end).
+        pub fn append_raw(&mut self, rec: &[u8]) -> (Lsn, Lsn) {
+            if self.pos().page_offset() == 0 {
+                self.page_header(0);
+            }
+            let start = self.pos();
+            let mut left = rec;
+            loop {
+                let room = XLOG_BLCKSZ - self.pos().page_offset() as usize;
+                let n = room.min(left.len());
+                self.buf.extend_from_slice(&left[..n]);
+                left = &left[n..];
+                if left.is_empty() {
+                    break;
+                }
+                self.page_header(left.len() as u32);
+            }
+            while self.buf.len() % 8 != 0 {
+                self.buf.push(0);
+            }
+            self.prev = start;
+            (start, self.pos())
+        }
+
+        /// Appends a record of the given rmgr with `main` as main data.
+        pub fn append(
+            &mut self,
+            rmid: u8,
+            info: u8,
+            main: &[u8],
+            blocks: &[TestBlock],
+        ) -> (Lsn, Lsn) {
+            let rec = build_record(rmid, info, 100, self.prev, blocks, main);
+            self.append_raw(&rec)
+        }
+
+        /// Appends an XLOG_SWITCH and pads the segment with zeros.
+        pub fn switch(&mut self) -> (Lsn, Lsn) {
+            let (s, _) = self.append(RM_XLOG_ID, XLOG_SWITCH, b"", &[]);
+            while self.pos().segment_offset(self.seg_size) != 0 {
+                self.buf.push(0);
+            }
+            (s, self.pos())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::WalWriter;
+    use super::*;
+
+    const SEG: u32 = 1 << 20;
+
+    fn decode_all(dec: &mut WalStreamDecoder) -> (Vec<DecodedRecord>, Option<DecodeError>) {
+        let mut out = Vec::new();
+        loop {
+            match dec.poll() {
+                Ok(Some(r)) => out.push(r),
+                Ok(None) => return (out, None),
+                Err(e) => return (out, Some(e)),
+            }
+        }
+    }
+
+    /// A stream with small records, records crossing pages (header split too), a record longer
+    /// than a page, a record crossing into the next segment, and a switch.
+    fn sample() -> (WalWriter, Vec<(Lsn, Lsn, usize)>) {
+        let mut w = WalWriter::new(Lsn(SEG as u64), SEG);
+        let mut expect = Vec::new();
+        let mut add = |w: &mut WalWriter, len: usize| {
+            let main: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            let (s, e) = w.append(10, 0, &main, &[]);
+            expect.push((s, e, len));
+        };
+        for len in [10, 100, 3000, 5000, 20000, 1] {
+            add(&mut w, len);
+        }
+        // Leave exactly 16 bytes on a page so the next record's header straddles the boundary.
+        let room = |w: &WalWriter| XLOG_BLCKSZ as u32 - w.pos().page_offset();
+        add(&mut w, 1);
+        if room(&w) < 16 + 40 {
+            add(&mut w, 100);
+        }
+        let d = (room(&w) - 16) as usize;
+        add(&mut w, if d - 26 < 256 { d - 26 } else { d - 29 });
+        assert_eq!(room(&w), 16);
+        add(&mut w, 50);
+        // Cross into the next segment.
+        while w.pos().segment_offset(SEG) < SEG - 3 * XLOG_BLCKSZ as u32 {
+            add(&mut w, 4000);
+        }
+        add(&mut w, 30000);
+        add(&mut w, 5);
+        (w, expect)
+    }
+
+    #[test]
+    fn decodes_whole_stream_in_one_chunk() {
+        let (w, expect) = sample();
+        let mut dec = WalStreamDecoder::new(w.start, SEG);
+        dec.feed(Bytes::from(w.buf.clone()));
+        let (recs, err) = decode_all(&mut dec);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(recs.len(), expect.len());
+        for (r, (s, e, len)) in recs.iter().zip(&expect) {
+            assert_eq!((r.lsn, r.end_lsn, r.main_data().len()), (*s, *e, *len));
+        }
+        assert!(recs
+            .iter()
+            .any(|r| r.lsn.segment_number(SEG) != r.end_lsn.segment_number(SEG)));
+        assert_eq!(dec.position(), expect.last().unwrap().1);
+    }
+
+    #[test]
+    fn any_chunking_gives_the_same_records() {
+        let (w, expect) = sample();
+        for chunk in [1usize, 7, 24, 8192, 8193, 100_000] {
+            let mut dec = WalStreamDecoder::new(w.start, SEG);
+            let mut got = Vec::new();
+            for c in w.buf.chunks(chunk) {
+                dec.feed_slice(c);
+                let (recs, err) = decode_all(&mut dec);
+                assert!(err.is_none(), "chunk {chunk}: {err:?}");
+                got.extend(
+                    recs.into_iter()
+                        .map(|r| (r.lsn, r.end_lsn, r.main_data().len())),
+                );
+            }
+            assert_eq!(got, expect, "chunk size {chunk}");
+        }
+    }
+
+    #[test]
+    fn starts_mid_stream_at_page_boundaries_and_skips_before() {
+        let (w, expect) = sample();
+        // Start at each page boundary: the first record returned is the first that starts at
+        // or after that page, even when the page begins with a continuation.
+        for page in (0..w.buf.len() / XLOG_BLCKSZ).map(|p| w.start + (p * XLOG_BLCKSZ) as u64) {
+            let mut dec = WalStreamDecoder::new(page, SEG);
+            dec.feed_slice(&w.buf[(page - w.start) as usize..]);
+            let (recs, err) = decode_all(&mut dec);
+            assert!(err.is_none(), "from {page}: {err:?}");
+            let want: Vec<_> = expect.iter().filter(|e| e.0 >= page).map(|e| e.0).collect();
+            assert_eq!(
+                recs.iter().map(|r| r.lsn).collect::<Vec<_>>(),
+                want,
+                "from {page}"
+            );
+        }
+        // Start at a record mid-page by decoding its page and skipping earlier records.
+        let target = expect[3].0;
+        let mut dec = WalStreamDecoder::new(target.page_start(), SEG);
+        dec.skip_records_before(target);
+        dec.feed_slice(&w.buf[(target.page_start() - w.start) as usize..]);
+        let (recs, _) = decode_all(&mut dec);
+        assert_eq!(recs[0].lsn, target);
+    }
+
+    #[test]
+    fn switch_skips_to_next_segment() {
+        let mut w = WalWriter::new(Lsn(0), SEG);
+        w.append(10, 0, b"a", &[]);
+        let (sw, seg_end) = w.switch();
+        let (after, _) = w.append(10, 0, b"b", &[]);
+        let mut dec = WalStreamDecoder::new(Lsn(0), SEG);
+        dec.feed(Bytes::from(w.buf));
+        let (recs, err) = decode_all(&mut dec);
+        assert!(err.is_none());
+        assert_eq!(recs.len(), 3);
+        assert!(recs[1].is_switch());
+        assert_eq!((recs[1].lsn, recs[1].end_lsn), (sw, seg_end));
+        assert_eq!(seg_end, Lsn(SEG as u64));
+        assert_eq!(recs[2].lsn, after);
+    }
+
+    #[test]
+    fn zeroed_tail_ends_cleanly_with_last_good_position() {
+        let (mut w, expect) = sample();
+        w.buf.extend(vec![0u8; 3 * XLOG_BLCKSZ]);
+        let mut dec = WalStreamDecoder::new(w.start, SEG);
+        dec.feed(Bytes::from(w.buf));
+        let (recs, err) = decode_all(&mut dec);
+        assert_eq!(recs.len(), expect.len());
+        let err = err.expect("zeros end the WAL");
+        assert!(
+            matches!(
+                err,
+                DecodeError::RecordLength { len: 0, .. } | DecodeError::Page(_)
+            ),
+            "{err}"
+        );
+        assert_eq!(dec.position(), expect.last().unwrap().1);
+        // Sticky: asking again gives the same answer.
+        assert_eq!(dec.poll().unwrap_err(), err);
+    }
+
+    #[test]
+    fn broken_prev_link_and_crc_are_caught() {
+        let mut w = WalWriter::new(Lsn(0), SEG);
+        w.append(10, 0, b"first", &[]);
+        w.prev = Lsn(8); // wrong prev-link for the next record
+        w.append(10, 0, b"second", &[]);
+        let mut dec = WalStreamDecoder::new(Lsn(0), SEG);
+        dec.feed(Bytes::from(w.buf.clone()));
+        let (recs, err) = decode_all(&mut dec);
+        assert_eq!(recs.len(), 1);
+        assert!(matches!(err, Some(DecodeError::PrevLink { .. })));
+
+        let mut w = WalWriter::new(Lsn(0), SEG);
+        let (s, _) = w.append(10, 0, b"payload", &[]);
+        let at = (s - w.start) as usize + 30;
+        w.buf[at] ^= 0x40;
+        let mut dec = WalStreamDecoder::new(Lsn(0), SEG);
+        dec.feed(Bytes::from(w.buf));
+        assert!(matches!(
+            dec.poll(),
+            Err(DecodeError::Record(RecordError::Crc { .. }))
+        ));
+    }
+
+    #[test]
+    fn garbage_length_does_not_wait_for_a_gigabyte() {
+        let mut w = WalWriter::new(Lsn(0), SEG);
+        let (s, _) = w.append(10, 0, b"x", &[]);
+        w.buf.extend(vec![0u8; 2 * XLOG_BLCKSZ]);
+        let off = (s - w.start) as usize;
+        w.buf[off..off + 4].copy_from_slice(&(MAX_RECORD_LENGTH - 1).to_le_bytes());
+        let mut dec = WalStreamDecoder::new(Lsn(0), SEG);
+        dec.feed(Bytes::from(w.buf));
+        // The next page has no continuation header: an error now, not a wait for more input.
+        assert!(dec.poll().is_err());
+    }
+}
