@@ -61,11 +61,7 @@ pub fn format_record(rec: &DecodedRecord) -> String {
         }
         let _ = write!(s, " blk {}", b.tag.blkno);
         if let Some(img) = &b.image {
-            s.push_str(if img.apply() {
-                " FPW"
-            } else {
-                " FPW for WAL verification"
-            });
+            s.push_str(if img.apply() { " FPW" } else { " FPW for WAL verification" });
         }
     }
     s
@@ -88,19 +84,10 @@ pub fn run(args: &WaldumpArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyh
         }
     }
     if let Some(st) = &stats {
-        write!(
-            out,
-            "{}",
-            st.render(args.stats.as_deref() == Some("record"))
-        )?;
+        write!(out, "{}", st.render(args.stats.as_deref() == Some("record")))?;
     }
     if let Some(reason) = reader.stop_reason() {
-        writeln!(
-            err,
-            "waldump: stopped at {}: {}",
-            reader.end_of_valid_wal(),
-            reason
-        )?;
+        writeln!(err, "waldump: stopped at {}: {}", reader.end_of_valid_wal(), reason)?;
     }
     Ok(())
 }

@@ -149,10 +149,7 @@ pub fn server_user() -> (u32, u32) {
                 Err(e) => panic!("looking up OS user `{SERVER_OS_USER}`: {e}"),
             }
         } else {
-            (
-                nix::unistd::getuid().as_raw(),
-                nix::unistd::getgid().as_raw(),
-            )
+            (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw())
         }
     })
 }
@@ -221,8 +218,7 @@ pub fn run_command(cmd: &mut Command) -> Result<String> {
 }
 
 fn output_of(cmd: &mut Command) -> Result<Output> {
-    cmd.output()
-        .with_context(|| format!("could not run {}", command_line(cmd)))
+    cmd.output().with_context(|| format!("could not run {}", command_line(cmd)))
 }
 
 fn command_line(cmd: &Command) -> String {
@@ -242,11 +238,7 @@ fn describe_failure(cmd: &Command, out: &Output) -> String {
         let _ = write!(msg, "\n--- stderr ---\n{}", stderr.trim_end());
     }
     if !stdout.trim().is_empty() {
-        let _ = write!(
-            msg,
-            "\n--- stdout (tail) ---\n{}",
-            tail_lines(&stdout, LOG_TAIL_LINES)
-        );
+        let _ = write!(msg, "\n--- stdout (tail) ---\n{}", tail_lines(&stdout, LOG_TAIL_LINES));
     }
     msg
 }
@@ -264,10 +256,7 @@ pub fn tail_lines(text: &str, n: usize) -> String {
 pub fn process_alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => false,
-        Ok(stat) => match stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().next())
-        {
+        Ok(stat) => match stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) {
             Some("Z") | Some("X") | Some("x") => false,
             Some(_) => true,
             // Unparseable: fall back to kill(pid, 0).
@@ -297,11 +286,7 @@ fn children_of(pid: i32) -> Vec<i32> {
         return kids;
     };
     for entry in dir.flatten() {
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
+        let Some(child) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
         let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
@@ -343,11 +328,7 @@ fn temp_base() -> PathBuf {
     let t = std::env::temp_dir();
     let short = t.as_os_str().len() <= 60;
     let reachable = !is_root()
-        || t.ancestors().all(|p| {
-            fs::metadata(p)
-                .map(|m| m.permissions().mode() & 0o001 != 0)
-                .unwrap_or(false)
-        });
+        || t.ancestors().all(|p| fs::metadata(p).map(|m| m.permissions().mode() & 0o001 != 0).unwrap_or(false));
     if short && reachable {
         t
     } else {
@@ -406,11 +387,7 @@ impl ClusterBuilder {
             .with_context(|| format!("creating a temp dir in {}", base.display()))?;
         chown_to_server_user(dir.path())?;
         let root = dir.path().to_path_buf();
-        let port = if self.tcp {
-            free_tcp_port()?
-        } else {
-            UNIX_ONLY_PORT
-        };
+        let port = if self.tcp { free_tcp_port()? } else { UNIX_ONLY_PORT };
         let cluster = Cluster {
             data_dir: root.join("data"),
             root,
@@ -432,10 +409,7 @@ impl ClusterBuilder {
 
         let mut conf = String::from("\n# ---- added by the neon-tests harness ----\n");
         let listen = if self.tcp { "127.0.0.1" } else { "" };
-        let socket_dir = cluster
-            .root
-            .to_str()
-            .context("temp dir path is not UTF-8")?;
+        let socket_dir = cluster.root.to_str().context("temp dir path is not UTF-8")?;
         let port_s = port.to_string();
         let defaults: [(&str, &str); 10] = [
             ("listen_addresses", listen),
@@ -561,9 +535,7 @@ impl Cluster {
 
     /// The whole server log; empty if it cannot be read.
     pub fn log_contents(&self) -> String {
-        fs::read(self.log_file())
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        fs::read(self.log_file()).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     /// The last `n` lines of the server log.
@@ -586,22 +558,14 @@ impl Cluster {
     /// [`ClusterBuilder::tcp`].
     pub fn tcp_conn_str(&self, db: &str) -> Option<String> {
         self.tcp.then(|| {
-            format!(
-                "host=127.0.0.1 port={} user={SUPERUSER} dbname={} connect_timeout=30",
-                self.port,
-                conn_quote(db)
-            )
+            format!("host=127.0.0.1 port={} user={SUPERUSER} dbname={} connect_timeout=30", self.port, conn_quote(db))
         })
     }
 
     /// A new connection to database `db` (unix socket, `NoTls`).
     pub fn connect(&self, db: &str) -> Result<postgres::Client> {
-        postgres::Client::connect(&self.conn_str(db), postgres::NoTls).with_context(|| {
-            format!(
-                "connecting to database {db:?} of cluster {}",
-                self.root.display()
-            )
-        })
+        postgres::Client::connect(&self.conn_str(db), postgres::NoTls)
+            .with_context(|| format!("connecting to database {db:?} of cluster {}", self.root.display()))
     }
 
     // ---- SQL helpers (fresh connection to db "postgres" each time) ----
@@ -624,10 +588,7 @@ impl Cluster {
                 Some(None) => bail!("query {sql:?} returned NULL"),
                 None => bail!("query {sql:?} returned no columns"),
             },
-            _ => bail!(
-                "query {sql:?} returned {} rows, expected exactly 1",
-                rows.len()
-            ),
+            _ => bail!("query {sql:?} returned {} rows, expected exactly 1", rows.len()),
         }
     }
 
@@ -698,10 +659,7 @@ impl Cluster {
     /// Runs `psql -X -q -v ON_ERROR_STOP=1 -At -c <sql>` on database
     /// `postgres`, returns stdout.
     pub fn psql(&self, sql: &str) -> Result<String> {
-        self.run_tool(
-            "psql",
-            &["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-c", sql],
-        )
+        self.run_tool("psql", &["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
     }
 
     // ---- configuration ----
@@ -715,12 +673,9 @@ impl Cluster {
     /// Appends raw text to `postgresql.conf`.
     pub fn append_conf(&self, text: &str) -> Result<()> {
         let path = self.data_dir.join("postgresql.conf");
-        let mut f = fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        f.write_all(text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))
+        let mut f =
+            fs::OpenOptions::new().append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))
     }
 
     /// Reloads the configuration (`select pg_reload_conf()`).
@@ -749,10 +704,7 @@ impl Cluster {
     /// failure the error contains the tail of the server log.
     pub fn start_again(&mut self) -> Result<()> {
         if self.is_running() {
-            bail!(
-                "start_again: the server of {} is already running",
-                self.root.display()
-            );
+            bail!("start_again: the server of {} is already running", self.root.display());
         }
         // Set before starting: if pg_ctl times out the postmaster may still
         // be up, and drop must then stop it.
@@ -806,10 +758,7 @@ impl Cluster {
     /// the next start runs crash recovery). Falls back to SIGKILL.
     pub fn crash(&mut self) -> Result<()> {
         if !self.running {
-            bail!(
-                "crash: the server of {} is not running",
-                self.root.display()
-            );
+            bail!("crash: the server of {} is not running", self.root.display());
         }
         self.force_down()
     }
@@ -821,12 +770,7 @@ impl Cluster {
         let pid = self
             .postmaster_pid()
             .filter(|p| self.running && process_alive(*p))
-            .ok_or_else(|| {
-                anyhow!(
-                    "kill9: the server of {} is not running",
-                    self.root.display()
-                )
-            })?;
+            .ok_or_else(|| anyhow!("kill9: the server of {} is not running", self.root.display()))?;
         self.kill_tree(pid)?;
         self.running = false;
         Ok(())
@@ -844,20 +788,13 @@ impl Cluster {
     fn server_command(&self, program: PathBuf) -> Command {
         let mut cmd = Command::new(program);
         clear_pg_env(&mut cmd);
-        run_as_server_user(&mut cmd)
-            .current_dir(&self.root)
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null());
+        run_as_server_user(&mut cmd).current_dir(&self.root).env("LC_ALL", "C").stdin(Stdio::null());
         cmd
     }
 
     fn pg_ctl(&self) -> Command {
         let mut cmd = self.server_command(pg_bin("pg_ctl"));
-        cmd.arg("-D")
-            .arg(&self.data_dir)
-            .arg("-w")
-            .arg("-t")
-            .arg(PG_CTL_TIMEOUT_SECS.to_string());
+        cmd.arg("-D").arg(&self.data_dir).arg("-w").arg("-t").arg(PG_CTL_TIMEOUT_SECS.to_string());
         cmd
     }
 
@@ -907,10 +844,7 @@ impl Cluster {
         let _ = kill(pm, Signal::SIGKILL);
         for p in std::iter::once(pid).chain(kids) {
             if !wait_process_gone(p, Duration::from_secs(10)) {
-                bail!(
-                    "process {p} of cluster {} did not die after SIGKILL",
-                    self.root.display()
-                );
+                bail!("process {p} of cluster {} did not die after SIGKILL", self.root.display());
             }
         }
         // A killed process is a zombie until init reaps it, and a zombie
@@ -955,13 +889,7 @@ impl Cluster {
 fn sql_error(sql: &str, e: postgres::Error) -> anyhow::Error {
     let mut msg = String::from("SQL failed: ");
     if let Some(db) = e.as_db_error() {
-        let _ = write!(
-            msg,
-            "{}: {} (SQLSTATE {})",
-            db.severity(),
-            db.message(),
-            db.code().code()
-        );
+        let _ = write!(msg, "{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
         if let Some(d) = db.detail() {
             let _ = write!(msg, "\nDETAIL: {d}");
         }
@@ -991,19 +919,13 @@ impl Drop for Cluster {
         }
         if self.running {
             if let Err(e) = self.stop() {
-                eprintln!(
-                    "neon-tests: stopping cluster {} on drop: {e:#}",
-                    self.root.display()
-                );
+                eprintln!("neon-tests: stopping cluster {} on drop: {e:#}", self.root.display());
             }
         }
         if let Some(dir) = self.dir.take() {
             if self.keep {
                 let path = dir.keep();
-                eprintln!(
-                    "neon-tests: NEON_TEST_KEEP: kept cluster dir {}",
-                    path.display()
-                );
+                eprintln!("neon-tests: NEON_TEST_KEEP: kept cluster dir {}", path.display());
             } else if let Err(e) = dir.close() {
                 eprintln!("neon-tests: removing {}: {e}", self.root.display());
             }

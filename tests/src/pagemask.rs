@@ -37,10 +37,7 @@ pub fn mask_unused_space(page: &mut [u8]) -> bool {
 
 /// The first byte at which two pages differ, if any.
 pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
-    a.iter()
-        .zip(b)
-        .position(|(x, y)| x != y)
-        .or((a.len() != b.len()).then(|| a.len().min(b.len())))
+    a.iter().zip(b).position(|(x, y)| x != y).or((a.len() != b.len()).then(|| a.len().min(b.len())))
 }
 
 #[cfg(test)]

@@ -46,8 +46,7 @@ fn line_re() -> &'static Regex {
 fn blk_re() -> &'static Regex {
     static RE: OnceLock<Regex> = OnceLock::new();
     RE.get_or_init(|| {
-        Regex::new(r"blkref #(\d+): rel (\d+/\d+/\d+)(?: fork (\w+))? blk (\d+)( FPW)?")
-            .expect("valid regex")
+        Regex::new(r"blkref #(\d+): rel (\d+/\d+/\d+)(?: fork (\w+))? blk (\d+)( FPW)?").expect("valid regex")
     })
 }
 
@@ -57,18 +56,12 @@ pub fn parse_records(out: &str) -> Vec<WaldumpRecord> {
     out.lines()
         .filter(|l| l.starts_with("rmgr: "))
         .map(|line| {
-            let c = line_re()
-                .captures(line)
-                .unwrap_or_else(|| panic!("unreadable pg_waldump line: {line}"));
+            let c = line_re().captures(line).unwrap_or_else(|| panic!("unreadable pg_waldump line: {line}"));
             let desc = &c[7];
             let record_type = if desc.starts_with("UNKNOWN (") {
                 desc[..desc.find(')').map_or(desc.len(), |i| i + 1)].to_string()
             } else {
-                desc.split(' ')
-                    .next()
-                    .unwrap_or_default()
-                    .trim_end_matches(',')
-                    .to_string()
+                desc.split(' ').next().unwrap_or_default().trim_end_matches(',').to_string()
             };
             let blocks = blk_re()
                 .captures_iter(desc)
@@ -108,8 +101,10 @@ pub struct StatsRow {
 pub fn parse_stats(out: &str) -> Vec<StatsRow> {
     static RE: OnceLock<Regex> = OnceLock::new();
     let re = RE.get_or_init(|| {
-        Regex::new(r"^(\S.*?)\s+(\d+) \(\s*[\d.]+\)\s+(\d+) \(\s*[\d.]+\)\s+(\d+) \(\s*[\d.]+\)\s+(\d+) \(\s*[\d.]+\)\s*$")
-            .expect("valid regex")
+        Regex::new(
+            r"^(\S.*?)\s+(\d+) \(\s*[\d.]+\)\s+(\d+) \(\s*[\d.]+\)\s+(\d+) \(\s*[\d.]+\)\s+(\d+) \(\s*[\d.]+\)\s*$",
+        )
+        .expect("valid regex")
     });
     out.lines()
         .filter_map(|l| re.captures(l))
@@ -152,16 +147,7 @@ Heap/UNKNOWN (f0)                              1 (  1.00)                    1 (
 Total                                         26                          4475 [100.00%]                    0 [0.00%]                  4475 [100%]\n";
         let rows = parse_stats(out);
         assert_eq!(rows.len(), 2);
-        assert_eq!(
-            rows[0],
-            StatsRow {
-                name: "XLOG".into(),
-                count: 3,
-                rec_len: 336,
-                fpi_len: 0,
-                total_len: 336
-            }
-        );
+        assert_eq!(rows[0], StatsRow { name: "XLOG".into(), count: 3, rec_len: 336, fpi_len: 0, total_len: 336 });
         assert_eq!(rows[1].name, "Heap/UNKNOWN (f0)");
     }
 }

@@ -20,8 +20,7 @@ pub fn flush_lsn(c: &Cluster) -> Result<Lsn> {
 
 fn lsn_query(c: &Cluster, sql: &str) -> Result<Lsn> {
     let text = c.query_one_string(sql)?;
-    text.parse()
-        .with_context(|| format!("server returned {text:?} for {sql}"))
+    text.parse().with_context(|| format!("server returned {text:?} for {sql}"))
 }
 
 /// Sets `wal_compression` for the whole server and forces the next change of every page to

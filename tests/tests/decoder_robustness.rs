@@ -52,12 +52,7 @@ fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
 }
 
 /// (start, end, total length) of every record decoded, and the error that stopped decoding.
-fn decode(
-    wal: &[u8],
-    start: Lsn,
-    seg_size: u32,
-    chunk: usize,
-) -> (Vec<(Lsn, Lsn, u32)>, Option<String>) {
+fn decode(wal: &[u8], start: Lsn, seg_size: u32, chunk: usize) -> (Vec<(Lsn, Lsn, u32)>, Option<String>) {
     let mut dec = WalStreamDecoder::new(start, seg_size);
     let mut recs = Vec::new();
     for piece in wal.chunks(chunk.max(1)) {
@@ -97,10 +92,7 @@ enum Mutation {
 #[test]
 fn mutated_real_wal_never_panics() -> Result<()> {
     // 1 MB segments keep each case small while still crossing segment boundaries.
-    let c = Cluster::builder()
-        .initdb_arg("--wal-segsize=1")
-        .guc("wal_keep_size", "1GB")
-        .start()?;
+    let c = Cluster::builder().initdb_arg("--wal-segsize=1").guc("wal_keep_size", "1GB").start()?;
     c.pgbench(&["-i", "-q", "-s", "1"])?;
     let start = workload::insert_lsn(&c)?;
     for method in ["lz4", "pglz", "zstd"] {
@@ -121,11 +113,8 @@ fn mutated_real_wal_never_panics() -> Result<()> {
     }
     let base = Lsn(segno * seg_size as u64);
     let (clean, _) = decode(&wal, base, seg_size, wal.len());
-    assert!(
-        clean.len() > 1000,
-        "only {} records in the clean WAL",
-        clean.len()
-    );
+    assert!(clean.len() > 1000, "only {} records in the clean WAL", clean.len());
+    eprintln!("mutating {} bytes of real WAL holding {} records", wal.len(), clean.len());
     let starts: Vec<usize> = clean.iter().map(|r| (r.0 - base) as usize).collect();
 
     let len = wal.len();
@@ -144,62 +133,43 @@ fn mutated_real_wal_never_panics() -> Result<()> {
         prop::collection::vec((0..len, 0u8..8), 1..20).prop_map(Mutation::FlipBits),
         (0..len).prop_map(Mutation::Truncate),
         (0..n, absurd).prop_map(|(i, v)| Mutation::TotLen(i, v)),
-        (0..n, prop::collection::vec(any::<u8>(), 1..24))
-            .prop_map(|(i, b)| Mutation::Scribble(i, b)),
+        (0..n, prop::collection::vec(any::<u8>(), 1..24)).prop_map(|(i, b)| Mutation::Scribble(i, b)),
     ];
-    let mut runner = TestRunner::new(Config {
-        cases: 200,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(Config { cases: 200, failure_persistence: None, ..Config::default() });
     runner
-        .run(
-            &(mutation, prop_oneof![Just(usize::MAX), 1usize..20_000]),
-            |(m, chunk)| {
-                let mut bad = wal.clone();
-                let first_damage = match &m {
-                    Mutation::FlipBits(flips) => {
-                        for &(at, bit) in flips {
-                            bad[at] ^= 1 << bit;
-                        }
-                        flips.iter().map(|f| f.0).min().unwrap()
+        .run(&(mutation, prop_oneof![Just(usize::MAX), 1usize..20_000]), |(m, chunk)| {
+            let mut bad = wal.clone();
+            let first_damage = match &m {
+                Mutation::FlipBits(flips) => {
+                    for &(at, bit) in flips {
+                        bad[at] ^= 1 << bit;
                     }
-                    Mutation::Truncate(at) => {
-                        bad.truncate(*at);
-                        *at
-                    }
-                    Mutation::TotLen(i, v) => {
-                        bad[starts[*i]..starts[*i] + 4].copy_from_slice(&v.to_le_bytes());
-                        starts[*i]
-                    }
-                    Mutation::Scribble(i, bytes) => {
-                        let at = (starts[*i] + 24).min(len - bytes.len());
-                        bad[at..at + bytes.len()].copy_from_slice(bytes);
-                        at
-                    }
-                };
-                let chunk = chunk.min(bad.len().max(1));
-                let ((recs, _err), peak) = peak_during(|| decode(&bad, base, seg_size, chunk));
-                // Records wholly before the damage are exactly the clean ones.
-                let intact: Vec<_> = clean
-                    .iter()
-                    .filter(|r| ((r.1 - base) as usize) <= first_damage)
-                    .copied()
-                    .collect();
-                prop_assert!(
-                    recs.len() >= intact.len(),
-                    "lost good records before the damage at {first_damage}"
-                );
-                prop_assert_eq!(&recs[..intact.len()], &intact[..]);
-                // The input copy (chunks) plus at most one assembled record and bookkeeping.
-                prop_assert!(
-                    peak <= 2 * bad.len() + (4 << 20),
-                    "peak allocation {peak} for {} bytes of input",
-                    bad.len()
-                );
-                Ok(())
-            },
-        )
+                    flips.iter().map(|f| f.0).min().unwrap()
+                }
+                Mutation::Truncate(at) => {
+                    bad.truncate(*at);
+                    *at
+                }
+                Mutation::TotLen(i, v) => {
+                    bad[starts[*i]..starts[*i] + 4].copy_from_slice(&v.to_le_bytes());
+                    starts[*i]
+                }
+                Mutation::Scribble(i, bytes) => {
+                    let at = (starts[*i] + 24).min(len - bytes.len());
+                    bad[at..at + bytes.len()].copy_from_slice(bytes);
+                    at
+                }
+            };
+            let chunk = chunk.min(bad.len().max(1));
+            let ((recs, _err), peak) = peak_during(|| decode(&bad, base, seg_size, chunk));
+            // Records wholly before the damage are exactly the clean ones.
+            let intact: Vec<_> = clean.iter().filter(|r| ((r.1 - base) as usize) <= first_damage).copied().collect();
+            prop_assert!(recs.len() >= intact.len(), "lost good records before the damage at {first_damage}");
+            prop_assert_eq!(&recs[..intact.len()], &intact[..]);
+            // The input copy (chunks) plus at most one assembled record and bookkeeping.
+            prop_assert!(peak <= 2 * bad.len() + (4 << 20), "peak allocation {peak} for {} bytes of input", bad.len());
+            Ok(())
+        })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }

@@ -8,15 +8,10 @@ use neon_tests::Cluster;
 #[test]
 fn create_extension_neon_works() -> Result<()> {
     let c = Cluster::start()?;
-    c.execute("CREATE EXTENSION neon").context(
-        "CREATE EXTENSION neon failed; is the extension installed? run `make install-ext`",
-    )?;
+    c.execute("CREATE EXTENSION neon")
+        .context("CREATE EXTENSION neon failed; is the extension installed? run `make install-ext`")?;
     let version = c.query_one_string("SELECT neon_version()")?;
-    assert_eq!(
-        version,
-        env!("CARGO_PKG_VERSION"),
-        "installed extension is not this build"
-    );
+    assert_eq!(version, env!("CARGO_PKG_VERSION"), "installed extension is not this build");
     let ext = c.query_one_string("SELECT extversion FROM pg_extension WHERE extname = 'neon'")?;
     assert_eq!(ext, version);
     assert_eq!(
@@ -24,9 +19,6 @@ fn create_extension_neon_works() -> Result<()> {
         c.query_one_string("SELECT current_setting('block_size')")?
     );
     c.execute("DROP EXTENSION neon")?;
-    assert_eq!(
-        c.query_one_string("SELECT count(*)::text FROM pg_proc WHERE proname LIKE 'neon\\_%'")?,
-        "0"
-    );
+    assert_eq!(c.query_one_string("SELECT count(*)::text FROM pg_proc WHERE proname LIKE 'neon\\_%'")?, "0");
     Ok(())
 }

@@ -40,9 +40,7 @@ fn restored_index_images_equal_pages_on_disk() -> Result<()> {
         workload::set_wal_compression(&c, method)?;
         let name = format!("t_idx_{method}");
         c.execute(&format!("CREATE INDEX {name} ON t (h, g)"))?;
-        let filenode: u32 = c
-            .query_one_string(&format!("SELECT pg_relation_filenode('{name}')::text"))?
-            .parse()?;
+        let filenode: u32 = c.query_one_string(&format!("SELECT pg_relation_filenode('{name}')::text"))?.parse()?;
         let path = c.query_one_string(&format!("SELECT pg_relation_filepath('{name}')"))?;
         indexes.push((method, flag, filenode, path));
     }
@@ -61,8 +59,7 @@ fn restored_index_images_equal_pages_on_disk() -> Result<()> {
                 continue;
             }
             let mut page = [0u8; BLCKSZ];
-            rec.restore_image(img, &mut page)
-                .with_context(|| format!("restoring {} at {}", b.tag, rec.lsn))?;
+            rec.restore_image(img, &mut page).with_context(|| format!("restoring {} at {}", b.tag, rec.lsn))?;
             images.insert((b.tag.rel.node.relnode, b.tag.blkno), (page, img.bimg_info));
         }
     }
@@ -73,9 +70,9 @@ fn restored_index_images_equal_pages_on_disk() -> Result<()> {
         assert!(nblocks > 10, "index {method} has only {nblocks} blocks");
         let (mut holes, mut flagged, mut stale_holes) = (0, 0, 0);
         for blk in 0..nblocks {
-            let (page, bimg_info) = images.get(&(*filenode, blk as u32)).unwrap_or_else(|| {
-                panic!("no image of block {blk} of the {method} index in the WAL")
-            });
+            let (page, bimg_info) = images
+                .get(&(*filenode, blk as u32))
+                .unwrap_or_else(|| panic!("no image of block {blk} of the {method} index in the WAL"));
             let mut disk = file[blk * BLCKSZ..(blk + 1) * BLCKSZ].to_vec();
             let mut restored = page.to_vec();
             mask_lsn_and_checksum(&mut disk);
@@ -101,16 +98,10 @@ fn restored_index_images_equal_pages_on_disk() -> Result<()> {
             flagged += (bimg_info & flag != 0) as usize;
         }
         if *flag != 0 {
-            assert!(
-                flagged * 2 > nblocks,
-                "{method}: only {flagged} of {nblocks} images compressed"
-            );
+            assert!(flagged * 2 > nblocks, "{method}: only {flagged} of {nblocks} images compressed");
         }
         assert!(holes > 0, "{method}: no image with a hole");
-        assert!(
-            stale_holes * 2 < nblocks,
-            "{method}: {stale_holes} of {nblocks} pages needed the hole masked"
-        );
+        assert!(stale_holes * 2 < nblocks, "{method}: {stale_holes} of {nblocks} pages needed the hole masked");
         eprintln!("{method}: {nblocks} blocks restored equal to disk ({flagged} compressed, {holes} with a hole, {stale_holes} with stale bytes in it on disk)");
     }
     Ok(())

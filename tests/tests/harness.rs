@@ -15,10 +15,7 @@ fn version_is_pg15() -> anyhow::Result<()> {
     assert_eq!(pg.query_one_string("select current_user")?, "postgres");
     // Only the unix socket in the cluster's own dir.
     assert_eq!(pg.query_one_string("show listen_addresses")?, "");
-    assert!(pg
-        .socket_dir()
-        .join(format!(".s.PGSQL.{}", pg.port()))
-        .exists());
+    assert!(pg.socket_dir().join(format!(".s.PGSQL.{}", pg.port())).exists());
     assert!(pg.socket_dir().as_os_str().len() < 80);
     assert_eq!(pg.query_one_string("show max_prepared_transactions")?, "10");
     assert_eq!(pg.query_one_string("show fsync")?, "on");
@@ -30,21 +27,12 @@ fn version_is_pg15() -> anyhow::Result<()> {
 fn pgbench_init_and_pg_dump() -> anyhow::Result<()> {
     let pg = Cluster::start()?;
     pg.pgbench(&["-i", "-s", "1", "-q"])?;
-    assert_eq!(
-        pg.query_one_string("select count(*) from pgbench_accounts")?,
-        "100000"
-    );
+    assert_eq!(pg.query_one_string("select count(*) from pgbench_accounts")?, "100000");
     let dump = pg.run_tool("pg_dump", &["postgres"])?;
-    assert!(
-        dump.contains("pgbench_accounts"),
-        "pg_dump output lacks pgbench_accounts"
-    );
+    assert!(dump.contains("pgbench_accounts"), "pg_dump output lacks pgbench_accounts");
     // A short benchmark run works too.
     let out = pg.pgbench(&["-t", "20", "-c", "2"])?;
-    assert!(
-        out.contains("number of transactions actually processed"),
-        "{out}"
-    );
+    assert!(out.contains("number of transactions actually processed"), "{out}");
     Ok(())
 }
 
@@ -59,15 +47,9 @@ fn data_checksums_and_gucs() -> anyhow::Result<()> {
     assert_eq!(pg.query_one_string("show data_checksums")?, "on");
     assert_eq!(pg.query_one_string("show wal_segment_size")?, "1MB");
     assert_eq!(pg.query_one_string("show work_mem")?, "7MB");
-    assert_eq!(
-        pg.query_one_string("select setting from pg_settings where name = 'application_name'")?,
-        "it's quoted"
-    );
+    assert_eq!(pg.query_one_string("select setting from pg_settings where name = 'application_name'")?, "it's quoted");
     let control = pg.run_tool("pg_controldata", &[])?;
-    assert!(
-        control.contains("Data page checksum version:           1"),
-        "{control}"
-    );
+    assert!(control.contains("Data page checksum version:           1"), "{control}");
     Ok(())
 }
 
@@ -105,10 +87,7 @@ fn dropped_during_panic_is_stopped_and_removed() {
     while process_alive(pid) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(
-        !process_alive(pid),
-        "postmaster {pid} still alive after drop"
-    );
+    assert!(!process_alive(pid), "postmaster {pid} still alive after drop");
     if std::env::var_os("NEON_TEST_KEEP").is_none() {
         assert!(!dir.exists(), "cluster dir {} not removed", dir.display());
     }
@@ -130,9 +109,7 @@ fn stop_and_start_again_keeps_data() -> anyhow::Result<()> {
     assert_eq!(pg.query_one_string("select sum(x) from t")?, "500500");
     pg.restart()?;
     assert_eq!(pg.query_one_string("select count(*) from t")?, "1000");
-    assert!(pg
-        .log_contents()
-        .contains("database system is ready to accept connections"));
+    assert!(pg.log_contents().contains("database system is ready to accept connections"));
     Ok(())
 }
 
@@ -162,34 +139,18 @@ fn sql_errors_include_the_sql() -> anyhow::Result<()> {
     let pg = Cluster::start()?;
     let err = pg.execute("select * from no_such_table").unwrap_err();
     let msg = format!("{err:#}");
-    assert!(
-        msg.contains("no_such_table") && msg.contains("does not exist"),
-        "{msg}"
-    );
-    let err = pg
-        .query_one_string("select generate_series(1, 2)")
-        .unwrap_err();
+    assert!(msg.contains("no_such_table") && msg.contains("does not exist"), "{msg}");
+    let err = pg.query_one_string("select generate_series(1, 2)").unwrap_err();
     assert!(format!("{err:#}").contains("2 rows"), "{err:#}");
-    let err = pg
-        .run_tool(
-            "psql",
-            &["-X", "-v", "ON_ERROR_STOP=1", "-c", "select nope"],
-        )
-        .unwrap_err();
-    assert!(
-        format!("{err:#}").contains("column \"nope\" does not exist"),
-        "{err:#}"
-    );
+    let err = pg.run_tool("psql", &["-X", "-v", "ON_ERROR_STOP=1", "-c", "select nope"]).unwrap_err();
+    assert!(format!("{err:#}").contains("column \"nope\" does not exist"), "{err:#}");
     assert_eq!(pg.psql("select 40 + 2")?.trim(), "42");
     Ok(())
 }
 
 #[test]
 fn start_failure_reports_server_log() {
-    let err = Cluster::builder()
-        .guc("shared_buffers", "not-a-size")
-        .start()
-        .unwrap_err();
+    let err = Cluster::builder().guc("shared_buffers", "not-a-size").start().unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("server log"), "{msg}");
     assert!(msg.contains("shared_buffers"), "{msg}");
@@ -206,8 +167,7 @@ fn server_user_helpers() -> anyhow::Result<()> {
     if neon_tests::is_root() {
         assert_ne!(uid, 0);
         // Supplementary groups are dropped: only the primary group remains.
-        let groups =
-            run_command(run_as_server_user(&mut std::process::Command::new("id")).arg("-G"))?;
+        let groups = run_command(run_as_server_user(&mut std::process::Command::new("id")).arg("-G"))?;
         assert_eq!(groups.trim(), gid.to_string());
     }
     // postgres --single as the server user on a stopped cluster.
@@ -215,15 +175,9 @@ fn server_user_helpers() -> anyhow::Result<()> {
     pg.execute("create table single_t(x int)")?;
     pg.stop()?;
     let mut single = pg.server_tool("postgres");
-    single
-        .arg("--single")
-        .arg("-D")
-        .arg(pg.data_dir())
-        .arg("postgres");
+    single.arg("--single").arg("-D").arg(pg.data_dir()).arg("postgres");
     single.stdin(std::process::Stdio::piped());
-    single
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+    single.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     let mut child = single.spawn()?;
     {
         use std::io::Write;
@@ -231,11 +185,7 @@ fn server_user_helpers() -> anyhow::Result<()> {
         stdin.write_all(b"insert into single_t values (7);\n")?;
     }
     let out = child.wait_with_output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     pg.start_again()?;
     assert_eq!(pg.query_one_string("select x from single_t")?, "7");
     // pg_checksums / pg_resetwal style tools on a stopped cluster.

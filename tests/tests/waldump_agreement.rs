@@ -54,17 +54,8 @@ fn decoder_agrees_with_pg_waldump_on_mixed_workload() -> Result<()> {
     let end = workload::flush_lsn(&c)?;
     let wal_dir = c.wal_dir();
 
-    let theirs_text = c.run_tool(
-        "pg_waldump",
-        &[
-            "-p",
-            wal_dir.to_str().unwrap(),
-            "-s",
-            &start.to_string(),
-            "-e",
-            &end.to_string(),
-        ],
-    )?;
+    let theirs_text =
+        c.run_tool("pg_waldump", &["-p", wal_dir.to_str().unwrap(), "-s", &start.to_string(), "-e", &end.to_string()])?;
     let theirs = parse_records(&theirs_text);
 
     let set = SegmentSet::collect(&[wal_dir.clone()], None)?;
@@ -78,16 +69,10 @@ fn decoder_agrees_with_pg_waldump_on_mixed_workload() -> Result<()> {
         stats.add(&rec);
         rmgrs.insert(rec.rmgr().map(RmgrId::name).unwrap_or("custom"));
         switches += rec.is_switch() as usize;
-        cross_segment += (rec.lsn.segment_number(seg_size)
-            != Lsn(rec.end_lsn.0 - 1).segment_number(seg_size)) as usize;
+        cross_segment += (rec.lsn.segment_number(seg_size) != Lsn(rec.end_lsn.0 - 1).segment_number(seg_size)) as usize;
         for img in rec.blocks.iter().filter_map(|b| b.image.as_ref()) {
-            for (i, flag) in [
-                BKPIMAGE_COMPRESS_LZ4,
-                BKPIMAGE_COMPRESS_PGLZ,
-                BKPIMAGE_COMPRESS_ZSTD,
-            ]
-            .into_iter()
-            .enumerate()
+            for (i, flag) in
+                [BKPIMAGE_COMPRESS_LZ4, BKPIMAGE_COMPRESS_PGLZ, BKPIMAGE_COMPRESS_ZSTD].into_iter().enumerate()
             {
                 compressed[i] += (img.bimg_info & flag != 0) as usize;
             }
@@ -108,19 +93,8 @@ fn decoder_agrees_with_pg_waldump_on_mixed_workload() -> Result<()> {
         .take(10)
         .map(|(a, b)| format!("ours:   {a:?}\ntheirs: {b:?}"))
         .collect();
-    assert!(
-        mismatches.is_empty(),
-        "{} first mismatches:\n{}",
-        mismatches.len(),
-        mismatches.join("\n")
-    );
-    assert_eq!(
-        ours.len(),
-        theirs.len(),
-        "record counts differ (ours {}, pg_waldump {})",
-        ours.len(),
-        theirs.len()
-    );
+    assert!(mismatches.is_empty(), "{} first mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert_eq!(ours.len(), theirs.len(), "record counts differ (ours {}, pg_waldump {})", ours.len(), theirs.len());
     eprintln!("{} records agree between {start} and {end}", ours.len());
 
     // The workload really produced what the issue asks the comparison to cover.
@@ -140,42 +114,20 @@ fn decoder_agrees_with_pg_waldump_on_mixed_workload() -> Result<()> {
         "Sequence",
         "MultiXact",
     ] {
-        assert!(
-            rmgrs.contains(needed),
-            "workload wrote no {needed} records: {rmgrs:?}"
-        );
+        assert!(rmgrs.contains(needed), "workload wrote no {needed} records: {rmgrs:?}");
     }
     assert!(switches >= 1, "no XLOG_SWITCH decoded");
     assert!(cross_segment >= 1, "no record crossed a segment boundary");
-    assert!(
-        compressed.iter().all(|&n| n > 0),
-        "compressed images lz4/pglz/zstd: {compressed:?}"
-    );
-    assert!(
-        ours.iter()
-            .any(|s| s.blocks.iter().any(|b| b.fork != ForkNumber::Main.name())),
-        "no non-main fork block"
-    );
+    assert!(compressed.iter().all(|&n| n > 0), "compressed images lz4/pglz/zstd: {compressed:?}");
+    assert!(ours.iter().any(|s| s.blocks.iter().any(|b| b.fork != ForkNumber::Main.name())), "no non-main fork block");
 
     // And the --stats tables agree on every count and size.
     let their_stats = c.run_tool(
         "pg_waldump",
-        &[
-            "--stats=record",
-            "-p",
-            wal_dir.to_str().unwrap(),
-            "-s",
-            &start.to_string(),
-            "-e",
-            &end.to_string(),
-        ],
+        &["--stats=record", "-p", wal_dir.to_str().unwrap(), "-s", &start.to_string(), "-e", &end.to_string()],
     )?;
     let (ours_rows, their_rows) = (parse_stats(&stats.render(true)), parse_stats(&their_stats));
-    assert!(
-        their_rows.len() > 20,
-        "pg_waldump printed {} stats rows",
-        their_rows.len()
-    );
+    assert!(their_rows.len() > 20, "pg_waldump printed {} stats rows", their_rows.len());
     assert_eq!(ours_rows, their_rows, "--stats=record tables differ");
     Ok(())
 }

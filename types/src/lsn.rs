@@ -70,9 +70,7 @@ impl FromStr for Lsn {
     type Err = LsnParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || LsnParseError {
-            input: s.to_string(),
-        };
+        let err = || LsnParseError { input: s.to_string() };
         let (hi, lo) = s.split_once('/').ok_or_else(err)?;
         let half = |part: &str| {
             if part.is_empty() || part.len() > 8 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -116,12 +114,7 @@ mod tests {
 
     #[test]
     fn text_form_round_trips() {
-        for (text, v) in [
-            ("0/0", 0u64),
-            ("0/16B3748", 0x16B3748),
-            ("1/0", 1 << 32),
-            ("FFFFFFFF/FFFFFFFF", u64::MAX),
-        ] {
+        for (text, v) in [("0/0", 0u64), ("0/16B3748", 0x16B3748), ("1/0", 1 << 32), ("FFFFFFFF/FFFFFFFF", u64::MAX)] {
             let l: Lsn = text.parse().unwrap();
             assert_eq!(l.0, v);
             assert_eq!(l.to_string(), text);
@@ -132,20 +125,7 @@ mod tests {
 
     #[test]
     fn malformed_text_is_rejected() {
-        for bad in [
-            "",
-            "/",
-            "0/",
-            "/0",
-            "0",
-            "0/0/0",
-            "G/0",
-            "123456789/0",
-            " 0/1",
-            "0/1 ",
-            "-1/0",
-            "+1/0",
-        ] {
+        for bad in ["", "/", "0/", "/0", "0", "0/0/0", "G/0", "123456789/0", " 0/1", "0/1 ", "-1/0", "+1/0"] {
             assert!(bad.parse::<Lsn>().is_err(), "{bad:?} parsed");
         }
     }

@@ -38,12 +38,7 @@ pub enum ForkNumber {
 pub struct ForkParseError(pub String);
 
 impl ForkNumber {
-    pub const ALL: [ForkNumber; 4] = [
-        ForkNumber::Main,
-        ForkNumber::Fsm,
-        ForkNumber::VisibilityMap,
-        ForkNumber::Init,
-    ];
+    pub const ALL: [ForkNumber; 4] = [ForkNumber::Main, ForkNumber::Fsm, ForkNumber::VisibilityMap, ForkNumber::Init];
 
     /// The name PostgreSQL uses in file names and SQL (`forkNames[]`).
     pub const fn name(self) -> &'static str {
@@ -59,20 +54,14 @@ impl ForkNumber {
 impl TryFrom<u8> for ForkNumber {
     type Error = ForkParseError;
     fn try_from(v: u8) -> Result<Self, Self::Error> {
-        ForkNumber::ALL
-            .get(v as usize)
-            .copied()
-            .ok_or_else(|| ForkParseError(v.to_string()))
+        ForkNumber::ALL.get(v as usize).copied().ok_or_else(|| ForkParseError(v.to_string()))
     }
 }
 
 impl FromStr for ForkNumber {
     type Err = ForkParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ForkNumber::ALL
-            .into_iter()
-            .find(|f| f.name() == s)
-            .ok_or_else(|| ForkParseError(s.to_string()))
+        ForkNumber::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| ForkParseError(s.to_string()))
     }
 }
 
@@ -128,23 +117,10 @@ mod tests {
 
     #[test]
     fn tags_print_like_postgres() {
-        let node = RelFileNode {
-            spcnode: 1663,
-            dbnode: 5,
-            relnode: 16384,
-        };
-        let rel = RelTag {
-            node,
-            fork: ForkNumber::VisibilityMap,
-        };
+        let node = RelFileNode { spcnode: 1663, dbnode: 5, relnode: 16384 };
+        let rel = RelTag { node, fork: ForkNumber::VisibilityMap };
         assert_eq!(rel.to_string(), "1663/5/16384_vm");
-        let tag = BufferTag {
-            rel: RelTag {
-                node,
-                fork: ForkNumber::Main,
-            },
-            blkno: 7,
-        };
+        let tag = BufferTag { rel: RelTag { node, fork: ForkNumber::Main }, blkno: 7 };
         assert_eq!(tag.to_string(), "1663/5/16384 blk 7");
     }
 }

@@ -5,11 +5,7 @@ use clap::{Parser, Subcommand};
 use sidecar::waldump::{self, WaldumpArgs};
 
 #[derive(Parser)]
-#[command(
-    name = "neon-sidecar",
-    version,
-    about = "Time-travel storage sidecar for PostgreSQL 15"
-)]
+#[command(name = "neon-sidecar", version, about = "Time-travel storage sidecar for PostgreSQL 15")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -111,8 +111,7 @@ pub const BKPIMAGE_COMPRESS_LZ4: u8 = 0x08;
 /// `bimg_info`: the image is compressed with zstd (frame format).
 pub const BKPIMAGE_COMPRESS_ZSTD: u8 = 0x10;
 /// Any compression bit.
-pub const BKPIMAGE_COMPRESSED: u8 =
-    BKPIMAGE_COMPRESS_PGLZ | BKPIMAGE_COMPRESS_LZ4 | BKPIMAGE_COMPRESS_ZSTD;
+pub const BKPIMAGE_COMPRESSED: u8 = BKPIMAGE_COMPRESS_PGLZ | BKPIMAGE_COMPRESS_LZ4 | BKPIMAGE_COMPRESS_ZSTD;
 
 /// `XLOG_SWITCH`: the rest of the segment is unused (XLOG rmgr info).
 pub const XLOG_SWITCH: u8 = 0x40;

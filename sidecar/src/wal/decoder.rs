@@ -46,12 +46,7 @@ pub enum DecodeError {
     #[error("there is no contrecord flag at {page} for the record at {lsn}")]
     NoContrecord { lsn: Lsn, page: Lsn },
     #[error("invalid contrecord length {rem_len} (expected {expected}) at {page} for the record at {lsn}")]
-    ContrecordLength {
-        lsn: Lsn,
-        page: Lsn,
-        rem_len: u32,
-        expected: u32,
-    },
+    ContrecordLength { lsn: Lsn, page: Lsn, rem_len: u32, expected: u32 },
 }
 
 impl DecodeError {
@@ -165,9 +160,7 @@ impl Input {
 
     /// Appends `n` bytes at `lsn` (all buffered) to `out`.
     fn copy_into(&self, lsn: Lsn, n: usize, out: &mut BytesMut) {
-        let (mut i, mut off) = self
-            .locate(lsn)
-            .expect("caller checked the bytes are buffered");
+        let (mut i, mut off) = self.locate(lsn).expect("caller checked the bytes are buffered");
         let mut left = n;
         while left > 0 {
             let c = &self.chunks[i];
@@ -214,10 +207,7 @@ impl WalStreamDecoder {
     /// so the input may begin at any segment or page.
     pub fn new(start: Lsn, seg_size: u32) -> Self {
         WalStreamDecoder {
-            input: Input {
-                start,
-                ..Default::default()
-            },
+            input: Input { start, ..Default::default() },
             pos: start,
             seg_size,
             validator: PageValidator::new(Some(seg_size), None),
@@ -285,20 +275,14 @@ impl WalStreamDecoder {
                 let hsz = hdr.size() as u64;
                 if self.finding_first && hdr.is_contrecord() {
                     let rem = Lsn(hdr.rem_len as u64).align().0;
-                    self.pos = if rem >= PAGE - hsz {
-                        self.pos + PAGE
-                    } else {
-                        self.pos + hsz + rem
-                    };
+                    self.pos = if rem >= PAGE - hsz { self.pos + PAGE } else { self.pos + hsz + rem };
                     if self.pos.page_offset() != 0 {
                         self.finding_first = false;
                     }
                     continue;
                 }
                 if hdr.is_contrecord() {
-                    return Err(DecodeError::ContrecordRequested {
-                        lsn: self.pos + hsz,
-                    });
+                    return Err(DecodeError::ContrecordRequested { lsn: self.pos + hsz });
                 }
                 self.pos = self.pos + hsz;
                 self.finding_first = false;
@@ -382,12 +366,7 @@ impl WalStreamDecoder {
                 }
                 let expected = tot_len - got;
                 if hdr.rem_len == 0 || hdr.rem_len != expected {
-                    return Err(DecodeError::ContrecordLength {
-                        lsn,
-                        page,
-                        rem_len: hdr.rem_len,
-                        expected,
-                    });
+                    return Err(DecodeError::ContrecordLength { lsn, page, rem_len: hdr.rem_len, expected });
                 }
                 // Page headers only add to a record's span: until this much is buffered, stop
                 // after checking the first continuation page (which exposes a garbage length),
@@ -397,10 +376,7 @@ impl WalStreamDecoder {
                 }
                 let hsz = hdr.size() as u32;
                 let n = expected.min(XLOG_BLCKSZ as u32 - hsz);
-                pieces.push(Piece {
-                    lsn: page + hsz as u64,
-                    len: n,
-                });
+                pieces.push(Piece { lsn: page + hsz as u64, len: n });
                 got += n;
                 if got == tot_len {
                     break page + (hsz + n) as u64;
@@ -417,25 +393,13 @@ impl WalStreamDecoder {
             (buf.freeze(), end)
         };
 
-        let header =
-            XLogRecordHeader::parse(raw[..SIZE_OF_XLOG_RECORD].try_into().expect("24 bytes"));
+        let header = XLogRecordHeader::parse(raw[..SIZE_OF_XLOG_RECORD].try_into().expect("24 bytes"));
         if !rmgr_id_is_valid(header.rmid) {
-            return Err(DecodeError::Rmgr {
-                lsn,
-                rmid: header.rmid,
-            });
+            return Err(DecodeError::Rmgr { lsn, rmid: header.rmid });
         }
-        let prev_ok = if self.prev_record.is_valid() {
-            header.prev == self.prev_record
-        } else {
-            header.prev < lsn
-        };
+        let prev_ok = if self.prev_record.is_valid() { header.prev == self.prev_record } else { header.prev < lsn };
         if !prev_ok {
-            return Err(DecodeError::PrevLink {
-                lsn,
-                prev: header.prev,
-                expected: self.prev_record,
-            });
+            return Err(DecodeError::PrevLink { lsn, prev: header.prev, expected: self.prev_record });
         }
         let mut end_lsn = end.align();
         if is_switch(&header) {
@@ -481,13 +445,7 @@ pub(crate) mod testing {
     impl WalWriter {
         /// Starts writing at `start`, which must be a segment boundary.
         pub fn new(start: Lsn, seg_size: u32) -> Self {
-            WalWriter {
-                seg_size,
-                start,
-                buf: Vec::new(),
-                prev: Lsn::INVALID,
-                sysid: 7,
-            }
+            WalWriter { seg_size, start, buf: Vec::new(), prev: Lsn::INVALID, sysid: 7 }
         }
 
         pub fn pos(&self) -> Lsn {
@@ -496,13 +454,8 @@ pub(crate) mod testing {
 
         fn page_header(&mut self, rem_len: u32) {
             let page = self.pos();
-            let info = if rem_len > 0 {
-                XLP_FIRST_IS_CONTRECORD
-            } else {
-                0
-            };
-            let long =
-                (page.segment_offset(self.seg_size) == 0).then_some((self.sysid, self.seg_size));
+            let info = if rem_len > 0 { XLP_FIRST_IS_CONTRECORD } else { 0 };
+            let long = (page.segment_offset(self.seg_size) == 0).then_some((self.sysid, self.seg_size));
             let mut h = make_page_header(page, info, rem_len, long);
             h.resize(PageHeader::size_from_prefix(&h), 0);
             self.buf.extend_from_slice(&h);
@@ -533,13 +486,7 @@ pub(crate) mod testing {
         }
 
         /// Appends a record of the given rmgr with `main` as main data.
-        pub fn append(
-            &mut self,
-            rmid: u8,
-            info: u8,
-            main: &[u8],
-            blocks: &[TestBlock],
-        ) -> (Lsn, Lsn) {
+        pub fn append(&mut self, rmid: u8, info: u8, main: &[u8], blocks: &[TestBlock]) -> (Lsn, Lsn) {
             let rec = build_record(rmid, info, 100, self.prev, blocks, main);
             self.append_raw(&rec)
         }
@@ -616,9 +563,7 @@ mod tests {
         for (r, (s, e, len)) in recs.iter().zip(&expect) {
             assert_eq!((r.lsn, r.end_lsn, r.main_data().len()), (*s, *e, *len));
         }
-        assert!(recs
-            .iter()
-            .any(|r| r.lsn.segment_number(SEG) != r.end_lsn.segment_number(SEG)));
+        assert!(recs.iter().any(|r| r.lsn.segment_number(SEG) != r.end_lsn.segment_number(SEG)));
         assert_eq!(dec.position(), expect.last().unwrap().1);
     }
 
@@ -632,10 +577,7 @@ mod tests {
                 dec.feed_slice(c);
                 let (recs, err) = decode_all(&mut dec);
                 assert!(err.is_none(), "chunk {chunk}: {err:?}");
-                got.extend(
-                    recs.into_iter()
-                        .map(|r| (r.lsn, r.end_lsn, r.main_data().len())),
-                );
+                got.extend(recs.into_iter().map(|r| (r.lsn, r.end_lsn, r.main_data().len())));
             }
             assert_eq!(got, expect, "chunk size {chunk}");
         }
@@ -652,11 +594,7 @@ mod tests {
             let (recs, err) = decode_all(&mut dec);
             assert!(err.is_none(), "from {page}: {err:?}");
             let want: Vec<_> = expect.iter().filter(|e| e.0 >= page).map(|e| e.0).collect();
-            assert_eq!(
-                recs.iter().map(|r| r.lsn).collect::<Vec<_>>(),
-                want,
-                "from {page}"
-            );
+            assert_eq!(recs.iter().map(|r| r.lsn).collect::<Vec<_>>(), want, "from {page}");
         }
         // Start at a record mid-page by decoding its page and skipping earlier records.
         let target = expect[3].0;
@@ -693,13 +631,7 @@ mod tests {
         let (recs, err) = decode_all(&mut dec);
         assert_eq!(recs.len(), expect.len());
         let err = err.expect("zeros end the WAL");
-        assert!(
-            matches!(
-                err,
-                DecodeError::RecordLength { len: 0, .. } | DecodeError::Page(_)
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, DecodeError::RecordLength { len: 0, .. } | DecodeError::Page(_)), "{err}");
         assert_eq!(dec.position(), expect.last().unwrap().1);
         // Sticky: asking again gives the same answer.
         assert_eq!(dec.poll().unwrap_err(), err);
@@ -723,10 +655,7 @@ mod tests {
         w.buf[at] ^= 0x40;
         let mut dec = WalStreamDecoder::new(Lsn(0), SEG);
         dec.feed(Bytes::from(w.buf));
-        assert!(matches!(
-            dec.poll(),
-            Err(DecodeError::Record(RecordError::Crc { .. }))
-        ));
+        assert!(matches!(dec.poll(), Err(DecodeError::Record(RecordError::Crc { .. }))));
     }
 
     #[test]

@@ -23,8 +23,7 @@ use neon_types::BLCKSZ;
 use thiserror::Error;
 
 use super::consts::{
-    BKPIMAGE_COMPRESSED, BKPIMAGE_COMPRESS_LZ4, BKPIMAGE_COMPRESS_PGLZ, BKPIMAGE_COMPRESS_ZSTD,
-    BKPIMAGE_HAS_HOLE,
+    BKPIMAGE_COMPRESSED, BKPIMAGE_COMPRESS_LZ4, BKPIMAGE_COMPRESS_PGLZ, BKPIMAGE_COMPRESS_ZSTD, BKPIMAGE_HAS_HOLE,
 };
 use super::pglz::{self, PglzError};
 
@@ -85,17 +84,9 @@ pub enum ImageError {
         "uncompressed full-page image is {actual} bytes, expected {expected} \
          ({BLCKSZ} minus a hole of {hole_length})"
     )]
-    WrongImageLength {
-        actual: usize,
-        expected: usize,
-        hole_length: u16,
-    },
+    WrongImageLength { actual: usize, expected: usize, hole_length: u16 },
     #[error("{method} full-page image decompressed to {actual} bytes, expected {expected}")]
-    WrongDecompressedSize {
-        method: &'static str,
-        actual: usize,
-        expected: usize,
-    },
+    WrongDecompressedSize { method: &'static str, actual: usize, expected: usize },
     #[error("could not decompress pglz full-page image: {0}")]
     Pglz(#[from] PglzError),
     #[error("could not decompress lz4 full-page image: {0}")]
@@ -121,24 +112,15 @@ pub fn restore_page(
     // The same cross-checks DecodeXLogRecord makes, so a caller that skipped them cannot make
     // us produce a page PostgreSQL would have refused.
     if has_hole && (hole_offset == 0 || hole_length == 0) {
-        return Err(ImageError::EmptyHole {
-            hole_offset,
-            hole_length,
-        });
+        return Err(ImageError::EmptyHole { hole_offset, hole_length });
     }
     if !has_hole && (hole_offset != 0 || hole_length != 0) {
-        return Err(ImageError::UnexpectedHole {
-            hole_offset,
-            hole_length,
-        });
+        return Err(ImageError::UnexpectedHole { hole_offset, hole_length });
     }
     let hole_start = usize::from(hole_offset);
     let hole_len = usize::from(hole_length);
     if hole_start + hole_len > BLCKSZ {
-        return Err(ImageError::HoleOutsidePage {
-            hole_offset,
-            hole_length,
-        });
+        return Err(ImageError::HoleOutsidePage { hole_offset, hole_length });
     }
     // Bytes of page the image carries; >= 1 because a hole needs a non-zero offset.
     let data_len = BLCKSZ - hole_len;
@@ -154,8 +136,9 @@ pub fn restore_page(
             pglz::decompress(image, &mut out[..data_len])?;
             data_len
         }
-        ImageCompression::Lz4 => lz4_flex::block::decompress_into(image, &mut out[..data_len])
-            .map_err(|e| ImageError::Lz4(e.to_string()))?,
+        ImageCompression::Lz4 => {
+            lz4_flex::block::decompress_into(image, &mut out[..data_len]).map_err(|e| ImageError::Lz4(e.to_string()))?
+        }
         ImageCompression::Zstd => zstd_decompress(image, &mut out[..data_len])?,
     };
     if produced != data_len {
@@ -183,11 +166,7 @@ fn restore_uncompressed(
     let hole_len = usize::from(hole_length);
     let expected = BLCKSZ - hole_len;
     if image.len() != expected {
-        return Err(ImageError::WrongImageLength {
-            actual: image.len(),
-            expected,
-            hole_length,
-        });
+        return Err(ImageError::WrongImageLength { actual: image.len(), expected, hole_length });
     }
     let (before, after) = image.split_at(hole_start);
     out[..hole_start].copy_from_slice(before);
@@ -268,39 +247,17 @@ mod tests {
         }
     }
 
-    const METHODS: [ImageCompression; 4] = [
-        ImageCompression::None,
-        ImageCompression::Pglz,
-        ImageCompression::Lz4,
-        ImageCompression::Zstd,
-    ];
+    const METHODS: [ImageCompression; 4] =
+        [ImageCompression::None, ImageCompression::Pglz, ImageCompression::Lz4, ImageCompression::Zstd];
 
     #[test]
     fn compression_from_bimg_info() {
-        assert_eq!(
-            ImageCompression::from_bimg_info(0),
-            Ok(ImageCompression::None)
-        );
-        assert_eq!(
-            ImageCompression::from_bimg_info(BKPIMAGE_HAS_HOLE | BKPIMAGE_APPLY),
-            Ok(ImageCompression::None)
-        );
-        assert_eq!(
-            ImageCompression::from_bimg_info(0x04),
-            Ok(ImageCompression::Pglz)
-        );
-        assert_eq!(
-            ImageCompression::from_bimg_info(0x08 | 0x03),
-            Ok(ImageCompression::Lz4)
-        );
-        assert_eq!(
-            ImageCompression::from_bimg_info(0x10),
-            Ok(ImageCompression::Zstd)
-        );
-        assert_eq!(
-            ImageCompression::from_bimg_info(0xE0),
-            Ok(ImageCompression::None)
-        );
+        assert_eq!(ImageCompression::from_bimg_info(0), Ok(ImageCompression::None));
+        assert_eq!(ImageCompression::from_bimg_info(BKPIMAGE_HAS_HOLE | BKPIMAGE_APPLY), Ok(ImageCompression::None));
+        assert_eq!(ImageCompression::from_bimg_info(0x04), Ok(ImageCompression::Pglz));
+        assert_eq!(ImageCompression::from_bimg_info(0x08 | 0x03), Ok(ImageCompression::Lz4));
+        assert_eq!(ImageCompression::from_bimg_info(0x10), Ok(ImageCompression::Zstd));
+        assert_eq!(ImageCompression::from_bimg_info(0xE0), Ok(ImageCompression::None));
         for bad in [0x0C, 0x14, 0x18, 0x1C, 0x1F] {
             assert_eq!(
                 ImageCompression::from_bimg_info(bad),
@@ -314,13 +271,7 @@ mod tests {
     #[test]
     fn round_trip_every_method_with_and_without_hole() {
         for method in METHODS {
-            for (off, len) in [
-                (0usize, 0usize),
-                (100, 7000),
-                (24, 8168),
-                (8191, 1),
-                (1, 8191),
-            ] {
+            for (off, len) in [(0usize, 0usize), (100, 7000), (24, 8168), (8191, 1), (1, 8191)] {
                 let page = sample_page(off, len);
                 let data = without_hole(&page, off, len);
                 let image = compress(method, &data);
@@ -353,54 +304,30 @@ mod tests {
         let full = vec![0u8; BLCKSZ];
         assert_eq!(
             restore_page(&full, BKPIMAGE_HAS_HOLE, 0, 10, &mut out),
-            Err(ImageError::EmptyHole {
-                hole_offset: 0,
-                hole_length: 10
-            })
+            Err(ImageError::EmptyHole { hole_offset: 0, hole_length: 10 })
         );
         assert_eq!(
             restore_page(&full, BKPIMAGE_HAS_HOLE, 10, 0, &mut out),
-            Err(ImageError::EmptyHole {
-                hole_offset: 10,
-                hole_length: 0
-            })
+            Err(ImageError::EmptyHole { hole_offset: 10, hole_length: 0 })
         );
         assert_eq!(
             restore_page(&full, 0, 10, 0, &mut out),
-            Err(ImageError::UnexpectedHole {
-                hole_offset: 10,
-                hole_length: 0
-            })
+            Err(ImageError::UnexpectedHole { hole_offset: 10, hole_length: 0 })
         );
         assert_eq!(
             restore_page(&full, BKPIMAGE_COMPRESS_LZ4, 0, 5, &mut out),
-            Err(ImageError::UnexpectedHole {
-                hole_offset: 0,
-                hole_length: 5
-            })
+            Err(ImageError::UnexpectedHole { hole_offset: 0, hole_length: 5 })
         );
         assert_eq!(
             restore_page(&[0u8; 10], BKPIMAGE_HAS_HOLE, 8000, 200, &mut out),
-            Err(ImageError::HoleOutsidePage {
-                hole_offset: 8000,
-                hole_length: 200
-            })
+            Err(ImageError::HoleOutsidePage { hole_offset: 8000, hole_length: 200 })
         );
         assert_eq!(
             restore_page(&[], BKPIMAGE_HAS_HOLE, u16::MAX, u16::MAX, &mut out),
-            Err(ImageError::HoleOutsidePage {
-                hole_offset: u16::MAX,
-                hole_length: u16::MAX
-            })
+            Err(ImageError::HoleOutsidePage { hole_offset: u16::MAX, hole_length: u16::MAX })
         );
         assert_eq!(
-            restore_page(
-                &full,
-                BKPIMAGE_COMPRESS_LZ4 | BKPIMAGE_COMPRESS_ZSTD,
-                0,
-                0,
-                &mut out
-            ),
+            restore_page(&full, BKPIMAGE_COMPRESS_LZ4 | BKPIMAGE_COMPRESS_ZSTD, 0, 0, &mut out),
             Err(ImageError::SeveralCompressionMethods { bimg_info: 0x18 })
         );
     }
@@ -410,48 +337,25 @@ mod tests {
         let mut out = [0u8; BLCKSZ];
         assert_eq!(
             restore_page(&vec![0u8; BLCKSZ - 1], 0, 0, 0, &mut out),
-            Err(ImageError::WrongImageLength {
-                actual: BLCKSZ - 1,
-                expected: BLCKSZ,
-                hole_length: 0
-            })
+            Err(ImageError::WrongImageLength { actual: BLCKSZ - 1, expected: BLCKSZ, hole_length: 0 })
         );
         assert_eq!(
             restore_page(&vec![0u8; 100], BKPIMAGE_HAS_HOLE, 50, 8000, &mut out),
-            Err(ImageError::WrongImageLength {
-                actual: 100,
-                expected: 192,
-                hole_length: 8000
-            })
+            Err(ImageError::WrongImageLength { actual: 100, expected: 192, hole_length: 8000 })
         );
-        let msg = restore_page(&[1, 2, 3], 0, 0, 0, &mut out)
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            msg,
-            "uncompressed full-page image is 3 bytes, expected 8192 (8192 minus a hole of 0)"
-        );
+        let msg = restore_page(&[1, 2, 3], 0, 0, 0, &mut out).unwrap_err().to_string();
+        assert_eq!(msg, "uncompressed full-page image is 3 bytes, expected 8192 (8192 minus a hole of 0)");
     }
 
     #[test]
     fn decompressed_size_must_match() {
         // Images of one byte too few or too many for the hole they claim.
-        for method in [
-            ImageCompression::Pglz,
-            ImageCompression::Lz4,
-            ImageCompression::Zstd,
-        ] {
+        for method in [ImageCompression::Pglz, ImageCompression::Lz4, ImageCompression::Zstd] {
             for data_len in [BLCKSZ - 101, BLCKSZ - 99] {
                 let page = sample_page(0, 0);
                 let image = compress(method, &page[..data_len]);
                 let mut out = [0u8; BLCKSZ];
-                let r = restore_page(
-                    &image,
-                    method_bit(method) | BKPIMAGE_HAS_HOLE,
-                    200,
-                    100,
-                    &mut out,
-                );
+                let r = restore_page(&image, method_bit(method) | BKPIMAGE_HAS_HOLE, 200, 100, &mut out);
                 if method == ImageCompression::Pglz && data_len > BLCKSZ - 100 && r.is_ok() {
                     // pglz_decompress clamps a final match to the expected size, so a stream
                     // one byte too long that ends in a match is accepted, as by PostgreSQL.
@@ -470,37 +374,20 @@ mod tests {
         image.extend_from_slice(&[0x00, 0x42]);
         let mut out = [0u8; BLCKSZ];
         assert_eq!(
-            restore_page(
-                &image,
-                BKPIMAGE_COMPRESS_PGLZ | BKPIMAGE_HAS_HOLE,
-                50,
-                BLCKSZ as u16 - 100,
-                &mut out
-            ),
-            Err(ImageError::Pglz(PglzError::TrailingInput {
-                trailing: 2,
-                expected: 100
-            }))
+            restore_page(&image, BKPIMAGE_COMPRESS_PGLZ | BKPIMAGE_HAS_HOLE, 50, BLCKSZ as u16 - 100, &mut out),
+            Err(ImageError::Pglz(PglzError::TrailingInput { trailing: 2, expected: 100 }))
         );
         // The short case reports the size mismatch for lz4 and zstd.
         let image = zstd::bulk::compress(&[7u8; 1000], 1).unwrap();
         let mut out = [0u8; BLCKSZ];
         assert_eq!(
             restore_page(&image, BKPIMAGE_COMPRESS_ZSTD, 0, 0, &mut out),
-            Err(ImageError::WrongDecompressedSize {
-                method: "zstd",
-                actual: 1000,
-                expected: BLCKSZ
-            })
+            Err(ImageError::WrongDecompressedSize { method: "zstd", actual: 1000, expected: BLCKSZ })
         );
         let image = lz4_flex::block::compress(&[7u8; 1000]);
         assert_eq!(
             restore_page(&image, BKPIMAGE_COMPRESS_LZ4, 0, 0, &mut out),
-            Err(ImageError::WrongDecompressedSize {
-                method: "lz4",
-                actual: 1000,
-                expected: BLCKSZ
-            })
+            Err(ImageError::WrongDecompressedSize { method: "lz4", actual: 1000, expected: BLCKSZ })
         );
     }
 
@@ -508,42 +395,21 @@ mod tests {
     fn corrupt_compressed_images_are_errors() {
         let page = sample_page(300, 5000);
         let data = without_hole(&page, 300, 5000);
-        for method in [
-            ImageCompression::Pglz,
-            ImageCompression::Lz4,
-            ImageCompression::Zstd,
-        ] {
+        for method in [ImageCompression::Pglz, ImageCompression::Lz4, ImageCompression::Zstd] {
             let image = compress(method, &data);
             let info = method_bit(method) | BKPIMAGE_HAS_HOLE;
             let mut out = [0u8; BLCKSZ];
             // Truncated.
             let cut = &image[..image.len() / 2];
-            assert!(
-                restore_page(cut, info, 300, 5000, &mut out).is_err(),
-                "{}",
-                method.name()
-            );
+            assert!(restore_page(cut, info, 300, 5000, &mut out).is_err(), "{}", method.name());
             // Empty.
-            assert!(
-                restore_page(&[], info, 300, 5000, &mut out).is_err(),
-                "{}",
-                method.name()
-            );
+            assert!(restore_page(&[], info, 300, 5000, &mut out).is_err(), "{}", method.name());
         }
         // Not a zstd frame at all.
         let mut out = [0u8; BLCKSZ];
-        let err = restore_page(
-            b"definitely not zstd",
-            BKPIMAGE_COMPRESS_ZSTD,
-            0,
-            0,
-            &mut out,
-        )
-        .unwrap_err();
+        let err = restore_page(b"definitely not zstd", BKPIMAGE_COMPRESS_ZSTD, 0, 0, &mut out).unwrap_err();
         assert!(matches!(err, ImageError::Zstd(_)), "{err}");
-        assert!(err
-            .to_string()
-            .starts_with("could not decompress zstd full-page image: "));
+        assert!(err.to_string().starts_with("could not decompress zstd full-page image: "));
         let err = restore_page(&[0x01, 0x00], BKPIMAGE_COMPRESS_PGLZ, 0, 0, &mut out).unwrap_err();
         assert_eq!(err, ImageError::Pglz(PglzError::TruncatedTag { at: 1 }));
     }
@@ -556,14 +422,7 @@ mod tests {
         for _ in 0..3 {
             restore_page(&good, BKPIMAGE_COMPRESS_ZSTD, 0, 0, &mut out).unwrap();
             assert!(out == page);
-            assert!(restore_page(
-                &good[..good.len() - 3],
-                BKPIMAGE_COMPRESS_ZSTD,
-                0,
-                0,
-                &mut out
-            )
-            .is_err());
+            assert!(restore_page(&good[..good.len() - 3], BKPIMAGE_COMPRESS_ZSTD, 0, 0, &mut out).is_err());
         }
     }
 

@@ -37,30 +37,16 @@ pub enum PageHeaderError {
     MissingLongHeader { page: Lsn },
     #[error("WAL page at {page} has a long header but does not start a segment")]
     UnexpectedLongHeader { page: Lsn },
-    #[error(
-        "unexpected pageaddr {found} in WAL page at {page} (a recycled segment or the end of WAL)"
-    )]
+    #[error("unexpected pageaddr {found} in WAL page at {page} (a recycled segment or the end of WAL)")]
     PageAddr { page: Lsn, found: Lsn },
     #[error("WAL page at {page} is from a different database system: system identifier {found}, expected {expected}")]
-    SystemId {
-        page: Lsn,
-        found: u64,
-        expected: u64,
-    },
+    SystemId { page: Lsn, found: u64, expected: u64 },
     #[error("WAL page at {page} has segment size {found}, expected {expected}")]
-    SegmentSize {
-        page: Lsn,
-        found: u32,
-        expected: u32,
-    },
+    SegmentSize { page: Lsn, found: u32, expected: u32 },
     #[error("WAL page at {page} has XLOG_BLCKSZ {found}, expected {XLOG_BLCKSZ}")]
     BlockSize { page: Lsn, found: u32 },
     #[error("out-of-sequence timeline {found} (after {previous}) in WAL page at {page}")]
-    TimelineBackwards {
-        page: Lsn,
-        found: u32,
-        previous: u32,
-    },
+    TimelineBackwards { page: Lsn, found: u32, previous: u32 },
 }
 
 fn u16_at(b: &[u8], off: usize) -> u16 {
@@ -134,12 +120,7 @@ pub struct PageValidator {
 
 impl PageValidator {
     pub fn new(seg_size: Option<u32>, sysid: Option<u64>) -> Self {
-        PageValidator {
-            seg_size,
-            sysid,
-            last_page: Lsn::INVALID,
-            last_tli: 0,
-        }
+        PageValidator { seg_size, sysid, last_page: Lsn::INVALID, last_tli: 0 }
     }
 
     /// The timeline of the last page validated.
@@ -150,48 +131,27 @@ impl PageValidator {
     /// Checks the header of the page starting at `page` (a multiple of XLOG_BLCKSZ).
     pub fn validate(&mut self, page: Lsn, hdr: &PageHeader) -> Result<(), PageHeaderError> {
         if hdr.magic != XLOG_PAGE_MAGIC {
-            return Err(PageHeaderError::Magic {
-                page,
-                magic: hdr.magic,
-            });
+            return Err(PageHeaderError::Magic { page, magic: hdr.magic });
         }
         if hdr.info & !XLP_ALL_FLAGS != 0 {
-            return Err(PageHeaderError::InfoBits {
-                page,
-                info: hdr.info,
-            });
+            return Err(PageHeaderError::InfoBits { page, info: hdr.info });
         }
         if let Some(long) = &hdr.long {
             if long.xlog_blcksz != XLOG_BLCKSZ as u32 {
-                return Err(PageHeaderError::BlockSize {
-                    page,
-                    found: long.xlog_blcksz,
-                });
+                return Err(PageHeaderError::BlockSize { page, found: long.xlog_blcksz });
             }
             match self.seg_size {
                 Some(expected) if expected != long.seg_size => {
-                    return Err(PageHeaderError::SegmentSize {
-                        page,
-                        found: long.seg_size,
-                        expected,
-                    })
+                    return Err(PageHeaderError::SegmentSize { page, found: long.seg_size, expected })
                 }
                 None if !valid_segment_size(long.seg_size) => {
-                    return Err(PageHeaderError::SegmentSize {
-                        page,
-                        found: long.seg_size,
-                        expected: 0,
-                    })
+                    return Err(PageHeaderError::SegmentSize { page, found: long.seg_size, expected: 0 })
                 }
                 _ => {}
             }
             match self.sysid {
                 Some(expected) if expected != long.sysid => {
-                    return Err(PageHeaderError::SystemId {
-                        page,
-                        found: long.sysid,
-                        expected,
-                    })
+                    return Err(PageHeaderError::SystemId { page, found: long.sysid, expected })
                 }
                 _ => {}
             }
@@ -206,17 +166,10 @@ impl PageValidator {
             }
         }
         if hdr.pageaddr != page {
-            return Err(PageHeaderError::PageAddr {
-                page,
-                found: hdr.pageaddr,
-            });
+            return Err(PageHeaderError::PageAddr { page, found: hdr.pageaddr });
         }
         if page > self.last_page && hdr.tli < self.last_tli {
-            return Err(PageHeaderError::TimelineBackwards {
-                page,
-                found: hdr.tli,
-                previous: self.last_tli,
-            });
+            return Err(PageHeaderError::TimelineBackwards { page, found: hdr.tli, previous: self.last_tli });
         }
         self.last_page = page;
         self.last_tli = hdr.tli;
@@ -230,19 +183,10 @@ pub fn valid_segment_size(size: u32) -> bool {
 }
 
 #[cfg(test)]
-pub(crate) fn make_page_header(
-    page: Lsn,
-    info: u16,
-    rem_len: u32,
-    long: Option<(u64, u32)>,
-) -> Vec<u8> {
+pub(crate) fn make_page_header(page: Lsn, info: u16, rem_len: u32, long: Option<(u64, u32)>) -> Vec<u8> {
     let mut h = Vec::with_capacity(SIZE_OF_LONG_PAGE_HEADER);
     h.extend_from_slice(&XLOG_PAGE_MAGIC.to_le_bytes());
-    let info = if long.is_some() {
-        info | XLP_LONG_HEADER
-    } else {
-        info
-    };
+    let info = if long.is_some() { info | XLP_LONG_HEADER } else { info };
     h.extend_from_slice(&info.to_le_bytes());
     h.extend_from_slice(&1u32.to_le_bytes());
     h.extend_from_slice(&page.0.to_le_bytes());
@@ -269,16 +213,8 @@ mod tests {
         assert_eq!(h.size(), SIZE_OF_LONG_PAGE_HEADER);
         v.validate(Lsn(SEG as u64), &h).unwrap();
         assert_eq!((v.seg_size, v.sysid), (Some(SEG), Some(42)));
-        let other = PageHeader::parse(&make_page_header(
-            Lsn(2 * SEG as u64),
-            0,
-            0,
-            Some((43, SEG)),
-        ));
-        assert!(matches!(
-            v.validate(Lsn(2 * SEG as u64), &other),
-            Err(PageHeaderError::SystemId { .. })
-        ));
+        let other = PageHeader::parse(&make_page_header(Lsn(2 * SEG as u64), 0, 0, Some((43, SEG))));
+        assert!(matches!(v.validate(Lsn(2 * SEG as u64), &other), Err(PageHeaderError::SystemId { .. })));
     }
 
     #[test]
@@ -286,15 +222,9 @@ mod tests {
         let mut v = PageValidator::new(Some(SEG), None);
         let page = Lsn(SEG as u64 + 8192);
         let stale = PageHeader::parse(&make_page_header(Lsn(8192), 0, 0, None));
-        assert!(matches!(
-            v.validate(page, &stale),
-            Err(PageHeaderError::PageAddr { .. })
-        ));
+        assert!(matches!(v.validate(page, &stale), Err(PageHeaderError::PageAddr { .. })));
         let zero = PageHeader::parse(&[0u8; 40]);
-        assert!(matches!(
-            v.validate(page, &zero),
-            Err(PageHeaderError::Magic { .. })
-        ));
+        assert!(matches!(v.validate(page, &zero), Err(PageHeaderError::Magic { .. })));
         let short_at_seg_start = PageHeader::parse(&make_page_header(Lsn(SEG as u64), 0, 0, None));
         assert!(matches!(
             v.validate(Lsn(SEG as u64), &short_at_seg_start),

@@ -40,11 +40,7 @@ pub enum PglzError {
         "pglz: match tag at input offset {at} reaches {offset} bytes back, \
          but only {produced} bytes have been produced"
     )]
-    OffsetBeforeStart {
-        at: usize,
-        offset: usize,
-        produced: usize,
-    },
+    OffsetBeforeStart { at: usize, offset: usize, produced: usize },
     /// The input ran out before the output was full.
     #[error("pglz: input ended after producing {produced} of {expected} bytes")]
     ShortOutput { produced: usize, expected: usize },
@@ -98,11 +94,7 @@ pub fn decompress(src: &[u8], dst: &mut [u8]) -> Result<(), PglzError> {
                     return Err(PglzError::ZeroOffset { at });
                 }
                 if off > dp {
-                    return Err(PglzError::OffsetBeforeStart {
-                        at,
-                        offset: off,
-                        produced: dp,
-                    });
+                    return Err(PglzError::OffsetBeforeStart { at, offset: off, produced: dp });
                 }
                 let len = len.min(dst_len - dp);
                 copy_match(dst, dp, off, len);
@@ -113,16 +105,10 @@ pub fn decompress(src: &[u8], dst: &mut [u8]) -> Result<(), PglzError> {
     }
 
     if dp != dst_len {
-        return Err(PglzError::ShortOutput {
-            produced: dp,
-            expected: dst_len,
-        });
+        return Err(PglzError::ShortOutput { produced: dp, expected: dst_len });
     }
     if sp != src_len {
-        return Err(PglzError::TrailingInput {
-            trailing: src_len - sp,
-            expected: dst_len,
-        });
+        return Err(PglzError::TrailingInput { trailing: src_len - sp, expected: dst_len });
     }
     Ok(())
 }
@@ -267,23 +253,11 @@ pub(crate) mod tests {
         let mut out = [0u8; 8];
         decompress(&src, &mut out).unwrap();
         src.push(0);
-        assert_eq!(
-            decompress(&src, &mut out),
-            Err(PglzError::TrailingInput {
-                trailing: 1,
-                expected: 8
-            })
-        );
+        assert_eq!(decompress(&src, &mut out), Err(PglzError::TrailingInput { trailing: 1, expected: 8 }));
         // But with output still to produce, a lone trailing control byte is consumed and the
         // result is merely short.
         let mut out9 = [0u8; 9];
-        assert_eq!(
-            decompress(&src, &mut out9),
-            Err(PglzError::ShortOutput {
-                produced: 8,
-                expected: 9
-            })
-        );
+        assert_eq!(decompress(&src, &mut out9), Err(PglzError::ShortOutput { produced: 8, expected: 9 }));
     }
 
     #[test]
@@ -298,72 +272,30 @@ pub(crate) mod tests {
     #[test]
     fn errors() {
         let mut out = [0u8; 8];
-        assert_eq!(
-            decompress(&[0x01, 0x00], &mut out),
-            Err(PglzError::TruncatedTag { at: 1 })
-        );
-        assert_eq!(
-            decompress(&[0x02, b'a', 0x0f, 0x01], &mut out),
-            Err(PglzError::TruncatedTag { at: 2 })
-        );
-        assert_eq!(
-            decompress(&[0x02, b'a', 0x00, 0x00], &mut out),
-            Err(PglzError::ZeroOffset { at: 2 })
-        );
+        assert_eq!(decompress(&[0x01, 0x00], &mut out), Err(PglzError::TruncatedTag { at: 1 }));
+        assert_eq!(decompress(&[0x02, b'a', 0x0f, 0x01], &mut out), Err(PglzError::TruncatedTag { at: 2 }));
+        assert_eq!(decompress(&[0x02, b'a', 0x00, 0x00], &mut out), Err(PglzError::ZeroOffset { at: 2 }));
         assert_eq!(
             decompress(&[0x02, b'a', 0x00, 0x02], &mut out),
-            Err(PglzError::OffsetBeforeStart {
-                at: 2,
-                offset: 2,
-                produced: 1
-            })
+            Err(PglzError::OffsetBeforeStart { at: 2, offset: 2, produced: 1 })
         );
         assert_eq!(
             decompress(&[0x01, 0x00, 0x01], &mut out),
-            Err(PglzError::OffsetBeforeStart {
-                at: 1,
-                offset: 1,
-                produced: 0
-            })
+            Err(PglzError::OffsetBeforeStart { at: 1, offset: 1, produced: 0 })
         );
-        assert_eq!(
-            decompress(&[0x00, b'a', b'b'], &mut out),
-            Err(PglzError::ShortOutput {
-                produced: 2,
-                expected: 8
-            })
-        );
+        assert_eq!(decompress(&[0x00, b'a', b'b'], &mut out), Err(PglzError::ShortOutput { produced: 2, expected: 8 }));
         let mut two = [0u8; 2];
         assert_eq!(
             decompress(&[0x00, b'a', b'b', b'c'], &mut two),
-            Err(PglzError::TrailingInput {
-                trailing: 1,
-                expected: 2
-            })
+            Err(PglzError::TrailingInput { trailing: 1, expected: 2 })
         );
-        assert_eq!(
-            decompress(&[0x00], &mut []),
-            Err(PglzError::TrailingInput {
-                trailing: 1,
-                expected: 0
-            })
-        );
-        assert_eq!(
-            decompress(&[], &mut two),
-            Err(PglzError::ShortOutput {
-                produced: 0,
-                expected: 2
-            })
-        );
+        assert_eq!(decompress(&[0x00], &mut []), Err(PglzError::TrailingInput { trailing: 1, expected: 0 }));
+        assert_eq!(decompress(&[], &mut two), Err(PglzError::ShortOutput { produced: 0, expected: 2 }));
     }
 
     #[test]
     fn error_messages_are_readable() {
-        let e = PglzError::OffsetBeforeStart {
-            at: 7,
-            offset: 100,
-            produced: 3,
-        };
+        let e = PglzError::OffsetBeforeStart { at: 7, offset: 100, produced: 3 };
         assert_eq!(
             e.to_string(),
             "pglz: match tag at input offset 7 reaches 100 bytes back, \
@@ -383,22 +315,16 @@ pub(crate) mod tests {
             *b = ((i % 37) as u8).wrapping_mul(7) ^ ((i / 200) as u8);
         }
         page[..24].copy_from_slice(&[
-            1, 0, 0, 0, 0x28, 0x3b, 0x6f, 0x01, 0, 0, 0, 0, 0x30, 0, 0x70, 0x17, 0, 0x20, 4, 0x20,
-            0, 0, 0, 0,
+            1, 0, 0, 0, 0x28, 0x3b, 0x6f, 0x01, 0, 0, 0, 0, 0x30, 0, 0x70, 0x17, 0, 0x20, 4, 0x20, 0, 0, 0, 0,
         ]);
         round_trip(&page);
         // Far offsets (> 256 and close to 4095) exercise the high nibble of the offset.
         let mut far = Vec::new();
-        let block: Vec<u8> = (0..4000u32)
-            .map(|i| (i.wrapping_mul(2_246_822_519) >> 13) as u8)
-            .collect();
+        let block: Vec<u8> = (0..4000u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 13) as u8).collect();
         far.extend_from_slice(&block);
         far.extend_from_slice(&block);
         let c = compress(&far);
-        assert!(
-            c.len() < far.len() * 2 / 3,
-            "test encoder should find the far match"
-        );
+        assert!(c.len() < far.len() * 2 / 3, "test encoder should find the far match");
         round_trip(&far);
     }
 
@@ -413,9 +339,7 @@ pub(crate) mod tests {
         let mut b = vec![0u8; n];
         match kind {
             // Low-entropy text: many short matches.
-            0 => b
-                .iter_mut()
-                .for_each(|x| *x = b"abcdefgh"[(rnd() & 7) as usize]),
+            0 => b.iter_mut().for_each(|x| *x = b"abcdefgh"[(rnd() & 7) as usize]),
             // Page-like: header, zeros, then 40-byte tuples with 8 random bytes each.
             1 => {
                 for (i, x) in b.iter_mut().take(24).enumerate() {
@@ -452,9 +376,7 @@ pub(crate) mod tests {
     }
 
     fn unhex(s: &str) -> Vec<u8> {
-        (0..s.len() / 2)
-            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
-            .collect()
+        (0..s.len() / 2).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap()).collect()
     }
 
     /// (input kind, raw size, compressed hex) as produced by PostgreSQL 15's own

@@ -43,20 +43,14 @@ impl XLogRecordHeader {
 /// Why a record's bytes are not a valid record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
-    #[error("incorrect resource manager data checksum in record at {lsn}: stored {stored:08X}, computed {computed:08X}")]
-    Crc {
-        lsn: Lsn,
-        stored: u32,
-        computed: u32,
-    },
+    #[error(
+        "incorrect resource manager data checksum in record at {lsn}: stored {stored:08X}, computed {computed:08X}"
+    )]
+    Crc { lsn: Lsn, stored: u32, computed: u32 },
     #[error("record at {lsn} is truncated: its headers run past its length {tot_len}")]
     ShortHeaders { lsn: Lsn, tot_len: u32 },
     #[error("record at {lsn}: payload lengths add up to {declared} bytes but {actual} remain")]
-    LengthMismatch {
-        lsn: Lsn,
-        declared: u64,
-        actual: u64,
-    },
+    LengthMismatch { lsn: Lsn, declared: u64, actual: u64 },
     #[error("record at {lsn}: out-of-order block id {block_id}")]
     BlockOrder { lsn: Lsn, block_id: u8 },
     #[error("record at {lsn}: invalid block id {block_id}")]
@@ -64,11 +58,7 @@ pub enum RecordError {
     #[error("record at {lsn}: block {block_id} has invalid fork number {fork}")]
     Fork { lsn: Lsn, block_id: u8, fork: u8 },
     #[error("record at {lsn}: block {block_id}: {what}")]
-    Block {
-        lsn: Lsn,
-        block_id: u8,
-        what: String,
-    },
+    Block { lsn: Lsn, block_id: u8, what: String },
     #[error("record at {lsn}: BKPBLOCK_SAME_REL set on block {block_id} but no previous relation")]
     SameRelWithoutRel { lsn: Lsn, block_id: u8 },
 }
@@ -151,18 +141,12 @@ pub struct DecodedRecord {
 impl DecodedRecord {
     /// Checks the CRC and parses `raw` (exactly `xl_tot_len` bytes) as the record at `lsn`.
     pub fn parse(lsn: Lsn, end_lsn: Lsn, raw: Bytes) -> Result<DecodedRecord, RecordError> {
-        let head: &[u8; SIZE_OF_XLOG_RECORD] = raw[..SIZE_OF_XLOG_RECORD]
-            .try_into()
-            .expect("caller checked length");
+        let head: &[u8; SIZE_OF_XLOG_RECORD] = raw[..SIZE_OF_XLOG_RECORD].try_into().expect("caller checked length");
         let header = XLogRecordHeader::parse(head);
         debug_assert_eq!(header.tot_len as usize, raw.len());
         let computed = record_crc(&raw);
         if computed != header.crc {
-            return Err(RecordError::Crc {
-                lsn,
-                stored: header.crc,
-                computed,
-            });
+            return Err(RecordError::Crc { lsn, stored: header.crc, computed });
         }
         let mut rec = DecodedRecord {
             lsn,
@@ -183,12 +167,7 @@ impl DecodedRecord {
     /// them: for each block its image then its data, and finally the main data.
     fn parse_fragments(&mut self, raw: &[u8]) -> Result<(), RecordError> {
         let lsn = self.lsn;
-        let mut cur = Cursor {
-            b: raw,
-            pos: SIZE_OF_XLOG_RECORD,
-            lsn,
-            tot_len: self.header.tot_len,
-        };
+        let mut cur = Cursor { b: raw, pos: SIZE_OF_XLOG_RECORD, lsn, tot_len: self.header.tot_len };
         let mut payload: u64 = 0;
         let mut main_len: u32 = 0;
         let mut last_rel: Option<RelFileNode> = None;
@@ -214,11 +193,7 @@ impl DecodedRecord {
                     if self.blocks.last().is_some_and(|b| b.block_id >= id) {
                         return Err(RecordError::BlockOrder { lsn, block_id: id });
                     }
-                    let bad = |what: String| RecordError::Block {
-                        lsn,
-                        block_id: id,
-                        what,
-                    };
+                    let bad = |what: String| RecordError::Block { lsn, block_id: id, what };
                     let flags = cur.u8()?;
                     let fork_no = flags & BKPBLOCK_FORK_MASK;
                     let fork = ForkNumber::try_from(fork_no).map_err(|_| RecordError::Fork {
@@ -232,9 +207,7 @@ impl DecodedRecord {
                         return Err(bad("BKPBLOCK_HAS_DATA set, but no data included".into()));
                     }
                     if !has_data && data_len != 0 {
-                        return Err(bad(format!(
-                            "BKPBLOCK_HAS_DATA not set, but data length is {data_len}"
-                        )));
+                        return Err(bad(format!("BKPBLOCK_HAS_DATA not set, but data length is {data_len}")));
                     }
                     payload += data_len as u64;
                     let mut image = None;
@@ -255,9 +228,7 @@ impl DecodedRecord {
                             // Uncompressed images leave the hole's length implicit.
                             (BLCKSZ as u32).saturating_sub(bimg_len) as u16
                         };
-                        if has_hole
-                            && (hole_offset == 0 || hole_length == 0 || bimg_len == BLCKSZ as u32)
-                        {
+                        if has_hole && (hole_offset == 0 || hole_length == 0 || bimg_len == BLCKSZ as u32) {
                             return Err(bad(format!(
                                 "BKPIMAGE_HAS_HOLE set, but hole offset {hole_offset} length {hole_length} block image length {bimg_len}"
                             )));
@@ -268,9 +239,7 @@ impl DecodedRecord {
                             )));
                         }
                         if compressed && bimg_len == BLCKSZ as u32 {
-                            return Err(bad(format!(
-                                "BKPIMAGE_COMPRESSED set, but block image length {bimg_len}"
-                            )));
+                            return Err(bad(format!("BKPIMAGE_COMPRESSED set, but block image length {bimg_len}")));
                         }
                         if !has_hole && !compressed && bimg_len != BLCKSZ as u32 {
                             return Err(bad(format!(
@@ -278,25 +247,14 @@ impl DecodedRecord {
                             )));
                         }
                         if bimg_len > BLCKSZ as u32 {
-                            return Err(bad(format!(
-                                "block image length {bimg_len} exceeds the page size"
-                            )));
+                            return Err(bad(format!("block image length {bimg_len} exceeds the page size")));
                         }
                         payload += bimg_len as u64;
                         image_len = bimg_len;
-                        image = Some(BlockImage {
-                            bimg_info,
-                            hole_offset,
-                            hole_length,
-                            range: 0..0,
-                        });
+                        image = Some(BlockImage { bimg_info, hole_offset, hole_length, range: 0..0 });
                     }
                     let node = if flags & BKPBLOCK_SAME_REL == 0 {
-                        let node = RelFileNode {
-                            spcnode: cur.u32()?,
-                            dbnode: cur.u32()?,
-                            relnode: cur.u32()?,
-                        };
+                        let node = RelFileNode { spcnode: cur.u32()?, dbnode: cur.u32()?, relnode: cur.u32()? };
                         last_rel = Some(node);
                         node
                     } else {
@@ -306,30 +264,18 @@ impl DecodedRecord {
                     lens.push((image_len, data_len));
                     self.blocks.push(BlockRef {
                         block_id: id,
-                        tag: BufferTag {
-                            rel: RelTag { node, fork },
-                            blkno,
-                        },
+                        tag: BufferTag { rel: RelTag { node, fork }, blkno },
                         flags,
                         image,
                         data: 0..0,
                     });
                 }
-                other => {
-                    return Err(RecordError::BlockId {
-                        lsn,
-                        block_id: other,
-                    })
-                }
+                other => return Err(RecordError::BlockId { lsn, block_id: other }),
             }
         }
         let remaining = (raw.len() - cur.pos) as u64;
         if remaining != payload {
-            return Err(RecordError::LengthMismatch {
-                lsn,
-                declared: payload,
-                actual: remaining,
-            });
+            return Err(RecordError::LengthMismatch { lsn, declared: payload, actual: remaining });
         }
         // The lengths were checked to sum to what remains, so the offsets below fit in u32
         // (xl_tot_len is a u32) and stay within the record.
@@ -369,11 +315,7 @@ impl DecodedRecord {
 
     /// Bytes of full-page images in the record (what `pg_waldump` counts as FPI length).
     pub fn fpi_len(&self) -> u32 {
-        self.blocks
-            .iter()
-            .filter_map(|b| b.image.as_ref())
-            .map(BlockImage::stored_len)
-            .sum()
+        self.blocks.iter().filter_map(|b| b.image.as_ref()).map(BlockImage::stored_len).sum()
     }
 
     pub fn main_data(&self) -> &[u8] {
@@ -382,8 +324,7 @@ impl DecodedRecord {
 
     /// The main data as a `Bytes` sharing the record's buffer.
     pub fn main_data_bytes(&self) -> Bytes {
-        self.raw
-            .slice(self.main_data.start as usize..self.main_data.end as usize)
+        self.raw.slice(self.main_data.start as usize..self.main_data.end as usize)
     }
 
     pub fn block_data(&self, blk: &BlockRef) -> &[u8] {
@@ -396,18 +337,8 @@ impl DecodedRecord {
     }
 
     /// Rebuilds the 8192-byte page of one of this record's full-page images into `out`.
-    pub fn restore_image(
-        &self,
-        img: &BlockImage,
-        out: &mut [u8; BLCKSZ],
-    ) -> Result<(), ImageError> {
-        restore_page(
-            self.image_bytes(img),
-            img.bimg_info,
-            img.hole_offset,
-            img.hole_length,
-            out,
-        )
+    pub fn restore_image(&self, img: &BlockImage, out: &mut [u8; BLCKSZ]) -> Result<(), ImageError> {
+        restore_page(self.image_bytes(img), img.bimg_info, img.hole_offset, img.hole_length, out)
     }
 
     /// `XLOG_SWITCH`: nothing follows in this segment.
@@ -438,10 +369,8 @@ struct Cursor<'a> {
 impl Cursor<'_> {
     fn take<const N: usize>(&mut self) -> Result<[u8; N], RecordError> {
         let end = self.pos + N;
-        let bytes = self.b.get(self.pos..end).ok_or(RecordError::ShortHeaders {
-            lsn: self.lsn,
-            tot_len: self.tot_len,
-        })?;
+        let bytes =
+            self.b.get(self.pos..end).ok_or(RecordError::ShortHeaders { lsn: self.lsn, tot_len: self.tot_len })?;
         self.pos = end;
         Ok(bytes.try_into().expect("N bytes"))
     }
@@ -475,14 +404,7 @@ pub(crate) mod testing {
     }
 
     /// Encodes a record with a valid CRC, as XLogRecordAssemble would.
-    pub fn build_record(
-        rmid: u8,
-        info: u8,
-        xid: u32,
-        prev: Lsn,
-        blocks: &[TestBlock],
-        main: &[u8],
-    ) -> Vec<u8> {
+    pub fn build_record(rmid: u8, info: u8, xid: u32, prev: Lsn, blocks: &[TestBlock], main: &[u8]) -> Vec<u8> {
         let mut hdrs = Vec::new();
         let mut payload = Vec::new();
         for b in blocks {
@@ -552,11 +474,7 @@ mod tests {
     use super::*;
 
     fn node(rel: u32) -> RelFileNode {
-        RelFileNode {
-            spcnode: 1663,
-            dbnode: 5,
-            relnode: rel,
-        }
+        RelFileNode { spcnode: 1663, dbnode: 5, relnode: rel }
     }
 
     #[test]
@@ -587,8 +505,7 @@ mod tests {
         ];
         let main = vec![0xAB; 300];
         let raw = build_record(10, 0x00, 734, Lsn(0x100), &blocks, &main);
-        let rec = DecodedRecord::parse(Lsn(0x200), Lsn(0x200 + raw.len() as u64), Bytes::from(raw))
-            .unwrap();
+        let rec = DecodedRecord::parse(Lsn(0x200), Lsn(0x200 + raw.len() as u64), Bytes::from(raw)).unwrap();
         assert_eq!(rec.xid(), 734);
         assert_eq!(rec.blocks.len(), 2);
         let b0 = &rec.blocks[0];
@@ -601,8 +518,7 @@ mod tests {
         assert!(b1.will_init() && !b1.has_data());
         assert_eq!(rec.main_data(), &main[..]);
         let mut page = [0u8; BLCKSZ];
-        rec.restore_image(b0.image.as_ref().unwrap(), &mut page)
-            .unwrap();
+        rec.restore_image(b0.image.as_ref().unwrap(), &mut page).unwrap();
         assert_eq!(&page[..100], &img[..100]);
         assert!(page[100..200].iter().all(|&b| b == 0));
         assert_eq!(&page[200..], &img[100..]);
@@ -613,10 +529,7 @@ mod tests {
         let raw = build_record(10, 0, 1, Lsn(0), &[], b"hello");
         let mut bad = raw.clone();
         bad[30] ^= 1;
-        assert!(matches!(
-            DecodedRecord::parse(Lsn(8), Lsn(64), Bytes::from(bad)),
-            Err(RecordError::Crc { .. })
-        ));
+        assert!(matches!(DecodedRecord::parse(Lsn(8), Lsn(64), Bytes::from(bad)), Err(RecordError::Crc { .. })));
         // A block claiming the previous block's relation when there is none.
         let b = TestBlock {
             id: 0,

@@ -440,10 +440,7 @@ mod tests {
         assert_eq!(record_type(RM_XLOG_ID, 0xA0), Some("FPI_FOR_HINT"));
         assert_eq!(record_type(RM_XLOG_ID, 0xB0), Some("FPI"));
         // XLR flag bits in the low nibble do not change the name.
-        assert_eq!(
-            record_type(RM_XLOG_ID, 0xB0 | XLR_CHECK_CONSISTENCY),
-            Some("FPI")
-        );
+        assert_eq!(record_type(RM_XLOG_ID, 0xB0 | XLR_CHECK_CONSISTENCY), Some("FPI"));
         assert_eq!(record_type(RM_XLOG_ID, 0xD0), Some("OVERWRITE_CONTRECORD"));
         assert_eq!(record_type(RM_XLOG_ID, 0xC0), None);
         assert_eq!(record_type(RM_XLOG_ID, 0xE0), None);
@@ -479,10 +476,7 @@ mod tests {
         assert_eq!(record_type(RM_HEAP_ID, 0x60), Some("LOCK"));
         assert_eq!(record_type(RM_HEAP_ID, 0x70), Some("INPLACE"));
         assert_eq!(record_type(RM_HEAP_ID, 0xF0), None);
-        assert_eq!(
-            record_type(RM_HEAP_ID, 0x80 | XLR_SPECIAL_REL_UPDATE),
-            Some("INSERT+INIT")
-        );
+        assert_eq!(record_type(RM_HEAP_ID, 0x80 | XLR_SPECIAL_REL_UPDATE), Some("INSERT+INIT"));
     }
 
     #[test]

@@ -33,21 +33,13 @@ impl SegmentId {
         let log = u64::from_str_radix(&name[8..16], 16).ok()?;
         let seg = u64::from_str_radix(&name[16..24], 16).ok()?;
         let per_log = segments_per_xlogid(seg_size);
-        (seg < per_log).then_some(SegmentId {
-            tli,
-            segno: log * per_log + seg,
-        })
+        (seg < per_log).then_some(SegmentId { tli, segno: log * per_log + seg })
     }
 
     /// The file name PostgreSQL gives this segment (`XLogFileName`).
     pub fn file_name(&self, seg_size: u32) -> String {
         let per_log = segments_per_xlogid(seg_size);
-        format!(
-            "{:08X}{:08X}{:08X}",
-            self.tli,
-            self.segno / per_log,
-            self.segno % per_log
-        )
+        format!("{:08X}{:08X}{:08X}", self.tli, self.segno / per_log, self.segno % per_log)
     }
 
     /// The LSN of the segment's first byte.
@@ -64,20 +56,13 @@ fn segments_per_xlogid(seg_size: u32) -> u64 {
 #[derive(Debug, thiserror::Error)]
 pub enum SegmentError {
     #[error("could not read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a WAL segment file name")]
     NotSegment { path: PathBuf },
     #[error("{path} does not start with a valid long WAL page header ({why})")]
     BadFirstPage { path: PathBuf, why: String },
     #[error("no WAL segment of timeline {tli} holds {lsn} in {searched}")]
-    StartNotFound {
-        tli: u32,
-        lsn: Lsn,
-        searched: String,
-    },
+    StartNotFound { tli: u32, lsn: Lsn, searched: String },
     #[error("no WAL segment files found in {0}")]
     Empty(String),
 }
@@ -85,26 +70,14 @@ pub enum SegmentError {
 /// Reads the first page of a segment file: its segment size and system identifier.
 pub fn read_segment_header(path: &Path) -> Result<(u32, u64), SegmentError> {
     use std::io::Read;
-    let io = |source| SegmentError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| SegmentError::Io { path: path.to_path_buf(), source };
     let mut buf = [0u8; SIZE_OF_LONG_PAGE_HEADER];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .map_err(io)?;
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut buf)).map_err(io)?;
     let hdr = PageHeader::parse(&buf);
-    let bad = |why: &str| SegmentError::BadFirstPage {
-        path: path.to_path_buf(),
-        why: why.into(),
-    };
+    let bad = |why: &str| SegmentError::BadFirstPage { path: path.to_path_buf(), why: why.into() };
     let long = hdr.long.ok_or_else(|| bad("no long header"))?;
     if hdr.magic != super::consts::XLOG_PAGE_MAGIC {
-        return Err(bad(&format!(
-            "magic {:04X}, expected {:04X}",
-            hdr.magic,
-            super::consts::XLOG_PAGE_MAGIC
-        )));
+        return Err(bad(&format!("magic {:04X}, expected {:04X}", hdr.magic, super::consts::XLOG_PAGE_MAGIC)));
     }
     if !valid_segment_size(long.seg_size) {
         return Err(bad(&format!("segment size {}", long.seg_size)));
@@ -128,22 +101,13 @@ impl SegmentSet {
         let mut found: Vec<PathBuf> = Vec::new();
         for p in paths {
             if p.is_dir() {
-                let rd = std::fs::read_dir(p).map_err(|source| SegmentError::Io {
-                    path: p.clone(),
-                    source,
-                })?;
+                let rd = std::fs::read_dir(p).map_err(|source| SegmentError::Io { path: p.clone(), source })?;
                 for e in rd {
-                    let e = e.map_err(|source| SegmentError::Io {
-                        path: p.clone(),
-                        source,
-                    })?;
+                    let e = e.map_err(|source| SegmentError::Io { path: p.clone(), source })?;
                     let name = e.file_name();
                     let name = name.to_string_lossy();
                     // Segment size is not known yet; 16 MB names are a superset check here.
-                    if name.len() >= 24
-                        && name[..24].bytes().all(|b| b.is_ascii_hexdigit())
-                        && e.path().is_file()
-                    {
+                    if name.len() >= 24 && name[..24].bytes().all(|b| b.is_ascii_hexdigit()) && e.path().is_file() {
                         found.push(e.path());
                     }
                 }
@@ -151,30 +115,16 @@ impl SegmentSet {
                 found.push(p.clone());
             }
         }
-        let described = paths
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let first = found
-            .iter()
-            .min()
-            .ok_or_else(|| SegmentError::Empty(described.clone()))?;
+        let described = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        let first = found.iter().min().ok_or_else(|| SegmentError::Empty(described.clone()))?;
         let (seg_size, sysid) = read_segment_header(first)?;
         let mut by_tli: BTreeMap<u32, BTreeMap<u64, PathBuf>> = BTreeMap::new();
         for path in found {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let id = SegmentId::parse(&name, seg_size)
-                .ok_or_else(|| SegmentError::NotSegment { path: path.clone() })?;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let id =
+                SegmentId::parse(&name, seg_size).ok_or_else(|| SegmentError::NotSegment { path: path.clone() })?;
             // A complete segment wins over a `.partial` one of the same number.
-            let slot = by_tli
-                .entry(id.tli)
-                .or_default()
-                .entry(id.segno)
-                .or_insert_with(|| path.clone());
+            let slot = by_tli.entry(id.tli).or_default().entry(id.segno).or_insert_with(|| path.clone());
             if slot.to_string_lossy().ends_with(".partial") {
                 *slot = path;
             }
@@ -187,12 +137,7 @@ impl SegmentSet {
         if files.is_empty() {
             return Err(SegmentError::Empty(format!("{described} (timeline {tli})")));
         }
-        Ok(SegmentSet {
-            seg_size,
-            sysid,
-            tli,
-            files,
-        })
+        Ok(SegmentSet { seg_size, sysid, tli, files })
     }
 
     /// The first LSN covered by the set.
@@ -242,11 +187,7 @@ pub struct WalFileReader {
 impl WalFileReader {
     /// Reads from the first record at or after `start` (default: the start of the first
     /// segment) until `end` (records must end at or before it), or the end of valid WAL.
-    pub fn new(
-        set: SegmentSet,
-        start: Option<Lsn>,
-        end: Option<Lsn>,
-    ) -> Result<Self, SegmentError> {
+    pub fn new(set: SegmentSet, start: Option<Lsn>, end: Option<Lsn>) -> Result<Self, SegmentError> {
         let start = start.unwrap_or_else(|| set.first_lsn());
         let seg_size = set.seg_size;
         let segno = start.segment_number(seg_size);
@@ -266,14 +207,7 @@ impl WalFileReader {
         let mut decoder = WalStreamDecoder::new(Lsn(segno * seg_size as u64), seg_size);
         decoder.expect_system_id(set.sysid);
         decoder.skip_records_before(start);
-        Ok(WalFileReader {
-            set,
-            decoder,
-            next_segno: segno,
-            end,
-            stop: None,
-            bytes_read: 0,
-        })
+        Ok(WalFileReader { set, decoder, next_segno: segno, end, stop: None, bytes_read: 0 })
     }
 
     /// Why reading stopped, once it has.
@@ -304,25 +238,17 @@ impl WalFileReader {
             return Ok(false);
         }
         let Some(path) = self.set.files.get(&self.next_segno) else {
-            self.stop = Some(
-                if self.set.files.range(self.next_segno..).next().is_some() {
-                    StopReason::MissingSegment {
-                        segno: self.next_segno,
-                        lsn: seg_start,
-                    }
-                } else {
-                    StopReason::EndOfFiles
-                },
-            );
+            self.stop = Some(if self.set.files.range(self.next_segno..).next().is_some() {
+                StopReason::MissingSegment { segno: self.next_segno, lsn: seg_start }
+            } else {
+                StopReason::EndOfFiles
+            });
             return Ok(false);
         };
         let mut data = load_segment(path)?;
         data.truncate(self.set.seg_size as usize);
         if let Some(end) = self.end {
-            let limit = end
-                .checked_sub(seg_start)
-                .unwrap_or(0)
-                .min(data.len() as u64) as usize;
+            let limit = end.checked_sub(seg_start).unwrap_or(0).min(data.len() as u64) as usize;
             data.truncate(limit);
         }
         self.bytes_read += data.len() as u64;
@@ -363,12 +289,7 @@ impl Iterator for WalFileReader {
 /// A whole segment file in memory. Read rather than mapped: PostgreSQL rewrites the segment
 /// it is filling, and a mapping would let those writes change bytes the decoder already holds.
 pub fn load_segment(path: &Path) -> Result<Bytes, SegmentError> {
-    std::fs::read(path)
-        .map(Bytes::from)
-        .map_err(|source| SegmentError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+    std::fs::read(path).map(Bytes::from).map_err(|source| SegmentError::Io { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]
@@ -379,23 +300,12 @@ mod tests {
     fn segment_names_round_trip() {
         let seg = 16 << 20;
         let id = SegmentId::parse("000000010000000200000003", seg).unwrap();
-        assert_eq!(
-            id,
-            SegmentId {
-                tli: 1,
-                segno: 2 * 256 + 3
-            }
-        );
+        assert_eq!(id, SegmentId { tli: 1, segno: 2 * 256 + 3 });
         assert_eq!(id.file_name(seg), "000000010000000200000003");
         assert_eq!(id.start_lsn(seg).to_string(), "2/3000000");
         assert!(SegmentId::parse("000000010000000200000100", seg).is_none());
         assert!(SegmentId::parse("00000001000000020000000g", seg).is_none());
-        assert_eq!(
-            SegmentId::parse("000000010000000000000001.partial", seg)
-                .unwrap()
-                .segno,
-            1
-        );
+        assert_eq!(SegmentId::parse("000000010000000000000001.partial", seg).unwrap().segno, 1);
         // 1 MB segments: 4096 per xlogid.
         let small = SegmentId::parse("000000010000000000000FFF", 1 << 20).unwrap();
         assert_eq!(small.segno, 4095);

@@ -95,9 +95,8 @@ impl WalStats {
             for (hi, row) in self.record[rmid as usize].iter().enumerate() {
                 if row.count > 0 {
                     let info = (hi as u8) << 4;
-                    let ty = record_type(rmid, info)
-                        .map(str::to_string)
-                        .unwrap_or_else(|| format!("UNKNOWN ({info:x})"));
+                    let ty =
+                        record_type(rmid, info).map(str::to_string).unwrap_or_else(|| format!("UNKNOWN ({info:x})"));
                     rows.push((format!("{name}/{ty}"), *row));
                 }
             }
@@ -117,11 +116,7 @@ impl WalStats {
             }
         };
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "WAL statistics between {} and {}:",
-            self.start, self.end
-        );
+        let _ = writeln!(out, "WAL statistics between {} and {}:", self.start, self.end);
         let _ = writeln!(
             out,
             "{:<27} {:>20} {:>8} {:>20} {:>8} {:>20} {:>8} {:>20} {:>8}",

@@ -18,19 +18,14 @@ fn main() -> Result<()> {
         builder = builder.guc(k, v);
     }
     let c = builder.start()?;
-    println!(
-        "   data directory {}, socket in {}",
-        c.data_dir().display(),
-        c.socket_dir().display()
-    );
+    println!("   data directory {}, socket in {}", c.data_dir().display(), c.socket_dir().display());
     println!("   {}", c.query_one_string("SELECT version()")?);
     c.execute("CREATE EXTENSION neon")?;
-    println!(
-        "   CREATE EXTENSION neon -> neon_version() = {}",
-        c.query_one_string("SELECT neon_version()")?
-    );
+    println!("   CREATE EXTENSION neon -> neon_version() = {}", c.query_one_string("SELECT neon_version()")?);
 
-    println!("== 2. pgbench and a DDL mix (every index type, TOAST, databases, prepared transactions, wal_compression)");
+    println!(
+        "== 2. pgbench and a DDL mix (every index type, TOAST, databases, prepared transactions, wal_compression)"
+    );
     let start = workload::insert_lsn(&c)?;
     let t = Instant::now();
     workload::mixed(&c, 5)?;
@@ -45,34 +40,18 @@ fn main() -> Result<()> {
     println!("== 3. Our decoder and pg_waldump --stats over the same WAL");
     let wal_dir = c.wal_dir();
     let t = Instant::now();
-    let mut reader = WalFileReader::new(
-        SegmentSet::collect(&[wal_dir.clone()], None)?,
-        Some(start),
-        Some(end),
-    )?;
+    let mut reader = WalFileReader::new(SegmentSet::collect(&[wal_dir.clone()], None)?, Some(start), Some(end))?;
     let mut stats = WalStats::default();
     while let Some(rec) = reader.next_record()? {
         stats.add(&rec);
     }
     let ours_secs = t.elapsed().as_secs_f64();
-    ensure!(
-        reader.stop_reason() == Some(&StopReason::ReachedEnd),
-        "decoder stopped early: {:?}",
-        reader.stop_reason()
-    );
+    ensure!(reader.stop_reason() == Some(&StopReason::ReachedEnd), "decoder stopped early: {:?}", reader.stop_reason());
 
     let t = Instant::now();
     let theirs = c.run_tool(
         "pg_waldump",
-        &[
-            "--stats",
-            "-p",
-            wal_dir.to_str().unwrap(),
-            "-s",
-            &start.to_string(),
-            "-e",
-            &end.to_string(),
-        ],
+        &["--stats", "-p", wal_dir.to_str().unwrap(), "-s", &start.to_string(), "-e", &end.to_string()],
     )?;
     let theirs_secs = t.elapsed().as_secs_f64();
 
@@ -81,13 +60,7 @@ fn main() -> Result<()> {
     println!();
     println!(
         "   {:<18} {:>10} {:>10} {:>14} {:>14} {:>14} {:>14}  same?",
-        "rmgr",
-        "N ours",
-        "N theirs",
-        "rec bytes ours",
-        "rec bytes th.",
-        "FPI bytes ours",
-        "FPI bytes th."
+        "rmgr", "N ours", "N theirs", "rec bytes ours", "rec bytes th.", "FPI bytes ours", "FPI bytes th."
     );
     let mut all_same = ours_rows.len() == their_rows.len();
     for (o, t) in ours_rows.iter().zip(&their_rows) {
@@ -109,28 +82,13 @@ fn main() -> Result<()> {
         );
     }
     let total = stats.total();
-    println!(
-        "   {:<18} {:>10} {:>10}",
-        "total records",
-        total.count,
-        their_rows.iter().map(|r| r.count).sum::<u64>()
-    );
+    println!("   {:<18} {:>10} {:>10}", "total records", total.count, their_rows.iter().map(|r| r.count).sum::<u64>());
     println!();
     let mb = (end - start) as f64 / 1e6;
-    println!(
-        "   our decoder (debug build, CRC checked): {:.2} s, {:.0} MB/s",
-        ours_secs,
-        mb / ours_secs
-    );
-    println!(
-        "   pg_waldump --stats:                      {:.2} s, {:.0} MB/s",
-        theirs_secs,
-        mb / theirs_secs
-    );
+    println!("   our decoder (debug build, CRC checked): {:.2} s, {:.0} MB/s", ours_secs, mb / ours_secs);
+    println!("   pg_waldump --stats:                      {:.2} s, {:.0} MB/s", theirs_secs, mb / theirs_secs);
     println!("   (release-build throughput: `make bench`)");
     ensure!(all_same, "the summaries differ");
-    println!(
-        "== Every resource manager's count and sizes agree with pg_waldump. Stopping the server."
-    );
+    println!("== Every resource manager's count and sizes agree with pg_waldump. Stopping the server.");
     Ok(())
 }
