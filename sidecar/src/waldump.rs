@@ -3,7 +3,7 @@
 //! the `--stats` table. It is both a debugging tool and the decoder's outward face: its lines
 //! and tables are what users compare with PostgreSQL's own.
 
-use crate::wal::record::DecodedRecord;
+use crate::wal::record::RecordView;
 use crate::wal::rmgr::record_type;
 use crate::wal::segment::{SegmentSet, WalFileReader};
 use crate::wal::stats::{rmgr_name, WalStats};
@@ -33,7 +33,7 @@ pub struct WaldumpArgs {
 }
 
 /// One record as a line: `rmgr: … len (rec/tot): …, tx: …, lsn: …, prev …, desc: TYPE, blkref …`.
-pub fn format_record(rec: &DecodedRecord) -> String {
+pub fn format_record(rec: &RecordView<'_>) -> String {
     let fpi = rec.fpi_len();
     let mut s = format!(
         "rmgr: {:<11} len (rec/tot): {:>6}/{:>6}, tx: {:>10}, lsn: {}, prev {}, desc: ",
@@ -77,7 +77,7 @@ pub fn run(args: &WaldumpArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyh
     let set = SegmentSet::collect(&args.paths, args.timeline)?;
     let mut reader = WalFileReader::new(set, args.start, args.end)?;
     let mut stats = args.stats.as_ref().map(|_| WalStats::default());
-    while let Some(rec) = reader.next_record()? {
+    while let Some(rec) = reader.next_view()? {
         match stats.as_mut() {
             Some(st) => st.add(&rec),
             None => writeln!(out, "{}", format_record(&rec))?,

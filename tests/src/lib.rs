@@ -932,3 +932,23 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// The `neon-sidecar` binary of this build (`target/<profile>/neon-sidecar`), built on demand
+/// when a test runs before cargo has built it.
+pub fn sidecar_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("current_exe")?;
+    // Test executables live in target/<profile>/deps, binaries in target/<profile>.
+    let profile_dir = exe.parent().and_then(Path::parent).context("test executable has no target dir")?;
+    let bin = profile_dir.join("neon-sidecar");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "sidecar", "--bin", "neon-sidecar"]);
+        if release {
+            cmd.arg("--release");
+        }
+        run_command(&mut cmd)?;
+    }
+    Ok(bin)
+}

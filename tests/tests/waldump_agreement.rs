@@ -58,7 +58,7 @@ fn decoder_agrees_with_pg_waldump_on_mixed_workload() -> Result<()> {
         c.run_tool("pg_waldump", &["-p", wal_dir.to_str().unwrap(), "-s", &start.to_string(), "-e", &end.to_string()])?;
     let theirs = parse_records(&theirs_text);
 
-    let set = SegmentSet::collect(&[wal_dir.clone()], None)?;
+    let set = SegmentSet::collect(&[&wal_dir], None)?;
     let mut reader = WalFileReader::new(set, Some(start), Some(end))?;
     let mut ours = Vec::new();
     let mut stats = WalStats::default();

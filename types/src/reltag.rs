@@ -53,6 +53,7 @@ impl ForkNumber {
 
 impl TryFrom<u8> for ForkNumber {
     type Error = ForkParseError;
+    #[inline]
     fn try_from(v: u8) -> Result<Self, Self::Error> {
         ForkNumber::ALL.get(v as usize).copied().ok_or_else(|| ForkParseError(v.to_string()))
     }

@@ -19,9 +19,10 @@
 
 use super::consts::*;
 use super::page::{PageHeader, PageHeaderError, PageValidator};
-use super::record::{is_switch, DecodedRecord, RecordError, XLogRecordHeader};
-use bytes::{Bytes, BytesMut};
+use super::record::{is_switch, DecodedRecord, RecordError, RecordMeta, RecordView, XLogRecordHeader};
+use bytes::Bytes;
 use neon_types::{Lsn, XLOG_BLCKSZ};
+use smallvec::SmallVec;
 use std::collections::VecDeque;
 
 /// Why decoding cannot go on at `lsn`.
@@ -88,12 +89,15 @@ impl DecodeError {
 
 const PAGE: u64 = XLOG_BLCKSZ as u64;
 
-/// Buffered input: chunks in LSN order, the first starting at `start`.
+/// Buffered input: whole chunks in LSN order, the first starting at `start`. Chunks are only
+/// ever dropped whole, once decoding has moved past them, so no byte is copied or re-sliced on
+/// the way; spent chunks are kept for the owner to recycle their memory.
 #[derive(Default)]
 struct Input {
     chunks: VecDeque<Bytes>,
     start: Lsn,
     len: u64,
+    spent: Vec<Bytes>,
 }
 
 impl Input {
@@ -101,27 +105,31 @@ impl Input {
         self.start + self.len
     }
 
-    /// Drops input before `lsn`; returns false if the input does not reach that far yet.
+    /// Drops chunks wholly before `lsn`; returns false if the input does not reach `lsn` yet.
     fn discard_before(&mut self, lsn: Lsn) -> bool {
-        while self.start < lsn {
-            let Some(front) = self.chunks.front_mut() else {
-                return false;
-            };
-            let n = (lsn - self.start).min(front.len() as u64) as usize;
-            if n == front.len() {
-                self.chunks.pop_front();
-            } else {
-                let _ = front.split_to(n);
+        while let Some(front) = self.chunks.front() {
+            let n = front.len() as u64;
+            if self.start + n > lsn {
+                break;
             }
-            self.start = self.start + n as u64;
-            self.len -= n as u64;
+            self.start = self.start + n;
+            self.len -= n;
+            let chunk = self.chunks.pop_front().expect("front exists");
+            if self.spent.len() < 2 {
+                self.spent.push(chunk);
+            }
         }
-        true
+        self.end() >= lsn
     }
 
     /// The chunk holding `lsn` and the offset of `lsn` in it.
+    #[inline]
     fn locate(&self, lsn: Lsn) -> Option<(usize, usize)> {
         let mut off = lsn.checked_sub(self.start)?;
+        // Nearly always the first chunk (a whole segment when reading files).
+        if off < self.chunks.front()?.len() as u64 {
+            return Some((0, off as usize));
+        }
         for (i, c) in self.chunks.iter().enumerate() {
             if off < c.len() as u64 {
                 return Some((i, off as usize));
@@ -132,6 +140,7 @@ impl Input {
     }
 
     /// Copies `out.len()` bytes starting at `lsn` into `out`, if they are all buffered.
+    #[inline]
     fn peek(&self, lsn: Lsn, out: &mut [u8]) -> bool {
         if lsn < self.start || lsn + out.len() as u64 > self.end() {
             return false;
@@ -139,6 +148,10 @@ impl Input {
         let Some((mut i, mut off)) = self.locate(lsn) else {
             return out.is_empty();
         };
+        if let Some(bytes) = self.chunks[i].get(off..off + out.len()) {
+            out.copy_from_slice(bytes);
+            return true;
+        }
         let mut done = 0;
         while done < out.len() {
             let c = &self.chunks[i];
@@ -151,15 +164,15 @@ impl Input {
         true
     }
 
-    /// `n` bytes at `lsn` without copying, when they lie in a single chunk.
-    fn slice(&self, lsn: Lsn, n: usize) -> Option<Bytes> {
-        let (i, off) = self.locate(lsn)?;
-        let c = &self.chunks[i];
-        (off + n <= c.len()).then(|| c.slice(off..off + n))
+    /// Where `n` bytes at `lsn` lie, when they lie in a single chunk.
+    #[inline]
+    fn contiguous(&self, lsn: Lsn, n: usize) -> Option<RawLoc> {
+        let (chunk, off) = self.locate(lsn)?;
+        (off + n <= self.chunks[chunk].len()).then_some(RawLoc::Chunk { chunk, off, len: n })
     }
 
     /// Appends `n` bytes at `lsn` (all buffered) to `out`.
-    fn copy_into(&self, lsn: Lsn, n: usize, out: &mut BytesMut) {
+    fn copy_into(&self, lsn: Lsn, n: usize, out: &mut Vec<u8>) {
         let (mut i, mut off) = self.locate(lsn).expect("caller checked the bytes are buffered");
         let mut left = n;
         while left > 0 {
@@ -173,12 +186,24 @@ impl Input {
     }
 }
 
+/// Where the bytes of the record just decoded are.
+#[derive(Clone, Copy)]
+enum RawLoc {
+    /// Inside one input chunk.
+    Chunk { chunk: usize, off: usize, len: usize },
+    /// In the decoder's assembly buffer (the record crossed a page or chunk boundary).
+    Assembled,
+}
+
 /// The piece of a record on one page.
 #[derive(Clone, Copy)]
 struct Piece {
     lsn: Lsn,
     len: u32,
 }
+
+/// Assembly buffers larger than this are not kept once a smaller record comes along.
+const KEEP_ASSEMBLY: usize = 1 << 20;
 
 /// Decodes a WAL byte stream into records. See the module documentation.
 pub struct WalStreamDecoder {
@@ -197,6 +222,12 @@ pub struct WalStreamDecoder {
     skip_before: Lsn,
     /// The end of the last good record.
     last_good_end: Lsn,
+    /// What parsing learnt about the last record.
+    meta: RecordMeta,
+    /// Bytes of the last record when it had to be assembled from several pieces.
+    assembly: Vec<u8>,
+    /// A record decoded by [`WalStreamDecoder::has_record`] and not yet returned.
+    pending: Option<RawLoc>,
 }
 
 impl WalStreamDecoder {
@@ -215,6 +246,9 @@ impl WalStreamDecoder {
             finding_first: true,
             skip_before: Lsn::INVALID,
             last_good_end: start,
+            meta: RecordMeta::default(),
+            assembly: Vec::new(),
+            pending: None,
         }
     }
 
@@ -262,8 +296,50 @@ impl WalStreamDecoder {
         self.feed(Bytes::copy_from_slice(bytes));
     }
 
-    /// The next record, `Ok(None)` when more input is needed.
+    /// A fully consumed input chunk, for the caller to reuse its memory (when no record
+    /// still refers to it, `Bytes::try_into_mut` succeeds).
+    pub fn take_spent_chunk(&mut self) -> Option<Bytes> {
+        self.input.spent.pop()
+    }
+
+    /// The next record, owning its bytes; `Ok(None)` when more input is needed.
     pub fn poll(&mut self) -> Result<Option<DecodedRecord>, DecodeError> {
+        let Some(loc) = self.advance()? else { return Ok(None) };
+        let raw = match loc {
+            RawLoc::Chunk { chunk, off, len } => self.input.chunks[chunk].slice(off..off + len),
+            RawLoc::Assembled => Bytes::copy_from_slice(&self.assembly),
+        };
+        Ok(Some(DecodedRecord { raw, meta: self.meta.clone() }))
+    }
+
+    /// The next record, borrowed from the decoder until the next call (no allocation, no
+    /// copy); `Ok(None)` when more input is needed.
+    pub fn poll_view(&mut self) -> Result<Option<RecordView<'_>>, DecodeError> {
+        let Some(loc) = self.advance()? else { return Ok(None) };
+        Ok(Some(RecordView { raw: self.raw(loc), meta: &self.meta }))
+    }
+
+    fn raw(&self, loc: RawLoc) -> &[u8] {
+        match loc {
+            RawLoc::Chunk { chunk, off, len } => &self.input.chunks[chunk][off..off + len],
+            RawLoc::Assembled => &self.assembly,
+        }
+    }
+
+    /// Whether a record can be returned now (decoding it, so a following `poll` or
+    /// `poll_view` returns it).
+    pub fn has_record(&mut self) -> Result<bool, DecodeError> {
+        if self.pending.is_none() {
+            self.pending = self.advance()?;
+        }
+        Ok(self.pending.is_some())
+    }
+
+    /// Decodes up to the next record to return; `self.meta` describes it.
+    fn advance(&mut self) -> Result<Option<RawLoc>, DecodeError> {
+        if let Some(loc) = self.pending.take() {
+            return Ok(Some(loc));
+        }
         loop {
             if !self.input.discard_before(self.pos) {
                 return Ok(None);
@@ -293,7 +369,7 @@ impl WalStreamDecoder {
                 return Err(DecodeError::RecordOffset { lsn: self.pos });
             }
             match self.next_record()? {
-                Step::Record(rec) if rec.lsn >= self.skip_before => return Ok(Some(rec)),
+                Step::Record(loc) if self.meta.lsn >= self.skip_before => return Ok(Some(loc)),
                 Step::Record(_) | Step::Restart => {}
                 Step::NeedInput => return Ok(None),
             }
@@ -331,30 +407,28 @@ impl WalStreamDecoder {
         }
 
         let room = (PAGE - lsn.page_offset() as u64) as u32;
-        let (raw, end) = if tot_len <= room {
+        let (loc, end) = if tot_len <= room {
             let end = lsn + tot_len as u64;
             if self.input.end() < end {
                 return Ok(Step::NeedInput);
             }
-            let raw = match self.input.slice(lsn, tot_len as usize) {
-                Some(b) => b,
+            let loc = match self.input.contiguous(lsn, tot_len as usize) {
+                Some(loc) => loc,
                 None => {
-                    let mut buf = BytesMut::with_capacity(tot_len as usize);
-                    self.input.copy_into(lsn, tot_len as usize, &mut buf);
-                    buf.freeze()
+                    self.assemble(&[Piece { lsn, len: tot_len }]);
+                    RawLoc::Assembled
                 }
             };
-            (raw, end)
+            (loc, end)
         } else {
             // Walk the continuation pages, checking each header, until the whole record is
             // accounted for and buffered.
-            let mut pieces: Vec<Piece> = vec![Piece { lsn, len: room }];
+            let mut pieces: SmallVec<[Piece; 4]> = SmallVec::new();
+            pieces.push(Piece { lsn, len: room });
             let mut got = room;
             let mut page = lsn.page_start() + PAGE;
             let end = loop {
-                let Some(hdr) = self.page_header(page)? else {
-                    return Ok(Step::NeedInput);
-                };
+                let Some(hdr) = self.page_header(page)? else { return Ok(Step::NeedInput) };
                 if hdr.is_overwrite_contrecord() {
                     // The record was abandoned at a crash; PostgreSQL restarts reading at this
                     // page, where an XLOG_OVERWRITE_CONTRECORD record follows.
@@ -386,13 +460,14 @@ impl WalStreamDecoder {
             if self.input.end() < end {
                 return Ok(Step::NeedInput);
             }
-            let mut buf = BytesMut::with_capacity(tot_len as usize);
-            for p in &pieces {
-                self.input.copy_into(p.lsn, p.len as usize, &mut buf);
-            }
-            (buf.freeze(), end)
+            self.assemble(&pieces);
+            (RawLoc::Assembled, end)
         };
 
+        let raw = match loc {
+            RawLoc::Chunk { chunk, off, len } => &self.input.chunks[chunk][off..off + len],
+            RawLoc::Assembled => &self.assembly[..],
+        };
         let header = XLogRecordHeader::parse(raw[..SIZE_OF_XLOG_RECORD].try_into().expect("24 bytes"));
         if !rmgr_id_is_valid(header.rmid) {
             return Err(DecodeError::Rmgr { lsn, rmid: header.rmid });
@@ -406,17 +481,30 @@ impl WalStreamDecoder {
             let seg = self.seg_size as u64;
             end_lsn = Lsn(end_lsn.0.div_ceil(seg) * seg);
         }
-        let rec = DecodedRecord::parse(lsn, end_lsn, raw)?;
+        self.meta.parse(lsn, end_lsn, raw)?;
         self.prev_record = lsn;
         self.pos = end_lsn;
         self.last_good_end = end_lsn;
-        Ok(Step::Record(rec))
+        Ok(Step::Record(loc))
+    }
+
+    /// Copies a record's pieces into the assembly buffer.
+    fn assemble(&mut self, pieces: &[Piece]) {
+        let total: usize = pieces.iter().map(|p| p.len as usize).sum();
+        if self.assembly.capacity() > KEEP_ASSEMBLY && total <= KEEP_ASSEMBLY {
+            self.assembly = Vec::new();
+        }
+        self.assembly.clear();
+        for p in pieces {
+            self.input.copy_into(p.lsn, p.len as usize, &mut self.assembly);
+        }
     }
 }
 
 /// What one attempt at the record at the current position gave.
 enum Step {
-    Record(DecodedRecord),
+    /// A record was decoded into `meta`; its bytes are here.
+    Record(RawLoc),
     NeedInput,
     /// The position moved (an abandoned record was skipped); look again.
     Restart,
@@ -478,7 +566,7 @@ pub(crate) mod testing {
                 }
                 self.page_header(left.len() as u32);
             }
-            while self.buf.len() % 8 != 0 {
+            while !self.buf.len().is_multiple_of(8) {
                 self.buf.push(0);
             }
             self.prev = start;

@@ -340,7 +340,7 @@ mod tests {
             Err(ImageError::WrongImageLength { actual: BLCKSZ - 1, expected: BLCKSZ, hole_length: 0 })
         );
         assert_eq!(
-            restore_page(&vec![0u8; 100], BKPIMAGE_HAS_HOLE, 50, 8000, &mut out),
+            restore_page(&[0u8; 100], BKPIMAGE_HAS_HOLE, 50, 8000, &mut out),
             Err(ImageError::WrongImageLength { actual: 100, expected: 192, hole_length: 8000 })
         );
         let msg = restore_page(&[1, 2, 3], 0, 0, 0, &mut out).unwrap_err().to_string();

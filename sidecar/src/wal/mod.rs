@@ -5,7 +5,7 @@
 //! * [`page`]    — WAL page headers (short and long) and their validation.
 //! * [`record`]  — parsing one complete record: header, block references, main data, CRC.
 //! * [`decoder`] — the streaming state machine that strips page headers and reassembles
-//!                 records crossing page and segment boundaries.
+//!   records crossing page and segment boundaries.
 //! * [`segment`] — segment file names and reading a directory of segments.
 //! * [`image`]   — turning a full-page image back into an 8192-byte page.
 //! * [`pglz`]    — PostgreSQL's own LZ compression (decompression side).

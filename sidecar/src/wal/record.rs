@@ -2,9 +2,12 @@
 //! block data) and main data, parsed from the record's contiguous bytes the way PostgreSQL's
 //! `DecodeXLogRecord` does, after checking the record's CRC32C.
 //!
-//! Parsing copies nothing: a [`DecodedRecord`] keeps the record's bytes (a `Bytes`, usually a
-//! slice of the segment it came from) and remembers where each payload lies, so that block data,
-//! images and main data are borrowed on demand.
+//! Parsing copies nothing. [`RecordMeta`] is what parsing learns — header, block references,
+//! where each payload lies — and pairs with the record's bytes in two ways:
+//! * [`RecordView`] borrows both from the decoder (the fastest path: no allocation, no
+//!   reference counting; valid until the decoder moves on);
+//! * [`DecodedRecord`] owns them (the bytes as a `Bytes`, usually a slice of the segment the
+//!   record came from), for callers that keep records.
 
 use super::consts::*;
 use super::image::{restore_page, ImageError};
@@ -15,7 +18,7 @@ use smallvec::SmallVec;
 use std::ops::Range;
 
 /// The fixed 24-byte header of every record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct XLogRecordHeader {
     pub tot_len: u32,
     pub xid: TransactionId,
@@ -118,9 +121,9 @@ impl BlockRef {
     }
 }
 
-/// A decoded record. Payload accessors borrow from the record's bytes.
-#[derive(Debug, Clone)]
-pub struct DecodedRecord {
+/// Everything parsing learns about a record, apart from its bytes.
+#[derive(Debug, Clone, Default)]
+pub struct RecordMeta {
     /// Where the record starts.
     pub lsn: Lsn,
     /// Where it ends, MAXALIGNed, page headers included: the LSN redo stamps on the pages it
@@ -128,8 +131,6 @@ pub struct DecodedRecord {
     /// end of the segment.
     pub end_lsn: Lsn,
     pub header: XLogRecordHeader,
-    /// The record's `xl_tot_len` bytes, header included.
-    pub raw: Bytes,
     pub blocks: SmallVec<[BlockRef; 3]>,
     main_data: Range<u32>,
     /// Replication origin, when the record names one.
@@ -138,29 +139,115 @@ pub struct DecodedRecord {
     pub toplevel_xid: Option<TransactionId>,
 }
 
+/// A record borrowed from the decoder: its bytes and what parsing learnt about them.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    /// The record's `xl_tot_len` bytes, header included.
+    pub raw: &'a [u8],
+    pub meta: &'a RecordMeta,
+}
+
+/// A record that owns its bytes.
+#[derive(Debug, Clone)]
+pub struct DecodedRecord {
+    /// The record's `xl_tot_len` bytes, header included.
+    pub raw: Bytes,
+    pub meta: RecordMeta,
+}
+
+impl std::ops::Deref for RecordView<'_> {
+    type Target = RecordMeta;
+    fn deref(&self) -> &RecordMeta {
+        self.meta
+    }
+}
+
+impl std::ops::Deref for DecodedRecord {
+    type Target = RecordMeta;
+    fn deref(&self) -> &RecordMeta {
+        &self.meta
+    }
+}
+
 impl DecodedRecord {
     /// Checks the CRC and parses `raw` (exactly `xl_tot_len` bytes) as the record at `lsn`.
     pub fn parse(lsn: Lsn, end_lsn: Lsn, raw: Bytes) -> Result<DecodedRecord, RecordError> {
+        let mut meta = RecordMeta::default();
+        meta.parse(lsn, end_lsn, &raw)?;
+        Ok(DecodedRecord { raw, meta })
+    }
+
+    pub fn view(&self) -> RecordView<'_> {
+        RecordView { raw: &self.raw, meta: &self.meta }
+    }
+
+    pub fn main_data(&self) -> &[u8] {
+        self.view().main_data()
+    }
+
+    /// The main data as a `Bytes` sharing the record's buffer.
+    pub fn main_data_bytes(&self) -> Bytes {
+        self.raw.slice(self.meta.main_data.start as usize..self.meta.main_data.end as usize)
+    }
+
+    pub fn block_data(&self, blk: &BlockRef) -> &[u8] {
+        self.view().block_data(blk)
+    }
+
+    pub fn image_bytes(&self, img: &BlockImage) -> &[u8] {
+        self.view().image_bytes(img)
+    }
+
+    pub fn restore_image(&self, img: &BlockImage, out: &mut [u8; BLCKSZ]) -> Result<(), ImageError> {
+        self.view().restore_image(img, out)
+    }
+}
+
+impl<'a> RecordView<'a> {
+    pub fn main_data(&self) -> &'a [u8] {
+        &self.raw[self.meta.main_data.start as usize..self.meta.main_data.end as usize]
+    }
+
+    pub fn block_data(&self, blk: &BlockRef) -> &'a [u8] {
+        &self.raw[blk.data.start as usize..blk.data.end as usize]
+    }
+
+    /// The stored (possibly compressed, hole-less) bytes of a block's image.
+    pub fn image_bytes(&self, img: &BlockImage) -> &'a [u8] {
+        &self.raw[img.range.start as usize..img.range.end as usize]
+    }
+
+    /// Rebuilds the 8192-byte page of one of this record's full-page images into `out`.
+    pub fn restore_image(&self, img: &BlockImage, out: &mut [u8; BLCKSZ]) -> Result<(), ImageError> {
+        restore_page(self.image_bytes(img), img.bimg_info, img.hole_offset, img.hole_length, out)
+    }
+
+    /// An owned copy whose bytes are `raw` (which must hold this view's bytes).
+    pub fn to_owned_with(&self, raw: Bytes) -> DecodedRecord {
+        debug_assert_eq!(&raw[..], self.raw);
+        DecodedRecord { raw, meta: self.meta.clone() }
+    }
+}
+
+impl RecordMeta {
+    /// Checks the CRC of `raw` (exactly `xl_tot_len` bytes, of the record at `lsn`) and parses
+    /// it into `self`, reusing `self`'s storage.
+    pub fn parse(&mut self, lsn: Lsn, end_lsn: Lsn, raw: &[u8]) -> Result<(), RecordError> {
         let head: &[u8; SIZE_OF_XLOG_RECORD] = raw[..SIZE_OF_XLOG_RECORD].try_into().expect("caller checked length");
         let header = XLogRecordHeader::parse(head);
         debug_assert_eq!(header.tot_len as usize, raw.len());
-        let computed = record_crc(&raw);
+        let computed = record_crc(raw);
         if computed != header.crc {
             return Err(RecordError::Crc { lsn, stored: header.crc, computed });
         }
-        let mut rec = DecodedRecord {
-            lsn,
-            end_lsn,
-            header,
-            raw: Bytes::new(),
-            blocks: SmallVec::new(),
-            main_data: 0..0,
-            origin: None,
-            toplevel_xid: None,
-        };
-        rec.parse_fragments(&raw)?;
-        rec.raw = raw;
-        Ok(rec)
+        self.lsn = lsn;
+        self.end_lsn = end_lsn;
+        self.header = header;
+        self.blocks.clear();
+        self.main_data = 0..0;
+        self.origin = None;
+        self.toplevel_xid = None;
+        self.parse_fragments(raw)
     }
 
     /// Walks the fragment headers, then lays the payloads out in the order PostgreSQL writes
@@ -171,9 +258,6 @@ impl DecodedRecord {
         let mut payload: u64 = 0;
         let mut main_len: u32 = 0;
         let mut last_rel: Option<RelFileNode> = None;
-        // Block payload lengths, in block order: (image length, data length).
-        let mut lens: SmallVec<[(u32, u32); 3]> = SmallVec::new();
-
         while (raw.len() - cur.pos) as u64 > payload {
             let block_id = cur.u8()?;
             match block_id {
@@ -261,13 +345,16 @@ impl DecodedRecord {
                         last_rel.ok_or(RecordError::SameRelWithoutRel { lsn, block_id: id })?
                     };
                     let blkno = cur.u32()?;
-                    lens.push((image_len, data_len));
+                    if let Some(img) = image.as_mut() {
+                        // Lengths for now; made offsets once the headers end.
+                        img.range = 0..image_len;
+                    }
                     self.blocks.push(BlockRef {
                         block_id: id,
                         tag: BufferTag { rel: RelTag { node, fork }, blkno },
                         flags,
                         image,
-                        data: 0..0,
+                        data: 0..data_len,
                     });
                 }
                 other => return Err(RecordError::BlockId { lsn, block_id: other }),
@@ -280,11 +367,13 @@ impl DecodedRecord {
         // The lengths were checked to sum to what remains, so the offsets below fit in u32
         // (xl_tot_len is a u32) and stay within the record.
         let mut pos = cur.pos as u32;
-        for (blk, (image_len, data_len)) in self.blocks.iter_mut().zip(lens) {
+        for blk in self.blocks.iter_mut() {
             if let Some(img) = blk.image.as_mut() {
+                let image_len = img.range.end;
                 img.range = pos..pos + image_len;
                 pos += image_len;
             }
+            let data_len = blk.data.end;
             blk.data = pos..pos + data_len;
             pos += data_len;
         }
@@ -316,29 +405,6 @@ impl DecodedRecord {
     /// Bytes of full-page images in the record (what `pg_waldump` counts as FPI length).
     pub fn fpi_len(&self) -> u32 {
         self.blocks.iter().filter_map(|b| b.image.as_ref()).map(BlockImage::stored_len).sum()
-    }
-
-    pub fn main_data(&self) -> &[u8] {
-        &self.raw[self.main_data.start as usize..self.main_data.end as usize]
-    }
-
-    /// The main data as a `Bytes` sharing the record's buffer.
-    pub fn main_data_bytes(&self) -> Bytes {
-        self.raw.slice(self.main_data.start as usize..self.main_data.end as usize)
-    }
-
-    pub fn block_data(&self, blk: &BlockRef) -> &[u8] {
-        &self.raw[blk.data.start as usize..blk.data.end as usize]
-    }
-
-    /// The stored (possibly compressed, hole-less) bytes of a block's image.
-    pub fn image_bytes(&self, img: &BlockImage) -> &[u8] {
-        &self.raw[img.range.start as usize..img.range.end as usize]
-    }
-
-    /// Rebuilds the 8192-byte page of one of this record's full-page images into `out`.
-    pub fn restore_image(&self, img: &BlockImage, out: &mut [u8; BLCKSZ]) -> Result<(), ImageError> {
-        restore_page(self.image_bytes(img), img.bimg_info, img.hole_offset, img.hole_length, out)
     }
 
     /// `XLOG_SWITCH`: nothing follows in this segment.

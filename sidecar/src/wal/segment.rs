@@ -9,7 +9,7 @@
 use super::consts::SIZE_OF_LONG_PAGE_HEADER;
 use super::decoder::{DecodeError, WalStreamDecoder};
 use super::page::{valid_segment_size, PageHeader};
-use super::record::DecodedRecord;
+use super::record::{DecodedRecord, RecordView};
 use bytes::Bytes;
 use neon_types::Lsn;
 use std::collections::BTreeMap;
@@ -97,13 +97,14 @@ pub struct SegmentSet {
 impl SegmentSet {
     /// Collects the segments of timeline `tli` (or, if `None`, of the lowest timeline present)
     /// from `paths`, each a segment file or a directory of them (`pg_wal`, an archive).
-    pub fn collect(paths: &[PathBuf], tli: Option<u32>) -> Result<SegmentSet, SegmentError> {
+    pub fn collect<P: AsRef<Path>>(paths: &[P], tli: Option<u32>) -> Result<SegmentSet, SegmentError> {
         let mut found: Vec<PathBuf> = Vec::new();
         for p in paths {
+            let p = p.as_ref();
             if p.is_dir() {
-                let rd = std::fs::read_dir(p).map_err(|source| SegmentError::Io { path: p.clone(), source })?;
+                let rd = std::fs::read_dir(p).map_err(|source| SegmentError::Io { path: p.to_path_buf(), source })?;
                 for e in rd {
-                    let e = e.map_err(|source| SegmentError::Io { path: p.clone(), source })?;
+                    let e = e.map_err(|source| SegmentError::Io { path: p.to_path_buf(), source })?;
                     let name = e.file_name();
                     let name = name.to_string_lossy();
                     // Segment size is not known yet; 16 MB names are a superset check here.
@@ -112,10 +113,10 @@ impl SegmentSet {
                     }
                 }
             } else {
-                found.push(p.clone());
+                found.push(p.to_path_buf());
             }
         }
-        let described = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        let described = paths.iter().map(|p| p.as_ref().display().to_string()).collect::<Vec<_>>().join(", ");
         let first = found.iter().min().ok_or_else(|| SegmentError::Empty(described.clone()))?;
         let (seg_size, sysid) = read_segment_header(first)?;
         let mut by_tli: BTreeMap<u32, BTreeMap<u64, PathBuf>> = BTreeMap::new();
@@ -179,10 +180,16 @@ pub struct WalFileReader {
     set: SegmentSet,
     decoder: WalStreamDecoder,
     next_segno: u64,
+    /// The segment being read: the file and how many of its bytes are still to be fed.
+    current: Option<(std::fs::File, PathBuf, u64)>,
     end: Option<Lsn>,
     stop: Option<StopReason>,
     bytes_read: u64,
 }
+
+/// Segments are fed to the decoder in pieces of this size, whose memory is recycled: a few
+/// small buffers stay warm in cache, where whole-segment buffers would be faulted in afresh.
+const READ_PIECE: usize = 1 << 20;
 
 impl WalFileReader {
     /// Reads from the first record at or after `start` (default: the start of the first
@@ -207,7 +214,7 @@ impl WalFileReader {
         let mut decoder = WalStreamDecoder::new(Lsn(segno * seg_size as u64), seg_size);
         decoder.expect_system_id(set.sysid);
         decoder.skip_records_before(start);
-        Ok(WalFileReader { set, decoder, next_segno: segno, end, stop: None, bytes_read: 0 })
+        Ok(WalFileReader { set, decoder, next_segno: segno, current: None, end, stop: None, bytes_read: 0 })
     }
 
     /// Why reading stopped, once it has.
@@ -230,8 +237,38 @@ impl WalFileReader {
         &self.set
     }
 
-    /// Loads the next segment into the decoder; false when there is none to load.
+    /// Feeds the decoder the next piece of WAL; false when there is none.
     fn load_next(&mut self) -> Result<bool, SegmentError> {
+        use std::io::Read;
+        if self.current.is_none() && !self.open_next()? {
+            return Ok(false);
+        }
+        let (file, path, left) = self.current.as_mut().expect("a segment is open");
+        let n = (*left).min(READ_PIECE as u64) as usize;
+        let mut buf =
+            self.decoder.take_spent_chunk().and_then(|b| b.try_into_mut().ok()).map(Vec::from).unwrap_or_default();
+        buf.clear();
+        buf.reserve_exact(n);
+        let got = file
+            .by_ref()
+            .take(n as u64)
+            .read_to_end(&mut buf)
+            .map_err(|source| SegmentError::Io { path: path.clone(), source })?;
+        *left -= n as u64;
+        if got < n || *left == 0 {
+            // A short file (a `.partial` segment) ends the segment early.
+            self.current = None;
+        }
+        if got == 0 {
+            return self.load_next();
+        }
+        self.bytes_read += got as u64;
+        self.decoder.feed(Bytes::from(buf));
+        Ok(true)
+    }
+
+    /// Opens the next segment; false (with the reason recorded) when there is none to read.
+    fn open_next(&mut self) -> Result<bool, SegmentError> {
         let seg_start = Lsn(self.next_segno * self.set.seg_size as u64);
         if self.end.is_some_and(|end| seg_start >= end) {
             self.stop = Some(StopReason::ReachedEnd);
@@ -245,34 +282,48 @@ impl WalFileReader {
             });
             return Ok(false);
         };
-        let mut data = load_segment(path)?;
-        data.truncate(self.set.seg_size as usize);
+        let file = std::fs::File::open(path).map_err(|source| SegmentError::Io { path: path.clone(), source })?;
+        let mut len = self.set.seg_size as u64;
         if let Some(end) = self.end {
-            let limit = end.checked_sub(seg_start).unwrap_or(0).min(data.len() as u64) as usize;
-            data.truncate(limit);
+            len = len.min(end.checked_sub(seg_start).unwrap_or(0));
         }
-        self.bytes_read += data.len() as u64;
-        self.decoder.feed(data);
+        self.current = Some((file, path.clone(), len));
         self.next_segno += 1;
         Ok(true)
     }
 
     /// The next record, `None` once stopped (see [`WalFileReader::stop_reason`]).
     pub fn next_record(&mut self) -> Result<Option<DecodedRecord>, SegmentError> {
-        if self.stop.is_some() {
+        if !self.ready()? {
             return Ok(None);
         }
+        Ok(self.decoder.poll().expect("ready() saw a record"))
+    }
+
+    /// The next record, borrowed until the next call: the fastest way through WAL.
+    pub fn next_view(&mut self) -> Result<Option<RecordView<'_>>, SegmentError> {
+        if !self.ready()? {
+            return Ok(None);
+        }
+        Ok(self.decoder.poll_view().expect("ready() saw a record"))
+    }
+
+    /// Loads segments until the decoder has a record (true) or reading stops (false).
+    fn ready(&mut self) -> Result<bool, SegmentError> {
+        if self.stop.is_some() {
+            return Ok(false);
+        }
         loop {
-            match self.decoder.poll() {
-                Ok(Some(rec)) => return Ok(Some(rec)),
-                Ok(None) => {
+            match self.decoder.has_record() {
+                Ok(true) => return Ok(true),
+                Ok(false) => {
                     if !self.load_next()? {
-                        return Ok(None);
+                        return Ok(false);
                     }
                 }
                 Err(e) => {
                     self.stop = Some(StopReason::Invalid(e));
-                    return Ok(None);
+                    return Ok(false);
                 }
             }
         }

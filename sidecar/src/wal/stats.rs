@@ -1,7 +1,7 @@
 //! Per-resource-manager and per-record-type totals of decoded WAL, printed in the layout of
 //! `pg_waldump --stats` so the two can be read side by side.
 
-use super::record::DecodedRecord;
+use super::record::RecordMeta;
 use super::rmgr::{record_type, RmgrId};
 use neon_types::Lsn;
 use std::fmt::Write;
@@ -51,7 +51,7 @@ impl Default for WalStats {
 }
 
 impl WalStats {
-    pub fn add(&mut self, rec: &DecodedRecord) {
+    pub fn add(&mut self, rec: &RecordMeta) {
         if !self.start.is_valid() {
             self.start = rec.lsn;
         }

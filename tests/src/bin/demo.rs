@@ -40,9 +40,9 @@ fn main() -> Result<()> {
     println!("== 3. Our decoder and pg_waldump --stats over the same WAL");
     let wal_dir = c.wal_dir();
     let t = Instant::now();
-    let mut reader = WalFileReader::new(SegmentSet::collect(&[wal_dir.clone()], None)?, Some(start), Some(end))?;
+    let mut reader = WalFileReader::new(SegmentSet::collect(&[&wal_dir], None)?, Some(start), Some(end))?;
     let mut stats = WalStats::default();
-    while let Some(rec) = reader.next_record()? {
+    while let Some(rec) = reader.next_view()? {
         stats.add(&rec);
     }
     let ours_secs = t.elapsed().as_secs_f64();
