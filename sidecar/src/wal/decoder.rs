@@ -579,6 +579,24 @@ pub(crate) mod testing {
             self.append_raw(&rec)
         }
 
+        /// Writes the part of a record that fits on the current page, then starts the next page
+        /// as PostgreSQL does after a crash cut that record short: with
+        /// `XLP_FIRST_IS_OVERWRITE_CONTRECORD` and no continuation. `prev` is left pointing at
+        /// the last complete record, as the record written after recovery will.
+        pub fn abandon_record(&mut self, len: usize) {
+            let prev = self.prev;
+            let rec = build_record(10, 0, 100, prev, &[], &vec![0x5A; len]);
+            let room = XLOG_BLCKSZ - self.pos().page_offset() as usize;
+            assert!(rec.len() > room, "the record must cross the page");
+            self.buf.extend_from_slice(&rec[..room]);
+            let page = self.pos();
+            let long = (page.segment_offset(self.seg_size) == 0).then_some((self.sysid, self.seg_size));
+            let mut h = make_page_header(page, XLP_FIRST_IS_OVERWRITE_CONTRECORD, 0, long);
+            h.resize(PageHeader::size_from_prefix(&h), 0);
+            self.buf.extend_from_slice(&h);
+            self.prev = prev;
+        }
+
         /// Appends an XLOG_SWITCH and pads the segment with zeros.
         pub fn switch(&mut self) -> (Lsn, Lsn) {
             let (s, _) = self.append(RM_XLOG_ID, XLOG_SWITCH, b"", &[]);
@@ -691,6 +709,24 @@ mod tests {
         dec.feed_slice(&w.buf[(target.page_start() - w.start) as usize..]);
         let (recs, _) = decode_all(&mut dec);
         assert_eq!(recs[0].lsn, target);
+    }
+
+    #[test]
+    fn record_abandoned_at_a_crash_is_skipped() {
+        let mut w = WalWriter::new(Lsn(0), SEG);
+        let (a, _) = w.append(10, 0, b"before", &[]);
+        w.abandon_record(9000);
+        // XLOG_OVERWRITE_CONTRECORD is the first record after recovery.
+        let (c, _) = w.append(RM_XLOG_ID, 0xD0, &[0u8; 16], &[]);
+        let (d, _) = w.append(10, 0, b"after", &[]);
+        for start in [Lsn(0), Lsn(PAGE)] {
+            let mut dec = WalStreamDecoder::new(start, SEG);
+            dec.feed_slice(&w.buf[start.0 as usize..]);
+            let (recs, err) = decode_all(&mut dec);
+            assert!(err.is_none(), "{err:?}");
+            let want: Vec<Lsn> = [a, c, d].into_iter().filter(|l| *l >= start).collect();
+            assert_eq!(recs.iter().map(|r| r.lsn).collect::<Vec<_>>(), want);
+        }
     }
 
     #[test]
