@@ -53,7 +53,7 @@ fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
 
 /// (start, end, total length) of every record decoded, and the error that stopped decoding.
 fn decode(wal: &[u8], start: Lsn, seg_size: u32, chunk: usize) -> (Vec<(Lsn, Lsn, u32)>, Option<String>) {
-    let mut dec = WalStreamDecoder::new(start, seg_size);
+    let mut dec = WalStreamDecoder::new(start, seg_size).expect("valid start");
     let mut recs = Vec::new();
     for piece in wal.chunks(chunk.max(1)) {
         dec.feed(Bytes::copy_from_slice(piece));

@@ -10,8 +10,11 @@ use sidecar::wal::decoder::WalStreamDecoder;
 fuzz_target!(|data: &[u8]| {
     let Some((&chunk_sel, wal)) = data.split_first() else { return };
     let chunk = 1 + (chunk_sel as usize) * 97;
-    // A segment-aligned start, as a segment file would be read.
-    let mut dec = WalStreamDecoder::new(Lsn(0x0100_0000), 16 << 20);
+    // Start where the first page header says it is (so real segments make good seeds), at a
+    // page boundary as a segment file would be read.
+    let start = wal.get(8..16).map_or(0x0100_0000, |b| u64::from_le_bytes(b.try_into().unwrap()) & !0x1fff);
+    // Starts the decoder refuses (beyond its LSN range) are fine: that is an error, not a panic.
+    let Ok(mut dec) = WalStreamDecoder::new(Lsn(start), 16 << 20) else { return };
     for piece in wal.chunks(chunk) {
         dec.feed_slice(piece);
         loop {

@@ -12,13 +12,17 @@
 //! and only once all of their bytes have been fed, so a garbage length can never make the
 //! decoder allocate more than the input it already holds.
 //!
+//! Decoding starts at a page boundary, like PostgreSQL's `XLogFindNextRecord`: the input
+//! begins with the page holding the requested start, whose header is checked, any continuation
+//! of an earlier record is skipped, and records before the start are decoded but not returned.
+//!
 //! An error is sticky: the decoder stays before the offending record and returns the same
 //! error again, with [`WalStreamDecoder::position`] the end of the last good record. Whether
 //! that error is corruption or just the end of valid WAL (zeroed or recycled pages, a torn
 //! record) is the caller's call, as it is PostgreSQL's.
 
 use super::consts::*;
-use super::page::{PageHeader, PageHeaderError, PageValidator};
+use super::page::{valid_segment_size, PageHeader, PageHeaderError, PageValidator};
 use super::record::{is_switch, DecodedRecord, RecordError, RecordMeta, RecordView, XLogRecordHeader};
 use bytes::Bytes;
 use neon_types::{Lsn, XLOG_BLCKSZ};
@@ -48,6 +52,10 @@ pub enum DecodeError {
     NoContrecord { lsn: Lsn, page: Lsn },
     #[error("invalid contrecord length {rem_len} (expected {expected}) at {page} for the record at {lsn}")]
     ContrecordLength { lsn: Lsn, page: Lsn, rem_len: u32, expected: u32 },
+    #[error("cannot start decoding at {lsn}: {why}")]
+    BadStart { lsn: Lsn, why: &'static str },
+    #[error("invalid WAL segment size {size}: PostgreSQL allows powers of two from 1 MB to 1 GB")]
+    SegmentSize { size: u32 },
 }
 
 impl DecodeError {
@@ -82,12 +90,19 @@ impl DecodeError {
             | DecodeError::RecordOffset { lsn }
             | DecodeError::ContrecordRequested { lsn }
             | DecodeError::NoContrecord { lsn, .. }
-            | DecodeError::ContrecordLength { lsn, .. } => *lsn,
+            | DecodeError::ContrecordLength { lsn, .. }
+            | DecodeError::BadStart { lsn, .. } => *lsn,
+            DecodeError::SegmentSize { .. } => Lsn::INVALID,
         }
     }
 }
 
 const PAGE: u64 = XLOG_BLCKSZ as u64;
+
+/// The highest LSN the decoder reads up to. PostgreSQL would need centuries to get here; the
+/// 4 GB left above it hold any record and segment arithmetic without overflow, so a garbage
+/// start LSN or endless input cannot make the decoder's position arithmetic wrap.
+pub const MAX_DECODE_LSN: Lsn = Lsn(u64::MAX - (1 << 32));
 
 /// Buffered input: whole chunks in LSN order, the first starting at `start`. Chunks are only
 /// ever dropped whole, once decoding has moved past them, so no byte is copied or re-sliced on
@@ -115,9 +130,11 @@ impl Input {
             self.start = self.start + n;
             self.len -= n;
             let chunk = self.chunks.pop_front().expect("front exists");
-            if self.spent.len() < 2 {
-                self.spent.push(chunk);
+            // Keep the newest two for recycling; older ones are freed.
+            if self.spent.len() == 2 {
+                self.spent.remove(0);
             }
+            self.spent.push(chunk);
         }
         self.end() >= lsn
     }
@@ -171,17 +188,27 @@ impl Input {
         (off + n <= self.chunks[chunk].len()).then_some(RawLoc::Chunk { chunk, off, len: n })
     }
 
-    /// Appends `n` bytes at `lsn` (all buffered) to `out`.
-    fn copy_into(&self, lsn: Lsn, n: usize, out: &mut Vec<u8>) {
-        let (mut i, mut off) = self.locate(lsn).expect("caller checked the bytes are buffered");
-        let mut left = n;
-        while left > 0 {
-            let c = &self.chunks[i];
-            let take = (c.len() - off).min(left);
-            out.extend_from_slice(&c[off..off + take]);
-            left -= take;
-            i += 1;
-            off = 0;
+    /// Appends the bytes of `pieces` (ascending, all buffered) to `out`, walking the chunks once.
+    fn copy_pieces(&self, pieces: &[Piece], out: &mut Vec<u8>) {
+        let mut chunk = 0;
+        let mut chunk_start = self.start;
+        for p in pieces {
+            let mut lsn = p.lsn;
+            let mut left = p.len as usize;
+            while left > 0 {
+                let c = &self.chunks[chunk];
+                let chunk_end = chunk_start + c.len() as u64;
+                if lsn >= chunk_end {
+                    chunk += 1;
+                    chunk_start = chunk_end;
+                    continue;
+                }
+                let off = (lsn - chunk_start) as usize;
+                let take = (c.len() - off).min(left);
+                out.extend_from_slice(&c[off..off + take]);
+                left -= take;
+                lsn = lsn + take as u64;
+            }
         }
     }
 }
@@ -228,34 +255,38 @@ pub struct WalStreamDecoder {
     assembly: Vec<u8>,
     /// A record decoded by [`WalStreamDecoder::has_record`] and not yet returned.
     pending: Option<RawLoc>,
+    /// (start, end) of the page-crossing record being waited for, computed once.
+    span: Option<(Lsn, Lsn)>,
 }
 
 impl WalStreamDecoder {
-    /// A decoder whose input starts at `start`, with segments of `seg_size` bytes.
-    ///
-    /// `start` is either a record boundary, or a page boundary; at a page boundary the decoder
-    /// skips the rest of any record continued from the previous page, as `pg_waldump` does,
-    /// so the input may begin at any segment or page.
-    pub fn new(start: Lsn, seg_size: u32) -> Self {
-        WalStreamDecoder {
-            input: Input { start, ..Default::default() },
-            pos: start,
+    /// A decoder for the first record at or after `start`, in WAL with segments of `seg_size`
+    /// bytes. The input fed must begin at `start.page_start()`.
+    pub fn new(start: Lsn, seg_size: u32) -> Result<Self, DecodeError> {
+        if !valid_segment_size(seg_size) {
+            return Err(DecodeError::SegmentSize { size: seg_size });
+        }
+        if start > MAX_DECODE_LSN {
+            return Err(DecodeError::BadStart { lsn: start, why: "beyond the LSNs the decoder reads" });
+        }
+        if start.0 % 8 != 0 {
+            return Err(DecodeError::BadStart { lsn: start, why: "records start at multiples of 8" });
+        }
+        let page = start.page_start();
+        Ok(WalStreamDecoder {
+            input: Input { start: page, ..Default::default() },
+            pos: page,
             seg_size,
             validator: PageValidator::new(Some(seg_size), None),
             prev_record: Lsn::INVALID,
             finding_first: true,
-            skip_before: Lsn::INVALID,
+            skip_before: start,
             last_good_end: start,
             meta: RecordMeta::default(),
             assembly: Vec::new(),
             pending: None,
-        }
-    }
-
-    /// Decode but do not return records that start before `lsn` (for starting at an arbitrary
-    /// position: feed from the page holding `lsn` and skip up to it).
-    pub fn skip_records_before(&mut self, lsn: Lsn) {
-        self.skip_before = lsn;
+            span: None,
+        })
     }
 
     /// Expect this system identifier in long page headers.
@@ -283,8 +314,13 @@ impl WalStreamDecoder {
         self.input.end()
     }
 
-    /// Adds the next bytes of the stream (they must follow the previous ones).
-    pub fn feed(&mut self, bytes: Bytes) {
+    /// Adds the next bytes of the stream (they must follow the previous ones). Bytes beyond
+    /// [`MAX_DECODE_LSN`] are ignored.
+    pub fn feed(&mut self, mut bytes: Bytes) {
+        let room = MAX_DECODE_LSN - self.input.end();
+        if bytes.len() as u64 > room {
+            bytes.truncate(room as usize);
+        }
         if !bytes.is_empty() {
             self.input.len += bytes.len() as u64;
             self.input.chunks.push_back(bytes);
@@ -307,7 +343,7 @@ impl WalStreamDecoder {
         let Some(loc) = self.advance()? else { return Ok(None) };
         let raw = match loc {
             RawLoc::Chunk { chunk, off, len } => self.input.chunks[chunk].slice(off..off + len),
-            RawLoc::Assembled => Bytes::copy_from_slice(&self.assembly),
+            RawLoc::Assembled => Bytes::from(std::mem::take(&mut self.assembly)),
         };
         Ok(Some(DecodedRecord { raw, meta: self.meta.clone() }))
     }
@@ -392,13 +428,17 @@ impl WalStreamDecoder {
     }
 
     /// Decodes the record at `self.pos` (a valid record offset), if all of it is buffered.
+    ///
+    /// Checks come in PostgreSQL's order, so garbage is rejected as soon as it can be seen
+    /// rather than waited on: the length, then the header (as soon as its 24 bytes are
+    /// buffered), then each continuation page's header, and the CRC once all bytes are there.
     fn next_record(&mut self) -> Result<Step, DecodeError> {
         let lsn = self.pos;
-        let mut len_bytes = [0u8; 4];
-        if !self.input.peek(lsn, &mut len_bytes) {
+        let mut head = [0u8; SIZE_OF_XLOG_RECORD];
+        if !self.input.peek(lsn, &mut head[..4]) {
             return Ok(Step::NeedInput);
         }
-        let tot_len = u32::from_le_bytes(len_bytes);
+        let tot_len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
         if (tot_len as usize) < SIZE_OF_XLOG_RECORD {
             return Err(DecodeError::RecordLength { lsn, len: tot_len });
         }
@@ -408,6 +448,10 @@ impl WalStreamDecoder {
 
         let room = (PAGE - lsn.page_offset() as u64) as u32;
         let (loc, end) = if tot_len <= room {
+            if !self.input.peek(lsn, &mut head) {
+                return Ok(Step::NeedInput);
+            }
+            self.check_header(lsn, &head)?;
             let end = lsn + tot_len as u64;
             if self.input.end() < end {
                 return Ok(Step::NeedInput);
@@ -415,52 +459,71 @@ impl WalStreamDecoder {
             let loc = match self.input.contiguous(lsn, tot_len as usize) {
                 Some(loc) => loc,
                 None => {
-                    self.assemble(&[Piece { lsn, len: tot_len }]);
+                    self.assemble(&[Piece { lsn, len: tot_len }], tot_len);
                     RawLoc::Assembled
                 }
             };
             (loc, end)
         } else {
-            // Walk the continuation pages, checking each header, until the whole record is
-            // accounted for and buffered.
-            let mut pieces: SmallVec<[Piece; 4]> = SmallVec::new();
-            pieces.push(Piece { lsn, len: room });
-            let mut got = room;
-            let mut page = lsn.page_start() + PAGE;
-            let end = loop {
-                let Some(hdr) = self.page_header(page)? else { return Ok(Step::NeedInput) };
-                if hdr.is_overwrite_contrecord() {
-                    // The record was abandoned at a crash; PostgreSQL restarts reading at this
-                    // page, where an XLOG_OVERWRITE_CONTRECORD record follows.
-                    self.pos = page;
-                    return Ok(Step::Restart);
-                }
-                if !hdr.is_contrecord() {
-                    return Err(DecodeError::NoContrecord { lsn, page });
-                }
-                let expected = tot_len - got;
-                if hdr.rem_len == 0 || hdr.rem_len != expected {
-                    return Err(DecodeError::ContrecordLength { lsn, page, rem_len: hdr.rem_len, expected });
-                }
-                // Page headers only add to a record's span: until this much is buffered, stop
-                // after checking the first continuation page (which exposes a garbage length),
-                // so feeding small chunks does not walk the same pages again and again.
-                if self.input.end() < lsn + tot_len as u64 {
+            let header_here = room as usize >= SIZE_OF_XLOG_RECORD;
+            if header_here {
+                if !self.input.peek(lsn, &mut head) {
                     return Ok(Step::NeedInput);
                 }
-                let hsz = hdr.size() as u32;
-                let n = expected.min(XLOG_BLCKSZ as u32 - hsz);
-                pieces.push(Piece { lsn: page + hsz as u64, len: n });
-                got += n;
-                if got == tot_len {
-                    break page + (hsz + n) as u64;
+                self.check_header(lsn, &head)?;
+            }
+            let first = lsn.page_start() + PAGE;
+            let hdr = match self.continuation_header(lsn, first, tot_len - room)? {
+                Continuation::Page(hdr) => hdr,
+                Continuation::NotBuffered => return Ok(Step::NeedInput),
+                Continuation::Abandoned => {
+                    // The record was cut short by a crash; PostgreSQL restarts reading at this
+                    // page, where an XLOG_OVERWRITE_CONTRECORD record follows.
+                    self.pos = first;
+                    return Ok(Step::Restart);
                 }
-                page = page + PAGE;
+            };
+            if !header_here {
+                // The header straddles the page boundary: its tail follows the page header.
+                let (a, b) = head.split_at_mut(room as usize);
+                if !self.input.peek(lsn, a) || !self.input.peek(first + hdr.size() as u64, b) {
+                    return Ok(Step::NeedInput);
+                }
+                self.check_header(lsn, &head)?;
+            }
+            let end = match self.span {
+                Some((at, end)) if at == lsn => end,
+                _ => {
+                    let end = self.record_end(lsn, tot_len);
+                    self.span = Some((lsn, end));
+                    end
+                }
             };
             if self.input.end() < end {
                 return Ok(Step::NeedInput);
             }
-            self.assemble(&pieces);
+            // Everything is buffered: walk the continuation pages once, checking each header.
+            let mut pieces: SmallVec<[Piece; 4]> = SmallVec::new();
+            pieces.push(Piece { lsn, len: room });
+            let mut got = room;
+            let mut page = first;
+            while got < tot_len {
+                let hdr = match self.continuation_header(lsn, page, tot_len - got)? {
+                    Continuation::Page(hdr) => hdr,
+                    Continuation::NotBuffered => return Ok(Step::NeedInput),
+                    Continuation::Abandoned => {
+                        self.pos = page;
+                        return Ok(Step::Restart);
+                    }
+                };
+                let hsz = hdr.size() as u32;
+                let n = (tot_len - got).min(XLOG_BLCKSZ as u32 - hsz);
+                pieces.push(Piece { lsn: page + hsz as u64, len: n });
+                got += n;
+                page = page + PAGE;
+            }
+            self.span = None;
+            self.assemble(&pieces, tot_len);
             (RawLoc::Assembled, end)
         };
 
@@ -469,13 +532,6 @@ impl WalStreamDecoder {
             RawLoc::Assembled => &self.assembly[..],
         };
         let header = XLogRecordHeader::parse(raw[..SIZE_OF_XLOG_RECORD].try_into().expect("24 bytes"));
-        if !rmgr_id_is_valid(header.rmid) {
-            return Err(DecodeError::Rmgr { lsn, rmid: header.rmid });
-        }
-        let prev_ok = if self.prev_record.is_valid() { header.prev == self.prev_record } else { header.prev < lsn };
-        if !prev_ok {
-            return Err(DecodeError::PrevLink { lsn, prev: header.prev, expected: self.prev_record });
-        }
         let mut end_lsn = end.align();
         if is_switch(&header) {
             let seg = self.seg_size as u64;
@@ -488,17 +544,70 @@ impl WalStreamDecoder {
         Ok(Step::Record(loc))
     }
 
-    /// Copies a record's pieces into the assembly buffer.
-    fn assemble(&mut self, pieces: &[Piece]) {
-        let total: usize = pieces.iter().map(|p| p.len as usize).sum();
+    /// `ValidXLogRecordHeader`: a known resource manager and the right prev-link.
+    fn check_header(&self, lsn: Lsn, head: &[u8; SIZE_OF_XLOG_RECORD]) -> Result<(), DecodeError> {
+        let header = XLogRecordHeader::parse(head);
+        if !rmgr_id_is_valid(header.rmid) {
+            return Err(DecodeError::Rmgr { lsn, rmid: header.rmid });
+        }
+        let prev_ok = if self.prev_record.is_valid() { header.prev == self.prev_record } else { header.prev < lsn };
+        if !prev_ok {
+            return Err(DecodeError::PrevLink { lsn, prev: header.prev, expected: self.prev_record });
+        }
+        Ok(())
+    }
+
+    /// Checks the header of a page continuing the record at `lsn`, of which `remaining` bytes
+    /// are still expected.
+    fn continuation_header(&mut self, lsn: Lsn, page: Lsn, remaining: u32) -> Result<Continuation, DecodeError> {
+        let Some(hdr) = self.page_header(page)? else { return Ok(Continuation::NotBuffered) };
+        if hdr.is_overwrite_contrecord() {
+            return Ok(Continuation::Abandoned);
+        }
+        if !hdr.is_contrecord() {
+            return Err(DecodeError::NoContrecord { lsn, page });
+        }
+        if hdr.rem_len == 0 || hdr.rem_len != remaining {
+            return Err(DecodeError::ContrecordLength { lsn, page, rem_len: hdr.rem_len, expected: remaining });
+        }
+        Ok(Continuation::Page(hdr))
+    }
+
+    /// Where a record of `tot_len` bytes starting at `lsn` ends, page headers included (long
+    /// headers at segment starts, short ones elsewhere, as the page checks enforce).
+    fn record_end(&self, lsn: Lsn, tot_len: u32) -> Lsn {
+        let seg = self.seg_size as u64;
+        let mut left = tot_len as u64 - (PAGE - lsn.page_offset() as u64);
+        let mut page = lsn.page_start() + PAGE;
+        loop {
+            let hsz = if page.0 % seg == 0 { SIZE_OF_LONG_PAGE_HEADER } else { SIZE_OF_SHORT_PAGE_HEADER } as u64;
+            let n = left.min(PAGE - hsz);
+            left -= n;
+            if left == 0 {
+                return page + hsz + n;
+            }
+            page = page + PAGE;
+        }
+    }
+
+    /// Copies a record's pieces (`total` bytes) into the assembly buffer.
+    fn assemble(&mut self, pieces: &[Piece], total: u32) {
+        let total = total as usize;
         if self.assembly.capacity() > KEEP_ASSEMBLY && total <= KEEP_ASSEMBLY {
             self.assembly = Vec::new();
         }
         self.assembly.clear();
-        for p in pieces {
-            self.input.copy_into(p.lsn, p.len as usize, &mut self.assembly);
-        }
+        self.assembly.reserve_exact(total);
+        self.input.copy_pieces(pieces, &mut self.assembly);
     }
+}
+
+/// What a page continuing a record says.
+enum Continuation {
+    Page(PageHeader),
+    NotBuffered,
+    /// `XLP_FIRST_IS_OVERWRITE_CONTRECORD`: the record was abandoned.
+    Abandoned,
 }
 
 /// What one attempt at the record at the current position gave.
@@ -661,7 +770,7 @@ mod tests {
     #[test]
     fn decodes_whole_stream_in_one_chunk() {
         let (w, expect) = sample();
-        let mut dec = WalStreamDecoder::new(w.start, SEG);
+        let mut dec = WalStreamDecoder::new(w.start, SEG).unwrap();
         dec.feed(Bytes::from(w.buf.clone()));
         let (recs, err) = decode_all(&mut dec);
         assert!(err.is_none(), "{err:?}");
@@ -677,7 +786,7 @@ mod tests {
     fn any_chunking_gives_the_same_records() {
         let (w, expect) = sample();
         for chunk in [1usize, 7, 24, 8192, 8193, 100_000] {
-            let mut dec = WalStreamDecoder::new(w.start, SEG);
+            let mut dec = WalStreamDecoder::new(w.start, SEG).unwrap();
             let mut got = Vec::new();
             for c in w.buf.chunks(chunk) {
                 dec.feed_slice(c);
@@ -695,7 +804,7 @@ mod tests {
         // Start at each page boundary: the first record returned is the first that starts at
         // or after that page, even when the page begins with a continuation.
         for page in (0..w.buf.len() / XLOG_BLCKSZ).map(|p| w.start + (p * XLOG_BLCKSZ) as u64) {
-            let mut dec = WalStreamDecoder::new(page, SEG);
+            let mut dec = WalStreamDecoder::new(page, SEG).unwrap();
             dec.feed_slice(&w.buf[(page - w.start) as usize..]);
             let (recs, err) = decode_all(&mut dec);
             assert!(err.is_none(), "from {page}: {err:?}");
@@ -704,8 +813,7 @@ mod tests {
         }
         // Start at a record mid-page by decoding its page and skipping earlier records.
         let target = expect[3].0;
-        let mut dec = WalStreamDecoder::new(target.page_start(), SEG);
-        dec.skip_records_before(target);
+        let mut dec = WalStreamDecoder::new(target, SEG).unwrap();
         dec.feed_slice(&w.buf[(target.page_start() - w.start) as usize..]);
         let (recs, _) = decode_all(&mut dec);
         assert_eq!(recs[0].lsn, target);
@@ -720,7 +828,7 @@ mod tests {
         let (c, _) = w.append(RM_XLOG_ID, 0xD0, &[0u8; 16], &[]);
         let (d, _) = w.append(10, 0, b"after", &[]);
         for start in [Lsn(0), Lsn(PAGE)] {
-            let mut dec = WalStreamDecoder::new(start, SEG);
+            let mut dec = WalStreamDecoder::new(start, SEG).unwrap();
             dec.feed_slice(&w.buf[start.0 as usize..]);
             let (recs, err) = decode_all(&mut dec);
             assert!(err.is_none(), "{err:?}");
@@ -730,12 +838,41 @@ mod tests {
     }
 
     #[test]
+    fn bad_starts_and_segment_sizes_are_refused() {
+        assert!(matches!(WalStreamDecoder::new(Lsn(0), 0), Err(DecodeError::SegmentSize { size: 0 })));
+        assert!(matches!(WalStreamDecoder::new(Lsn(0), 3 << 20), Err(DecodeError::SegmentSize { .. })));
+        assert!(matches!(WalStreamDecoder::new(Lsn(8191), SEG), Err(DecodeError::BadStart { .. })));
+        assert!(matches!(WalStreamDecoder::new(Lsn(u64::MAX - 7), SEG), Err(DecodeError::BadStart { .. })));
+        // At the very top of the usable range, garbage input ends in errors, not overflow.
+        let top = MAX_DECODE_LSN.page_start();
+        let mut dec = WalStreamDecoder::new(top, SEG).unwrap();
+        let mut page = super::super::page::make_page_header(top, 0, 0, None);
+        page.resize(XLOG_BLCKSZ * 3, 0xFF);
+        dec.feed(Bytes::from(page));
+        let _ = dec.poll();
+    }
+
+    #[test]
+    fn header_is_checked_before_waiting_for_the_rest() {
+        // A record crossing pages whose prev-link is wrong is rejected once its header is
+        // buffered, even though the rest of it never arrives.
+        let mut w = WalWriter::new(Lsn(0), SEG);
+        w.append(10, 0, b"first", &[]);
+        w.prev = Lsn(8);
+        let (s, _) = w.append(10, 0, &[1u8; 20000], &[]);
+        let mut dec = WalStreamDecoder::new(Lsn(0), SEG).unwrap();
+        dec.feed_slice(&w.buf[..(s - w.start) as usize + 24]);
+        assert!(dec.poll().unwrap().is_some());
+        assert!(matches!(dec.poll(), Err(DecodeError::PrevLink { .. })));
+    }
+
+    #[test]
     fn switch_skips_to_next_segment() {
         let mut w = WalWriter::new(Lsn(0), SEG);
         w.append(10, 0, b"a", &[]);
         let (sw, seg_end) = w.switch();
         let (after, _) = w.append(10, 0, b"b", &[]);
-        let mut dec = WalStreamDecoder::new(Lsn(0), SEG);
+        let mut dec = WalStreamDecoder::new(Lsn(0), SEG).unwrap();
         dec.feed(Bytes::from(w.buf));
         let (recs, err) = decode_all(&mut dec);
         assert!(err.is_none());
@@ -750,7 +887,7 @@ mod tests {
     fn zeroed_tail_ends_cleanly_with_last_good_position() {
         let (mut w, expect) = sample();
         w.buf.extend(vec![0u8; 3 * XLOG_BLCKSZ]);
-        let mut dec = WalStreamDecoder::new(w.start, SEG);
+        let mut dec = WalStreamDecoder::new(w.start, SEG).unwrap();
         dec.feed(Bytes::from(w.buf));
         let (recs, err) = decode_all(&mut dec);
         assert_eq!(recs.len(), expect.len());
@@ -767,7 +904,7 @@ mod tests {
         w.append(10, 0, b"first", &[]);
         w.prev = Lsn(8); // wrong prev-link for the next record
         w.append(10, 0, b"second", &[]);
-        let mut dec = WalStreamDecoder::new(Lsn(0), SEG);
+        let mut dec = WalStreamDecoder::new(Lsn(0), SEG).unwrap();
         dec.feed(Bytes::from(w.buf.clone()));
         let (recs, err) = decode_all(&mut dec);
         assert_eq!(recs.len(), 1);
@@ -777,7 +914,7 @@ mod tests {
         let (s, _) = w.append(10, 0, b"payload", &[]);
         let at = (s - w.start) as usize + 30;
         w.buf[at] ^= 0x40;
-        let mut dec = WalStreamDecoder::new(Lsn(0), SEG);
+        let mut dec = WalStreamDecoder::new(Lsn(0), SEG).unwrap();
         dec.feed(Bytes::from(w.buf));
         assert!(matches!(dec.poll(), Err(DecodeError::Record(RecordError::Crc { .. }))));
     }
@@ -789,7 +926,7 @@ mod tests {
         w.buf.extend(vec![0u8; 2 * XLOG_BLCKSZ]);
         let off = (s - w.start) as usize;
         w.buf[off..off + 4].copy_from_slice(&(MAX_RECORD_LENGTH - 1).to_le_bytes());
-        let mut dec = WalStreamDecoder::new(Lsn(0), SEG);
+        let mut dec = WalStreamDecoder::new(Lsn(0), SEG).unwrap();
         dec.feed(Bytes::from(w.buf));
         // The next page has no continuation header: an error now, not a wait for more input.
         assert!(dec.poll().is_err());

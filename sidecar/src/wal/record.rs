@@ -52,7 +52,7 @@ pub enum RecordError {
     Crc { lsn: Lsn, stored: u32, computed: u32 },
     #[error("record at {lsn} is truncated: its headers run past its length {tot_len}")]
     ShortHeaders { lsn: Lsn, tot_len: u32 },
-    #[error("record at {lsn}: payload lengths add up to {declared} bytes but {actual} remain")]
+    #[error("record at {lsn}: lengths declare {declared} bytes but {actual} are there")]
     LengthMismatch { lsn: Lsn, declared: u64, actual: u64 },
     #[error("record at {lsn}: out-of-order block id {block_id}")]
     BlockOrder { lsn: Lsn, block_id: u8 },
@@ -233,9 +233,13 @@ impl RecordMeta {
     /// Checks the CRC of `raw` (exactly `xl_tot_len` bytes, of the record at `lsn`) and parses
     /// it into `self`, reusing `self`'s storage.
     pub fn parse(&mut self, lsn: Lsn, end_lsn: Lsn, raw: &[u8]) -> Result<(), RecordError> {
-        let head: &[u8; SIZE_OF_XLOG_RECORD] = raw[..SIZE_OF_XLOG_RECORD].try_into().expect("caller checked length");
+        let Some(head) = raw.first_chunk::<SIZE_OF_XLOG_RECORD>() else {
+            return Err(RecordError::ShortHeaders { lsn, tot_len: raw.len() as u32 });
+        };
         let header = XLogRecordHeader::parse(head);
-        debug_assert_eq!(header.tot_len as usize, raw.len());
+        if header.tot_len as usize != raw.len() {
+            return Err(RecordError::LengthMismatch { lsn, declared: header.tot_len as u64, actual: raw.len() as u64 });
+        }
         let computed = record_crc(raw);
         if computed != header.crc {
             return Err(RecordError::Crc { lsn, stored: header.crc, computed });

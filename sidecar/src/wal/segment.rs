@@ -25,10 +25,10 @@ pub struct SegmentId {
 impl SegmentId {
     /// Parses a segment file name (24 upper-case hex digits, optionally `.partial`).
     pub fn parse(name: &str, seg_size: u32) -> Option<SegmentId> {
-        let name = name.strip_suffix(".partial").unwrap_or(name);
-        if name.len() != 24 || !name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'F')) {
+        if !looks_like_segment(name) {
             return None;
         }
+        let name = name.strip_suffix(".partial").unwrap_or(name);
         let tli = u32::from_str_radix(&name[0..8], 16).ok()?;
         let log = u64::from_str_radix(&name[8..16], 16).ok()?;
         let seg = u64::from_str_radix(&name[16..24], 16).ok()?;
@@ -48,6 +48,12 @@ impl SegmentId {
     }
 }
 
+/// 24 upper-case hex digits, optionally `.partial`: a segment file name of any segment size.
+fn looks_like_segment(name: &str) -> bool {
+    let name = name.strip_suffix(".partial").unwrap_or(name);
+    name.len() == 24 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'F'))
+}
+
 fn segments_per_xlogid(seg_size: u32) -> u64 {
     0x1_0000_0000u64 / seg_size as u64
 }
@@ -65,6 +71,8 @@ pub enum SegmentError {
     StartNotFound { tli: u32, lsn: Lsn, searched: String },
     #[error("no WAL segment files found in {0}")]
     Empty(String),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
 }
 
 /// Reads the first page of a segment file: its segment size and system identifier.
@@ -98,32 +106,42 @@ impl SegmentSet {
     /// Collects the segments of timeline `tli` (or, if `None`, of the lowest timeline present)
     /// from `paths`, each a segment file or a directory of them (`pg_wal`, an archive).
     pub fn collect<P: AsRef<Path>>(paths: &[P], tli: Option<u32>) -> Result<SegmentSet, SegmentError> {
-        let mut found: Vec<PathBuf> = Vec::new();
+        // (path, named explicitly): explicit files must be segments; other files in a
+        // directory (history files, `.backup` labels, archive_status) are passed over.
+        let mut found: Vec<(PathBuf, bool)> = Vec::new();
         for p in paths {
             let p = p.as_ref();
             if p.is_dir() {
                 let rd = std::fs::read_dir(p).map_err(|source| SegmentError::Io { path: p.to_path_buf(), source })?;
                 for e in rd {
                     let e = e.map_err(|source| SegmentError::Io { path: p.to_path_buf(), source })?;
-                    let name = e.file_name();
-                    let name = name.to_string_lossy();
-                    // Segment size is not known yet; 16 MB names are a superset check here.
-                    if name.len() >= 24 && name[..24].bytes().all(|b| b.is_ascii_hexdigit()) && e.path().is_file() {
-                        found.push(e.path());
+                    if looks_like_segment(&e.file_name().to_string_lossy()) && e.path().is_file() {
+                        found.push((e.path(), false));
                     }
                 }
             } else {
-                found.push(p.to_path_buf());
+                found.push((p.to_path_buf(), true));
             }
         }
         let described = paths.iter().map(|p| p.as_ref().display().to_string()).collect::<Vec<_>>().join(", ");
-        let first = found.iter().min().ok_or_else(|| SegmentError::Empty(described.clone()))?;
+        let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        for (path, _) in found.iter().filter(|(p, explicit)| *explicit && !looks_like_segment(&file_name(p))) {
+            return Err(SegmentError::NotSegment { path: path.clone() });
+        }
+        let first = found
+            .iter()
+            .map(|(p, _)| p)
+            .min_by_key(|p| file_name(p))
+            .ok_or_else(|| SegmentError::Empty(described.clone()))?;
         let (seg_size, sysid) = read_segment_header(first)?;
         let mut by_tli: BTreeMap<u32, BTreeMap<u64, PathBuf>> = BTreeMap::new();
-        for path in found {
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let id =
-                SegmentId::parse(&name, seg_size).ok_or_else(|| SegmentError::NotSegment { path: path.clone() })?;
+        for (path, explicit) in found {
+            let Some(id) = SegmentId::parse(&file_name(&path), seg_size) else {
+                if explicit {
+                    return Err(SegmentError::NotSegment { path });
+                }
+                continue;
+            };
             // A complete segment wins over a `.partial` one of the same number.
             let slot = by_tli.entry(id.tli).or_default().entry(id.segno).or_insert_with(|| path.clone());
             if slot.to_string_lossy().ends_with(".partial") {
@@ -157,6 +175,8 @@ pub enum StopReason {
     EndOfFiles,
     /// The next segment file is missing.
     MissingSegment { segno: u64, lsn: Lsn },
+    /// A segment file is shorter than the segment size; its bytes end at `lsn`.
+    ShortSegment { path: PathBuf, lsn: Lsn },
     /// The WAL stops being valid here: the normal end of a live segment (zeroes, a recycled
     /// page) or corruption; PostgreSQL makes the same call at the same place.
     Invalid(DecodeError),
@@ -170,6 +190,7 @@ impl std::fmt::Display for StopReason {
             StopReason::MissingSegment { segno, lsn } => {
                 write!(f, "segment {segno} (holding {lsn}) is missing")
             }
+            StopReason::ShortSegment { path, lsn } => write!(f, "{} ends early, at {lsn}", path.display()),
             StopReason::Invalid(e) => write!(f, "end of valid WAL: {e}"),
         }
     }
@@ -180,8 +201,12 @@ pub struct WalFileReader {
     set: SegmentSet,
     decoder: WalStreamDecoder,
     next_segno: u64,
+    /// Where in the first segment reading begins (the page holding the start LSN).
+    first_offset: u64,
     /// The segment being read: the file and how many of its bytes are still to be fed.
     current: Option<(std::fs::File, PathBuf, u64)>,
+    /// Set when a file turned out shorter than its segment: stop once its bytes are decoded.
+    stop_after_feed: Option<StopReason>,
     end: Option<Lsn>,
     stop: Option<StopReason>,
     bytes_read: u64,
@@ -211,10 +236,21 @@ impl WalFileReader {
                     .unwrap_or_default(),
             });
         }
-        let mut decoder = WalStreamDecoder::new(Lsn(segno * seg_size as u64), seg_size);
+        let mut decoder = WalStreamDecoder::new(start, seg_size)?;
         decoder.expect_system_id(set.sysid);
-        decoder.skip_records_before(start);
-        Ok(WalFileReader { set, decoder, next_segno: segno, current: None, end, stop: None, bytes_read: 0 })
+        // Begin at the page holding `start` (as pg_waldump does), not at the segment's start.
+        let first_offset = start.page_start().segment_offset(seg_size) as u64;
+        Ok(WalFileReader {
+            set,
+            decoder,
+            next_segno: segno,
+            first_offset,
+            current: None,
+            stop_after_feed: None,
+            end,
+            stop: None,
+            bytes_read: 0,
+        })
     }
 
     /// Why reading stopped, once it has.
@@ -240,6 +276,10 @@ impl WalFileReader {
     /// Feeds the decoder the next piece of WAL; false when there is none.
     fn load_next(&mut self) -> Result<bool, SegmentError> {
         use std::io::Read;
+        if let Some(reason) = self.stop_after_feed.take() {
+            self.stop = Some(reason);
+            return Ok(false);
+        }
         if self.current.is_none() && !self.open_next()? {
             return Ok(false);
         }
@@ -255,16 +295,18 @@ impl WalFileReader {
             .read_to_end(&mut buf)
             .map_err(|source| SegmentError::Io { path: path.clone(), source })?;
         *left -= n as u64;
-        if got < n || *left == 0 {
-            // A short file (a `.partial` segment) ends the segment early.
-            self.current = None;
+        if got < n {
+            // The file ends before the segment does: what follows is not the next segment's
+            // bytes, so decoding must stop after what was read.
+            self.stop_after_feed =
+                Some(StopReason::ShortSegment { path: path.clone(), lsn: self.decoder.input_end() + got as u64 });
         }
-        if got == 0 {
-            return self.load_next();
+        if *left == 0 || got < n {
+            self.current = None;
         }
         self.bytes_read += got as u64;
         self.decoder.feed(Bytes::from(buf));
-        Ok(true)
+        Ok(got > 0 || self.load_next()?)
     }
 
     /// Opens the next segment; false (with the reason recorded) when there is none to read.
@@ -282,12 +324,16 @@ impl WalFileReader {
             });
             return Ok(false);
         };
-        let file = std::fs::File::open(path).map_err(|source| SegmentError::Io { path: path.clone(), source })?;
+        use std::io::{Seek, SeekFrom};
+        let skip = std::mem::take(&mut self.first_offset);
+        let io = |source| SegmentError::Io { path: path.clone(), source };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        file.seek(SeekFrom::Start(skip)).map_err(io)?;
         let mut len = self.set.seg_size as u64;
         if let Some(end) = self.end {
             len = len.min(end.checked_sub(seg_start).unwrap_or(0));
         }
-        self.current = Some((file, path.clone(), len));
+        self.current = Some((file, path.clone(), len.saturating_sub(skip)));
         self.next_segno += 1;
         Ok(true)
     }
