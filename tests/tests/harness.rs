@@ -33,6 +33,13 @@ fn pgbench_init_and_pg_dump() -> anyhow::Result<()> {
     // A short benchmark run works too.
     let out = pg.pgbench(&["-t", "20", "-c", "2"])?;
     assert!(out.contains("number of transactions actually processed"), "{out}");
+    // pg_amcheck (installing amcheck as needed) passes on a healthy cluster, and pg_waldump
+    // reads its WAL.
+    let out = pg.run_tool("pg_amcheck", &["--install-missing", "--heapallindexed", "--all", "--progress"])?;
+    assert!(!out.contains("ERROR"), "{out}");
+    let wal = pg.wal_dir();
+    let dump = pg.run_tool("pg_waldump", &["--stats", "-p", wal.to_str().unwrap(), "000000010000000000000001"])?;
+    assert!(dump.contains("Heap"), "{dump}");
     Ok(())
 }
 
