@@ -104,20 +104,71 @@ const PAGE: u64 = XLOG_BLCKSZ as u64;
 /// start LSN or endless input cannot make the decoder's position arithmetic wrap.
 pub const MAX_DECODE_LSN: Lsn = Lsn(u64::MAX - (1 << 32));
 
-/// Buffered input: whole chunks in LSN order, the first starting at `start`. Chunks are only
-/// ever dropped whole, once decoding has moved past them, so no byte is copied or re-sliced on
-/// the way; spent chunks are kept for the owner to recycle their memory.
+/// Buffered input: chunks in LSN order, the first starting at `start`, then a tail that
+/// collects small pieces. Large chunks (whole segments, big replication messages) are kept as
+/// given and only ever dropped whole, so their bytes are never copied; small ones are copied
+/// into the tail until it is large enough to become a chunk, so a stream of tiny pieces costs
+/// neither a chunk each nor lookups that grow with their number. Spent chunks are kept for the
+/// owner to recycle their memory.
 #[derive(Default)]
 struct Input {
     chunks: VecDeque<Bytes>,
+    /// Small pieces, after the chunks.
+    tail: Vec<u8>,
     start: Lsn,
+    /// Bytes in the chunks and the tail.
     len: u64,
     spent: Vec<Bytes>,
 }
 
+/// Pieces smaller than this go to the tail, which becomes a chunk at this size.
+const SMALL_PIECE: usize = 64 * 1024;
+
 impl Input {
     fn end(&self) -> Lsn {
         self.start + self.len
+    }
+
+    fn push(&mut self, bytes: Bytes) {
+        self.len += bytes.len() as u64;
+        if bytes.len() < SMALL_PIECE {
+            self.tail.extend_from_slice(&bytes);
+            if self.tail.len() >= SMALL_PIECE {
+                self.seal_tail();
+            }
+        } else {
+            self.seal_tail();
+            self.chunks.push_back(bytes);
+        }
+    }
+
+    fn push_slice(&mut self, bytes: &[u8]) {
+        if bytes.len() < SMALL_PIECE {
+            self.len += bytes.len() as u64;
+            self.tail.extend_from_slice(bytes);
+            if self.tail.len() >= SMALL_PIECE {
+                self.seal_tail();
+            }
+        } else {
+            self.push(Bytes::copy_from_slice(bytes));
+        }
+    }
+
+    /// Turns the tail into a chunk.
+    fn seal_tail(&mut self) {
+        if !self.tail.is_empty() {
+            self.chunks.push_back(Bytes::from(std::mem::take(&mut self.tail)));
+        }
+    }
+
+    /// Chunk `i`; the tail counts as the chunk after the last.
+    #[inline]
+    fn chunk(&self, i: usize) -> &[u8] {
+        self.chunks.get(i).map_or(&self.tail[..], |c| &c[..])
+    }
+
+    fn chunk_count(&self) -> usize {
+        self.chunks.len() + 1
     }
 
     /// Drops chunks wholly before `lsn`; returns false if the input does not reach `lsn` yet.
@@ -136,6 +187,11 @@ impl Input {
             }
             self.spent.push(chunk);
         }
+        if self.chunks.is_empty() && self.start + self.tail.len() as u64 <= lsn {
+            self.start = self.start + self.tail.len() as u64;
+            self.len -= self.tail.len() as u64;
+            self.tail.clear();
+        }
         self.end() >= lsn
     }
 
@@ -143,15 +199,16 @@ impl Input {
     #[inline]
     fn locate(&self, lsn: Lsn) -> Option<(usize, usize)> {
         let mut off = lsn.checked_sub(self.start)?;
-        // Nearly always the first chunk (a whole segment when reading files).
-        if off < self.chunks.front()?.len() as u64 {
+        // Nearly always the first chunk (a piece of a segment when reading files).
+        if off < self.chunk(0).len() as u64 {
             return Some((0, off as usize));
         }
-        for (i, c) in self.chunks.iter().enumerate() {
-            if off < c.len() as u64 {
+        for i in 0..self.chunk_count() {
+            let len = self.chunk(i).len() as u64;
+            if off < len {
                 return Some((i, off as usize));
             }
-            off -= c.len() as u64;
+            off -= len;
         }
         None
     }
@@ -165,13 +222,13 @@ impl Input {
         let Some((mut i, mut off)) = self.locate(lsn) else {
             return out.is_empty();
         };
-        if let Some(bytes) = self.chunks[i].get(off..off + out.len()) {
+        if let Some(bytes) = self.chunk(i).get(off..off + out.len()) {
             out.copy_from_slice(bytes);
             return true;
         }
         let mut done = 0;
         while done < out.len() {
-            let c = &self.chunks[i];
+            let c = self.chunk(i);
             let n = (c.len() - off).min(out.len() - done);
             out[done..done + n].copy_from_slice(&c[off..off + n]);
             done += n;
@@ -185,7 +242,7 @@ impl Input {
     #[inline]
     fn contiguous(&self, lsn: Lsn, n: usize) -> Option<RawLoc> {
         let (chunk, off) = self.locate(lsn)?;
-        (off + n <= self.chunks[chunk].len()).then_some(RawLoc::Chunk { chunk, off, len: n })
+        (off + n <= self.chunk(chunk).len()).then_some(RawLoc::Chunk { chunk, off, len: n })
     }
 
     /// Appends the bytes of `pieces` (ascending, all buffered) to `out`, walking the chunks once.
@@ -196,7 +253,7 @@ impl Input {
             let mut lsn = p.lsn;
             let mut left = p.len as usize;
             while left > 0 {
-                let c = &self.chunks[chunk];
+                let c = self.chunk(chunk);
                 let chunk_end = chunk_start + c.len() as u64;
                 if lsn >= chunk_end {
                     chunk += 1;
@@ -317,19 +374,18 @@ impl WalStreamDecoder {
     /// Adds the next bytes of the stream (they must follow the previous ones). Bytes beyond
     /// [`MAX_DECODE_LSN`] are ignored.
     pub fn feed(&mut self, mut bytes: Bytes) {
-        let room = MAX_DECODE_LSN - self.input.end();
-        if bytes.len() as u64 > room {
-            bytes.truncate(room as usize);
-        }
-        if !bytes.is_empty() {
-            self.input.len += bytes.len() as u64;
-            self.input.chunks.push_back(bytes);
-        }
+        bytes.truncate(self.room());
+        self.input.push(bytes);
     }
 
     /// Adds the next bytes of the stream, copying them.
     pub fn feed_slice(&mut self, bytes: &[u8]) {
-        self.feed(Bytes::copy_from_slice(bytes));
+        let n = bytes.len().min(self.room());
+        self.input.push_slice(&bytes[..n]);
+    }
+
+    fn room(&self) -> usize {
+        usize::try_from(MAX_DECODE_LSN - self.input.end()).unwrap_or(usize::MAX)
     }
 
     /// A fully consumed input chunk, for the caller to reuse its memory (when no record
@@ -342,7 +398,10 @@ impl WalStreamDecoder {
     pub fn poll(&mut self) -> Result<Option<DecodedRecord>, DecodeError> {
         let Some(loc) = self.advance()? else { return Ok(None) };
         let raw = match loc {
-            RawLoc::Chunk { chunk, off, len } => self.input.chunks[chunk].slice(off..off + len),
+            RawLoc::Chunk { chunk, off, len } => match self.input.chunks.get(chunk) {
+                Some(c) => c.slice(off..off + len),
+                None => Bytes::copy_from_slice(&self.input.tail[off..off + len]),
+            },
             RawLoc::Assembled => Bytes::from(std::mem::take(&mut self.assembly)),
         };
         Ok(Some(DecodedRecord { raw, meta: self.meta.clone() }))
@@ -357,7 +416,7 @@ impl WalStreamDecoder {
 
     fn raw(&self, loc: RawLoc) -> &[u8] {
         match loc {
-            RawLoc::Chunk { chunk, off, len } => &self.input.chunks[chunk][off..off + len],
+            RawLoc::Chunk { chunk, off, len } => &self.input.chunk(chunk)[off..off + len],
             RawLoc::Assembled => &self.assembly,
         }
     }
@@ -528,7 +587,7 @@ impl WalStreamDecoder {
         };
 
         let raw = match loc {
-            RawLoc::Chunk { chunk, off, len } => &self.input.chunks[chunk][off..off + len],
+            RawLoc::Chunk { chunk, off, len } => &self.input.chunk(chunk)[off..off + len],
             RawLoc::Assembled => &self.assembly[..],
         };
         let header = XLogRecordHeader::parse(raw[..SIZE_OF_XLOG_RECORD].try_into().expect("24 bytes"));
