@@ -96,6 +96,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// Sets several GUCs, as [`ClusterBuilder::guc`] does.
+    pub fn gucs(mut self, gucs: &[(&str, &str)]) -> Self {
+        for (name, value) in gucs {
+            self = self.guc(name, value);
+        }
+        self
+    }
+
     /// Adds an extra `initdb` argument, e.g. `"--data-checksums"` or
     /// `"--wal-segsize=1"`.
     pub fn initdb_arg(mut self, arg: &str) -> Self {

@@ -20,11 +20,7 @@ use std::collections::BTreeMap;
 
 #[test]
 fn restored_index_images_equal_pages_on_disk() -> Result<()> {
-    let mut builder = Cluster::builder();
-    for (k, v) in MIXED_GUCS {
-        builder = builder.guc(k, v);
-    }
-    let c = builder.start()?;
+    let c = Cluster::builder().gucs(MIXED_GUCS).start()?;
     // Keys compressible enough for pglz's default strategy (it gives up below 25% savings).
     c.execute("CREATE TABLE t AS SELECT g, substr(md5(g::text), 1, 8) || repeat('-', 24) AS h FROM generate_series(1, 30000) g")?;
     let start = workload::insert_lsn(&c)?;

@@ -43,11 +43,7 @@ fn summarize(rec: &DecodedRecord) -> WaldumpRecord {
 
 #[test]
 fn decoder_agrees_with_pg_waldump_on_mixed_workload() -> Result<()> {
-    let mut builder = Cluster::builder();
-    for (k, v) in MIXED_GUCS {
-        builder = builder.guc(k, v);
-    }
-    let c = builder.start()?;
+    let c = Cluster::builder().gucs(MIXED_GUCS).start()?;
     let start = workload::insert_lsn(&c)?;
     workload::mixed(&c, 2)?;
     c.execute("CHECKPOINT")?;

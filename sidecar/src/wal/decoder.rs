@@ -326,7 +326,7 @@ impl WalStreamDecoder {
         if start > MAX_DECODE_LSN {
             return Err(DecodeError::BadStart { lsn: start, why: "beyond the LSNs the decoder reads" });
         }
-        if start.0 % 8 != 0 {
+        if !start.0.is_multiple_of(8) {
             return Err(DecodeError::BadStart { lsn: start, why: "records start at multiples of 8" });
         }
         let page = start.page_start();
@@ -506,7 +506,13 @@ impl WalStreamDecoder {
         }
 
         let room = (PAGE - lsn.page_offset() as u64) as u32;
-        let (loc, end) = if tot_len <= room {
+        let (loc, end) = if let Some(loc) = self.on_one_page(lsn, tot_len, room) {
+            // The common case, checked without copying anything.
+            let RawLoc::Chunk { chunk, off, .. } = loc else { unreachable!("on_one_page gives chunks") };
+            let head = self.input.chunk(chunk)[off..].first_chunk().expect("record is in the chunk");
+            self.check_header(lsn, head)?;
+            (loc, lsn + tot_len as u64)
+        } else if tot_len <= room {
             if !self.input.peek(lsn, &mut head) {
                 return Ok(Step::NeedInput);
             }
@@ -533,14 +539,8 @@ impl WalStreamDecoder {
             }
             let first = lsn.page_start() + PAGE;
             let hdr = match self.continuation_header(lsn, first, tot_len - room)? {
-                Continuation::Page(hdr) => hdr,
-                Continuation::NotBuffered => return Ok(Step::NeedInput),
-                Continuation::Abandoned => {
-                    // The record was cut short by a crash; PostgreSQL restarts reading at this
-                    // page, where an XLOG_OVERWRITE_CONTRECORD record follows.
-                    self.pos = first;
-                    return Ok(Step::Restart);
-                }
+                Ok(hdr) => hdr,
+                Err(step) => return Ok(step),
             };
             if !header_here {
                 // The header straddles the page boundary: its tail follows the page header.
@@ -568,12 +568,8 @@ impl WalStreamDecoder {
             let mut page = first;
             while got < tot_len {
                 let hdr = match self.continuation_header(lsn, page, tot_len - got)? {
-                    Continuation::Page(hdr) => hdr,
-                    Continuation::NotBuffered => return Ok(Step::NeedInput),
-                    Continuation::Abandoned => {
-                        self.pos = page;
-                        return Ok(Step::Restart);
-                    }
+                    Ok(hdr) => hdr,
+                    Err(step) => return Ok(step),
                 };
                 let hsz = hdr.size() as u32;
                 let n = (tot_len - got).min(XLOG_BLCKSZ as u32 - hsz);
@@ -603,6 +599,15 @@ impl WalStreamDecoder {
         Ok(Step::Record(loc))
     }
 
+    /// Where the record lies when all of it is buffered in one chunk and on this page.
+    #[inline]
+    fn on_one_page(&self, lsn: Lsn, tot_len: u32, room: u32) -> Option<RawLoc> {
+        if tot_len > room {
+            return None;
+        }
+        self.input.contiguous(lsn, tot_len as usize)
+    }
+
     /// `ValidXLogRecordHeader`: a known resource manager and the right prev-link.
     fn check_header(&self, lsn: Lsn, head: &[u8; SIZE_OF_XLOG_RECORD]) -> Result<(), DecodeError> {
         let header = XLogRecordHeader::parse(head);
@@ -617,11 +622,19 @@ impl WalStreamDecoder {
     }
 
     /// Checks the header of a page continuing the record at `lsn`, of which `remaining` bytes
-    /// are still expected.
-    fn continuation_header(&mut self, lsn: Lsn, page: Lsn, remaining: u32) -> Result<Continuation, DecodeError> {
-        let Some(hdr) = self.page_header(page)? else { return Ok(Continuation::NotBuffered) };
+    /// are still expected; `Ok(Err(step))` when decoding must take that step instead.
+    fn continuation_header(
+        &mut self,
+        lsn: Lsn,
+        page: Lsn,
+        remaining: u32,
+    ) -> Result<Result<PageHeader, Step>, DecodeError> {
+        let Some(hdr) = self.page_header(page)? else { return Ok(Err(Step::NeedInput)) };
         if hdr.is_overwrite_contrecord() {
-            return Ok(Continuation::Abandoned);
+            // The record was cut short by a crash; PostgreSQL restarts reading at this page,
+            // where an XLOG_OVERWRITE_CONTRECORD record follows.
+            self.pos = page;
+            return Ok(Err(Step::Restart));
         }
         if !hdr.is_contrecord() {
             return Err(DecodeError::NoContrecord { lsn, page });
@@ -629,7 +642,7 @@ impl WalStreamDecoder {
         if hdr.rem_len == 0 || hdr.rem_len != remaining {
             return Err(DecodeError::ContrecordLength { lsn, page, rem_len: hdr.rem_len, expected: remaining });
         }
-        Ok(Continuation::Page(hdr))
+        Ok(Ok(hdr))
     }
 
     /// Where a record of `tot_len` bytes starting at `lsn` ends, page headers included (long
@@ -642,7 +655,7 @@ impl WalStreamDecoder {
         let mut page = (lsn.page_start() + PAGE).0;
         loop {
             let seg_end = (page / seg + 1) * seg;
-            let first_hdr = if page % seg == 0 { long } else { short };
+            let first_hdr = if page.is_multiple_of(seg) { long } else { short };
             let (first_cap, other_cap) = (PAGE - first_hdr, PAGE - short);
             if left <= first_cap {
                 return Lsn(page + first_hdr + left);
@@ -668,14 +681,6 @@ impl WalStreamDecoder {
         self.assembly.reserve_exact(total);
         self.input.copy_pieces(pieces, &mut self.assembly);
     }
-}
-
-/// What a page continuing a record says.
-enum Continuation {
-    Page(PageHeader),
-    NotBuffered,
-    /// `XLP_FIRST_IS_OVERWRITE_CONTRECORD`: the record was abandoned.
-    Abandoned,
 }
 
 /// What one attempt at the record at the current position gave.
@@ -927,7 +932,7 @@ mod tests {
             let mut left = tot_len as u64 - (PAGE - lsn.page_offset() as u64);
             let mut page = lsn.page_start() + PAGE;
             loop {
-                let hsz = if page.0 % SEG as u64 == 0 { 40 } else { 24 };
+                let hsz = if page.0.is_multiple_of(SEG as u64) { 40 } else { 24 };
                 let n = left.min(PAGE - hsz);
                 left -= n;
                 if left == 0 {
@@ -936,8 +941,11 @@ mod tests {
                 page = page + PAGE;
             }
         };
-        for lsn in [8192 - 8, 8192 - 16, 8192 - 4000, SEG as u64 - 8, SEG as u64 - 8192 - 24, 3 * SEG as u64 - 100 * 8] {
-            for tot_len in [4001u32, 8200, 8168 + 8, 8168 * 3, 8168 * 3 + 1, SEG, SEG + 77, 5 * SEG + 3, MAX_RECORD_LENGTH] {
+        for lsn in [8192 - 8, 8192 - 16, 8192 - 4000, SEG as u64 - 8, SEG as u64 - 8192 - 24, 3 * SEG as u64 - 100 * 8]
+        {
+            for tot_len in
+                [4001u32, 8200, 8168 + 8, 8168 * 3, 8168 * 3 + 1, SEG, SEG + 77, 5 * SEG + 3, MAX_RECORD_LENGTH]
+            {
                 let lsn = Lsn(lsn);
                 if (tot_len as u64) <= PAGE - lsn.page_offset() as u64 {
                     continue;

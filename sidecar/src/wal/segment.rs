@@ -125,7 +125,7 @@ impl SegmentSet {
         }
         let described = paths.iter().map(|p| p.as_ref().display().to_string()).collect::<Vec<_>>().join(", ");
         let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        for (path, _) in found.iter().filter(|(p, explicit)| *explicit && !looks_like_segment(&file_name(p))) {
+        if let Some((path, _)) = found.iter().find(|(p, explicit)| *explicit && !looks_like_segment(&file_name(p))) {
             return Err(SegmentError::NotSegment { path: path.clone() });
         }
         let first = found

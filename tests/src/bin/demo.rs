@@ -13,11 +13,7 @@ use std::time::Instant;
 
 fn main() -> Result<()> {
     println!("== 1. A real PostgreSQL 15 server");
-    let mut builder = Cluster::builder();
-    for (k, v) in MIXED_GUCS {
-        builder = builder.guc(k, v);
-    }
-    let c = builder.start()?;
+    let c = Cluster::builder().gucs(MIXED_GUCS).start()?;
     println!("   data directory {}, socket in {}", c.data_dir().display(), c.socket_dir().display());
     println!("   {}", c.query_one_string("SELECT version()")?);
     c.execute("CREATE EXTENSION neon")?;
