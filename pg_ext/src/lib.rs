@@ -1,9 +1,11 @@
 //! The `neon` extension: the compute side of time-travel storage. It runs inside a stock
-//! PostgreSQL 15 server (`CREATE EXTENSION neon`) and will grow the SQL API, the background
-//! worker and the wal-redo loop; for now it proves the build, install and load path with a
-//! version function.
+//! PostgreSQL 15 server (`CREATE EXTENSION neon`); it will grow the SQL API and the background
+//! worker. It also carries the wal-redo loop ([`walredo`]) that the sidecar runs in
+//! `postgres --single` processes to rebuild pages with PostgreSQL's own redo routines.
 
 use pgrx::prelude::*;
+
+mod walredo;
 
 ::pgrx::pg_module_magic!(name, version);
 

@@ -4,3 +4,4 @@
 
 pub mod wal;
 pub mod waldump;
+pub mod walredo;

@@ -5,6 +5,7 @@
 
 mod lsn;
 mod reltag;
+pub mod walredo;
 
 pub use lsn::{Lsn, LsnParseError};
 pub use reltag::{BufferTag, ForkNumber, ForkParseError, Oid, RelFileNode, RelTag};

@@ -340,3 +340,28 @@ pub const XLOG_REPLORIGIN_DROP: u8 = 0x10;
 
 // RM_LOGICALMSG_ID (replication/message.h).
 pub const XLOG_LOGICAL_MESSAGE: u8 = 0x00;
+
+// xl_xact_commit / xl_xact_abort `xinfo` bits (access/xact.h): which optional parts follow
+// the fixed part of the record, in this order.
+pub const XACT_XINFO_HAS_DBINFO: u32 = 1 << 0;
+pub const XACT_XINFO_HAS_SUBXACTS: u32 = 1 << 1;
+pub const XACT_XINFO_HAS_RELFILENODES: u32 = 1 << 2;
+pub const XACT_XINFO_HAS_INVALS: u32 = 1 << 3;
+pub const XACT_XINFO_HAS_TWOPHASE: u32 = 1 << 4;
+pub const XACT_XINFO_HAS_ORIGIN: u32 = 1 << 5;
+pub const XACT_XINFO_HAS_AE_LOCKS: u32 = 1 << 6;
+pub const XACT_XINFO_HAS_GID: u32 = 1 << 7;
+pub const XACT_XINFO_HAS_DROPPED_STATS: u32 = 1 << 8;
+
+// Heap record flags that say the record also cleared visibility-map bits
+// (access/heapam_xlog.h). The flags byte sits in each record's main data.
+/// `xl_heap_insert.flags` (byte 2) and `xl_heap_multi_insert.flags` (byte 0).
+pub const XLH_INSERT_ALL_VISIBLE_CLEARED: u8 = 1 << 0;
+/// `xl_heap_update.flags` (byte 7): the old tuple's page.
+pub const XLH_UPDATE_OLD_ALL_VISIBLE_CLEARED: u8 = 1 << 0;
+/// `xl_heap_update.flags` (byte 7): the new tuple's page.
+pub const XLH_UPDATE_NEW_ALL_VISIBLE_CLEARED: u8 = 1 << 1;
+/// `xl_heap_delete.flags` (byte 7).
+pub const XLH_DELETE_ALL_VISIBLE_CLEARED: u8 = 1 << 0;
+/// `xl_heap_lock.flags` and `xl_heap_lock_updated.flags` (byte 7): only ALL_FROZEN was cleared.
+pub const XLH_LOCK_ALL_FROZEN_CLEARED: u8 = 0x01;

@@ -1,0 +1,216 @@
+//! The redo manager: the page store's one way to rebuild a page. [`WalRedoManager`] is the
+//! interface; [`PostgresRedoManager`] implements it with a pool of wal-redo processes, one
+//! worker thread each, fed from a shared `crossbeam` queue. Processes start lazily, from a
+//! scratch template made once, and are replaced after a crash, a timeout or any error, so a
+//! bad request fails alone and the next one finds a fresh process.
+//!
+//! A request's records may mix PostgreSQL records and Rust-native ones (DESIGN.md §3, §5): runs
+//! of PostgreSQL records go to a redo process in one pipelined exchange, native records are
+//! applied in Rust in between, in LSN order.
+
+use super::native::{self, NativeRecord, NativeTarget};
+use super::process::{ProcessError, RedoProcess};
+use super::scratch::{ScratchError, ScratchTemplate};
+use super::RedoConfig;
+use bytes::Bytes;
+use crossbeam_channel::{bounded, Receiver, Sender};
+use neon_types::walredo as proto;
+use neon_types::{BufferTag, Lsn, BLCKSZ};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// One record of a redo request.
+#[derive(Debug, Clone)]
+pub enum RedoRecord {
+    /// A WAL record for PostgreSQL's redo: its bytes (`xl_tot_len` long) and end LSN.
+    Postgres { end_lsn: Lsn, raw: Bytes },
+    /// A record the sidecar applies itself.
+    Native { lsn: Lsn, record: NativeRecord },
+}
+
+impl RedoRecord {
+    pub fn lsn(&self) -> Lsn {
+        match self {
+            RedoRecord::Postgres { end_lsn, .. } => *end_lsn,
+            RedoRecord::Native { lsn, .. } => *lsn,
+        }
+    }
+}
+
+/// Rebuild `target` from `base` (or from nothing, when the first record initialises the page)
+/// by applying `records` in order.
+#[derive(Debug, Clone)]
+pub struct RedoRequest {
+    pub target: BufferTag,
+    pub base: Option<Bytes>,
+    pub records: Vec<RedoRecord>,
+}
+
+/// Why a page could not be rebuilt.
+#[derive(Debug, thiserror::Error)]
+pub enum RedoError {
+    #[error("redo of {tag} up to {lsn}: {source}")]
+    Process { tag: BufferTag, lsn: Lsn, source: ProcessError },
+    #[error("redo of {tag} up to {lsn}: native record at {at}: {source}")]
+    Native { tag: BufferTag, lsn: Lsn, at: Lsn, source: native::NativeError },
+    #[error("redo of {tag}: base page has {len} bytes, expected {BLCKSZ}")]
+    BasePage { tag: BufferTag, len: usize },
+    #[error("could not prepare wal-redo scratch directories: {0}")]
+    Scratch(#[from] ScratchError),
+    #[error("the wal-redo manager is shut down")]
+    ShutDown,
+}
+
+/// Rebuilds pages.
+pub trait WalRedoManager: Send + Sync {
+    fn redo(&self, request: RedoRequest) -> Result<Box<[u8; BLCKSZ]>, RedoError>;
+}
+
+type Reply = Sender<Result<Box<[u8; BLCKSZ]>, RedoError>>;
+
+/// A pool of `postgres --single` redo processes.
+pub struct PostgresRedoManager {
+    queue: Option<Sender<(RedoRequest, Reply)>>,
+    workers: Vec<JoinHandle<()>>,
+    template: Arc<ScratchTemplate>,
+    stats: Arc<Mutex<RedoStats>>,
+}
+
+/// Counters for status reports and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedoStats {
+    pub requests: u64,
+    pub failures: u64,
+    pub process_starts: u64,
+}
+
+impl PostgresRedoManager {
+    /// Prepares the scratch template (initdb: a second or two) and the worker threads; redo
+    /// processes start on first use.
+    pub fn new(cfg: RedoConfig) -> Result<PostgresRedoManager, RedoError> {
+        let template = Arc::new(ScratchTemplate::create(&cfg)?);
+        let (tx, rx) = bounded::<(RedoRequest, Reply)>(cfg.processes.max(1) * 4);
+        let stats = Arc::new(Mutex::new(RedoStats::default()));
+        let cfg = Arc::new(cfg);
+        let workers = (0..cfg.processes.max(1))
+            .map(|n| {
+                let (rx, cfg, template, stats) = (rx.clone(), cfg.clone(), template.clone(), stats.clone());
+                std::thread::Builder::new()
+                    .name(format!("walredo-{n}"))
+                    .spawn(move || worker(n, rx, cfg, template, stats))
+                    .expect("spawning a thread")
+            })
+            .collect();
+        Ok(PostgresRedoManager { queue: Some(tx), workers, template, stats })
+    }
+
+    pub fn stats(&self) -> RedoStats {
+        self.stats.lock().expect("stats lock").clone()
+    }
+}
+
+impl WalRedoManager for PostgresRedoManager {
+    fn redo(&self, request: RedoRequest) -> Result<Box<[u8; BLCKSZ]>, RedoError> {
+        let (tx, rx) = bounded(1);
+        self.queue.as_ref().ok_or(RedoError::ShutDown)?.send((request, tx)).map_err(|_| RedoError::ShutDown)?;
+        rx.recv().map_err(|_| RedoError::ShutDown)?
+    }
+}
+
+impl Drop for PostgresRedoManager {
+    fn drop(&mut self) {
+        // Closing the queue ends the workers, whose processes are killed as they exit.
+        self.queue.take();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        self.template.remove();
+    }
+}
+
+fn worker(
+    n: usize,
+    rx: Receiver<(RedoRequest, Reply)>,
+    cfg: Arc<RedoConfig>,
+    template: Arc<ScratchTemplate>,
+    stats: Arc<Mutex<RedoStats>>,
+) {
+    let mut process: Option<RedoProcess> = None;
+    let mut scratch = Vec::with_capacity(64 * 1024);
+    for (request, reply) in rx {
+        let result = rebuild(&request, &mut process, &mut scratch, n, &cfg, &template, &stats);
+        {
+            let mut s = stats.lock().expect("stats lock");
+            s.requests += 1;
+            s.failures += result.is_err() as u64;
+        }
+        if result.is_err() {
+            // Whatever state the process is in, it is not to be trusted.
+            process = None;
+        }
+        let _ = reply.send(result);
+    }
+}
+
+fn rebuild(
+    req: &RedoRequest,
+    process: &mut Option<RedoProcess>,
+    scratch: &mut Vec<u8>,
+    n: usize,
+    cfg: &RedoConfig,
+    template: &ScratchTemplate,
+    stats: &Mutex<RedoStats>,
+) -> Result<Box<[u8; BLCKSZ]>, RedoError> {
+    let tag = req.target;
+    let last = req.records.last().map_or(Lsn::INVALID, RedoRecord::lsn);
+    let mut page: Option<Box<[u8; BLCKSZ]>> = match &req.base {
+        Some(b) => Some(Box::new(b[..].try_into().map_err(|_| RedoError::BasePage { tag, len: b.len() })?)),
+        None => None,
+    };
+    let mut i = 0;
+    while i < req.records.len() {
+        match &req.records[i] {
+            RedoRecord::Native { lsn, record } => {
+                let p = page.get_or_insert_with(|| Box::new([0; BLCKSZ]));
+                native::apply(&NativeTarget::VisibilityMap(tag), record, p).map_err(|source| RedoError::Native {
+                    tag,
+                    lsn: last,
+                    at: *lsn,
+                    source,
+                })?;
+                i += 1;
+            }
+            RedoRecord::Postgres { .. } => {
+                // The whole run of PostgreSQL records goes in one pipelined exchange.
+                let run_end = req.records[i..]
+                    .iter()
+                    .position(|r| matches!(r, RedoRecord::Native { .. }))
+                    .map_or(req.records.len(), |p| i + p);
+                scratch.clear();
+                proto::encode_begin(scratch, &tag);
+                if let Some(p) = &page {
+                    proto::encode_push(scratch, p);
+                }
+                for r in &req.records[i..run_end] {
+                    if let RedoRecord::Postgres { end_lsn, raw } = r {
+                        proto::encode_apply(scratch, *end_lsn, raw);
+                    }
+                }
+                proto::encode_get(scratch);
+                let mut out = page.take().unwrap_or_else(|| Box::new([0; BLCKSZ]));
+                let fail = |source| RedoError::Process { tag, lsn: last, source };
+                if process.is_none() {
+                    let dir = template.copy_for(n, cfg)?;
+                    *process = Some(RedoProcess::start(&dir, cfg).map_err(fail)?);
+                    stats.lock().expect("stats lock").process_starts += 1;
+                }
+                let deadline = Instant::now() + cfg.request_timeout;
+                process.as_mut().expect("started above").exchange(scratch, &mut out[..], deadline).map_err(fail)?;
+                page = Some(out);
+                i = run_end;
+            }
+        }
+    }
+    Ok(page.unwrap_or_else(|| Box::new([0; BLCKSZ])))
+}

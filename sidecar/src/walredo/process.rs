@@ -1,0 +1,165 @@
+//! One wal-redo process: `postgres --single` on its own scratch data directory, running the
+//! extension's redo loop, spoken to over pipes with the protocol of `neon_types::walredo`.
+//! Every read and write has a deadline, so a hung process is a timeout, not a hung sidecar;
+//! the process is killed (and reaped) when this handle is dropped.
+
+use super::scratch::as_server_user;
+use super::RedoConfig;
+use neon_types::walredo::READY_MARKER;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How a redo process failed. Any of these means the process must be replaced.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("could not start wal-redo process in {dir}: {detail}")]
+    Start { dir: PathBuf, detail: String },
+    #[error("wal-redo process {pid} exited{}", log_excerpt(.log))]
+    Died { pid: u32, log: String },
+    #[error("wal-redo process {pid} did not answer within {after:?}")]
+    Timeout { pid: u32, after: Duration },
+    #[error("wal-redo process {pid}: {what}: {source}")]
+    Io { pid: u32, what: &'static str, source: std::io::Error },
+}
+
+fn log_excerpt(log: &str) -> String {
+    let tail: Vec<&str> = log.lines().rev().filter(|l| !l.trim().is_empty()).take(3).collect();
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | "))
+    }
+}
+
+pub struct RedoProcess {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    log: PathBuf,
+    pid: u32,
+}
+
+impl RedoProcess {
+    /// Starts a redo process on data directory `dir` and waits until its loop is ready.
+    pub fn start(dir: &Path, cfg: &RedoConfig) -> Result<RedoProcess, ProcessError> {
+        let fail = |detail: String| ProcessError::Start { dir: dir.to_path_buf(), detail };
+        let log = dir.with_extension("log");
+        let log_file =
+            std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(|e| fail(e.to_string()))?;
+        if let Some((uid, gid)) = cfg.run_as {
+            let _ = std::os::unix::fs::chown(&log, Some(uid), Some(gid));
+        }
+        let mut cmd = Command::new(cfg.pg_bin_dir.join("postgres"));
+        cmd.arg("--single").arg("-D").arg(dir);
+        // A small buffer pool: a request touches a few dozen pages, and cleanup scans it all.
+        for setting in [
+            "shared_buffers=4MB",
+            "fsync=off",
+            "log_min_messages=warning",
+            if cfg.wal_log_hints { "wal_log_hints=on" } else { "wal_log_hints=off" },
+        ] {
+            cmd.args(["-c", setting]);
+        }
+        cmd.arg("postgres").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(log_file);
+        let mut child = as_server_user(&mut cmd, cfg).spawn().map_err(|e| fail(e.to_string()))?;
+        let pid = child.id();
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let mut p = RedoProcess { child, stdin, stdout, log, pid };
+        for f in [p.stdin.as_fd(), p.stdout.as_fd()] {
+            set_nonblocking(f).map_err(|e| fail(e.to_string()))?;
+        }
+        let deadline = Instant::now() + cfg.start_timeout;
+        p.write_all(b"SELECT neon_walredo_loop();\n", deadline)?;
+        // Skip single-user mode's banner and prompt up to the loop's marker.
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !seen.windows(READY_MARKER.len()).any(|w| w == READY_MARKER) {
+            let n = p.read_some(&mut chunk, deadline)?;
+            seen.extend_from_slice(&chunk[..n]);
+            if seen.len() > 64 * 1024 {
+                return Err(fail(format!("no ready marker in {} bytes of output", seen.len())));
+            }
+        }
+        Ok(p)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Sends `request` and reads exactly `reply.len()` bytes of reply, all before `deadline`.
+    pub fn exchange(&mut self, request: &[u8], reply: &mut [u8], deadline: Instant) -> Result<(), ProcessError> {
+        self.write_all(request, deadline)?;
+        let mut got = 0;
+        while got < reply.len() {
+            got += self.read_some(&mut reply[got..], deadline)?;
+        }
+        Ok(())
+    }
+
+    fn write_all(&mut self, mut buf: &[u8], deadline: Instant) -> Result<(), ProcessError> {
+        while !buf.is_empty() {
+            self.wait(PollFlags::POLLOUT, deadline)?;
+            match self.stdin.write(buf) {
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Err(self.died()),
+                Err(source) => return Err(ProcessError::Io { pid: self.pid, what: "writing a request", source }),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_some(&mut self, buf: &mut [u8], deadline: Instant) -> Result<usize, ProcessError> {
+        loop {
+            self.wait(PollFlags::POLLIN, deadline)?;
+            match self.stdout.read(buf) {
+                Ok(0) => return Err(self.died()),
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(source) => return Err(ProcessError::Io { pid: self.pid, what: "reading a reply", source }),
+            }
+        }
+    }
+
+    /// Waits until the pipe is ready for `what` (or hung up), or the deadline passes.
+    fn wait(&mut self, what: PollFlags, deadline: Instant) -> Result<(), ProcessError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let fd = if what == PollFlags::POLLOUT { self.stdin.as_fd() } else { self.stdout.as_fd() };
+        let mut fds = [PollFd::new(fd, what)];
+        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, ms) {
+            Ok(0) => Err(ProcessError::Timeout { pid: self.pid, after: left }),
+            Ok(_) => Ok(()),
+            Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(ProcessError::Io { pid: self.pid, what: "waiting on a pipe", source: e.into() }),
+        }
+    }
+
+    fn died(&mut self) -> ProcessError {
+        // Give the process a moment to finish writing its last words and exit.
+        let _ = self.child.wait();
+        ProcessError::Died { pid: self.pid, log: std::fs::read_to_string(&self.log).unwrap_or_default() }
+    }
+}
+
+fn set_nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsRawFd;
+    let fd = fd.as_raw_fd();
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
+impl Drop for RedoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

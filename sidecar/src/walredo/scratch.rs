@@ -1,0 +1,126 @@
+//! Scratch data directories for wal-redo processes. A single-user backend locks its data
+//! directory, so every redo process gets its own copy of one template, made once per manager:
+//! `initdb` with the compute's page checksum setting (it decides whether some redo stamps page
+//! LSNs), the `neon` extension created (it holds the redo loop), and the WAL moved far ahead
+//! with `pg_resetwal -l` so that evicting a buffer never asks to flush WAL past the scratch
+//! cluster's end (DESIGN.md §3).
+
+use super::RedoConfig;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Problems preparing scratch directories.
+#[derive(Debug, thiserror::Error)]
+pub enum ScratchError {
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("could not prepare scratch directory {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// Runs `cmd` as the configured OS user, with PostgreSQL's environment variables cleared.
+pub(crate) fn as_server_user<'a>(cmd: &'a mut Command, cfg: &RedoConfig) -> &'a mut Command {
+    for var in ["PGDATA", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGOPTIONS"] {
+        cmd.env_remove(var);
+    }
+    if let Some((uid, gid)) = cfg.run_as {
+        // As root, std also drops supplementary groups when it switches uid.
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
+fn run(cmd: &mut Command, what: &str, stdin: Option<&str>) -> Result<(), ScratchError> {
+    use std::io::Write;
+    let fail = |detail: String| ScratchError::Command { what: what.to_string(), detail };
+    let mut child = cmd
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(e.to_string()))?;
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().expect("piped");
+        pipe.write_all(text.as_bytes()).map_err(|e| fail(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Single-user mode reports SQL errors on stderr but exits 0; look for them too.
+    if !out.status.success() || stderr.contains("ERROR:") || stderr.contains("FATAL:") {
+        return Err(fail(format!("{}: {}{}", out.status, String::from_utf8_lossy(&out.stdout), stderr)));
+    }
+    Ok(())
+}
+
+fn chown(path: &Path, cfg: &RedoConfig) -> Result<(), ScratchError> {
+    if let Some((uid, gid)) = cfg.run_as {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .map_err(|source| ScratchError::Io { path: path.to_path_buf(), source })?;
+    }
+    Ok(())
+}
+
+/// The template every redo process's data directory is copied from.
+#[derive(Debug)]
+pub struct ScratchTemplate {
+    root: PathBuf,
+    template: PathBuf,
+}
+
+impl ScratchTemplate {
+    /// Creates `cfg.scratch_root` (which must not exist yet, or be empty) and the template in it.
+    pub fn create(cfg: &RedoConfig) -> Result<ScratchTemplate, ScratchError> {
+        let root = cfg.scratch_root.clone();
+        let io = |source| ScratchError::Io { path: root.clone(), source };
+        std::fs::create_dir_all(&root).map_err(io)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        chown(&root, cfg)?;
+        let template = root.join("template");
+        let bin = |name: &str| cfg.pg_bin_dir.join(name);
+        let mut initdb = Command::new(bin("initdb"));
+        initdb.arg("-D").arg(&template).args([
+            "-U",
+            "postgres",
+            "--no-sync",
+            "--no-instructions",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
+        if cfg.data_checksums {
+            initdb.arg("--data-checksums");
+        }
+        run(as_server_user(&mut initdb, cfg), "initdb of the wal-redo template", None)?;
+        let mut single = Command::new(bin("postgres"));
+        single.arg("--single").arg("-D").arg(&template).args(["-c", "fsync=off", "postgres"]);
+        run(
+            as_server_user(&mut single, cfg),
+            "CREATE EXTENSION neon in the wal-redo template",
+            Some("CREATE EXTENSION neon;\n"),
+        )?;
+        let mut resetwal = Command::new(bin("pg_resetwal"));
+        resetwal.args(["-l", neon_types::walredo::SCRATCH_WAL_FILE, "-D"]).arg(&template);
+        run(as_server_user(&mut resetwal, cfg), "pg_resetwal of the wal-redo template", None)?;
+        Ok(ScratchTemplate { root, template })
+    }
+
+    /// A fresh copy of the template for redo process `n` (replacing any earlier one).
+    pub fn copy_for(&self, n: usize, cfg: &RedoConfig) -> Result<PathBuf, ScratchError> {
+        let dir = self.root.join(format!("redo-{n}"));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|source| ScratchError::Io { path: dir.clone(), source })?;
+        }
+        let mut cp = Command::new("cp");
+        cp.arg("-a").arg(&self.template).arg(&dir);
+        // Copy as the server user so the copy is theirs (a root copy would keep owners anyway).
+        run(as_server_user(&mut cp, cfg), "copying the wal-redo template", None)?;
+        Ok(dir)
+    }
+
+    /// Removes the template and every process's copy.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
