@@ -7,10 +7,12 @@
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use neon_tests::pagemask::{first_difference, mask_page, PageKind};
+use neon_tests::pagemask::{first_difference, mask_page, mask_page_lsn_and_checksum, PageKind};
 use neon_tests::{is_root, server_user, workload, Cluster};
 use neon_types::{BufferTag, ForkNumber, Lsn, BLCKSZ};
 use sidecar::wal::segment::{SegmentSet, WalFileReader};
+use sidecar::walredo::derive::native_records;
+use sidecar::walredo::native::NativeTarget;
 use sidecar::walredo::{PostgresRedoManager, RedoConfig, RedoRecord, RedoRequest, WalRedoManager};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -113,14 +115,20 @@ fn setup(c: &Cluster) -> Result<()> {
 fn requests(snapshot: &Path, rels: &HashMap<u32, Rel>, wal: &Path, from: Lsn, to: Lsn) -> Result<Vec<RedoRequest>> {
     let mut by_block: BTreeMap<BufferTag, Vec<RedoRecord>> = BTreeMap::new();
     let mut reader = WalFileReader::new(SegmentSet::collect(&[wal], None)?, Some(from), Some(to))?;
+    let wanted = |tag: &BufferTag| tag.rel.fork != ForkNumber::Fsm && rels.contains_key(&tag.rel.node.relnode);
     while let Some(rec) = reader.next_record()? {
+        // Visibility-map bits cleared by heap records are applied in Rust.
+        for (target, record) in native_records(&rec.view())? {
+            if let NativeTarget::VisibilityMap(tag) = target {
+                if wanted(&tag) {
+                    by_block.entry(tag).or_default().push(RedoRecord::Native { lsn: rec.end_lsn, record });
+                }
+            }
+        }
         if !neon_types::walredo::is_page_level(rec.header.rmid, rec.header.info) {
             continue;
         }
-        for b in &rec.blocks {
-            if b.tag.rel.fork == ForkNumber::Fsm || !rels.contains_key(&b.tag.rel.node.relnode) {
-                continue;
-            }
+        for b in rec.blocks.iter().filter(|b| wanted(&b.tag)) {
             by_block
                 .entry(b.tag)
                 .or_default()
@@ -169,7 +177,8 @@ fn rebuilt_pages_equal_disk(full_page_writes: &str) -> Result<()> {
 
     let reqs = requests(&snapshot, &rels, &c.wal_dir(), from, to)?;
     let manager = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
-    let (mut compared, mut mismatches, mut from_nothing, mut kinds) = (0, Vec::new(), 0, BTreeMap::new());
+    let (mut compared, mut mismatches, mut from_nothing, mut native, mut kinds) =
+        (0, Vec::new(), 0, 0, BTreeMap::new());
     for req in &reqs {
         let rel = &rels[&req.target.rel.node.relnode];
         // Blocks gone by the end (dropped, truncated) have nothing to compare with.
@@ -187,12 +196,21 @@ fn rebuilt_pages_equal_disk(full_page_writes: &str) -> Result<()> {
             }
         };
         let mut ours = page.to_vec();
-        let kind = if req.target.rel.fork == ForkNumber::VisibilityMap { PageKind::Generic } else { rel.kind };
-        mask_page(kind, &mut ours, req.target.blkno);
-        mask_page(kind, &mut disk, req.target.blkno);
+        let kind = if req.target.rel.fork == ForkNumber::VisibilityMap {
+            // Visibility-map bits live in what the page header calls free space; only the LSN
+            // and checksum may differ.
+            mask_page_lsn_and_checksum(&mut ours);
+            mask_page_lsn_and_checksum(&mut disk);
+            "VisibilityMap".to_string()
+        } else {
+            mask_page(rel.kind, &mut ours, req.target.blkno);
+            mask_page(rel.kind, &mut disk, req.target.blkno);
+            format!("{:?}", rel.kind)
+        };
         compared += 1;
         from_nothing += req.base.is_none() as usize;
-        *kinds.entry(format!("{:?}", rel.kind)).or_insert(0) += 1;
+        native += req.records.iter().any(|r| matches!(r, RedoRecord::Native { .. })) as usize;
+        *kinds.entry(kind).or_insert(0) += 1;
         if let Some(at) = first_difference(&ours, &disk) {
             mismatches.push(format!(
                 "{} ({}, {} records): first difference at byte {at}",
@@ -202,14 +220,18 @@ fn rebuilt_pages_equal_disk(full_page_writes: &str) -> Result<()> {
             ));
         }
     }
-    eprintln!("full_page_writes={full_page_writes}: {compared} pages compared ({from_nothing} rebuilt without a base image), by kind {kinds:?}");
+    eprintln!(
+        "full_page_writes={full_page_writes}: {compared} pages compared ({from_nothing} rebuilt without a base image, \
+         {native} with Rust-native records), by kind {kinds:?}"
+    );
     assert!(
         mismatches.is_empty(),
         "{} of {compared} pages differ:\n{}",
         mismatches.len(),
         mismatches.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
     );
-    for kind in ["Heap", "Btree", "Hash", "Gin", "Gist", "SpGist", "Brin", "Sequence"] {
+    assert!(native > 0, "no visibility-map page was rebuilt with Rust-native records");
+    for kind in ["Heap", "Btree", "Hash", "Gin", "Gist", "SpGist", "Brin", "Sequence", "VisibilityMap"] {
         assert!(kinds.contains_key(kind), "no {kind} page was rebuilt: {kinds:?}");
     }
     assert!(from_nothing > 0, "no page was rebuilt from an initialising record alone");
@@ -225,4 +247,155 @@ fn rebuilt_pages_equal_the_computes_without_full_page_writes() -> Result<()> {
 #[test]
 fn rebuilt_pages_equal_the_computes_with_full_page_writes() -> Result<()> {
     rebuilt_pages_equal_disk("on")
+}
+
+/// A small deterministic shuffle (xorshift), so a failure can be replayed.
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut x = seed | 1;
+    for i in (1..n).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
+#[test]
+fn no_state_leaks_between_requests() -> Result<()> {
+    let c = Cluster::builder()
+        .gucs(&[("full_page_writes", "off"), ("autovacuum", "off"), ("checkpoint_timeout", "1h")])
+        .gucs(workload::MIXED_GUCS)
+        .start()?;
+    setup(&c)?;
+    c.execute("CHECKPOINT")?;
+    let from = workload::insert_lsn(&c)?;
+    let snapshot = c.root_dir().join("snapshot");
+    copy_dir(&c.data_dir().join("base"), &snapshot.join("base"))?;
+    workload_after_base(&c)?;
+    c.execute("CHECKPOINT")?;
+    let to = workload::flush_lsn(&c)?;
+    let reqs = requests(&snapshot, &relations(&c)?, &c.wal_dir(), from, to)?;
+    assert!(reqs.len() > 1000, "only {} requests", reqs.len());
+
+    // The reference: every page once, in block order, through one process.
+    let single = PostgresRedoManager::new(redo_config(&c.root_dir().join("single"), 1))?;
+    let reference = reqs.iter().map(|r| single.redo(r.clone())).collect::<Result<Vec<_>, _>>()?;
+    // The same pages in shuffled orders through the same process...
+    for seed in [1, 2] {
+        for i in shuffled(reqs.len(), seed) {
+            let page = single.redo(reqs[i].clone())?;
+            assert!(page == reference[i], "{} differs when rebuilt in shuffled order (seed {seed})", reqs[i].target);
+        }
+    }
+    // ...and through a pool of two, from four client threads at once.
+    let pool = PostgresRedoManager::new(redo_config(&c.root_dir().join("pool"), 2))?;
+    for seed in [3, 4] {
+        let order = shuffled(reqs.len(), seed);
+        std::thread::scope(|s| {
+            for part in order.chunks(order.len().div_ceil(4)) {
+                let (pool, reqs, reference) = (&pool, &reqs, &reference);
+                s.spawn(move || {
+                    for &i in part {
+                        let page = pool.redo(reqs[i].clone()).expect("redo through the pool");
+                        assert!(page == reference[i], "{} differs through the pool (seed {seed})", reqs[i].target);
+                    }
+                });
+            }
+        });
+    }
+    let (s1, s2) = (single.stats(), pool.stats());
+    eprintln!("{} pages × 3 passes through one process, × 2 through the pool: identical ({s1:?}, {s2:?})", reqs.len());
+    assert_eq!((s1.failures, s2.failures), (0, 0));
+    assert_eq!(s1.process_starts, 1, "the single process was restarted");
+    assert_eq!(s2.process_starts, 2);
+    Ok(())
+}
+
+#[test]
+fn faults_fail_one_request_and_the_pool_recovers() -> Result<()> {
+    use sidecar::walredo::process::{ProcessError, RedoProcess};
+    use sidecar::walredo::scratch::ScratchTemplate;
+    use sidecar::walredo::RedoError;
+
+    let c = Cluster::builder().gucs(workload::MIXED_GUCS).start()?;
+    let from = workload::insert_lsn(&c)?;
+    c.execute("CREATE TABLE t (id int, v text); INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 200) g")?;
+    let to = workload::flush_lsn(&c)?;
+    let rels = relations(&c)?;
+    let filenode: u32 = c.query_one_string("SELECT pg_relation_filenode('t')")?.parse()?;
+    let empty = c.root_dir().join("nothing");
+    let good = requests(&empty, &rels, &c.wal_dir(), from, to)?
+        .into_iter()
+        .find(|r| r.target.rel.node.relnode == filenode && r.target.blkno == 0 && r.target.rel.fork == ForkNumber::Main)
+        .context("no request for t's first block")?;
+    // A transaction commit record: real, valid, and not page-level.
+    let mut commit = None;
+    let mut reader = WalFileReader::new(SegmentSet::collect(&[c.wal_dir()], None)?, Some(from), Some(to))?;
+    while let Some(rec) = reader.next_record()? {
+        if rec.header.rmid == 1 {
+            commit = Some(RedoRecord::Postgres { end_lsn: rec.end_lsn, raw: rec.raw.clone() });
+        }
+    }
+    let commit = commit.context("no commit record")?;
+
+    let manager = PostgresRedoManager::new(redo_config(c.root_dir(), 1))?;
+    let expected = manager.redo(good.clone())?;
+    let with = |records: Vec<RedoRecord>| RedoRequest { records, ..good.clone() };
+    let garbage = RedoRecord::Postgres { end_lsn: Lsn(to.0 + 8), raw: Bytes::from(vec![0x55u8; 100]) };
+    let mut cases: Vec<(&str, RedoRequest)> = vec![
+        ("a garbage record", with([good.records.clone(), vec![garbage]].concat())),
+        ("a record for a non-page rmgr", with([good.records.clone(), vec![commit]].concat())),
+    ];
+    // A record whose bytes were cut: its length no longer matches its header.
+    if let RedoRecord::Postgres { end_lsn, raw } = &good.records[0] {
+        let cut = RedoRecord::Postgres { end_lsn: *end_lsn, raw: raw.slice(..raw.len() - 7) };
+        cases.push(("a truncated record", with(vec![cut])));
+    }
+    for (what, req) in cases {
+        let err = manager.redo(req).expect_err(what);
+        assert!(matches!(err, RedoError::Process { .. }), "{what}: {err}");
+        eprintln!("{what}: {err}");
+        assert!(manager.redo(good.clone())? == expected, "after {what}, the next request is wrong");
+    }
+
+    // kill -9 of the redo process: the request in flight fails, the next one gets a new process.
+    let pids = manager.process_ids();
+    assert_eq!(pids.len(), 1);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0] as i32), nix::sys::signal::Signal::SIGKILL)?;
+    let err = manager.redo(good.clone()).expect_err("request to a killed process");
+    assert!(matches!(err, RedoError::Process { source: ProcessError::Died { .. }, .. }), "{err}");
+    assert!(manager.redo(good.clone())? == expected);
+    let stats = manager.stats();
+    assert_eq!((stats.failures, stats.process_starts), (4, 5), "{stats:?}");
+
+    // A message cut short on the wire: the loop waits for the rest, the client times out.
+    let mut cfg = redo_config(&c.root_dir().join("direct"), 1);
+    cfg.request_timeout = std::time::Duration::from_secs(2);
+    let template = ScratchTemplate::create(&cfg)?;
+    let mut p = RedoProcess::start(&template.copy_for(0, &cfg)?, &cfg)?;
+    let mut msg = Vec::new();
+    neon_types::walredo::encode_begin(&mut msg, &good.target);
+    msg.extend_from_slice(&[neon_types::walredo::TAG_APPLY, 0xE8, 0x03, 0, 0, 1, 2, 3]);
+    let mut reply = [0u8; BLCKSZ];
+    let err =
+        p.exchange(&msg, &mut reply, std::time::Instant::now() + cfg.request_timeout).expect_err("truncated message");
+    assert!(matches!(err, ProcessError::Timeout { .. }), "{err}");
+    let direct_pid = p.pid();
+    drop(p);
+    template.remove();
+    assert!(neon_tests::wait_process_gone(direct_pid as i32, std::time::Duration::from_secs(5)));
+
+    // Dropping the manager stops its processes and removes its scratch directories.
+    let (pids, root) = (manager.process_ids(), manager.scratch_root().to_path_buf());
+    drop(manager);
+    for pid in pids {
+        assert!(
+            neon_tests::wait_process_gone(pid as i32, std::time::Duration::from_secs(5)),
+            "redo process {pid} left"
+        );
+    }
+    assert!(!root.exists(), "{} left behind", root.display());
+    Ok(())
 }

@@ -75,6 +75,8 @@ pub struct PostgresRedoManager {
     workers: Vec<JoinHandle<()>>,
     template: Arc<ScratchTemplate>,
     stats: Arc<Mutex<RedoStats>>,
+    /// The OS process id of each worker's redo process, while it has one.
+    pids: Arc<Mutex<Vec<Option<u32>>>>,
 }
 
 /// Counters for status reports and tests.
@@ -92,21 +94,34 @@ impl PostgresRedoManager {
         let template = Arc::new(ScratchTemplate::create(&cfg)?);
         let (tx, rx) = bounded::<(RedoRequest, Reply)>(cfg.processes.max(1) * 4);
         let stats = Arc::new(Mutex::new(RedoStats::default()));
+        let pids = Arc::new(Mutex::new(vec![None; cfg.processes.max(1)]));
         let cfg = Arc::new(cfg);
         let workers = (0..cfg.processes.max(1))
             .map(|n| {
-                let (rx, cfg, template, stats) = (rx.clone(), cfg.clone(), template.clone(), stats.clone());
+                let shared =
+                    Shared { cfg: cfg.clone(), template: template.clone(), stats: stats.clone(), pids: pids.clone() };
+                let rx = rx.clone();
                 std::thread::Builder::new()
                     .name(format!("walredo-{n}"))
-                    .spawn(move || worker(n, rx, cfg, template, stats))
+                    .spawn(move || worker(n, rx, shared))
                     .expect("spawning a thread")
             })
             .collect();
-        Ok(PostgresRedoManager { queue: Some(tx), workers, template, stats })
+        Ok(PostgresRedoManager { queue: Some(tx), workers, template, stats, pids })
     }
 
     pub fn stats(&self) -> RedoStats {
         self.stats.lock().expect("stats lock").clone()
+    }
+
+    /// Process ids of the redo processes running now.
+    pub fn process_ids(&self) -> Vec<u32> {
+        self.pids.lock().expect("pids lock").iter().flatten().copied().collect()
+    }
+
+    /// Where the scratch data directories are.
+    pub fn scratch_root(&self) -> &std::path::Path {
+        self.template.root()
     }
 }
 
@@ -129,19 +144,21 @@ impl Drop for PostgresRedoManager {
     }
 }
 
-fn worker(
-    n: usize,
-    rx: Receiver<(RedoRequest, Reply)>,
+/// What every worker shares.
+struct Shared {
     cfg: Arc<RedoConfig>,
     template: Arc<ScratchTemplate>,
     stats: Arc<Mutex<RedoStats>>,
-) {
+    pids: Arc<Mutex<Vec<Option<u32>>>>,
+}
+
+fn worker(n: usize, rx: Receiver<(RedoRequest, Reply)>, shared: Shared) {
     let mut process: Option<RedoProcess> = None;
     let mut scratch = Vec::with_capacity(64 * 1024);
     for (request, reply) in rx {
-        let result = rebuild(&request, &mut process, &mut scratch, n, &cfg, &template, &stats);
+        let result = rebuild(&request, &mut process, &mut scratch, n, &shared);
         {
-            let mut s = stats.lock().expect("stats lock");
+            let mut s = shared.stats.lock().expect("stats lock");
             s.requests += 1;
             s.failures += result.is_err() as u64;
         }
@@ -149,8 +166,11 @@ fn worker(
             // Whatever state the process is in, it is not to be trusted.
             process = None;
         }
+        shared.pids.lock().expect("pids lock")[n] = process.as_ref().map(RedoProcess::pid);
         let _ = reply.send(result);
     }
+    drop(process);
+    shared.pids.lock().expect("pids lock")[n] = None;
 }
 
 fn rebuild(
@@ -158,10 +178,9 @@ fn rebuild(
     process: &mut Option<RedoProcess>,
     scratch: &mut Vec<u8>,
     n: usize,
-    cfg: &RedoConfig,
-    template: &ScratchTemplate,
-    stats: &Mutex<RedoStats>,
+    shared: &Shared,
 ) -> Result<Box<[u8; BLCKSZ]>, RedoError> {
+    let (cfg, template) = (&*shared.cfg, &*shared.template);
     let tag = req.target;
     let last = req.records.last().map_or(Lsn::INVALID, RedoRecord::lsn);
     let mut page: Option<Box<[u8; BLCKSZ]>> = match &req.base {
@@ -202,8 +221,10 @@ fn rebuild(
                 let fail = |source| RedoError::Process { tag, lsn: last, source };
                 if process.is_none() {
                     let dir = template.copy_for(n, cfg)?;
-                    *process = Some(RedoProcess::start(&dir, cfg).map_err(fail)?);
-                    stats.lock().expect("stats lock").process_starts += 1;
+                    let p = RedoProcess::start(&dir, cfg).map_err(fail)?;
+                    shared.pids.lock().expect("pids lock")[n] = Some(p.pid());
+                    *process = Some(p);
+                    shared.stats.lock().expect("stats lock").process_starts += 1;
                 }
                 let deadline = Instant::now() + cfg.request_timeout;
                 process.as_mut().expect("started above").exchange(scratch, &mut out[..], deadline).map_err(fail)?;

@@ -26,12 +26,19 @@ pub enum ProcessError {
     Io { pid: u32, what: &'static str, source: std::io::Error },
 }
 
+/// The lines of a redo process's log that say why it ended: its last PANIC, FATAL or ERROR
+/// (with the CONTEXT after it), else its last line.
 fn log_excerpt(log: &str) -> String {
-    let tail: Vec<&str> = log.lines().rev().filter(|l| !l.trim().is_empty()).take(3).collect();
-    if tail.is_empty() {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let why = lines.iter().rposition(|l| ["PANIC:", "FATAL:", "ERROR:"].iter().any(|k| l.contains(k)));
+    let picked: Vec<&str> = match why {
+        Some(i) => lines[i..].iter().take(2).filter(|l| !l.contains("STATEMENT:")).copied().collect(),
+        None => lines.last().into_iter().copied().collect(),
+    };
+    if picked.is_empty() {
         String::new()
     } else {
-        format!(": {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | "))
+        format!(": {}", picked.join(" | "))
     }
 }
 

@@ -119,6 +119,11 @@ impl ScratchTemplate {
         Ok(dir)
     }
 
+    /// The directory holding the template and the processes' copies.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Removes the template and every process's copy.
     pub fn remove(&self) {
         let _ = std::fs::remove_dir_all(&self.root);
