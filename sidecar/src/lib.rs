@@ -1,7 +1,8 @@
 //! The sidecar library: everything the `neon-sidecar` daemon does, usable from tests and
-//! benchmarks without the binary. For now it holds the WAL decoder (`wal`), which every later
-//! part (ingest, the page store, base backups) consumes.
+//! benchmarks without the binary: the WAL decoder (`wal`), page reconstruction (`walredo`), and
+//! the commands built on them (`waldump`, `redo_cli`).
 
+pub mod redo_cli;
 pub mod wal;
 pub mod waldump;
 pub mod walredo;

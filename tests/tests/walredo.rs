@@ -11,9 +11,7 @@ use neon_tests::pagemask::{first_difference, mask_page, mask_page_lsn_and_checks
 use neon_tests::{is_root, server_user, workload, Cluster};
 use neon_types::{BufferTag, ForkNumber, Lsn, BLCKSZ};
 use sidecar::wal::segment::{SegmentSet, WalFileReader};
-use sidecar::walredo::derive::native_records;
-use sidecar::walredo::native::NativeTarget;
-use sidecar::walredo::{PostgresRedoManager, RedoConfig, RedoRecord, RedoRequest, WalRedoManager};
+use sidecar::walredo::{redo_records_of, PostgresRedoManager, RedoConfig, RedoRecord, RedoRequest, WalRedoManager};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -117,23 +115,11 @@ fn requests(snapshot: &Path, rels: &HashMap<u32, Rel>, wal: &Path, from: Lsn, to
     let mut reader = WalFileReader::new(SegmentSet::collect(&[wal], None)?, Some(from), Some(to))?;
     let wanted = |tag: &BufferTag| tag.rel.fork != ForkNumber::Fsm && rels.contains_key(&tag.rel.node.relnode);
     while let Some(rec) = reader.next_record()? {
-        // Visibility-map bits cleared by heap records are applied in Rust.
-        for (target, record) in native_records(&rec.view())? {
-            if let NativeTarget::VisibilityMap(tag) = target {
-                if wanted(&tag) {
-                    by_block.entry(tag).or_default().push(RedoRecord::Native { lsn: rec.end_lsn, record });
-                }
+        redo_records_of(&rec, |tag, r| {
+            if wanted(&tag) {
+                by_block.entry(tag).or_default().push(r);
             }
-        }
-        if !neon_types::walredo::is_page_level(rec.header.rmid, rec.header.info) {
-            continue;
-        }
-        for b in rec.blocks.iter().filter(|b| wanted(&b.tag)) {
-            by_block
-                .entry(b.tag)
-                .or_default()
-                .push(RedoRecord::Postgres { end_lsn: rec.end_lsn, raw: rec.raw.clone() });
-        }
+        })?;
     }
     let mut out = Vec::new();
     for (tag, records) in by_block {
@@ -359,6 +345,23 @@ fn faults_fail_one_request_and_the_pool_recovers() -> Result<()> {
         eprintln!("{what}: {err}");
         assert!(manager.redo(good.clone())? == expected, "after {what}, the next request is wrong");
     }
+
+    // The same page by hand, with the CLI.
+    let out_file = c.root_dir().join("page.bin");
+    let (start, end, rel) = (from.to_string(), to.to_string(), good.target.rel.node.to_string());
+    let cli = |extra: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(neon_tests::sidecar_bin()?)
+            .args(["redo", "--rel", &rel, "--blkno", "0", "--start", &start, "--end", &end])
+            .args(extra)
+            .arg(c.wal_dir())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "neon-sidecar redo failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    cli(&["--out", out_file.to_str().unwrap()])?;
+    assert!(std::fs::read(&out_file)? == expected.to_vec(), "the CLI rebuilt a different page");
+    let described = cli(&[])?;
+    assert!(described.contains("records applied; lsn"), "{described}");
 
     // kill -9 of the redo process: the request in flight fails, the next one gets a new process.
     let pids = manager.process_ids();

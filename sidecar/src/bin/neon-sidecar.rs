@@ -1,7 +1,8 @@
 //! `neon-sidecar`: the sidecar daemon's command line. Each subcommand is a thin shell over the
-//! library; for now it offers the WAL decoder's `waldump`.
+//! library: `waldump` (the WAL decoder) and `redo` (page reconstruction).
 
 use clap::{Parser, Subcommand};
+use sidecar::redo_cli::{self, RedoArgs};
 use sidecar::waldump::{self, WaldumpArgs};
 
 #[derive(Parser)]
@@ -15,6 +16,8 @@ struct Cli {
 enum Command {
     /// Decode WAL segment files and print their records (like pg_waldump), or --stats.
     Waldump(WaldumpArgs),
+    /// Rebuild one page from a base page and the WAL, through a real wal-redo process.
+    Redo(RedoArgs),
 }
 
 fn main() {
@@ -28,6 +31,7 @@ fn main() {
                 out.flush().map_err(Into::into)
             })
         }
+        Command::Redo(args) => redo_cli::run(&args, &mut std::io::stdout()),
     };
     if let Err(e) = result {
         eprintln!("neon-sidecar: error: {e:#}");

@@ -38,6 +38,27 @@ impl RedoRecord {
     }
 }
 
+/// Sorts one decoded WAL record into what redo needs, per block: the record itself for every
+/// block it references when it is page-level, and the Rust-native records it implies for
+/// visibility-map blocks. SLRU pages (CLOG, multixacts) are not blocks of relations; their
+/// native records come from [`super::derive::native_records`] directly.
+pub fn redo_records_of(
+    rec: &super::super::wal::record::DecodedRecord,
+    mut emit: impl FnMut(BufferTag, RedoRecord),
+) -> Result<(), super::derive::DeriveError> {
+    for (target, record) in super::derive::native_records(&rec.view())? {
+        if let NativeTarget::VisibilityMap(tag) = target {
+            emit(tag, RedoRecord::Native { lsn: rec.end_lsn, record });
+        }
+    }
+    if proto::is_page_level(rec.header.rmid, rec.header.info) {
+        for b in &rec.blocks {
+            emit(b.tag, RedoRecord::Postgres { end_lsn: rec.end_lsn, raw: rec.raw.clone() });
+        }
+    }
+    Ok(())
+}
+
 /// Rebuild `target` from `base` (or from nothing, when the first record initialises the page)
 /// by applying `records` in order.
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@ pub mod native;
 pub mod process;
 pub mod scratch;
 
-pub use manager::{PostgresRedoManager, RedoError, RedoRecord, RedoRequest, WalRedoManager};
+pub use manager::{redo_records_of, PostgresRedoManager, RedoError, RedoRecord, RedoRequest, WalRedoManager};
 
 use std::path::PathBuf;
 use std::time::Duration;

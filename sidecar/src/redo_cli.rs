@@ -1,0 +1,121 @@
+//! `neon-sidecar redo`: rebuild one page by hand, the way `pg_waldump` lets one read WAL by
+//! hand. It collects every record for a block from WAL files (its page-level records and the
+//! Rust-native ones derived for it), applies them to a base page (a file) or to nothing, through
+//! a real wal-redo process, and writes the page to a file or describes it.
+
+use crate::wal::segment::{SegmentSet, WalFileReader};
+use crate::walredo::{redo_records_of, PostgresRedoManager, RedoConfig, RedoRequest, WalRedoManager};
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// What to rebuild.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RedoArgs {
+    /// The relation, as `spcnode/dbnode/relfilenode` (pg_waldump's `rel` form).
+    #[arg(long)]
+    pub rel: String,
+    /// The fork: main, vm or init.
+    #[arg(long, default_value = "main")]
+    pub fork: ForkNumber,
+    /// The block number.
+    #[arg(long)]
+    pub blkno: u32,
+    /// Apply records starting at or after this LSN (the base page's LSN, usually).
+    #[arg(long)]
+    pub start: Lsn,
+    /// Apply records ending at or before this LSN: the page as of then.
+    #[arg(long)]
+    pub end: Option<Lsn>,
+    /// The base page (8192 bytes); without it the first record must initialise the page.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Write the page here instead of describing it.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// PostgreSQL 15's bin directory.
+    #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
+    pub pg_bin: PathBuf,
+    /// OS user to run postgres as when started as root.
+    #[arg(long, default_value = "postgres")]
+    pub run_as: String,
+    /// The compute has data checksums.
+    #[arg(long)]
+    pub data_checksums: bool,
+    /// WAL segment files or directories holding them.
+    #[arg(required = true)]
+    pub wal: Vec<PathBuf>,
+}
+
+fn parse_rel(text: &str, fork: ForkNumber) -> anyhow::Result<RelTag> {
+    let parts: Vec<&str> = text.split('/').collect();
+    let [spc, db, rel] = parts[..] else { bail!("invalid relation {text:?}: expected spcnode/dbnode/relfilenode") };
+    let num = |s: &str| s.parse::<u32>().with_context(|| format!("invalid relation {text:?}: {s:?} is not an OID"));
+    Ok(RelTag { node: RelFileNode { spcnode: num(spc)?, dbnode: num(db)?, relnode: num(rel)? }, fork })
+}
+
+/// Page header fields and item count, for a quick look.
+pub fn describe_page(page: &[u8; BLCKSZ]) -> String {
+    let u16_at = |o: usize| u16::from_le_bytes([page[o], page[o + 1]]);
+    let lsn = Lsn(((u32::from_le_bytes(page[0..4].try_into().expect("4")) as u64) << 32)
+        | u32::from_le_bytes(page[4..8].try_into().expect("4")) as u64);
+    let (lower, upper, special) = (u16_at(12), u16_at(14), u16_at(16));
+    if page.iter().all(|&b| b == 0) {
+        return "an all-zero (new) page".into();
+    }
+    format!(
+        "lsn {lsn}, checksum {:#06x}, flags {:#06x}, lower {lower}, upper {upper}, special {special}, {} line pointers",
+        u16_at(8),
+        u16_at(10),
+        lower.saturating_sub(24) / 4
+    )
+}
+
+pub fn run(args: &RedoArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let tag = BufferTag { rel: parse_rel(&args.rel, args.fork)?, blkno: args.blkno };
+    let base = match &args.base {
+        Some(path) => {
+            let b = std::fs::read(path).with_context(|| format!("reading base page {}", path.display()))?;
+            if b.len() != BLCKSZ {
+                bail!("base page {} has {} bytes, expected {BLCKSZ}", path.display(), b.len());
+            }
+            Some(Bytes::from(b))
+        }
+        None => None,
+    };
+    let mut records = Vec::new();
+    let mut reader = WalFileReader::new(SegmentSet::collect(&args.wal, None)?, Some(args.start), args.end)?;
+    while let Some(rec) = reader.next_record()? {
+        redo_records_of(&rec, |t, r| {
+            if t == tag {
+                records.push(r);
+            }
+        })?;
+    }
+    if records.is_empty() && base.is_none() {
+        bail!("no record for {tag} between {} and {} and no base page", args.start, reader.end_of_valid_wal());
+    }
+    let mut cfg = RedoConfig::new(std::env::temp_dir().join(format!("neon-redo-{}", std::process::id())));
+    cfg.pg_bin_dir = args.pg_bin.clone();
+    cfg.processes = 1;
+    cfg.data_checksums = args.data_checksums;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let user = nix::unistd::User::from_name(&args.run_as)?
+            .with_context(|| format!("no OS user {:?} to run postgres as", args.run_as))?;
+        cfg.run_as = Some((user.uid.as_raw(), user.gid.as_raw()));
+    }
+    let n = records.len();
+    let manager = PostgresRedoManager::new(cfg)?;
+    let page = manager.redo(RedoRequest { target: tag, base, records })?;
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, &page[..]).with_context(|| format!("writing {}", path.display()))?;
+            writeln!(out, "{tag}: {n} records applied, page written to {}", path.display())?;
+        }
+        None => writeln!(out, "{tag}: {n} records applied; {}", describe_page(&page))?,
+    }
+    Ok(())
+}
