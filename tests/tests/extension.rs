@@ -18,6 +18,13 @@ fn create_extension_neon_works() -> Result<()> {
         c.query_one_string("SELECT neon_block_size()::text")?,
         c.query_one_string("SELECT current_setting('block_size')")?
     );
+    // The wal-redo loop refuses to run under a postmaster, and only superusers may call it.
+    let err = c.execute("SELECT neon_walredo_loop()").expect_err("walredo loop under a postmaster");
+    assert!(format!("{err:#}").contains("single-user"), "{err:#}");
+    c.execute("CREATE ROLE alice LOGIN")?;
+    let mut alice = postgres::Client::connect(&format!("{} user=alice", c.conn_str("postgres")), postgres::NoTls)?;
+    let err = alice.batch_execute("SELECT neon_walredo_loop()").expect_err("walredo loop as a plain role");
+    assert_eq!(err.code(), Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{err}");
     c.execute("DROP EXTENSION neon")?;
     assert_eq!(c.query_one_string("SELECT count(*)::text FROM pg_proc WHERE proname LIKE 'neon\\_%'")?, "0");
     Ok(())

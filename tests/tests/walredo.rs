@@ -87,6 +87,12 @@ fn workload_after_base(c: &Cluster) -> Result<()> {
     c.execute("BEGIN; SELECT * FROM docs WHERE id < 100 FOR UPDATE; COMMIT;")?;
     c.execute("VACUUM docs")?;
     c.execute("CREATE INDEX docs_late ON docs (id DESC)")?;
+    // A btree that grows from one page (a new root) and one full of duplicates (deduplication).
+    c.execute(
+        "CREATE TABLE grow (k int PRIMARY KEY, d int);
+         CREATE INDEX grow_dups ON grow (d);
+         INSERT INTO grow SELECT g, g % 3 FROM generate_series(1, 3000) g;",
+    )?;
     c.execute("INSERT INTO docs (id, body) SELECT g, 'late' FROM generate_series(6001, 6500) g")?;
     Ok(())
 }
@@ -162,6 +168,37 @@ fn rebuilt_pages_equal_disk(full_page_writes: &str) -> Result<()> {
     let rels = relations(&c)?;
 
     let reqs = requests(&snapshot, &rels, &c.wal_dir(), from, to)?;
+    let mut types = std::collections::BTreeSet::new();
+    for r in reqs.iter().flat_map(|r| &r.records) {
+        if let RedoRecord::Postgres { raw, .. } = r {
+            let (info, rmid) = (raw[16], raw[17]);
+            let name = sidecar::wal::rmgr::record_type(rmid, info).unwrap_or("?");
+            types.insert(format!("{}/{}", sidecar::wal::stats::rmgr_name(rmid), name));
+        }
+    }
+    for needed in [
+        "Heap/INSERT",
+        "Heap/UPDATE",
+        "Heap/HOT_UPDATE",
+        "Heap/DELETE",
+        "Heap/LOCK",
+        "Heap2/PRUNE",
+        "Heap2/VACUUM",
+        "Heap2/VISIBLE",
+        "Btree/INSERT_LEAF",
+        "Btree/SPLIT_L",
+        "Btree/NEWROOT",
+        "Btree/DEDUP",
+        "Btree/VACUUM",
+        "Hash/INSERT",
+        "Gin/INSERT",
+        "Gist/PAGE_UPDATE",
+        "SPGist/ADD_LEAF",
+        "BRIN/INSERT",
+        "Sequence/LOG",
+    ] {
+        assert!(types.contains(needed), "the workload replayed no {needed} record: {types:?}");
+    }
     let manager = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
     let (mut compared, mut mismatches, mut from_nothing, mut native, mut kinds) =
         (0, Vec::new(), 0, 0, BTreeMap::new());

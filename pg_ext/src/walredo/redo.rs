@@ -30,7 +30,10 @@ use std::ffi::CStr;
 pub const PRIVATE_DB: u32 = 0x7fff_fff0;
 
 const SIZE_OF_XLOG_RECORD: usize = 24;
+const FSM_FORKNUM: pg_sys::ForkNumber::Type = 1;
 const INIT_FORKNUM: pg_sys::ForkNumber::Type = 3;
+/// A free space map size no relation reaches (InvalidBlockNumber - 1).
+const FSM_ALL_BLOCKS: pg_sys::BlockNumber = 0xFFFF_FFFE;
 const MAX_FORKNUM: u8 = 3;
 const BKPBLOCK_WILL_INIT: u8 = 0x40;
 
@@ -155,6 +158,11 @@ impl RedoState {
             if known <= blkno {
                 (*reln).smgr_cached_nblocks[fork as usize] = blkno + 1;
             }
+            // Heap redo updates the free space map. Its pages are never results (the FSM is
+            // not WAL-logged), but extending its file would go through the buffer pool's
+            // "extend" path, which counts as a write and would look like an eviction. Make
+            // every FSM block exist: reads past the end of the file return zero pages.
+            (*reln).smgr_cached_nblocks[FSM_FORKNUM as usize] = FSM_ALL_BLOCKS;
         }
         if !self.touched.iter().any(|(n, f)| same_node(n, &rnode) && *f == fork) {
             self.touched.push((rnode, fork));

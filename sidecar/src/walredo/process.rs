@@ -99,14 +99,58 @@ impl RedoProcess {
         self.pid
     }
 
-    /// Sends `request` and reads exactly `reply.len()` bytes of reply, all before `deadline`.
-    pub fn exchange(&mut self, request: &[u8], reply: &mut [u8], deadline: Instant) -> Result<(), ProcessError> {
-        self.write_all(request, deadline)?;
+    /// Sends `request` (one or many pipelined requests) and reads exactly `reply.len()` bytes of
+    /// replies, all before `deadline`. Reading and writing interleave, so a long pipeline never
+    /// stalls on a full pipe in either direction.
+    pub fn exchange(&mut self, mut request: &[u8], reply: &mut [u8], deadline: Instant) -> Result<(), ProcessError> {
         let mut got = 0;
+        while !request.is_empty() {
+            let (writable, readable) = self.wait_both(deadline)?;
+            if readable && got < reply.len() {
+                got += self.read_now(&mut reply[got..])?;
+            }
+            if writable {
+                match self.stdin.write(request) {
+                    Ok(n) => request = &request[n..],
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Err(self.died()),
+                    Err(source) => return Err(ProcessError::Io { pid: self.pid, what: "writing a request", source }),
+                }
+            }
+        }
         while got < reply.len() {
             got += self.read_some(&mut reply[got..], deadline)?;
         }
         Ok(())
+    }
+
+    /// Waits until stdin is writable or stdout readable; returns (writable, readable).
+    fn wait_both(&mut self, deadline: Instant) -> Result<(bool, bool), ProcessError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut fds =
+            [PollFd::new(self.stdin.as_fd(), PollFlags::POLLOUT), PollFd::new(self.stdout.as_fd(), PollFlags::POLLIN)];
+        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, ms) {
+            Ok(0) => Err(ProcessError::Timeout { pid: self.pid, after: left }),
+            Ok(_) => {
+                let ready = |f: &PollFd, want: PollFlags| {
+                    f.revents().is_some_and(|r| r.intersects(want | PollFlags::POLLHUP | PollFlags::POLLERR))
+                };
+                Ok((ready(&fds[0], PollFlags::POLLOUT), ready(&fds[1], PollFlags::POLLIN)))
+            }
+            Err(nix::errno::Errno::EINTR) => Ok((false, false)),
+            Err(e) => Err(ProcessError::Io { pid: self.pid, what: "waiting on a pipe", source: e.into() }),
+        }
+    }
+
+    /// Reads what is available now (stdout was reported readable).
+    fn read_now(&mut self, buf: &mut [u8]) -> Result<usize, ProcessError> {
+        match self.stdout.read(buf) {
+            Ok(0) => Err(self.died()),
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+            Err(source) => Err(ProcessError::Io { pid: self.pid, what: "reading a reply", source }),
+        }
     }
 
     fn write_all(&mut self, mut buf: &[u8], deadline: Instant) -> Result<(), ProcessError> {
