@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use neon_tests::{is_root, server_user, workload, Cluster};
 use neon_types::walredo as proto;
-use neon_types::{BufferTag, ForkNumber, Lsn, BLCKSZ};
+use neon_types::{BufferTag, ForkNumber, BLCKSZ};
 use sidecar::wal::segment::{SegmentSet, WalFileReader};
 use sidecar::walredo::process::RedoProcess;
 use sidecar::walredo::scratch::ScratchTemplate;
@@ -96,7 +96,7 @@ fn main() -> Result<()> {
     let start_ms = t.elapsed().as_secs_f64() * 1e3;
 
     println!("wal-redo on stock PostgreSQL 15 (postgres --single + neon_walredo_loop), one process unless noted");
-    println!("records: real heap INSERTs on one page (first one initialises it), from {} to {}", Lsn::from(from), to);
+    println!("records: real heap INSERTs on one page (first one initialises it), from {} to {}", from, to);
     println!();
     println!("{:<34} {:>12} {:>12} {:>10}", "request", "ours µs", "Neon µs", "ratio");
     let mut ping = Vec::new();
