@@ -40,6 +40,10 @@ pub struct RedoConfig {
     pub request_timeout: Duration,
     /// How long a process may take to start.
     pub start_timeout: Duration,
+    /// How long a client looks for a reply before sleeping: a reply often comes sooner than a
+    /// sleeping thread wakes up (measured with bench/walredo on 2 cores: 2-record requests
+    /// 10.6 µs with 50 µs of spin, 29–51 µs without; a pool of 2 also does better with it).
+    pub reply_spin: Duration,
 }
 
 impl RedoConfig {
@@ -55,6 +59,7 @@ impl RedoConfig {
             run_as: None,
             request_timeout: Duration::from_secs(60),
             start_timeout: Duration::from_secs(30),
+            reply_spin: Duration::from_micros(50),
         }
     }
 }

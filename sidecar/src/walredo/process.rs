@@ -48,6 +48,8 @@ pub struct RedoProcess {
     stdout: ChildStdout,
     log: PathBuf,
     pid: u32,
+    /// How long to look for a reply before sleeping in poll.
+    spin: Duration,
 }
 
 impl RedoProcess {
@@ -76,7 +78,7 @@ impl RedoProcess {
         let pid = child.id();
         let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
-        let mut p = RedoProcess { child, stdin, stdout, log, pid };
+        let mut p = RedoProcess { child, stdin, stdout, log, pid, spin: cfg.reply_spin };
         for f in [p.stdin.as_fd(), p.stdout.as_fd()] {
             set_nonblocking(f).map_err(|e| fail(e.to_string()))?;
         }
@@ -167,6 +169,19 @@ impl RedoProcess {
     }
 
     fn read_some(&mut self, buf: &mut [u8], deadline: Instant) -> Result<usize, ProcessError> {
+        // A reply usually follows within microseconds: look for it briefly before sleeping in
+        // poll, whose wake-up costs more than a short redo.
+        let spin_until = Instant::now() + self.spin;
+        loop {
+            let n = self.read_now(buf)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            if Instant::now() >= spin_until {
+                break;
+            }
+            std::hint::spin_loop();
+        }
         loop {
             self.wait(PollFlags::POLLIN, deadline)?;
             match self.stdout.read(buf) {

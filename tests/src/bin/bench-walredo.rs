@@ -91,8 +91,9 @@ fn main() -> Result<()> {
     let root = c.root_dir().join("bench-walredo");
     let cfg = config(&root.join("direct"), 1);
     let template = ScratchTemplate::create(&cfg)?;
+    let dir = template.copy_for(0, &cfg)?;
     let t = Instant::now();
-    let mut p = RedoProcess::start(&template.copy_for(0, &cfg)?, &cfg)?;
+    let mut p = RedoProcess::start(&dir, &cfg)?;
     let start_ms = t.elapsed().as_secs_f64() * 1e3;
 
     println!("wal-redo on stock PostgreSQL 15 (postgres --single + neon_walredo_loop), one process unless noted");
