@@ -7,49 +7,13 @@
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use neon_tests::pagemask::{first_difference, mask_page, mask_page_lsn_and_checksum, PageKind};
-use neon_tests::{is_root, server_user, workload, Cluster};
-use neon_types::{BufferTag, ForkNumber, Lsn, BLCKSZ};
+use neon_tests::pages::{block_requests, compare_masked, fork_path, read_block, redo_config, relations};
+use neon_tests::{workload, Cluster};
+use neon_types::{ForkNumber, Lsn, BLCKSZ};
 use sidecar::wal::segment::{SegmentSet, WalFileReader};
-use sidecar::walredo::{redo_records_of, PostgresRedoManager, RedoConfig, RedoRecord, RedoRequest, WalRedoManager};
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-
-/// A relation of the compute: where its files are and how to mask its pages.
-struct Rel {
-    name: String,
-    path: String,
-    kind: PageKind,
-}
-
-fn relations(c: &Cluster) -> Result<HashMap<u32, Rel>> {
-    let rows = c.query_rows(
-        "SELECT c.relfilenode::text, c.relname::text, pg_relation_filepath(c.oid), coalesce(a.amname::text, ''), c.relkind::text
-         FROM pg_class c LEFT JOIN pg_am a ON a.oid = c.relam
-         WHERE c.relfilenode <> 0 AND c.relkind IN ('r', 'i', 't', 'S', 'm')",
-    )?;
-    let mut out = HashMap::new();
-    for r in rows {
-        let col = |i: usize| r[i].clone().unwrap_or_default();
-        let kind = if col(4) == "S" { Some(PageKind::Sequence) } else { PageKind::from_amname(&col(3)) };
-        if let Some(kind) = kind {
-            out.insert(col(0).parse()?, Rel { name: col(1), path: col(2), kind });
-        }
-    }
-    Ok(out)
-}
-
-fn fork_path(base: &Path, rel_path: &str, fork: ForkNumber) -> PathBuf {
-    match fork {
-        ForkNumber::Main => base.join(rel_path),
-        f => base.join(format!("{rel_path}_{}", f.name())),
-    }
-}
-
-fn read_block(path: &Path, blkno: u32) -> Option<Vec<u8>> {
-    let data = std::fs::read(path).ok()?;
-    data.get(blkno as usize * BLCKSZ..(blkno as usize + 1) * BLCKSZ).map(<[u8]>::to_vec)
-}
+use sidecar::walredo::{PostgresRedoManager, RedoRecord, RedoRequest, WalRedoManager};
+use std::collections::BTreeMap;
+use std::path::Path;
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     if let Some(parent) = to.parent() {
@@ -58,15 +22,6 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     let status = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status()?;
     anyhow::ensure!(status.success(), "cp -a {} {} failed", from.display(), to.display());
     Ok(())
-}
-
-fn redo_config(scratch: &Path, processes: usize) -> RedoConfig {
-    let mut cfg = RedoConfig::new(scratch.join("walredo"));
-    cfg.processes = processes;
-    if is_root() {
-        cfg.run_as = Some(server_user());
-    }
-    cfg
 }
 
 /// The workload between the two checkpoints: every page-level resource manager.
@@ -115,27 +70,6 @@ fn setup(c: &Cluster) -> Result<()> {
     Ok(())
 }
 
-/// Every block's redo request (base from the snapshot, records from the WAL), in block order.
-fn requests(snapshot: &Path, rels: &HashMap<u32, Rel>, wal: &Path, from: Lsn, to: Lsn) -> Result<Vec<RedoRequest>> {
-    let mut by_block: BTreeMap<BufferTag, Vec<RedoRecord>> = BTreeMap::new();
-    let mut reader = WalFileReader::new(SegmentSet::collect(&[wal], None)?, Some(from), Some(to))?;
-    let wanted = |tag: &BufferTag| tag.rel.fork != ForkNumber::Fsm && rels.contains_key(&tag.rel.node.relnode);
-    while let Some(rec) = reader.next_record()? {
-        redo_records_of(&rec, |tag, r| {
-            if wanted(&tag) {
-                by_block.entry(tag).or_default().push(r);
-            }
-        })?;
-    }
-    let mut out = Vec::new();
-    for (tag, records) in by_block {
-        let rel = &rels[&tag.rel.node.relnode];
-        let base = read_block(&fork_path(snapshot, &rel.path, tag.rel.fork), tag.blkno).map(Bytes::from);
-        out.push(RedoRequest { target: tag, base, records });
-    }
-    Ok(out)
-}
-
 /// Which record of a failing request fails first (bisecting with shorter requests), to make a
 /// failure report name the record to look at with pg_waldump.
 fn first_failing_record(manager: &PostgresRedoManager, req: &RedoRequest) -> String {
@@ -170,7 +104,7 @@ fn rebuilt_pages_equal_disk(full_page_writes: &str, checksums: bool) -> Result<(
     let to = workload::flush_lsn(&c)?;
     let rels = relations(&c)?;
 
-    let reqs = requests(&snapshot, &rels, &c.wal_dir(), from, to)?;
+    let reqs = block_requests(&snapshot, &rels, &c.wal_dir(), from, to)?;
     let mut types = std::collections::BTreeSet::new();
     for r in reqs.iter().flat_map(|r| &r.records) {
         if let RedoRecord::Postgres { raw, .. } = r {
@@ -211,8 +145,7 @@ fn rebuilt_pages_equal_disk(full_page_writes: &str, checksums: bool) -> Result<(
     for req in &reqs {
         let rel = &rels[&req.target.rel.node.relnode];
         // Blocks gone by the end (dropped, truncated) have nothing to compare with.
-        let Some(mut disk) = read_block(&fork_path(c.data_dir(), &rel.path, req.target.rel.fork), req.target.blkno)
-        else {
+        let Some(disk) = read_block(&fork_path(c.data_dir(), &rel.path, req.target.rel.fork), req.target.blkno) else {
             continue;
         };
         let page = match manager.redo(req.clone()) {
@@ -224,23 +157,17 @@ fn rebuilt_pages_equal_disk(full_page_writes: &str, checksums: bool) -> Result<(
                 });
             }
         };
-        let mut ours = page.to_vec();
         let kind = if req.target.rel.fork == ForkNumber::VisibilityMap {
-            // Visibility-map bits live in what the page header calls free space; only the LSN
-            // and checksum may differ.
-            mask_page_lsn_and_checksum(&mut ours);
-            mask_page_lsn_and_checksum(&mut disk);
             "VisibilityMap".to_string()
         } else {
-            mask_page(rel.kind, &mut ours, req.target.blkno);
-            mask_page(rel.kind, &mut disk, req.target.blkno);
             format!("{:?}", rel.kind)
         };
+        let diff = compare_masked(rel, &req.target, &page[..], &disk);
         compared += 1;
         from_nothing += req.base.is_none() as usize;
         native += req.records.iter().any(|r| matches!(r, RedoRecord::Native { .. })) as usize;
         *kinds.entry(kind).or_insert(0) += 1;
-        if let Some(at) = first_difference(&ours, &disk) {
+        if let Some(at) = diff {
             mismatches.push(format!(
                 "{} ({}, {} records): first difference at byte {at}",
                 req.target,
@@ -310,7 +237,7 @@ fn no_state_leaks_between_requests() -> Result<()> {
     workload_after_base(&c)?;
     c.execute("CHECKPOINT")?;
     let to = workload::flush_lsn(&c)?;
-    let reqs = requests(&snapshot, &relations(&c)?, &c.wal_dir(), from, to)?;
+    let reqs = block_requests(&snapshot, &relations(&c)?, &c.wal_dir(), from, to)?;
     assert!(reqs.len() > 1000, "only {} requests", reqs.len());
 
     // The reference: every page once, in block order, through one process.
@@ -360,7 +287,7 @@ fn faults_fail_one_request_and_the_pool_recovers() -> Result<()> {
     let rels = relations(&c)?;
     let filenode: u32 = c.query_one_string("SELECT pg_relation_filenode('t')")?.parse()?;
     let empty = c.root_dir().join("nothing");
-    let good = requests(&empty, &rels, &c.wal_dir(), from, to)?
+    let good = block_requests(&empty, &rels, &c.wal_dir(), from, to)?
         .into_iter()
         .find(|r| r.target.rel.node.relnode == filenode && r.target.blkno == 0 && r.target.rel.fork == ForkNumber::Main)
         .context("no request for t's first block")?;

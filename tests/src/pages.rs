@@ -1,0 +1,113 @@
+//! The compute's pages as an oracle for reconstruction: which relations a cluster has and how
+//! to mask their pages, reading blocks from its files, and turning a WAL range into one redo
+//! request per block. Tests, benchmarks and the demo share this so they check the same thing.
+
+use crate::pagemask::{first_difference, mask_page, mask_page_lsn_and_checksum, PageKind};
+use crate::{is_root, server_user, Cluster};
+use anyhow::Result;
+use bytes::Bytes;
+use neon_types::{BufferTag, ForkNumber, Lsn, BLCKSZ};
+use sidecar::wal::segment::{SegmentSet, WalFileReader};
+use sidecar::walredo::{redo_records_of, RedoConfig, RedoRecord, RedoRequest};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// A relation of the compute: where its files are and how to mask its pages.
+pub struct Rel {
+    pub name: String,
+    /// Relative to the data directory (`pg_relation_filepath`).
+    pub path: String,
+    pub kind: PageKind,
+}
+
+/// The relations with storage of database `postgres`, by relfilenode.
+pub fn relations(c: &Cluster) -> Result<HashMap<u32, Rel>> {
+    let rows = c.query_rows(
+        "SELECT c.relfilenode::text, c.relname::text, pg_relation_filepath(c.oid), coalesce(a.amname::text, ''), c.relkind::text
+         FROM pg_class c LEFT JOIN pg_am a ON a.oid = c.relam
+         WHERE c.relfilenode <> 0 AND c.relkind IN ('r', 'i', 't', 'S', 'm')",
+    )?;
+    let mut out = HashMap::new();
+    for r in rows {
+        let col = |i: usize| r[i].clone().unwrap_or_default();
+        let kind = if col(4) == "S" { Some(PageKind::Sequence) } else { PageKind::from_amname(&col(3)) };
+        if let Some(kind) = kind {
+            out.insert(col(0).parse()?, Rel { name: col(1), path: col(2), kind });
+        }
+    }
+    Ok(out)
+}
+
+/// The file of one fork of a relation under `base` (a data directory or a copy of one).
+pub fn fork_path(base: &Path, rel_path: &str, fork: ForkNumber) -> PathBuf {
+    match fork {
+        ForkNumber::Main => base.join(rel_path),
+        f => base.join(format!("{rel_path}_{}", f.name())),
+    }
+}
+
+/// Block `blkno` of a file, if the file is that long.
+pub fn read_block(path: &Path, blkno: u32) -> Option<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    f.seek(SeekFrom::Start(blkno as u64 * BLCKSZ as u64)).ok()?;
+    let mut page = vec![0u8; BLCKSZ];
+    f.read_exact(&mut page).ok()?;
+    Some(page)
+}
+
+/// A redo configuration with its scratch directories under `dir`, running PostgreSQL as the
+/// server OS user when we are root.
+pub fn redo_config(dir: &Path, processes: usize) -> RedoConfig {
+    let mut cfg = RedoConfig::new(dir.join("walredo"));
+    cfg.processes = processes;
+    if is_root() {
+        cfg.run_as = Some(server_user());
+    }
+    cfg
+}
+
+/// One request per block of `rels` (FSM forks aside) that WAL in `[from, to)` touches, in block
+/// order: the base page from `snapshot` (a copy of the data directory taken at `from`, if the
+/// block existed then) and every record for the block.
+pub fn block_requests(
+    snapshot: &Path,
+    rels: &HashMap<u32, Rel>,
+    wal: &Path,
+    from: Lsn,
+    to: Lsn,
+) -> Result<Vec<RedoRequest>> {
+    let mut by_block: BTreeMap<BufferTag, Vec<RedoRecord>> = BTreeMap::new();
+    let mut reader = WalFileReader::new(SegmentSet::collect(&[wal], None)?, Some(from), Some(to))?;
+    let wanted = |tag: &BufferTag| tag.rel.fork != ForkNumber::Fsm && rels.contains_key(&tag.rel.node.relnode);
+    while let Some(rec) = reader.next_record()? {
+        redo_records_of(&rec, |tag, r| {
+            if wanted(&tag) {
+                by_block.entry(tag).or_default().push(r);
+            }
+        })?;
+    }
+    Ok(by_block
+        .into_iter()
+        .map(|(tag, records)| {
+            let rel = &rels[&tag.rel.node.relnode];
+            let base = read_block(&fork_path(snapshot, &rel.path, tag.rel.fork), tag.blkno).map(Bytes::from);
+            RedoRequest { target: tag, base, records }
+        })
+        .collect())
+}
+
+/// Compares a rebuilt page with the compute's, both masked as PostgreSQL's `rm_mask` for the
+/// relation's kind does (visibility-map pages: LSN and checksum only, since their bits lie in
+/// what the header calls free space). Returns the first differing byte, if any.
+pub fn compare_masked(rel: &Rel, tag: &BufferTag, rebuilt: &[u8], disk: &[u8]) -> Option<usize> {
+    let (mut ours, mut theirs) = (rebuilt.to_vec(), disk.to_vec());
+    for page in [&mut ours, &mut theirs] {
+        if tag.rel.fork == ForkNumber::VisibilityMap {
+            mask_page_lsn_and_checksum(page);
+        } else {
+            mask_page(rel.kind, page, tag.blkno);
+        }
+    }
+    first_difference(&ours, &theirs)
+}
