@@ -338,15 +338,28 @@ fn faults_fail_one_request_and_the_pool_recovers() -> Result<()> {
     let described = cli(&[])?;
     assert!(described.contains("records applied; lsn"), "{described}");
 
-    // kill -9 of the redo process: the request in flight fails, the next one gets a new process.
+    // kill -9 of the redo process mid-request: the process is stopped, a request is sent to
+    // it, and it is killed while the request waits for its reply. That request fails; the next
+    // one gets a new process.
     let pids = manager.process_ids();
     assert_eq!(pids.len(), 1);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0] as i32), nix::sys::signal::Signal::SIGKILL)?;
-    let err = manager.redo(good.clone()).expect_err("request to a killed process");
+    let pid = nix::unistd::Pid::from_raw(pids[0] as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+    let err = std::thread::scope(|s| {
+        let in_flight = s.spawn(|| manager.redo(good.clone()));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill -9");
+        in_flight.join().expect("request thread").expect_err("request to a killed process")
+    });
     assert!(matches!(err, RedoError::Process { source: ProcessError::Died { .. }, .. }), "{err}");
     assert!(manager.redo(good.clone())? == expected);
+    // A process that dies while idle is replaced before the next request, which succeeds.
+    let idle = manager.process_ids()[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(idle as i32), nix::sys::signal::Signal::SIGKILL)?;
+    assert!(neon_tests::wait_process_gone(idle as i32, std::time::Duration::from_secs(5)));
+    assert!(manager.redo(good.clone())? == expected, "after an idle process died");
     let stats = manager.stats();
-    assert_eq!((stats.failures, stats.process_starts), (4, 5), "{stats:?}");
+    assert_eq!((stats.failures, stats.process_starts), (4, 6), "{stats:?}");
 
     // A message cut short on the wire: the loop waits for the rest, the client times out.
     let mut cfg = redo_config(&c.root_dir().join("direct"), 1);

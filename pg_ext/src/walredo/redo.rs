@@ -31,9 +31,12 @@ pub const PRIVATE_DB: u32 = 0x7fff_fff0;
 
 const SIZE_OF_XLOG_RECORD: usize = 24;
 const FSM_FORKNUM: pg_sys::ForkNumber::Type = 1;
+const VISIBILITYMAP_FORKNUM: pg_sys::ForkNumber::Type = 2;
 const INIT_FORKNUM: pg_sys::ForkNumber::Type = 3;
-/// A free space map size no relation reaches (InvalidBlockNumber - 1).
-const FSM_ALL_BLOCKS: pg_sys::BlockNumber = 0xFFFF_FFFE;
+/// A fork size no relation reaches (InvalidBlockNumber - 1).
+const ALL_BLOCKS: pg_sys::BlockNumber = 0xFFFF_FFFE;
+/// Placeholders installed before the buffer pool is cleared of them (it holds 512 pages).
+const MAX_PLACEHOLDERS: usize = 128;
 const MAX_FORKNUM: u8 = 3;
 const BKPBLOCK_WILL_INIT: u8 = 0x40;
 
@@ -56,6 +59,8 @@ pub struct RedoState {
     /// Buffers written (evicted) before the request began.
     written_before: i64,
     placeholder: Box<[u8; neon_types::BLCKSZ]>,
+    /// Placeholders installed since the pool was last cleared.
+    placeholders: usize,
 }
 
 fn private_node(relnode: u32) -> pg_sys::RelFileNode {
@@ -116,6 +121,7 @@ impl RedoState {
                 page_out: Box::new([0; neon_types::BLCKSZ]),
                 written_before: 0,
                 placeholder: placeholder_page(),
+                placeholders: 0,
             }
         }
     }
@@ -127,6 +133,9 @@ impl RedoState {
         }
         if fork > MAX_FORKNUM {
             error!("wal-redo: invalid fork number {fork} for relation {_spc}/{_db}/{rel} block {blkno}");
+        }
+        if blkno >= ALL_BLOCKS {
+            error!("wal-redo: invalid block number {blkno} for relation {_spc}/{_db}/{rel}");
         }
         // SAFETY: a backend global read on the backend's only thread.
         self.written_before = unsafe { pg_sys::pgBufferUsage.shared_blks_written };
@@ -158,11 +167,21 @@ impl RedoState {
             if known <= blkno {
                 (*reln).smgr_cached_nblocks[fork as usize] = blkno + 1;
             }
-            // Heap redo updates the free space map. Its pages are never results (the FSM is
-            // not WAL-logged), but extending its file would go through the buffer pool's
-            // "extend" path, which counts as a write and would look like an eviction. Make
-            // every FSM block exist: reads past the end of the file return zero pages.
-            (*reln).smgr_cached_nblocks[FSM_FORKNUM as usize] = FSM_ALL_BLOCKS;
+            // Heap redo updates the free space map and clears visibility-map bits of the heap
+            // blocks it touches, target or not. Extending those forks would write pages to
+            // disk outside the buffer pool (the visibility map: up to every page before the
+            // one needed) or through its "extend" path (counted as writes, which look like
+            // evictions). Make every block of them exist: reads past the end of the file
+            // return zero pages, which their code initialises in the buffer pool, dropped at
+            // the end of the request. A target's cached size set above is never lowered.
+            for f in [FSM_FORKNUM, VISIBILITYMAP_FORKNUM] {
+                if (*reln).smgr_cached_nblocks[f as usize] != ALL_BLOCKS {
+                    // The file must exist to be read (the visibility map's code, unlike the
+                    // redo buffer functions, does not create it).
+                    pg_sys::smgrcreate(reln, f, true);
+                    (*reln).smgr_cached_nblocks[f as usize] = ALL_BLOCKS;
+                }
+            }
         }
         if !self.touched.iter().any(|(n, f)| same_node(n, &rnode) && *f == fork) {
             self.touched.push((rnode, fork));
@@ -227,8 +246,13 @@ impl RedoState {
                 if !blk.in_use {
                     continue;
                 }
-                if blk.forknum < 0 || blk.forknum > MAX_FORKNUM as i32 {
-                    error!("wal-redo: record ending at {} has block {i} in fork {}", lsn_text(end_lsn), blk.forknum);
+                if blk.forknum < 0 || blk.forknum > MAX_FORKNUM as i32 || blk.blkno >= ALL_BLOCKS {
+                    error!(
+                        "wal-redo: record ending at {} has block {i} in fork {} at block {}",
+                        lsn_text(end_lsn),
+                        blk.forknum,
+                        blk.blkno
+                    );
                 }
                 blk.rnode = private_node(blk.rnode.relNode.into());
                 let (rnode, fork, blkno) = (blk.rnode, blk.forknum, blk.blkno);
@@ -239,6 +263,7 @@ impl RedoState {
                         leaves_other_page = true;
                     } else {
                         install_page(rnode, fork, blkno, &self.placeholder);
+                        self.placeholders += 1;
                     }
                 }
             }
@@ -255,13 +280,15 @@ impl RedoState {
             pg_sys::MemoryContextSwitchTo(old);
             (*self.reader).record = std::ptr::null_mut();
         }
-        if leaves_other_page {
+        // Placeholders are dropped before they fill the pool: evicting one would write it out.
+        if leaves_other_page || self.placeholders > MAX_PLACEHOLDERS {
             self.isolate_target();
         }
     }
 
     /// Drops every private page but the target's (DESIGN.md §3 point 13).
     fn isolate_target(&mut self) {
+        self.placeholders = 0;
         let mut keep = Box::new([0u8; neon_types::BLCKSZ]);
         keep.copy_from_slice(self.get_page());
         // SAFETY: no private buffer is pinned between records.
@@ -316,6 +343,7 @@ impl RedoState {
             }
             pg_sys::MemoryContextReset(self.request_cxt);
         }
+        self.placeholders = 0;
         self.target = None;
     }
 }

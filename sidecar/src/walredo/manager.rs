@@ -175,6 +175,7 @@ struct Shared {
 
 fn worker(n: usize, rx: Receiver<(RedoRequest, Reply)>, shared: Shared) {
     let mut process: Option<RedoProcess> = None;
+    let mut served = 0u64;
     let mut scratch = Vec::with_capacity(64 * 1024);
     for (request, reply) in rx {
         let result = rebuild(&request, &mut process, &mut scratch, n, &shared);
@@ -183,9 +184,12 @@ fn worker(n: usize, rx: Receiver<(RedoRequest, Reply)>, shared: Shared) {
             s.requests += 1;
             s.failures += result.is_err() as u64;
         }
-        if result.is_err() {
-            // Whatever state the process is in, it is not to be trusted.
+        served += 1;
+        if matches!(result, Err(RedoError::Process { .. })) || served >= shared.cfg.recycle_after {
+            // After a process error its state is not to be trusted; after many requests a
+            // fresh process sheds the files and handles a long-lived one accumulates.
             process = None;
+            served = 0;
         }
         shared.pids.lock().expect("pids lock")[n] = process.as_ref().map(RedoProcess::pid);
         let _ = reply.send(result);
@@ -240,6 +244,11 @@ fn rebuild(
                 proto::encode_get(scratch);
                 let mut out = page.take().unwrap_or_else(|| Box::new([0; BLCKSZ]));
                 let fail = |source| RedoError::Process { tag, lsn: last, source };
+                // A process that died while idle is replaced before the request is sent, so
+                // it costs this request nothing.
+                if process.as_mut().is_some_and(|p| !p.is_alive()) {
+                    *process = None;
+                }
                 if process.is_none() {
                     let dir = template.copy_for(n, cfg)?;
                     let p = RedoProcess::start(&dir, cfg).map_err(fail)?;

@@ -44,6 +44,8 @@ pub struct RedoConfig {
     /// sleeping thread wakes up (measured with bench/walredo on 2 cores: 2-record requests
     /// 10.6 µs with 50 µs of spin, 29–51 µs without; a pool of 2 also does better with it).
     pub reply_spin: Duration,
+    /// Requests a process serves before it is replaced by a fresh one.
+    pub recycle_after: u64,
 }
 
 impl RedoConfig {
@@ -60,6 +62,7 @@ impl RedoConfig {
             request_timeout: Duration::from_secs(60),
             start_timeout: Duration::from_secs(30),
             reply_spin: Duration::from_micros(50),
+            recycle_after: 100_000,
         }
     }
 }

@@ -44,7 +44,8 @@ fn log_excerpt(log: &str) -> String {
 
 pub struct RedoProcess {
     child: Child,
-    stdin: ChildStdin,
+    /// Closed (taken) when the process is asked to exit.
+    stdin: Option<ChildStdin>,
     stdout: ChildStdout,
     log: PathBuf,
     pid: u32,
@@ -57,8 +58,8 @@ impl RedoProcess {
     pub fn start(dir: &Path, cfg: &RedoConfig) -> Result<RedoProcess, ProcessError> {
         let fail = |detail: String| ProcessError::Start { dir: dir.to_path_buf(), detail };
         let log = dir.with_extension("log");
-        let log_file =
-            std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(|e| fail(e.to_string()))?;
+        // A fresh log per process, so a death is explained by this process's last words.
+        let log_file = std::fs::File::create(&log).map_err(|e| fail(e.to_string()))?;
         if let Some((uid, gid)) = cfg.run_as {
             let _ = std::os::unix::fs::chown(&log, Some(uid), Some(gid));
         }
@@ -76,10 +77,10 @@ impl RedoProcess {
         cmd.arg("postgres").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(log_file);
         let mut child = as_server_user(&mut cmd, cfg).spawn().map_err(|e| fail(e.to_string()))?;
         let pid = child.id();
-        let stdin = child.stdin.take().expect("piped");
+        let stdin = Some(child.stdin.take().expect("piped"));
         let stdout = child.stdout.take().expect("piped");
         let mut p = RedoProcess { child, stdin, stdout, log, pid, spin: cfg.reply_spin };
-        for f in [p.stdin.as_fd(), p.stdout.as_fd()] {
+        for f in [p.stdin_ref().as_fd(), p.stdout.as_fd()] {
             set_nonblocking(f).map_err(|e| fail(e.to_string()))?;
         }
         let deadline = Instant::now() + cfg.start_timeout;
@@ -101,6 +102,11 @@ impl RedoProcess {
         self.pid
     }
 
+    /// Whether the process is still running (it may have died while idle, e.g. OOM-killed).
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Sends `request` (one or many pipelined requests) and reads exactly `reply.len()` bytes of
     /// replies, all before `deadline`. Reading and writing interleave, so a long pipeline never
     /// stalls on a full pipe in either direction.
@@ -112,7 +118,7 @@ impl RedoProcess {
                 got += self.read_now(&mut reply[got..])?;
             }
             if writable {
-                match self.stdin.write(request) {
+                match self.stdin_mut().write(request) {
                     Ok(n) => request = &request[n..],
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Err(self.died()),
@@ -129,8 +135,10 @@ impl RedoProcess {
     /// Waits until stdin is writable or stdout readable; returns (writable, readable).
     fn wait_both(&mut self, deadline: Instant) -> Result<(bool, bool), ProcessError> {
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut fds =
-            [PollFd::new(self.stdin.as_fd(), PollFlags::POLLOUT), PollFd::new(self.stdout.as_fd(), PollFlags::POLLIN)];
+        let mut fds = [
+            PollFd::new(self.stdin_ref().as_fd(), PollFlags::POLLOUT),
+            PollFd::new(self.stdout.as_fd(), PollFlags::POLLIN),
+        ];
         let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
         match poll(&mut fds, ms) {
             Ok(0) => Err(ProcessError::Timeout { pid: self.pid, after: left }),
@@ -158,7 +166,7 @@ impl RedoProcess {
     fn write_all(&mut self, mut buf: &[u8], deadline: Instant) -> Result<(), ProcessError> {
         while !buf.is_empty() {
             self.wait(PollFlags::POLLOUT, deadline)?;
-            match self.stdin.write(buf) {
+            match self.stdin_mut().write(buf) {
                 Ok(n) => buf = &buf[n..],
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Err(self.died()),
@@ -196,7 +204,7 @@ impl RedoProcess {
     /// Waits until the pipe is ready for `what` (or hung up), or the deadline passes.
     fn wait(&mut self, what: PollFlags, deadline: Instant) -> Result<(), ProcessError> {
         let left = deadline.saturating_duration_since(Instant::now());
-        let fd = if what == PollFlags::POLLOUT { self.stdin.as_fd() } else { self.stdout.as_fd() };
+        let fd = if what == PollFlags::POLLOUT { self.stdin_ref().as_fd() } else { self.stdout.as_fd() };
         let mut fds = [PollFd::new(fd, what)];
         let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
         match poll(&mut fds, ms) {
@@ -207,10 +215,31 @@ impl RedoProcess {
         }
     }
 
+    fn stdin_ref(&self) -> &ChildStdin {
+        self.stdin.as_ref().expect("stdin is open until drop")
+    }
+
+    fn stdin_mut(&mut self) -> &mut ChildStdin {
+        self.stdin.as_mut().expect("stdin is open until drop")
+    }
+
     fn died(&mut self) -> ProcessError {
         // Give the process a moment to finish writing its last words and exit.
-        let _ = self.child.wait();
+        self.reap_within(Duration::from_secs(1));
         ProcessError::Died { pid: self.pid, log: std::fs::read_to_string(&self.log).unwrap_or_default() }
+    }
+
+    /// Waits up to `limit` for the process to exit; kills it if it has not.
+    fn reap_within(&mut self, limit: Duration) {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -224,8 +253,11 @@ fn set_nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<()> {
 }
 
 impl Drop for RedoProcess {
+    /// Closing stdin ends the redo loop through PostgreSQL's normal exit, which releases its
+    /// shared memory; a kill would leave the segments behind (the exit callbacks never run).
+    /// A process that does not exit soon is killed all the same.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stdin.take();
+        self.reap_within(Duration::from_secs(2));
     }
 }

@@ -78,6 +78,10 @@ impl ScratchTemplate {
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         chown(&root, cfg)?;
         let template = root.join("template");
+        // Leftovers of a manager that did not shut down are ours to replace.
+        if template.exists() {
+            std::fs::remove_dir_all(&template).map_err(|source| ScratchError::Io { path: template.clone(), source })?;
+        }
         let bin = |name: &str| cfg.pg_bin_dir.join(name);
         let mut initdb = Command::new(bin("initdb"));
         initdb.arg("-D").arg(&template).args([
@@ -106,15 +110,28 @@ impl ScratchTemplate {
         Ok(ScratchTemplate { root, template })
     }
 
-    /// A fresh copy of the template for redo process `n` (replacing any earlier one).
+    /// A fresh copy of the template for redo process `n`, in the same directory each time: a
+    /// process killed without exiting (a timeout, a PANIC) leaves its shared memory segment
+    /// keyed by the directory's inode, and PostgreSQL removes such a segment at the next start
+    /// only if the inode is the same.
     pub fn copy_for(&self, n: usize, cfg: &RedoConfig) -> Result<PathBuf, ScratchError> {
         let dir = self.root.join(format!("redo-{n}"));
+        let io = |source| ScratchError::Io { path: dir.clone(), source };
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|source| ScratchError::Io { path: dir.clone(), source })?;
+            for entry in std::fs::read_dir(&dir).map_err(io)? {
+                let path = entry.map_err(io)?.path();
+                let gone = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+                gone.map_err(|source| ScratchError::Io { path: path.clone(), source })?;
+            }
+        } else {
+            std::fs::create_dir(&dir).map_err(io)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+            chown(&dir, cfg)?;
         }
         let mut cp = Command::new("cp");
-        cp.arg("-a").arg(&self.template).arg(&dir);
-        // Copy as the server user so the copy is theirs (a root copy would keep owners anyway).
+        cp.arg("-a").arg(self.template.join(".")).arg(&dir);
+        // Copy as the server user so the copy is theirs.
         run(as_server_user(&mut cp, cfg), "copying the wal-redo template", None)?;
         Ok(dir)
     }
