@@ -86,7 +86,16 @@ fn first_failing_record(manager: &PostgresRedoManager, req: &RedoRequest) -> Str
     format!("#{} of {}, ending at {}", bad - 1, req.records.len(), req.records[bad - 1].lsn())
 }
 
-fn rebuilt_pages_equal_disk(full_page_writes: &str, checksums: bool) -> Result<()> {
+/// A compute that ran [`setup`], a CHECKPOINT (whose data files, copied to `snapshot`, are the
+/// base images), [`workload_after_base`] and a second CHECKPOINT; `from..to` is the WAL between.
+struct Scenario {
+    c: Cluster,
+    snapshot: std::path::PathBuf,
+    from: Lsn,
+    to: Lsn,
+}
+
+fn scenario(full_page_writes: &str, checksums: bool) -> Result<Scenario> {
     let mut builder = Cluster::builder()
         .gucs(&[("full_page_writes", full_page_writes), ("autovacuum", "off"), ("checkpoint_timeout", "1h")])
         .gucs(workload::MIXED_GUCS);
@@ -102,6 +111,11 @@ fn rebuilt_pages_equal_disk(full_page_writes: &str, checksums: bool) -> Result<(
     workload_after_base(&c)?;
     c.execute("CHECKPOINT")?;
     let to = workload::flush_lsn(&c)?;
+    Ok(Scenario { c, snapshot, from, to })
+}
+
+fn rebuilt_pages_equal_disk(full_page_writes: &str, checksums: bool) -> Result<()> {
+    let Scenario { c, snapshot, from, to } = scenario(full_page_writes, checksums)?;
     let rels = relations(&c)?;
 
     let reqs = block_requests(&snapshot, &rels, &c.wal_dir(), from, to)?;
@@ -225,18 +239,7 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 
 #[test]
 fn no_state_leaks_between_requests() -> Result<()> {
-    let c = Cluster::builder()
-        .gucs(&[("full_page_writes", "off"), ("autovacuum", "off"), ("checkpoint_timeout", "1h")])
-        .gucs(workload::MIXED_GUCS)
-        .start()?;
-    setup(&c)?;
-    c.execute("CHECKPOINT")?;
-    let from = workload::insert_lsn(&c)?;
-    let snapshot = c.root_dir().join("snapshot");
-    copy_dir(&c.data_dir().join("base"), &snapshot.join("base"))?;
-    workload_after_base(&c)?;
-    c.execute("CHECKPOINT")?;
-    let to = workload::flush_lsn(&c)?;
+    let Scenario { c, snapshot, from, to } = scenario("off", false)?;
     let reqs = block_requests(&snapshot, &relations(&c)?, &c.wal_dir(), from, to)?;
     assert!(reqs.len() > 1000, "only {} requests", reqs.len());
 
