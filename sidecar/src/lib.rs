@@ -4,6 +4,7 @@
 
 pub mod ingest;
 pub mod redo_cli;
+pub mod repo;
 pub mod wal;
 pub mod waldump;
 pub mod walredo;

@@ -1,0 +1,10 @@
+//! The versioned page store: values filed under (key, LSN) in layer files.
+//!
+//! * [`key`]   — what a value is about (a relation block, a relation's size, an SLRU page, a
+//!   piece of cluster metadata), in one sortable 18-byte encoding.
+//! * [`value`] — what is stored: a page image, a WAL record for redo, or a Rust-native record.
+//! * [`layer`] — immutable delta-layer files: CRC-checked blobs and a sorted index, written to a
+//!   temporary name, fsync'd and renamed, read back through `mmap`.
+pub mod key;
+pub mod layer;
+pub mod value;
