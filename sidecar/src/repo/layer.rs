@@ -93,7 +93,7 @@ impl DeltaLayerWriter {
 
     /// Writes the index and footer, makes the file durable and gives it its final name.
     pub fn finish(mut self) -> Result<PathBuf, LayerError> {
-        self.entries.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        self.entries.sort_by_key(|e| (e.0, e.1));
         let mut index = Vec::with_capacity(self.entries.len() * ENTRY_LEN);
         for (key, lsn, off, len) in &self.entries {
             index.extend_from_slice(&key.encode());
