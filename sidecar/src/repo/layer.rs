@@ -198,6 +198,14 @@ impl DeltaLayer {
         self.entries == 0
     }
 
+    /// Every (key, LSN) in the layer, in index order.
+    pub fn entries(&self) -> impl Iterator<Item = (Key, Lsn)> + '_ {
+        (0..self.entries).map(|i| {
+            let (k, l, ..) = self.entry(i);
+            (k, l)
+        })
+    }
+
     fn entry(&self, i: usize) -> (Key, Lsn, u64, u32) {
         let e = &self.map[self.index.start + i * ENTRY_LEN..][..ENTRY_LEN];
         let key = Key::decode(e[..KEY_LEN].try_into().expect("key bytes")).unwrap_or_default();

@@ -5,6 +5,12 @@
 //! * [`value`] — what is stored: a page image, a WAL record for redo, or a Rust-native record.
 //! * [`layer`] — immutable delta-layer files: CRC-checked blobs and a sorted index, written to a
 //!   temporary name, fsync'd and renamed, read back through `mmap`.
+//! * [`store`] — the repository: the in-memory layer, the layer files and the manifest.
+//! * [`ingest`] — decoded WAL records into values.
+//! * [`reconstruct`] — any page, and any relation's size, at any LSN.
+pub mod ingest;
 pub mod key;
 pub mod layer;
+pub mod reconstruct;
+pub mod store;
 pub mod value;

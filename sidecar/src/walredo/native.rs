@@ -264,6 +264,135 @@ pub enum NativeError {
          (pd_flags {flags:#06x}, pd_lower {lower}, pd_upper {upper}, pd_special {special})"
     )]
     BadVmPageHeader { target: NativeTarget, flags: u16, lower: u16, upper: u16, special: u16 },
+    #[error("stored native record is malformed: {0}")]
+    Encoding(&'static str),
+}
+
+// ---- the stored form of native records (the page store's one encoding of them) ----
+//
+//   u8 kind | fields, little-endian:
+//   0 ClogSetStatus            u8 status | u32 n | n × u32 xid
+//   1 MultixactOffsetCreate    u32 mid | u32 moff | u32 nmembers
+//   2 MultixactMembersCreate   u32 moff | u32 n | n × (u32 xid | u8 status)
+//   3 ClearVisibilityMapFlags  u8 flags | u32 n | n × u32 heap block
+//   4 SlruZeroPage
+
+impl NativeRecord {
+    /// Appends the stored form of the record.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let u32s = |out: &mut Vec<u8>, vs: &mut dyn Iterator<Item = u32>| {
+            for v in vs {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        };
+        match self {
+            NativeRecord::ClogSetStatus { xids, status } => {
+                out.extend_from_slice(&[0, *status as u8]);
+                u32s(out, &mut std::iter::once(xids.len() as u32).chain(xids.iter().copied()));
+            }
+            NativeRecord::MultixactOffsetCreate { mid, moff, nmembers } => {
+                out.push(1);
+                u32s(out, &mut [*mid, *moff, *nmembers].into_iter());
+            }
+            NativeRecord::MultixactMembersCreate { moff, members } => {
+                out.push(2);
+                u32s(out, &mut [*moff, members.len() as u32].into_iter());
+                for m in members {
+                    out.extend_from_slice(&m.xid.to_le_bytes());
+                    out.push(m.status);
+                }
+            }
+            NativeRecord::ClearVisibilityMapFlags { heap_blocks, flags } => {
+                out.extend_from_slice(&[3, *flags]);
+                u32s(out, &mut std::iter::once(heap_blocks.len() as u32).chain(heap_blocks.iter().copied()));
+            }
+            NativeRecord::SlruZeroPage => out.push(4),
+        }
+    }
+
+    /// Reads a record's stored form.
+    pub fn decode(b: &[u8]) -> Result<NativeRecord, NativeError> {
+        let mut r = b;
+        fn take<'a>(r: &mut &'a [u8], n: usize) -> Result<&'a [u8], NativeError> {
+            if r.len() < n {
+                return Err(NativeError::Encoding("truncated"));
+            }
+            let (a, rest) = r.split_at(n);
+            *r = rest;
+            Ok(a)
+        }
+        let u8_ = |r: &mut &[u8]| take(r, 1).map(|b| b[0]);
+        let u32_ = |r: &mut &[u8]| take(r, 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+        // Counts are bounded by what the bytes can hold, so garbage cannot allocate much.
+        let count = |r: &mut &[u8], each: usize| -> Result<usize, NativeError> {
+            let n = u32_(r)? as usize;
+            if n.saturating_mul(each) > r.len() {
+                return Err(NativeError::Encoding("count exceeds the record"));
+            }
+            Ok(n)
+        };
+        let rec = match u8_(&mut r)? {
+            0 => {
+                let status = XactStatus::from_bits(u8_(&mut r)?);
+                let n = count(&mut r, 4)?;
+                let xids = (0..n).map(|_| u32_(&mut r)).collect::<Result<_, _>>()?;
+                NativeRecord::ClogSetStatus { xids, status }
+            }
+            1 => {
+                NativeRecord::MultixactOffsetCreate { mid: u32_(&mut r)?, moff: u32_(&mut r)?, nmembers: u32_(&mut r)? }
+            }
+            2 => {
+                let moff = u32_(&mut r)?;
+                let n = count(&mut r, 5)?;
+                let members = (0..n)
+                    .map(|_| Ok(MultiXactMember { xid: u32_(&mut r)?, status: u8_(&mut r)? }))
+                    .collect::<Result<_, NativeError>>()?;
+                NativeRecord::MultixactMembersCreate { moff, members }
+            }
+            3 => {
+                let flags = u8_(&mut r)?;
+                let n = count(&mut r, 4)?;
+                let heap_blocks = (0..n).map(|_| u32_(&mut r)).collect::<Result<_, _>>()?;
+                NativeRecord::ClearVisibilityMapFlags { heap_blocks, flags }
+            }
+            4 => NativeRecord::SlruZeroPage,
+            _ => return Err(NativeError::Encoding("unknown kind")),
+        };
+        if !r.is_empty() {
+            return Err(NativeError::Encoding("trailing bytes"));
+        }
+        Ok(rec)
+    }
+}
+
+#[cfg(test)]
+mod encoding_tests {
+    use super::*;
+    use smallvec::smallvec;
+
+    #[test]
+    fn stored_form_round_trips_and_rejects_garbage() {
+        let recs = [
+            NativeRecord::ClogSetStatus { xids: smallvec![3, 4, 70000], status: XactStatus::Aborted },
+            NativeRecord::MultixactOffsetCreate { mid: 9, moff: 100, nmembers: 3 },
+            NativeRecord::MultixactMembersCreate {
+                moff: 100,
+                members: vec![MultiXactMember { xid: 800, status: 1 }, MultiXactMember { xid: 801, status: 5 }],
+            },
+            NativeRecord::ClearVisibilityMapFlags { heap_blocks: smallvec![7, 99999], flags: 0x03 },
+            NativeRecord::SlruZeroPage,
+        ];
+        for rec in recs {
+            let mut b = Vec::new();
+            rec.encode(&mut b);
+            assert_eq!(NativeRecord::decode(&b).unwrap(), rec);
+            for cut in 0..b.len() {
+                assert!(NativeRecord::decode(&b[..cut]).is_err(), "{rec:?} cut at {cut}");
+            }
+        }
+        assert!(NativeRecord::decode(&[0, 1, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(NativeRecord::decode(&[9]).is_err());
+    }
 }
 
 // ---- position arithmetic (the C macros, one function each) ----
