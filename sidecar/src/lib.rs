@@ -2,9 +2,11 @@
 //! benchmarks without the binary: the WAL decoder (`wal`), page reconstruction (`walredo`), and
 //! the commands built on them (`waldump`, `redo_cli`).
 
+pub mod follower;
 pub mod ingest;
 pub mod redo_cli;
 pub mod repo;
+pub mod store_cli;
 pub mod wal;
 pub mod waldump;
 pub mod walredo;

@@ -111,3 +111,50 @@ pub fn compare_masked(rel: &Rel, tag: &BufferTag, rebuilt: &[u8], disk: &[u8]) -
     }
     first_difference(&ours, &theirs)
 }
+
+/// Block `blkno` of fork `fork` of relfilenode `relnode` in database `postgres`.
+pub fn block(relnode: u32, fork: ForkNumber, blkno: u32) -> BufferTag {
+    BufferTag {
+        rel: neon_types::RelTag { node: neon_types::RelFileNode { spcnode: 1663, dbnode: 5, relnode }, fork },
+        blkno,
+    }
+}
+
+/// For every relation of database `postgres` whose name starts with `prefix`, main and VM
+/// forks: the store's size at `lsn` equals the file's under `data`, and every page equals the
+/// file's (masked). Returns the number of pages compared.
+pub fn compare_store_at(
+    c: &Cluster,
+    repo: &sidecar::repo::store::Repository,
+    redo: &dyn sidecar::walredo::WalRedoManager,
+    data: &Path,
+    lsn: Lsn,
+    prefix: &str,
+) -> Result<usize> {
+    use anyhow::Context;
+    use sidecar::repo::reconstruct::{get_page, rel_size};
+    let rels = relations(c)?;
+    let mut compared = 0;
+    for (relnode, rel) in rels.iter().filter(|(_, r)| r.name.starts_with(prefix)) {
+        for fork in [ForkNumber::Main, ForkNumber::VisibilityMap] {
+            let file = std::fs::read(fork_path(data, &rel.path, fork)).unwrap_or_default();
+            let ours = rel_size(repo, &block(*relnode, fork, 0).rel, lsn)?.unwrap_or(0) as usize;
+            anyhow::ensure!(
+                ours == file.len() / BLCKSZ,
+                "{} {fork} at {lsn}: size {ours}, the file has {} blocks",
+                rel.name,
+                file.len() / BLCKSZ
+            );
+            for blkno in 0..ours {
+                let tag = block(*relnode, fork, blkno as u32);
+                let page = get_page(repo, redo, tag, lsn).with_context(|| format!("{} {tag} at {lsn}", rel.name))?;
+                let disk = &file[blkno * BLCKSZ..(blkno + 1) * BLCKSZ];
+                if let Some(at) = compare_masked(rel, &tag, &page[..], disk) {
+                    anyhow::bail!("{} {tag} at {lsn}: differs from the compute's page at byte {at}", rel.name);
+                }
+                compared += 1;
+            }
+        }
+    }
+    Ok(compared)
+}

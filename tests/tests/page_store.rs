@@ -6,12 +6,12 @@
 //! earlier CHECKPOINT) — as do the relation sizes. A corrupted layer file is refused, by name.
 
 use anyhow::{Context, Result};
-use neon_tests::pages::{compare_masked, fork_path, redo_config, relations};
+use neon_tests::pages::{block, compare_store_at, redo_config};
 use neon_tests::{workload, Cluster};
-use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
+use neon_types::ForkNumber;
 use sidecar::ingest::replication::{ReplicationConfig, ReplicationConn, StreamEvent};
 use sidecar::repo::ingest::Ingest;
-use sidecar::repo::reconstruct::{get_page, rel_size};
+use sidecar::repo::reconstruct::get_page;
 use sidecar::repo::store::Repository;
 use sidecar::wal::decoder::WalStreamDecoder;
 use sidecar::walredo::PostgresRedoManager;
@@ -23,40 +23,6 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     let ok = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status()?.success();
     anyhow::ensure!(ok, "cp -a {} {}", from.display(), to.display());
     Ok(())
-}
-
-fn block(relnode: u32, fork: ForkNumber, blkno: u32) -> BufferTag {
-    BufferTag { rel: RelTag { node: RelFileNode { spcnode: 1663, dbnode: 5, relnode }, fork }, blkno }
-}
-
-/// Every block of the pgbench relations' main and VM forks: the store's page at `lsn` equals
-/// the file's under `data` (masked), and the store's size equals the file's.
-fn compare_at(c: &Cluster, repo: &Repository, redo: &PostgresRedoManager, data: &Path, lsn: Lsn) -> Result<usize> {
-    let rels = relations(c)?;
-    let mut compared = 0;
-    for (relnode, rel) in rels.iter().filter(|(_, r)| r.name.starts_with("pgbench_")) {
-        for fork in [ForkNumber::Main, ForkNumber::VisibilityMap] {
-            let file = std::fs::read(fork_path(data, &rel.path, fork)).unwrap_or_default();
-            let size = block(*relnode, fork, 0).rel;
-            let ours = rel_size(repo, &size, lsn)?.unwrap_or(0) as usize;
-            anyhow::ensure!(
-                ours == file.len() / BLCKSZ,
-                "{} {fork} at {lsn}: size {ours}, the file has {} blocks",
-                rel.name,
-                file.len() / BLCKSZ
-            );
-            for blkno in 0..ours {
-                let tag = block(*relnode, fork, blkno as u32);
-                let page = get_page(repo, redo, tag, lsn).with_context(|| format!("{} {tag} at {lsn}", rel.name))?;
-                let disk = &file[blkno * BLCKSZ..(blkno + 1) * BLCKSZ];
-                if let Some(at) = compare_masked(rel, &tag, &page[..], disk) {
-                    anyhow::bail!("{} {tag} at {lsn}: differs from the compute's page at byte {at}", rel.name);
-                }
-                compared += 1;
-            }
-        }
-    }
-    Ok(compared)
 }
 
 #[test]
@@ -125,8 +91,8 @@ fn streamed_history_serves_pages_now_and_in_the_past() -> Result<()> {
     let repo = Repository::open(&dir)?;
     assert_eq!(repo.durable_lsn(), durable);
     let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
-    let n_now = compare_at(&c, &repo, &redo, c.data_dir(), now)?;
-    let n_past = compare_at(&c, &repo, &redo, &snapshot, past)?;
+    let n_now = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "pgbench_")?;
+    let n_past = compare_store_at(&c, &repo, &redo, &snapshot, past, "pgbench_")?;
     eprintln!(
         "{n_now} pages equal the compute's at {now}, {n_past} equal its files at {past}; {} layer files",
         repo.layers().len()

@@ -1,8 +1,10 @@
 //! `neon-sidecar`: the sidecar daemon's command line. Each subcommand is a thin shell over the
-//! library: `waldump` (the WAL decoder) and `redo` (page reconstruction).
+//! library: `waldump` (the WAL decoder), `redo` (page reconstruction), and the store's `run`,
+//! `get-page` and `status`.
 
 use clap::{Parser, Subcommand};
 use sidecar::redo_cli::{self, RedoArgs};
+use sidecar::store_cli::{self, GetPageArgs, RunArgs, StatusArgs};
 use sidecar::waldump::{self, WaldumpArgs};
 
 #[derive(Parser)]
@@ -18,6 +20,12 @@ enum Command {
     Waldump(WaldumpArgs),
     /// Rebuild one page from a base page and the WAL, through a real wal-redo process.
     Redo(RedoArgs),
+    /// Follow a compute's WAL through a replication slot into a store.
+    Run(RunArgs),
+    /// A page of a store as of an LSN.
+    GetPage(GetPageArgs),
+    /// What a store holds.
+    Status(StatusArgs),
 }
 
 fn main() {
@@ -32,6 +40,9 @@ fn main() {
             })
         }
         Command::Redo(args) => redo_cli::run(&args, &mut std::io::stdout()),
+        Command::Run(args) => store_cli::run(&args),
+        Command::GetPage(args) => store_cli::get(&args, &mut std::io::stdout()),
+        Command::Status(args) => store_cli::status(&args, &mut std::io::stdout()),
     };
     if let Err(e) = result {
         eprintln!("neon-sidecar: error: {e:#}");

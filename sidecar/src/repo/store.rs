@@ -44,8 +44,18 @@ pub struct Repository {
 }
 
 impl Repository {
-    /// Opens (or creates) the repository in `dir`.
+    /// Opens (or creates) the repository in `dir` for writing: the one writer also removes
+    /// layer files an interrupted flush left behind.
     pub fn open(dir: &Path) -> Result<Repository, RepoError> {
+        Self::open_inner(dir, true)
+    }
+
+    /// Opens the repository in `dir` to read what is durable, beside a running writer.
+    pub fn open_read_only(dir: &Path) -> Result<Repository, RepoError> {
+        Self::open_inner(dir, false)
+    }
+
+    fn open_inner(dir: &Path, writer: bool) -> Result<Repository, RepoError> {
         let io = |source| RepoError::Io { path: dir.to_path_buf(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
         let mut repo = Repository {
@@ -70,7 +80,7 @@ impl Repository {
             repo.layers.push(Arc::new(DeltaLayer::open(&dir.join(name))?));
         }
         // Files not in the manifest were written by a flush that never completed.
-        for entry in std::fs::read_dir(dir).map_err(io)? {
+        for entry in std::fs::read_dir(dir).map_err(io)?.filter(|_| writer) {
             let entry = entry.map_err(io)?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with("delta-") && !names.contains(&name) {

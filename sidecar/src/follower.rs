@@ -1,0 +1,128 @@
+//! Following a live compute: the loop of `neon-sidecar run`. It owns a physical replication
+//! slot, streams WAL from the repository's durable LSN (or the slot's start, for a new
+//! repository), files every record, flushes the repository on a timer or every so many bytes,
+//! and only then reports the new durable LSN to the compute as flushed — so the slot never lets
+//! go of WAL the sidecar has not made durable, whatever happens to the sidecar. When the
+//! connection drops (the compute restarts), it reconnects with backoff.
+
+use crate::ingest::replication::{ReplicationConfig, ReplicationConn, ReplicationError, StreamEvent};
+use crate::repo::ingest::{Ingest, IngestError};
+use crate::repo::store::{RepoError, Repository};
+use crate::wal::decoder::{DecodeError, WalStreamDecoder};
+use neon_types::Lsn;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct FollowerConfig {
+    pub replication: ReplicationConfig,
+    pub store: PathBuf,
+    pub slot: String,
+    /// Flush at least this often while WAL arrives.
+    pub flush_interval: Duration,
+    /// Flush after this many bytes of WAL.
+    pub flush_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error("decoding streamed WAL: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("history gap: the repository is durable to {durable} but slot {slot} starts at {restart}")]
+    Gap { durable: Lsn, slot: String, restart: Lsn },
+    #[error("server reports an unusable wal_segment_size {0:?}")]
+    SegmentSize(String),
+}
+
+fn segment_size(conn: &mut ReplicationConn) -> Result<u32, FollowError> {
+    let rows = conn.command("SHOW wal_segment_size")?;
+    let text = rows.first().and_then(|r| r.first().cloned().flatten()).unwrap_or_default();
+    let mb = text.strip_suffix("MB").and_then(|n| n.parse::<u32>().ok());
+    let gb = text.strip_suffix("GB").and_then(|n| n.parse::<u32>().ok()).map(|g| g * 1024);
+    mb.or(gb).map(|m| m << 20).ok_or(FollowError::SegmentSize(text))
+}
+
+/// Follows the compute until `stop` is set, reconnecting after errors.
+pub fn run(cfg: &FollowerConfig, stop: &AtomicBool) -> Result<(), FollowError> {
+    let mut repo = Repository::open(&cfg.store)?;
+    let mut ingest = Ingest::new();
+    let mut backoff = Duration::from_millis(100);
+    while !stop.load(Ordering::Relaxed) {
+        match follow(cfg, &mut repo, &mut ingest, stop) {
+            Ok(()) => break,
+            // Problems of our own store or of the WAL's content are not cured by reconnecting.
+            Err(e @ (FollowError::Repo(_) | FollowError::Ingest(_) | FollowError::Gap { .. })) => return Err(e),
+            Err(e) => {
+                eprintln!("neon-sidecar: following the compute: {e}; reconnecting in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    repo.flush()?;
+    Ok(())
+}
+
+fn follow(
+    cfg: &FollowerConfig,
+    repo: &mut Repository,
+    ingest: &mut Ingest,
+    stop: &AtomicBool,
+) -> Result<(), FollowError> {
+    let mut conn = ReplicationConn::connect(&cfg.replication)?;
+    let sys = conn.identify_system()?;
+    let seg_size = segment_size(&mut conn)?;
+    let restart = match conn.slot_restart_lsn(&cfg.slot)? {
+        Some(l) => l,
+        None => conn.create_slot(&cfg.slot)?,
+    };
+    let durable = repo.durable_lsn();
+    let start = if durable.is_valid() { durable } else { restart };
+    if start < restart {
+        return Err(FollowError::Gap { durable, slot: cfg.slot.clone(), restart });
+    }
+    let mut dec = WalStreamDecoder::new(start, seg_size)?;
+    let mut stream = conn.start_replication(Some(&cfg.slot), start, sys.timeline)?;
+    let mut last_flush = Instant::now();
+    let mut unflushed = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let event = match stream.next_event(Duration::from_millis(200)) {
+            Ok(Some(e)) => Some(e),
+            Ok(None) => return Err(ReplicationError::Protocol("the server ended the stream".into()).into()),
+            Err(ReplicationError::Timeout(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let mut reply = false;
+        match event {
+            Some(StreamEvent::XLogData { data, .. }) => {
+                unflushed += data.len() as u64;
+                dec.feed(data);
+                while let Some(rec) = dec.poll()? {
+                    ingest.ingest(repo, &rec)?;
+                }
+            }
+            Some(StreamEvent::Keepalive { reply_requested, .. }) => reply = reply_requested,
+            None => {}
+        }
+        if repo.last_lsn() > repo.durable_lsn()
+            && (unflushed >= cfg.flush_bytes || last_flush.elapsed() >= cfg.flush_interval)
+        {
+            repo.flush()?;
+            last_flush = Instant::now();
+            unflushed = 0;
+            reply = true;
+        }
+        if reply {
+            let d = repo.durable_lsn();
+            stream.send_status(d, d, d, false)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! Crash safety of `neon-sidecar run`: the sidecar follows a real compute through pgbench while
+//! it is killed with SIGKILL at random moments and restarted. At every kill the slot has kept
+//! all WAL past the store's durable LSN; after the last restart the store has caught up, and
+//! every page of the pgbench relations equals the compute's, now and at an earlier checkpoint.
+
+use anyhow::{Context, Result};
+use neon_tests::pages::{compare_store_at, redo_config};
+use neon_tests::{sidecar_bin, workload, Cluster};
+use neon_types::Lsn;
+use sidecar::repo::store::Repository;
+use sidecar::walredo::PostgresRedoManager;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+fn spawn_sidecar(c: &Cluster, store: &std::path::Path) -> Result<Child> {
+    Ok(Command::new(sidecar_bin()?)
+        .args([
+            "run",
+            "--host",
+            &c.socket_dir().display().to_string(),
+            "--port",
+            &c.port().to_string(),
+            "--flush-ms",
+            "100",
+        ])
+        .arg("--store")
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+fn slot_restart(c: &Cluster) -> Result<Option<Lsn>> {
+    let rows = c.query_rows("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'neon_sidecar'")?;
+    Ok(rows.first().and_then(|r| r[0].clone()).map(|t| t.parse()).transpose()?)
+}
+
+#[test]
+fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
+    let c = Cluster::builder().gucs(workload::MIXED_GUCS).gucs(&[("autovacuum", "off")]).start()?;
+    let store = c.root_dir().join("store");
+    let child = Mutex::new(spawn_sidecar(&c, &store)?);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slot_restart(&c)?.is_none() {
+        anyhow::ensure!(Instant::now() < deadline, "the sidecar never created its slot");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let done = AtomicBool::new(false);
+    let kills = AtomicUsize::new(0);
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64 | 1;
+    eprintln!("kill schedule seed {seed}");
+    let (past, now, snapshot) = std::thread::scope(|s| -> Result<_> {
+        let killer = s.spawn(|| -> Result<()> {
+            while !done.load(Ordering::Relaxed) || kills.load(Ordering::Relaxed) < 3 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                std::thread::sleep(Duration::from_millis(200 + seed % 700));
+                let mut ch = child.lock().expect("child lock");
+                ch.kill()?;
+                ch.wait()?;
+                // What the store says is durable, the slot still has.
+                let durable = Repository::open_read_only(&store)?.durable_lsn();
+                let restart = slot_restart(&c)?.context("slot gone")?;
+                anyhow::ensure!(
+                    restart <= durable || !durable.is_valid(),
+                    "slot restart {restart} passed the durable {durable}"
+                );
+                kills.fetch_add(1, Ordering::Relaxed);
+                *ch = spawn_sidecar(&c, &store)?;
+            }
+            Ok(())
+        });
+        c.pgbench(&["-i", "-q", "-s", "1"])?;
+        c.pgbench(&["-n", "-t", "200"])?;
+        c.execute("CHECKPOINT")?;
+        let past = workload::flush_lsn(&c)?;
+        let snapshot = c.root_dir().join("past");
+        std::fs::create_dir_all(&snapshot)?;
+        let ok = Command::new("cp").arg("-a").arg(c.data_dir().join("base")).arg(&snapshot).status()?.success();
+        anyhow::ensure!(ok, "copying the data files");
+        c.pgbench(&["-n", "-c", "2", "-t", "400"])?;
+        c.execute("CHECKPOINT")?;
+        let now = workload::flush_lsn(&c)?;
+        done.store(true, Ordering::Relaxed);
+        killer.join().expect("killer thread")?;
+        Ok((past, now, snapshot))
+    })?;
+    eprintln!("{} kills", kills.load(Ordering::Relaxed));
+
+    // The last sidecar catches up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Repository::open_read_only(&store)?.durable_lsn() < now {
+        anyhow::ensure!(Instant::now() < deadline, "the store never reached {now}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut ch = child.into_inner().expect("child lock");
+    ch.kill()?;
+    ch.wait()?;
+
+    let repo = Repository::open(&store)?;
+    let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
+    let n_now = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "pgbench_")?;
+    let n_past = compare_store_at(&c, &repo, &redo, &snapshot, past, "pgbench_")?;
+    eprintln!("after the kills: {n_now} pages equal the compute's at {now}, {n_past} at {past}");
+    assert!(n_now > 1000 && n_past > 1000);
+    Ok(())
+}
