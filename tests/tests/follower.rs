@@ -93,13 +93,19 @@ fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
 
     // The last sidecar catches up.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while Repository::open_read_only(&store)?.durable_lsn() < now {
-        anyhow::ensure!(Instant::now() < deadline, "the store never reached {now}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let caught_up = loop {
+        match Repository::open_read_only(&store).map(|r| r.durable_lsn()) {
+            Ok(d) if d >= now => break Ok(()),
+            Err(e) => break Err(anyhow::Error::from(e)),
+            Ok(d) if Instant::now() >= deadline => break Err(anyhow::anyhow!("the store reached only {d}, not {now}")),
+            Ok(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
     let mut ch = child.into_inner().expect("child lock");
-    ch.kill()?;
+    let killed = ch.kill();
     ch.wait()?;
+    killed?;
+    caught_up?;
 
     let repo = Repository::open(&store)?;
     let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
