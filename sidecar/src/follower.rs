@@ -88,6 +88,7 @@ fn follow(
     if start < restart {
         return Err(FollowError::Gap { durable, slot: cfg.slot.clone(), restart });
     }
+    repo.begin_history(start);
     let mut dec = WalStreamDecoder::new(start, seg_size)?;
     let mut stream = conn.start_replication(Some(&cfg.slot), start, sys.timeline)?;
     let mut last_flush = Instant::now();

@@ -134,7 +134,7 @@ pub fn status(args: &StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let repo = Repository::open_read_only(&args.store)?;
     let bytes: u64 = repo.layers().iter().filter_map(|l| std::fs::metadata(l.path()).ok()).map(|m| m.len()).sum();
     writeln!(out, "store {}", args.store.display())?;
-    writeln!(out, "durable LSN {}", repo.durable_lsn())?;
+    writeln!(out, "history {} to {} (durable)", repo.history_start(), repo.durable_lsn())?;
     writeln!(out, "layer files {} ({bytes} bytes)", repo.layers().len())?;
     Ok(())
 }

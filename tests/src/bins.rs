@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::process::run_command;
 
@@ -30,19 +30,23 @@ pub fn pg_bin(name: &str) -> PathBuf {
 /// The `neon-sidecar` binary of this build (`target/<profile>/neon-sidecar`), built on demand
 /// when a test runs before cargo has built it.
 pub fn sidecar_bin() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("current_exe")?;
-    // Test executables live in target/<profile>/deps, binaries in target/<profile>.
-    let profile_dir = exe.parent().and_then(Path::parent).context("test executable has no target dir")?;
-    let bin = profile_dir.join("neon-sidecar");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "sidecar", "--bin", "neon-sidecar"]);
-        if release {
-            cmd.arg("--release");
-        }
-        run_command(&mut cmd)?;
-    }
-    Ok(bin)
+    static BUILT: std::sync::OnceLock<std::result::Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+            // Test executables live in target/<profile>/deps, binaries in target/<profile>.
+            let profile_dir = exe.parent().and_then(Path::parent).ok_or("test executable has no target dir")?;
+            // Build it once per test process: a no-op when it is up to date, and never a stale
+            // binary when only this package's tests were built.
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-q", "-p", "sidecar", "--bin", "neon-sidecar"]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            run_command(&mut cmd).map_err(|e| format!("{e:#}"))?;
+            Ok(profile_dir.join("neon-sidecar"))
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!("building neon-sidecar: {e}"))
 }

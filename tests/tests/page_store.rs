@@ -8,7 +8,7 @@
 use anyhow::{Context, Result};
 use neon_tests::pages::{block, compare_store_at, redo_config};
 use neon_tests::{workload, Cluster};
-use neon_types::ForkNumber;
+use neon_types::{ForkNumber, Lsn};
 use sidecar::ingest::replication::{ReplicationConfig, ReplicationConn, StreamEvent};
 use sidecar::repo::ingest::Ingest;
 use sidecar::repo::reconstruct::get_page;
@@ -53,6 +53,7 @@ fn streamed_history_serves_pages_now_and_in_the_past() -> Result<()> {
 
     let dir = c.root_dir().join("store");
     let mut repo = Repository::open(&dir)?;
+    repo.begin_history(start);
     let mut ingest = Ingest::new();
     let seg_size: u32 =
         c.query_one_string("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'")?.parse()?;
@@ -101,9 +102,15 @@ fn streamed_history_serves_pages_now_and_in_the_past() -> Result<()> {
 
     // A page from before its relation existed is refused, naming the page.
     let accounts: u32 = c.query_one_string("SELECT pg_relation_filenode('pgbench_accounts')")?.parse()?;
-    let err =
-        get_page(&repo, &redo, block(accounts, ForkNumber::Main, 0), start).expect_err("a page before its relation");
+    let first = block(accounts, ForkNumber::Main, 0);
+    let err = get_page(&repo, &redo, first, start).expect_err("a page before its relation");
     assert!(err.to_string().contains("does not exist"), "{err}");
+    // LSNs outside the history are refused, naming the bounds.
+    for outside in [Lsn(start.0 - 8), Lsn(durable.0 + 8)] {
+        let err = get_page(&repo, &redo, first, outside).expect_err("an LSN outside history");
+        let text = err.to_string();
+        assert!(text.contains(&start.to_string()) && text.contains(&durable.to_string()), "{text}");
+    }
 
     // A corrupted layer file is detected and named, never served.
     let layer = repo.layers()[0].path().to_path_buf();

@@ -20,6 +20,8 @@ pub enum GetPageError {
     Invalid { tag: BufferTag, lsn: Lsn, what: String },
     #[error("{tag} does not exist at {lsn}")]
     NoSuchPage { tag: BufferTag, lsn: Lsn },
+    #[error("{lsn} is outside the history this store holds ({start} to {end})")]
+    OutOfHistory { lsn: Lsn, start: Lsn, end: Lsn },
 }
 
 /// The size of `rel` in blocks as of `lsn`, if it exists then.
@@ -38,6 +40,10 @@ pub fn get_page(
     tag: BufferTag,
     lsn: Lsn,
 ) -> Result<Box<[u8; BLCKSZ]>, GetPageError> {
+    let (start, end) = (repo.history_start(), repo.last_lsn());
+    if !start.is_valid() || lsn < start || lsn > end {
+        return Err(GetPageError::OutOfHistory { lsn, start, end });
+    }
     let values = repo.values_for(Key::rel_block(&tag), lsn)?;
     if values.is_empty() {
         // A block inside the relation that no record touched: extended, never written.

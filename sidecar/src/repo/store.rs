@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! manifest (file "manifest", replaced by rename):
-//!   magic u64 "NEONMF01" | durable lsn u64 | n u32 | n × (u16 len | file name) | crc32c u32
+//!   magic u64 "NEONMF02" | history start u64 | durable lsn u64 | n u32 |
+//!   n × (u16 len | file name) | crc32c u32
 //! layer files: "delta-<first lsn>-<last lsn>", hex
 //! ```
 
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const MANIFEST: &str = "manifest";
-const MANIFEST_MAGIC: u64 = u64::from_le_bytes(*b"NEONMF01");
+const MANIFEST_MAGIC: u64 = u64::from_le_bytes(*b"NEONMF02");
 
 /// Problems of the repository as a whole.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,8 @@ pub struct Repository {
     durable: Lsn,
     /// The end of the last record put (what reads may ask up to).
     last: Lsn,
+    /// The first LSN the store holds history for.
+    start: Lsn,
 }
 
 impl Repository {
@@ -64,11 +67,13 @@ impl Repository {
             layers: Vec::new(),
             durable: Lsn::INVALID,
             last: Lsn::INVALID,
+            start: Lsn::INVALID,
         };
         let path = dir.join(MANIFEST);
         let names = match std::fs::read(&path) {
             Ok(b) => {
-                let (durable, names) = parse_manifest(&path, &b)?;
+                let (start, durable, names) = parse_manifest(&path, &b)?;
+                repo.start = start;
                 repo.durable = durable;
                 repo.last = durable;
                 names
@@ -98,6 +103,19 @@ impl Repository {
     /// The end of the last record stored.
     pub fn last_lsn(&self) -> Lsn {
         self.last
+    }
+
+    /// The first LSN the store holds history for (invalid until history begins).
+    pub fn history_start(&self) -> Lsn {
+        self.start
+    }
+
+    /// Records where history begins, once: the LSN the first record was read from.
+    pub fn begin_history(&mut self, lsn: Lsn) {
+        if !self.start.is_valid() {
+            self.start = lsn;
+            self.last = self.last.max(lsn);
+        }
     }
 
     /// The layer files, oldest first.
@@ -149,6 +167,7 @@ impl Repository {
         let io = |source| RepoError::Io { path: tmp.clone(), source };
         let mut b = Vec::new();
         b.extend_from_slice(&MANIFEST_MAGIC.to_le_bytes());
+        b.extend_from_slice(&self.start.0.to_le_bytes());
         b.extend_from_slice(&durable.0.to_le_bytes());
         b.extend_from_slice(&(names.len() as u32).to_le_bytes());
         for n in names {
@@ -194,9 +213,9 @@ impl Repository {
     }
 }
 
-fn parse_manifest(path: &Path, b: &[u8]) -> Result<(Lsn, Vec<String>), RepoError> {
+fn parse_manifest(path: &Path, b: &[u8]) -> Result<(Lsn, Lsn, Vec<String>), RepoError> {
     let bad = |what: &str| RepoError::Manifest { path: path.to_path_buf(), what: what.to_string() };
-    if b.len() < 24 {
+    if b.len() < 32 {
         return Err(bad("too short"));
     }
     let (body, crc) = b.split_at(b.len() - 4);
@@ -206,9 +225,10 @@ fn parse_manifest(path: &Path, b: &[u8]) -> Result<(Lsn, Vec<String>), RepoError
     if u64::from_le_bytes(body[..8].try_into().expect("8")) != MANIFEST_MAGIC {
         return Err(bad("bad magic"));
     }
-    let durable = Lsn(u64::from_le_bytes(body[8..16].try_into().expect("8")));
-    let n = u32::from_le_bytes(body[16..20].try_into().expect("4")) as usize;
-    let mut r = &body[20..];
+    let start = Lsn(u64::from_le_bytes(body[8..16].try_into().expect("8")));
+    let durable = Lsn(u64::from_le_bytes(body[16..24].try_into().expect("8")));
+    let n = u32::from_le_bytes(body[24..28].try_into().expect("4")) as usize;
+    let mut r = &body[28..];
     let mut names = Vec::new();
     for _ in 0..n {
         if r.len() < 2 {
@@ -223,5 +243,5 @@ fn parse_manifest(path: &Path, b: &[u8]) -> Result<(Lsn, Vec<String>), RepoError
         names.push(name.to_string());
         r = &r[2 + len..];
     }
-    Ok((durable, names))
+    Ok((start, durable, names))
 }
