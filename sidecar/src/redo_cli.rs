@@ -3,26 +3,20 @@
 //! Rust-native ones derived for it), applies them to a base page (a file) or to nothing, through
 //! a real wal-redo process, and writes the page to a file or describes it.
 
+use crate::cli_args::{BlockArgs, RedoProcessArgs};
 use crate::wal::segment::{SegmentSet, WalFileReader};
-use crate::walredo::{redo_records_of, PostgresRedoManager, RedoConfig, RedoRequest, WalRedoManager};
+use crate::walredo::{redo_records_of, PostgresRedoManager, RedoRequest, WalRedoManager};
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
+use neon_types::{Lsn, BLCKSZ};
 use std::io::Write;
 use std::path::PathBuf;
 
 /// What to rebuild.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RedoArgs {
-    /// The relation, as `spcnode/dbnode/relfilenode` (pg_waldump's `rel` form).
-    #[arg(long)]
-    pub rel: String,
-    /// The fork: main, vm or init.
-    #[arg(long, default_value = "main")]
-    pub fork: ForkNumber,
-    /// The block number.
-    #[arg(long)]
-    pub blkno: u32,
+    #[command(flatten)]
+    pub block: BlockArgs,
     /// Apply records starting at or after this LSN (the base page's LSN, usually).
     #[arg(long)]
     pub start: Lsn,
@@ -35,25 +29,11 @@ pub struct RedoArgs {
     /// Write the page here instead of describing it.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PostgreSQL 15's bin directory.
-    #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
-    pub pg_bin: PathBuf,
-    /// OS user to run postgres as when started as root.
-    #[arg(long, default_value = "postgres")]
-    pub run_as: String,
-    /// The compute has data checksums.
-    #[arg(long)]
-    pub data_checksums: bool,
+    #[command(flatten)]
+    pub redo: RedoProcessArgs,
     /// WAL segment files or directories holding them.
     #[arg(required = true)]
     pub wal: Vec<PathBuf>,
-}
-
-fn parse_rel(text: &str, fork: ForkNumber) -> anyhow::Result<RelTag> {
-    let parts: Vec<&str> = text.split('/').collect();
-    let [spc, db, rel] = parts[..] else { bail!("invalid relation {text:?}: expected spcnode/dbnode/relfilenode") };
-    let num = |s: &str| s.parse::<u32>().with_context(|| format!("invalid relation {text:?}: {s:?} is not an OID"));
-    Ok(RelTag { node: RelFileNode { spcnode: num(spc)?, dbnode: num(db)?, relnode: num(rel)? }, fork })
 }
 
 /// Page header fields and item count, for a quick look.
@@ -74,7 +54,7 @@ pub fn describe_page(page: &[u8; BLCKSZ]) -> String {
 }
 
 pub fn run(args: &RedoArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let tag = BufferTag { rel: parse_rel(&args.rel, args.fork)?, blkno: args.blkno };
+    let tag = args.block.tag()?;
     let base = match &args.base {
         Some(path) => {
             let b = std::fs::read(path).with_context(|| format!("reading base page {}", path.display()))?;
@@ -97,16 +77,7 @@ pub fn run(args: &RedoArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     if records.is_empty() && base.is_none() {
         bail!("no record for {tag} between {} and {} and no base page", args.start, reader.end_of_valid_wal());
     }
-    let mut cfg = RedoConfig::new(std::env::temp_dir().join(format!("neon-redo-{}", std::process::id())));
-    cfg.pg_bin_dir = args.pg_bin.clone();
-    cfg.processes = 1;
-    cfg.data_checksums = args.data_checksums;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        let user = nix::unistd::User::from_name(&args.run_as)?
-            .with_context(|| format!("no OS user {:?} to run postgres as", args.run_as))?;
-        cfg.run_as = Some((user.uid.as_raw(), user.gid.as_raw()));
-    }
+    let cfg = args.redo.config("redo")?;
     let n = records.len();
     let manager = PostgresRedoManager::new(cfg)?;
     let page = manager.redo(RedoRequest { target: tag, base, records })?;

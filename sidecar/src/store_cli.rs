@@ -1,14 +1,15 @@
 //! The store's commands: `neon-sidecar run` (follow a compute into a store), `get-page` (a page
 //! at an LSN from a store) and `status` (what a store holds).
 
+use crate::cli_args::{BlockArgs, RedoProcessArgs};
 use crate::follower::{self, FollowerConfig};
 use crate::ingest::replication::ReplicationConfig;
 use crate::redo_cli::describe_page;
 use crate::repo::reconstruct::get_page;
 use crate::repo::store::Repository;
-use crate::walredo::{PostgresRedoManager, RedoConfig};
+use crate::walredo::PostgresRedoManager;
 use anyhow::{bail, Context};
-use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag};
+use neon_types::Lsn;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -44,23 +45,16 @@ pub struct RunArgs {
 pub struct GetPageArgs {
     #[arg(long)]
     pub store: PathBuf,
-    /// The relation, as spcnode/dbnode/relfilenode.
-    #[arg(long)]
-    pub rel: String,
-    #[arg(long, default_value = "main")]
-    pub fork: ForkNumber,
-    #[arg(long)]
-    pub blkno: u32,
+    #[command(flatten)]
+    pub block: BlockArgs,
     /// The LSN (default: the store's durable LSN).
     #[arg(long)]
     pub lsn: Option<Lsn>,
     /// Write the page here instead of describing it.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
-    pub pg_bin: PathBuf,
-    #[arg(long, default_value = "postgres")]
-    pub run_as: String,
+    #[command(flatten)]
+    pub redo: RedoProcessArgs,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -94,30 +88,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn parse_rel(text: &str, fork: ForkNumber) -> anyhow::Result<RelTag> {
-    let parts: Vec<u32> = text.split('/').map(str::parse).collect::<Result<_, _>>().context("relation")?;
-    let [spcnode, dbnode, relnode] = parts[..] else {
-        bail!("invalid relation {text:?}: expected spcnode/dbnode/relfilenode")
-    };
-    Ok(RelTag { node: RelFileNode { spcnode, dbnode, relnode }, fork })
-}
-
 pub fn get(args: &GetPageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let repo = Repository::open_read_only(&args.store)?;
     let lsn = args.lsn.unwrap_or(repo.durable_lsn());
     if lsn > repo.durable_lsn() {
         bail!("{lsn} is beyond what the store holds (durable to {})", repo.durable_lsn());
     }
-    let tag = BufferTag { rel: parse_rel(&args.rel, args.fork)?, blkno: args.blkno };
-    let mut cfg = RedoConfig::new(std::env::temp_dir().join(format!("neon-get-page-{}", std::process::id())));
-    cfg.pg_bin_dir = args.pg_bin.clone();
-    cfg.processes = 1;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        let user =
-            nix::unistd::User::from_name(&args.run_as)?.with_context(|| format!("no OS user {:?}", args.run_as))?;
-        cfg.run_as = Some((user.uid.as_raw(), user.gid.as_raw()));
-    }
+    let tag = args.block.tag()?;
+    let cfg = args.redo.config("get-page")?;
     let redo = PostgresRedoManager::new(cfg)?;
     let page = get_page(&repo, &redo, tag, lsn)?;
     match &args.out {

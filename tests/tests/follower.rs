@@ -113,5 +113,42 @@ fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
     let n_past = compare_store_at(&c, &repo, &redo, &snapshot, past, "pgbench_")?;
     eprintln!("after the kills: {n_now} pages equal the compute's at {now}, {n_past} at {past}");
     assert!(n_now > 1000 && n_past > 1000);
+
+    // The store's commands: status, and a page at an LSN equal to the library's.
+    let cli = |args: &[&str]| -> Result<String> {
+        let out = Command::new(sidecar_bin()?).args(args).output()?;
+        anyhow::ensure!(out.status.success(), "neon-sidecar {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let store_arg = store.display().to_string();
+    let status = cli(&["status", "--store", &store_arg])?;
+    assert!(status.contains(&repo.durable_lsn().to_string()) && status.contains("layer files"), "{status}");
+    let accounts: u32 = c.query_one_string("SELECT pg_relation_filenode('pgbench_accounts')")?.parse()?;
+    let page_file = c.root_dir().join("page.bin");
+    let (rel, lsn) = (format!("1663/5/{accounts}"), past.to_string());
+    cli(&[
+        "get-page",
+        "--store",
+        &store_arg,
+        "--rel",
+        &rel,
+        "--blkno",
+        "3",
+        "--lsn",
+        &lsn,
+        "--out",
+        page_file.to_str().unwrap(),
+    ])?;
+    let ours = sidecar::repo::reconstruct::get_page(
+        &repo,
+        &redo,
+        neon_tests::pages::block(accounts, neon_types::ForkNumber::Main, 3),
+        past,
+    )?;
+    assert!(std::fs::read(&page_file)? == ours.to_vec(), "get-page wrote a different page");
+    let beyond = Command::new(sidecar_bin()?)
+        .args(["get-page", "--store", &store_arg, "--rel", &rel, "--blkno", "3", "--lsn", "FF/0"])
+        .output()?;
+    assert!(!beyond.status.success() && String::from_utf8_lossy(&beyond.stderr).contains("beyond"));
     Ok(())
 }

@@ -1,0 +1,63 @@
+//! Command-line arguments several commands share: which block, and how to run wal-redo
+//! processes. One definition each, flattened into the commands that need them.
+
+use crate::walredo::RedoConfig;
+use anyhow::{bail, Context};
+use neon_types::{BufferTag, ForkNumber, RelFileNode, RelTag};
+use std::path::PathBuf;
+
+/// A block of a relation fork.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BlockArgs {
+    /// The relation, as `spcnode/dbnode/relfilenode` (pg_waldump's `rel` form).
+    #[arg(long)]
+    pub rel: String,
+    /// The fork: main, vm or init.
+    #[arg(long, default_value = "main")]
+    pub fork: ForkNumber,
+    /// The block number.
+    #[arg(long)]
+    pub blkno: u32,
+}
+
+impl BlockArgs {
+    pub fn tag(&self) -> anyhow::Result<BufferTag> {
+        let text = &self.rel;
+        let parts: Vec<&str> = text.split('/').collect();
+        let [spc, db, rel] = parts[..] else { bail!("invalid relation {text:?}: expected spcnode/dbnode/relfilenode") };
+        let num = |s: &str| s.parse::<u32>().with_context(|| format!("invalid relation {text:?}: {s:?} is not an OID"));
+        let node = RelFileNode { spcnode: num(spc)?, dbnode: num(db)?, relnode: num(rel)? };
+        Ok(BufferTag { rel: RelTag { node, fork: self.fork }, blkno: self.blkno })
+    }
+}
+
+/// How to run wal-redo processes from a command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RedoProcessArgs {
+    /// PostgreSQL 15's bin directory.
+    #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
+    pub pg_bin: PathBuf,
+    /// OS user to run postgres as when started as root.
+    #[arg(long, default_value = "postgres")]
+    pub run_as: String,
+    /// The compute has data checksums.
+    #[arg(long)]
+    pub data_checksums: bool,
+}
+
+impl RedoProcessArgs {
+    /// A one-process configuration with its scratch directory named after `purpose`.
+    pub fn config(&self, purpose: &str) -> anyhow::Result<RedoConfig> {
+        let mut cfg = RedoConfig::new(std::env::temp_dir().join(format!("neon-{purpose}-{}", std::process::id())));
+        cfg.pg_bin_dir = self.pg_bin.clone();
+        cfg.processes = 1;
+        cfg.data_checksums = self.data_checksums;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let user = nix::unistd::User::from_name(&self.run_as)?
+                .with_context(|| format!("no OS user {:?} to run postgres as", self.run_as))?;
+            cfg.run_as = Some((user.uid.as_raw(), user.gid.as_raw()));
+        }
+        Ok(cfg)
+    }
+}
