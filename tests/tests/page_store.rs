@@ -8,7 +8,7 @@
 use anyhow::{Context, Result};
 use neon_tests::pages::{block, compare_store_at, redo_config};
 use neon_tests::{workload, Cluster};
-use neon_types::{ForkNumber, Lsn};
+use neon_types::{ForkNumber, Lsn, BLCKSZ};
 use sidecar::ingest::replication::{ReplicationConfig, ReplicationConn, StreamEvent};
 use sidecar::repo::ingest::Ingest;
 use sidecar::repo::reconstruct::get_page;
@@ -136,5 +136,124 @@ fn streamed_history_serves_pages_now_and_in_the_past() -> Result<()> {
     let err =
         get_page(&repo, &redo, key.buffer_tag().expect("a block"), lsn).err().context("served a corrupted value")?;
     assert!(err.to_string().contains(&name) && err.to_string().contains("checksum mismatch"), "{err}");
+    Ok(())
+}
+
+/// Streams everything from `start` up to `to` into a fresh store.
+fn stream_into(
+    c: &Cluster,
+    conn: ReplicationConn,
+    start: neon_types::Lsn,
+    to: neon_types::Lsn,
+    dir: &std::path::Path,
+) -> Result<Repository> {
+    let sys_tli = 1;
+    let mut repo = Repository::open(dir)?;
+    repo.begin_history(start);
+    let mut ingest = Ingest::new();
+    let seg_size: u32 =
+        c.query_one_string("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'")?.parse()?;
+    let mut dec = WalStreamDecoder::new(start, seg_size)?;
+    let mut stream = conn.start_replication(Some("neon_sidecar"), start, sys_tli)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while repo.last_lsn() < to {
+        anyhow::ensure!(Instant::now() < deadline, "ingested only to {}", repo.last_lsn());
+        if let Some(StreamEvent::XLogData { data, .. }) = stream.next_event(Duration::from_secs(10))? {
+            dec.feed(data);
+            while let Some(rec) = dec.poll()? {
+                ingest.ingest(&mut repo, &rec)?;
+            }
+        }
+    }
+    repo.flush()?;
+    Ok(repo)
+}
+
+#[test]
+fn dropped_truncated_and_recreated_relations_across_history() -> Result<()> {
+    use neon_tests::pages::{compare_store_at, fork_path, read_block};
+    use sidecar::repo::reconstruct::{rel_size, GetPageError};
+    let c = Cluster::builder().gucs(workload::MIXED_GUCS).gucs(&[("autovacuum", "off")]).start()?;
+    let cfg = ReplicationConfig {
+        host: c.socket_dir().display().to_string(),
+        port: c.port(),
+        user: "postgres".into(),
+        password: None,
+        application_name: "neon-sidecar".into(),
+    };
+    let mut conn = ReplicationConn::connect(&cfg)?;
+    let start = conn.create_slot("neon_sidecar")?;
+    c.execute(
+        "CREATE TABLE lc_keep (id int, v text); INSERT INTO lc_keep SELECT g, md5(g::text) FROM generate_series(1, 20000) g;
+         CREATE TABLE lc_doomed (id int); INSERT INTO lc_doomed SELECT generate_series(1, 5000);
+         CREATE TABLE lc_emptied (id int); INSERT INTO lc_emptied SELECT generate_series(1, 5000);",
+    )?;
+    c.execute("CHECKPOINT")?;
+    let then = workload::flush_lsn(&c)?;
+    let snapshot = c.root_dir().join("then");
+    copy_dir(&c.data_dir().join("base"), &snapshot.join("base"))?;
+    let node = |name: &str| -> Result<(u32, String)> {
+        Ok((
+            c.query_one_string(&format!("SELECT pg_relation_filenode('{name}')"))?.parse()?,
+            c.query_one_string(&format!("SELECT pg_relation_filepath('{name}')"))?,
+        ))
+    };
+    let (doomed, doomed_path) = node("lc_doomed")?;
+    let (emptied_old, _) = node("lc_emptied")?;
+    let (keep, keep_path) = node("lc_keep")?;
+    let keep_then = std::fs::metadata(c.data_dir().join(&keep_path))?.len() as u32 / BLCKSZ as u32;
+    c.execute("DROP TABLE lc_doomed")?;
+    c.execute("DELETE FROM lc_keep WHERE id > 500")?;
+    c.execute("VACUUM lc_keep")?;
+    c.execute("TRUNCATE lc_emptied")?;
+    c.execute("INSERT INTO lc_emptied SELECT generate_series(1, 10)")?;
+    c.execute("CHECKPOINT")?;
+    let now = workload::flush_lsn(&c)?;
+
+    let repo = stream_into(&c, conn, start, now, &c.root_dir().join("store"))?;
+    let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 1))?;
+    let main = |relnode| block(relnode, ForkNumber::Main, 0).rel;
+    // Dropped: there then, gone now.
+    assert_eq!(
+        rel_size(&repo, &main(doomed), then)?,
+        Some(std::fs::metadata(snapshot.join(&doomed_path))?.len() as u32 / BLCKSZ as u32)
+    );
+    assert_eq!(rel_size(&repo, &main(doomed), now)?, None);
+    let page = get_page(&repo, &redo, block(doomed, ForkNumber::Main, 0), then)?;
+    let disk = read_block(&fork_path(&snapshot, &doomed_path, ForkNumber::Main), 0).context("doomed block 0 then")?;
+    assert!(neon_tests::pagemask::first_difference(
+        &{
+            let mut p = page.to_vec();
+            neon_tests::pagemask::mask_page(neon_tests::pagemask::PageKind::Heap, &mut p, 0);
+            p
+        },
+        &{
+            let mut d = disk;
+            neon_tests::pagemask::mask_page(neon_tests::pagemask::PageKind::Heap, &mut d, 0);
+            d
+        }
+    )
+    .is_none());
+    assert!(matches!(
+        get_page(&repo, &redo, block(doomed, ForkNumber::Main, 0), now),
+        Err(GetPageError::NoSuchPage { .. })
+    ));
+    // Truncated by VACUUM: smaller now, whole then; blocks past the end are gone now.
+    let keep_now = std::fs::metadata(c.data_dir().join(&keep_path))?.len() as u32 / BLCKSZ as u32;
+    assert!(keep_now < keep_then, "VACUUM did not truncate ({keep_now} of {keep_then} blocks)");
+    assert_eq!(rel_size(&repo, &main(keep), then)?, Some(keep_then));
+    assert_eq!(rel_size(&repo, &main(keep), now)?, Some(keep_now));
+    assert!(matches!(
+        get_page(&repo, &redo, block(keep, ForkNumber::Main, keep_now), now),
+        Err(GetPageError::NoSuchPage { .. })
+    ));
+    get_page(&repo, &redo, block(keep, ForkNumber::Main, keep_now), then)?;
+    // TRUNCATE: the old relfilenode is gone now, the new one did not exist then.
+    assert!(rel_size(&repo, &main(emptied_old), then)?.is_some());
+    assert_eq!(rel_size(&repo, &main(emptied_old), now)?, None);
+    // And every page of what exists equals the compute's, now and then.
+    let n_now = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "lc_")?;
+    let n_then = compare_store_at(&c, &repo, &redo, &snapshot, then, "lc_")?;
+    eprintln!("life cycle: {n_now} pages equal now, {n_then} then");
     Ok(())
 }

@@ -44,13 +44,16 @@ pub fn get_page(
     if !start.is_valid() || lsn < start || lsn > end {
         return Err(GetPageError::OutOfHistory { lsn, start, end });
     }
+    // Blocks beyond the fork's size then (truncated, or the fork dropped or not yet created)
+    // do not exist, whatever values the store has for them at other LSNs.
+    match rel_size(repo, &tag.rel, lsn)? {
+        Some(n) if tag.blkno < n => {}
+        _ => return Err(GetPageError::NoSuchPage { tag, lsn }),
+    }
     let values = repo.values_for(Key::rel_block(&tag), lsn)?;
     if values.is_empty() {
         // A block inside the relation that no record touched: extended, never written.
-        return match rel_size(repo, &tag.rel, lsn)? {
-            Some(n) if tag.blkno < n => Ok(Box::new([0; BLCKSZ])),
-            _ => Err(GetPageError::NoSuchPage { tag, lsn }),
-        };
+        return Ok(Box::new([0; BLCKSZ]));
     }
     let mut base = None;
     let mut records = Vec::new();

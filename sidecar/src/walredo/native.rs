@@ -226,6 +226,11 @@ pub enum NativeRecord {
     /// `PageInit`ed, as `vm_readbuf` does; the page LSN is not touched (clearing bits is not
     /// WAL-logged against the VM page).
     ClearVisibilityMapFlags { heap_blocks: SmallVec<[BlockNumber; 2]>, flags: u8 },
+    /// `visibilitymap_prepare_truncate` when the heap is truncated to `heap_blocks` blocks: on
+    /// the page holding that boundary, every bit for heap blocks at or past it is cleared (the
+    /// pages after it go with the fork's new size). Not WAL-logged as a page change without
+    /// checksums; replay does it as part of SMGR TRUNCATE, and so do we.
+    TruncateVisibilityMap { heap_blocks: BlockNumber },
     /// An SLRU page is (re)initialised to zeroes (`CLOG_ZEROPAGE`,
     /// `XLOG_MULTIXACT_ZERO_OFF_PAGE`, `XLOG_MULTIXACT_ZERO_MEM_PAGE`): no earlier version of
     /// the page is needed.
@@ -245,6 +250,7 @@ impl NativeRecord {
             NativeRecord::MultixactOffsetCreate { .. } => "MultixactOffsetCreate",
             NativeRecord::MultixactMembersCreate { .. } => "MultixactMembersCreate",
             NativeRecord::ClearVisibilityMapFlags { .. } => "ClearVisibilityMapFlags",
+            NativeRecord::TruncateVisibilityMap { .. } => "TruncateVisibilityMap",
             NativeRecord::SlruZeroPage => "SlruZeroPage",
         }
     }
@@ -276,6 +282,7 @@ pub enum NativeError {
 //   2 MultixactMembersCreate   u32 moff | u32 n | n × (u32 xid | u8 status)
 //   3 ClearVisibilityMapFlags  u8 flags | u32 n | n × u32 heap block
 //   4 SlruZeroPage
+//   5 TruncateVisibilityMap    u32 heap blocks
 
 impl NativeRecord {
     /// Appends the stored form of the record.
@@ -307,6 +314,10 @@ impl NativeRecord {
                 u32s(out, &mut std::iter::once(heap_blocks.len() as u32).chain(heap_blocks.iter().copied()));
             }
             NativeRecord::SlruZeroPage => out.push(4),
+            NativeRecord::TruncateVisibilityMap { heap_blocks } => {
+                out.push(5);
+                out.extend_from_slice(&heap_blocks.to_le_bytes());
+            }
         }
     }
 
@@ -356,6 +367,7 @@ impl NativeRecord {
                 NativeRecord::ClearVisibilityMapFlags { heap_blocks, flags }
             }
             4 => NativeRecord::SlruZeroPage,
+            5 => NativeRecord::TruncateVisibilityMap { heap_blocks: u32_(&mut r)? },
             _ => return Err(NativeError::Encoding("unknown kind")),
         };
         if !r.is_empty() {
@@ -381,6 +393,7 @@ mod encoding_tests {
             },
             NativeRecord::ClearVisibilityMapFlags { heap_blocks: smallvec![7, 99999], flags: 0x03 },
             NativeRecord::SlruZeroPage,
+            NativeRecord::TruncateVisibilityMap { heap_blocks: 40000 },
         ];
         for rec in recs {
             let mut b = Vec::new();
@@ -578,6 +591,23 @@ pub fn apply(target: &NativeTarget, rec: &NativeRecord, page: &mut [u8; BLCKSZ])
                 let (byte, shift) = vm_position(blk);
                 page[byte] &= !(*flags << shift);
             }
+            Ok(())
+        }
+        (NativeRecord::TruncateVisibilityMap { heap_blocks }, NativeTarget::VisibilityMap(tag)) => {
+            if tag.rel.fork != ForkNumber::VisibilityMap {
+                return Err(wrong());
+            }
+            if vm_block(*heap_blocks) != tag.blkno {
+                return Err(not_on_page());
+            }
+            let (byte, shift) = vm_position(*heap_blocks);
+            if byte == SIZE_OF_PAGE_HEADER && shift == 0 {
+                // The boundary is this page's first block: PostgreSQL drops the whole page.
+                return Err(not_on_page());
+            }
+            prepare_vm_page(target, page)?;
+            page[byte + 1..].fill(0);
+            page[byte] &= ((1u16 << shift) - 1) as u8;
             Ok(())
         }
         _ => Err(wrong()),
