@@ -7,7 +7,9 @@
 //!   temporary name, fsync'd and renamed, read back through `mmap`.
 //! * [`store`] — the repository: the in-memory layer, the layer files and the manifest.
 //! * [`ingest`] — decoded WAL records into values.
+//! * [`import`] — a stopped cluster's data files as images at its checkpoint LSN.
 //! * [`reconstruct`] — any page, and any relation's size, at any LSN.
+pub mod import;
 pub mod ingest;
 pub mod key;
 pub mod layer;
