@@ -5,6 +5,7 @@
 pub mod cli_args;
 pub mod follower;
 pub mod ingest;
+pub mod init_cli;
 pub mod redo_cli;
 pub mod repo;
 pub mod store_cli;

@@ -3,6 +3,7 @@
 //! `get-page` and `status`.
 
 use clap::{Parser, Subcommand};
+use sidecar::init_cli::{self, InitArgs};
 use sidecar::redo_cli::{self, RedoArgs};
 use sidecar::store_cli::{self, GetPageArgs, RunArgs, StatusArgs};
 use sidecar::waldump::{self, WaldumpArgs};
@@ -20,6 +21,8 @@ enum Command {
     Waldump(WaldumpArgs),
     /// Rebuild one page from a base page and the WAL, through a real wal-redo process.
     Redo(RedoArgs),
+    /// Prepare a compute (initdb if needed, settings, slot) and import it into a new store.
+    Init(InitArgs),
     /// Follow a compute's WAL through a replication slot into a store.
     Run(RunArgs),
     /// A page of a store as of an LSN.
@@ -40,6 +43,7 @@ fn main() {
             })
         }
         Command::Redo(args) => redo_cli::run(&args, &mut std::io::stdout()),
+        Command::Init(args) => init_cli::run(&args, &mut std::io::stdout()),
         Command::Run(args) => store_cli::run(&args),
         Command::GetPage(args) => store_cli::get(&args, &mut std::io::stdout()),
         Command::Status(args) => store_cli::status(&args, &mut std::io::stdout()),

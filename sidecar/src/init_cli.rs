@@ -1,0 +1,143 @@
+//! `neon-sidecar init --pgdata DIR --store STORE`: prepares a compute for the sidecar and starts
+//! its history at the cluster's birth. It runs `initdb` when DIR is not a cluster yet (as the
+//! unprivileged OS user, local connections by peer), adds the settings the product needs,
+//! starts the server privately (no TCP, a private socket directory) just long enough to create
+//! the sidecar's replication slot, stops it cleanly, and imports its data files as images at
+//! the shutdown checkpoint — so every WAL record after it is kept by the slot and every page
+//! before it is in the store.
+
+use crate::cli_args::RedoProcessArgs;
+use crate::ingest::replication::{ReplicationConfig, ReplicationConn};
+use crate::repo::import::import_datadir;
+use crate::repo::store::Repository;
+use anyhow::{bail, Context};
+use neon_types::Lsn;
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct InitArgs {
+    /// The compute's data directory (created with initdb if it is not a cluster yet).
+    #[arg(long)]
+    pub pgdata: PathBuf,
+    /// The store directory (must not hold history yet).
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The replication slot the sidecar owns.
+    #[arg(long, default_value = "neon_sidecar")]
+    pub slot: String,
+    /// The database superuser (initdb's `-U`).
+    #[arg(long, default_value = "postgres")]
+    pub superuser: String,
+    #[command(flatten)]
+    pub redo: RedoProcessArgs,
+}
+
+/// Settings the product needs, appended to postgresql.conf.
+const SETTINGS: &str = "\n# ---- added by neon-sidecar init ----\n\
+wal_level = replica\n\
+full_page_writes = on\n\
+max_wal_senders = 10\n\
+max_replication_slots = 10\n";
+
+fn run_cmd(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The latest checkpoint of a stopped cluster, from `pg_controldata`.
+pub fn checkpoint_lsn(pg_bin: &Path, pgdata: &Path) -> anyhow::Result<Lsn> {
+    let out = run_cmd(Command::new(pg_bin.join("pg_controldata")).arg(pgdata).env("LC_ALL", "C"), "pg_controldata")?;
+    if !out.contains("shut down") {
+        bail!("{} was not shut down cleanly; start and stop it once before importing", pgdata.display());
+    }
+    let line = out.lines().find(|l| l.starts_with("Latest checkpoint location:")).context("no checkpoint location")?;
+    Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
+}
+
+pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let cfg = args.redo.config("init")?;
+    let as_user = |cmd: &mut Command| {
+        if let Some((uid, gid)) = cfg.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        for var in ["PGDATA", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGOPTIONS"] {
+            cmd.env_remove(var);
+        }
+    };
+    let bin = |name: &str| args.redo.pg_bin.join(name);
+    let pgdata = &args.pgdata;
+    // Refuse before touching anything if the store already has a history.
+    let mut repo = Repository::open(&args.store)?;
+    if repo.history_start().is_valid() {
+        bail!("store {} already holds history from {}", args.store.display(), repo.history_start());
+    }
+    if !pgdata.join("PG_VERSION").exists() {
+        let mut initdb = Command::new(bin("initdb"));
+        initdb.arg("-D").arg(pgdata).args(["-U", &args.superuser, "--auth-local=peer", "--auth-host=scram-sha-256"]);
+        if args.redo.data_checksums {
+            initdb.arg("--data-checksums");
+        }
+        as_user(&mut initdb);
+        run_cmd(&mut initdb, "initdb")?;
+        writeln!(out, "initdb: created {}", pgdata.display())?;
+    }
+    let conf = pgdata.join("postgresql.conf");
+    let mut f =
+        std::fs::OpenOptions::new().append(true).open(&conf).with_context(|| format!("opening {}", conf.display()))?;
+    f.write_all(SETTINGS.as_bytes())?;
+
+    // Start privately, create the slot, stop cleanly.
+    let sockdir = std::env::temp_dir().join(format!("neon-init-{}", std::process::id()));
+    std::fs::create_dir_all(&sockdir)?;
+    if let Some((uid, gid)) = cfg.run_as {
+        std::os::unix::fs::chown(&sockdir, Some(uid), Some(gid))?;
+    }
+    let opts = format!("-c listen_addresses='' -c port=5432 -c unix_socket_directories='{}'", sockdir.display());
+    let log = sockdir.join("server.log");
+    let mut start = Command::new(bin("pg_ctl"));
+    start.arg("-D").arg(pgdata).args(["-w", "-o", &opts, "-l"]).arg(&log).arg("start");
+    as_user(&mut start);
+    run_cmd(&mut start, "starting the compute to create the slot")?;
+    let slot = (|| -> anyhow::Result<Lsn> {
+        let rc = ReplicationConfig {
+            host: sockdir.display().to_string(),
+            port: 5432,
+            user: args.superuser.clone(),
+            password: None,
+            application_name: "neon-sidecar init".into(),
+        };
+        let mut conn = ReplicationConn::connect(&rc)?;
+        Ok(match conn.slot_restart_lsn(&args.slot)? {
+            Some(l) => l,
+            None => conn.create_slot(&args.slot)?,
+        })
+    })();
+    let mut stop = Command::new(bin("pg_ctl"));
+    stop.arg("-D").arg(pgdata).args(["-w", "-m", "fast", "stop"]);
+    as_user(&mut stop);
+    let stopped = run_cmd(&mut stop, "stopping the compute");
+    let _ = std::fs::remove_dir_all(&sockdir);
+    let slot_lsn = slot?;
+    stopped?;
+
+    let at = checkpoint_lsn(&args.redo.pg_bin, pgdata)?;
+    let stats = import_datadir(&mut repo, pgdata, at)?;
+    repo.flush()?;
+    writeln!(
+        out,
+        "slot {} at {slot_lsn}; imported {} pages of {} relation forks as of the shutdown checkpoint {at}",
+        args.slot, stats.pages, stats.relation_forks
+    )?;
+    Ok(())
+}
