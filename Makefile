@@ -29,9 +29,11 @@ test: deps install-ext
 demo: deps install-ext
 	cargo run --quiet -p neon-tests --bin demo
 
-# Decoder throughput beside pg_waldump on the same files (prints a table).
-bench: deps
+# Benchmarks that print tables, each figure beside its anchor measured in the same run:
+# WAL decoding beside pg_waldump, wal-redo beside Neon's published bench_walredo figures.
+bench: deps install-ext
 	bash bench/decode
+	bash bench/walredo
 
 # The fuzz target must keep compiling; running it is `cd sidecar/fuzz && cargo fuzz run decode_wal`.
 fuzz-check:
