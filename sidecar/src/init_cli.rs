@@ -10,10 +10,10 @@ use crate::cli_args::RedoProcessArgs;
 use crate::ingest::replication::{ReplicationConfig, ReplicationConn};
 use crate::repo::import::import_datadir;
 use crate::repo::store::Repository;
+use crate::walredo::scratch::as_server_user;
 use anyhow::{bail, Context};
 use neon_types::Lsn;
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -68,12 +68,7 @@ pub fn checkpoint_lsn(pg_bin: &Path, pgdata: &Path) -> anyhow::Result<Lsn> {
 pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let cfg = args.redo.config("init")?;
     let as_user = |cmd: &mut Command| {
-        if let Some((uid, gid)) = cfg.run_as {
-            cmd.uid(uid).gid(gid);
-        }
-        for var in ["PGDATA", "PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGOPTIONS"] {
-            cmd.env_remove(var);
-        }
+        as_server_user(cmd, &cfg);
     };
     let bin = |name: &str| args.redo.pg_bin.join(name);
     let pgdata = &args.pgdata;

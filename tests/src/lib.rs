@@ -89,6 +89,7 @@ mod process;
 pub mod pagemask;
 pub mod pages;
 pub mod pg_waldump;
+pub mod store;
 pub mod workload;
 
 pub use bins::{pg_bin, pg_bin_dir, sidecar_bin, DEFAULT_PG_BIN_DIR};

@@ -5,6 +5,7 @@
 
 use anyhow::{Context, Result};
 use neon_tests::pages::{compare_store_at, redo_config};
+use neon_tests::store::{copy_data_files, wait_durable};
 use neon_tests::{sidecar_bin, workload, Cluster};
 use neon_types::Lsn;
 use sidecar::repo::store::Repository;
@@ -78,10 +79,7 @@ fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
         c.pgbench(&["-n", "-t", "200"])?;
         c.execute("CHECKPOINT")?;
         let past = workload::flush_lsn(&c)?;
-        let snapshot = c.root_dir().join("past");
-        std::fs::create_dir_all(&snapshot)?;
-        let ok = Command::new("cp").arg("-a").arg(c.data_dir().join("base")).arg(&snapshot).status()?.success();
-        anyhow::ensure!(ok, "copying the data files");
+        let snapshot = copy_data_files(&c, "past")?;
         c.pgbench(&["-n", "-c", "2", "-t", "400"])?;
         c.execute("CHECKPOINT")?;
         let now = workload::flush_lsn(&c)?;
@@ -92,15 +90,7 @@ fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
     eprintln!("{} kills", kills.load(Ordering::Relaxed));
 
     // The last sidecar catches up.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let caught_up = loop {
-        match Repository::open_read_only(&store).map(|r| r.durable_lsn()) {
-            Ok(d) if d >= now => break Ok(()),
-            Err(e) => break Err(anyhow::Error::from(e)),
-            Ok(d) if Instant::now() >= deadline => break Err(anyhow::anyhow!("the store reached only {d}, not {now}")),
-            Ok(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    };
+    let caught_up = wait_durable(&store, now);
     let mut ch = child.into_inner().expect("child lock");
     let killed = ch.kill();
     ch.wait()?;

@@ -3,35 +3,23 @@
 //! from there. After pgbench and DDL, every page of every relation of database `postgres` —
 //! catalogs and tables that existed before the import included — equals the compute's.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use neon_tests::pages::{compare_store_at, redo_config};
+use neon_tests::store::{follow_while, replication_config};
 use neon_tests::{workload, Cluster};
-use neon_types::Lsn;
-use sidecar::follower::{self, FollowerConfig};
-use sidecar::ingest::replication::{ReplicationConfig, ReplicationConn};
+use sidecar::ingest::replication::ReplicationConn;
+use sidecar::init_cli::checkpoint_lsn;
 use sidecar::repo::import::import_datadir;
 use sidecar::repo::store::Repository;
 use sidecar::walredo::PostgresRedoManager;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
 #[test]
 fn imported_cluster_then_streamed_history_serves_every_page() -> Result<()> {
     let mut c = Cluster::builder().gucs(workload::MIXED_GUCS).gucs(&[("autovacuum", "off")]).start()?;
-    let replication = ReplicationConfig {
-        host: c.socket_dir().display().to_string(),
-        port: c.port(),
-        user: "postgres".into(),
-        password: None,
-        application_name: "neon-sidecar".into(),
-    };
-    ReplicationConn::connect(&replication)?.create_slot("neon_sidecar")?;
+    ReplicationConn::connect(&replication_config(&c))?.create_slot("neon_sidecar")?;
     c.execute("CREATE TABLE before_history (id int PRIMARY KEY, v text); INSERT INTO before_history SELECT g, md5(g::text) FROM generate_series(1, 3000) g")?;
     c.stop()?;
-    let control = c.run_tool("pg_controldata", &[c.data_dir().to_str().unwrap()])?;
-    let line =
-        control.lines().find(|l| l.starts_with("Latest checkpoint location:")).context("no checkpoint location")?;
-    let at: Lsn = line.rsplit(' ').next().unwrap_or_default().parse()?;
+    let at = checkpoint_lsn(&neon_tests::pg_bin_dir(), c.data_dir())?;
 
     let store = c.root_dir().join("store");
     let mut repo = Repository::open(&store)?;
@@ -42,35 +30,15 @@ fn imported_cluster_then_streamed_history_serves_every_page() -> Result<()> {
     assert!(stats.pages > 500);
 
     c.start_again()?;
-    let cfg = FollowerConfig {
-        replication,
-        store: store.clone(),
-        slot: "neon_sidecar".into(),
-        flush_interval: Duration::from_millis(200),
-        flush_bytes: 16 << 20,
-    };
-    let stop = AtomicBool::new(false);
-    let now = std::thread::scope(|s| -> Result<Lsn> {
-        let follower = s.spawn(|| follower::run(&cfg, &stop));
-        let work = (|| -> Result<Lsn> {
-            c.pgbench(&["-i", "-q", "-s", "1"])?;
-            c.pgbench(&["-n", "-t", "200"])?;
-            c.execute("UPDATE before_history SET v = 'changed' WHERE id % 10 = 0")?;
-            c.execute("DELETE FROM before_history WHERE id > 2500")?;
-            c.execute("VACUUM before_history")?;
-            c.execute("CREATE INDEX ON before_history (v)")?;
-            c.execute("CHECKPOINT")?;
-            let now = workload::flush_lsn(&c)?;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Repository::open_read_only(&store)?.durable_lsn() < now {
-                anyhow::ensure!(Instant::now() < deadline, "the follower never reached {now}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Ok(now)
-        })();
-        stop.store(true, Ordering::Relaxed);
-        follower.join().expect("follower thread")?;
-        work
+    let now = follow_while(&c, &store, || {
+        c.pgbench(&["-i", "-q", "-s", "1"])?;
+        c.pgbench(&["-n", "-t", "200"])?;
+        c.execute("UPDATE before_history SET v = 'changed' WHERE id % 10 = 0")?;
+        c.execute("DELETE FROM before_history WHERE id > 2500")?;
+        c.execute("VACUUM before_history")?;
+        c.execute("CREATE INDEX ON before_history (v)")?;
+        c.execute("CHECKPOINT")?;
+        workload::flush_lsn(&c)
     })?;
 
     let repo = Repository::open(&store)?;
@@ -98,36 +66,10 @@ fn neon_sidecar_init_starts_history_at_the_clusters_birth() -> Result<()> {
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already holds history"));
 
     c.start_again()?;
-    let cfg = FollowerConfig {
-        replication: ReplicationConfig {
-            host: c.socket_dir().display().to_string(),
-            port: c.port(),
-            user: "postgres".into(),
-            password: None,
-            application_name: "neon-sidecar".into(),
-        },
-        store: store.clone(),
-        slot: "neon_sidecar".into(),
-        flush_interval: Duration::from_millis(200),
-        flush_bytes: 16 << 20,
-    };
-    let stop = AtomicBool::new(false);
-    let now = std::thread::scope(|s| -> Result<Lsn> {
-        let follower = s.spawn(|| follower::run(&cfg, &stop));
-        let work = (|| -> Result<Lsn> {
-            c.pgbench(&["-i", "-q", "-s", "1"])?;
-            c.execute("CHECKPOINT")?;
-            let now = workload::flush_lsn(&c)?;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Repository::open_read_only(&store)?.durable_lsn() < now {
-                anyhow::ensure!(Instant::now() < deadline, "the follower never reached {now}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Ok(now)
-        })();
-        stop.store(true, Ordering::Relaxed);
-        follower.join().expect("follower thread")?;
-        work
+    let now = follow_while(&c, &store, || {
+        c.pgbench(&["-i", "-q", "-s", "1"])?;
+        c.execute("CHECKPOINT")?;
+        workload::flush_lsn(&c)
     })?;
     let repo = Repository::open(&store)?;
     let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;

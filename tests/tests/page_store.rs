@@ -7,44 +7,28 @@
 
 use anyhow::{Context, Result};
 use neon_tests::pages::{block, compare_store_at, redo_config};
+use neon_tests::store::{copy_data_files, replication_config};
 use neon_tests::{workload, Cluster};
 use neon_types::{ForkNumber, Lsn, BLCKSZ};
-use sidecar::ingest::replication::{ReplicationConfig, ReplicationConn, StreamEvent};
+use sidecar::ingest::replication::{ReplicationConn, StreamEvent};
 use sidecar::repo::ingest::Ingest;
 use sidecar::repo::reconstruct::get_page;
 use sidecar::repo::store::Repository;
 use sidecar::wal::decoder::WalStreamDecoder;
 use sidecar::walredo::PostgresRedoManager;
-use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to.parent().context("no parent")?)?;
-    let ok = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status()?.success();
-    anyhow::ensure!(ok, "cp -a {} {}", from.display(), to.display());
-    Ok(())
-}
 
 #[test]
 fn streamed_history_serves_pages_now_and_in_the_past() -> Result<()> {
     let c = Cluster::builder().gucs(workload::MIXED_GUCS).gucs(&[("autovacuum", "off")]).start()?;
-    let cfg = ReplicationConfig {
-        host: c.socket_dir().display().to_string(),
-        port: c.port(),
-        user: "postgres".into(),
-        password: None,
-        application_name: "neon-sidecar".into(),
-    };
-    let mut conn = ReplicationConn::connect(&cfg)?;
-    let sys = conn.identify_system()?;
+    let mut conn = ReplicationConn::connect(&replication_config(&c))?;
     let start = conn.create_slot("neon_sidecar")?;
 
     c.pgbench(&["-i", "-q", "-s", "1"])?;
     c.pgbench(&["-n", "-t", "100"])?;
     c.execute("CHECKPOINT")?;
     let past = workload::flush_lsn(&c)?;
-    let snapshot = c.root_dir().join("past");
-    copy_dir(&c.data_dir().join("base"), &snapshot.join("base"))?;
+    let snapshot = copy_data_files(&c, "past")?;
     c.pgbench(&["-n", "-c", "2", "-t", "300"])?;
     c.execute("UPDATE pgbench_accounts SET filler = 'x' WHERE aid % 97 = 0")?;
     c.execute("VACUUM pgbench_accounts")?;
@@ -52,39 +36,9 @@ fn streamed_history_serves_pages_now_and_in_the_past() -> Result<()> {
     let now = workload::flush_lsn(&c)?;
 
     let dir = c.root_dir().join("store");
-    let mut repo = Repository::open(&dir)?;
-    repo.begin_history(start);
-    let mut ingest = Ingest::new();
-    let seg_size: u32 =
-        c.query_one_string("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'")?.parse()?;
-    let mut dec = WalStreamDecoder::new(start, seg_size)?;
-    let mut stream = conn.start_replication(Some("neon_sidecar"), start, sys.timeline)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut flushed_past = false;
-    while repo.last_lsn() < now {
-        anyhow::ensure!(Instant::now() < deadline, "ingested only to {}", repo.last_lsn());
-        match stream.next_event(Duration::from_secs(10))?.context("stream ended")? {
-            StreamEvent::XLogData { data, .. } => {
-                dec.feed(data);
-                while let Some(rec) = dec.poll()? {
-                    ingest.ingest(&mut repo, &rec)?;
-                    if !flushed_past && rec.end_lsn >= past {
-                        // A layer boundary in the middle of history.
-                        let durable = repo.flush()?;
-                        stream.send_status(durable, durable, durable, false)?;
-                        flushed_past = true;
-                    }
-                }
-            }
-            StreamEvent::Keepalive { reply_requested: true, .. } => {
-                let d = repo.durable_lsn();
-                stream.send_status(d, d, d, false)?;
-            }
-            StreamEvent::Keepalive { .. } => {}
-        }
-    }
-    let durable = repo.flush()?;
-    stream.send_status(durable, durable, durable, false)?;
+    // A layer boundary in the middle of history, at `past`.
+    let repo = stream_into(&c, conn, start, now, &dir, Some(past))?;
+    let durable = repo.durable_lsn();
     assert!(repo.layers().len() >= 2, "expected at least two layer files");
     drop(repo);
 
@@ -139,33 +93,51 @@ fn streamed_history_serves_pages_now_and_in_the_past() -> Result<()> {
     Ok(())
 }
 
-/// Streams everything from `start` up to `to` into a fresh store.
+/// Streams everything from `start` up to `to` into a fresh store through slot `neon_sidecar`,
+/// flushing once the first record at or past `flush_at` is filed and at the end, and telling
+/// the compute each time (and whenever it asks) what is durable.
 fn stream_into(
     c: &Cluster,
-    conn: ReplicationConn,
-    start: neon_types::Lsn,
-    to: neon_types::Lsn,
+    mut conn: ReplicationConn,
+    start: Lsn,
+    to: Lsn,
     dir: &std::path::Path,
+    flush_at: Option<Lsn>,
 ) -> Result<Repository> {
-    let sys_tli = 1;
+    let timeline = conn.identify_system()?.timeline;
     let mut repo = Repository::open(dir)?;
     repo.begin_history(start);
     let mut ingest = Ingest::new();
     let seg_size: u32 =
         c.query_one_string("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'")?.parse()?;
     let mut dec = WalStreamDecoder::new(start, seg_size)?;
-    let mut stream = conn.start_replication(Some("neon_sidecar"), start, sys_tli)?;
+    let mut stream = conn.start_replication(Some("neon_sidecar"), start, timeline)?;
+    let mut flush_at = flush_at;
     let deadline = Instant::now() + Duration::from_secs(120);
     while repo.last_lsn() < to {
         anyhow::ensure!(Instant::now() < deadline, "ingested only to {}", repo.last_lsn());
-        if let Some(StreamEvent::XLogData { data, .. }) = stream.next_event(Duration::from_secs(10))? {
-            dec.feed(data);
-            while let Some(rec) = dec.poll()? {
-                ingest.ingest(&mut repo, &rec)?;
+        let mut reply = false;
+        match stream.next_event(Duration::from_secs(10))?.context("stream ended")? {
+            StreamEvent::XLogData { data, .. } => {
+                dec.feed(data);
+                while let Some(rec) = dec.poll()? {
+                    ingest.ingest(&mut repo, &rec)?;
+                    if flush_at.is_some_and(|at| rec.end_lsn >= at) {
+                        repo.flush()?;
+                        flush_at = None;
+                        reply = true;
+                    }
+                }
             }
+            StreamEvent::Keepalive { reply_requested, .. } => reply = reply_requested,
+        }
+        if reply {
+            let d = repo.durable_lsn();
+            stream.send_status(d, d, d, false)?;
         }
     }
-    repo.flush()?;
+    let durable = repo.flush()?;
+    stream.send_status(durable, durable, durable, false)?;
     Ok(repo)
 }
 
@@ -174,14 +146,7 @@ fn dropped_truncated_and_recreated_relations_across_history() -> Result<()> {
     use neon_tests::pages::{compare_store_at, fork_path, read_block};
     use sidecar::repo::reconstruct::{rel_size, GetPageError};
     let c = Cluster::builder().gucs(workload::MIXED_GUCS).gucs(&[("autovacuum", "off")]).start()?;
-    let cfg = ReplicationConfig {
-        host: c.socket_dir().display().to_string(),
-        port: c.port(),
-        user: "postgres".into(),
-        password: None,
-        application_name: "neon-sidecar".into(),
-    };
-    let mut conn = ReplicationConn::connect(&cfg)?;
+    let mut conn = ReplicationConn::connect(&replication_config(&c))?;
     let start = conn.create_slot("neon_sidecar")?;
     c.execute(
         "CREATE TABLE lc_keep (id int, v text); INSERT INTO lc_keep SELECT g, md5(g::text) FROM generate_series(1, 20000) g;
@@ -190,8 +155,7 @@ fn dropped_truncated_and_recreated_relations_across_history() -> Result<()> {
     )?;
     c.execute("CHECKPOINT")?;
     let then = workload::flush_lsn(&c)?;
-    let snapshot = c.root_dir().join("then");
-    copy_dir(&c.data_dir().join("base"), &snapshot.join("base"))?;
+    let snapshot = copy_data_files(&c, "then")?;
     let node = |name: &str| -> Result<(u32, String)> {
         Ok((
             c.query_one_string(&format!("SELECT pg_relation_filenode('{name}')"))?.parse()?,
@@ -210,7 +174,7 @@ fn dropped_truncated_and_recreated_relations_across_history() -> Result<()> {
     c.execute("CHECKPOINT")?;
     let now = workload::flush_lsn(&c)?;
 
-    let repo = stream_into(&c, conn, start, now, &c.root_dir().join("store"))?;
+    let repo = stream_into(&c, conn, start, now, &c.root_dir().join("store"), None)?;
     let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 1))?;
     let main = |relnode| block(relnode, ForkNumber::Main, 0).rel;
     // Dropped: there then, gone now.

@@ -8,21 +8,12 @@
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use neon_tests::pages::{block_requests, compare_masked, fork_path, read_block, redo_config, relations};
+use neon_tests::store::copy_data_files;
 use neon_tests::{workload, Cluster};
 use neon_types::{ForkNumber, Lsn, BLCKSZ};
 use sidecar::wal::segment::{SegmentSet, WalFileReader};
 use sidecar::walredo::{PostgresRedoManager, RedoRecord, RedoRequest, WalRedoManager};
 use std::collections::BTreeMap;
-use std::path::Path;
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    if let Some(parent) = to.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let status = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status()?;
-    anyhow::ensure!(status.success(), "cp -a {} {} failed", from.display(), to.display());
-    Ok(())
-}
 
 /// The workload between the two checkpoints: every page-level resource manager.
 fn workload_after_base(c: &Cluster) -> Result<()> {
@@ -106,8 +97,7 @@ fn scenario(full_page_writes: &str, checksums: bool) -> Result<Scenario> {
     setup(&c)?;
     c.execute("CHECKPOINT")?;
     let from = workload::insert_lsn(&c)?;
-    let snapshot = c.root_dir().join("snapshot");
-    copy_dir(&c.data_dir().join("base"), &snapshot.join("base"))?;
+    let snapshot = copy_data_files(&c, "snapshot")?;
     workload_after_base(&c)?;
     c.execute("CHECKPOINT")?;
     let to = workload::flush_lsn(&c)?;

@@ -191,14 +191,9 @@ impl Ingest {
     }
 
     fn grow(&mut self, repo: &mut Repository, rel: RelTag, blkno: u32, lsn: neon_types::Lsn) {
-        // After a restart the sizes come back from the store itself.
-        let size = self
-            .sizes
-            .entry(rel)
-            .or_insert_with(|| super::reconstruct::rel_size(repo, &rel, lsn).ok().flatten().unwrap_or(0));
-        if blkno + 1 > *size {
-            *size = blkno + 1;
-            repo.put(Key::rel_size(&rel), lsn, Value::Image(Bytes::copy_from_slice(&size.to_le_bytes())));
+        let size = self.current_size(repo, rel, lsn).unwrap_or(0);
+        if blkno + 1 > size {
+            self.set_size(repo, rel, Some(blkno + 1), lsn);
         }
     }
 }
