@@ -49,13 +49,18 @@ fn segment_size(conn: &mut ReplicationConn) -> Result<u32, FollowError> {
     mb.or(gb).map(|m| m << 20).ok_or(FollowError::SegmentSize(text))
 }
 
-/// Follows the compute until `stop` is set, reconnecting after errors.
+/// Follows the compute until `stop` is set, reconnecting after errors, into the store at
+/// `cfg.store`.
 pub fn run(cfg: &FollowerConfig, stop: &AtomicBool) -> Result<(), FollowError> {
-    let mut repo = Repository::open(&cfg.store)?;
+    run_into(&Repository::open(&cfg.store)?, cfg, stop)
+}
+
+/// Like [`run`], into an open repository that others may be reading.
+pub fn run_into(repo: &Repository, cfg: &FollowerConfig, stop: &AtomicBool) -> Result<(), FollowError> {
     let mut ingest = Ingest::new();
     let mut backoff = Duration::from_millis(100);
     while !stop.load(Ordering::Relaxed) {
-        match follow(cfg, &mut repo, &mut ingest, stop) {
+        match follow(cfg, repo, &mut ingest, stop) {
             Ok(()) => break,
             // Problems of our own store or of the WAL's content are not cured by reconnecting.
             Err(e @ (FollowError::Repo(_) | FollowError::Ingest(_) | FollowError::Gap { .. })) => return Err(e),
@@ -70,12 +75,7 @@ pub fn run(cfg: &FollowerConfig, stop: &AtomicBool) -> Result<(), FollowError> {
     Ok(())
 }
 
-fn follow(
-    cfg: &FollowerConfig,
-    repo: &mut Repository,
-    ingest: &mut Ingest,
-    stop: &AtomicBool,
-) -> Result<(), FollowError> {
+fn follow(cfg: &FollowerConfig, repo: &Repository, ingest: &mut Ingest, stop: &AtomicBool) -> Result<(), FollowError> {
     let mut conn = ReplicationConn::connect(&cfg.replication)?;
     let sys = conn.identify_system()?;
     let seg_size = segment_size(&mut conn)?;

@@ -73,7 +73,7 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let bin = |name: &str| args.redo.pg_bin.join(name);
     let pgdata = &args.pgdata;
     // Refuse before touching anything if the store already has a history.
-    let mut repo = Repository::open(&args.store)?;
+    let repo = Repository::open(&args.store)?;
     if repo.history_start().is_valid() {
         bail!("store {} already holds history from {}", args.store.display(), repo.history_start());
     }
@@ -127,7 +127,7 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     stopped?;
 
     let at = checkpoint_lsn(&args.redo.pg_bin, pgdata)?;
-    let stats = import_datadir(&mut repo, pgdata, at)?;
+    let stats = import_datadir(&repo, pgdata, at)?;
     repo.flush()?;
     writeln!(
         out,

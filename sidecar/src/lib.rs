@@ -8,6 +8,7 @@ pub mod ingest;
 pub mod init_cli;
 pub mod redo_cli;
 pub mod repo;
+pub mod service;
 pub mod store_cli;
 pub mod wal;
 pub mod waldump;

@@ -1,5 +1,6 @@
-//! The store's commands: `neon-sidecar run` (follow a compute into a store), `get-page` (a page
-//! at an LSN from a store) and `status` (what a store holds).
+//! The store's commands: `neon-sidecar run` (follow a compute into a store and serve pages on
+//! a unix socket), `get-page` (a page at an LSN, from the running sidecar's socket or straight
+//! from a store's files) and `status` (what a store holds).
 
 use crate::cli_args::{BlockArgs, RedoProcessArgs};
 use crate::follower::{self, FollowerConfig};
@@ -7,12 +8,15 @@ use crate::ingest::replication::ReplicationConfig;
 use crate::redo_cli::describe_page;
 use crate::repo::reconstruct::get_page;
 use crate::repo::store::Repository;
+use crate::service::{self, Client, PageService};
 use crate::walredo::PostgresRedoManager;
 use anyhow::{bail, Context};
+use neon_types::protocol::{Request, Response};
 use neon_types::Lsn;
 use std::io::Write;
-use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -39,17 +43,40 @@ pub struct RunArgs {
     /// Flush after this many MB of WAL.
     #[arg(long, default_value_t = 64)]
     pub flush_mb: u64,
+    /// Serve pages on this unix socket (its directory must be private to this user).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Wal-redo processes for the page service.
+    #[arg(long, default_value_t = 2)]
+    pub redo_processes: usize,
+    #[command(flatten)]
+    pub redo: RedoProcessArgs,
+}
+
+/// Where a command reads from: the running sidecar, or a store's files.
+#[derive(Debug, Clone, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct SourceArgs {
+    /// The store directory (read directly; what is durable).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// The running sidecar's socket.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GetPageArgs {
-    #[arg(long)]
-    pub store: PathBuf,
+    #[command(flatten)]
+    pub source: SourceArgs,
     #[command(flatten)]
     pub block: BlockArgs,
-    /// The LSN (default: the store's durable LSN).
+    /// The LSN (default: the newest the store has).
     #[arg(long)]
     pub lsn: Option<Lsn>,
+    /// How long to wait for the LSN to arrive (with --socket), in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub wait_ms: u32,
     /// Write the page here instead of describing it.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -59,8 +86,15 @@ pub struct GetPageArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatusArgs {
-    #[arg(long)]
-    pub store: PathBuf,
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+/// Set by SIGTERM and SIGINT: `run` stops after a last flush.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
@@ -83,21 +117,73 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         flush_interval: Duration::from_millis(args.flush_ms),
         flush_bytes: args.flush_mb << 20,
     };
-    let stop = AtomicBool::new(false);
-    follower::run(&cfg, &stop)?;
-    Ok(())
+    let repo = Arc::new(Repository::open(&cfg.store)?);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    }
+    std::thread::scope(|s| {
+        let server = match &args.socket {
+            Some(path) => {
+                let listener = service::bind(path)?;
+                let mut redo_cfg = args.redo.config("page-service")?;
+                redo_cfg.processes = args.redo_processes.max(1);
+                let service = Arc::new(PageService {
+                    repo: repo.clone(),
+                    redo: Arc::new(PostgresRedoManager::new(redo_cfg)?),
+                    metrics: Default::default(),
+                });
+                eprintln!("neon-sidecar: serving pages on {}", path.display());
+                Some(s.spawn(move || service::serve(service, listener, &STOP)))
+            }
+            None => None,
+        };
+        let followed = follower::run_into(&repo, &cfg, &STOP);
+        STOP.store(true, Ordering::Relaxed);
+        if let Some(server) = server {
+            server.join().expect("page service thread")?;
+        }
+        followed?;
+        anyhow::Ok(())
+    })
+}
+
+fn ask(socket: &Path, req: &Request) -> anyhow::Result<Response> {
+    let mut client =
+        Client::connect(socket).with_context(|| format!("connecting to the sidecar at {}", socket.display()))?;
+    match client.request(req)? {
+        Response::Error { message, .. } => bail!("{message}"),
+        r => Ok(r),
+    }
 }
 
 pub fn get(args: &GetPageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let repo = Repository::open_read_only(&args.store)?;
-    let lsn = args.lsn.unwrap_or(repo.durable_lsn());
-    if lsn > repo.durable_lsn() {
-        bail!("{lsn} is beyond what the store holds (durable to {})", repo.durable_lsn());
-    }
     let tag = args.block.tag()?;
-    let cfg = args.redo.config("get-page")?;
-    let redo = PostgresRedoManager::new(cfg)?;
-    let page = get_page(&repo, &redo, tag, lsn)?;
+    let (page, lsn) = match (&args.source.socket, &args.source.store) {
+        (Some(socket), _) => {
+            let lsn = match args.lsn {
+                Some(l) => l,
+                None => match ask(socket, &Request::History)? {
+                    Response::History { last, .. } => last,
+                    r => bail!("unexpected answer {r:?}"),
+                },
+            };
+            match ask(socket, &Request::GetPage { tag, lsn, wait_ms: args.wait_ms })? {
+                Response::Page(p) => (p, lsn),
+                r => bail!("unexpected answer {r:?}"),
+            }
+        }
+        (None, Some(store)) => {
+            let repo = Repository::open_read_only(store)?;
+            let lsn = args.lsn.unwrap_or(repo.durable_lsn());
+            if lsn > repo.durable_lsn() {
+                bail!("{lsn} is beyond what the store holds (durable to {})", repo.durable_lsn());
+            }
+            let redo = PostgresRedoManager::new(args.redo.config("get-page")?)?;
+            (get_page(&repo, &redo, tag, lsn)?, lsn)
+        }
+        (None, None) => bail!("give --store or --socket"),
+    };
     match &args.out {
         Some(path) => {
             std::fs::write(path, &page[..])?;
@@ -109,10 +195,20 @@ pub fn get(args: &GetPageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 }
 
 pub fn status(args: &StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let repo = Repository::open_read_only(&args.store)?;
-    let bytes: u64 = repo.layers().iter().filter_map(|l| std::fs::metadata(l.path()).ok()).map(|m| m.len()).sum();
-    writeln!(out, "store {}", args.store.display())?;
-    writeln!(out, "history {} to {} (durable)", repo.history_start(), repo.durable_lsn())?;
-    writeln!(out, "layer files {} ({bytes} bytes)", repo.layers().len())?;
+    match (&args.source.socket, &args.source.store) {
+        (Some(socket), _) => match ask(socket, &Request::Status)? {
+            Response::Status(text) => write!(out, "{text}")?,
+            r => bail!("unexpected answer {r:?}"),
+        },
+        (None, Some(store)) => {
+            let repo = Repository::open_read_only(store)?;
+            let layers = repo.layers();
+            let bytes: u64 = layers.iter().map(|l| l.size_bytes()).sum();
+            writeln!(out, "store {}", store.display())?;
+            writeln!(out, "history {} to {} (durable)", repo.history_start(), repo.durable_lsn())?;
+            writeln!(out, "layer files {} ({bytes} bytes)", layers.len())?;
+        }
+        (None, None) => bail!("give --store or --socket"),
+    }
     Ok(())
 }

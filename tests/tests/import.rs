@@ -22,8 +22,8 @@ fn imported_cluster_then_streamed_history_serves_every_page() -> Result<()> {
     let at = checkpoint_lsn(&neon_tests::pg_bin_dir(), c.data_dir())?;
 
     let store = c.root_dir().join("store");
-    let mut repo = Repository::open(&store)?;
-    let stats = import_datadir(&mut repo, c.data_dir(), at)?;
+    let repo = Repository::open(&store)?;
+    let stats = import_datadir(&repo, c.data_dir(), at)?;
     repo.flush()?;
     drop(repo);
     eprintln!("imported {} pages of {} relation forks at {at}", stats.pages, stats.relation_forks);

@@ -105,7 +105,7 @@ fn stream_into(
     flush_at: Option<Lsn>,
 ) -> Result<Repository> {
     let timeline = conn.identify_system()?.timeline;
-    let mut repo = Repository::open(dir)?;
+    let repo = Repository::open(dir)?;
     repo.begin_history(start);
     let mut ingest = Ingest::new();
     let seg_size: u32 =
@@ -121,7 +121,7 @@ fn stream_into(
             StreamEvent::XLogData { data, .. } => {
                 dec.feed(data);
                 while let Some(rec) = dec.poll()? {
-                    ingest.ingest(&mut repo, &rec)?;
+                    ingest.ingest(&repo, &rec)?;
                     if flush_at.is_some_and(|at| rec.end_lsn >= at) {
                         repo.flush()?;
                         flush_at = None;

@@ -1,19 +1,26 @@
 //! Importing a stopped cluster's data files as page images at one LSN — its last (shutdown)
-//! checkpoint — so that history starts there with every relation the cluster already has.
-//! Relation files are `base/<db>/<relfilenode>[_fork][.segment]` (tablespace 1663) and
-//! `global/<relfilenode>…` (tablespace 1664, database 0). Free-space maps are left out: they
-//! are not WAL-logged, so the store could never keep them current.
+//! checkpoint — so that history starts there with everything the cluster already has:
+//!
+//! * relation files `base/<db>/<relfilenode>[_fork][.segment]` (tablespace 1663) and
+//!   `global/<relfilenode>…` (tablespace 1664, database 0). Free-space maps are left out: they
+//!   are not WAL-logged, so the store could never keep them current;
+//! * databases (the directories under `base/`) and their relation maps (`pg_filenode.map`,
+//!   and the shared one in `global/`);
+//! * SLRU pages: `pg_xact`, `pg_multixact/offsets`, `pg_multixact/members` (segment files of
+//!   32 pages named by 4+ hex digits);
+//! * two-phase state files (`pg_twophase/<xid>`: body and CRC32C);
+//! * the checkpoint counters from `global/pg_control`.
 
 use super::key::Key;
+use super::meta::{self, DatabaseEntry, DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID};
 use super::store::Repository;
 use super::value::Value;
+use crate::wal::checkpoint::{CheckPoint, CONTROL_CHECKPOINT_COPY, SIZEOF_CHECKPOINT};
+use crate::walredo::native::SLRU_PAGES_PER_SEGMENT;
 use bytes::Bytes;
 use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-const DEFAULTTABLESPACE_OID: u32 = 1663;
-const GLOBALTABLESPACE_OID: u32 = 1664;
 /// Blocks per 1 GB segment file (`RELSEG_SIZE`).
 const RELSEG_BLOCKS: u64 = 131072;
 
@@ -30,6 +37,9 @@ pub enum ImportError {
 pub struct ImportStats {
     pub relation_forks: usize,
     pub pages: usize,
+    pub databases: usize,
+    pub slru_pages: usize,
+    pub prepared_transactions: usize,
 }
 
 /// `relfilenode[_fork][.segment]`, or `None` for files that are not relation data.
@@ -49,10 +59,13 @@ fn parse_rel_file(name: &str) -> Option<(u32, ForkNumber, u64)> {
 }
 
 /// Files every page of the cluster in `pgdata` (stopped cleanly at `lsn`) as an image at `lsn`.
-pub fn import_datadir(repo: &mut Repository, pgdata: &Path, lsn: Lsn) -> Result<ImportStats, ImportError> {
-    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImportError + '_ {
-        move |source| ImportError::Io { path: path.to_path_buf(), source }
-    }
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImportError + '_ {
+    move |source| ImportError::Io { path: path.to_path_buf(), source }
+}
+
+/// Files every page of the cluster in `pgdata` (stopped cleanly at `lsn`) as an image at
+/// `lsn`, with its databases, relation maps, SLRU pages, two-phase state and counters.
+pub fn import_datadir(repo: &Repository, pgdata: &Path, lsn: Lsn) -> Result<ImportStats, ImportError> {
     let mut dirs: Vec<(PathBuf, u32, u32)> = vec![(pgdata.join("global"), GLOBALTABLESPACE_OID, 0)];
     let base = pgdata.join("base");
     for e in std::fs::read_dir(&base).map_err(io(&base))? {
@@ -61,9 +74,88 @@ pub fn import_datadir(repo: &mut Repository, pgdata: &Path, lsn: Lsn) -> Result<
             dirs.push((e.path(), DEFAULTTABLESPACE_OID, db));
         }
     }
+    repo.begin_history(lsn);
+    let mut stats = import_relations(repo, &dirs, lsn)?;
+    for (dir, spcnode, dbnode) in &dirs {
+        if *dbnode != 0 {
+            let entry = DatabaseEntry { dbnode: *dbnode, spcnode: *spcnode, copied_from: None };
+            repo.put(Key::meta(meta::META_DATABASE, *dbnode), lsn, Value::Image(entry.encode()));
+            stats.databases += 1;
+        }
+        let map = dir.join("pg_filenode.map");
+        if map.exists() {
+            let mut key = Key::meta(meta::META_RELMAP, *dbnode);
+            key.field3 = *spcnode;
+            repo.put(key, lsn, Value::Image(Bytes::from(std::fs::read(&map).map_err(io(&map))?)));
+        }
+    }
+    for (slru, dir) in [
+        (meta::SLRU_CLOG, "pg_xact"),
+        (meta::SLRU_MULTIXACT_OFFSETS, "pg_multixact/offsets"),
+        (meta::SLRU_MULTIXACT_MEMBERS, "pg_multixact/members"),
+    ] {
+        stats.slru_pages += import_slru(repo, slru, &pgdata.join(dir), lsn)?;
+    }
+    stats.prepared_transactions = import_twophase(repo, &pgdata.join("pg_twophase"), lsn)?;
+    let control = pgdata.join("global/pg_control");
+    let b = std::fs::read(&control).map_err(io(&control))?;
+    let cp = b
+        .get(CONTROL_CHECKPOINT_COPY..CONTROL_CHECKPOINT_COPY + SIZEOF_CHECKPOINT)
+        .and_then(|c| CheckPoint::decode(c).ok())
+        .ok_or_else(|| ImportError::Invalid { path: control.clone(), what: "too short for pg_control".into() })?;
+    repo.put(Key::meta(meta::META_CHECKPOINT, 0), lsn, Value::Image(Bytes::copy_from_slice(&cp.encode())));
+    repo.advance(lsn);
+    Ok(stats)
+}
+
+fn import_slru(repo: &Repository, slru: u32, dir: &Path, lsn: Lsn) -> Result<usize, ImportError> {
+    let mut pages = 0;
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let e = e.map_err(io(dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(segno) = u32::from_str_radix(&name, 16) else { continue };
+        if name.len() < 4 {
+            continue;
+        }
+        let path = e.path();
+        let data = Bytes::from(std::fs::read(&path).map_err(io(&path))?);
+        if data.len() % BLCKSZ != 0 || data.len() > BLCKSZ * SLRU_PAGES_PER_SEGMENT as usize {
+            return Err(ImportError::Invalid { path, what: format!("{} bytes is not an SLRU segment", data.len()) });
+        }
+        for (i, at) in (0..data.len()).step_by(BLCKSZ).enumerate() {
+            let pageno = segno * SLRU_PAGES_PER_SEGMENT + i as u32;
+            repo.put(Key::slru_page(slru, pageno), lsn, Value::Image(data.slice(at..at + BLCKSZ)));
+            pages += 1;
+        }
+    }
+    Ok(pages)
+}
+
+fn import_twophase(repo: &Repository, dir: &Path, lsn: Lsn) -> Result<usize, ImportError> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let e = e.map_err(io(dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(xid) = u32::from_str_radix(&name, 16) else { continue };
+        let path = e.path();
+        let b = std::fs::read(&path).map_err(io(&path))?;
+        let crc_ok = b.len() >= 4 && {
+            let (body, crc) = b.split_at(b.len() - 4);
+            crc32c::crc32c(body) == u32::from_le_bytes(crc.try_into().expect("4 bytes"))
+        };
+        if !crc_ok {
+            return Err(ImportError::Invalid { path, what: "two-phase state file fails its CRC".into() });
+        }
+        repo.put(Key::meta(meta::META_TWOPHASE, xid), lsn, Value::Image(Bytes::copy_from_slice(&b[..b.len() - 4])));
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn import_relations(repo: &Repository, dirs: &[(PathBuf, u32, u32)], lsn: Lsn) -> Result<ImportStats, ImportError> {
     // Per fork: its segment files, in order.
     let mut forks: BTreeMap<RelTag, BTreeMap<u64, PathBuf>> = BTreeMap::new();
-    for (dir, spcnode, dbnode) in dirs {
+    for (dir, spcnode, dbnode) in dirs.iter().cloned() {
         for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
             let e = e.map_err(io(&dir))?;
             let Some((relnode, fork, seg)) = parse_rel_file(&e.file_name().to_string_lossy()) else { continue };
@@ -74,7 +166,6 @@ pub fn import_datadir(repo: &mut Repository, pgdata: &Path, lsn: Lsn) -> Result<
             forks.entry(rel).or_default().insert(seg, e.path());
         }
     }
-    repo.begin_history(lsn);
     let mut stats = ImportStats::default();
     for (rel, segments) in forks {
         let mut nblocks = 0u64;
@@ -100,7 +191,6 @@ pub fn import_datadir(repo: &mut Repository, pgdata: &Path, lsn: Lsn) -> Result<
         repo.put(Key::rel_size(&rel), lsn, Value::Image(Bytes::copy_from_slice(&(nblocks as u32).to_le_bytes())));
         stats.relation_forks += 1;
     }
-    repo.advance(lsn);
     Ok(stats)
 }
 

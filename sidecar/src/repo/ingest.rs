@@ -1,62 +1,94 @@
-//! From decoded WAL records to page-store values: for every block a record references, either
-//! the restored full-page image or the record itself (marked `will_init` when redo needs no
-//! earlier page), keyed by the record's end LSN; the Rust-native visibility-map records
-//! derived from heap records; and relation sizes, which grow with the highest block
-//! referenced (extending a relation is not WAL-logged).
+//! From decoded WAL records to page-store values, keyed by the record's end LSN (DESIGN.md §5).
 //!
-//! Relation life cycle: SMGR CREATE makes a fork exist (empty), SMGR TRUNCATE shrinks the main
-//! fork (and the visibility map to the pages still needed, clearing the bits of the removed
-//! blocks on its last page as a Rust-native record), and a transaction's commit (or an
-//! aborted transaction's abort) drops the relations it lists: their sizes become "does not
-//! exist" from that LSN on, while earlier LSNs still read them.
-//!
-//! Not yet interpreted here (later work): databases, relmaps, SLRU pages, two-phase state,
-//! checkpoint counters.
+//! * Relation blocks: for every block a page-level record references, the restored full-page
+//!   image or the record itself (marked `will_init` when redo needs no earlier page); the
+//!   Rust-native visibility-map records derived from heap records.
+//! * Relation sizes grow with the highest block referenced (extending a relation is not
+//!   WAL-logged). SMGR CREATE makes a fork exist (empty); SMGR TRUNCATE shrinks the main fork
+//!   and the visibility map (clearing the bits of removed blocks on its last page, a native
+//!   record); a commit (or an aborted transaction's abort) drops the relations it lists: their
+//!   sizes become "does not exist" from that LSN on, while earlier LSNs still read them.
+//! * Databases: CREATE (WAL_LOG: the entry only, pages follow as records; FILE_COPY: an entry
+//!   that reads through to the source as of the copy, see `meta`) and DROP (every relation
+//!   and the relation map go with it). Relation maps from RELMAP UPDATE.
+//! * SLRU pages (CLOG, multixact offsets and members): the native records `derive` makes of
+//!   commits, aborts and multixact creation; zero-page records as images of zeroes;
+//!   truncations as tombstones for the pages of removed segments.
+//! * Two-phase state: a PREPARE record's main data is the state file's body; COMMIT/ABORT
+//!   PREPARED end it.
+//! * Checkpoint counters, as redo keeps them: every xid seen moves nextXid, NEXTOID sets
+//!   nextOid, multixact creation moves nextMulti/offset, checkpoint records set or advance the
+//!   rest; stored whenever they change. They are known once a checkpoint record or an import
+//!   has provided a starting point.
 
 use super::key::Key;
-use super::store::Repository;
+use super::meta::{self, DatabaseEntry, META_CHECKPOINT, META_DATABASE, META_RELMAP, META_TWOPHASE};
+use super::meta::{SLRU_CLOG, SLRU_MULTIXACT_MEMBERS, SLRU_MULTIXACT_OFFSETS};
+use super::store::{RepoError, Repository};
 use super::value::Value;
+use super::{reconstruct, slru};
+use crate::wal::checkpoint::{CheckPoint, SIZEOF_CHECKPOINT};
+use crate::wal::consts::*;
 use crate::wal::record::DecodedRecord;
-use crate::walredo::derive::native_records;
-use crate::walredo::native::{NativeRecord, NativeTarget};
+use crate::walredo::derive::{native_records, parse_xact_abort, parse_xact_commit, RecordName};
+use crate::walredo::native::{next_multixact, NativeRecord, NativeTarget, VM_HEAPBLOCKS_PER_PAGE};
 use bytes::Bytes;
-use neon_types::{BufferTag, ForkNumber, RelFileNode, RelTag, BLCKSZ};
+use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
+use std::collections::HashMap;
 
-const XLOG_SMGR_CREATE: u8 = 0x10;
-const XLOG_SMGR_TRUNCATE: u8 = 0x20;
 const SMGR_TRUNCATE_HEAP: u32 = 0x0001;
 const SMGR_TRUNCATE_VM: u32 = 0x0002;
-const XLOG_XACT_OPMASK: u8 = 0x70;
-const XLOG_XACT_COMMIT: u8 = 0x00;
-const XLOG_XACT_ABORT: u8 = 0x20;
-const XLOG_XACT_COMMIT_PREPARED: u8 = 0x30;
-const XLOG_XACT_ABORT_PREPARED: u8 = 0x40;
-use crate::walredo::native::VM_HEAPBLOCKS_PER_PAGE as HEAP_BLOCKS_PER_VM_PAGE;
-use std::collections::HashMap;
 
 /// Why a record could not be filed.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("record at {lsn}: restoring the image of {tag}: {source}")]
-    Image { lsn: neon_types::Lsn, tag: neon_types::BufferTag, source: crate::wal::image::ImageError },
+    Image { lsn: Lsn, tag: BufferTag, source: crate::wal::image::ImageError },
     #[error(transparent)]
     Derive(#[from] crate::walredo::derive::DeriveError),
+    #[error("record at {lsn} ({what}): main data is {have} bytes, needs {need}")]
+    Truncated { lsn: Lsn, what: &'static str, have: usize, need: usize },
+    #[error(transparent)]
+    Repo(#[from] RepoError),
 }
 
-/// Files records into a repository, keeping relation sizes.
+/// Little-endian fields of a record's main data, with the record named in errors.
+struct Fields<'a> {
+    data: &'a [u8],
+    lsn: Lsn,
+    what: &'static str,
+}
+
+impl Fields<'_> {
+    fn need(&self, n: usize) -> Result<(), IngestError> {
+        if self.data.len() < n {
+            return Err(IngestError::Truncated { lsn: self.lsn, what: self.what, have: self.data.len(), need: n });
+        }
+        Ok(())
+    }
+
+    fn u32(&self, at: usize) -> Result<u32, IngestError> {
+        self.need(at + 4)?;
+        Ok(u32::from_le_bytes(self.data[at..at + 4].try_into().expect("4 bytes")))
+    }
+
+    fn node(&self, at: usize) -> Result<RelFileNode, IngestError> {
+        Ok(RelFileNode { spcnode: self.u32(at)?, dbnode: self.u32(at + 4)?, relnode: self.u32(at + 8)? })
+    }
+}
+
+/// Files records into a repository, keeping relation sizes and the checkpoint counters.
+#[derive(Default)]
 pub struct Ingest {
     sizes: HashMap<RelTag, u32>,
-}
-
-impl Default for Ingest {
-    fn default() -> Self {
-        Ingest::new()
-    }
+    /// `None` until loaded from the store or set by a checkpoint record.
+    checkpoint: Option<CheckPoint>,
+    checkpoint_loaded: bool,
 }
 
 impl Ingest {
     pub fn new() -> Ingest {
-        Ingest { sizes: HashMap::new() }
+        Ingest::default()
     }
 
     /// The size of a relation fork as of the last record filed, in blocks.
@@ -64,16 +96,28 @@ impl Ingest {
         self.sizes.get(rel).copied()
     }
 
-    pub fn ingest(&mut self, repo: &mut Repository, rec: &DecodedRecord) -> Result<(), IngestError> {
+    pub fn ingest(&mut self, repo: &Repository, rec: &DecodedRecord) -> Result<(), IngestError> {
         let lsn = rec.end_lsn;
         self.relation_life_cycle(repo, rec)?;
+        self.cluster_metadata(repo, rec)?;
         for (target, record) in native_records(&rec.view())? {
-            if let NativeTarget::VisibilityMap(tag) = target {
+            let key = match target {
+                NativeTarget::VisibilityMap(tag) => {
+                    self.grow(repo, tag.rel, tag.blkno, lsn)?;
+                    Key::rel_block(&tag)
+                }
+                NativeTarget::Clog { pageno } => Key::slru_page(SLRU_CLOG, pageno),
+                NativeTarget::MultiXactOffsets { pageno } => Key::slru_page(SLRU_MULTIXACT_OFFSETS, pageno),
+                NativeTarget::MultiXactMembers { pageno } => Key::slru_page(SLRU_MULTIXACT_MEMBERS, pageno),
+            };
+            let value = if record.will_init() {
+                Value::Image(Bytes::from(vec![0u8; BLCKSZ]))
+            } else {
                 let mut b = Vec::new();
                 record.encode(&mut b);
-                repo.put(Key::rel_block(&tag), lsn, Value::Native(Bytes::from(b)));
-                self.grow(repo, tag.rel, tag.blkno, lsn);
-            }
+                Value::Native(Bytes::from(b))
+            };
+            repo.put(key, lsn, value);
         }
         if neon_types::walredo::is_page_level(rec.header.rmid, rec.header.info) {
             for b in &rec.blocks {
@@ -87,75 +131,49 @@ impl Ingest {
                     None => Value::WalRecord { will_init: b.will_init(), raw: rec.raw.clone() },
                 };
                 repo.put(Key::rel_block(&b.tag), lsn, value);
-                self.grow(repo, b.tag.rel, b.tag.blkno, lsn);
+                self.grow(repo, b.tag.rel, b.tag.blkno, lsn)?;
             }
         }
+        self.counters(repo, rec)?;
         repo.advance(lsn);
         Ok(())
     }
 
-    fn relation_life_cycle(&mut self, repo: &mut Repository, rec: &DecodedRecord) -> Result<(), IngestError> {
-        use crate::wal::consts::{RM_SMGR_ID, RM_XACT_ID};
-        use crate::walredo::derive::{parse_xact_abort, parse_xact_commit, RecordName};
-        let (lsn, info, data) = (rec.end_lsn, rec.header.info, rec.main_data());
-        let node_at = |d: &[u8], at: usize| -> Option<RelFileNode> {
-            let u = |o: usize| d.get(at + o..at + o + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
-            Some(RelFileNode { spcnode: u(0)?, dbnode: u(4)?, relnode: u(8)? })
-        };
+    fn relation_life_cycle(&mut self, repo: &Repository, rec: &DecodedRecord) -> Result<(), IngestError> {
+        let (lsn, info) = (rec.end_lsn, rec.header.info);
+        let f = |what| Fields { data: rec.main_data(), lsn: rec.lsn, what };
         match rec.header.rmid {
             RM_SMGR_ID => match info & 0xF0 {
                 XLOG_SMGR_CREATE => {
                     // xl_smgr_create: RelFileNode | ForkNumber (i32)
-                    let fork = data.get(12..16).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")));
-                    if let (Some(node), Some(Ok(fork))) =
-                        (node_at(data, 0), fork.map(|f| ForkNumber::try_from(f as u8)))
-                    {
-                        self.set_size(repo, RelTag { node, fork }, Some(0), lsn);
+                    let d = f("SMGR CREATE");
+                    if let Ok(fork) = ForkNumber::try_from(d.u32(12)? as u8) {
+                        self.set_size(repo, RelTag { node: d.node(0)?, fork }, Some(0), lsn);
                     }
                 }
                 XLOG_SMGR_TRUNCATE => {
                     // xl_smgr_truncate: BlockNumber | RelFileNode | int flags
-                    let blkno = data.get(0..4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
-                    let flags = data.get(16..20).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
-                    if let (Some(blkno), Some(node), Some(flags)) = (blkno, node_at(data, 4), flags) {
-                        if flags & SMGR_TRUNCATE_HEAP != 0 {
-                            self.set_size(repo, RelTag { node, fork: ForkNumber::Main }, Some(blkno), lsn);
-                        }
-                        if flags & SMGR_TRUNCATE_VM != 0 {
-                            let partial = blkno % HEAP_BLOCKS_PER_VM_PAGE != 0;
-                            let vm = blkno / HEAP_BLOCKS_PER_VM_PAGE + u32::from(partial);
-                            let rel = RelTag { node, fork: ForkNumber::VisibilityMap };
-                            if let Some(n) = self.current_size(repo, rel, lsn) {
-                                if partial && vm <= n {
-                                    // The boundary page keeps only the bits of remaining blocks.
-                                    let mut b = Vec::new();
-                                    NativeRecord::TruncateVisibilityMap { heap_blocks: blkno }.encode(&mut b);
-                                    let tag = BufferTag { rel, blkno: vm - 1 };
-                                    repo.put(Key::rel_block(&tag), lsn, Value::Native(Bytes::from(b)));
-                                }
-                                if n > vm {
-                                    self.set_size(repo, rel, Some(vm), lsn);
-                                }
-                            }
-                        }
+                    let d = f("SMGR TRUNCATE");
+                    let (blkno, node, flags) = (d.u32(0)?, d.node(4)?, d.u32(16)?);
+                    if flags & SMGR_TRUNCATE_HEAP != 0 {
+                        self.set_size(repo, RelTag { node, fork: ForkNumber::Main }, Some(blkno), lsn);
+                    }
+                    if flags & SMGR_TRUNCATE_VM != 0 {
+                        self.truncate_vm(repo, node, blkno, lsn)?;
                     }
                 }
                 _ => {}
             },
             RM_XACT_ID => {
                 let name = RecordName::of(rec.header.rmid, info, rec.lsn);
+                let data = rec.main_data();
                 let parsed = match info & XLOG_XACT_OPMASK {
                     XLOG_XACT_COMMIT | XLOG_XACT_COMMIT_PREPARED => Some(parse_xact_commit(info, data, name)?),
                     XLOG_XACT_ABORT | XLOG_XACT_ABORT_PREPARED => Some(parse_xact_abort(info, data, name)?),
                     _ => None,
                 };
                 for node in parsed.iter().flat_map(|p| p.relfilenodes()) {
-                    for fork in ForkNumber::ALL {
-                        let rel = RelTag { node, fork };
-                        if self.current_size(repo, rel, lsn).is_some() {
-                            self.set_size(repo, rel, None, lsn);
-                        }
-                    }
+                    self.drop_relation(repo, node, lsn)?;
                 }
             }
             _ => {}
@@ -163,20 +181,223 @@ impl Ingest {
         Ok(())
     }
 
-    /// The size of a fork as of the records filed so far (consulting the store after a restart).
-    fn current_size(&mut self, repo: &Repository, rel: RelTag, lsn: neon_types::Lsn) -> Option<u32> {
-        if let Some(n) = self.sizes.get(&rel) {
-            return Some(*n);
+    fn truncate_vm(
+        &mut self,
+        repo: &Repository,
+        node: RelFileNode,
+        heap_blocks: u32,
+        lsn: Lsn,
+    ) -> Result<(), IngestError> {
+        let partial = !heap_blocks.is_multiple_of(VM_HEAPBLOCKS_PER_PAGE);
+        let vm = heap_blocks / VM_HEAPBLOCKS_PER_PAGE + u32::from(partial);
+        let rel = RelTag { node, fork: ForkNumber::VisibilityMap };
+        if let Some(n) = self.current_size(repo, rel, lsn)? {
+            if partial && vm <= n {
+                // The boundary page keeps only the bits of remaining blocks.
+                let mut b = Vec::new();
+                NativeRecord::TruncateVisibilityMap { heap_blocks }.encode(&mut b);
+                let tag = BufferTag { rel, blkno: vm - 1 };
+                repo.put(Key::rel_block(&tag), lsn, Value::Native(Bytes::from(b)));
+            }
+            if n > vm {
+                self.set_size(repo, rel, Some(vm), lsn);
+            }
         }
-        let stored = super::reconstruct::rel_size(repo, &rel, lsn).ok().flatten();
+        Ok(())
+    }
+
+    fn drop_relation(&mut self, repo: &Repository, node: RelFileNode, lsn: Lsn) -> Result<(), IngestError> {
+        for fork in ForkNumber::ALL {
+            let rel = RelTag { node, fork };
+            if self.current_size(repo, rel, lsn)?.is_some() {
+                self.set_size(repo, rel, None, lsn);
+            }
+        }
+        Ok(())
+    }
+
+    fn cluster_metadata(&mut self, repo: &Repository, rec: &DecodedRecord) -> Result<(), IngestError> {
+        let (lsn, info) = (rec.end_lsn, rec.header.info);
+        let f = |what| Fields { data: rec.main_data(), lsn: rec.lsn, what };
+        match (rec.header.rmid, info & 0xF0) {
+            (RM_DBASE_ID, XLOG_DBASE_CREATE_WAL_LOG) => {
+                // xl_dbase_create_wal_log_rec: db_id | tablespace_id
+                let d = f("DBASE CREATE_WAL_LOG");
+                let entry = DatabaseEntry { dbnode: d.u32(0)?, spcnode: d.u32(4)?, copied_from: None };
+                repo.put(Key::meta(META_DATABASE, entry.dbnode), lsn, Value::Image(entry.encode()));
+            }
+            (RM_DBASE_ID, XLOG_DBASE_CREATE_FILE_COPY) => {
+                // xl_dbase_create_file_copy_rec: db_id | tablespace_id | src_db_id | src_tablespace_id.
+                // The files were copied before the record was written, with the source
+                // database closed to connections: its state at the record's start.
+                let d = f("DBASE CREATE_FILE_COPY");
+                let (dbnode, spcnode, src_db, src_spc) = (d.u32(0)?, d.u32(4)?, d.u32(8)?, d.u32(12)?);
+                let entry = DatabaseEntry { dbnode, spcnode, copied_from: Some((src_spc, src_db, rec.lsn)) };
+                repo.put(Key::meta(META_DATABASE, dbnode), lsn, Value::Image(entry.encode()));
+                // Sizes cached for an earlier database of that OID no longer hold.
+                self.sizes.retain(|rel, _| rel.node.dbnode != dbnode);
+            }
+            (RM_DBASE_ID, XLOG_DBASE_DROP) => {
+                // xl_dbase_drop_rec: db_id | ntablespaces | tablespace_ids[]
+                let dbnode = f("DBASE DROP").u32(0)?;
+                let db = meta::database(repo, dbnode, lsn)?;
+                for rel in meta::list_relations(repo, dbnode, lsn)?.keys() {
+                    self.set_size(repo, *rel, None, lsn);
+                }
+                self.sizes.retain(|rel, _| rel.node.dbnode != dbnode);
+                if let Some(db) = db {
+                    let mut relmap = Key::meta(META_RELMAP, dbnode);
+                    relmap.field3 = db.spcnode;
+                    repo.put(relmap, lsn, Value::Image(Bytes::new()));
+                }
+                repo.put(Key::meta(META_DATABASE, dbnode), lsn, Value::Image(Bytes::new()));
+            }
+            (RM_RELMAP_ID, XLOG_RELMAP_UPDATE) => {
+                // xl_relmap_update: dbid | tsid | int32 nbytes | data
+                let d = f("RELMAP UPDATE");
+                let (dbid, tsid, n) = (d.u32(0)?, d.u32(4)?, d.u32(8)? as usize);
+                d.need(12 + n)?;
+                let mut key = Key::meta(META_RELMAP, dbid);
+                key.field3 = tsid;
+                repo.put(key, lsn, Value::Image(Bytes::copy_from_slice(&d.data[12..12 + n])));
+            }
+            (RM_XACT_ID, _) => match info & XLOG_XACT_OPMASK {
+                XLOG_XACT_PREPARE => {
+                    // The main data is the two-phase state file without its CRC.
+                    let body = rec.main_data_bytes();
+                    repo.put(Key::meta(META_TWOPHASE, rec.header.xid), lsn, Value::Image(body));
+                }
+                op @ (XLOG_XACT_COMMIT_PREPARED | XLOG_XACT_ABORT_PREPARED) => {
+                    let name = RecordName::of(rec.header.rmid, info, rec.lsn);
+                    let parsed = if op == XLOG_XACT_COMMIT_PREPARED {
+                        parse_xact_commit(info, rec.main_data(), name)?
+                    } else {
+                        parse_xact_abort(info, rec.main_data(), name)?
+                    };
+                    if let Some(xid) = parsed.twophase_xid {
+                        repo.put(Key::meta(META_TWOPHASE, xid), lsn, Value::Image(Bytes::new()));
+                    }
+                }
+                _ => {}
+            },
+            (RM_CLOG_ID, CLOG_TRUNCATE) => {
+                // xl_clog_truncate: int pageno | oldestXact | oldestXactDb
+                let cutoff = f("CLOG TRUNCATE").u32(0)?;
+                self.truncate_slru(repo, SLRU_CLOG, lsn, |p| slru::clog_truncates(cutoff, p))?;
+            }
+            (RM_MULTIXACT_ID, XLOG_MULTIXACT_TRUNCATE_ID) => {
+                // xl_multixact_truncate: oldestMultiDB | startTruncOff | endTruncOff |
+                // startTruncMemb | endTruncMemb
+                let d = f("MULTIXACT TRUNCATE_ID");
+                let (end_off, start_memb, end_memb) = (d.u32(8)?, d.u32(12)?, d.u32(16)?);
+                self.truncate_slru(repo, SLRU_MULTIXACT_OFFSETS, lsn, |p| slru::offsets_truncates(end_off, p))?;
+                self.truncate_slru(repo, SLRU_MULTIXACT_MEMBERS, lsn, |p| {
+                    slru::members_truncates(start_memb, end_memb, p)
+                })?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn truncate_slru(
+        &mut self,
+        repo: &Repository,
+        which: u32,
+        lsn: Lsn,
+        gone: impl Fn(u32) -> bool,
+    ) -> Result<(), IngestError> {
+        for page in meta::slru_pages(repo, which, lsn)?.into_iter().filter(|p| gone(*p)) {
+            repo.put(Key::slru_page(which, page), lsn, Value::Image(Bytes::new()));
+        }
+        Ok(())
+    }
+
+    /// Keeps the checkpoint counters as redo keeps `ShmemVariableCache`, storing them when
+    /// they change.
+    fn counters(&mut self, repo: &Repository, rec: &DecodedRecord) -> Result<(), IngestError> {
+        let (lsn, info) = (rec.end_lsn, rec.header.info);
+        if !self.checkpoint_loaded {
+            self.checkpoint = meta::checkpoint(repo, rec.lsn)?;
+            self.checkpoint_loaded = true;
+        }
+        let f = |what| Fields { data: rec.main_data(), lsn: rec.lsn, what };
+        let mut changed = false;
+        match (rec.header.rmid, info & 0xF0) {
+            (RM_XLOG_ID, op @ (XLOG_CHECKPOINT_SHUTDOWN | XLOG_CHECKPOINT_ONLINE)) => {
+                f("CHECKPOINT").need(SIZEOF_CHECKPOINT)?;
+                let record = CheckPoint::decode(&rec.main_data()[..SIZEOF_CHECKPOINT]).expect("checked size");
+                let shutdown = op == XLOG_CHECKPOINT_SHUTDOWN;
+                match &mut self.checkpoint {
+                    Some(cp) => cp.apply_checkpoint_record(&record, shutdown),
+                    None => self.checkpoint = Some(record),
+                }
+                changed = true;
+            }
+            (RM_XLOG_ID, XLOG_NEXTOID) => {
+                let oid = f("NEXTOID").u32(0)?;
+                if let Some(cp) = &mut self.checkpoint {
+                    cp.next_oid = oid;
+                    changed = true;
+                }
+            }
+            (RM_MULTIXACT_ID, XLOG_MULTIXACT_CREATE_ID) => {
+                // xl_multixact_create: mid | moff | int32 nmembers | members
+                let d = f("MULTIXACT CREATE_ID");
+                let (mid, moff, n) = (d.u32(0)?, d.u32(4)?, d.u32(8)?);
+                if let Some(cp) = &mut self.checkpoint {
+                    changed |= cp.advance_next_multi(next_multixact(mid), moff.wrapping_add(n));
+                }
+            }
+            (RM_MULTIXACT_ID, XLOG_MULTIXACT_TRUNCATE_ID) => {
+                let d = f("MULTIXACT TRUNCATE_ID");
+                let (db, end_off) = (d.u32(0)?, d.u32(8)?);
+                if let Some(cp) = &mut self.checkpoint {
+                    cp.oldest_multi = end_off;
+                    cp.oldest_multi_db = db;
+                    changed = true;
+                }
+            }
+            _ => {}
+        }
+        if let Some(cp) = &mut self.checkpoint {
+            changed |= cp.advance_next_xid_past(rec.header.xid);
+            if rec.header.rmid == RM_XACT_ID {
+                let op = info & XLOG_XACT_OPMASK;
+                let name = RecordName::of(rec.header.rmid, info, rec.lsn);
+                let parsed = match op {
+                    XLOG_XACT_COMMIT | XLOG_XACT_COMMIT_PREPARED => {
+                        Some(parse_xact_commit(info, rec.main_data(), name)?)
+                    }
+                    XLOG_XACT_ABORT | XLOG_XACT_ABORT_PREPARED => Some(parse_xact_abort(info, rec.main_data(), name)?),
+                    _ => None,
+                };
+                for xid in parsed.iter().flat_map(|p| p.subxacts().chain(p.twophase_xid)) {
+                    changed |= cp.advance_next_xid_past(xid);
+                }
+            }
+        }
+        if changed {
+            let cp = self.checkpoint.as_ref().expect("changed only when known");
+            repo.put(Key::meta(META_CHECKPOINT, 0), lsn, Value::Image(Bytes::copy_from_slice(&cp.encode())));
+        }
+        Ok(())
+    }
+
+    /// The size of a fork as of the records filed so far (consulting the store after a restart).
+    fn current_size(&mut self, repo: &Repository, rel: RelTag, lsn: Lsn) -> Result<Option<u32>, IngestError> {
+        if let Some(n) = self.sizes.get(&rel) {
+            return Ok(Some(*n));
+        }
+        let stored = reconstruct::rel_size(repo, &rel, lsn)?;
         if let Some(n) = stored {
             self.sizes.insert(rel, n);
         }
-        stored
+        Ok(stored)
     }
 
     /// Files a new size (`None`: the fork no longer exists).
-    fn set_size(&mut self, repo: &mut Repository, rel: RelTag, size: Option<u32>, lsn: neon_types::Lsn) {
+    fn set_size(&mut self, repo: &Repository, rel: RelTag, size: Option<u32>, lsn: Lsn) {
         let value = match size {
             Some(n) => {
                 self.sizes.insert(rel, n);
@@ -190,10 +411,11 @@ impl Ingest {
         repo.put(Key::rel_size(&rel), lsn, Value::Image(value));
     }
 
-    fn grow(&mut self, repo: &mut Repository, rel: RelTag, blkno: u32, lsn: neon_types::Lsn) {
-        let size = self.current_size(repo, rel, lsn).unwrap_or(0);
+    fn grow(&mut self, repo: &Repository, rel: RelTag, blkno: u32, lsn: Lsn) -> Result<(), IngestError> {
+        let size = self.current_size(repo, rel, lsn)?.unwrap_or(0);
         if blkno + 1 > size {
             self.set_size(repo, rel, Some(blkno + 1), lsn);
         }
+        Ok(())
     }
 }

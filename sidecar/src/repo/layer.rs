@@ -190,6 +190,11 @@ impl DeltaLayer {
         self.lsn_range
     }
 
+    /// The file's size.
+    pub fn size_bytes(&self) -> u64 {
+        self.map.len() as u64
+    }
+
     pub fn len(&self) -> usize {
         self.entries
     }
@@ -213,19 +218,36 @@ impl DeltaLayer {
         (key, Lsn(u64_at(KEY_LEN)), u64_at(KEY_LEN + 8), u32::from_le_bytes(e[KEY_LEN + 16..].try_into().expect("4")))
     }
 
-    /// The values of `key` with LSN in `lsns`, oldest first, each checked against its CRC.
-    pub fn values(&self, key: Key, lsns: Range<Lsn>) -> Result<Vec<(Lsn, Value)>, LayerError> {
-        // First entry not before (key, lsns.start).
+    /// The index position of the first entry not before `(key, lsn)`.
+    fn seek(&self, key: Key, lsn: Lsn) -> usize {
         let (mut lo, mut hi) = (0, self.entries);
         while lo < hi {
             let mid = (lo + hi) / 2;
             let (k, l, ..) = self.entry(mid);
-            if (k, l) < (key, lsns.start) {
+            if (k, l) < (key, lsn) {
                 lo = mid + 1;
             } else {
                 hi = mid;
             }
         }
+        lo
+    }
+
+    /// Every value of every key in `keys`, in index order, each checked against its CRC.
+    pub fn for_each_in_range(&self, keys: Range<Key>, mut f: impl FnMut(Key, Lsn, Value)) -> Result<(), LayerError> {
+        for i in self.seek(keys.start, Lsn(0))..self.entries {
+            let (k, lsn, off, len) = self.entry(i);
+            if k >= keys.end {
+                break;
+            }
+            f(k, lsn, self.blob(k, lsn, off, len)?);
+        }
+        Ok(())
+    }
+
+    /// The values of `key` with LSN in `lsns`, oldest first, each checked against its CRC.
+    pub fn values(&self, key: Key, lsns: Range<Lsn>) -> Result<Vec<(Lsn, Value)>, LayerError> {
+        let lo = self.seek(key, lsns.start);
         let mut out = Vec::new();
         for i in lo..self.entries {
             let (k, lsn, off, len) = self.entry(i);

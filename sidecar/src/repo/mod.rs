@@ -6,13 +6,18 @@
 //! * [`layer`] — immutable delta-layer files: CRC-checked blobs and a sorted index, written to a
 //!   temporary name, fsync'd and renamed, read back through `mmap`.
 //! * [`store`] — the repository: the in-memory layer, the layer files and the manifest.
+//! * [`meta`]  — cluster metadata: databases, relation maps, two-phase state, checkpoint
+//!   counters, SLRU pages.
 //! * [`ingest`] — decoded WAL records into values.
 //! * [`import`] — a stopped cluster's data files as images at its checkpoint LSN.
+//! * [`slru`]  — which SLRU pages a truncation removes.
 //! * [`reconstruct`] — any page, and any relation's size, at any LSN.
 pub mod import;
 pub mod ingest;
 pub mod key;
 pub mod layer;
+pub mod meta;
 pub mod reconstruct;
+pub mod slru;
 pub mod store;
 pub mod value;

@@ -1,13 +1,20 @@
 //! Any page at any LSN: the values of the page's key back to one that needs no predecessor,
 //! turned into a redo request (an image as the base page, WAL records for a redo process,
-//! native records in Rust), and the size of a relation fork at an LSN.
+//! native records in Rust); the size of a relation fork at an LSN; SLRU pages, whose records
+//! are all native and applied here.
+//!
+//! A relation of a database made by FILE_COPY reads through to the source database as of the
+//! copy (see `meta`) for whatever it has no values of its own for since then: its size, and
+//! the base page under its own records.
 
 use super::key::Key;
+use super::meta;
 use super::store::{RepoError, Repository};
 use super::value::Value;
-use crate::walredo::native::NativeRecord;
+use crate::walredo::native::{self, NativeRecord, NativeTarget};
 use crate::walredo::{RedoError, RedoRecord, RedoRequest, WalRedoManager};
-use neon_types::{BufferTag, Lsn, RelTag, BLCKSZ};
+use bytes::Bytes;
+use neon_types::{BufferTag, Lsn, RelFileNode, RelTag, BLCKSZ};
 
 /// Why a page could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -16,21 +23,51 @@ pub enum GetPageError {
     Repo(#[from] RepoError),
     #[error(transparent)]
     Redo(#[from] RedoError),
-    #[error("{tag} at {lsn}: {what}")]
-    Invalid { tag: BufferTag, lsn: Lsn, what: String },
+    #[error("{what} at {lsn}: {why}")]
+    Invalid { what: String, lsn: Lsn, why: String },
     #[error("{tag} does not exist at {lsn}")]
     NoSuchPage { tag: BufferTag, lsn: Lsn },
+    #[error("{what} does not exist at {lsn}")]
+    NoSuchSlruPage { what: String, lsn: Lsn },
     #[error("{lsn} is outside the history this store holds ({start} to {end})")]
     OutOfHistory { lsn: Lsn, start: Lsn, end: Lsn },
 }
 
+/// Refuses LSNs outside the store's history.
+pub fn check_in_history(repo: &Repository, lsn: Lsn) -> Result<(), GetPageError> {
+    let (start, end) = (repo.history_start(), repo.last_lsn());
+    if !start.is_valid() || lsn < start || lsn > end {
+        return Err(GetPageError::OutOfHistory { lsn, start, end });
+    }
+    Ok(())
+}
+
+/// Where a FILE_COPY database's relation reads through to: the source relation and the LSN
+/// of the copy.
+fn copy_source(repo: &Repository, rel: &RelTag, lsn: Lsn) -> Result<Option<(RelTag, Lsn)>, RepoError> {
+    if rel.node.dbnode == 0 {
+        return Ok(None);
+    }
+    Ok(meta::database(repo, rel.node.dbnode, lsn)?.and_then(|db| db.copied_from).map(|(spc, db, at)| {
+        (RelTag { node: RelFileNode { spcnode: spc, dbnode: db, relnode: rel.node.relnode }, fork: rel.fork }, at)
+    }))
+}
+
 /// The size of `rel` in blocks as of `lsn`, if it exists then.
 pub fn rel_size(repo: &Repository, rel: &RelTag, lsn: Lsn) -> Result<Option<u32>, RepoError> {
+    let source = copy_source(repo, rel, lsn)?;
     let values = repo.values_for(Key::rel_size(rel), lsn)?;
-    Ok(values.last().and_then(|(_, v)| match v {
-        Value::Image(b) if b.len() == 4 => Some(u32::from_le_bytes(b[..].try_into().expect("4 bytes"))),
-        _ => None,
-    }))
+    match values.last() {
+        // Values older than a FILE_COPY are an earlier database's of the same OID.
+        Some((at, v)) if source.is_none_or(|(_, copied)| *at > copied) => Ok(match v {
+            Value::Image(b) if b.len() == 4 => Some(u32::from_le_bytes(b[..].try_into().expect("4 bytes"))),
+            _ => None,
+        }),
+        _ => match source {
+            Some((src, at)) => rel_size(repo, &src, at),
+            None => Ok(None),
+        },
+    }
 }
 
 /// The page `tag` as of `lsn`.
@@ -40,21 +77,29 @@ pub fn get_page(
     tag: BufferTag,
     lsn: Lsn,
 ) -> Result<Box<[u8; BLCKSZ]>, GetPageError> {
-    let (start, end) = (repo.history_start(), repo.last_lsn());
-    if !start.is_valid() || lsn < start || lsn > end {
-        return Err(GetPageError::OutOfHistory { lsn, start, end });
-    }
+    check_in_history(repo, lsn)?;
+    page_at(repo, redo, tag, lsn)
+}
+
+fn page_at(
+    repo: &Repository,
+    redo: &dyn WalRedoManager,
+    tag: BufferTag,
+    lsn: Lsn,
+) -> Result<Box<[u8; BLCKSZ]>, GetPageError> {
     // Blocks beyond the fork's size then (truncated, or the fork dropped or not yet created)
     // do not exist, whatever values the store has for them at other LSNs.
     match rel_size(repo, &tag.rel, lsn)? {
         Some(n) if tag.blkno < n => {}
         _ => return Err(GetPageError::NoSuchPage { tag, lsn }),
     }
-    let values = repo.values_for(Key::rel_block(&tag), lsn)?;
-    if values.is_empty() {
-        // A block inside the relation that no record touched: extended, never written.
-        return Ok(Box::new([0; BLCKSZ]));
+    let source = copy_source(repo, &tag.rel, lsn)?;
+    let mut values = repo.values_for(Key::rel_block(&tag), lsn)?;
+    if let Some((_, copied)) = source {
+        values.retain(|(at, _)| *at > copied);
     }
+    // A chain that starts with an image or a will_init record needs nothing older.
+    let complete = values.first().is_some_and(|(_, v)| v.will_init());
     let mut base = None;
     let mut records = Vec::new();
     for (i, (at, value)) in values.into_iter().enumerate() {
@@ -64,20 +109,68 @@ pub fn get_page(
             Value::WalRecord { raw, .. } => records.push(RedoRecord::Postgres { end_lsn: at, raw }),
             Value::Native(b) => {
                 let record = NativeRecord::decode(&b).map_err(|e| GetPageError::Invalid {
-                    tag,
+                    what: tag.to_string(),
                     lsn,
-                    what: format!("native record at {at}: {e}"),
+                    why: format!("native record at {at}: {e}"),
                 })?;
                 records.push(RedoRecord::Native { lsn: at, record });
             }
         }
     }
+    if !complete {
+        // No base of its own: a FILE_COPY database's source page as of the copy, or (for a
+        // block inside the relation that no record touched: extended, never written) zeroes.
+        if let Some((src, copied)) = source {
+            match page_at(repo, redo, BufferTag { rel: src, blkno: tag.blkno }, copied) {
+                Ok(page) => base = Some(Bytes::copy_from_slice(&page[..])),
+                Err(GetPageError::NoSuchPage { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if records.is_empty() && base.is_none() {
+            return Ok(Box::new([0; BLCKSZ]));
+        }
+    }
     if records.is_empty() {
         if let Some(b) = &base {
-            let page: [u8; BLCKSZ] =
-                b[..].try_into().map_err(|_| GetPageError::Invalid { tag, lsn, what: "image size".into() })?;
+            let page: [u8; BLCKSZ] = b[..].try_into().map_err(|_| GetPageError::Invalid {
+                what: tag.to_string(),
+                lsn,
+                why: format!("stored image is {} bytes", b.len()),
+            })?;
             return Ok(Box::new(page));
         }
     }
     Ok(redo.redo(RedoRequest { target: tag, base, records })?)
+}
+
+/// SLRU page `pageno` of `slru` (see `meta`) as of `lsn`.
+pub fn get_slru_page(repo: &Repository, slru: u32, pageno: u32, lsn: Lsn) -> Result<Box<[u8; BLCKSZ]>, GetPageError> {
+    check_in_history(repo, lsn)?;
+    let target = match slru {
+        meta::SLRU_CLOG => NativeTarget::Clog { pageno },
+        meta::SLRU_MULTIXACT_OFFSETS => NativeTarget::MultiXactOffsets { pageno },
+        _ => NativeTarget::MultiXactMembers { pageno },
+    };
+    let values = repo.values_for(Key::slru_page(slru, pageno), lsn)?;
+    let invalid = |why: String| GetPageError::Invalid { what: target.to_string(), lsn, why };
+    let mut page = Box::new([0u8; BLCKSZ]);
+    match values.first() {
+        None => return Err(GetPageError::NoSuchSlruPage { what: target.to_string(), lsn }),
+        Some((_, Value::Image(b))) if b.is_empty() => {
+            return Err(GetPageError::NoSuchSlruPage { what: target.to_string(), lsn })
+        }
+        Some((at, Value::Image(b))) => {
+            page[..].copy_from_slice(b.get(..BLCKSZ).ok_or_else(|| invalid(format!("image at {at} is short")))?)
+        }
+        // History began after the page's zeroing: the import's image is the base, so this is
+        // a page whose base has been lost.
+        Some((at, _)) => return Err(invalid(format!("no base image before the record at {at}"))),
+    }
+    for (at, v) in values.iter().skip(1) {
+        let Value::Native(b) = v else { return Err(invalid(format!("a non-native value at {at}"))) };
+        let rec = NativeRecord::decode(b).map_err(|e| invalid(format!("native record at {at}: {e}")))?;
+        native::apply(&target, &rec, &mut page).map_err(|e| invalid(format!("record at {at}: {e}")))?;
+    }
+    Ok(page)
 }

@@ -1,6 +1,7 @@
 //! Reading PostgreSQL 15 WAL: from raw bytes (segment files or a replication stream starting at
 //! any LSN) to decoded records with their block references, full-page images and main data.
 //!
+//! * [`checkpoint`] — PostgreSQL's `CheckPoint` (checkpoint records and `pg_control`).
 //! * [`consts`]  — the on-disk constants and layouts of WAL pages and records (one place).
 //! * [`page`]    — WAL page headers (short and long) and their validation.
 //! * [`record`]  — parsing one complete record: header, block references, main data, CRC.
@@ -12,6 +13,7 @@
 //! * [`rmgr`]    — resource manager ids and record type names, as `pg_waldump` prints them.
 //! * [`stats`]   — per-resource-manager totals, as `pg_waldump --stats` prints them.
 
+pub mod checkpoint;
 pub mod consts;
 pub mod decoder;
 pub mod image;

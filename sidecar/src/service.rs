@@ -1,0 +1,222 @@
+//! The page service: the sidecar's unix socket, answering `neon_types::protocol` requests
+//! from the store while ingest goes on. One thread per connection; each request waits (up to
+//! the time it names) for its LSN to arrive, then reads the store. Errors go back as error
+//! responses with a code and a message naming the LSN, relation and block; the connection
+//! stays usable.
+//!
+//! The socket is created private to the sidecar's OS user (mode 0600, in a directory only it
+//! can enter, which `bind` checks), because every page of the database can be read through it.
+
+use crate::repo::meta;
+use crate::repo::reconstruct::{self, GetPageError};
+use crate::repo::store::{RepoError, Repository};
+use crate::walredo::WalRedoManager;
+use neon_types::protocol::{ErrorCode, ProtocolError, Request, Response};
+use neon_types::Lsn;
+use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("page service socket {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("page service socket {path}: its directory {dir} must be private to this user (mode 0700), not {mode:o}")]
+    NotPrivate { path: PathBuf, dir: PathBuf, mode: u32 },
+}
+
+/// Counters for `Status`.
+#[derive(Default)]
+pub struct Metrics {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub get_page: AtomicU64,
+    pub get_page_micros: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+/// What a request is served from.
+pub struct PageService {
+    pub repo: Arc<Repository>,
+    pub redo: Arc<dyn WalRedoManager>,
+    pub metrics: Metrics,
+}
+
+fn code_of(e: &GetPageError) -> ErrorCode {
+    match e {
+        GetPageError::OutOfHistory { lsn, start, .. } if lsn < start => ErrorCode::OutOfHistory,
+        GetPageError::OutOfHistory { .. } => ErrorCode::NotYet,
+        GetPageError::NoSuchPage { .. } | GetPageError::NoSuchSlruPage { .. } => ErrorCode::NotFound,
+        _ => ErrorCode::Internal,
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error { code, message: message.into() }
+}
+
+impl PageService {
+    /// Waits for `lsn` and checks it against the retained history.
+    fn ready(&self, lsn: Lsn, wait_ms: u32) -> Result<(), Response> {
+        match self.repo.wait_for_lsn(lsn, Duration::from_millis(wait_ms.into())) {
+            Ok(()) => {}
+            Err(e @ RepoError::NotYet { .. }) => return Err(error(ErrorCode::NotYet, e.to_string())),
+            Err(e) => return Err(error(ErrorCode::Internal, e.to_string())),
+        }
+        reconstruct::check_in_history(&self.repo, lsn).map_err(|e| error(code_of(&e), e.to_string()))
+    }
+
+    /// Answers one request.
+    pub fn handle(&self, req: Request) -> Response {
+        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        let resp = self.answer(req).unwrap_or_else(|e| e);
+        if matches!(resp, Response::Error { .. }) {
+            self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        resp
+    }
+
+    fn answer(&self, req: Request) -> Result<Response, Response> {
+        let internal = |e: RepoError| error(ErrorCode::Internal, e.to_string());
+        Ok(match req {
+            Request::GetPage { tag, lsn, wait_ms } => {
+                self.ready(lsn, wait_ms)?;
+                let started = Instant::now();
+                let page = reconstruct::get_page(&self.repo, self.redo.as_ref(), tag, lsn)
+                    .map_err(|e| error(code_of(&e), e.to_string()))?;
+                self.metrics.get_page.fetch_add(1, Ordering::Relaxed);
+                self.metrics.get_page_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                Response::Page(page)
+            }
+            Request::RelSize { rel, lsn, wait_ms } => {
+                self.ready(lsn, wait_ms)?;
+                Response::Size(reconstruct::rel_size(&self.repo, &rel, lsn).map_err(internal)?)
+            }
+            Request::ListDatabases { lsn, wait_ms } => {
+                self.ready(lsn, wait_ms)?;
+                let dbs = meta::list_databases(&self.repo, lsn).map_err(internal)?;
+                Response::Databases(dbs.into_iter().map(|d| (d.dbnode, d.spcnode)).collect())
+            }
+            Request::ListRelations { dbnode, lsn, wait_ms } => {
+                self.ready(lsn, wait_ms)?;
+                if dbnode != 0 && meta::database(&self.repo, dbnode, lsn).map_err(internal)?.is_none() {
+                    return Err(error(ErrorCode::NotFound, format!("database {dbnode} does not exist at {lsn}")));
+                }
+                let rels = meta::list_relations(&self.repo, dbnode, lsn).map_err(internal)?;
+                Response::Relations(rels.into_iter().collect())
+            }
+            Request::WaitForLsn { lsn, wait_ms } => {
+                self.repo
+                    .wait_for_lsn(lsn, Duration::from_millis(wait_ms.into()))
+                    .map_err(|e| error(ErrorCode::NotYet, e.to_string()))?;
+                Response::Lsn(self.repo.last_lsn())
+            }
+            Request::History => {
+                let b = self.repo.bounds();
+                Response::History { origin: b.origin, oldest: b.oldest, durable: b.durable, last: b.last }
+            }
+            Request::Status => Response::Status(self.status_text()),
+        })
+    }
+
+    /// `name value` lines: history, layers, requests.
+    pub fn status_text(&self) -> String {
+        let b = self.repo.bounds();
+        let layers = self.repo.layers();
+        let bytes: u64 = layers.iter().map(|l| l.size_bytes()).sum();
+        let m = &self.metrics;
+        let n = m.get_page.load(Ordering::Relaxed);
+        let mut s = String::new();
+        let _ = writeln!(s, "history_origin {}", b.origin);
+        let _ = writeln!(s, "history_oldest {}", b.oldest);
+        let _ = writeln!(s, "durable_lsn {}", b.durable);
+        let _ = writeln!(s, "last_record_lsn {}", b.last);
+        let _ = writeln!(s, "layer_files {}", layers.len());
+        let _ = writeln!(s, "layer_bytes {bytes}");
+        let _ = writeln!(s, "inmem_values {}", self.repo.inmem_len());
+        let _ = writeln!(s, "requests {}", m.requests.load(Ordering::Relaxed));
+        let _ = writeln!(s, "request_errors {}", m.errors.load(Ordering::Relaxed));
+        let _ = writeln!(s, "connections {}", m.connections.load(Ordering::Relaxed));
+        let _ = writeln!(s, "get_page_requests {n}");
+        let mean = m.get_page_micros.load(Ordering::Relaxed).checked_div(n).unwrap_or(0);
+        let _ = writeln!(s, "get_page_mean_us {mean}");
+        s
+    }
+
+    fn serve_connection(&self, mut conn: UnixStream) {
+        self.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let req = match Request::read_from(&mut conn) {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(ProtocolError::Io(_)) => return,
+                Err(e @ ProtocolError::Malformed(_)) => {
+                    // The stream can no longer be trusted to be in step: answer, then hang up.
+                    let _ = error(ErrorCode::BadRequest, e.to_string()).write_to(&mut conn);
+                    return;
+                }
+            };
+            if self.handle(req).write_to(&mut conn).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Binds the socket at `path` (replacing a stale one) with mode 0600.
+pub fn bind(path: &Path) -> Result<UnixListener, ServiceError> {
+    let io = |source| ServiceError::Io { path: path.to_path_buf(), source };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ServiceError::NotPrivate { path: path.to_path_buf(), dir: dir.to_path_buf(), mode });
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Serves connections on `listener` until `stop` is set.
+pub fn serve(service: Arc<PageService>, listener: UnixListener, stop: &AtomicBool) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false)?;
+                let service = service.clone();
+                std::thread::Builder::new()
+                    .name("neon-page-service".into())
+                    .spawn(move || service.serve_connection(conn))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A blocking client of the page service.
+pub struct Client {
+    conn: UnixStream,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Client, ProtocolError> {
+        Ok(Client { conn: UnixStream::connect(path)? })
+    }
+
+    pub fn request(&mut self, req: &Request) -> Result<Response, ProtocolError> {
+        req.write_to(&mut self.conn)?;
+        Response::read_from(&mut self.conn)
+    }
+}

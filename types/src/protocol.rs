@@ -1,0 +1,425 @@
+//! The page service protocol, spoken over the sidecar's unix socket by the extension (and by
+//! `neon-sidecar` commands and tests). One request, one response, on a connection that may
+//! carry many; every frame is versioned and CRC32C-checked, so a torn or foreign message is an
+//! error, never a page.
+//!
+//! ```text
+//! frame:    magic u32 "NEPS" | version u8 | kind u8 | reserved u16 | len u32 |
+//!           payload (len bytes) | crc32c u32 (of everything before it)
+//!           all integers little-endian
+//! requests (kind):
+//!   0x01 GetPage        rel | blkno u32 | lsn u64 | wait_ms u32
+//!   0x02 RelSize        rel | lsn u64 | wait_ms u32
+//!   0x03 ListDatabases  lsn u64 | wait_ms u32
+//!   0x04 ListRelations  dbnode u32 | lsn u64 | wait_ms u32
+//!   0x05 WaitForLsn     lsn u64 | wait_ms u32
+//!   0x06 History        (empty)
+//!   0x07 Status         (empty)
+//!   rel = spcnode u32 | dbnode u32 | relnode u32 | fork u8
+//!   wait_ms: how long to wait for `lsn` to arrive before answering NotYet
+//! responses:
+//!   0x81 Page           8192 bytes
+//!   0x82 Size           exists u8 | nblocks u32
+//!   0x83 Databases      n u32 | n × (dbnode u32 | spcnode u32)
+//!   0x84 Relations      n u32 | n × (rel | nblocks u32)
+//!   0x85 Lsn            lsn u64
+//!   0x86 History        origin u64 | oldest u64 | durable u64 | last u64
+//!   0x87 Status         UTF-8 text, "name value" lines
+//!   0xFF Error          code u8 | UTF-8 message
+//! ```
+
+use crate::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
+use std::io::{Read, Write};
+
+pub const MAGIC: u32 = u32::from_le_bytes(*b"NEPS");
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 12;
+/// No message is larger (a relation list of a huge database stays well below).
+pub const MAX_PAYLOAD: usize = 64 << 20;
+
+/// What went wrong, for the caller to act on (the message says it for people).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ErrorCode {
+    BadRequest = 1,
+    /// The LSN is before the retained history.
+    OutOfHistory = 2,
+    /// The LSN has not arrived within the wait.
+    NotYet = 3,
+    /// No such relation, block or database at that LSN.
+    NotFound = 4,
+    /// The store or redo failed (corruption, a redo process error).
+    Internal = 5,
+}
+
+impl ErrorCode {
+    fn from_u8(b: u8) -> ErrorCode {
+        match b {
+            1 => ErrorCode::BadRequest,
+            2 => ErrorCode::OutOfHistory,
+            3 => ErrorCode::NotYet,
+            4 => ErrorCode::NotFound,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    GetPage { tag: BufferTag, lsn: Lsn, wait_ms: u32 },
+    RelSize { rel: RelTag, lsn: Lsn, wait_ms: u32 },
+    ListDatabases { lsn: Lsn, wait_ms: u32 },
+    ListRelations { dbnode: u32, lsn: Lsn, wait_ms: u32 },
+    WaitForLsn { lsn: Lsn, wait_ms: u32 },
+    History,
+    Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Page(Box<[u8; BLCKSZ]>),
+    Size(Option<u32>),
+    Databases(Vec<(u32, u32)>),
+    Relations(Vec<(RelTag, u32)>),
+    Lsn(Lsn),
+    History { origin: Lsn, oldest: Lsn, durable: Lsn, last: Lsn },
+    Status(String),
+    Error { code: ErrorCode, message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("page service connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("page service message: {0}")]
+    Malformed(String),
+}
+
+fn malformed<T>(what: impl Into<String>) -> Result<T, ProtocolError> {
+    Err(ProtocolError::Malformed(what.into()))
+}
+
+/// Reads little-endian fields off a payload.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], ProtocolError> {
+        if self.0.len() < n {
+            return malformed(format!("payload ends {} bytes early", n - self.0.len()));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn lsn(&mut self) -> Result<Lsn, ProtocolError> {
+        Ok(Lsn(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes"))))
+    }
+    fn rel(&mut self) -> Result<RelTag, ProtocolError> {
+        let node = RelFileNode { spcnode: self.u32()?, dbnode: self.u32()?, relnode: self.u32()? };
+        let f = self.u8()?;
+        let fork = ForkNumber::try_from(f).or_else(|_| malformed(format!("fork number {f}")))?;
+        Ok(RelTag { node, fork })
+    }
+    fn text(&mut self) -> Result<String, ProtocolError> {
+        let rest = std::mem::take(&mut self.0);
+        String::from_utf8(rest.to_vec()).or_else(|_| malformed("text is not UTF-8"))
+    }
+    fn end(&self) -> Result<(), ProtocolError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            malformed(format!("{} bytes after the message", self.0.len()))
+        }
+    }
+}
+
+fn put_rel(b: &mut Vec<u8>, rel: &RelTag) {
+    b.extend_from_slice(&rel.node.spcnode.to_le_bytes());
+    b.extend_from_slice(&rel.node.dbnode.to_le_bytes());
+    b.extend_from_slice(&rel.node.relnode.to_le_bytes());
+    b.push(rel.fork as u8);
+}
+
+fn put_lsn_wait(b: &mut Vec<u8>, lsn: Lsn, wait_ms: u32) {
+    b.extend_from_slice(&lsn.0.to_le_bytes());
+    b.extend_from_slice(&wait_ms.to_le_bytes());
+}
+
+impl Request {
+    fn encode(&self) -> (u8, Vec<u8>) {
+        let mut b = Vec::new();
+        let kind = match self {
+            Request::GetPage { tag, lsn, wait_ms } => {
+                put_rel(&mut b, &tag.rel);
+                b.extend_from_slice(&tag.blkno.to_le_bytes());
+                put_lsn_wait(&mut b, *lsn, *wait_ms);
+                0x01
+            }
+            Request::RelSize { rel, lsn, wait_ms } => {
+                put_rel(&mut b, rel);
+                put_lsn_wait(&mut b, *lsn, *wait_ms);
+                0x02
+            }
+            Request::ListDatabases { lsn, wait_ms } => {
+                put_lsn_wait(&mut b, *lsn, *wait_ms);
+                0x03
+            }
+            Request::ListRelations { dbnode, lsn, wait_ms } => {
+                b.extend_from_slice(&dbnode.to_le_bytes());
+                put_lsn_wait(&mut b, *lsn, *wait_ms);
+                0x04
+            }
+            Request::WaitForLsn { lsn, wait_ms } => {
+                put_lsn_wait(&mut b, *lsn, *wait_ms);
+                0x05
+            }
+            Request::History => 0x06,
+            Request::Status => 0x07,
+        };
+        (kind, b)
+    }
+
+    fn decode(kind: u8, payload: &[u8]) -> Result<Request, ProtocolError> {
+        let mut r = Reader(payload);
+        let req = match kind {
+            0x01 => {
+                let rel = r.rel()?;
+                let blkno = r.u32()?;
+                Request::GetPage { tag: BufferTag { rel, blkno }, lsn: r.lsn()?, wait_ms: r.u32()? }
+            }
+            0x02 => Request::RelSize { rel: r.rel()?, lsn: r.lsn()?, wait_ms: r.u32()? },
+            0x03 => Request::ListDatabases { lsn: r.lsn()?, wait_ms: r.u32()? },
+            0x04 => Request::ListRelations { dbnode: r.u32()?, lsn: r.lsn()?, wait_ms: r.u32()? },
+            0x05 => Request::WaitForLsn { lsn: r.lsn()?, wait_ms: r.u32()? },
+            0x06 => Request::History,
+            0x07 => Request::Status,
+            k => return malformed(format!("unknown request kind {k:#04x}")),
+        };
+        r.end()?;
+        Ok(req)
+    }
+
+    pub fn write_to(&self, w: &mut impl Write) -> Result<(), ProtocolError> {
+        let (kind, payload) = self.encode();
+        write_frame(w, kind, &payload)
+    }
+
+    /// Reads the next request; `Ok(None)` when the peer closed the connection between requests.
+    pub fn read_from(r: &mut impl Read) -> Result<Option<Request>, ProtocolError> {
+        match read_frame(r)? {
+            Some((kind, payload)) => Ok(Some(Request::decode(kind, &payload)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Response {
+    fn encode(&self) -> (u8, Vec<u8>) {
+        let mut b = Vec::new();
+        let kind = match self {
+            Response::Page(p) => {
+                b.extend_from_slice(&p[..]);
+                0x81
+            }
+            Response::Size(n) => {
+                b.push(u8::from(n.is_some()));
+                b.extend_from_slice(&n.unwrap_or(0).to_le_bytes());
+                0x82
+            }
+            Response::Databases(dbs) => {
+                b.extend_from_slice(&(dbs.len() as u32).to_le_bytes());
+                for (db, spc) in dbs {
+                    b.extend_from_slice(&db.to_le_bytes());
+                    b.extend_from_slice(&spc.to_le_bytes());
+                }
+                0x83
+            }
+            Response::Relations(rels) => {
+                b.extend_from_slice(&(rels.len() as u32).to_le_bytes());
+                for (rel, n) in rels {
+                    put_rel(&mut b, rel);
+                    b.extend_from_slice(&n.to_le_bytes());
+                }
+                0x84
+            }
+            Response::Lsn(l) => {
+                b.extend_from_slice(&l.0.to_le_bytes());
+                0x85
+            }
+            Response::History { origin, oldest, durable, last } => {
+                for l in [origin, oldest, durable, last] {
+                    b.extend_from_slice(&l.0.to_le_bytes());
+                }
+                0x86
+            }
+            Response::Status(text) => {
+                b.extend_from_slice(text.as_bytes());
+                0x87
+            }
+            Response::Error { code, message } => {
+                b.push(*code as u8);
+                b.extend_from_slice(message.as_bytes());
+                0xFF
+            }
+        };
+        (kind, b)
+    }
+
+    fn decode(kind: u8, payload: &[u8]) -> Result<Response, ProtocolError> {
+        let mut r = Reader(payload);
+        let resp = match kind {
+            0x81 => {
+                let page: [u8; BLCKSZ] = r.take(BLCKSZ)?.try_into().expect("BLCKSZ");
+                Response::Page(Box::new(page))
+            }
+            0x82 => {
+                let exists = r.u8()? != 0;
+                let n = r.u32()?;
+                Response::Size(exists.then_some(n))
+            }
+            0x83 => {
+                let n = r.u32()? as usize;
+                let mut v = Vec::with_capacity(n.min(1 << 16));
+                for _ in 0..n {
+                    v.push((r.u32()?, r.u32()?));
+                }
+                Response::Databases(v)
+            }
+            0x84 => {
+                let n = r.u32()? as usize;
+                let mut v = Vec::with_capacity(n.min(1 << 16));
+                for _ in 0..n {
+                    v.push((r.rel()?, r.u32()?));
+                }
+                Response::Relations(v)
+            }
+            0x85 => Response::Lsn(r.lsn()?),
+            0x86 => Response::History { origin: r.lsn()?, oldest: r.lsn()?, durable: r.lsn()?, last: r.lsn()? },
+            0x87 => Response::Status(r.text()?),
+            0xFF => {
+                let code = ErrorCode::from_u8(r.u8()?);
+                Response::Error { code, message: r.text()? }
+            }
+            k => return malformed(format!("unknown response kind {k:#04x}")),
+        };
+        r.end()?;
+        Ok(resp)
+    }
+
+    pub fn write_to(&self, w: &mut impl Write) -> Result<(), ProtocolError> {
+        let (kind, payload) = self.encode();
+        write_frame(w, kind, &payload)
+    }
+
+    pub fn read_from(r: &mut impl Read) -> Result<Response, ProtocolError> {
+        match read_frame(r)? {
+            Some((kind, payload)) => Response::decode(kind, &payload),
+            None => malformed("the sidecar closed the connection"),
+        }
+    }
+}
+
+fn write_frame(w: &mut impl Write, kind: u8, payload: &[u8]) -> Result<(), ProtocolError> {
+    let mut b = Vec::with_capacity(HEADER_LEN + payload.len() + 4);
+    b.extend_from_slice(&MAGIC.to_le_bytes());
+    b.push(VERSION);
+    b.push(kind);
+    b.extend_from_slice(&[0, 0]);
+    b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    b.extend_from_slice(payload);
+    let crc = crc32c::crc32c(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    w.write_all(&b)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// One frame: `Ok(None)` on a clean end of stream before its first byte.
+fn read_frame(r: &mut impl Read) -> Result<Option<(u8, Vec<u8>)>, ProtocolError> {
+    let mut hdr = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut hdr[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return malformed("connection closed inside a message header"),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if u32::from_le_bytes(hdr[..4].try_into().expect("4 bytes")) != MAGIC {
+        return malformed("not a page service message (bad magic)");
+    }
+    if hdr[4] != VERSION {
+        return malformed(format!("protocol version {} (this side speaks {VERSION})", hdr[4]));
+    }
+    let len = u32::from_le_bytes(hdr[8..12].try_into().expect("4 bytes")) as usize;
+    if len > MAX_PAYLOAD {
+        return malformed(format!("message of {len} bytes is larger than {MAX_PAYLOAD}"));
+    }
+    let mut rest = vec![0u8; len + 4];
+    r.read_exact(&mut rest)?;
+    let mut crc = crc32c::crc32c(&hdr);
+    crc = crc32c::crc32c_append(crc, &rest[..len]);
+    if crc != u32::from_le_bytes(rest[len..].try_into().expect("4 bytes")) {
+        return malformed("checksum mismatch");
+    }
+    rest.truncate(len);
+    Ok(Some((hdr[5], rest)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel() -> RelTag {
+        RelTag { node: RelFileNode { spcnode: 1663, dbnode: 5, relnode: 16384 }, fork: ForkNumber::VisibilityMap }
+    }
+
+    #[test]
+    fn messages_round_trip_and_damage_is_caught() {
+        let reqs = [
+            Request::GetPage { tag: BufferTag { rel: rel(), blkno: 7 }, lsn: Lsn(0x16B3748), wait_ms: 100 },
+            Request::RelSize { rel: rel(), lsn: Lsn(1), wait_ms: 0 },
+            Request::ListDatabases { lsn: Lsn(2), wait_ms: 3 },
+            Request::ListRelations { dbnode: 5, lsn: Lsn(2), wait_ms: 3 },
+            Request::WaitForLsn { lsn: Lsn(9), wait_ms: 1000 },
+            Request::History,
+            Request::Status,
+        ];
+        for req in reqs {
+            let mut b = Vec::new();
+            req.write_to(&mut b).unwrap();
+            assert_eq!(Request::read_from(&mut &b[..]).unwrap(), Some(req.clone()));
+            for at in 0..b.len() {
+                let mut bad = b.clone();
+                bad[at] ^= 0x10;
+                assert!(Request::read_from(&mut &bad[..]).is_err(), "{req:?} byte {at}");
+            }
+        }
+        let resps = [
+            Response::Page(Box::new([3u8; BLCKSZ])),
+            Response::Size(Some(12)),
+            Response::Size(None),
+            Response::Databases(vec![(5, 1663), (1, 1663)]),
+            Response::Relations(vec![(rel(), 4)]),
+            Response::Lsn(Lsn(5)),
+            Response::History { origin: Lsn(1), oldest: Lsn(2), durable: Lsn(3), last: Lsn(4) },
+            Response::Status("a 1\nb 2\n".into()),
+            Response::Error { code: ErrorCode::NotYet, message: "later".into() },
+        ];
+        for resp in resps {
+            let mut b = Vec::new();
+            resp.write_to(&mut b).unwrap();
+            assert_eq!(Response::read_from(&mut &b[..]).unwrap(), resp);
+        }
+        assert!(Request::read_from(&mut &[][..]).unwrap().is_none());
+        assert!(Response::read_from(&mut &b"NEPS"[..]).is_err());
+    }
+}
