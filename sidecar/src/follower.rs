@@ -7,6 +7,7 @@
 
 use crate::ingest::replication::{ReplicationConfig, ReplicationConn, ReplicationError, StreamEvent};
 use crate::repo::ingest::{Ingest, IngestError};
+use crate::repo::key::Key;
 use crate::repo::store::{RepoError, Repository};
 use crate::wal::decoder::{DecodeError, WalStreamDecoder};
 use neon_types::Lsn;
@@ -23,7 +24,12 @@ pub struct FollowerConfig {
     pub flush_interval: Duration,
     /// Flush after this many bytes of WAL.
     pub flush_bytes: u64,
+    /// Page chains longer than this are handed to `on_flush` for imaging (0: not tracked).
+    pub chain_limit: u32,
 }
+
+/// Called after each flush with the durable LSN and the page keys whose chains grew long.
+pub type OnFlush<'a> = &'a mut (dyn FnMut(Lsn, Vec<Key>) + Send);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
@@ -52,15 +58,21 @@ fn segment_size(conn: &mut ReplicationConn) -> Result<u32, FollowError> {
 /// Follows the compute until `stop` is set, reconnecting after errors, into the store at
 /// `cfg.store`.
 pub fn run(cfg: &FollowerConfig, stop: &AtomicBool) -> Result<(), FollowError> {
-    run_into(&Repository::open(&cfg.store)?, cfg, stop)
+    run_into(&Repository::open(&cfg.store)?, cfg, stop, &mut |_, _| {})
 }
 
-/// Like [`run`], into an open repository that others may be reading.
-pub fn run_into(repo: &Repository, cfg: &FollowerConfig, stop: &AtomicBool) -> Result<(), FollowError> {
-    let mut ingest = Ingest::new();
+/// Like [`run`], into an open repository that others may be reading, telling `on_flush`
+/// about each flush.
+pub fn run_into(
+    repo: &Repository,
+    cfg: &FollowerConfig,
+    stop: &AtomicBool,
+    on_flush: OnFlush<'_>,
+) -> Result<(), FollowError> {
+    let mut ingest = if cfg.chain_limit > 0 { Ingest::with_chain_limit(cfg.chain_limit) } else { Ingest::new() };
     let mut backoff = Duration::from_millis(100);
     while !stop.load(Ordering::Relaxed) {
-        match follow(cfg, repo, &mut ingest, stop) {
+        match follow(cfg, repo, &mut ingest, stop, on_flush) {
             Ok(()) => break,
             // Problems of our own store or of the WAL's content are not cured by reconnecting.
             Err(e @ (FollowError::Repo(_) | FollowError::Ingest(_) | FollowError::Gap { .. })) => return Err(e),
@@ -75,7 +87,13 @@ pub fn run_into(repo: &Repository, cfg: &FollowerConfig, stop: &AtomicBool) -> R
     Ok(())
 }
 
-fn follow(cfg: &FollowerConfig, repo: &Repository, ingest: &mut Ingest, stop: &AtomicBool) -> Result<(), FollowError> {
+fn follow(
+    cfg: &FollowerConfig,
+    repo: &Repository,
+    ingest: &mut Ingest,
+    stop: &AtomicBool,
+    on_flush: OnFlush<'_>,
+) -> Result<(), FollowError> {
     let mut conn = ReplicationConn::connect(&cfg.replication)?;
     let sys = conn.identify_system()?;
     let seg_size = segment_size(&mut conn)?;
@@ -115,7 +133,8 @@ fn follow(cfg: &FollowerConfig, repo: &Repository, ingest: &mut Ingest, stop: &A
         if repo.last_lsn() > repo.durable_lsn()
             && (unflushed >= cfg.flush_bytes || last_flush.elapsed() >= cfg.flush_interval)
         {
-            repo.flush()?;
+            let durable = repo.flush()?;
+            on_flush(durable, ingest.take_long_chains());
             last_flush = Instant::now();
             unflushed = 0;
             reply = true;

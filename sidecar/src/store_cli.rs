@@ -6,10 +6,14 @@ use crate::cli_args::{BlockArgs, RedoProcessArgs};
 use crate::follower::{self, FollowerConfig};
 use crate::ingest::replication::ReplicationConfig;
 use crate::redo_cli::describe_page;
+use crate::repo::compaction;
+use crate::repo::ingest::Ingest;
+use crate::repo::key::Key;
 use crate::repo::reconstruct::get_page;
 use crate::repo::store::Repository;
 use crate::service::{self, Client, PageService};
-use crate::walredo::PostgresRedoManager;
+use crate::wal::segment::{SegmentSet, WalFileReader};
+use crate::walredo::{PostgresRedoManager, WalRedoManager};
 use anyhow::{bail, Context};
 use neon_types::protocol::{Request, Response};
 use neon_types::Lsn;
@@ -46,9 +50,17 @@ pub struct RunArgs {
     /// Serve pages on this unix socket (its directory must be private to this user).
     #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// Wal-redo processes for the page service.
+    /// Wal-redo processes for the page service and for making images.
     #[arg(long, default_value_t = 2)]
     pub redo_processes: usize,
+    /// A page whose chain of records since its last image reaches this length gets a new
+    /// image (0: never), which bounds the cost of reading it.
+    #[arg(long, default_value_t = 64)]
+    pub chain_limit: u32,
+    /// History to keep, in MB of WAL (0: everything). Older history is dropped once a full
+    /// image of the database lies behind this horizon.
+    #[arg(long, default_value_t = 0)]
+    pub retention_mb: u64,
     #[command(flatten)]
     pub redo: RedoProcessArgs,
 }
@@ -85,6 +97,23 @@ pub struct GetPageArgs {
 }
 
 #[derive(Debug, Clone, clap::Args)]
+pub struct ImportWalArgs {
+    /// The store directory.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Where to start when the store holds no history yet (default: the first segment's
+    /// first record). A store with history continues from its durable LSN.
+    #[arg(long)]
+    pub start: Option<Lsn>,
+    /// Stop at this LSN (default: the end of valid WAL in the files).
+    #[arg(long)]
+    pub end: Option<Lsn>,
+    /// Directories or files of WAL segments.
+    #[arg(required = true)]
+    pub wal: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub source: SourceArgs,
@@ -116,36 +145,112 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         slot: args.slot.clone(),
         flush_interval: Duration::from_millis(args.flush_ms),
         flush_bytes: args.flush_mb << 20,
+        chain_limit: args.chain_limit,
     };
     let repo = Arc::new(Repository::open(&cfg.store)?);
     for sig in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
     }
+    let mut redo_cfg = args.redo.config("sidecar")?;
+    redo_cfg.processes = args.redo_processes.max(1);
+    let redo: Arc<dyn WalRedoManager> = Arc::new(PostgresRedoManager::new(redo_cfg)?);
+    let retention = args.retention_mb << 20;
     std::thread::scope(|s| {
         let server = match &args.socket {
             Some(path) => {
                 let listener = service::bind(path)?;
-                let mut redo_cfg = args.redo.config("page-service")?;
-                redo_cfg.processes = args.redo_processes.max(1);
-                let service = Arc::new(PageService {
-                    repo: repo.clone(),
-                    redo: Arc::new(PostgresRedoManager::new(redo_cfg)?),
-                    metrics: Default::default(),
-                });
+                let service =
+                    Arc::new(PageService { repo: repo.clone(), redo: redo.clone(), metrics: Default::default() });
                 eprintln!("neon-sidecar: serving pages on {}", path.display());
                 Some(s.spawn(move || service::serve(service, listener, &STOP)))
             }
             None => None,
         };
-        let followed = follower::run_into(&repo, &cfg, &STOP);
+        // Images are made beside ingest, from what is durable.
+        let (to_compactor, flushes) = crossbeam_channel::unbounded::<(Lsn, Vec<Key>)>();
+        let compactor = s.spawn(|| compact(&repo, redo.as_ref(), flushes, retention));
+        let mut on_flush = move |lsn: Lsn, keys: Vec<Key>| {
+            let _ = to_compactor.send((lsn, keys));
+        };
+        let followed = follower::run_into(&repo, &cfg, &STOP, &mut on_flush);
+        drop(on_flush);
         STOP.store(true, Ordering::Relaxed);
+        compactor.join().expect("compaction thread")?;
         if let Some(server) = server {
             server.join().expect("page service thread")?;
         }
         followed?;
         anyhow::Ok(())
     })
+}
+
+/// The compaction loop: images for long chains after each flush; with a retention, a full
+/// image every `retention` bytes of WAL and garbage collection behind the horizon.
+fn compact(
+    repo: &Repository,
+    redo: &dyn WalRedoManager,
+    flushes: crossbeam_channel::Receiver<(Lsn, Vec<Key>)>,
+    retention: u64,
+) -> anyhow::Result<()> {
+    let mut last_full = repo.newest_full_image().unwrap_or(repo.bounds().origin);
+    for (lsn, keys) in flushes {
+        if !keys.is_empty() {
+            compaction::image_keys(repo, redo, &keys, lsn)?;
+        }
+        if retention > 0 && lsn.0.saturating_sub(last_full.0) >= retention {
+            let started = std::time::Instant::now();
+            let n = compaction::full_image(repo, redo, lsn)?;
+            last_full = lsn;
+            let removed = repo.collect_garbage(Lsn(lsn.0.saturating_sub(retention)))?;
+            eprintln!(
+                "neon-sidecar: full image at {lsn} ({n} values, {:?}); {} old layer files removed; history from {}",
+                started.elapsed(),
+                removed.len(),
+                repo.history_start()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `neon-sidecar import-wal`: WAL segment files into a store, through the same decoder and
+/// ingest as streaming, flushing every 64 MB and at the end, with progress on stderr.
+pub fn import_wal(args: &ImportWalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let repo = Repository::open(&args.store)?;
+    let set = SegmentSet::collect(&args.wal, None)?;
+    let durable = repo.durable_lsn();
+    let start = match (durable.is_valid(), args.start) {
+        (true, Some(s)) if s != durable => {
+            bail!("the store already holds history up to {durable}; it can only continue from there, not {s}")
+        }
+        (true, _) => durable,
+        (false, s) => s.unwrap_or(set.first_lsn()),
+    };
+    let mut reader = WalFileReader::new(set, Some(start), args.end)
+        .with_context(|| format!("the WAL files do not continue the store's history at {start}"))?;
+    repo.begin_history(start);
+    let mut ingest = Ingest::new();
+    let started = std::time::Instant::now();
+    let (mut records, mut next_report) = (0u64, 64u64 << 20);
+    while let Some(rec) = reader.next_record()? {
+        ingest.ingest(&repo, &rec)?;
+        records += 1;
+        if reader.bytes_read() >= next_report {
+            repo.flush()?;
+            let mb = reader.bytes_read() as f64 / 1048576.0;
+            eprintln!(
+                "neon-sidecar: imported {mb:.0} MB of WAL to {} ({:.0} MB/s)",
+                repo.last_lsn(),
+                mb / started.elapsed().as_secs_f64()
+            );
+            next_report += 64 << 20;
+        }
+    }
+    let durable = repo.flush()?;
+    let why = reader.stop_reason().map(|r| r.to_string()).unwrap_or_default();
+    writeln!(out, "imported {records} records from {start} to {durable} ({why})")?;
+    Ok(())
 }
 
 fn ask(socket: &Path, req: &Request) -> anyhow::Result<Response> {

@@ -89,6 +89,8 @@ mod process;
 pub mod pagemask;
 pub mod pages;
 pub mod pg_waldump;
+pub mod sidecar;
+pub mod snapshot;
 pub mod store;
 pub mod workload;
 

@@ -1,11 +1,11 @@
 //! `neon-sidecar`: the sidecar daemon's command line. Each subcommand is a thin shell over the
-//! library: `waldump` (the WAL decoder), `redo` (page reconstruction), and the store's `run`,
-//! `get-page` and `status`.
+//! library: `waldump` (the WAL decoder), `redo` (page reconstruction), and the store's `init`, `run`,
+//! `import-wal`, `get-page` and `status`.
 
 use clap::{Parser, Subcommand};
 use sidecar::init_cli::{self, InitArgs};
 use sidecar::redo_cli::{self, RedoArgs};
-use sidecar::store_cli::{self, GetPageArgs, RunArgs, StatusArgs};
+use sidecar::store_cli::{self, GetPageArgs, ImportWalArgs, RunArgs, StatusArgs};
 use sidecar::waldump::{self, WaldumpArgs};
 
 #[derive(Parser)]
@@ -23,8 +23,10 @@ enum Command {
     Redo(RedoArgs),
     /// Prepare a compute (initdb if needed, settings, slot) and import it into a new store.
     Init(InitArgs),
-    /// Follow a compute's WAL through a replication slot into a store.
+    /// Follow a compute's WAL through a replication slot into a store, serving pages.
     Run(RunArgs),
+    /// Ingest WAL segment files (an archive, a pg_wal copy) into a store.
+    ImportWal(ImportWalArgs),
     /// A page of a store as of an LSN.
     GetPage(GetPageArgs),
     /// What a store holds.
@@ -45,6 +47,7 @@ fn main() {
         Command::Redo(args) => redo_cli::run(&args, &mut std::io::stdout()),
         Command::Init(args) => init_cli::run(&args, &mut std::io::stdout()),
         Command::Run(args) => store_cli::run(&args),
+        Command::ImportWal(args) => store_cli::import_wal(&args, &mut std::io::stdout()),
         Command::GetPage(args) => store_cli::get(&args, &mut std::io::stdout()),
         Command::Status(args) => store_cli::status(&args, &mut std::io::stdout()),
     };

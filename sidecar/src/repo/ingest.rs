@@ -3,6 +3,7 @@
 //! * Relation blocks: for every block a page-level record references, the restored full-page
 //!   image or the record itself (marked `will_init` when redo needs no earlier page); the
 //!   Rust-native visibility-map records derived from heap records.
+//! * Free-space map forks are not kept (see the import).
 //! * Relation sizes grow with the highest block referenced (extending a relation is not
 //!   WAL-logged). SMGR CREATE makes a fork exist (empty); SMGR TRUNCATE shrinks the main fork
 //!   and the visibility map (clearing the bits of removed blocks on its last page, a native
@@ -21,6 +22,7 @@
 //!   rest; stored whenever they change. They are known once a checkpoint record or an import
 //!   has provided a starting point.
 
+use super::compaction::ChainTracker;
 use super::key::Key;
 use super::meta::{self, DatabaseEntry, META_CHECKPOINT, META_DATABASE, META_RELMAP, META_TWOPHASE};
 use super::meta::{SLRU_CLOG, SLRU_MULTIXACT_MEMBERS, SLRU_MULTIXACT_OFFSETS};
@@ -84,11 +86,30 @@ pub struct Ingest {
     /// `None` until loaded from the store or set by a checkpoint record.
     checkpoint: Option<CheckPoint>,
     checkpoint_loaded: bool,
+    chains: Option<ChainTracker>,
 }
 
 impl Ingest {
     pub fn new() -> Ingest {
         Ingest::default()
+    }
+
+    /// Also counts each page's chain of values, for [`Ingest::take_long_chains`].
+    pub fn with_chain_limit(limit: u32) -> Ingest {
+        Ingest { chains: Some(ChainTracker::new(limit)), ..Ingest::default() }
+    }
+
+    /// Page keys whose chain of values reached the limit since the last call: candidates
+    /// for an image layer.
+    pub fn take_long_chains(&mut self) -> Vec<Key> {
+        self.chains.as_mut().map(|c| c.take_long()).unwrap_or_default()
+    }
+
+    fn put(&mut self, repo: &Repository, key: Key, lsn: Lsn, value: Value) {
+        if let Some(chains) = &mut self.chains {
+            chains.note(key, &value);
+        }
+        repo.put(key, lsn, value);
     }
 
     /// The size of a relation fork as of the last record filed, in blocks.
@@ -117,10 +138,13 @@ impl Ingest {
                 record.encode(&mut b);
                 Value::Native(Bytes::from(b))
             };
-            repo.put(key, lsn, value);
+            self.put(repo, key, lsn, value);
         }
         if neon_types::walredo::is_page_level(rec.header.rmid, rec.header.info) {
-            for b in &rec.blocks {
+            // Free-space maps are not WAL-logged (a WAL_LOG database copy logs their pages once,
+            // but nothing keeps them current afterwards): the store has none, and PostgreSQL
+            // rebuilds them as it goes.
+            for b in rec.blocks.iter().filter(|b| b.tag.rel.fork != ForkNumber::Fsm) {
                 let value = match b.image.as_ref().filter(|i| i.apply()) {
                     Some(img) => {
                         let mut page = vec![0u8; BLCKSZ];
@@ -130,7 +154,7 @@ impl Ingest {
                     }
                     None => Value::WalRecord { will_init: b.will_init(), raw: rec.raw.clone() },
                 };
-                repo.put(Key::rel_block(&b.tag), lsn, value);
+                self.put(repo, Key::rel_block(&b.tag), lsn, value);
                 self.grow(repo, b.tag.rel, b.tag.blkno, lsn)?;
             }
         }
@@ -147,7 +171,8 @@ impl Ingest {
                 XLOG_SMGR_CREATE => {
                     // xl_smgr_create: RelFileNode | ForkNumber (i32)
                     let d = f("SMGR CREATE");
-                    if let Ok(fork) = ForkNumber::try_from(d.u32(12)? as u8) {
+                    let fork = ForkNumber::try_from(d.u32(12)? as u8).ok().filter(|f| *f != ForkNumber::Fsm);
+                    if let Some(fork) = fork {
                         self.set_size(repo, RelTag { node: d.node(0)?, fork }, Some(0), lsn);
                     }
                 }
@@ -197,7 +222,7 @@ impl Ingest {
                 let mut b = Vec::new();
                 NativeRecord::TruncateVisibilityMap { heap_blocks }.encode(&mut b);
                 let tag = BufferTag { rel, blkno: vm - 1 };
-                repo.put(Key::rel_block(&tag), lsn, Value::Native(Bytes::from(b)));
+                self.put(repo, Key::rel_block(&tag), lsn, Value::Native(Bytes::from(b)));
             }
             if n > vm {
                 self.set_size(repo, rel, Some(vm), lsn);
@@ -224,7 +249,7 @@ impl Ingest {
                 // xl_dbase_create_wal_log_rec: db_id | tablespace_id
                 let d = f("DBASE CREATE_WAL_LOG");
                 let entry = DatabaseEntry { dbnode: d.u32(0)?, spcnode: d.u32(4)?, copied_from: None };
-                repo.put(Key::meta(META_DATABASE, entry.dbnode), lsn, Value::Image(entry.encode()));
+                self.put(repo, Key::meta(META_DATABASE, entry.dbnode), lsn, Value::Image(entry.encode()));
             }
             (RM_DBASE_ID, XLOG_DBASE_CREATE_FILE_COPY) => {
                 // xl_dbase_create_file_copy_rec: db_id | tablespace_id | src_db_id | src_tablespace_id.
@@ -233,7 +258,7 @@ impl Ingest {
                 let d = f("DBASE CREATE_FILE_COPY");
                 let (dbnode, spcnode, src_db, src_spc) = (d.u32(0)?, d.u32(4)?, d.u32(8)?, d.u32(12)?);
                 let entry = DatabaseEntry { dbnode, spcnode, copied_from: Some((src_spc, src_db, rec.lsn)) };
-                repo.put(Key::meta(META_DATABASE, dbnode), lsn, Value::Image(entry.encode()));
+                self.put(repo, Key::meta(META_DATABASE, dbnode), lsn, Value::Image(entry.encode()));
                 // Sizes cached for an earlier database of that OID no longer hold.
                 self.sizes.retain(|rel, _| rel.node.dbnode != dbnode);
             }
@@ -248,9 +273,9 @@ impl Ingest {
                 if let Some(db) = db {
                     let mut relmap = Key::meta(META_RELMAP, dbnode);
                     relmap.field3 = db.spcnode;
-                    repo.put(relmap, lsn, Value::Image(Bytes::new()));
+                    self.put(repo, relmap, lsn, Value::Image(Bytes::new()));
                 }
-                repo.put(Key::meta(META_DATABASE, dbnode), lsn, Value::Image(Bytes::new()));
+                self.put(repo, Key::meta(META_DATABASE, dbnode), lsn, Value::Image(Bytes::new()));
             }
             (RM_RELMAP_ID, XLOG_RELMAP_UPDATE) => {
                 // xl_relmap_update: dbid | tsid | int32 nbytes | data
@@ -259,13 +284,13 @@ impl Ingest {
                 d.need(12 + n)?;
                 let mut key = Key::meta(META_RELMAP, dbid);
                 key.field3 = tsid;
-                repo.put(key, lsn, Value::Image(Bytes::copy_from_slice(&d.data[12..12 + n])));
+                self.put(repo, key, lsn, Value::Image(Bytes::copy_from_slice(&d.data[12..12 + n])));
             }
             (RM_XACT_ID, _) => match info & XLOG_XACT_OPMASK {
                 XLOG_XACT_PREPARE => {
                     // The main data is the two-phase state file without its CRC.
                     let body = rec.main_data_bytes();
-                    repo.put(Key::meta(META_TWOPHASE, rec.header.xid), lsn, Value::Image(body));
+                    self.put(repo, Key::meta(META_TWOPHASE, rec.header.xid), lsn, Value::Image(body));
                 }
                 op @ (XLOG_XACT_COMMIT_PREPARED | XLOG_XACT_ABORT_PREPARED) => {
                     let name = RecordName::of(rec.header.rmid, info, rec.lsn);
@@ -275,7 +300,7 @@ impl Ingest {
                         parse_xact_abort(info, rec.main_data(), name)?
                     };
                     if let Some(xid) = parsed.twophase_xid {
-                        repo.put(Key::meta(META_TWOPHASE, xid), lsn, Value::Image(Bytes::new()));
+                        self.put(repo, Key::meta(META_TWOPHASE, xid), lsn, Value::Image(Bytes::new()));
                     }
                 }
                 _ => {}
@@ -308,7 +333,7 @@ impl Ingest {
         gone: impl Fn(u32) -> bool,
     ) -> Result<(), IngestError> {
         for page in meta::slru_pages(repo, which, lsn)?.into_iter().filter(|p| gone(*p)) {
-            repo.put(Key::slru_page(which, page), lsn, Value::Image(Bytes::new()));
+            self.put(repo, Key::slru_page(which, page), lsn, Value::Image(Bytes::new()));
         }
         Ok(())
     }
@@ -379,7 +404,7 @@ impl Ingest {
         }
         if changed {
             let cp = self.checkpoint.as_ref().expect("changed only when known");
-            repo.put(Key::meta(META_CHECKPOINT, 0), lsn, Value::Image(Bytes::copy_from_slice(&cp.encode())));
+            self.put(repo, Key::meta(META_CHECKPOINT, 0), lsn, Value::Image(Bytes::copy_from_slice(&cp.encode())));
         }
         Ok(())
     }
@@ -408,7 +433,7 @@ impl Ingest {
                 Bytes::new()
             }
         };
-        repo.put(Key::rel_size(&rel), lsn, Value::Image(value));
+        self.put(repo, Key::rel_size(&rel), lsn, Value::Image(value));
     }
 
     fn grow(&mut self, repo: &Repository, rel: RelTag, blkno: u32, lsn: Lsn) -> Result<(), IngestError> {

@@ -11,7 +11,9 @@
 //! * [`ingest`] — decoded WAL records into values.
 //! * [`import`] — a stopped cluster's data files as images at its checkpoint LSN.
 //! * [`slru`]  — which SLRU pages a truncation removes.
+//! * [`compaction`] — image layers for long chains, full images for retention.
 //! * [`reconstruct`] — any page, and any relation's size, at any LSN.
+pub mod compaction;
 pub mod import;
 pub mod ingest;
 pub mod key;

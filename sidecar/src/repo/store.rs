@@ -183,6 +183,11 @@ impl Repository {
         self.read().files.clone()
     }
 
+    /// The LSN of the newest full image layer.
+    pub fn newest_full_image(&self) -> Option<Lsn> {
+        self.read().files.iter().filter(|l| is_full_image(l)).map(|l| l.lsn_range().1).max()
+    }
+
     /// Values in the in-memory layer (not yet being flushed).
     pub fn inmem_len(&self) -> usize {
         self.read().inmem.len()

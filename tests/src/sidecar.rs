@@ -1,0 +1,136 @@
+//! The real `neon-sidecar run` as a child process of a test: following a cluster through its
+//! slot into a store and serving pages on a unix socket in a private directory. Stopped with
+//! SIGTERM (a clean stop after a last flush) or killed with SIGKILL to test crash safety;
+//! killed on drop whatever happens.
+
+use crate::{sidecar_bin, Cluster};
+use anyhow::{Context, Result};
+use neon_types::protocol::{Request, Response};
+use neon_types::Lsn;
+use sidecar::service::Client;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct SidecarProcess {
+    child: Option<Child>,
+    store: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl SidecarProcess {
+    /// Starts `neon-sidecar run` for `c` into `store`, with its socket in `<root>/sidecar/`,
+    /// and waits until the socket answers.
+    pub fn start(c: &Cluster, store: &Path) -> Result<SidecarProcess> {
+        Self::start_with(c, store, &[])
+    }
+
+    /// [`SidecarProcess::start`] with more `run` options.
+    pub fn start_with(c: &Cluster, store: &Path, extra: &[&str]) -> Result<SidecarProcess> {
+        let dir = c.root_dir().join("sidecar");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let socket = dir.join("sidecar.sock");
+        let log = dir.join("sidecar.log");
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child = Command::new(sidecar_bin()?)
+            .args(["run", "--host"])
+            .arg(c.socket_dir())
+            .args(["--port", &c.port().to_string(), "--user", crate::SUPERUSER, "--store"])
+            .arg(store)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--flush-ms", "200"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting neon-sidecar run")?;
+        let mut s = SidecarProcess { child: Some(child), store: store.to_path_buf(), socket, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while s.client().and_then(|mut cl| Ok(cl.request(&Request::History)?)).is_err() {
+            if let Some(status) = s.child.as_mut().expect("running").try_wait()? {
+                anyhow::bail!("neon-sidecar exited with {status}: {}", s.log_text());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the sidecar socket never answered: {}", s.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(s)
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn store(&self) -> &Path {
+        &self.store
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> Result<Client> {
+        Ok(Client::connect(&self.socket)?)
+    }
+
+    /// One request on a fresh connection; error responses become errors.
+    pub fn ask(&self, req: &Request) -> Result<Response> {
+        match self.client()?.request(req)? {
+            Response::Error { code, message } => anyhow::bail!("{code:?}: {message}"),
+            r => Ok(r),
+        }
+    }
+
+    /// (durable, last record) LSNs.
+    pub fn history(&self) -> Result<(Lsn, Lsn)> {
+        match self.ask(&Request::History)? {
+            Response::History { durable, last, .. } => Ok((durable, last)),
+            r => anyhow::bail!("unexpected {r:?}"),
+        }
+    }
+
+    /// Waits (up to two minutes) until the sidecar is durable to `lsn`.
+    pub fn wait_durable(&self, lsn: Lsn) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (durable, _) = self.history()?;
+            if durable >= lsn {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the sidecar is durable only to {durable}, not {lsn}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal_and_wait(&mut self, sig: i32) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        Ok(child.wait()?)
+    }
+
+    /// SIGTERM: the sidecar flushes and exits cleanly.
+    pub fn stop(mut self) -> Result<()> {
+        let status = self.signal_and_wait(libc::SIGTERM)?;
+        anyhow::ensure!(status.success(), "neon-sidecar exited with {status}: {}", self.log_text());
+        Ok(())
+    }
+
+    /// SIGKILL at whatever moment this is.
+    pub fn kill9(mut self) -> Result<()> {
+        self.signal_and_wait(libc::SIGKILL)?;
+        Ok(())
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.signal_and_wait(libc::SIGKILL);
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The compute's own files as the oracle for the page store at an LSN, over every relation
+//! fork of every database (mapped catalogs, shared catalogs and template databases included).
+//!
+//! [`Snapshot::take`] pauses nothing itself: the test takes it while its workload is quiet,
+//! right after a `CHECKPOINT`, so the files are the database at the flush LSN it records. It
+//! copies `global/` and `base/` and records how to mask each relation's pages (its access
+//! method, from `pg_class` of every database). [`compare`] then asks the running sidecar, over
+//! its socket, for the databases and relations at that LSN and every page of them, and checks
+//! them against the copy: the same databases, the same relation forks with the same sizes,
+//! and every page equal once masked as PostgreSQL's `rm_mask` functions do.
+//!
+//! Not compared, because the store cannot know them: free-space maps (not WAL-logged) and the
+//! main and visibility-map forks of unlogged relations (only their init fork is WAL-logged).
+//!
+//! Two differences are PostgreSQL's own redo at work, and the store rightly gives what redo
+//! gives (what a standby or a point-in-time recovery would have):
+//! * a sequence's WAL record logs the value 32 calls ahead (`SEQ_LOG_VALS`) while the
+//!   primary's buffer keeps the current one: `last_value` and `log_cnt` are masked;
+//! * an SP-GiST metapage's cache of last-used pages is updated without WAL
+//!   (`SpGistUpdateMetaPage`): like a hint, masked;
+//! * CREATE DATABASE (WAL_LOG) logs visibility-map pages as standard pages, so their bitmap
+//!   (between pd_lower and pd_upper) is a hole and redo zeroes it: a VM page whose bitmap the
+//!   store has as all zeroes, with the header equal, is accepted (and counted) — the store
+//!   never claims a page all-visible that the compute does not.
+
+use crate::pagemask::PageKind;
+use crate::pages::{compare_masked, Rel};
+use crate::sidecar::SidecarProcess;
+use crate::{workload, Cluster};
+use anyhow::{Context, Result};
+use neon_types::protocol::{Request, Response};
+use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+const GLOBALTABLESPACE_OID: u32 = 1664;
+const DEFAULTTABLESPACE_OID: u32 = 1663;
+
+/// The compute's files at one LSN.
+pub struct Snapshot {
+    pub lsn: Lsn,
+    pub dir: PathBuf,
+    /// Page kind by (database, relfilenode); database 0 for shared catalogs.
+    kinds: HashMap<(u32, u32), PageKind>,
+}
+
+/// What a comparison covered.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Compared {
+    pub databases: usize,
+    pub forks: usize,
+    pub pages: usize,
+    /// Visibility-map pages redo left with a zeroed bitmap (see above).
+    pub vm_pages_cleared_by_redo: usize,
+}
+
+/// Masks a sequence page's `last_value` and `log_cnt` (the first 16 bytes of its one tuple's
+/// data).
+fn mask_sequence_values(page: &mut [u8]) {
+    let lp = u32::from_le_bytes(page[24..28].try_into().expect("4 bytes"));
+    let off = (lp & 0x7fff) as usize;
+    if off + 23 <= page.len() {
+        let data = off + page[off + 22] as usize;
+        if data + 16 <= page.len() {
+            page[data..data + 16].fill(0);
+        }
+    }
+}
+
+/// Masks the last-used-pages cache of an SP-GiST metapage (block 0): after the page header
+/// and the magic number, 8 × (blkno u32, freeSpace i32).
+fn mask_spgist_meta_cache(page: &mut [u8]) {
+    page[28..28 + 8 * 8].fill(0);
+}
+
+/// A VM page whose bitmap redo zeroed: header equal (LSN and checksum aside), ours all zero.
+fn vm_cleared_by_redo(ours: &[u8], theirs: &[u8]) -> bool {
+    let header_equal = ours[8..24] == theirs[8..24];
+    header_equal && ours[24..].iter().all(|b| *b == 0)
+}
+
+impl Snapshot {
+    /// CHECKPOINT, then a copy of the files (under `<root>/<name>`) and the page kinds.
+    pub fn take(c: &Cluster, name: &str) -> Result<Snapshot> {
+        c.execute("CHECKPOINT")?;
+        let lsn = workload::flush_lsn(c)?;
+        let dir = c.root_dir().join(name);
+        std::fs::create_dir_all(&dir)?;
+        for sub in ["global", "base"] {
+            let ok = std::process::Command::new("cp").arg("-a").arg(c.data_dir().join(sub)).arg(&dir).status()?;
+            anyhow::ensure!(ok.success(), "copying {sub} to {}", dir.display());
+        }
+        Ok(Snapshot { lsn, dir, kinds: page_kinds(c)? })
+    }
+
+    /// The live data directory after a CHECKPOINT, as a snapshot (nothing copied).
+    pub fn live(c: &Cluster) -> Result<Snapshot> {
+        c.execute("CHECKPOINT")?;
+        let lsn = workload::flush_lsn(c)?;
+        Ok(Snapshot { lsn, dir: c.data_dir().to_path_buf(), kinds: page_kinds(c)? })
+    }
+
+    /// Database OIDs (directories under `base/`).
+    pub fn databases(&self) -> Result<BTreeSet<u32>> {
+        let mut out = BTreeSet::new();
+        for e in std::fs::read_dir(self.dir.join("base"))? {
+            if let Ok(db) = e?.file_name().to_string_lossy().parse() {
+                out.insert(db);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The relation forks the store should have, with their files' sizes in blocks.
+    pub fn forks(&self) -> Result<BTreeMap<RelTag, (PathBuf, u32)>> {
+        let mut dirs = vec![(self.dir.join("global"), GLOBALTABLESPACE_OID, 0)];
+        for db in self.databases()? {
+            dirs.push((self.dir.join("base").join(db.to_string()), DEFAULTTABLESPACE_OID, db));
+        }
+        let mut out = BTreeMap::new();
+        for (dir, spcnode, dbnode) in dirs {
+            let mut files: BTreeMap<(u32, ForkNumber), PathBuf> = BTreeMap::new();
+            for e in std::fs::read_dir(&dir)? {
+                let e = e?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                let (base, fork) = match name.split_once('_') {
+                    Some((b, f)) => (b.to_string(), f.parse::<ForkNumber>().ok()),
+                    None => (name.clone(), Some(ForkNumber::Main)),
+                };
+                // Segment files past the first do not occur at these sizes; `1234.1` is skipped.
+                if let (Ok(relnode), Some(fork)) = (base.parse::<u32>(), fork) {
+                    files.insert((relnode, fork), e.path());
+                }
+            }
+            let unlogged: BTreeSet<u32> =
+                files.keys().filter(|(_, f)| *f == ForkNumber::Init).map(|(r, _)| *r).collect();
+            for ((relnode, fork), path) in files {
+                let skip = fork == ForkNumber::Fsm || (unlogged.contains(&relnode) && fork != ForkNumber::Init);
+                if !skip {
+                    let n = (std::fs::metadata(&path)?.len() / BLCKSZ as u64) as u32;
+                    out.insert(RelTag { node: RelFileNode { spcnode, dbnode, relnode }, fork }, (path, n));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn kind(&self, node: &RelFileNode) -> Option<PageKind> {
+        self.kinds
+            .get(&(node.dbnode, node.relnode))
+            // template0 takes no connections; its catalogs are template1's, file for file.
+            .or_else(|| self.kinds.iter().find(|((_, r), _)| *r == node.relnode).map(|(_, k)| k))
+            .copied()
+    }
+}
+
+/// Page kinds of every relation with storage in every database that takes connections.
+fn page_kinds(c: &Cluster) -> Result<HashMap<(u32, u32), PageKind>> {
+    let mut kinds = HashMap::new();
+    let dbs = c.query_rows("SELECT oid::text, datname::text FROM pg_database WHERE datallowconn")?;
+    for db in dbs {
+        let (oid, name) = (db[0].clone().unwrap_or_default(), db[1].clone().unwrap_or_default());
+        let oid: u32 = oid.parse()?;
+        let mut conn = c.connect(&name)?;
+        let rows = conn.query(
+            "SELECT pg_relation_filenode(c.oid)::oid, c.reltablespace, coalesce(a.amname::text, ''), c.relkind::text
+             FROM pg_class c LEFT JOIN pg_am a ON a.oid = c.relam
+             WHERE c.relkind IN ('r', 'i', 't', 'S', 'm') AND pg_relation_filenode(c.oid) IS NOT NULL",
+            &[],
+        )?;
+        for r in rows {
+            let (relnode, spc, am, relkind): (u32, u32, String, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+            let kind = if relkind == "S" { Some(PageKind::Sequence) } else { PageKind::from_amname(&am) };
+            let db = if spc == GLOBALTABLESPACE_OID { 0 } else { oid };
+            if let Some(kind) = kind {
+                kinds.insert((db, relnode), kind);
+            }
+        }
+    }
+    Ok(kinds)
+}
+
+fn ask(s: &SidecarProcess, req: Request) -> Result<Response> {
+    s.ask(&req)
+}
+
+/// Everything the sidecar says about `snap.lsn` against the snapshot's files. Fails on the
+/// first difference in databases or relation forks, and after collecting up to 20 differing
+/// pages.
+pub fn compare(s: &SidecarProcess, snap: &Snapshot) -> Result<Compared> {
+    let lsn = snap.lsn;
+    let wait_ms = 30_000;
+    let Response::Databases(dbs) = ask(s, Request::ListDatabases { lsn, wait_ms })? else {
+        anyhow::bail!("ListDatabases: unexpected answer")
+    };
+    let theirs: BTreeSet<u32> = dbs.iter().map(|(db, _)| *db).collect();
+    anyhow::ensure!(theirs == snap.databases()?, "databases at {lsn}: store {theirs:?}, files {:?}", snap.databases()?);
+
+    let mut ours: BTreeMap<RelTag, u32> = BTreeMap::new();
+    for db in std::iter::once(0).chain(theirs.iter().copied()) {
+        let Response::Relations(rels) = ask(s, Request::ListRelations { dbnode: db, lsn, wait_ms })? else {
+            anyhow::bail!("ListRelations: unexpected answer")
+        };
+        ours.extend(rels);
+    }
+    let files = snap.forks()?;
+    let only_store: Vec<_> = ours.keys().filter(|r| !files.contains_key(r)).collect();
+    let only_files: Vec<_> = files.keys().filter(|r| !ours.contains_key(r)).collect();
+    anyhow::ensure!(
+        only_store.is_empty() && only_files.is_empty(),
+        "relation forks at {lsn}: only in the store {only_store:?}; only in the files {only_files:?}"
+    );
+
+    let mut client = s.client()?;
+    let mut done = Compared { databases: theirs.len(), ..Default::default() };
+    let mut bad = Vec::new();
+    for (rel, (path, nblocks)) in &files {
+        anyhow::ensure!(ours[rel] == *nblocks, "{rel} at {lsn}: store size {} blocks, file {nblocks}", ours[rel]);
+        let kind = snap.kind(&rel.node).with_context(|| format!("no page kind known for {rel}"))?;
+        let data = std::fs::read(path)?;
+        let masking = Rel { name: rel.to_string(), path: String::new(), kind };
+        for blkno in 0..*nblocks {
+            let tag = BufferTag { rel: *rel, blkno };
+            let page = match client.request(&Request::GetPage { tag, lsn, wait_ms })? {
+                Response::Page(p) => p,
+                Response::Error { message, .. } => anyhow::bail!("{tag} at {lsn}: {message}"),
+                r => anyhow::bail!("{tag}: unexpected answer {r:?}"),
+            };
+            let disk = &data[blkno as usize * BLCKSZ..][..BLCKSZ];
+            let (mut ours, mut theirs) = (page.to_vec(), disk.to_vec());
+            if kind == PageKind::Sequence && rel.fork != ForkNumber::VisibilityMap {
+                mask_sequence_values(&mut ours);
+                mask_sequence_values(&mut theirs);
+            }
+            if kind == PageKind::SpGist && rel.fork != ForkNumber::VisibilityMap && blkno == 0 {
+                mask_spgist_meta_cache(&mut ours);
+                mask_spgist_meta_cache(&mut theirs);
+            }
+            let differs = compare_masked(&masking, &tag, &ours, &theirs);
+            if differs.is_some() && rel.fork == ForkNumber::VisibilityMap && vm_cleared_by_redo(&ours, &theirs) {
+                done.vm_pages_cleared_by_redo += 1;
+            } else if let Some(at) = differs {
+                let around = |p: &[u8]| format!("{:02x?}", &p[at & !15..(at & !15) + 16]);
+                bad.push(format!(
+                    "{tag} ({kind:?}) differs at byte {at}: store {} compute {}",
+                    around(&page[..]),
+                    around(disk)
+                ));
+                if bad.len() >= 20 {
+                    break;
+                }
+            }
+            done.pages += 1;
+        }
+        done.forks += 1;
+    }
+    anyhow::ensure!(bad.is_empty(), "{} pages differ at {lsn}:\n{}", bad.len(), bad.join("\n"));
+    Ok(done)
+}
+
+/// Where a relation's main fork is in a snapshot (for tests that look at one table).
+pub fn main_fork_path(snap: &Snapshot, node: &RelFileNode) -> PathBuf {
+    let dir: &Path = &snap.dir;
+    if node.spcnode == GLOBALTABLESPACE_OID {
+        dir.join("global").join(node.relnode.to_string())
+    } else {
+        dir.join("base").join(node.dbnode.to_string()).join(node.relnode.to_string())
+    }
+}

@@ -1,0 +1,179 @@
+//! The running sidecar over time: crashes, long chains and retention.
+//!
+//! * `kill -9` at random moments while pgbench writes, again and again: each restart resumes
+//!   from the manifest, the slot's `restart_lsn` never passes what the store had made durable,
+//!   and afterwards every page of every database equals the compute's.
+//! * With a chain limit and a retention window: hot pages get image layers so no read replays
+//!   more than about the limit; once a full image lies behind the horizon, older layer files
+//!   are removed, reads before the new history start are refused naming the bounds, and every
+//!   page still equals the compute's.
+
+use anyhow::Result;
+use neon_tests::sidecar::SidecarProcess;
+use neon_tests::snapshot::{compare, Snapshot};
+use neon_tests::{workload, Cluster};
+use neon_types::protocol::{ErrorCode, Request, Response};
+use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag};
+use sidecar::repo::key::Key;
+use sidecar::repo::store::Repository;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+fn init_store(c: &Cluster, store: &Path) -> Result<()> {
+    let out = std::process::Command::new(neon_tests::sidecar_bin()?)
+        .args(["init", "--pgdata", c.data_dir().to_str().unwrap(), "--store", store.to_str().unwrap()])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+fn slot_restart_lsn(c: &Cluster) -> Result<Lsn> {
+    Ok(c.query_one_string("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = 'neon_sidecar'")?.parse()?)
+}
+
+/// A small deterministic generator, seeded from the clock (and printed, to replay a failure).
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[test]
+fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
+    let mut c = Cluster::builder().gucs(workload::MIXED_GUCS).gucs(&[("autovacuum", "off")]).init()?;
+    let store = c.root_dir().join("store");
+    init_store(&c, &store)?;
+    c.start_again()?;
+    c.pgbench(&["-i", "-q", "-s", "1"])?;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
+    eprintln!("seed {seed}");
+    let mut rng = Rng(seed);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| -> Result<()> {
+        let load = s.spawn(|| {
+            let r = c.pgbench(&["-n", "-c", "2", "-j", "2", "-T", "14"]);
+            done.store(true, Ordering::Relaxed);
+            r
+        });
+        let mut kills = 0;
+        let mut sidecar = SidecarProcess::start(&c, &store)?;
+        while !done.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(300 + rng.below(2200)));
+            sidecar.kill9()?;
+            kills += 1;
+            let durable = Repository::open_read_only(&store)?.durable_lsn();
+            let restart = slot_restart_lsn(&c)?;
+            eprintln!("kill {kills}: store durable to {durable}, slot restart_lsn {restart}");
+            anyhow::ensure!(restart <= durable, "the slot let go of WAL up to {restart}; the store has {durable}");
+            sidecar = SidecarProcess::start(&c, &store)?;
+        }
+        load.join().expect("pgbench thread")?;
+        anyhow::ensure!(kills >= 3, "only {kills} kills");
+        let now = Snapshot::live(&c)?;
+        sidecar.wait_durable(now.lsn)?;
+        let n = compare(&sidecar, &now)?;
+        eprintln!("after {kills} kills: {n:?} equal the compute's at {}", now.lsn);
+        assert!(n.pages > 2000);
+        sidecar.stop()
+    })
+}
+
+#[test]
+fn long_chains_get_images_and_old_history_is_collected() -> Result<()> {
+    let mut c = Cluster::builder().gucs(workload::MIXED_GUCS).gucs(&[("autovacuum", "off")]).init()?;
+    let store = c.root_dir().join("store");
+    init_store(&c, &store)?;
+    c.start_again()?;
+    let limit = 16;
+    let sidecar =
+        SidecarProcess::start_with(&c, &store, &["--chain-limit", &limit.to_string(), "--retention-mb", "24"])?;
+    c.pgbench(&["-i", "-q", "-s", "1"])?;
+    c.execute("CHECKPOINT")?;
+    let early = workload::flush_lsn(&c)?;
+    let branches: u32 = c.query_one_string("SELECT pg_relation_filenode('pgbench_branches')")?.parse()?;
+    // Enough WAL for a full image and a horizon past it.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "2000"])?;
+        let (durable, _) = sidecar.history()?;
+        let oldest = match sidecar.ask(&Request::History)? {
+            Response::History { oldest, .. } => oldest,
+            r => anyhow::bail!("unexpected {r:?}"),
+        };
+        if oldest > early {
+            eprintln!("history now starts at {oldest} (durable {durable})");
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "history never moved past {early}: {}", sidecar.log_text());
+    }
+    let now = Snapshot::live(&c)?;
+    sidecar.wait_durable(now.lsn)?;
+    let n = compare(&sidecar, &now)?;
+    eprintln!("with images and collected history: {n:?} equal the compute's at {}", now.lsn);
+
+    let tag = BufferTag {
+        rel: RelTag { node: RelFileNode { spcnode: 1663, dbnode: 5, relnode: branches }, fork: ForkNumber::Main },
+        blkno: 0,
+    };
+    let mut client = sidecar.client()?;
+    match client.request(&Request::GetPage { tag, lsn: early, wait_ms: 0 })? {
+        Response::Error { code: ErrorCode::OutOfHistory, message } => {
+            assert!(message.contains(&early.to_string()) && message.contains("outside the history"), "{message}")
+        }
+        r => panic!("a page before the retained history: {r:?}"),
+    }
+    sidecar.stop()?;
+
+    // The hottest page's chain stays near the limit: images, not thousands of records.
+    let repo = Repository::open_read_only(&store)?;
+    let chain = repo.values_for(Key::rel_block(&tag), repo.durable_lsn())?;
+    let names: Vec<String> =
+        repo.layers().iter().map(|l| l.path().file_name().unwrap().to_string_lossy().into_owned()).collect();
+    eprintln!("chain of {tag}: {} values; layers: {names:?}", chain.len());
+    assert!(chain.len() <= limit as usize + 400, "chain of {} values", chain.len());
+    assert!(names.iter().any(|n| n.starts_with("image-")) && names.iter().any(|n| n.starts_with("fullimage-")));
+    assert!(repo.layers().iter().all(|l| l.lsn_range().1 >= repo.history_start()));
+    Ok(())
+}
+
+#[test]
+fn wal_files_import_into_the_same_history_as_streaming() -> Result<()> {
+    let mut c = Cluster::builder().gucs(workload::MIXED_GUCS).gucs(&[("autovacuum", "off")]).init()?;
+    let store = c.root_dir().join("store");
+    init_store(&c, &store)?;
+    c.start_again()?;
+    // Nobody streams yet: the slot keeps the WAL in pg_wal.
+    c.pgbench(&["-i", "-q", "-s", "1"])?;
+    c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "300"])?;
+    c.execute("CREATE DATABASE imported_db")?;
+    let now = Snapshot::live(&c)?;
+    let out = std::process::Command::new(neon_tests::sidecar_bin()?)
+        .args(["import-wal", "--store", store.to_str().unwrap()])
+        .arg(c.wal_dir())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("import-wal: {text}");
+    anyhow::ensure!(out.status.success() && text.contains("imported"), "import-wal failed: {text}");
+    let durable = Repository::open_read_only(&store)?.durable_lsn();
+    anyhow::ensure!(durable >= now.lsn, "import-wal reached {durable}, not {}", now.lsn);
+    // A second import must continue the history, not restart it.
+    let again = std::process::Command::new(neon_tests::sidecar_bin()?)
+        .args(["import-wal", "--store", store.to_str().unwrap(), "--start", "0/1000000"])
+        .arg(c.wal_dir())
+        .output()?;
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("can only continue"));
+
+    // The running sidecar carries on from there, and serves what the files held.
+    let sidecar = SidecarProcess::start(&c, &store)?;
+    let n = compare(&sidecar, &now)?;
+    eprintln!("after import-wal: {n:?} equal the compute's at {}", now.lsn);
+    assert!(n.databases >= 4 && n.pages > 2000);
+    c.execute("CREATE TABLE after_import AS SELECT 1 AS x")?;
+    let later = Snapshot::live(&c)?;
+    sidecar.wait_durable(later.lsn)?;
+    compare(&sidecar, &later)?;
+    sidecar.stop()
+}
