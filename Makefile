@@ -34,6 +34,7 @@ demo: deps install-ext
 bench: deps install-ext
 	bash bench/decode
 	bash bench/walredo
+	bash bench/ingest
 
 # The fuzz target must keep compiling; running it is `cd sidecar/fuzz && cargo fuzz run decode_wal`.
 fuzz-check:

@@ -5,6 +5,9 @@
 //! the sidecar's replication slot, stops it cleanly, and imports its data files as images at
 //! the shutdown checkpoint — so every WAL record after it is kept by the slot and every page
 //! before it is in the store.
+//!
+//! `neon-sidecar attach` does the same for a server that is already running and has history
+//! of its own: a base backup over the replication connection instead of the stopped files.
 
 use crate::cli_args::RedoProcessArgs;
 use crate::ingest::replication::{ReplicationConfig, ReplicationConn};
@@ -133,6 +136,91 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         out,
         "slot {} at {slot_lsn}; imported {} pages of {} relation forks as of the shutdown checkpoint {at}",
         args.slot, stats.pages, stats.relation_forks
+    )?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AttachArgs {
+    /// The running compute: a unix socket directory or a host name.
+    #[arg(long)]
+    pub host: String,
+    #[arg(long, default_value_t = 5432)]
+    pub port: u16,
+    /// A role with REPLICATION.
+    #[arg(long, default_value = "postgres")]
+    pub user: String,
+    /// A file holding the password, if the compute asks for one.
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// The store directory (must hold no history yet).
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The replication slot the sidecar owns.
+    #[arg(long, default_value = "neon_sidecar")]
+    pub slot: String,
+}
+
+/// `neon-sidecar attach`: a running compute into a new store. The slot comes first, so it
+/// keeps the WAL from before the backup; then BASE_BACKUP, unpacked beside the store and
+/// imported as images at the backup's start. Its files are fuzzy until the WAL up to the
+/// backup's end is replayed over them, so history is valid from that end LSN; `run` streams
+/// that WAL (and everything after) from the slot.
+pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let repo = Repository::open(&args.store)?;
+    if repo.history_start().is_valid() {
+        bail!("store {} already holds history from {}", args.store.display(), repo.history_start());
+    }
+    let password = match &args.password_file {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
+        }
+        None => None,
+    };
+    let rc = ReplicationConfig {
+        host: args.host.clone(),
+        port: args.port,
+        user: args.user.clone(),
+        password,
+        application_name: "neon-sidecar attach".into(),
+    };
+    let mut conn = ReplicationConn::connect(&rc)?;
+    let slot_lsn = match conn.slot_restart_lsn(&args.slot)? {
+        Some(l) => l,
+        None => conn.create_slot(&args.slot)?,
+    };
+    let unpacked = args.store.join(format!("attach-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&unpacked);
+    let started = std::time::Instant::now();
+    let mut next_report = 256u64 << 20;
+    let backup = conn.base_backup("neon-sidecar attach", &unpacked, |bytes| {
+        if bytes >= next_report {
+            eprintln!("neon-sidecar: base backup: {} MB", bytes >> 20);
+            next_report += 256 << 20;
+        }
+    });
+    let imported = backup.map_err(anyhow::Error::from).and_then(|b| {
+        anyhow::ensure!(slot_lsn <= b.start, "slot {} starts at {slot_lsn}, after the backup's {}", args.slot, b.start);
+        let stats = import_datadir(&repo, &unpacked, b.start)?;
+        repo.restrict_history(b.end);
+        repo.flush()?;
+        Ok((b, stats))
+    });
+    let _ = std::fs::remove_dir_all(&unpacked);
+    let (b, stats) = imported?;
+    writeln!(
+        out,
+        "slot {} at {slot_lsn}; base backup {} to {} ({} files, {} MB, {:.1} s); imported {} pages of {} relation \
+         forks; history from {}",
+        args.slot,
+        b.start,
+        b.end,
+        b.files,
+        b.bytes >> 20,
+        started.elapsed().as_secs_f64(),
+        stats.pages,
+        stats.relation_forks,
+        b.end
     )?;
     Ok(())
 }

@@ -132,7 +132,14 @@ fn long_chains_get_images_and_old_history_is_collected() -> Result<()> {
     let chain = repo.values_for(Key::rel_block(&tag), repo.durable_lsn())?;
     let names: Vec<String> =
         repo.layers().iter().map(|l| l.path().file_name().unwrap().to_string_lossy().into_owned()).collect();
-    eprintln!("chain of {tag}: {} values; layers: {names:?}", chain.len());
+    let count = |p: &str| names.iter().filter(|n| n.starts_with(p)).count();
+    eprintln!(
+        "chain of {tag}: {} values; layer files: {} delta, {} image, {} full image",
+        chain.len(),
+        count("delta-"),
+        count("image-"),
+        count("fullimage-")
+    );
     assert!(chain.len() <= limit as usize + 400, "chain of {} values", chain.len());
     assert!(names.iter().any(|n| n.starts_with("image-")) && names.iter().any(|n| n.starts_with("fullimage-")));
     assert!(repo.layers().iter().all(|l| l.lsn_range().1 >= repo.history_start()));
@@ -175,5 +182,48 @@ fn wal_files_import_into_the_same_history_as_streaming() -> Result<()> {
     let later = Snapshot::live(&c)?;
     sidecar.wait_durable(later.lsn)?;
     compare(&sidecar, &later)?;
+    sidecar.stop()
+}
+
+#[test]
+fn attach_takes_a_running_server_with_history_of_its_own() -> Result<()> {
+    let c = Cluster::builder().gucs(workload::MIXED_GUCS).gucs(&[("autovacuum", "off")]).start()?;
+    c.pgbench(&["-i", "-q", "-s", "2"])?;
+    c.execute("CREATE DATABASE before_attach")?;
+    c.connect("before_attach")?.batch_execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 10000) g")?;
+    let before = workload::flush_lsn(&c)?;
+    let store = c.root_dir().join("store");
+    // The backup is taken while pgbench writes: its files are fuzzy until its end LSN.
+    let out = std::thread::scope(|s| -> Result<std::process::Output> {
+        let load = s.spawn(|| c.pgbench(&["-n", "-c", "2", "-j", "2", "-T", "4"]));
+        std::thread::sleep(Duration::from_millis(500));
+        let out = std::process::Command::new(neon_tests::sidecar_bin()?)
+            .args(["attach", "--host"])
+            .arg(c.socket_dir())
+            .args(["--port", &c.port().to_string(), "--user", neon_tests::SUPERUSER, "--store"])
+            .arg(&store)
+            .output()?;
+        load.join().expect("pgbench thread")?;
+        Ok(out)
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("attach: {text}");
+    anyhow::ensure!(out.status.success() && text.contains("history from"), "attach failed: {text}");
+
+    let sidecar = SidecarProcess::start(&c, &store)?;
+    let now = Snapshot::live(&c)?;
+    sidecar.wait_durable(now.lsn)?;
+    let n = compare(&sidecar, &now)?;
+    eprintln!("after attach: {n:?} equal the compute's at {}", now.lsn);
+    assert!(n.databases >= 4 && n.pages > 3000);
+    let accounts: u32 = c.query_one_string("SELECT pg_relation_filenode('pgbench_accounts')")?.parse()?;
+    let tag = BufferTag {
+        rel: RelTag { node: RelFileNode { spcnode: 1663, dbnode: 5, relnode: accounts }, fork: ForkNumber::Main },
+        blkno: 0,
+    };
+    match sidecar.client()?.request(&Request::GetPage { tag, lsn: before, wait_ms: 0 })? {
+        Response::Error { code: ErrorCode::OutOfHistory, .. } => {}
+        r => panic!("a page from before the backup's end: {r:?}"),
+    }
     sidecar.stop()
 }

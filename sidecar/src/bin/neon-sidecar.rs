@@ -1,9 +1,9 @@
 //! `neon-sidecar`: the sidecar daemon's command line. Each subcommand is a thin shell over the
-//! library: `waldump` (the WAL decoder), `redo` (page reconstruction), and the store's `init`, `run`,
+//! library: `waldump` (the WAL decoder), `redo` (page reconstruction), and the store's `init`, `attach`, `run`,
 //! `import-wal`, `get-page` and `status`.
 
 use clap::{Parser, Subcommand};
-use sidecar::init_cli::{self, InitArgs};
+use sidecar::init_cli::{self, AttachArgs, InitArgs};
 use sidecar::redo_cli::{self, RedoArgs};
 use sidecar::store_cli::{self, GetPageArgs, ImportWalArgs, RunArgs, StatusArgs};
 use sidecar::waldump::{self, WaldumpArgs};
@@ -23,6 +23,8 @@ enum Command {
     Redo(RedoArgs),
     /// Prepare a compute (initdb if needed, settings, slot) and import it into a new store.
     Init(InitArgs),
+    /// Take a running compute into a new store (BASE_BACKUP, import; history from its end).
+    Attach(AttachArgs),
     /// Follow a compute's WAL through a replication slot into a store, serving pages.
     Run(RunArgs),
     /// Ingest WAL segment files (an archive, a pg_wal copy) into a store.
@@ -46,6 +48,7 @@ fn main() {
         }
         Command::Redo(args) => redo_cli::run(&args, &mut std::io::stdout()),
         Command::Init(args) => init_cli::run(&args, &mut std::io::stdout()),
+        Command::Attach(args) => init_cli::attach(&args, &mut std::io::stdout()),
         Command::Run(args) => store_cli::run(&args),
         Command::ImportWal(args) => store_cli::import_wal(&args, &mut std::io::stdout()),
         Command::GetPage(args) => store_cli::get(&args, &mut std::io::stdout()),

@@ -432,6 +432,95 @@ impl WalStream {
 }
 
 /// A quoted identifier for replication commands.
+/// What `BASE_BACKUP` gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseBackupInfo {
+    /// The backup's checkpoint redo point: WAL from here makes the files consistent.
+    pub start: Lsn,
+    /// WAL up to here must be replayed before the files are consistent.
+    pub end: Lsn,
+    pub timeline: u32,
+    pub files: usize,
+    pub bytes: u64,
+}
+
+impl ReplicationConn {
+    /// Takes a base backup (fast checkpoint, no WAL, no manifest) and unpacks the main
+    /// archive into `dest`. Tablespaces other than the default and global ones are refused.
+    pub fn base_backup(
+        &mut self,
+        label: &str,
+        dest: &std::path::Path,
+        mut progress: impl FnMut(u64),
+    ) -> Result<BaseBackupInfo, ReplicationError> {
+        use crate::ingest::tar_reader::TarUnpacker;
+        let sql = format!("BASE_BACKUP (LABEL '{}', CHECKPOINT 'fast', MANIFEST 'no')", label.replace('\'', "''"));
+        frontend::query(&sql, &mut self.out).map_err(proto_err)?;
+        self.send()?;
+        let mut lsns: Vec<(Lsn, u32)> = Vec::new();
+        let mut tar: Option<TarUnpacker> = None;
+        let mut error = None;
+        let tar_err = |e: crate::ingest::tar_reader::TarError| ReplicationError::Protocol(e.to_string());
+        loop {
+            match self.recv(None)? {
+                Message::DataRow(row) => {
+                    let buf = row.buffer();
+                    let cols: Vec<Option<String>> = row
+                        .ranges()
+                        .map(|r| Ok(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned())))
+                        .collect()
+                        .map_err(proto_err)?;
+                    match cols.as_slice() {
+                        // (recptr, tli): the start, and after the archive the end.
+                        [Some(lsn), Some(tli)] => {
+                            let lsn = lsn.parse().map_err(|_| ReplicationError::Protocol(format!("LSN {lsn:?}")))?;
+                            lsns.push((lsn, tli.parse().unwrap_or(0)));
+                        }
+                        // (spcoid, spclocation, size): only the default tablespace has no oid.
+                        [Some(oid), ..] => {
+                            error = Some(ReplicationError::Protocol(format!(
+                                "tablespace {oid} is not supported: only pg_default and pg_global are"
+                            )))
+                        }
+                        _ => {}
+                    }
+                }
+                Message::CopyOutResponse(_) => tar = Some(TarUnpacker::new(dest)),
+                Message::CopyData(body) => {
+                    let data = body.data();
+                    let t = tar.as_mut().ok_or_else(|| ReplicationError::Protocol("data before COPY".into()))?;
+                    match data.first() {
+                        Some(b'd') => {
+                            t.feed(&data[1..]).map_err(tar_err)?;
+                            progress(t.bytes);
+                        }
+                        Some(b'n') => {
+                            let name = String::from_utf8_lossy(&data[1..]).split('\0').next().unwrap_or("").to_string();
+                            if name != "base.tar" {
+                                error = Some(ReplicationError::Protocol(format!("unexpected archive {name}")));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Message::ErrorResponse(e) => error = Some(server_error("BASE_BACKUP", &e)),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        let t = tar.ok_or_else(|| ReplicationError::Protocol("BASE_BACKUP sent no archive".into()))?;
+        match lsns.as_slice() {
+            [(start, timeline), (end, _)] if t.is_done() => {
+                Ok(BaseBackupInfo { start: *start, end: *end, timeline: *timeline, files: t.files, bytes: t.bytes })
+            }
+            _ => Err(ReplicationError::Protocol(format!("incomplete base backup (positions {lsns:?})"))),
+        }
+    }
+}
+
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }

@@ -178,6 +178,12 @@ impl Repository {
         }
     }
 
+    /// Makes reads before `from` out of history (a base backup's files are consistent only
+    /// from its end LSN); recorded in the manifest at the next flush.
+    pub fn restrict_history(&self, from: Lsn) {
+        self.oldest.fetch_max(from.0, Ordering::AcqRel);
+    }
+
     /// The layer files, oldest first.
     pub fn layers(&self) -> Vec<Arc<DeltaLayer>> {
         self.read().files.clone()

@@ -1,0 +1,157 @@
+//! Unpacking a tar stream as it arrives (the archive `BASE_BACKUP` sends), into a directory:
+//! regular files and directories only, with every path checked to stay inside it.
+//!
+//! ```text
+//! header (512 bytes, ustar): name [0..100] | mode | uid | gid | size [124..136] (octal, or
+//!   base-256 when the high bit is set) | mtime | checksum | typeflag [156] | linkname |
+//!   magic [257..263] "ustar" | ... | prefix [345..500]
+//! then the file's bytes, padded to a multiple of 512; two zero blocks end the archive
+//! ```
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+
+const BLOCK: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TarError {
+    #[error("unpacking into {dir}: {source}")]
+    Io { dir: PathBuf, source: std::io::Error },
+    #[error("tar stream: {0}")]
+    Malformed(String),
+}
+
+enum State {
+    Header,
+    Data { file: Option<File>, left: u64, pad: usize },
+    Done,
+}
+
+/// Feeds a tar stream in pieces of any size into files under `dir`.
+pub struct TarUnpacker {
+    dir: PathBuf,
+    pending: Vec<u8>,
+    state: State,
+    pub files: usize,
+    pub bytes: u64,
+}
+
+fn octal(field: &[u8]) -> Result<u64, TarError> {
+    if field.first().is_some_and(|b| b & 0x80 != 0) {
+        // Base-256: big-endian binary after the marker byte.
+        return Ok(field[1..].iter().fold(0u64, |n, b| (n << 8) | u64::from(*b)));
+    }
+    let text: String = field.iter().take_while(|b| **b != 0 && **b != b' ').map(|b| *b as char).collect();
+    let text = text.trim_start();
+    if text.is_empty() {
+        return Ok(0);
+    }
+    u64::from_str_radix(text, 8).map_err(|_| TarError::Malformed(format!("bad octal field {text:?}")))
+}
+
+fn cstr(field: &[u8]) -> String {
+    String::from_utf8_lossy(&field[..field.iter().position(|b| *b == 0).unwrap_or(field.len())]).into_owned()
+}
+
+impl TarUnpacker {
+    pub fn new(dir: &Path) -> TarUnpacker {
+        TarUnpacker { dir: dir.to_path_buf(), pending: Vec::new(), state: State::Header, files: 0, bytes: 0 }
+    }
+
+    fn io(&self, source: std::io::Error) -> TarError {
+        TarError::Io { dir: self.dir.clone(), source }
+    }
+
+    /// Where `name` goes, refusing anything that would leave the directory.
+    fn target(&self, name: &str) -> Result<PathBuf, TarError> {
+        let rel = Path::new(name);
+        if rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+            return Err(TarError::Malformed(format!("refusing path {name:?}")));
+        }
+        Ok(self.dir.join(rel))
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), TarError> {
+        while !data.is_empty() {
+            match &mut self.state {
+                State::Done => return Ok(()),
+                State::Data { file, left, pad } => {
+                    if *left > 0 {
+                        let n = (*left).min(data.len() as u64) as usize;
+                        if let Some(f) = file {
+                            f.write_all(&data[..n]).map_err(|e| TarError::Io { dir: self.dir.clone(), source: e })?;
+                        }
+                        *left -= n as u64;
+                        self.bytes += n as u64;
+                        data = &data[n..];
+                    } else if *pad > 0 {
+                        let n = (*pad).min(data.len());
+                        *pad -= n;
+                        data = &data[n..];
+                    } else {
+                        self.state = State::Header;
+                    }
+                }
+                State::Header => {
+                    let need = BLOCK - self.pending.len();
+                    let n = need.min(data.len());
+                    self.pending.extend_from_slice(&data[..n]);
+                    data = &data[n..];
+                    if self.pending.len() == BLOCK {
+                        let header = std::mem::take(&mut self.pending);
+                        self.header(&header)?;
+                    }
+                }
+            }
+        }
+        if let State::Data { left: 0, pad: 0, .. } = self.state {
+            self.state = State::Header;
+        }
+        Ok(())
+    }
+
+    fn header(&mut self, h: &[u8]) -> Result<(), TarError> {
+        if h.iter().all(|b| *b == 0) {
+            self.state = State::Done;
+            return Ok(());
+        }
+        let sum: u64 =
+            h.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32 } else { u64::from(*b) }).sum();
+        if octal(&h[148..156])? != sum {
+            return Err(TarError::Malformed("header checksum mismatch".into()));
+        }
+        let mut name = cstr(&h[..100]);
+        if &h[257..262] == b"ustar" {
+            let prefix = cstr(&h[345..500]);
+            if !prefix.is_empty() {
+                name = format!("{prefix}/{name}");
+            }
+        }
+        let size = octal(&h[124..136])?;
+        let path = self.target(name.trim_end_matches('/'))?;
+        let file = match h[156] {
+            b'5' => {
+                std::fs::create_dir_all(&path).map_err(|e| self.io(e))?;
+                None
+            }
+            b'0' | 0 => {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| self.io(e))?;
+                }
+                self.files += 1;
+                Some(File::create(&path).map_err(|e| self.io(e))?)
+            }
+            // Symbolic links (pg_tblspc entries), pax headers and the like carry nothing we
+            // unpack; their data, if any, is skipped.
+            _ => None,
+        };
+        let pad = (BLOCK - (size % BLOCK as u64) as usize) % BLOCK;
+        self.state = State::Data { file, left: size, pad };
+        Ok(())
+    }
+}

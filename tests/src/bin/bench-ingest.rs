@@ -1,0 +1,244 @@
+//! `bench/ingest`: the page store's ingest and read path, each figure beside its anchor from
+//! the same run.
+//!
+//! * Ingest throughput (decode + file values + durable layer files, in process) of a pgbench
+//!   run's WAL, beside the rate pgbench produced that WAL on this machine and beside a
+//!   PostgreSQL standby replaying the same WAL from an archive (a restore to
+//!   `recovery_target_lsn`, timed from start to its shutdown at the target).
+//! * Replication lag under pgbench: the follower streams into a store while a sampler reads
+//!   the compute's flush LSN every 10 ms and times how long until the store has it.
+//! * Page-at-LSN latency in process: an image hit, a 10-record and a 100-record chain.
+//! * Bytes of layer files per byte of WAL.
+
+use anyhow::{Context, Result};
+use neon_tests::pages::redo_config;
+use neon_tests::store::replication_config;
+use neon_tests::{run_as_server_user, workload, Cluster};
+use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag};
+use sidecar::follower::{self, FollowerConfig};
+use sidecar::ingest::replication::ReplicationConn;
+use sidecar::repo::ingest::Ingest;
+use sidecar::repo::key::Key;
+use sidecar::repo::reconstruct::get_page;
+use sidecar::repo::store::Repository;
+use sidecar::wal::segment::{SegmentSet, WalFileReader};
+use sidecar::walredo::PostgresRedoManager;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+struct Args {
+    scale: u32,
+    seconds: u32,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args { scale: 10, seconds: 30 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--scale" => a.scale = value()?.parse()?,
+            "--seconds" => a.seconds = value()?.parse()?,
+            _ => anyhow::bail!("usage: bench-ingest [--scale pgbench scale] [--seconds of pgbench]"),
+        }
+    }
+    Ok(a)
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Ingests [start, end) of the WAL in `wal` into a new store at `dir`, flushing every 64 MB
+/// and at the end. Returns the time taken and the store.
+fn ingest(wal: &Path, start: Lsn, end: Lsn, dir: &Path) -> Result<(Duration, Repository)> {
+    let _ = std::fs::remove_dir_all(dir);
+    let t = Instant::now();
+    let repo = Repository::open(dir)?;
+    repo.begin_history(start);
+    let mut ingest = Ingest::new();
+    let mut reader = WalFileReader::new(SegmentSet::collect(&[wal.to_path_buf()], None)?, Some(start), Some(end))?;
+    let mut next_flush = 64u64 << 20;
+    while let Some(rec) = reader.next_record()? {
+        ingest.ingest(&repo, &rec)?;
+        if reader.bytes_read() >= next_flush {
+            repo.flush()?;
+            next_flush += 64 << 20;
+        }
+    }
+    repo.flush()?;
+    Ok((t.elapsed(), repo))
+}
+
+/// A standby restored from `backup` replaying the archive in `archive` up to `end`.
+fn standby_replay(c: &Cluster, backup: &Path, archive: &Path, end: Lsn) -> Result<Duration> {
+    let conf = format!(
+        "restore_command = 'cp {}/%f %p'\nrecovery_target_lsn = '{end}'\nrecovery_target_action = 'shutdown'\n\
+         listen_addresses = ''\nunix_socket_directories = '{}'\n",
+        archive.display(),
+        backup.display()
+    );
+    std::fs::write(backup.join("postgresql.auto.conf"), conf)?;
+    std::fs::write(backup.join("recovery.signal"), "")?;
+    neon_tests::chown_to_server_user(backup)?;
+    let t = Instant::now();
+    let mut cmd = std::process::Command::new(c.server_tool("postgres").get_program());
+    cmd.arg("-D").arg(backup).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    run_as_server_user(&mut cmd);
+    let status = cmd.status()?;
+    let elapsed = t.elapsed();
+    anyhow::ensure!(status.success() || status.code() == Some(0), "standby exited with {status}");
+    Ok(elapsed)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let c = Cluster::builder()
+        .guc("wal_keep_size", "16GB")
+        .guc("max_wal_size", "16GB")
+        .guc("checkpoint_timeout", "1h")
+        .guc("shared_buffers", "256MB")
+        .start()?;
+    eprintln!("bench: pgbench -i -s {} ...", args.scale);
+    c.pgbench(&["-i", "-q", "-s", &args.scale.to_string()])?;
+    let backup = c.root_dir().join("standby");
+    c.run_server_tool("pg_basebackup", &["-D", backup.to_str().unwrap(), "-X", "none", "-c", "fast"])?;
+    let start: Lsn = std::fs::read_to_string(backup.join("backup_label"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
+        .and_then(|l| l.split(' ').next())
+        .context("no start in backup_label")?
+        .parse()?;
+
+    // The compute's WAL rate under pgbench, with the follower streaming and a lag sampler.
+    let store_live = c.root_dir().join("store-live");
+    let repo = Repository::open(&store_live)?;
+    let slot_start = ReplicationConn::connect(&replication_config(&c))?.create_slot("bench")?;
+    repo.begin_history(slot_start);
+    let cfg = FollowerConfig {
+        replication: replication_config(&c),
+        store: store_live.clone(),
+        slot: "bench".into(),
+        flush_interval: Duration::from_millis(1000),
+        flush_bytes: 64 << 20,
+        chain_limit: 0,
+    };
+    let stop = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    let run_start = workload::flush_lsn(&c)?;
+    eprintln!("bench: pgbench -T {} with the follower streaming ...", args.seconds);
+    let (pgbench_time, mut lags) = std::thread::scope(|s| -> Result<(Duration, Vec<f64>)> {
+        let follower = s.spawn(|| follower::run_into(&repo, &cfg, &stop, &mut |_, _| {}));
+        let sampler = s.spawn(|| -> Result<Vec<f64>> {
+            let mut conn = c.connect("postgres")?;
+            let mut lags = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let l: String = conn.query_one("SELECT pg_current_wal_flush_lsn()::text", &[])?.get(0);
+                let t = Instant::now();
+                repo.wait_for_lsn(l.parse()?, Duration::from_secs(10))?;
+                lags.push(t.elapsed().as_secs_f64() * 1e3);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(lags)
+        });
+        let t = Instant::now();
+        let r = c.pgbench(&["-n", "-c", "4", "-j", "2", "-T", &args.seconds.to_string()]);
+        let elapsed = t.elapsed();
+        done.store(true, Ordering::Relaxed);
+        let lags = sampler.join().expect("sampler")?;
+        stop.store(true, Ordering::Relaxed);
+        follower.join().expect("follower")?;
+        r?;
+        Ok((elapsed, lags))
+    })?;
+    c.execute("CHECKPOINT")?;
+    let end = workload::flush_lsn(&c)?;
+    let run_mb = (end - run_start) as f64 / 1048576.0;
+    let compute_rate = run_mb / pgbench_time.as_secs_f64();
+
+    // Ingest of the same WAL (backup start to end), and a standby replaying it.
+    let archive = c.root_dir().join("archive");
+    std::fs::create_dir_all(&archive)?;
+    for e in std::fs::read_dir(c.wal_dir())? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::copy(e.path(), archive.join(e.file_name()))?;
+        }
+    }
+    let wal_mb = (end - start) as f64 / 1048576.0;
+    eprintln!("bench: ingesting {wal_mb:.0} MB ...");
+    let (ingest_time, store) = ingest(&archive, start, end, &c.root_dir().join("store"))?;
+    let layer_bytes: u64 = store.layers().iter().map(|l| l.size_bytes()).sum();
+    eprintln!("bench: standby replay of the same WAL ...");
+    let replay_time = standby_replay(&c, &backup, &archive, end)?;
+
+    // Page latency on the hottest page: pgbench_branches block 0.
+    let branches: u32 = c.query_one_string("SELECT pg_relation_filenode('pgbench_branches')")?.parse()?;
+    let tag = BufferTag {
+        rel: RelTag { node: RelFileNode { spcnode: 1663, dbnode: 5, relnode: branches }, fork: ForkNumber::Main },
+        blkno: 0,
+    };
+    let chain = store.values_for(Key::rel_block(&tag), end)?;
+    anyhow::ensure!(chain.len() > 101, "the hot page's chain has only {} values", chain.len());
+    let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 1))?;
+    let mut latencies = Vec::new();
+    for (name, records) in [("image hit", 0usize), ("10-record chain", 10), ("100-record chain", 100)] {
+        let lsn = chain[records].0;
+        anyhow::ensure!(store.values_for(Key::rel_block(&tag), lsn)?.len() == records + 1);
+        let mut v = Vec::new();
+        for _ in 0..2000 {
+            let t = Instant::now();
+            get_page(&store, &redo, tag, lsn)?;
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        latencies.push((name, percentile(&mut v, 0.5), percentile(&mut v, 0.99)));
+    }
+
+    let ingest_rate = wal_mb / ingest_time.as_secs_f64();
+    let replay_rate = wal_mb / replay_time.as_secs_f64();
+    println!("Page store ingest and reads (pgbench -s {}, {} s run, release build)", args.scale, args.seconds);
+    println!();
+    println!("{:<42} {:>12} | {:<34} {:>10} | {:>7}", "figure", "ours", "anchor", "anchor", "ratio");
+    let row = |name: &str, ours: String, anchor: &str, theirs: String, ratio: String| {
+        println!("{name:<42} {ours:>12} | {anchor:<34} {theirs:>10} | {ratio:>7}")
+    };
+    row(
+        &format!("ingest of {wal_mb:.0} MB WAL, MB/s"),
+        format!("{ingest_rate:.0}"),
+        "pgbench producing it, MB/s",
+        format!("{compute_rate:.1}"),
+        format!("{:.1}x", ingest_rate / compute_rate),
+    );
+    row(
+        "ingest, MB/s",
+        format!("{ingest_rate:.0}"),
+        "standby replay of the same WAL, MB/s",
+        format!("{replay_rate:.0}"),
+        format!("{:.1}x", ingest_rate / replay_rate),
+    );
+    row(
+        "lag under pgbench p50, ms",
+        format!("{:.2}", percentile(&mut lags, 0.5)),
+        "goal p99 < 50 ms",
+        "".into(),
+        "".into(),
+    );
+    row("lag under pgbench p99, ms", format!("{:.2}", percentile(&mut lags, 0.99)), "", "".into(), "".into());
+    for (name, p50, p99) in latencies {
+        row(&format!("{name} p50 / p99, us"), format!("{p50:.1} / {p99:.1}"), "", "".into(), "".into());
+    }
+    row(
+        "bytes on disk per byte of WAL",
+        format!("{:.2}", layer_bytes as f64 / (end - start) as f64),
+        "",
+        "".into(),
+        "".into(),
+    );
+    println!();
+    println!("Goals: ingest >= 5x the compute's WAL rate and >= 300 MB/s; lag p99 < 50 ms;");
+    println!("image hit p50 < 20 us; 10-record chain p50 < 60 us (in process). Lag is until the record is");
+    println!("readable in the store (durability follows at the next flush, every second here).");
+    Ok(())
+}
