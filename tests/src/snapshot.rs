@@ -86,7 +86,7 @@ impl Snapshot {
         let lsn = workload::flush_lsn(c)?;
         let dir = c.root_dir().join(name);
         std::fs::create_dir_all(&dir)?;
-        for sub in ["global", "base"] {
+        for sub in ["global", "base", "pg_xact", "pg_multixact", "pg_twophase"] {
             let ok = std::process::Command::new("cp").arg("-a").arg(c.data_dir().join(sub)).arg(&dir).status()?;
             anyhow::ensure!(ok.success(), "copying {sub} to {}", dir.display());
         }
@@ -255,6 +255,108 @@ pub fn compare(s: &SidecarProcess, snap: &Snapshot) -> Result<Compared> {
         done.forks += 1;
     }
     anyhow::ensure!(bad.is_empty(), "{} pages differ at {lsn}:\n{}", bad.len(), bad.join("\n"));
+    Ok(done)
+}
+
+/// What a metadata comparison covered.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MetaCompared {
+    pub relmaps: usize,
+    pub slru_pages: usize,
+    pub prepared: usize,
+}
+
+/// The store's metadata at `snap.lsn` against the snapshot's files, read in process from the
+/// store's durable files: relation maps byte for byte; every page of `pg_xact`,
+/// `pg_multixact/offsets` and `members` (and the same set of pages); the prepared
+/// transactions' state files (body; the file adds a CRC32C); and the checkpoint counters of
+/// `pg_control`'s last checkpoint (nextOid may be ahead in the store: redo takes the value
+/// NEXTOID records log, 8192 ahead of the counter a checkpoint writes).
+pub fn compare_metadata(store: &Path, snap: &Snapshot) -> Result<MetaCompared> {
+    use sidecar::repo::meta;
+    use sidecar::repo::reconstruct::get_slru_page;
+    use sidecar::repo::store::Repository;
+    use sidecar::wal::checkpoint::{CheckPoint, CONTROL_CHECKPOINT_COPY, SIZEOF_CHECKPOINT};
+    let repo = Repository::open_read_only(store)?;
+    let lsn = snap.lsn;
+    anyhow::ensure!(repo.durable_lsn() >= lsn, "the store is durable only to {}", repo.durable_lsn());
+    let mut done = MetaCompared::default();
+
+    let mut maps = vec![(snap.dir.join("global/pg_filenode.map"), 0, GLOBALTABLESPACE_OID)];
+    for db in snap.databases()? {
+        maps.push((snap.dir.join(format!("base/{db}/pg_filenode.map")), db, DEFAULTTABLESPACE_OID));
+    }
+    for (path, db, spc) in maps {
+        let file = std::fs::read(&path)?;
+        let ours = meta::relmap(&repo, db, spc, lsn)?.with_context(|| format!("no relation map of {db} at {lsn}"))?;
+        anyhow::ensure!(ours[..] == file[..], "relation map of database {db} at {lsn} differs from {}", path.display());
+        done.relmaps += 1;
+    }
+
+    for (slru, dir) in [
+        (meta::SLRU_CLOG, "pg_xact"),
+        (meta::SLRU_MULTIXACT_OFFSETS, "pg_multixact/offsets"),
+        (meta::SLRU_MULTIXACT_MEMBERS, "pg_multixact/members"),
+    ] {
+        let mut pages = BTreeSet::new();
+        for e in std::fs::read_dir(snap.dir.join(dir))? {
+            let e = e?;
+            let Ok(segno) = u32::from_str_radix(&e.file_name().to_string_lossy(), 16) else { continue };
+            let data = std::fs::read(e.path())?;
+            for (i, page) in data.chunks(BLCKSZ).enumerate() {
+                let pageno = segno * 32 + i as u32;
+                let ours = get_slru_page(&repo, slru, pageno, lsn).with_context(|| format!("{dir} page {pageno}"))?;
+                if let Some(at) = crate::pagemask::first_difference(&ours[..], page) {
+                    anyhow::bail!("{dir} page {pageno} at {lsn} differs at byte {at}");
+                }
+                pages.insert(pageno);
+                done.slru_pages += 1;
+            }
+        }
+        let ours: BTreeSet<u32> = meta::slru_pages(&repo, slru, lsn)?.into_iter().collect();
+        anyhow::ensure!(ours == pages, "{dir} at {lsn}: the store has pages {ours:?}, the files {pages:?}");
+    }
+
+    let mut files = BTreeMap::new();
+    for e in std::fs::read_dir(snap.dir.join("pg_twophase"))? {
+        let e = e?;
+        if let Ok(xid) = u32::from_str_radix(&e.file_name().to_string_lossy(), 16) {
+            let b = std::fs::read(e.path())?;
+            files.insert(xid, b[..b.len() - 4].to_vec());
+        }
+    }
+    let ours: BTreeMap<u32, Vec<u8>> =
+        meta::twophase_states(&repo, lsn)?.into_iter().map(|(x, b)| (x, b.to_vec())).collect();
+    anyhow::ensure!(
+        ours.keys().eq(files.keys()),
+        "prepared transactions at {lsn}: store {:?}, files {:?}",
+        ours.keys(),
+        files.keys()
+    );
+    for (xid, body) in &files {
+        anyhow::ensure!(&ours[xid] == body, "two-phase state of {xid} at {lsn} differs");
+        done.prepared += 1;
+    }
+
+    let control = std::fs::read(snap.dir.join("global/pg_control"))?;
+    let theirs = CheckPoint::decode(&control[CONTROL_CHECKPOINT_COPY..CONTROL_CHECKPOINT_COPY + SIZEOF_CHECKPOINT])?;
+    let ours = meta::checkpoint(&repo, lsn)?.context("no checkpoint counters")?;
+    let same = |name: &str, a: u64, b: u64| -> Result<()> {
+        anyhow::ensure!(a == b, "{name} at {lsn}: store {a}, pg_control {b}");
+        Ok(())
+    };
+    same("nextXid", ours.next_xid, theirs.next_xid)?;
+    same("nextMulti", ours.next_multi.into(), theirs.next_multi.into())?;
+    same("nextMultiOffset", ours.next_multi_offset.into(), theirs.next_multi_offset.into())?;
+    same("oldestXid", ours.oldest_xid.into(), theirs.oldest_xid.into())?;
+    same("oldestMulti", ours.oldest_multi.into(), theirs.oldest_multi.into())?;
+    same("redo", ours.redo.0, theirs.redo.0)?;
+    anyhow::ensure!(
+        ours.next_oid >= theirs.next_oid && ours.next_oid - theirs.next_oid <= 8192,
+        "nextOid at {lsn}: store {}, pg_control {}",
+        ours.next_oid,
+        theirs.next_oid
+    );
     Ok(done)
 }
 

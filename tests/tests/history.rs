@@ -8,12 +8,15 @@
 //! * in the past: at LSNs where the test copied the files after a CHECKPOINT, equal to those
 //!   copies; relations and databases dropped later still read there, ones created later do not
 //!   exist there;
+//! * the metadata a data directory needs equals the compute's files at each of those LSNs:
+//!   relation maps, CLOG and multixact pages, prepared transactions' state, the counters of
+//!   pg_control's checkpoint;
 //! * bad input gets clear errors: an LSN before history (naming the bounds), one that never
 //!   arrives (after the wait), an unknown relation.
 
 use anyhow::{Context, Result};
 use neon_tests::sidecar::SidecarProcess;
-use neon_tests::snapshot::{compare, Snapshot};
+use neon_tests::snapshot::{compare, compare_metadata, Snapshot};
 use neon_tests::{workload, Cluster};
 use neon_types::protocol::{ErrorCode, Request, Response};
 use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag};
@@ -91,6 +94,11 @@ fn every_page_of_every_database_now_and_in_the_past() -> Result<()> {
         let n = compare(&sidecar, snap).with_context(|| format!("comparing {name}"))?;
         eprintln!("{name} ({}): {n:?} equal the compute's files, in {:?}", snap.lsn, started.elapsed());
         assert!(n.databases >= 4 && n.pages > 3000, "{name}: {n:?}");
+        let m = compare_metadata(&store, snap).with_context(|| format!("metadata at {name}"))?;
+        eprintln!("{name}: {m:?} equal the compute's");
+        assert!(m.relmaps >= 5 && m.slru_pages >= 3, "{name}: {m:?}");
+        // 'open_across' is prepared at past1 and committed by past2.
+        assert_eq!(m.prepared, usize::from(name == "past1"), "{name}: {m:?}");
     }
 
     // Dropped later: still there in the past; created later: not there yet.

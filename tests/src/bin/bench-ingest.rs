@@ -83,13 +83,16 @@ fn standby_replay(c: &Cluster, backup: &Path, archive: &Path, end: Lsn) -> Resul
     std::fs::write(backup.join("postgresql.auto.conf"), conf)?;
     std::fs::write(backup.join("recovery.signal"), "")?;
     neon_tests::chown_to_server_user(backup)?;
+    neon_tests::chown_to_server_user(archive)?;
     let t = Instant::now();
+    let log = backup.join("replay.log");
     let mut cmd = std::process::Command::new(c.server_tool("postgres").get_program());
-    cmd.arg("-D").arg(backup).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    cmd.arg("-D").arg(backup).stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log)?);
     run_as_server_user(&mut cmd);
     let status = cmd.status()?;
     let elapsed = t.elapsed();
-    anyhow::ensure!(status.success() || status.code() == Some(0), "standby exited with {status}");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    anyhow::ensure!(text.contains("shutdown at recovery target"), "standby exited with {status}: {text}");
     Ok(elapsed)
 }
 
@@ -155,6 +158,8 @@ fn main() -> Result<()> {
     })?;
     c.execute("CHECKPOINT")?;
     let end = workload::flush_lsn(&c)?;
+    // The standby stops after the record starting at its target: the checkpoint just taken.
+    let target: Lsn = c.query_one_string("SELECT checkpoint_lsn FROM pg_control_checkpoint()")?.parse()?;
     let run_mb = (end - run_start) as f64 / 1048576.0;
     let compute_rate = run_mb / pgbench_time.as_secs_f64();
 
@@ -172,7 +177,7 @@ fn main() -> Result<()> {
     let (ingest_time, store) = ingest(&archive, start, end, &c.root_dir().join("store"))?;
     let layer_bytes: u64 = store.layers().iter().map(|l| l.size_bytes()).sum();
     eprintln!("bench: standby replay of the same WAL ...");
-    let replay_time = standby_replay(&c, &backup, &archive, end)?;
+    let replay_time = standby_replay(&c, &backup, &archive, target)?;
 
     // Page latency on the hottest page: pgbench_branches block 0.
     let branches: u32 = c.query_one_string("SELECT pg_relation_filenode('pgbench_branches')")?.parse()?;
