@@ -109,10 +109,45 @@ fn follow(
     repo.begin_history(start);
     let mut dec = WalStreamDecoder::new(start, seg_size)?;
     let mut stream = conn.start_replication(Some(&cfg.slot), start, sys.timeline)?;
+    // Layer files are written by a flusher thread while ingest goes on (the repository's
+    // frozen layer is made for this); the compute hears of each new durable LSN afterwards.
+    // One flush runs at a time; when ingest gets twice the flush size ahead, it waits.
+    std::thread::scope(|s| {
+        let (requests, pending) = crossbeam_channel::bounded::<Vec<Key>>(1);
+        let flusher = s.spawn(move || -> Result<(), FollowError> {
+            for keys in pending {
+                let durable = repo.flush()?;
+                on_flush(durable, keys);
+            }
+            Ok(())
+        });
+        let result = stream_loop(cfg, repo, ingest, stop, &mut dec, &mut stream, &requests, &flusher);
+        drop(requests);
+        let flushed = flusher.join().expect("flusher thread");
+        result.and(flushed)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream_loop(
+    cfg: &FollowerConfig,
+    repo: &Repository,
+    ingest: &mut Ingest,
+    stop: &AtomicBool,
+    dec: &mut WalStreamDecoder,
+    stream: &mut crate::ingest::replication::WalStream,
+    requests: &crossbeam_channel::Sender<Vec<Key>>,
+    flusher: &std::thread::ScopedJoinHandle<'_, Result<(), FollowError>>,
+) -> Result<(), FollowError> {
     let mut last_flush = Instant::now();
     let mut unflushed = 0u64;
+    let mut reported = repo.durable_lsn();
     while !stop.load(Ordering::Relaxed) {
-        let event = match stream.next_event(Duration::from_millis(200)) {
+        if flusher.is_finished() {
+            // It only stops early on an error, which joining reports.
+            return Ok(());
+        }
+        let event = match stream.next_event(Duration::from_millis(50)) {
             Ok(Some(e)) => Some(e),
             Ok(None) => return Err(ReplicationError::Protocol("the server ended the stream".into()).into()),
             Err(ReplicationError::Timeout(_)) => None,
@@ -133,15 +168,29 @@ fn follow(
         if repo.last_lsn() > repo.durable_lsn()
             && (unflushed >= cfg.flush_bytes || last_flush.elapsed() >= cfg.flush_interval)
         {
-            let durable = repo.flush()?;
-            on_flush(durable, ingest.take_long_chains());
-            last_flush = Instant::now();
-            unflushed = 0;
-            reply = true;
+            let keys = ingest.take_long_chains();
+            let sent = if unflushed >= 2 * cfg.flush_bytes {
+                requests.send(keys).is_ok()
+            } else {
+                match requests.try_send(keys) {
+                    Ok(()) => true,
+                    Err(crossbeam_channel::TrySendError::Full(keys)) => {
+                        // A flush is still running: these keys wait for the next one.
+                        ingest.return_long_chains(keys);
+                        false
+                    }
+                    Err(crossbeam_channel::TrySendError::Disconnected(_)) => false,
+                }
+            };
+            if sent {
+                last_flush = Instant::now();
+                unflushed = 0;
+            }
         }
-        if reply {
-            let d = repo.durable_lsn();
-            stream.send_status(d, d, d, false)?;
+        let durable = repo.durable_lsn();
+        if reply || durable > reported {
+            stream.send_status(durable, durable, durable, false)?;
+            reported = durable;
         }
     }
     Ok(())

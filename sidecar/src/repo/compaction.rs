@@ -57,6 +57,12 @@ impl ChainTracker {
         }
     }
 
+    /// Keys taken with [`ChainTracker::take_long`] and not handled after all.
+    pub fn give_back(&mut self, mut keys: Vec<Key>) {
+        keys.append(&mut self.long);
+        self.long = keys;
+    }
+
     /// The keys whose chains reached the limit since the last call.
     pub fn take_long(&mut self) -> Vec<Key> {
         std::mem::take(&mut self.long)

@@ -105,6 +105,13 @@ impl Ingest {
         self.chains.as_mut().map(|c| c.take_long()).unwrap_or_default()
     }
 
+    /// Gives back keys from [`Ingest::take_long_chains`] that could not be handled yet.
+    pub fn return_long_chains(&mut self, keys: Vec<Key>) {
+        if let Some(c) = &mut self.chains {
+            c.give_back(keys);
+        }
+    }
+
     fn put(&mut self, repo: &Repository, key: Key, lsn: Lsn, value: Value) {
         if let Some(chains) = &mut self.chains {
             chains.note(key, &value);

@@ -5,6 +5,7 @@
 //! * [`value`] — what is stored: a page image, a WAL record for redo, or a Rust-native record.
 //! * [`layer`] — immutable delta-layer files: CRC-checked blobs and a sorted index, written to a
 //!   temporary name, fsync'd and renamed, read back through `mmap`.
+//! * [`memlayer`] — the in-memory layer: values since the last flush.
 //! * [`store`] — the repository: the in-memory layer, the layer files and the manifest.
 //! * [`meta`]  — cluster metadata: databases, relation maps, two-phase state, checkpoint
 //!   counters, SLRU pages.
@@ -18,6 +19,7 @@ pub mod import;
 pub mod ingest;
 pub mod key;
 pub mod layer;
+pub mod memlayer;
 pub mod meta;
 pub mod reconstruct;
 pub mod slru;

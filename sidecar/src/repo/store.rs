@@ -23,6 +23,7 @@
 
 use super::key::Key;
 use super::layer::{DeltaLayer, DeltaLayerWriter, LayerError};
+use super::memlayer::MemLayer;
 use super::value::Value;
 use neon_types::Lsn;
 use std::collections::BTreeMap;
@@ -61,8 +62,6 @@ pub struct HistoryBounds {
     /// The end of the last record filed: reads may ask up to here.
     pub last: Lsn,
 }
-
-type MemLayer = BTreeMap<(Key, Lsn), Value>;
 
 struct Layers {
     inmem: MemLayer,
@@ -123,7 +122,7 @@ impl Repository {
         }
         Ok(Repository {
             dir: dir.to_path_buf(),
-            layers: RwLock::new(Layers { inmem: BTreeMap::new(), frozen: None, files }),
+            layers: RwLock::new(Layers { inmem: MemLayer::default(), frozen: None, files }),
             flush_lock: Mutex::new(()),
             origin: AtomicU64::new(manifest.origin.0),
             oldest: AtomicU64::new(manifest.oldest.0),
@@ -201,7 +200,7 @@ impl Repository {
 
     /// Files a value. LSNs of successive records must not go backwards.
     pub fn put(&self, key: Key, lsn: Lsn, value: Value) {
-        self.write().inmem.insert((key, lsn), value);
+        self.write().inmem.put(key, lsn, value);
     }
 
     /// Notes that every record ending at or before `lsn` has been put.
@@ -251,7 +250,7 @@ impl Repository {
             // never holds values newer than the durable LSN it is flushed for, which keeps
             // layer files from overlapping an image layer made at that LSN.
             let mut frozen = std::mem::take(&mut l.inmem);
-            l.inmem = frozen.extract_if(.., |(_, at), _| *at > upto).collect();
+            l.inmem = frozen.split_newer(upto);
             let frozen = Arc::new(frozen);
             l.frozen = Some(frozen.clone());
             (upto, frozen)
@@ -259,10 +258,9 @@ impl Repository {
         let written = if frozen.is_empty() {
             None
         } else {
-            let first = frozen.keys().map(|k| k.1).min().unwrap_or(upto);
-            let last = frozen.keys().map(|k| k.1).max().unwrap_or(upto);
+            let (first, last) = frozen.lsn_range().unwrap_or((upto, upto));
             let name = format!("{DELTA_PREFIX}-{:016X}-{:016X}", first.0, last.0);
-            let written = self.write_layer(&name, frozen.iter().map(|((k, l), v)| (*k, *l, v)));
+            let written = self.write_layer(&name, frozen.sorted());
             match written {
                 Ok(layer) => Some(layer),
                 Err(e) => {
@@ -271,7 +269,7 @@ impl Repository {
                     let frozen = l.frozen.take().expect("frozen while flushing");
                     let newer = std::mem::take(&mut l.inmem);
                     l.inmem = Arc::try_unwrap(frozen).unwrap_or_else(|a| (*a).clone());
-                    l.inmem.extend(newer);
+                    l.inmem.append(newer);
                     return Err(e);
                 }
             }
@@ -391,7 +389,7 @@ impl Repository {
         let upto = Lsn(lsn.0.saturating_add(1));
         let mems = [Some(&l.inmem), l.frozen.as_deref()];
         for mem in mems.into_iter().flatten() {
-            for ((_, at), v) in mem.range((key, Lsn(0))..(key, upto)).rev() {
+            for (at, v) in mem.newest_first(&key, lsn) {
                 newest_first.push((*at, v.clone()));
                 if v.will_init() {
                     newest_first.reverse();
@@ -432,8 +430,8 @@ impl Repository {
         }
         let mems = [l.frozen.as_deref(), Some(&l.inmem)];
         for mem in mems.into_iter().flatten() {
-            for ((k, at), v) in mem.range((keys.start, Lsn(0))..(keys.end, Lsn(0))) {
-                offer(*k, *at, v.clone());
+            for (k, at, v) in mem.in_range(keys.clone()) {
+                offer(k, at, v.clone());
             }
         }
         Ok(out)
