@@ -30,7 +30,8 @@ demo: deps install-ext
 	cargo run --quiet -p neon-tests --bin demo
 
 # Benchmarks that print tables, each figure beside its anchor measured in the same run:
-# WAL decoding beside pg_waldump, wal-redo beside Neon's published bench_walredo figures.
+# WAL decoding beside pg_waldump, wal-redo beside Neon's published bench_walredo figures, page store
+# ingest beside pgbench's WAL rate and a standby's replay.
 bench: deps install-ext
 	bash bench/decode
 	bash bench/walredo

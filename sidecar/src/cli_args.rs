@@ -1,5 +1,6 @@
-//! Command-line arguments several commands share: which block, and how to run wal-redo
-//! processes. One definition each, flattened into the commands that need them.
+//! Command-line arguments several commands share: which block, how to run wal-redo processes,
+//! how to reach a compute over replication. One definition each, flattened into the commands
+//! that need them.
 
 use crate::walredo::RedoConfig;
 use anyhow::{bail, Context};
@@ -59,5 +60,42 @@ impl RedoProcessArgs {
             cfg.run_as = Some((user.uid.as_raw(), user.gid.as_raw()));
         }
         Ok(cfg)
+    }
+}
+
+/// How to reach a compute over the replication protocol.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ComputeArgs {
+    /// The compute: a unix socket directory or a host name.
+    #[arg(long)]
+    pub host: String,
+    #[arg(long, default_value_t = 5432)]
+    pub port: u16,
+    /// A role with REPLICATION.
+    #[arg(long, default_value = "postgres")]
+    pub user: String,
+    /// A file holding the password, if the compute asks for one.
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// The replication slot the sidecar owns.
+    #[arg(long, default_value = "neon_sidecar")]
+    pub slot: String,
+}
+
+impl ComputeArgs {
+    pub fn replication(&self, application_name: &str) -> anyhow::Result<crate::ingest::replication::ReplicationConfig> {
+        let password = match &self.password_file {
+            Some(p) => {
+                Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
+            }
+            None => None,
+        };
+        Ok(crate::ingest::replication::ReplicationConfig {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            password,
+            application_name: application_name.into(),
+        })
     }
 }

@@ -9,7 +9,7 @@
 //! `neon-sidecar attach` does the same for a server that is already running and has history
 //! of its own: a base backup over the replication connection instead of the stopped files.
 
-use crate::cli_args::RedoProcessArgs;
+use crate::cli_args::{ComputeArgs, RedoProcessArgs};
 use crate::ingest::replication::{ReplicationConfig, ReplicationConn};
 use crate::repo::import::import_datadir;
 use crate::repo::store::Repository;
@@ -34,16 +34,36 @@ pub struct InitArgs {
     /// The database superuser (initdb's `-U`).
     #[arg(long, default_value = "postgres")]
     pub superuser: String,
+    /// The sidecar's page-service socket, for the extension (default: `sidecar.sock` beside
+    /// the store).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// The directory base backups are written to, shared with the extension (default:
+    /// `shared` beside the store).
+    #[arg(long)]
+    pub shared_dir: Option<PathBuf>,
     #[command(flatten)]
     pub redo: RedoProcessArgs,
 }
 
-/// Settings the product needs, appended to postgresql.conf.
-const SETTINGS: &str = "\n# ---- added by neon-sidecar init ----\n\
-wal_level = replica\n\
-full_page_writes = on\n\
-max_wal_senders = 10\n\
-max_replication_slots = 10\n";
+/// Settings the product needs, appended to postgresql.conf: WAL the sidecar can rebuild pages
+/// from, room for its replication connection and slot, the extension loaded at start, and
+/// where it finds the sidecar.
+fn settings(socket: &Path, shared_dir: &Path) -> String {
+    let quote = |p: &Path| p.display().to_string().replace('\'', "''");
+    format!(
+        "\n# ---- added by neon-sidecar init ----\n\
+         wal_level = replica\n\
+         full_page_writes = on\n\
+         max_wal_senders = 10\n\
+         max_replication_slots = 10\n\
+         shared_preload_libraries = 'neon'\n\
+         neon.sidecar_socket = '{}'\n\
+         neon.shared_dir = '{}'\n",
+        quote(socket),
+        quote(shared_dir)
+    )
+}
 
 fn run_cmd(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {what}"))?;
@@ -93,7 +113,19 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let conf = pgdata.join("postgresql.conf");
     let mut f =
         std::fs::OpenOptions::new().append(true).open(&conf).with_context(|| format!("opening {}", conf.display()))?;
-    f.write_all(SETTINGS.as_bytes())?;
+    let beside_store = |name: &str| -> anyhow::Result<PathBuf> {
+        let store = std::path::absolute(&args.store)?;
+        Ok(store.parent().unwrap_or(Path::new("/")).join(name))
+    };
+    let socket = match &args.socket {
+        Some(p) => std::path::absolute(p)?,
+        None => beside_store("sidecar.sock")?,
+    };
+    let shared_dir = match &args.shared_dir {
+        Some(p) => std::path::absolute(p)?,
+        None => beside_store("shared")?,
+    };
+    f.write_all(settings(&socket, &shared_dir).as_bytes())?;
 
     // Start privately, create the slot, stop cleanly.
     let sockdir = std::env::temp_dir().join(format!("neon-init-{}", std::process::id()));
@@ -142,23 +174,12 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AttachArgs {
-    /// The running compute: a unix socket directory or a host name.
-    #[arg(long)]
-    pub host: String,
-    #[arg(long, default_value_t = 5432)]
-    pub port: u16,
-    /// A role with REPLICATION.
-    #[arg(long, default_value = "postgres")]
-    pub user: String,
-    /// A file holding the password, if the compute asks for one.
-    #[arg(long)]
-    pub password_file: Option<PathBuf>,
+    /// The running compute.
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// The store directory (must hold no history yet).
     #[arg(long)]
     pub store: PathBuf,
-    /// The replication slot the sidecar owns.
-    #[arg(long, default_value = "neon_sidecar")]
-    pub slot: String,
 }
 
 /// `neon-sidecar attach`: a running compute into a new store. The slot comes first, so it
@@ -171,23 +192,12 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     if repo.history_start().is_valid() {
         bail!("store {} already holds history from {}", args.store.display(), repo.history_start());
     }
-    let password = match &args.password_file {
-        Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
-        }
-        None => None,
-    };
-    let rc = ReplicationConfig {
-        host: args.host.clone(),
-        port: args.port,
-        user: args.user.clone(),
-        password,
-        application_name: "neon-sidecar attach".into(),
-    };
+    let rc = args.compute.replication("neon-sidecar attach")?;
+    let slot = &args.compute.slot;
     let mut conn = ReplicationConn::connect(&rc)?;
-    let slot_lsn = match conn.slot_restart_lsn(&args.slot)? {
+    let slot_lsn = match conn.slot_restart_lsn(slot)? {
         Some(l) => l,
-        None => conn.create_slot(&args.slot)?,
+        None => conn.create_slot(slot)?,
     };
     let unpacked = args.store.join(format!("attach-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&unpacked);
@@ -200,7 +210,7 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         }
     });
     let imported = backup.map_err(anyhow::Error::from).and_then(|b| {
-        anyhow::ensure!(slot_lsn <= b.start, "slot {} starts at {slot_lsn}, after the backup's {}", args.slot, b.start);
+        anyhow::ensure!(slot_lsn <= b.start, "slot {slot} starts at {slot_lsn}, after the backup's {}", b.start);
         let stats = import_datadir(&repo, &unpacked, b.start)?;
         repo.restrict_history(b.end);
         repo.flush()?;
@@ -210,9 +220,8 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let (b, stats) = imported?;
     writeln!(
         out,
-        "slot {} at {slot_lsn}; base backup {} to {} ({} files, {} MB, {:.1} s); imported {} pages of {} relation \
+        "slot {slot} at {slot_lsn}; base backup {} to {} ({} files, {} MB, {:.1} s); imported {} pages of {} relation \
          forks; history from {}",
-        args.slot,
         b.start,
         b.end,
         b.files,

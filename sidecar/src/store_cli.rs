@@ -2,9 +2,8 @@
 //! a unix socket), `get-page` (a page at an LSN, from the running sidecar's socket or straight
 //! from a store's files) and `status` (what a store holds).
 
-use crate::cli_args::{BlockArgs, RedoProcessArgs};
+use crate::cli_args::{BlockArgs, ComputeArgs, RedoProcessArgs};
 use crate::follower::{self, FollowerConfig};
-use crate::ingest::replication::ReplicationConfig;
 use crate::redo_cli::describe_page;
 use crate::repo::compaction;
 use crate::repo::ingest::Ingest;
@@ -25,22 +24,11 @@ use std::time::Duration;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// The compute: a unix socket directory or a host name.
-    #[arg(long)]
-    pub host: String,
-    #[arg(long, default_value_t = 5432)]
-    pub port: u16,
-    #[arg(long, default_value = "postgres")]
-    pub user: String,
-    /// A file holding the password, if the compute asks for one.
-    #[arg(long)]
-    pub password_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// The store directory.
     #[arg(long)]
     pub store: PathBuf,
-    /// The replication slot the sidecar owns.
-    #[arg(long, default_value = "neon_sidecar")]
-    pub slot: String,
     /// Flush (make durable and report to the compute) at least this often, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub flush_ms: u64,
@@ -127,22 +115,10 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
-    let password = match &args.password_file {
-        Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
-        }
-        None => None,
-    };
     let cfg = FollowerConfig {
-        replication: ReplicationConfig {
-            host: args.host.clone(),
-            port: args.port,
-            user: args.user.clone(),
-            password,
-            application_name: "neon-sidecar".into(),
-        },
+        replication: args.compute.replication("neon-sidecar")?,
         store: args.store.clone(),
-        slot: args.slot.clone(),
+        slot: args.compute.slot.clone(),
         flush_interval: Duration::from_millis(args.flush_ms),
         flush_bytes: args.flush_mb << 20,
         chain_limit: args.chain_limit,
@@ -185,8 +161,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     })
 }
 
-/// The compaction loop: images for long chains after each flush; with a retention, a full
-/// image every `retention` bytes of WAL and garbage collection behind the horizon.
+/// Layer files beyond this many are merged, this many at a time, up to this size together.
+const MERGE_ABOVE_FILES: usize = 32;
+const MERGE_RUN: usize = 16;
+const MERGE_MAX_BYTES: u64 = 128 << 20;
+
+/// The compaction loop: images for long chains after each flush, merging of old layer files;
+/// with a retention, a full image every `retention` bytes of WAL and garbage collection behind
+/// the horizon.
 fn compact(
     repo: &Repository,
     redo: &dyn WalRedoManager,
@@ -198,6 +180,8 @@ fn compact(
         if !keys.is_empty() {
             compaction::image_keys(repo, redo, &keys, lsn)?;
         }
+        // Every flush adds a file or two: merge old ones so reads walk few.
+        while repo.merge_layers(MERGE_ABOVE_FILES, MERGE_RUN, MERGE_MAX_BYTES)?.is_some() {}
         if retention > 0 && lsn.0.saturating_sub(last_full.0) >= retention {
             let started = std::time::Instant::now();
             let n = compaction::full_image(repo, redo, lsn)?;

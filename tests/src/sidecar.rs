@@ -13,6 +13,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A new cluster (the mixed workload's settings, autovacuum off) whose history a store holds
+/// from its birth (`neon-sidecar init`), started; the store is `<root>/store`.
+pub fn cluster_born_with_store() -> Result<(Cluster, PathBuf)> {
+    let mut c = Cluster::builder().gucs(crate::workload::MIXED_GUCS).gucs(&[("autovacuum", "off")]).init()?;
+    let store = c.root_dir().join("store");
+    init_store(&c, &store)?;
+    c.start_again()?;
+    Ok((c, store))
+}
+
+/// `neon-sidecar init` of the (stopped) cluster `c` into `store`: history from its birth.
+pub fn init_store(c: &Cluster, store: &Path) -> Result<()> {
+    let out = Command::new(sidecar_bin()?)
+        .arg("init")
+        .arg("--pgdata")
+        .arg(c.data_dir())
+        .arg("--store")
+        .arg(store)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "neon-sidecar init: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
 pub struct SidecarProcess {
     child: Option<Child>,
     store: PathBuf,

@@ -15,20 +15,12 @@
 //!   arrives (after the wait), an unknown relation.
 
 use anyhow::{Context, Result};
-use neon_tests::sidecar::SidecarProcess;
+use neon_tests::sidecar::{cluster_born_with_store, SidecarProcess};
 use neon_tests::snapshot::{compare, compare_metadata, Snapshot};
 use neon_tests::{workload, Cluster};
 use neon_types::protocol::{ErrorCode, Request, Response};
 use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag};
 use std::time::{Duration, Instant};
-
-fn init_store(c: &Cluster, store: &std::path::Path) -> Result<()> {
-    let out = std::process::Command::new(neon_tests::sidecar_bin()?)
-        .args(["init", "--pgdata", c.data_dir().to_str().unwrap(), "--store", store.to_str().unwrap()])
-        .output()?;
-    anyhow::ensure!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
-}
 
 fn relnode(c: &Cluster, db: &str, rel: &str) -> Result<RelFileNode> {
     let mut conn = c.connect(db)?;
@@ -45,10 +37,7 @@ fn db_oid(c: &Cluster, db: &str) -> Result<u32> {
 
 #[test]
 fn every_page_of_every_database_now_and_in_the_past() -> Result<()> {
-    let mut c = Cluster::builder().gucs(workload::MIXED_GUCS).gucs(&[("autovacuum", "off")]).init()?;
-    let store = c.root_dir().join("store");
-    init_store(&c, &store)?;
-    c.start_again()?;
+    let (c, store) = cluster_born_with_store()?;
     let sidecar = SidecarProcess::start(&c, &store)?;
     let (origin, _) = sidecar.history()?;
 

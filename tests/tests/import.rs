@@ -66,6 +66,11 @@ fn neon_sidecar_init_starts_history_at_the_clusters_birth() -> Result<()> {
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already holds history"));
 
     c.start_again()?;
+    // The product's settings are in effect: the extension preloaded, told where the sidecar is.
+    assert_eq!(c.query_one_string("SHOW shared_preload_libraries")?, "neon");
+    assert_eq!(c.query_one_string("SHOW wal_level")?, "replica");
+    let socket = c.query_one_string("SHOW neon.sidecar_socket")?;
+    assert_eq!(std::path::Path::new(&socket), c.root_dir().join("sidecar.sock"));
     let now = follow_while(&c, &store, || {
         c.pgbench(&["-i", "-q", "-s", "1"])?;
         c.execute("CHECKPOINT")?;

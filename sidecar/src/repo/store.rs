@@ -354,6 +354,67 @@ impl Repository {
         Ok(removed)
     }
 
+    /// Merges the oldest run of up to `run` consecutive layer files (full images excepted,
+    /// at most `max_bytes` together) into one, when there are more than `keep` files: reads
+    /// walk fewer files, and what they find is the same (the merged file holds every value of
+    /// the run; where an image and a record share a key and LSN, the image, which already
+    /// includes the record). Returns the merged file, if any.
+    pub fn merge_layers(&self, keep: usize, run: usize, max_bytes: u64) -> Result<Option<PathBuf>, RepoError> {
+        let _flushing = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let files = self.layers();
+        if files.len() <= keep || run < 2 {
+            return Ok(None);
+        }
+        // The first run of mergeable files, oldest first.
+        let mut chosen: Vec<Arc<DeltaLayer>> = Vec::new();
+        let mut bytes = 0;
+        for l in &files {
+            if is_full_image(l) || bytes + l.size_bytes() > max_bytes {
+                if chosen.len() >= 2 {
+                    break;
+                }
+                chosen.clear();
+                bytes = 0;
+                if is_full_image(l) {
+                    continue;
+                }
+            }
+            bytes += l.size_bytes();
+            chosen.push(l.clone());
+            if chosen.len() == run {
+                break;
+            }
+        }
+        if chosen.len() < 2 {
+            return Ok(None);
+        }
+        let mut merged = MemLayer::default();
+        let all = Key::default()..Key { kind: u8::MAX, ..Key::default() };
+        for l in &chosen {
+            l.for_each_in_range(all.clone(), |k, at, v| merged.put(k, at, v))?;
+        }
+        let (first, last) = merged.lsn_range().unwrap_or_default();
+        let name = format!("{DELTA_PREFIX}-{:016X}-{:016X}", first.0, last.0);
+        let layer = self.write_layer(&name, merged.sorted())?;
+        let is_chosen = |l: &Arc<DeltaLayer>| chosen.iter().any(|c| Arc::ptr_eq(c, l));
+        let mut names: Vec<String> = files.iter().filter(|l| !is_chosen(l)).map(|l| file_name(l.path())).collect();
+        names.push(name);
+        self.write_manifest(self.history_start(), self.durable_lsn(), &names)?;
+        let path = layer.path().to_path_buf();
+        {
+            let mut l = self.write();
+            l.files.retain(|f| !is_chosen(f));
+            l.files.push(Arc::new(layer));
+            sort_layers(&mut l.files);
+        }
+        for l in &chosen {
+            if l.path() != path {
+                let _ = std::fs::remove_file(l.path());
+            }
+        }
+        Ok(Some(path))
+    }
+
     fn file_names(&self) -> Vec<String> {
         self.read().files.iter().map(|l| file_name(l.path())).collect()
     }
