@@ -51,22 +51,28 @@ fn every_page_of_every_database_now_and_in_the_past() -> Result<()> {
     let wal_db = db_oid(&c, "db_wal_log")?;
     let past1 = Snapshot::take(&c, "past1")?;
 
-    // Phase 2: a FILE_COPY database from one that is then dropped, rewrites, drops, creations.
-    c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "300"])?;
-    c.execute("CREATE DATABASE db_copy STRATEGY = FILE_COPY TEMPLATE = db_wal_log")?;
-    c.connect("db_copy")?
-        .batch_execute("UPDATE t SET v = 'copy' WHERE g % 5 = 0; CREATE TABLE own AS SELECT 1 AS x")?;
-    c.execute("DROP DATABASE db_wal_log")?;
-    for sql in [
-        "DROP TABLE dropped_later",
-        "CREATE TABLE created_later AS SELECT g FROM generate_series(1, 3000) g",
-        "TRUNCATE pgbench_history",
-        "ALTER TABLE docs ALTER COLUMN id TYPE bigint",
-        "VACUUM FULL pgbench_tellers",
-        "COMMIT PREPARED 'open_across'",
-    ] {
-        c.execute(sql)?;
-    }
+    // Phase 2: a FILE_COPY database from one that is then dropped, rewrites, drops, creations
+    // — while a reader compares everything at past1 through the socket, beside ingest.
+    let during = std::thread::scope(|s| -> Result<_> {
+        let reader = s.spawn(|| compare(&sidecar, &past1));
+        c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "300"])?;
+        c.execute("CREATE DATABASE db_copy STRATEGY = FILE_COPY TEMPLATE = db_wal_log")?;
+        c.connect("db_copy")?
+            .batch_execute("UPDATE t SET v = 'copy' WHERE g % 5 = 0; CREATE TABLE own AS SELECT 1 AS x")?;
+        c.execute("DROP DATABASE db_wal_log")?;
+        for sql in [
+            "DROP TABLE dropped_later",
+            "CREATE TABLE created_later AS SELECT g FROM generate_series(1, 3000) g",
+            "TRUNCATE pgbench_history",
+            "ALTER TABLE docs ALTER COLUMN id TYPE bigint",
+            "VACUUM FULL pgbench_tellers",
+            "COMMIT PREPARED 'open_across'",
+        ] {
+            c.execute(sql)?;
+        }
+        reader.join().expect("reader thread").context("comparing past1 during phase 2")
+    })?;
+    eprintln!("past1, read during phase 2: {during:?}");
     let created = relnode(&c, "postgres", "created_later")?;
     let past2 = Snapshot::take(&c, "past2")?;
 
@@ -135,6 +141,22 @@ fn every_page_of_every_database_now_and_in_the_past() -> Result<()> {
         r => panic!("unknown relation: {r:?}"),
     }
     assert!(matches!(page(now.lsn, 0, accounts)?, Response::Page(_)));
+
+    // The command line over the socket.
+    let cli = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(neon_tests::sidecar_bin()?)
+            .args(args)
+            .arg("--socket")
+            .arg(sidecar.socket())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let status = cli(&["status"])?;
+    assert!(status.contains(&format!("history_origin {origin}")) && status.contains("get_page_requests"), "{status}");
+    let rel = format!("1663/5/{}", accounts.relnode);
+    let shown = cli(&["get-page", "--rel", &rel, "--blkno", "0", "--lsn", &past1.lsn.to_string()])?;
+    assert!(shown.contains(&format!("{rel} blk 0 at {}", past1.lsn)) && shown.contains("line pointers"), "{shown}");
     sidecar.stop()?;
     Ok(())
 }
