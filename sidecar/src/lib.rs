@@ -2,6 +2,7 @@
 //! benchmarks without the binary: the WAL decoder (`wal`), page reconstruction (`walredo`), and
 //! the commands built on them (`waldump`, `redo_cli`).
 
+pub mod basebackup;
 pub mod cli_args;
 pub mod follower;
 pub mod ingest;

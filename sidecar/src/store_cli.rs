@@ -301,3 +301,78 @@ pub fn status(args: &StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BasebackupArgs {
+    /// The store directory (read beside a running sidecar: what is durable).
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The LSN the data directory is to be as of.
+    #[arg(long)]
+    pub lsn: Lsn,
+    /// The tar file to write (written under a temporary name, renamed when complete).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Leave out relation pages: only what a compute that fetches pages itself needs.
+    #[arg(long)]
+    pub no_relation_pages: bool,
+    #[arg(long, default_value_t = 2)]
+    pub redo_processes: usize,
+    #[command(flatten)]
+    pub redo: RedoProcessArgs,
+}
+
+/// `neon-sidecar basebackup`: a tar of the data directory as of `--lsn`, with progress.
+pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    use crate::basebackup::{write_basebackup, Options, Progress};
+    let repo = Repository::open_read_only(&args.store)?;
+    if args.lsn > repo.durable_lsn() {
+        bail!("{} is beyond what the store holds (durable to {})", args.lsn, repo.durable_lsn());
+    }
+    let mut redo_cfg = args.redo.config("basebackup")?;
+    redo_cfg.processes = args.redo_processes.max(1);
+    let redo = PostgresRedoManager::new(redo_cfg)?;
+    let tmp = args.out.with_extension("tar.tmp");
+    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut report = |p: &Progress| {
+        let rate = p.pages as f64 / p.elapsed.as_secs_f64().max(1e-3);
+        let eta = (p.total_pages.saturating_sub(p.pages)) as f64 / rate.max(1.0);
+        eprintln!(
+            "neon-sidecar: basebackup {} MB, {}/{} pages, {rate:.0} pages/s, ETA {eta:.0} s",
+            p.bytes >> 20,
+            p.pages,
+            p.total_pages
+        );
+    };
+    let opts = Options { relation_pages: !args.no_relation_pages };
+    let written = write_basebackup(&repo, &redo, args.lsn, opts, std::io::BufWriter::new(file), &mut report)
+        .map_err(anyhow::Error::from)
+        .and_then(|(w, stats)| {
+            let file = w.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            Ok(stats)
+        });
+    let stats = match written {
+        Ok(s) => s,
+        Err(e) => {
+            // Nothing partial is left behind.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, &args.out)?;
+    writeln!(
+        out,
+        "base backup as of {} (checkpoint at {}): {} databases, {} relation files, {} pages, {} SLRU pages, {} prepared \
+         transactions -> {}",
+        args.lsn,
+        stats.checkpoint_lsn,
+        stats.databases,
+        stats.relation_files,
+        stats.pages,
+        stats.slru_pages,
+        stats.prepared,
+        args.out.display()
+    )?;
+    Ok(())
+}

@@ -157,3 +157,26 @@ impl Drop for SidecarProcess {
         }
     }
 }
+
+/// Starts stock PostgreSQL 15 on a base backup tar: a fresh harness cluster (for its port,
+/// socket directory and `pg_hba.conf`) whose data directory is replaced by the archive's
+/// contents. Logs at level LOG, so a test can see whether startup replayed anything.
+pub fn boot_basebackup(tar: &Path) -> Result<Cluster> {
+    let mut b = Cluster::builder().guc("log_min_messages", "log").init()?;
+    let data = b.data_dir().to_path_buf();
+    let keep: Vec<(&str, Vec<u8>)> = ["postgresql.conf", "pg_hba.conf"]
+        .into_iter()
+        .map(|f| Ok((f, std::fs::read(data.join(f))?)))
+        .collect::<Result<_>>()?;
+    std::fs::remove_dir_all(&data)?;
+    std::fs::create_dir_all(&data)?;
+    let ok = Command::new("tar").arg("-xf").arg(tar).arg("-C").arg(&data).status()?;
+    anyhow::ensure!(ok.success(), "unpacking {}", tar.display());
+    for (f, text) in keep {
+        std::fs::write(data.join(f), text)?;
+    }
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))?;
+    crate::chown_to_server_user(&data)?;
+    b.start_again()?;
+    Ok(b)
+}

@@ -5,7 +5,7 @@
 use clap::{Parser, Subcommand};
 use sidecar::init_cli::{self, AttachArgs, InitArgs};
 use sidecar::redo_cli::{self, RedoArgs};
-use sidecar::store_cli::{self, GetPageArgs, ImportWalArgs, RunArgs, StatusArgs};
+use sidecar::store_cli::{self, BasebackupArgs, GetPageArgs, ImportWalArgs, RunArgs, StatusArgs};
 use sidecar::waldump::{self, WaldumpArgs};
 
 #[derive(Parser)]
@@ -33,6 +33,8 @@ enum Command {
     GetPage(GetPageArgs),
     /// What a store holds.
     Status(StatusArgs),
+    /// A data directory as of an LSN, as a tar that stock PostgreSQL 15 starts from.
+    Basebackup(BasebackupArgs),
 }
 
 fn main() {
@@ -53,6 +55,7 @@ fn main() {
         Command::ImportWal(args) => store_cli::import_wal(&args, &mut std::io::stdout()),
         Command::GetPage(args) => store_cli::get(&args, &mut std::io::stdout()),
         Command::Status(args) => store_cli::status(&args, &mut std::io::stdout()),
+        Command::Basebackup(args) => store_cli::basebackup(&args, &mut std::io::stdout()),
     };
     if let Err(e) = result {
         eprintln!("neon-sidecar: error: {e:#}");

@@ -10,7 +10,7 @@
 //!   behind the retention horizon.
 
 use super::key::{Key, KIND_REL_BLOCK, KIND_SLRU_PAGE};
-use super::meta::{self, META_CHECKPOINT, META_DATABASE, META_RELMAP, META_TWOPHASE};
+use super::meta::{self, META_CHECKPOINT, META_CONFIG, META_CONTROL, META_DATABASE, META_RELMAP, META_TWOPHASE};
 use super::reconstruct::{get_page, get_slru_page, GetPageError};
 use super::store::{RepoError, Repository};
 use super::value::Value;
@@ -114,7 +114,7 @@ pub fn image_keys(
 pub fn full_image(repo: &Repository, redo: &dyn WalRedoManager, lsn: Lsn) -> Result<usize, CompactionError> {
     let mut images: BTreeMap<Key, Value> = BTreeMap::new();
     // Metadata: the newest value of every item, unless it says "gone".
-    for item in [META_DATABASE, META_RELMAP, META_TWOPHASE, META_CHECKPOINT] {
+    for item in [META_DATABASE, META_RELMAP, META_TWOPHASE, META_CHECKPOINT, META_CONTROL, META_CONFIG] {
         for (key, (_, v)) in repo.latest_in_range(Key::meta(item, 0)..Key::meta(item + 1, 0), lsn)? {
             if matches!(&v, Value::Image(b) if !b.is_empty()) {
                 images.insert(key, v);

@@ -9,7 +9,8 @@
 //! * SLRU pages: `pg_xact`, `pg_multixact/offsets`, `pg_multixact/members` (segment files of
 //!   32 pages named by 4+ hex digits);
 //! * two-phase state files (`pg_twophase/<xid>`: body and CRC32C);
-//! * the checkpoint counters from `global/pg_control`.
+//! * the checkpoint counters from `global/pg_control`, and the file itself with `pg_hba.conf`
+//!   and `pg_ident.conf` (base backups start from them).
 
 use super::key::Key;
 use super::meta::{self, DatabaseEntry, DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID};
@@ -104,6 +105,13 @@ pub fn import_datadir(repo: &Repository, pgdata: &Path, lsn: Lsn) -> Result<Impo
         .and_then(|c| CheckPoint::decode(c).ok())
         .ok_or_else(|| ImportError::Invalid { path: control.clone(), what: "too short for pg_control".into() })?;
     repo.put(Key::meta(meta::META_CHECKPOINT, 0), lsn, Value::Image(Bytes::copy_from_slice(&cp.encode())));
+    // Base backups start from the compute's own control file and access rules.
+    repo.put(Key::meta(meta::META_CONTROL, 0), lsn, Value::Image(Bytes::from(b)));
+    for (which, name) in meta::CONFIG_FILES.iter().enumerate() {
+        if let Ok(text) = std::fs::read(pgdata.join(name)) {
+            repo.put(Key::meta(meta::META_CONFIG, which as u32), lsn, Value::Image(Bytes::from(text)));
+        }
+    }
     repo.advance(lsn);
     Ok(stats)
 }

@@ -8,6 +8,9 @@
 //! two-phase state      meta(TWOPHASE, xid)              the state file's body (the PREPARE
 //!                                                       record's main data) | empty: finished
 //! checkpoint counters  meta(CHECKPOINT)                 CheckPoint (wal::checkpoint)
+//! control file         meta(CONTROL)                    the compute's pg_control at import
+//! config file          meta(CONFIG, which)              pg_hba.conf (0) / pg_ident.conf (1)
+//!                                                       at import
 //! SLRU page            slru_page(slru, pageno)          page image, native records | empty:
 //!                                                       the segment was truncated away
 //!
@@ -31,6 +34,11 @@ pub const META_DATABASE: u32 = 1;
 pub const META_RELMAP: u32 = 2;
 pub const META_TWOPHASE: u32 = 3;
 pub const META_CHECKPOINT: u32 = 4;
+pub const META_CONTROL: u32 = 5;
+pub const META_CONFIG: u32 = 6;
+
+/// Configuration files kept from the import, by `META_CONFIG` index.
+pub const CONFIG_FILES: [&str; 2] = ["pg_hba.conf", "pg_ident.conf"];
 
 /// SLRUs, as numbered in [`Key::slru_page`].
 pub const SLRU_CLOG: u32 = 0;
@@ -189,4 +197,14 @@ pub fn slru_pages(repo: &Repository, slru: u32, lsn: Lsn) -> Result<Vec<u32>, Re
         .filter(|(k, (_, v))| k.kind == KIND_SLRU_PAGE && !matches!(v, Value::Image(b) if b.is_empty()))
         .map(|(k, _)| k.field5)
         .collect())
+}
+
+/// The compute's control file as imported (its settings and constants), if the store has one.
+pub fn control_template(repo: &Repository, lsn: Lsn) -> Result<Option<Bytes>, RepoError> {
+    Ok(image(repo.values_for(Key::meta(META_CONTROL, 0), lsn)?))
+}
+
+/// Configuration file `CONFIG_FILES[which]` as imported.
+pub fn config_file(repo: &Repository, which: u32, lsn: Lsn) -> Result<Option<Bytes>, RepoError> {
+    Ok(image(repo.values_for(Key::meta(META_CONFIG, which), lsn)?))
 }

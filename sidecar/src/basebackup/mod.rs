@@ -1,0 +1,298 @@
+//! Base backups at any LSN: a data directory as of LSN L, as a tar archive that stock
+//! PostgreSQL 15 starts from without replay (DESIGN.md §4).
+//!
+//! * [`tar`]     — the archive, written as a stream.
+//! * [`control`] — the generated `global/pg_control`.
+//! * [`walseg`]  — the generated WAL segment holding a shutdown checkpoint at L.
+//!
+//! What the archive holds, as of L: the standard directories; `PG_VERSION` (top and per
+//! database); relation maps; every relation fork's pages (for unlogged relations, the init fork
+//! also as the main fork; no free-space maps), in 1 GB segment files; `pg_xact` and
+//! `pg_multixact` segments; `pg_twophase` state files; `pg_hba.conf` and `pg_ident.conf` as
+//! imported, an empty `postgresql.conf`; `global/pg_control` (last, as pg_basebackup does) and
+//! `pg_wal/<segment>`. Without relation pages (`relation_pages: false`) it is the
+//! non-relational part only, for a compute that fetches pages itself (as Neon's pageserver
+//! serves its computes): such a directory does not start on its own.
+
+pub mod control;
+pub mod tar;
+pub mod walseg;
+
+use crate::repo::meta::{self, SLRU_CLOG, SLRU_MULTIXACT_MEMBERS, SLRU_MULTIXACT_OFFSETS};
+use crate::repo::reconstruct::{check_in_history, get_page, get_slru_page, GetPageError};
+use crate::repo::store::{RepoError, Repository};
+use crate::walredo::native::SLRU_PAGES_PER_SEGMENT;
+use crate::walredo::WalRedoManager;
+use neon_types::{BufferTag, ForkNumber, Lsn, RelTag, BLCKSZ};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::time::{Duration, Instant};
+use tar::TarWriter;
+
+/// Blocks per relation segment file (`RELSEG_SIZE`).
+const RELSEG_BLOCKS: u32 = 131072;
+
+const DIRS: &[&str] = &[
+    "global",
+    "base",
+    "pg_commit_ts",
+    "pg_dynshmem",
+    "pg_logical",
+    "pg_logical/mappings",
+    "pg_logical/snapshots",
+    "pg_multixact",
+    "pg_multixact/members",
+    "pg_multixact/offsets",
+    "pg_notify",
+    "pg_replslot",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat",
+    "pg_stat_tmp",
+    "pg_subtrans",
+    "pg_tblspc",
+    "pg_twophase",
+    "pg_wal",
+    "pg_wal/archive_status",
+    "pg_xact",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum BasebackupError {
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("base backup at {lsn}: {source}")]
+    Page { lsn: Lsn, source: GetPageError },
+    #[error(transparent)]
+    Tar(#[from] tar::TarError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error("base backup at {lsn}: {what}")]
+    Missing { lsn: Lsn, what: String },
+    #[error("base backup at {lsn}: {what} is not supported yet")]
+    Unsupported { lsn: Lsn, what: String },
+    #[error("base backup: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Rebuild and ship every relation page (a full backup); otherwise only the rest.
+    pub relation_pages: bool,
+}
+
+/// Progress, reported about once a second and at the end.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub bytes: u64,
+    pub pages: u64,
+    pub total_pages: u64,
+    pub elapsed: Duration,
+}
+
+/// What went into a backup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub databases: usize,
+    pub relation_files: usize,
+    pub pages: u64,
+    pub slru_pages: u64,
+    pub prepared: usize,
+    /// Where the checkpoint record is (L, or just past a page header at L).
+    pub checkpoint_lsn: Lsn,
+}
+
+fn fork_file_name(rel: &RelTag, fork: ForkNumber) -> String {
+    match fork {
+        ForkNumber::Main => rel.node.relnode.to_string(),
+        f => format!("{}_{}", rel.node.relnode, f.name()),
+    }
+}
+
+struct Builder<'a, W: Write> {
+    repo: &'a Repository,
+    redo: &'a dyn WalRedoManager,
+    lsn: Lsn,
+    tar: TarWriter<W>,
+    stats: Stats,
+    progress: Progress,
+    started: Instant,
+    last_report: Instant,
+    report: &'a mut dyn FnMut(&Progress),
+}
+
+impl<W: Write> Builder<'_, W> {
+    fn relation(&mut self, dir: &str, rel: RelTag, nblocks: u32, as_fork: ForkNumber) -> Result<(), BasebackupError> {
+        let name = fork_file_name(&rel, as_fork);
+        let segments = nblocks.div_ceil(RELSEG_BLOCKS).max(1);
+        for seg in 0..segments {
+            let first = seg * RELSEG_BLOCKS;
+            let n = (nblocks - first).min(RELSEG_BLOCKS);
+            let path = if seg == 0 { format!("{dir}/{name}") } else { format!("{dir}/{name}.{seg}") };
+            self.tar.begin_file(&path, u64::from(n) * BLCKSZ as u64)?;
+            for blkno in first..first + n {
+                let page = get_page(self.repo, self.redo, BufferTag { rel, blkno }, self.lsn)
+                    .map_err(|source| BasebackupError::Page { lsn: self.lsn, source })?;
+                self.tar.write(&page[..])?;
+                self.stats.pages += 1;
+                self.progress.pages += 1;
+                self.tick();
+            }
+            self.tar.end_file()?;
+            self.stats.relation_files += 1;
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self) {
+        if self.last_report.elapsed() >= Duration::from_secs(1) {
+            self.progress.bytes = self.tar.bytes;
+            self.progress.elapsed = self.started.elapsed();
+            (self.report)(&self.progress);
+            self.last_report = Instant::now();
+        }
+    }
+
+    /// The relation forks of one database (0: the shared catalogs) into `dir`.
+    fn relations(&mut self, dir: &str, rels: &BTreeMap<RelTag, u32>) -> Result<(), BasebackupError> {
+        let unlogged: BTreeSet<u32> =
+            rels.keys().filter(|r| r.fork == ForkNumber::Init).map(|r| r.node.relnode).collect();
+        for (rel, n) in rels {
+            if rel.fork == ForkNumber::Fsm || (unlogged.contains(&rel.node.relnode) && rel.fork != ForkNumber::Init) {
+                continue;
+            }
+            self.relation(dir, *rel, *n, rel.fork)?;
+            if rel.fork == ForkNumber::Init {
+                // An unlogged relation starts from its init fork after a clean shutdown too.
+                self.relation(dir, *rel, *n, ForkNumber::Main)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn slru(&mut self, slru: u32, dir: &str) -> Result<(), BasebackupError> {
+        let mut by_segment: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for p in meta::slru_pages(self.repo, slru, self.lsn)? {
+            by_segment.entry(p / SLRU_PAGES_PER_SEGMENT).or_default().push(p);
+        }
+        for (segno, pages) in by_segment {
+            let first = segno * SLRU_PAGES_PER_SEGMENT;
+            let last = *pages.iter().max().expect("a page");
+            self.tar.begin_file(&format!("{dir}/{segno:04X}"), u64::from(last - first + 1) * BLCKSZ as u64)?;
+            for pageno in first..=last {
+                let page = if pages.contains(&pageno) {
+                    get_slru_page(self.repo, slru, pageno, self.lsn)
+                        .map_err(|source| BasebackupError::Page { lsn: self.lsn, source })?
+                } else {
+                    Box::new([0u8; BLCKSZ])
+                };
+                self.tar.write(&page[..])?;
+                self.stats.slru_pages += 1;
+            }
+            self.tar.end_file()?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes the base backup as of `lsn` to `out`; returns it with what went in.
+pub fn write_basebackup<W: Write>(
+    repo: &Repository,
+    redo: &dyn WalRedoManager,
+    lsn: Lsn,
+    opts: Options,
+    out: W,
+    report: &mut dyn FnMut(&Progress),
+) -> Result<(W, Stats), BasebackupError> {
+    check_in_history(repo, lsn).map_err(|source| BasebackupError::Page { lsn, source })?;
+    let missing = |what: &str| BasebackupError::Missing { lsn, what: what.to_string() };
+    let template = meta::control_template(repo, lsn)?
+        .ok_or_else(|| missing("the store has no control file (history must start with init or attach)"))?;
+    let info = control::info(&template)?;
+    if info.data_checksums && opts.relation_pages {
+        return Err(BasebackupError::Unsupported { lsn, what: "a compute with data checksums".into() });
+    }
+    let mut checkpoint = meta::checkpoint(repo, lsn)?.ok_or_else(|| missing("no checkpoint counters"))?;
+    let at = walseg::record_position(lsn, info.wal_segment_size);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    checkpoint.redo = at;
+    checkpoint.prev_timeline = checkpoint.this_timeline;
+    checkpoint.full_page_writes = true;
+    checkpoint.time = now as i64;
+    checkpoint.oldest_active_xid = 0;
+
+    let dbs = meta::list_databases(repo, lsn)?;
+    let mut rels_by_db = Vec::new();
+    for db in std::iter::once(0).chain(dbs.iter().map(|d| d.dbnode)) {
+        rels_by_db.push((db, meta::list_relations(repo, db, lsn)?));
+    }
+    let total_pages = rels_by_db.iter().flat_map(|(_, r)| r.values()).map(|n| u64::from(*n)).sum();
+    let mut b = Builder {
+        repo,
+        redo,
+        lsn,
+        tar: TarWriter::new(out, now),
+        stats: Stats { databases: dbs.len(), checkpoint_lsn: at, ..Default::default() },
+        progress: Progress { total_pages, ..Default::default() },
+        started: Instant::now(),
+        last_report: Instant::now(),
+        report,
+    };
+    b.tar.file("PG_VERSION", b"15\n")?;
+    for dir in DIRS {
+        b.tar.dir(dir)?;
+    }
+    b.tar.file("postgresql.conf", format!("# written by neon-sidecar: a base backup as of {lsn}\n").as_bytes())?;
+    b.tar.file("postgresql.auto.conf", b"# Do not edit this file manually!\n")?;
+    for (which, name) in meta::CONFIG_FILES.iter().enumerate() {
+        let text = meta::config_file(repo, which as u32, lsn)?.unwrap_or_default();
+        b.tar.file(name, &text)?;
+    }
+    let global_map = meta::relmap(repo, 0, meta::GLOBALTABLESPACE_OID, lsn)?
+        .ok_or_else(|| missing("no relation map of the shared catalogs"))?;
+    b.tar.file("global/pg_filenode.map", &global_map)?;
+    for (db, rels) in &rels_by_db {
+        let dir = if *db == 0 {
+            "global".to_string()
+        } else {
+            let dir = format!("base/{db}");
+            let spc = dbs.iter().find(|d| d.dbnode == *db).map(|d| d.spcnode).unwrap_or(meta::DEFAULTTABLESPACE_OID);
+            if spc != meta::DEFAULTTABLESPACE_OID {
+                return Err(BasebackupError::Unsupported { lsn, what: format!("tablespace {spc} of database {db}") });
+            }
+            b.tar.dir(&dir)?;
+            b.tar.file(&format!("{dir}/PG_VERSION"), b"15\n")?;
+            let map = meta::relmap(repo, *db, spc, lsn)?
+                .ok_or_else(|| missing(&format!("no relation map of database {db}")))?;
+            b.tar.file(&format!("{dir}/pg_filenode.map"), &map)?;
+            dir
+        };
+        if opts.relation_pages {
+            b.relations(&dir, rels)?;
+        }
+    }
+    b.slru(SLRU_CLOG, "pg_xact")?;
+    b.slru(SLRU_MULTIXACT_OFFSETS, "pg_multixact/offsets")?;
+    b.slru(SLRU_MULTIXACT_MEMBERS, "pg_multixact/members")?;
+    for (xid, body) in meta::twophase_states(repo, lsn)? {
+        let mut file = body.to_vec();
+        file.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        b.tar.file(&format!("pg_twophase/{xid:08X}"), &file)?;
+        b.stats.prepared += 1;
+    }
+    let record = walseg::checkpoint_record(&checkpoint, Lsn(0));
+    let (name, segment) = walseg::segment_with_record(
+        at,
+        &record,
+        checkpoint.this_timeline,
+        info.system_identifier,
+        info.wal_segment_size,
+    );
+    b.tar.file(&format!("pg_wal/{name}"), &segment)?;
+    b.tar.file("global/pg_control", &control::generate(&template, at, &checkpoint)?)?;
+    b.progress.bytes = b.tar.bytes;
+    b.progress.elapsed = b.started.elapsed();
+    (b.report)(&b.progress);
+    let stats = b.stats;
+    Ok((b.tar.finish()?, stats))
+}
