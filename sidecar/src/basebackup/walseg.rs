@@ -24,7 +24,8 @@ pub fn record_position(lsn: Lsn, seg_size: u32) -> Lsn {
     if in_page != 0 {
         return lsn;
     }
-    let header = if lsn.0 % u64::from(seg_size) == 0 { SIZE_OF_LONG_PAGE_HEADER } else { SIZE_OF_SHORT_PAGE_HEADER };
+    let header =
+        if lsn.0.is_multiple_of(u64::from(seg_size)) { SIZE_OF_LONG_PAGE_HEADER } else { SIZE_OF_SHORT_PAGE_HEADER };
     Lsn(lsn.0 + header as u64)
 }
 
@@ -118,7 +119,7 @@ mod tests {
         let mut out = Vec::new();
         let mut pos = (at.0 - seg_start) as usize;
         while out.len() < len {
-            if pos % XLOG_BLCKSZ == 0 {
+            if pos.is_multiple_of(XLOG_BLCKSZ) {
                 let hdr = PageHeader::parse(&seg[pos..]);
                 assert_ne!(hdr.info & XLP_FIRST_IS_CONTRECORD, 0);
                 assert_eq!(hdr.rem_len as usize, len - out.len());
