@@ -130,6 +130,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     }
     let mut redo_cfg = args.redo.config("sidecar")?;
     redo_cfg.processes = args.redo_processes.max(1);
+    redo_cfg.data_checksums |= compute_has_checksums(&repo);
     let redo: Arc<dyn WalRedoManager> = Arc::new(PostgresRedoManager::new(redo_cfg)?);
     let retention = args.retention_mb << 20;
     std::thread::scope(|s| {
@@ -322,6 +323,16 @@ pub struct BasebackupArgs {
     pub redo: RedoProcessArgs,
 }
 
+/// Whether the compute's control file, as imported, says it has data checksums (redo then
+/// behaves as it does there).
+fn compute_has_checksums(repo: &Repository) -> bool {
+    crate::repo::meta::control_template(repo, repo.last_lsn())
+        .ok()
+        .flatten()
+        .and_then(|t| crate::basebackup::control::info(&t).ok())
+        .is_some_and(|i| i.data_checksums)
+}
+
 /// `neon-sidecar basebackup`: a tar of the data directory as of `--lsn`, with progress.
 pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     use crate::basebackup::{write_basebackup, Options, Progress};
@@ -331,6 +342,7 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
     }
     let mut redo_cfg = args.redo.config("basebackup")?;
     redo_cfg.processes = args.redo_processes.max(1);
+    redo_cfg.data_checksums |= compute_has_checksums(&repo);
     let redo = PostgresRedoManager::new(redo_cfg)?;
     let tmp = args.out.with_extension("tar.tmp");
     let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;

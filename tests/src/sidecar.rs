@@ -16,7 +16,16 @@ use std::time::{Duration, Instant};
 /// A new cluster (the mixed workload's settings, autovacuum off) whose history a store holds
 /// from its birth (`neon-sidecar init`), started; the store is `<root>/store`.
 pub fn cluster_born_with_store() -> Result<(Cluster, PathBuf)> {
-    let mut c = Cluster::builder().gucs(crate::workload::MIXED_GUCS).gucs(&[("autovacuum", "off")]).init()?;
+    cluster_born_with_store_and(&[])
+}
+
+/// [`cluster_born_with_store`] with more `initdb` arguments (`--data-checksums`).
+pub fn cluster_born_with_store_and(initdb_args: &[&str]) -> Result<(Cluster, PathBuf)> {
+    let mut builder = Cluster::builder().gucs(crate::workload::MIXED_GUCS).gucs(&[("autovacuum", "off")]);
+    for a in initdb_args {
+        builder = builder.initdb_arg(a);
+    }
+    let mut c = builder.init()?;
     let store = c.root_dir().join("store");
     init_store(&c, &store)?;
     c.start_again()?;

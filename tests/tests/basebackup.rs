@@ -5,10 +5,11 @@
 //! a fresh server starts from without replay, whose `pg_dump`s equal the recorded ones, which
 //! `pg_amcheck --heapallindexed` passes, whose prepared transaction can be committed, where a
 //! transaction open at the LSN reads as aborted and an unlogged table is empty, and which
-//! takes new writes and survives `kill -9`.
+//! takes new writes and survives `kill -9`. With data checksums, `pg_checksums --check` passes
+//! on the stopped copy.
 
 use anyhow::Result;
-use neon_tests::sidecar::{boot_basebackup, cluster_born_with_store, SidecarProcess};
+use neon_tests::sidecar::{boot_basebackup, cluster_born_with_store_and, SidecarProcess};
 use neon_tests::workload;
 
 /// `pg_dump` of `db`, without what cannot survive a restore by design (unlogged tables' rows)
@@ -24,7 +25,16 @@ fn dump(c: &neon_tests::Cluster, db: &str) -> Result<String> {
 
 #[test]
 fn a_past_lsn_boots_and_equals_its_dumps() -> Result<()> {
-    let (c, store) = cluster_born_with_store()?;
+    past_lsn_boots(false)
+}
+
+#[test]
+fn with_data_checksums_every_page_verifies() -> Result<()> {
+    past_lsn_boots(true)
+}
+
+fn past_lsn_boots(checksums: bool) -> Result<()> {
+    let (c, store) = cluster_born_with_store_and(if checksums { &["--data-checksums"] } else { &[] })?;
     let sidecar = SidecarProcess::start(&c, &store)?;
     c.pgbench(&["-i", "-q", "-s", "1"])?;
     c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "200"])?;
@@ -90,5 +100,12 @@ fn a_past_lsn_boots_and_equals_its_dumps() -> Result<()> {
     b.kill9()?;
     b.start_again()?;
     assert_eq!(b.query_one_string("SELECT count(*) FROM after_boot")?, "1000");
+    if checksums {
+        assert_eq!(b.query_one_string("SHOW data_checksums")?, "on");
+        b.stop()?;
+        let checked = b.run_server_tool("pg_checksums", &["--check", "-D", b.data_dir().to_str().unwrap()])?;
+        eprintln!("pg_checksums: {checked}");
+        assert!(checked.contains("Bad checksums:  0"), "{checked}");
+    }
     sidecar.stop()
 }

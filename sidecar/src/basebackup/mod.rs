@@ -2,6 +2,7 @@
 //! PostgreSQL 15 starts from without replay (DESIGN.md §4).
 //!
 //! * [`tar`]     — the archive, written as a stream.
+//! * [`checksum`] — PostgreSQL's page checksum, for computes with `data_checksums`.
 //! * [`control`] — the generated `global/pg_control`.
 //! * [`walseg`]  — the generated WAL segment holding a shutdown checkpoint at L.
 //!
@@ -14,6 +15,7 @@
 //! non-relational part only, for a compute that fetches pages itself (as Neon's pageserver
 //! serves its computes): such a directory does not start on its own.
 
+pub mod checksum;
 pub mod control;
 pub mod tar;
 pub mod walseg;
@@ -113,6 +115,7 @@ struct Builder<'a, W: Write> {
     repo: &'a Repository,
     redo: &'a dyn WalRedoManager,
     lsn: Lsn,
+    checksums: bool,
     tar: TarWriter<W>,
     stats: Stats,
     progress: Progress,
@@ -131,8 +134,11 @@ impl<W: Write> Builder<'_, W> {
             let path = if seg == 0 { format!("{dir}/{name}") } else { format!("{dir}/{name}.{seg}") };
             self.tar.begin_file(&path, u64::from(n) * BLCKSZ as u64)?;
             for blkno in first..first + n {
-                let page = get_page(self.repo, self.redo, BufferTag { rel, blkno }, self.lsn)
+                let mut page = get_page(self.repo, self.redo, BufferTag { rel, blkno }, self.lsn)
                     .map_err(|source| BasebackupError::Page { lsn: self.lsn, source })?;
+                if self.checksums {
+                    checksum::stamp(&mut page, blkno);
+                }
                 self.tar.write(&page[..])?;
                 self.stats.pages += 1;
                 self.progress.pages += 1;
@@ -209,9 +215,6 @@ pub fn write_basebackup<W: Write>(
     let template = meta::control_template(repo, lsn)?
         .ok_or_else(|| missing("the store has no control file (history must start with init or attach)"))?;
     let info = control::info(&template)?;
-    if info.data_checksums && opts.relation_pages {
-        return Err(BasebackupError::Unsupported { lsn, what: "a compute with data checksums".into() });
-    }
     let mut checkpoint = meta::checkpoint(repo, lsn)?.ok_or_else(|| missing("no checkpoint counters"))?;
     let at = walseg::record_position(lsn, info.wal_segment_size);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -231,6 +234,7 @@ pub fn write_basebackup<W: Write>(
         repo,
         redo,
         lsn,
+        checksums: info.data_checksums,
         tar: TarWriter::new(out, now),
         stats: Stats { databases: dbs.len(), checkpoint_lsn: at, ..Default::default() },
         progress: Progress { total_pages, ..Default::default() },
