@@ -341,7 +341,8 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
         bail!("{} is beyond what the store holds (durable to {})", args.lsn, repo.durable_lsn());
     }
     let mut redo_cfg = args.redo.config("basebackup")?;
-    redo_cfg.processes = args.redo_processes.max(1);
+    let redo_processes = args.redo_processes.max(1);
+    redo_cfg.processes = redo_processes;
     redo_cfg.data_checksums |= compute_has_checksums(&repo);
     let redo = PostgresRedoManager::new(redo_cfg)?;
     let tmp = args.out.with_extension("tar.tmp");
@@ -356,7 +357,7 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
             p.total_pages
         );
     };
-    let opts = Options { relation_pages: !args.no_relation_pages };
+    let opts = Options { relation_pages: !args.no_relation_pages, workers: 2 * redo_processes };
     let written = write_basebackup(&repo, &redo, args.lsn, opts, std::io::BufWriter::new(file), &mut report)
         .map_err(anyhow::Error::from)
         .and_then(|(w, stats)| {

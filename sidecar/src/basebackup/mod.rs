@@ -4,6 +4,7 @@
 //! * [`tar`]     — the archive, written as a stream.
 //! * [`checksum`] — PostgreSQL's page checksum, for computes with `data_checksums`.
 //! * [`control`] — the generated `global/pg_control`.
+//! * [`pages`]   — rebuilding pages in parallel, in order, with bounded memory.
 //! * [`walseg`]  — the generated WAL segment holding a shutdown checkpoint at L.
 //!
 //! What the archive holds, as of L: the standard directories; `PG_VERSION` (top and per
@@ -17,11 +18,12 @@
 
 pub mod checksum;
 pub mod control;
+pub mod pages;
 pub mod tar;
 pub mod walseg;
 
 use crate::repo::meta::{self, SLRU_CLOG, SLRU_MULTIXACT_MEMBERS, SLRU_MULTIXACT_OFFSETS};
-use crate::repo::reconstruct::{check_in_history, get_page, get_slru_page, GetPageError};
+use crate::repo::reconstruct::{check_in_history, get_slru_page, GetPageError};
 use crate::repo::store::{RepoError, Repository};
 use crate::walredo::native::SLRU_PAGES_PER_SEGMENT;
 use crate::walredo::WalRedoManager;
@@ -81,6 +83,8 @@ pub enum BasebackupError {
 pub struct Options {
     /// Rebuild and ship every relation page (a full backup); otherwise only the rest.
     pub relation_pages: bool,
+    /// Threads rebuilding pages (at least the redo pool's size keeps it busy).
+    pub workers: usize,
 }
 
 /// Progress, reported about once a second and at the end.
@@ -119,35 +123,81 @@ struct Builder<'a, W: Write> {
     tar: TarWriter<W>,
     stats: Stats,
     progress: Progress,
+    /// Relation files to write: path and the pages, in order.
+    plan: Vec<(String, Vec<BufferTag>)>,
     started: Instant,
     last_report: Instant,
     report: &'a mut dyn FnMut(&Progress),
 }
 
 impl<W: Write> Builder<'_, W> {
-    fn relation(&mut self, dir: &str, rel: RelTag, nblocks: u32, as_fork: ForkNumber) -> Result<(), BasebackupError> {
+    /// Plans the files of `rel` (segments of 1 GB) under `dir`, as fork `as_fork`.
+    fn plan_relation(&mut self, dir: &str, rel: RelTag, nblocks: u32, as_fork: ForkNumber) {
         let name = fork_file_name(&rel, as_fork);
         let segments = nblocks.div_ceil(RELSEG_BLOCKS).max(1);
         for seg in 0..segments {
             let first = seg * RELSEG_BLOCKS;
             let n = (nblocks - first).min(RELSEG_BLOCKS);
             let path = if seg == 0 { format!("{dir}/{name}") } else { format!("{dir}/{name}.{seg}") };
-            self.tar.begin_file(&path, u64::from(n) * BLCKSZ as u64)?;
-            for blkno in first..first + n {
-                let mut page = get_page(self.repo, self.redo, BufferTag { rel, blkno }, self.lsn)
-                    .map_err(|source| BasebackupError::Page { lsn: self.lsn, source })?;
+            self.plan.push((path, (first..first + n).map(|blkno| BufferTag { rel, blkno }).collect()));
+        }
+    }
+
+    /// Writes every planned relation file, pages rebuilt in parallel.
+    fn write_relation_files(&mut self, workers: usize) -> Result<(), BasebackupError> {
+        let plan = std::mem::take(&mut self.plan);
+        let tags: Vec<BufferTag> = plan.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+        // File boundaries in the flat page list: (first page, path, pages).
+        let mut starts = Vec::with_capacity(plan.len());
+        let mut at = 0;
+        for (path, t) in &plan {
+            starts.push((at, path.as_str(), t.len()));
+            at += t.len();
+        }
+        // Empty files first: no page will open them.
+        for (_, path, _) in starts.iter().filter(|(_, _, n)| *n == 0) {
+            self.tar.begin_file(path, 0)?;
+            self.tar.end_file()?;
+            self.stats.relation_files += 1;
+        }
+        let mut files = starts.iter().filter(|(_, _, n)| *n > 0).peekable();
+        let (repo, redo, lsn) = (self.repo, self.redo, self.lsn);
+        pages::rebuild_in_order(repo, redo, lsn, &tags, workers, |i, mut page| {
+            if let Some((first, path, n)) = files.peek() {
+                if *first == i {
+                    self.tar.begin_file(path, (*n * BLCKSZ) as u64)?;
+                }
                 if self.checksums {
-                    checksum::stamp(&mut page, blkno);
+                    checksum::stamp(&mut page, tags[i].blkno);
                 }
                 self.tar.write(&page[..])?;
                 self.stats.pages += 1;
                 self.progress.pages += 1;
+                if i + 1 == first + n {
+                    self.tar.end_file()?;
+                    self.stats.relation_files += 1;
+                    files.next();
+                }
                 self.tick();
             }
-            self.tar.end_file()?;
-            self.stats.relation_files += 1;
+            Ok(())
+        })
+    }
+
+    /// The relation forks of one database (0: the shared catalogs), planned under `dir`.
+    fn relations(&mut self, dir: &str, rels: &BTreeMap<RelTag, u32>) {
+        let unlogged: BTreeSet<u32> =
+            rels.keys().filter(|r| r.fork == ForkNumber::Init).map(|r| r.node.relnode).collect();
+        for (rel, n) in rels {
+            if rel.fork == ForkNumber::Fsm || (unlogged.contains(&rel.node.relnode) && rel.fork != ForkNumber::Init) {
+                continue;
+            }
+            self.plan_relation(dir, *rel, *n, rel.fork);
+            if rel.fork == ForkNumber::Init {
+                // An unlogged relation starts from its init fork after a clean shutdown too.
+                self.plan_relation(dir, *rel, *n, ForkNumber::Main);
+            }
         }
-        Ok(())
     }
 
     fn tick(&mut self) {
@@ -157,23 +207,6 @@ impl<W: Write> Builder<'_, W> {
             (self.report)(&self.progress);
             self.last_report = Instant::now();
         }
-    }
-
-    /// The relation forks of one database (0: the shared catalogs) into `dir`.
-    fn relations(&mut self, dir: &str, rels: &BTreeMap<RelTag, u32>) -> Result<(), BasebackupError> {
-        let unlogged: BTreeSet<u32> =
-            rels.keys().filter(|r| r.fork == ForkNumber::Init).map(|r| r.node.relnode).collect();
-        for (rel, n) in rels {
-            if rel.fork == ForkNumber::Fsm || (unlogged.contains(&rel.node.relnode) && rel.fork != ForkNumber::Init) {
-                continue;
-            }
-            self.relation(dir, *rel, *n, rel.fork)?;
-            if rel.fork == ForkNumber::Init {
-                // An unlogged relation starts from its init fork after a clean shutdown too.
-                self.relation(dir, *rel, *n, ForkNumber::Main)?;
-            }
-        }
-        Ok(())
     }
 
     fn slru(&mut self, slru: u32, dir: &str) -> Result<(), BasebackupError> {
@@ -237,6 +270,7 @@ pub fn write_basebackup<W: Write>(
         checksums: info.data_checksums,
         tar: TarWriter::new(out, now),
         stats: Stats { databases: dbs.len(), checkpoint_lsn: at, ..Default::default() },
+        plan: Vec::new(),
         progress: Progress { total_pages, ..Default::default() },
         started: Instant::now(),
         last_report: Instant::now(),
@@ -272,9 +306,10 @@ pub fn write_basebackup<W: Write>(
             dir
         };
         if opts.relation_pages {
-            b.relations(&dir, rels)?;
+            b.relations(&dir, rels);
         }
     }
+    b.write_relation_files(opts.workers)?;
     b.slru(SLRU_CLOG, "pg_xact")?;
     b.slru(SLRU_MULTIXACT_OFFSETS, "pg_multixact/offsets")?;
     b.slru(SLRU_MULTIXACT_MEMBERS, "pg_multixact/members")?;
