@@ -7,6 +7,8 @@
 //! The socket is created private to the sidecar's OS user (mode 0600, in a directory only it
 //! can enter, which `bind` checks), because every page of the database can be read through it.
 
+use crate::basebackup::shared::SharedBasebackups;
+use crate::basebackup::{BasebackupError, Options};
 use crate::repo::meta;
 use crate::repo::reconstruct::{self, GetPageError};
 use crate::repo::store::{RepoError, Repository};
@@ -44,6 +46,10 @@ pub struct PageService {
     pub repo: Arc<Repository>,
     pub redo: Arc<dyn WalRedoManager>,
     pub metrics: Metrics,
+    /// Where base backups go (`None`: the sidecar was started without a shared directory).
+    pub basebackups: Option<SharedBasebackups>,
+    /// Threads rebuilding a base backup's pages.
+    pub basebackup_workers: usize,
 }
 
 fn code_of(e: &GetPageError) -> ErrorCode {
@@ -120,6 +126,34 @@ impl PageService {
                 Response::History { origin: b.origin, oldest: b.oldest, durable: b.durable, last: b.last }
             }
             Request::Status => Response::Status(self.status_text()),
+            Request::Basebackup { lsn, full, wait_ms } => {
+                let shared = self.basebackups.as_ref().ok_or_else(|| {
+                    error(ErrorCode::BadRequest, "the sidecar runs without a shared directory (--shared-dir)")
+                })?;
+                self.ready(lsn, wait_ms)?;
+                // Base backups read what is durable; wait for the flush that makes `lsn` so.
+                let deadline = Instant::now() + Duration::from_millis(wait_ms.into()) + Duration::from_secs(5);
+                while self.repo.durable_lsn() < lsn {
+                    if Instant::now() >= deadline {
+                        return Err(error(ErrorCode::NotYet, format!("{lsn} is not durable yet")));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let opts = Options { relation_pages: full, workers: self.basebackup_workers };
+                let made = shared.get(&self.repo, self.redo.as_ref(), lsn, opts, &mut |_| {}).map_err(|e| {
+                    let code = match &e {
+                        BasebackupError::Page { source, .. } => code_of(source),
+                        _ => ErrorCode::Internal,
+                    };
+                    error(code, e.to_string())
+                })?;
+                Response::Basebackup {
+                    lsn,
+                    bytes: made.bytes,
+                    micros: (made.seconds * 1e6) as u64,
+                    path: made.path.display().to_string(),
+                }
+            }
         })
     }
 

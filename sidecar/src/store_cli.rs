@@ -2,6 +2,7 @@
 //! a unix socket), `get-page` (a page at an LSN, from the running sidecar's socket or straight
 //! from a store's files) and `status` (what a store holds).
 
+use crate::basebackup::shared::SharedBasebackups;
 use crate::cli_args::{BlockArgs, ComputeArgs, RedoProcessArgs};
 use crate::follower::{self, FollowerConfig};
 use crate::redo_cli::describe_page;
@@ -38,6 +39,12 @@ pub struct RunArgs {
     /// Serve pages on this unix socket (its directory must be private to this user).
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// The directory shared with the extension: base backups go to `basebackups/` in it.
+    #[arg(long)]
+    pub shared_dir: Option<PathBuf>,
+    /// Size limit of the base backups kept there, in MB (oldest removed first).
+    #[arg(long, default_value_t = 10240)]
+    pub shared_limit_mb: u64,
     /// Wal-redo processes for the page service and for making images.
     #[arg(long, default_value_t = 2)]
     pub redo_processes: usize,
@@ -137,8 +144,20 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         let server = match &args.socket {
             Some(path) => {
                 let listener = service::bind(path)?;
-                let service =
-                    Arc::new(PageService { repo: repo.clone(), redo: redo.clone(), metrics: Default::default() });
+                let basebackups = match &args.shared_dir {
+                    Some(d) => Some(
+                        SharedBasebackups::new(d, args.shared_limit_mb << 20)
+                            .with_context(|| format!("shared directory {}", d.display()))?,
+                    ),
+                    None => None,
+                };
+                let service = Arc::new(PageService {
+                    repo: repo.clone(),
+                    redo: redo.clone(),
+                    metrics: Default::default(),
+                    basebackups,
+                    basebackup_workers: 2 * args.redo_processes.max(1),
+                });
                 eprintln!("neon-sidecar: serving pages on {}", path.display());
                 Some(s.spawn(move || service::serve(service, listener, &STOP)))
             }
@@ -305,15 +324,18 @@ pub fn status(args: &StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BasebackupArgs {
-    /// The store directory (read beside a running sidecar: what is durable).
-    #[arg(long)]
-    pub store: PathBuf,
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// The LSN the data directory is to be as of.
     #[arg(long)]
     pub lsn: Lsn,
-    /// The tar file to write (written under a temporary name, renamed when complete).
+    /// With --store: the tar file to write (under a temporary name, renamed when complete).
+    /// With --socket the running sidecar writes it into its shared directory.
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
+    /// With --socket: how long to wait for the LSN to arrive, in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    pub wait_ms: u32,
     /// Leave out relation pages: only what a compute that fetches pages itself needs.
     #[arg(long)]
     pub no_relation_pages: bool,
@@ -336,7 +358,29 @@ fn compute_has_checksums(repo: &Repository) -> bool {
 /// `neon-sidecar basebackup`: a tar of the data directory as of `--lsn`, with progress.
 pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     use crate::basebackup::{write_basebackup, Options, Progress};
-    let repo = Repository::open_read_only(&args.store)?;
+    let full = !args.no_relation_pages;
+    let store = match (&args.source.socket, &args.source.store) {
+        (Some(socket), _) => {
+            let started = std::time::Instant::now();
+            match ask(socket, &Request::Basebackup { lsn: args.lsn, full, wait_ms: args.wait_ms })? {
+                Response::Basebackup { lsn, bytes, micros, path } => {
+                    let how =
+                        if micros == 0 { "already there".to_string() } else { format!("{:.1} s", micros as f64 / 1e6) };
+                    writeln!(
+                        out,
+                        "base backup as of {lsn}: {path} ({bytes} bytes, {how}; {:.1} s in all)",
+                        started.elapsed().as_secs_f64()
+                    )?;
+                }
+                r => bail!("unexpected answer {r:?}"),
+            }
+            return Ok(());
+        }
+        (None, Some(store)) => store,
+        (None, None) => bail!("give --store or --socket"),
+    };
+    let Some(out_path) = &args.out else { bail!("--out is needed with --store") };
+    let repo = Repository::open_read_only(store)?;
     if args.lsn > repo.durable_lsn() {
         bail!("{} is beyond what the store holds (durable to {})", args.lsn, repo.durable_lsn());
     }
@@ -345,7 +389,7 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
     redo_cfg.processes = redo_processes;
     redo_cfg.data_checksums |= compute_has_checksums(&repo);
     let redo = PostgresRedoManager::new(redo_cfg)?;
-    let tmp = args.out.with_extension("tar.tmp");
+    let tmp = out_path.with_extension("tar.tmp");
     let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut report = |p: &Progress| {
         let rate = p.pages as f64 / p.elapsed.as_secs_f64().max(1e-3);
@@ -357,7 +401,7 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
             p.total_pages
         );
     };
-    let opts = Options { relation_pages: !args.no_relation_pages, workers: 2 * redo_processes };
+    let opts = Options { relation_pages: full, workers: 2 * redo_processes };
     let written = write_basebackup(&repo, &redo, args.lsn, opts, std::io::BufWriter::new(file), &mut report)
         .map_err(anyhow::Error::from)
         .and_then(|(w, stats)| {
@@ -373,7 +417,7 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
             return Err(e);
         }
     };
-    std::fs::rename(&tmp, &args.out)?;
+    std::fs::rename(&tmp, out_path)?;
     writeln!(
         out,
         "base backup as of {} (checkpoint at {}): {} databases, {} relation files, {} pages, {} SLRU pages, {} prepared \
@@ -385,7 +429,7 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
         stats.pages,
         stats.slru_pages,
         stats.prepared,
-        args.out.display()
+        out_path.display()
     )?;
     Ok(())
 }

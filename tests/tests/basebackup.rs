@@ -109,3 +109,72 @@ fn past_lsn_boots(checksums: bool) -> Result<()> {
     }
     sidecar.stop()
 }
+
+#[test]
+fn the_shared_directory_caches_evicts_and_refuses_bad_input() -> Result<()> {
+    use neon_types::protocol::{ErrorCode, Request, Response};
+    use neon_types::Lsn;
+    use std::os::unix::process::CommandExt;
+    let (c, store) = neon_tests::sidecar::cluster_born_with_store()?;
+    let shared = c.root_dir().join("shared");
+    let sidecar =
+        SidecarProcess::start_with(&c, &store, &["--shared-dir", shared.to_str().unwrap(), "--shared-limit-mb", "1"])?;
+    let (origin, _) = sidecar.history()?;
+    c.pgbench(&["-i", "-q", "-s", "1"])?;
+    let first = workload::flush_lsn(&c)?;
+    c.execute("CREATE TABLE t AS SELECT 1 AS x")?;
+    let second = workload::flush_lsn(&c)?;
+    let ask = |lsn: Lsn, wait_ms: u32| {
+        sidecar.client().and_then(|mut cl| Ok(cl.request(&Request::Basebackup { lsn, full: true, wait_ms })?))
+    };
+    let made = |r: Response| match r {
+        Response::Basebackup { path, micros, bytes, .. } => (std::path::PathBuf::from(path), micros, bytes),
+        r => panic!("expected a base backup, got {r:?}"),
+    };
+    let (path1, micros, bytes) = made(ask(first, 30_000)?);
+    assert!(micros > 0 && bytes > 10 << 20 && path1.starts_with(shared.join("basebackups")));
+    assert_eq!(std::fs::metadata(&path1)?.len(), bytes);
+    // Asked again: the same file, not rebuilt.
+    let (again, micros, _) = made(ask(first, 0)?);
+    assert_eq!((again.as_path(), micros), (path1.as_path(), 0));
+    // A second LSN: the limit (1 MB) evicts the older one, never the new one.
+    let (path2, _, _) = made(ask(second, 30_000)?);
+    assert!(path2.exists() && !path1.exists());
+
+    // Bad input: clear errors, nothing partial left behind, the sidecar goes on.
+    match ask(Lsn(origin.0 - 8), 0)? {
+        Response::Error { code: ErrorCode::OutOfHistory, message } => {
+            assert!(message.contains(&origin.to_string()), "{message}")
+        }
+        r => panic!("before history: {r:?}"),
+    }
+    match ask(Lsn(second.0 + (1 << 30)), 300)? {
+        Response::Error { code: ErrorCode::NotYet, .. } => {}
+        r => panic!("in the future: {r:?}"),
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(shared.join("basebackups"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(leftovers, vec![path2.file_name().unwrap().to_string_lossy().into_owned()]);
+
+    // A full disk (a 2 MB file size limit on the command): a clear error, no partial tar.
+    let out = c.root_dir().join("full.tar");
+    let mut cmd = std::process::Command::new(neon_tests::sidecar_bin()?);
+    cmd.args(["basebackup", "--store", store.to_str().unwrap(), "--lsn", &first.to_string(), "--out"]).arg(&out);
+    // SAFETY: only async-signal-safe calls (setrlimit, signal) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 2 << 20, rlim_max: 2 << 20 };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let result = cmd.output()?;
+    let text = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success() && text.contains("File too large"), "{text}");
+    assert!(!out.exists() && !out.with_extension("tar.tmp").exists());
+    assert!(matches!(ask(second, 0)?, Response::Basebackup { .. }));
+    sidecar.stop()
+}

@@ -15,6 +15,7 @@
 //!   0x05 WaitForLsn     lsn u64 | wait_ms u32
 //!   0x06 History        (empty)
 //!   0x07 Status         (empty)
+//!   0x08 Basebackup     lsn u64 | full u8 | wait_ms u32
 //!   rel = spcnode u32 | dbnode u32 | relnode u32 | fork u8
 //!   wait_ms: how long to wait for `lsn` to arrive before answering NotYet
 //! responses:
@@ -25,6 +26,8 @@
 //!   0x85 Lsn            lsn u64
 //!   0x86 History        origin u64 | oldest u64 | durable u64 | last u64
 //!   0x87 Status         UTF-8 text, "name value" lines
+//!   0x88 Basebackup     lsn u64 | bytes u64 | micros u64 (0: it was already there) |
+//!                       UTF-8 path of the tar in the shared directory
 //!   0xFF Error          code u8 | UTF-8 message
 //! ```
 
@@ -66,13 +69,37 @@ impl ErrorCode {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    GetPage { tag: BufferTag, lsn: Lsn, wait_ms: u32 },
-    RelSize { rel: RelTag, lsn: Lsn, wait_ms: u32 },
-    ListDatabases { lsn: Lsn, wait_ms: u32 },
-    ListRelations { dbnode: u32, lsn: Lsn, wait_ms: u32 },
-    WaitForLsn { lsn: Lsn, wait_ms: u32 },
+    GetPage {
+        tag: BufferTag,
+        lsn: Lsn,
+        wait_ms: u32,
+    },
+    RelSize {
+        rel: RelTag,
+        lsn: Lsn,
+        wait_ms: u32,
+    },
+    ListDatabases {
+        lsn: Lsn,
+        wait_ms: u32,
+    },
+    ListRelations {
+        dbnode: u32,
+        lsn: Lsn,
+        wait_ms: u32,
+    },
+    WaitForLsn {
+        lsn: Lsn,
+        wait_ms: u32,
+    },
     History,
     Status,
+    /// A base backup as of `lsn` in the shared directory (`full`: with relation pages).
+    Basebackup {
+        lsn: Lsn,
+        full: bool,
+        wait_ms: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +111,7 @@ pub enum Response {
     Lsn(Lsn),
     History { origin: Lsn, oldest: Lsn, durable: Lsn, last: Lsn },
     Status(String),
+    Basebackup { lsn: Lsn, bytes: u64, micros: u64, path: String },
     Error { code: ErrorCode, message: String },
 }
 
@@ -181,6 +209,12 @@ impl Request {
             }
             Request::History => 0x06,
             Request::Status => 0x07,
+            Request::Basebackup { lsn, full, wait_ms } => {
+                b.extend_from_slice(&lsn.0.to_le_bytes());
+                b.push(u8::from(*full));
+                b.extend_from_slice(&wait_ms.to_le_bytes());
+                0x08
+            }
         };
         (kind, b)
     }
@@ -199,6 +233,7 @@ impl Request {
             0x05 => Request::WaitForLsn { lsn: r.lsn()?, wait_ms: r.u32()? },
             0x06 => Request::History,
             0x07 => Request::Status,
+            0x08 => Request::Basebackup { lsn: r.lsn()?, full: r.u8()? != 0, wait_ms: r.u32()? },
             k => return malformed(format!("unknown request kind {k:#04x}")),
         };
         r.end()?;
@@ -262,6 +297,13 @@ impl Response {
                 b.extend_from_slice(text.as_bytes());
                 0x87
             }
+            Response::Basebackup { lsn, bytes, micros, path } => {
+                for v in [lsn.0, *bytes, *micros] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+                b.extend_from_slice(path.as_bytes());
+                0x88
+            }
             Response::Error { code, message } => {
                 b.push(*code as u8);
                 b.extend_from_slice(message.as_bytes());
@@ -302,6 +344,12 @@ impl Response {
             0x85 => Response::Lsn(r.lsn()?),
             0x86 => Response::History { origin: r.lsn()?, oldest: r.lsn()?, durable: r.lsn()?, last: r.lsn()? },
             0x87 => Response::Status(r.text()?),
+            0x88 => {
+                let lsn = r.lsn()?;
+                let bytes = r.lsn()?.0;
+                let micros = r.lsn()?.0;
+                Response::Basebackup { lsn, bytes, micros, path: r.text()? }
+            }
             0xFF => {
                 let code = ErrorCode::from_u8(r.u8()?);
                 Response::Error { code, message: r.text()? }
@@ -392,6 +440,7 @@ mod tests {
             Request::WaitForLsn { lsn: Lsn(9), wait_ms: 1000 },
             Request::History,
             Request::Status,
+            Request::Basebackup { lsn: Lsn(77), full: true, wait_ms: 5 },
         ];
         for req in reqs {
             let mut b = Vec::new();
@@ -412,6 +461,7 @@ mod tests {
             Response::Lsn(Lsn(5)),
             Response::History { origin: Lsn(1), oldest: Lsn(2), durable: Lsn(3), last: Lsn(4) },
             Response::Status("a 1\nb 2\n".into()),
+            Response::Basebackup { lsn: Lsn(1), bytes: 2, micros: 3, path: "/x/base.tar".into() },
             Response::Error { code: ErrorCode::NotYet, message: "later".into() },
         ];
         for resp in resps {

@@ -5,6 +5,7 @@
 //! * [`checksum`] — PostgreSQL's page checksum, for computes with `data_checksums`.
 //! * [`control`] — the generated `global/pg_control`.
 //! * [`pages`]   — rebuilding pages in parallel, in order, with bounded memory.
+//! * [`shared`]  — backups in the shared directory: atomic, cached, size-limited.
 //! * [`walseg`]  — the generated WAL segment holding a shutdown checkpoint at L.
 //!
 //! What the archive holds, as of L: the standard directories; `PG_VERSION` (top and per
@@ -19,6 +20,7 @@
 pub mod checksum;
 pub mod control;
 pub mod pages;
+pub mod shared;
 pub mod tar;
 pub mod walseg;
 

@@ -1,0 +1,122 @@
+//! Base backups in the shared directory, for the extension and the CLI: `<shared>/basebackups/
+//! base-<LSN>.tar` (or `base-<LSN>-nonrel.tar` without relation pages), written under a
+//! temporary name, fsync'd and renamed, so a reader never sees a partial file and a failed
+//! build (a full disk) leaves nothing behind. Asking again for the same LSN returns the file
+//! already there. The directory has a size limit: after each build the oldest backups are
+//! removed until the rest fit (never the one just made). The directory is private to the
+//! sidecar's OS user (0700), the files 0600.
+
+use super::{write_basebackup, BasebackupError, Options, Progress, Stats};
+use crate::repo::store::Repository;
+use crate::walredo::WalRedoManager;
+use neon_types::Lsn;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// A finished base backup.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Made {
+    pub path: PathBuf,
+    pub lsn: Lsn,
+    pub bytes: u64,
+    /// Time to build it; zero when it was already there.
+    pub seconds: f64,
+    pub stats: Option<Stats>,
+}
+
+pub struct SharedBasebackups {
+    dir: PathBuf,
+    limit_bytes: u64,
+    /// One build at a time: they share the redo pool anyway.
+    building: Mutex<()>,
+}
+
+impl SharedBasebackups {
+    /// Uses (creating it, private) `<shared>/basebackups`.
+    pub fn new(shared: &Path, limit_bytes: u64) -> std::io::Result<SharedBasebackups> {
+        let dir = shared.join("basebackups");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(shared, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        // Temporary files of builds a crash interrupted.
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(SharedBasebackups { dir, limit_bytes, building: Mutex::new(()) })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn name(lsn: Lsn, opts: &Options) -> String {
+        format!("base-{:016X}{}.tar", lsn.0, if opts.relation_pages { "" } else { "-nonrel" })
+    }
+
+    /// The base backup as of `lsn`, built unless it is already there.
+    pub fn get(
+        &self,
+        repo: &Repository,
+        redo: &dyn WalRedoManager,
+        lsn: Lsn,
+        opts: Options,
+        report: &mut dyn FnMut(&Progress),
+    ) -> Result<Made, BasebackupError> {
+        let _one = self.building.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.dir.join(Self::name(lsn, &opts));
+        if let Ok(m) = std::fs::metadata(&path) {
+            return Ok(Made { path, lsn, bytes: m.len(), seconds: 0.0, stats: None });
+        }
+        let tmp = path.with_extension("tar.tmp");
+        let started = Instant::now();
+        let built = (|| -> Result<Stats, BasebackupError> {
+            let file = std::fs::File::create(&tmp)?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+            let (w, stats) = write_basebackup(repo, redo, lsn, opts, std::io::BufWriter::new(file), report)?;
+            let file = w.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&self.dir)?.sync_all()?;
+            Ok(stats)
+        })();
+        let stats = match built {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let bytes = std::fs::metadata(&path)?.len();
+        self.evict(&path)?;
+        Ok(Made { path, lsn, bytes, seconds: started.elapsed().as_secs_f64(), stats: Some(stats) })
+    }
+
+    /// Removes the oldest backups until the directory fits its limit, keeping `keep`.
+    fn evict(&self, keep: &Path) -> std::io::Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
+        for e in std::fs::read_dir(&self.dir)?.flatten() {
+            let m = e.metadata()?;
+            if m.is_file() && e.file_name().to_string_lossy().ends_with(".tar") {
+                files.push((m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len(), e.path()));
+            }
+        }
+        files.sort();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        let mut removed = Vec::new();
+        for (_, len, path) in files {
+            if total <= self.limit_bytes {
+                break;
+            }
+            if path != keep {
+                std::fs::remove_file(&path)?;
+                total -= len;
+                removed.push(path);
+            }
+        }
+        Ok(removed)
+    }
+}
