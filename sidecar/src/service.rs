@@ -126,7 +126,7 @@ impl PageService {
                 Response::History { origin: b.origin, oldest: b.oldest, durable: b.durable, last: b.last }
             }
             Request::Status => Response::Status(self.status_text()),
-            Request::Basebackup { lsn, full, wait_ms } => {
+            Request::Basebackup { lsn, full, new_timeline, wait_ms } => {
                 let shared = self.basebackups.as_ref().ok_or_else(|| {
                     error(ErrorCode::BadRequest, "the sidecar runs without a shared directory (--shared-dir)")
                 })?;
@@ -139,7 +139,7 @@ impl PageService {
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                let opts = Options { relation_pages: full, workers: self.basebackup_workers };
+                let opts = Options { relation_pages: full, workers: self.basebackup_workers, new_timeline };
                 let made = shared.get(&self.repo, self.redo.as_ref(), lsn, opts, &mut |_| {}).map_err(|e| {
                     let code = match &e {
                         BasebackupError::Page { source, .. } => code_of(source),

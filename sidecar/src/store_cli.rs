@@ -339,6 +339,9 @@ pub struct BasebackupArgs {
     /// Leave out relation pages: only what a compute that fetches pages itself needs.
     #[arg(long)]
     pub no_relation_pages: bool,
+    /// Start the copy on a new timeline (with its .history file).
+    #[arg(long)]
+    pub new_timeline: bool,
     #[arg(long, default_value_t = 2)]
     pub redo_processes: usize,
     #[command(flatten)]
@@ -362,7 +365,9 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
     let store = match (&args.source.socket, &args.source.store) {
         (Some(socket), _) => {
             let started = std::time::Instant::now();
-            match ask(socket, &Request::Basebackup { lsn: args.lsn, full, wait_ms: args.wait_ms })? {
+            let req =
+                Request::Basebackup { lsn: args.lsn, full, new_timeline: args.new_timeline, wait_ms: args.wait_ms };
+            match ask(socket, &req)? {
                 Response::Basebackup { lsn, bytes, micros, path } => {
                     let how =
                         if micros == 0 { "already there".to_string() } else { format!("{:.1} s", micros as f64 / 1e6) };
@@ -401,7 +406,7 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
             p.total_pages
         );
     };
-    let opts = Options { relation_pages: full, workers: 2 * redo_processes };
+    let opts = Options { relation_pages: full, workers: 2 * redo_processes, new_timeline: args.new_timeline };
     let written = write_basebackup(&repo, &redo, args.lsn, opts, std::io::BufWriter::new(file), &mut report)
         .map_err(anyhow::Error::from)
         .and_then(|(w, stats)| {
@@ -420,10 +425,11 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
     std::fs::rename(&tmp, out_path)?;
     writeln!(
         out,
-        "base backup as of {} (checkpoint at {}): {} databases, {} relation files, {} pages, {} SLRU pages, {} prepared \
+        "base backup as of {} (checkpoint at {}, timeline {}): {} databases, {} relation files, {} pages, {} SLRU pages, {} prepared \
          transactions -> {}",
         args.lsn,
         stats.checkpoint_lsn,
+        stats.timeline,
         stats.databases,
         stats.relation_files,
         stats.pages,

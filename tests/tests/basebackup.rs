@@ -100,6 +100,17 @@ fn past_lsn_boots(checksums: bool) -> Result<()> {
     b.kill9()?;
     b.start_again()?;
     assert_eq!(b.query_one_string("SELECT count(*) FROM after_boot")?, "1000");
+    // On a new timeline: boots the same, on timeline 2.
+    let tar2 = c.root_dir().join("base-tli.tar");
+    let out = std::process::Command::new(neon_tests::sidecar_bin()?)
+        .args(["basebackup", "--store", store.to_str().unwrap(), "--lsn", &at.to_string(), "--new-timeline", "--out"])
+        .arg(&tar2)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = boot_basebackup(&tar2)?;
+    assert_eq!(t.query_one_string("SELECT timeline_id FROM pg_control_checkpoint()")?, "2");
+    assert_eq!(dump(&t, "other")?, dumps[1].1);
+    drop(t);
     if checksums {
         assert_eq!(b.query_one_string("SHOW data_checksums")?, "on");
         b.stop()?;
@@ -125,7 +136,9 @@ fn the_shared_directory_caches_evicts_and_refuses_bad_input() -> Result<()> {
     c.execute("CREATE TABLE t AS SELECT 1 AS x")?;
     let second = workload::flush_lsn(&c)?;
     let ask = |lsn: Lsn, wait_ms: u32| {
-        sidecar.client().and_then(|mut cl| Ok(cl.request(&Request::Basebackup { lsn, full: true, wait_ms })?))
+        sidecar.client().and_then(|mut cl| {
+            Ok(cl.request(&Request::Basebackup { lsn, full: true, new_timeline: false, wait_ms })?)
+        })
     };
     let made = |r: Response| match r {
         Response::Basebackup { path, micros, bytes, .. } => (std::path::PathBuf::from(path), micros, bytes),

@@ -15,7 +15,7 @@
 //!   0x05 WaitForLsn     lsn u64 | wait_ms u32
 //!   0x06 History        (empty)
 //!   0x07 Status         (empty)
-//!   0x08 Basebackup     lsn u64 | full u8 | wait_ms u32
+//!   0x08 Basebackup     lsn u64 | flags u8 (1: full, 2: new timeline) | wait_ms u32
 //!   rel = spcnode u32 | dbnode u32 | relnode u32 | fork u8
 //!   wait_ms: how long to wait for `lsn` to arrive before answering NotYet
 //! responses:
@@ -94,10 +94,12 @@ pub enum Request {
     },
     History,
     Status,
-    /// A base backup as of `lsn` in the shared directory (`full`: with relation pages).
+    /// A base backup as of `lsn` in the shared directory (`full`: with relation pages;
+    /// `new_timeline`: starting a new timeline).
     Basebackup {
         lsn: Lsn,
         full: bool,
+        new_timeline: bool,
         wait_ms: u32,
     },
 }
@@ -209,9 +211,9 @@ impl Request {
             }
             Request::History => 0x06,
             Request::Status => 0x07,
-            Request::Basebackup { lsn, full, wait_ms } => {
+            Request::Basebackup { lsn, full, new_timeline, wait_ms } => {
                 b.extend_from_slice(&lsn.0.to_le_bytes());
-                b.push(u8::from(*full));
+                b.push(u8::from(*full) | (u8::from(*new_timeline) << 1));
                 b.extend_from_slice(&wait_ms.to_le_bytes());
                 0x08
             }
@@ -233,7 +235,11 @@ impl Request {
             0x05 => Request::WaitForLsn { lsn: r.lsn()?, wait_ms: r.u32()? },
             0x06 => Request::History,
             0x07 => Request::Status,
-            0x08 => Request::Basebackup { lsn: r.lsn()?, full: r.u8()? != 0, wait_ms: r.u32()? },
+            0x08 => {
+                let lsn = r.lsn()?;
+                let flags = r.u8()?;
+                Request::Basebackup { lsn, full: flags & 1 != 0, new_timeline: flags & 2 != 0, wait_ms: r.u32()? }
+            }
             k => return malformed(format!("unknown request kind {k:#04x}")),
         };
         r.end()?;
@@ -440,7 +446,7 @@ mod tests {
             Request::WaitForLsn { lsn: Lsn(9), wait_ms: 1000 },
             Request::History,
             Request::Status,
-            Request::Basebackup { lsn: Lsn(77), full: true, wait_ms: 5 },
+            Request::Basebackup { lsn: Lsn(77), full: true, new_timeline: true, wait_ms: 5 },
         ];
         for req in reqs {
             let mut b = Vec::new();

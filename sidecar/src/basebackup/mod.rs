@@ -13,7 +13,8 @@
 //! also as the main fork; no free-space maps), in 1 GB segment files; `pg_xact` and
 //! `pg_multixact` segments; `pg_twophase` state files; `pg_hba.conf` and `pg_ident.conf` as
 //! imported, an empty `postgresql.conf`; `global/pg_control` (last, as pg_basebackup does) and
-//! `pg_wal/<segment>`. Without relation pages (`relation_pages: false`) it is the
+//! `pg_wal/<segment>` (with `new_timeline`, on the next timeline, and its `.history` file).
+//! Without relation pages (`relation_pages: false`) it is the
 //! non-relational part only, for a compute that fetches pages itself (as Neon's pageserver
 //! serves its computes): such a directory does not start on its own.
 
@@ -87,6 +88,9 @@ pub struct Options {
     pub relation_pages: bool,
     /// Threads rebuilding pages (at least the redo pool's size keeps it busy).
     pub workers: usize,
+    /// Start the copy on a new timeline (the source's + 1, with its `.history` file), so its
+    /// WAL is never mistaken for the source's.
+    pub new_timeline: bool,
 }
 
 /// Progress, reported about once a second and at the end.
@@ -108,6 +112,7 @@ pub struct Stats {
     pub prepared: usize,
     /// Where the checkpoint record is (L, or just past a page header at L).
     pub checkpoint_lsn: Lsn,
+    pub timeline: u32,
 }
 
 fn fork_file_name(rel: &RelTag, fork: ForkNumber) -> String {
@@ -255,6 +260,9 @@ pub fn write_basebackup<W: Write>(
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     checkpoint.redo = at;
     checkpoint.prev_timeline = checkpoint.this_timeline;
+    if opts.new_timeline {
+        checkpoint.this_timeline += 1;
+    }
     checkpoint.full_page_writes = true;
     checkpoint.time = now as i64;
     checkpoint.oldest_active_xid = 0;
@@ -321,6 +329,12 @@ pub fn write_basebackup<W: Write>(
         b.tar.file(&format!("pg_twophase/{xid:08X}"), &file)?;
         b.stats.prepared += 1;
     }
+    if opts.new_timeline {
+        // timeline history: "parent TLI <tab> switch point <tab> reason", one line per ancestor.
+        let history = format!("{}\t{at}\tneon-sidecar base backup as of {lsn}\n", checkpoint.prev_timeline);
+        b.tar.file(&format!("pg_wal/{:08X}.history", checkpoint.this_timeline), history.as_bytes())?;
+    }
+    b.stats.timeline = checkpoint.this_timeline;
     let record = walseg::checkpoint_record(&checkpoint, Lsn(0));
     let (name, segment) = walseg::segment_with_record(
         at,

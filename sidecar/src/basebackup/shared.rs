@@ -1,5 +1,5 @@
 //! Base backups in the shared directory, for the extension and the CLI: `<shared>/basebackups/
-//! base-<LSN>.tar` (or `base-<LSN>-nonrel.tar` without relation pages), written under a
+//! base-<LSN>[-nonrel][-newtli].tar` (without relation pages; on a new timeline), written under a
 //! temporary name, fsync'd and renamed, so a reader never sees a partial file and a failed
 //! build (a full disk) leaves nothing behind. Asking again for the same LSN returns the file
 //! already there. The directory has a size limit: after each build the oldest backups are
@@ -54,7 +54,9 @@ impl SharedBasebackups {
     }
 
     fn name(lsn: Lsn, opts: &Options) -> String {
-        format!("base-{:016X}{}.tar", lsn.0, if opts.relation_pages { "" } else { "-nonrel" })
+        let nonrel = if opts.relation_pages { "" } else { "-nonrel" };
+        let tli = if opts.new_timeline { "-newtli" } else { "" };
+        format!("base-{:016X}{nonrel}{tli}.tar", lsn.0)
     }
 
     /// The base backup as of `lsn`, built unless it is already there.
