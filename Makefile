@@ -36,6 +36,7 @@ bench: deps install-ext
 	bash bench/decode
 	bash bench/walredo
 	bash bench/ingest
+	bash bench/basebackup
 
 # The fuzz target must keep compiling; running it is `cd sidecar/fuzz && cargo fuzz run decode_wal`.
 fuzz-check:

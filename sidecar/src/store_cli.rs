@@ -196,24 +196,40 @@ fn compact(
     retention: u64,
 ) -> anyhow::Result<()> {
     let mut last_full = repo.newest_full_image().unwrap_or(repo.bounds().origin);
-    for (lsn, keys) in flushes {
-        if !keys.is_empty() {
-            compaction::image_keys(repo, redo, &keys, lsn)?;
+    let mut waiting: Vec<Key> = Vec::new();
+    let mut last_image = Lsn::INVALID;
+    for (_, keys) in flushes {
+        // Images go at the newest durable LSN, not the flush's: every layer file ends at or
+        // before it and every later one starts after it, so no file (flushed meanwhile, or
+        // merged) can span the image's LSN — which would put values older than the image
+        // after it in a newest-first walk. One image layer per LSN: keys wait for the next
+        // flush if the durable LSN has not moved since the last.
+        let lsn = repo.durable_lsn();
+        waiting.extend(keys);
+        if lsn > last_image {
+            if retention > 0 && lsn.0.saturating_sub(last_full.0) >= retention {
+                // A full image covers the waiting keys too.
+                let started = std::time::Instant::now();
+                let n = compaction::full_image(repo, redo, lsn)?;
+                let removed = repo.collect_garbage(Lsn(lsn.0.saturating_sub(retention)))?;
+                eprintln!(
+                    "neon-sidecar: full image at {lsn} ({n} values, {:?}); {} old layer files removed; history from {}",
+                    started.elapsed(),
+                    removed.len(),
+                    repo.history_start()
+                );
+                (last_full, last_image) = (lsn, lsn);
+                waiting.clear();
+            } else if !waiting.is_empty() {
+                waiting.sort_unstable();
+                waiting.dedup();
+                compaction::image_keys(repo, redo, &waiting, lsn)?;
+                waiting.clear();
+                last_image = lsn;
+            }
         }
         // Every flush adds a file or two: merge old ones so reads walk few.
         while repo.merge_layers(MERGE_ABOVE_FILES, MERGE_RUN, MERGE_MAX_BYTES)?.is_some() {}
-        if retention > 0 && lsn.0.saturating_sub(last_full.0) >= retention {
-            let started = std::time::Instant::now();
-            let n = compaction::full_image(repo, redo, lsn)?;
-            last_full = lsn;
-            let removed = repo.collect_garbage(Lsn(lsn.0.saturating_sub(retention)))?;
-            eprintln!(
-                "neon-sidecar: full image at {lsn} ({n} values, {:?}); {} old layer files removed; history from {}",
-                started.elapsed(),
-                removed.len(),
-                repo.history_start()
-            );
-        }
     }
     Ok(())
 }

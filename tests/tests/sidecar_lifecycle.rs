@@ -65,7 +65,8 @@ fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
         let n = compare(&sidecar, &now)?;
         eprintln!("after {kills} kills: {n:?} equal the compute's at {}", now.lsn);
         assert!(n.pages > 2000);
-        sidecar.stop()
+        sidecar.stop()?;
+        Repository::open_read_only(&store)?.check_layer_order().map_err(anyhow::Error::msg)
     })
 }
 
@@ -114,6 +115,7 @@ fn long_chains_get_images_and_old_history_is_collected() -> Result<()> {
 
     // The hottest page's chain stays near the limit: images, not thousands of records.
     let repo = Repository::open_read_only(&store)?;
+    repo.check_layer_order().map_err(anyhow::Error::msg)?;
     let chain = repo.values_for(Key::rel_block(&tag), repo.durable_lsn())?;
     let names: Vec<String> =
         repo.layers().iter().map(|l| l.path().file_name().unwrap().to_string_lossy().into_owned()).collect();

@@ -18,7 +18,7 @@
 //!   magic u64 "NEONMF03" | history origin u64 | retained from u64 | durable lsn u64 |
 //!   n u32 | n × (u16 len | file name) | crc32c u32
 //! layer files: "delta-<first lsn>-<last lsn>", "image-<lsn>" (some keys),
-//!              "fullimage-<lsn>" (every key), LSNs in hex
+//!              "fullimage-<lsn>" (every key), LSNs in hex, "-<n>" added to a name in use
 //! ```
 
 use super::key::Key;
@@ -259,7 +259,7 @@ impl Repository {
             None
         } else {
             let (first, last) = frozen.lsn_range().unwrap_or((upto, upto));
-            let name = format!("{DELTA_PREFIX}-{:016X}-{:016X}", first.0, last.0);
+            let name = self.fresh_name(format!("{DELTA_PREFIX}-{:016X}-{:016X}", first.0, last.0));
             let written = self.write_layer(&name, frozen.sorted());
             match written {
                 Ok(layer) => Some(layer),
@@ -304,13 +304,14 @@ impl Repository {
         Ok(DeltaLayer::open(&path)?)
     }
 
-    /// Adds a layer of images at `lsn` (at most the durable LSN): values of keys
-    /// materialised there, so reconstruction at or after `lsn` stops at them. A `full` image
+    /// Adds a layer of images at `lsn`: values of keys materialised there, so reconstruction
+    /// at or after `lsn` stops at them. `lsn` must be the durable LSN as of some moment after
+    /// every existing file was made (no file may span it; see `merge_layers`). A `full` image
     /// layer holds every key that has a value at `lsn`; history before it can then be
     /// dropped ([`Repository::collect_garbage`]).
     pub fn add_image_layer(&self, lsn: Lsn, images: &BTreeMap<Key, Value>, full: bool) -> Result<(), RepoError> {
         let _flushing = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let name = format!("{}-{:016X}", if full { FULL_IMAGE_PREFIX } else { IMAGE_PREFIX }, lsn.0);
+        let name = self.fresh_name(format!("{}-{:016X}", if full { FULL_IMAGE_PREFIX } else { IMAGE_PREFIX }, lsn.0));
         let layer = self.write_layer(&name, images.iter().map(|(k, v)| (*k, lsn, v)))?;
         let mut names = self.file_names();
         names.push(name);
@@ -354,34 +355,44 @@ impl Repository {
         Ok(removed)
     }
 
-    /// Merges the oldest run of up to `run` consecutive layer files (full images excepted,
-    /// at most `max_bytes` together) into one, when there are more than `keep` files: reads
-    /// walk fewer files, and what they find is the same (the merged file holds every value of
-    /// the run; where an image and a record share a key and LSN, the image, which already
-    /// includes the record). Returns the merged file, if any.
+    /// Merges the oldest run of up to `run` consecutive small layer files (full images and
+    /// files already larger than `max_bytes / run` excepted, at most `max_bytes` together)
+    /// into one, when there are more than `keep` files: reads walk fewer files, and what they
+    /// find is the same (the merged file holds every value of the run; where an image and a
+    /// record share a key and LSN, the image, which already includes the record). Merged files
+    /// are not merged again, so each value is rewritten once. Returns the merged file, if any.
     pub fn merge_layers(&self, keep: usize, run: usize, max_bytes: u64) -> Result<Option<PathBuf>, RepoError> {
         let _flushing = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
         let files = self.layers();
         if files.len() <= keep || run < 2 {
             return Ok(None);
         }
-        // The first run of mergeable files, oldest first.
+        let small = max_bytes / run as u64;
+        // The first run of mergeable files, oldest first. An image layer at the LSN the file
+        // before it ends at stays with that file: it may neither start a run (the merged file
+        // would begin where another ends) nor be left out of the run that file ends.
+        let mergeable = |l: &Arc<DeltaLayer>| !is_full_image(l) && l.size_bytes() <= small;
+        let at_end_of =
+            |l: &Arc<DeltaLayer>, before: &Arc<DeltaLayer>| is_image(l) && l.lsn_range().0 == before.lsn_range().1;
         let mut chosen: Vec<Arc<DeltaLayer>> = Vec::new();
-        let mut bytes = 0;
-        for l in &files {
-            if is_full_image(l) || bytes + l.size_bytes() > max_bytes {
+        for (i, l) in files.iter().enumerate() {
+            let follows_its_file = i > 0 && at_end_of(l, &files[i - 1]);
+            if !mergeable(l) || (chosen.is_empty() && follows_its_file) {
                 if chosen.len() >= 2 {
                     break;
                 }
                 chosen.clear();
-                bytes = 0;
-                if is_full_image(l) {
-                    continue;
-                }
+                continue;
             }
-            bytes += l.size_bytes();
             chosen.push(l.clone());
-            if chosen.len() == run {
+            if chosen.len() >= run {
+                match files.get(i + 1) {
+                    Some(next) if at_end_of(next, l) && mergeable(next) => continue,
+                    Some(next) if at_end_of(next, l) => {
+                        chosen.pop();
+                    }
+                    _ => {}
+                }
                 break;
             }
         }
@@ -394,7 +405,7 @@ impl Repository {
             l.for_each_in_range(all.clone(), |k, at, v| merged.put(k, at, v))?;
         }
         let (first, last) = merged.lsn_range().unwrap_or_default();
-        let name = format!("{DELTA_PREFIX}-{:016X}-{:016X}", first.0, last.0);
+        let name = self.fresh_name(format!("{DELTA_PREFIX}-{:016X}-{:016X}", first.0, last.0));
         let layer = self.write_layer(&name, merged.sorted())?;
         let is_chosen = |l: &Arc<DeltaLayer>| chosen.iter().any(|c| Arc::ptr_eq(c, l));
         let mut names: Vec<String> = files.iter().filter(|l| !is_chosen(l)).map(|l| file_name(l.path())).collect();
@@ -408,11 +419,38 @@ impl Repository {
             sort_layers(&mut l.files);
         }
         for l in &chosen {
-            if l.path() != path {
-                let _ = std::fs::remove_file(l.path());
-            }
+            let _ = std::fs::remove_file(l.path());
         }
         Ok(Some(path))
+    }
+
+    /// Checks what reads rely on: in newest-LSN order, no file's values reach back into an
+    /// earlier file's range (an image layer may sit exactly at the end of the file before it).
+    pub fn check_layer_order(&self) -> Result<(), String> {
+        let files = self.layers();
+        for w in files.windows(2) {
+            let (a, b) = (w[0].lsn_range(), w[1].lsn_range());
+            // An image layer may sit at the very LSN the file before it ends at.
+            let ordered = b.0 > a.1 || (b.0 == a.1 && is_image(&w[1]));
+            if !ordered {
+                return Err(format!("layer files overlap: {} and {}", file_name(w[0].path()), file_name(w[1].path())));
+            }
+        }
+        Ok(())
+    }
+
+    /// `base`, or `base-<n>` if a layer file of that name exists (two image layers at one
+    /// LSN, a merged file with a member's range): a name is never reused, so no file is
+    /// overwritten while the manifest still names it.
+    fn fresh_name(&self, base: String) -> String {
+        let taken = self.file_names();
+        let mut name = base.clone();
+        let mut n = 1;
+        while taken.contains(&name) || self.dir.join(&name).exists() {
+            n += 1;
+            name = format!("{base}-{n}");
+        }
+        name
     }
 
     fn file_names(&self) -> Vec<String> {

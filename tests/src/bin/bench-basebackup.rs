@@ -1,0 +1,168 @@
+//! `bench/basebackup`: a data directory as of a past LSN, three ways, in one run on one
+//! pgbench database (default scale 70, about 1 GB) with at least `--wal-mb` of WAL (default
+//! 1024) written after the first backup:
+//!
+//! (a) ours: `neon-sidecar basebackup --lsn L` from the store the sidecar kept while pgbench
+//!     ran, L deep in the past (80 % into the run's WAL);
+//! (b) `pg_basebackup -Ft` of the database now — the copy-speed anchor, for *now* only;
+//! (c) what users do today for L: restore the base backup taken at the start and replay the
+//!     archived WAL to `recovery_target_lsn = L`, until the copy accepts connections.
+//!
+//! Goals: (a) ≤ 1.5 × (b) in seconds, and (a) ≥ 10 × faster than (c).
+
+use anyhow::{Context, Result};
+use neon_tests::sidecar::{init_store, SidecarProcess};
+use neon_tests::{chown_to_server_user, run_as_server_user, workload, Cluster};
+use neon_types::Lsn;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+struct Args {
+    scale: u32,
+    wal_mb: u64,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args { scale: 70, wal_mb: 1024 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--scale" => a.scale = value()?.parse()?,
+            "--wal-mb" => a.wal_mb = value()?.parse()?,
+            _ => anyhow::bail!("usage: bench-basebackup [--scale pgbench scale] [--wal-mb MB of WAL after the backup]"),
+        }
+    }
+    Ok(a)
+}
+
+fn dir_bytes(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+                    _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// (c): the start backup copied, the archive replayed to `target`, until connections work.
+fn restore_and_replay(c: &Cluster, base: &Path, archive: &Path, target: Lsn) -> Result<Duration> {
+    let dir = c.root_dir().join("restored");
+    let t = Instant::now();
+    let ok = std::process::Command::new("cp").arg("-a").arg(base).arg(&dir).status()?;
+    anyhow::ensure!(ok.success(), "copying the base backup");
+    let conf = format!(
+        "restore_command = 'cp {}/%f %p'\nrecovery_target_lsn = '{target}'\nrecovery_target_action = 'promote'\n\
+         listen_addresses = ''\nport = 5433\nunix_socket_directories = '{}'\n",
+        archive.display(),
+        dir.display()
+    );
+    std::fs::write(dir.join("postgresql.auto.conf"), conf)?;
+    std::fs::write(dir.join("recovery.signal"), "")?;
+    chown_to_server_user(&dir)?;
+    let mut start = std::process::Command::new(c.server_tool("pg_ctl").get_program());
+    start.arg("-D").arg(&dir).args(["-w", "-t", "3600", "-l"]).arg(dir.join("log")).arg("start");
+    run_as_server_user(&mut start);
+    let out = start.output()?;
+    let elapsed = t.elapsed();
+    anyhow::ensure!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+    let mut stop = std::process::Command::new(c.server_tool("pg_ctl").get_program());
+    stop.arg("-D").arg(&dir).args(["-m", "immediate", "stop"]);
+    run_as_server_user(&mut stop);
+    stop.output()?;
+    Ok(elapsed)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let mut c = Cluster::builder()
+        .guc("wal_keep_size", "64GB")
+        .guc("max_wal_size", "8GB")
+        .guc("checkpoint_timeout", "30min")
+        .guc("shared_buffers", "512MB")
+        .init()?;
+    let store = c.root_dir().join("store");
+    init_store(&c, &store)?;
+    c.start_again()?;
+    let sidecar = SidecarProcess::start(&c, &store)?;
+    eprintln!("bench: pgbench -i -s {} ...", args.scale);
+    c.pgbench(&["-i", "-q", "-s", &args.scale.to_string()])?;
+    let base = c.root_dir().join("start-backup");
+    c.run_server_tool("pg_basebackup", &["-D", base.to_str().unwrap(), "-X", "none", "-c", "fast"])?;
+    let run_start = workload::flush_lsn(&c)?;
+    eprintln!("bench: pgbench until {} MB of WAL ...", args.wal_mb);
+    let mut target = None;
+    loop {
+        c.pgbench(&["-n", "-c", "4", "-j", "2", "-T", "5"])?;
+        let written = workload::flush_lsn(&c)? - run_start;
+        if target.is_none() && written >= args.wal_mb * (1 << 20) * 8 / 10 {
+            target = Some(workload::flush_lsn(&c)?);
+        }
+        if written >= args.wal_mb << 20 {
+            break;
+        }
+    }
+    let target = target.context("no target LSN")?;
+    c.execute("CHECKPOINT")?;
+    let end = workload::flush_lsn(&c)?;
+    eprintln!("bench: waiting for the sidecar to be durable to {end} ...");
+    sidecar.wait_durable(end)?;
+    sidecar.stop()?;
+    let db_bytes: u64 = c.query_one_string("SELECT sum(pg_database_size(oid)) FROM pg_database")?.parse()?;
+
+    eprintln!("bench: (a) our base backup at {target} ...");
+    let ours = c.root_dir().join("ours.tar");
+    let t = Instant::now();
+    let out = std::process::Command::new(neon_tests::sidecar_bin()?)
+        .args(["basebackup", "--store", store.to_str().unwrap(), "--lsn", &target.to_string(), "--out"])
+        .arg(&ours)
+        .output()?;
+    let a = t.elapsed();
+    anyhow::ensure!(out.status.success(), "basebackup: {}", String::from_utf8_lossy(&out.stderr));
+    let a_bytes = std::fs::metadata(&ours)?.len();
+
+    eprintln!("bench: (b) pg_basebackup -Ft now ...");
+    let now_dir = c.root_dir().join("now");
+    let t = Instant::now();
+    c.run_server_tool("pg_basebackup", &["-D", now_dir.to_str().unwrap(), "-Ft", "-X", "none", "-c", "fast"])?;
+    let b = t.elapsed();
+    let b_bytes = dir_bytes(&now_dir);
+
+    eprintln!("bench: (c) restore the start backup and replay to {target} ...");
+    let archive = c.root_dir().join("archive");
+    std::fs::create_dir_all(&archive)?;
+    for e in std::fs::read_dir(c.wal_dir())? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::copy(e.path(), archive.join(e.file_name()))?;
+        }
+    }
+    chown_to_server_user(&archive)?;
+    let replay_mb = (target - run_start) as f64 / 1048576.0;
+    c.stop()?;
+    let r = restore_and_replay(&c, &base, &archive, target)?;
+
+    let mb = |bytes: u64| bytes as f64 / 1048576.0;
+    println!(
+        "A data directory as of a past LSN (pgbench -s {}, {:.0} MB of databases, {:.0} MB of WAL replayed by (c))",
+        args.scale,
+        mb(db_bytes),
+        replay_mb
+    );
+    println!();
+    println!("{:<58} {:>9} {:>9} {:>9}", "way", "seconds", "MB", "MB/s");
+    let row = |name: &str, d: Duration, bytes: u64| {
+        println!("{name:<58} {:>9.2} {:>9.0} {:>9.0}", d.as_secs_f64(), mb(bytes), mb(bytes) / d.as_secs_f64())
+    };
+    row(&format!("(a) neon-sidecar basebackup --lsn {target}"), a, a_bytes);
+    row("(b) pg_basebackup -Ft, now (copy-speed anchor)", b, b_bytes);
+    row("(c) restore start backup + replay to the LSN", r, db_bytes);
+    println!();
+    println!("(a) / (b) = {:.2}  (goal <= 1.5)", a.as_secs_f64() / b.as_secs_f64());
+    println!("(c) / (a) = {:.1}x faster  (goal >= 10x)", r.as_secs_f64() / a.as_secs_f64());
+    Ok(())
+}
