@@ -153,6 +153,29 @@ fn the_shared_directory_caches_evicts_and_refuses_bad_input() -> Result<()> {
     // A second LSN: the limit (1 MB) evicts the older one, never the new one.
     let (path2, _, _) = made(ask(second, 30_000)?);
     assert!(path2.exists() && !path1.exists());
+    // Without relation pages: everything but the relation files, for a compute that fetches
+    // pages itself.
+    let nonrel = c.root_dir().join("nonrel.tar");
+    let out = std::process::Command::new(neon_tests::sidecar_bin()?)
+        .args(["basebackup", "--store", store.to_str().unwrap(), "--lsn", &first.to_string(), "--no-relation-pages"])
+        .arg("--out")
+        .arg(&nonrel)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listing = std::process::Command::new("tar").arg("-tf").arg(&nonrel).output()?;
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let names: Vec<&str> = listing.lines().collect();
+    for needed in
+        ["global/pg_control", "global/pg_filenode.map", "base/5/PG_VERSION", "base/5/pg_filenode.map", "pg_xact/0000"]
+    {
+        assert!(names.contains(&needed), "{needed} missing from {names:?}");
+    }
+    let relation_file =
+        |n: &&str| n.rsplit('/').next().is_some_and(|f| f.chars().next().is_some_and(|c| c.is_ascii_digit()));
+    assert!(
+        !names.iter().any(|n| (n.starts_with("base/") || n.starts_with("global/")) && relation_file(n)),
+        "{names:?}"
+    );
 
     // Bad input: clear errors, nothing partial left behind, the sidecar goes on.
     match ask(Lsn(origin.0 - 8), 0)? {
