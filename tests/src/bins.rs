@@ -34,8 +34,14 @@ pub fn sidecar_bin() -> Result<PathBuf> {
     BUILT
         .get_or_init(|| {
             let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-            // Test executables live in target/<profile>/deps, binaries in target/<profile>.
-            let profile_dir = exe.parent().and_then(Path::parent).ok_or("test executable has no target dir")?;
+            // Test executables live in target/<profile>/deps, binaries (benchmarks, the demo)
+            // in target/<profile>.
+            let dir = exe.parent().ok_or("the executable has no directory")?;
+            let profile_dir = if dir.file_name().is_some_and(|n| n == "deps") {
+                dir.parent().ok_or("test executable has no target dir")?
+            } else {
+                dir
+            };
             // Build it once per test process: a no-op when it is up to date, and never a stale
             // binary when only this package's tests were built.
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -4,12 +4,12 @@
 //! the database is.
 
 use super::BasebackupError;
-use crate::repo::reconstruct::get_page;
+use crate::repo::reconstruct::{page_of, relation_at, RelationAt};
 use crate::repo::store::Repository;
 use crate::walredo::WalRedoManager;
 use crossbeam_channel::bounded;
 use neon_types::{BufferTag, Lsn, BLCKSZ};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 const CHUNK: usize = 32;
 
@@ -25,6 +25,14 @@ pub fn rebuild_in_order(
     workers: usize,
     mut sink: impl FnMut(usize, Page) -> Result<(), BasebackupError>,
 ) -> Result<(), BasebackupError> {
+    // Size and read-through of each relation, looked up once rather than per page.
+    let mut relations: HashMap<_, RelationAt> = HashMap::new();
+    for tag in tags {
+        if !relations.contains_key(&tag.rel) {
+            relations.insert(tag.rel, relation_at(repo, tag.rel, lsn)?);
+        }
+    }
+    let relations = &relations;
     let chunks = tags.len().div_ceil(CHUNK);
     let workers = workers.clamp(1, chunks.max(1));
     let window = workers * 3;
@@ -38,7 +46,8 @@ pub fn rebuild_in_order(
                     let pages = tags[k * CHUNK..((k + 1) * CHUNK).min(tags.len())]
                         .iter()
                         .map(|tag| {
-                            get_page(repo, redo, *tag, lsn).map_err(|source| BasebackupError::Page { lsn, source })
+                            page_of(repo, redo, &relations[&tag.rel], tag.blkno)
+                                .map_err(|source| BasebackupError::Page { lsn, source })
                         })
                         .collect();
                     if results.send((k, pages)).is_err() {

@@ -81,19 +81,45 @@ pub fn get_page(
     page_at(repo, redo, tag, lsn)
 }
 
+/// A relation fork as of an LSN: what reading any of its pages needs to know once (its size,
+/// and for a FILE_COPY database, where it reads through to), so reading many pages of it
+/// does not look them up again.
+#[derive(Debug, Clone, Copy)]
+pub struct RelationAt {
+    pub rel: RelTag,
+    pub lsn: Lsn,
+    pub nblocks: Option<u32>,
+    source: Option<(RelTag, Lsn)>,
+}
+
+/// [`RelationAt`] for `rel` at `lsn`.
+pub fn relation_at(repo: &Repository, rel: RelTag, lsn: Lsn) -> Result<RelationAt, RepoError> {
+    Ok(RelationAt { rel, lsn, nblocks: rel_size(repo, &rel, lsn)?, source: copy_source(repo, &rel, lsn)? })
+}
+
 fn page_at(
     repo: &Repository,
     redo: &dyn WalRedoManager,
     tag: BufferTag,
     lsn: Lsn,
 ) -> Result<Box<[u8; BLCKSZ]>, GetPageError> {
+    page_of(repo, redo, &relation_at(repo, tag.rel, lsn)?, tag.blkno)
+}
+
+/// Block `blkno` of `r` (the history bounds already checked).
+pub fn page_of(
+    repo: &Repository,
+    redo: &dyn WalRedoManager,
+    r: &RelationAt,
+    blkno: u32,
+) -> Result<Box<[u8; BLCKSZ]>, GetPageError> {
+    let (tag, lsn, source) = (BufferTag { rel: r.rel, blkno }, r.lsn, r.source);
     // Blocks beyond the fork's size then (truncated, or the fork dropped or not yet created)
     // do not exist, whatever values the store has for them at other LSNs.
-    match rel_size(repo, &tag.rel, lsn)? {
-        Some(n) if tag.blkno < n => {}
+    match r.nblocks {
+        Some(n) if blkno < n => {}
         _ => return Err(GetPageError::NoSuchPage { tag, lsn }),
     }
-    let source = copy_source(repo, &tag.rel, lsn)?;
     let mut values = repo.values_for(Key::rel_block(&tag), lsn)?;
     if let Some((_, copied)) = source {
         values.retain(|(at, _)| *at > copied);
