@@ -3,7 +3,7 @@
 //! ([`sidecar_bin`]). [`crate::Cluster`] starts its servers and tools from
 //! [`pg_bin`]; tests that drive the sidecar get its path from [`sidecar_bin`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::Result;

@@ -28,8 +28,8 @@ pub fn rebuild_in_order(
     // Size and read-through of each relation, looked up once rather than per page.
     let mut relations: HashMap<_, RelationAt> = HashMap::new();
     for tag in tags {
-        if !relations.contains_key(&tag.rel) {
-            relations.insert(tag.rel, relation_at(repo, tag.rel, lsn)?);
+        if let std::collections::hash_map::Entry::Vacant(e) = relations.entry(tag.rel) {
+            e.insert(relation_at(repo, tag.rel, lsn)?);
         }
     }
     let relations = &relations;
