@@ -376,7 +376,7 @@ fn compute_has_checksums(repo: &Repository) -> bool {
 
 /// `neon-sidecar basebackup`: a tar of the data directory as of `--lsn`, with progress.
 pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    use crate::basebackup::{write_basebackup, Options, Progress};
+    use crate::basebackup::{Options, Progress};
     let full = !args.no_relation_pages;
     let store = match (&args.source.socket, &args.source.store) {
         (Some(socket), _) => {
@@ -410,8 +410,6 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
     redo_cfg.processes = redo_processes;
     redo_cfg.data_checksums |= compute_has_checksums(&repo);
     let redo = PostgresRedoManager::new(redo_cfg)?;
-    let tmp = out_path.with_extension("tar.tmp");
-    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut report = |p: &Progress| {
         let rate = p.pages as f64 / p.elapsed.as_secs_f64().max(1e-3);
         let eta = (p.total_pages.saturating_sub(p.pages)) as f64 / rate.max(1.0);
@@ -423,22 +421,7 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
         );
     };
     let opts = Options { relation_pages: full, workers: 2 * redo_processes, new_timeline: args.new_timeline };
-    let written = write_basebackup(&repo, &redo, args.lsn, opts, std::io::BufWriter::new(file), &mut report)
-        .map_err(anyhow::Error::from)
-        .and_then(|(w, stats)| {
-            let file = w.into_inner().map_err(|e| e.into_error())?;
-            file.sync_all()?;
-            Ok(stats)
-        });
-    let stats = match written {
-        Ok(s) => s,
-        Err(e) => {
-            // Nothing partial is left behind.
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    std::fs::rename(&tmp, out_path)?;
+    let stats = crate::basebackup::shared::write_file(out_path, &repo, &redo, args.lsn, opts, &mut report)?;
     writeln!(
         out,
         "base backup as of {} (checkpoint at {}, timeline {}): {} databases, {} relation files, {} pages, {} SLRU pages, {} prepared \

@@ -86,6 +86,7 @@ mod cluster;
 mod os_user;
 mod process;
 
+pub mod bench;
 pub mod pagemask;
 pub mod pages;
 pub mod pg_waldump;

@@ -15,6 +15,34 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
+/// Writes the base backup as of `lsn` to `path`: under a temporary name (`.tar.tmp`), fsync'd,
+/// renamed, the directory fsync'd; on any error nothing is left behind.
+pub fn write_file(
+    path: &Path,
+    repo: &Repository,
+    redo: &dyn WalRedoManager,
+    lsn: Lsn,
+    opts: Options,
+    report: &mut dyn FnMut(&Progress),
+) -> Result<Stats, BasebackupError> {
+    let tmp = path.with_extension("tar.tmp");
+    let built = (|| -> Result<Stats, BasebackupError> {
+        let file = std::fs::File::create(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        let (w, stats) = write_basebackup(repo, redo, lsn, opts, std::io::BufWriter::new(file), report)?;
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(stats)
+    })();
+    if built.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    built
+}
+
 /// A finished base backup.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Made {
@@ -73,25 +101,8 @@ impl SharedBasebackups {
         if let Ok(m) = std::fs::metadata(&path) {
             return Ok(Made { path, lsn, bytes: m.len(), seconds: 0.0, stats: None });
         }
-        let tmp = path.with_extension("tar.tmp");
         let started = Instant::now();
-        let built = (|| -> Result<Stats, BasebackupError> {
-            let file = std::fs::File::create(&tmp)?;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-            let (w, stats) = write_basebackup(repo, redo, lsn, opts, std::io::BufWriter::new(file), report)?;
-            let file = w.into_inner().map_err(|e| e.into_error())?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.dir)?.sync_all()?;
-            Ok(stats)
-        })();
-        let stats = match built {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
+        let stats = write_file(&path, repo, redo, lsn, opts, report)?;
         let bytes = std::fs::metadata(&path)?.len();
         self.evict(&path)?;
         Ok(Made { path, lsn, bytes, seconds: started.elapsed().as_secs_f64(), stats: Some(stats) })

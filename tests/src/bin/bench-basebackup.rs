@@ -23,17 +23,11 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args { scale: 70, wal_mb: 1024 };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--scale" => a.scale = value()?.parse()?,
-            "--wal-mb" => a.wal_mb = value()?.parse()?,
-            _ => anyhow::bail!("usage: bench-basebackup [--scale pgbench scale] [--wal-mb MB of WAL after the backup]"),
-        }
-    }
-    Ok(a)
+    let f = neon_tests::bench::Flags::parse(
+        "bench-basebackup [--scale pgbench scale] [--wal-mb MB of WAL after the backup]",
+        &[("scale", "70"), ("wal-mb", "1024")],
+    )?;
+    Ok(Args { scale: f.get("scale")?, wal_mb: f.get("wal-mb")? })
 }
 
 fn dir_bytes(p: &Path) -> u64 {

@@ -4,7 +4,7 @@
 //! exist; each tool then reads each range several times and the best time counts (this machine
 //! is noisy). Ratios are the figures to read.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use neon_tests::workload;
 use neon_tests::Cluster;
 use neon_types::Lsn;
@@ -20,18 +20,11 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args { mb: 256, scale: 10, runs: 5 };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--mb" => a.mb = value()?.parse()?,
-            "--scale" => a.scale = value()?.parse()?,
-            "--runs" => a.runs = value()?.parse()?,
-            _ => anyhow::bail!("usage: bench-decode [--mb MB of pgbench-run WAL] [--scale pgbench scale] [--runs N]"),
-        }
-    }
-    Ok(a)
+    let f = neon_tests::bench::Flags::parse(
+        "bench-decode [--mb MB of pgbench-run WAL] [--scale pgbench scale] [--runs N]",
+        &[("mb", "256"), ("scale", "10"), ("runs", "5")],
+    )?;
+    Ok(Args { mb: f.get("mb")?, scale: f.get("scale")?, runs: f.get("runs")? })
 }
 
 /// Decodes [start, end) with our reader, keeping `--stats`-style totals as pg_waldump does.

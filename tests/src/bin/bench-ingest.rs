@@ -33,17 +33,11 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args { scale: 10, seconds: 30 };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--scale" => a.scale = value()?.parse()?,
-            "--seconds" => a.seconds = value()?.parse()?,
-            _ => anyhow::bail!("usage: bench-ingest [--scale pgbench scale] [--seconds of pgbench]"),
-        }
-    }
-    Ok(a)
+    let f = neon_tests::bench::Flags::parse(
+        "bench-ingest [--scale pgbench scale] [--seconds of pgbench]",
+        &[("scale", "10"), ("seconds", "30")],
+    )?;
+    Ok(Args { scale: f.get("scale")?, seconds: f.get("seconds")? })
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
