@@ -2,8 +2,8 @@
 //! pgbench database (default scale 70, about 1 GB) with at least `--wal-mb` of WAL (default
 //! 1024) written after the first backup:
 //!
-//! (a) ours: `neon-sidecar basebackup --lsn L` from the store the sidecar kept while pgbench
-//!     ran, L deep in the past (80 % into the run's WAL);
+//! (a) ours: a `Basebackup` request at L to the sidecar that followed pgbench (what the
+//!     extension's `neon_basebackup()` sends), L deep in the past (80 % into the run's WAL);
 //! (b) `pg_basebackup -Ft` of the database now — the copy-speed anchor, for *now* only;
 //! (c) what users do today for L: restore the base backup taken at the start and replay the
 //!     archived WAL to `recovery_target_lsn = L`, until the copy accepts connections.
@@ -13,6 +13,7 @@
 use anyhow::{Context, Result};
 use neon_tests::sidecar::{init_store, SidecarProcess};
 use neon_tests::{chown_to_server_user, run_as_server_user, workload, Cluster};
+use neon_types::protocol::{Request, Response};
 use neon_types::Lsn;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -82,7 +83,8 @@ fn main() -> Result<()> {
     let store = c.root_dir().join("store");
     init_store(&c, &store)?;
     c.start_again()?;
-    let sidecar = SidecarProcess::start(&c, &store)?;
+    let shared = c.root_dir().join("shared");
+    let sidecar = SidecarProcess::start_with(&c, &store, &["--shared-dir", shared.to_str().unwrap()])?;
     eprintln!("bench: pgbench -i -s {} ...", args.scale);
     c.pgbench(&["-i", "-q", "-s", &args.scale.to_string()])?;
     let base = c.root_dir().join("start-backup");
@@ -105,19 +107,19 @@ fn main() -> Result<()> {
     let end = workload::flush_lsn(&c)?;
     eprintln!("bench: waiting for the sidecar to be durable to {end} ...");
     sidecar.wait_durable(end)?;
-    sidecar.stop()?;
     let db_bytes: u64 = c.query_one_string("SELECT sum(pg_database_size(oid)) FROM pg_database")?.parse()?;
 
+    // (a) as users get it: a request to the running sidecar (what `neon_basebackup()` sends).
     eprintln!("bench: (a) our base backup at {target} ...");
-    let ours = c.root_dir().join("ours.tar");
     let t = Instant::now();
-    let out = std::process::Command::new(neon_tests::sidecar_bin()?)
-        .args(["basebackup", "--store", store.to_str().unwrap(), "--lsn", &target.to_string(), "--out"])
-        .arg(&ours)
-        .output()?;
+    let (ours, a_bytes) =
+        match sidecar.ask(&Request::Basebackup { lsn: target, full: true, new_timeline: false, wait_ms: 0 })? {
+            Response::Basebackup { path, bytes, .. } => (path, bytes),
+            r => anyhow::bail!("unexpected {r:?}"),
+        };
     let a = t.elapsed();
-    anyhow::ensure!(out.status.success(), "basebackup: {}", String::from_utf8_lossy(&out.stderr));
-    let a_bytes = std::fs::metadata(&ours)?.len();
+    eprintln!("bench: {ours}");
+    sidecar.stop()?;
 
     eprintln!("bench: (b) pg_basebackup -Ft now ...");
     let now_dir = c.root_dir().join("now");
@@ -152,7 +154,7 @@ fn main() -> Result<()> {
     let row = |name: &str, d: Duration, bytes: u64| {
         println!("{name:<58} {:>9.2} {:>9.0} {:>9.0}", d.as_secs_f64(), mb(bytes), mb(bytes) / d.as_secs_f64())
     };
-    row(&format!("(a) neon-sidecar basebackup --lsn {target}"), a, a_bytes);
+    row(&format!("(a) running sidecar: Basebackup at {target}"), a, a_bytes);
     row("(b) pg_basebackup -Ft, now (copy-speed anchor)", b, b_bytes);
     row("(c) restore start backup + replay to the LSN", r, db_bytes);
     println!();
