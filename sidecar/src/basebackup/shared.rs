@@ -10,7 +10,7 @@ use super::{write_basebackup, BasebackupError, Options, Progress, Stats};
 use crate::repo::store::Repository;
 use crate::walredo::WalRedoManager;
 use neon_types::Lsn;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -27,8 +27,10 @@ pub fn write_file(
 ) -> Result<Stats, BasebackupError> {
     let tmp = path.with_extension("tar.tmp");
     let built = (|| -> Result<Stats, BasebackupError> {
-        let file = std::fs::File::create(&tmp)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        // A leftover is unlinked (never followed, were it a symbolic link), and the file is
+        // made new, private: nothing outside the directory is written through it.
+        let _ = std::fs::remove_file(&tmp);
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         let (w, stats) = write_basebackup(repo, redo, lsn, opts, std::io::BufWriter::new(file), report)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;

@@ -78,13 +78,23 @@ impl ScratchTemplate {
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         chown(&root, cfg)?;
         let template = root.join("template");
+        let made = Self::make_template(cfg, &template);
+        if made.is_err() {
+            // A failed start leaves nothing behind.
+            let _ = std::fs::remove_dir_all(&root);
+        }
+        made.map(|()| ScratchTemplate { root, template })
+    }
+
+    fn make_template(cfg: &RedoConfig, template: &Path) -> Result<(), ScratchError> {
         // Leftovers of a manager that did not shut down are ours to replace.
         if template.exists() {
-            std::fs::remove_dir_all(&template).map_err(|source| ScratchError::Io { path: template.clone(), source })?;
+            std::fs::remove_dir_all(template)
+                .map_err(|source| ScratchError::Io { path: template.to_path_buf(), source })?;
         }
         let bin = |name: &str| cfg.pg_bin_dir.join(name);
         let mut initdb = Command::new(bin("initdb"));
-        initdb.arg("-D").arg(&template).args([
+        initdb.arg("-D").arg(template).args([
             "-U",
             "postgres",
             "--no-sync",
@@ -98,16 +108,16 @@ impl ScratchTemplate {
         }
         run(as_server_user(&mut initdb, cfg), "initdb of the wal-redo template", None)?;
         let mut single = Command::new(bin("postgres"));
-        single.arg("--single").arg("-D").arg(&template).args(["-c", "fsync=off", "postgres"]);
+        single.arg("--single").arg("-D").arg(template).args(["-c", "fsync=off", "postgres"]);
         run(
             as_server_user(&mut single, cfg),
             "CREATE EXTENSION neon in the wal-redo template",
             Some("CREATE EXTENSION neon;\n"),
         )?;
         let mut resetwal = Command::new(bin("pg_resetwal"));
-        resetwal.args(["-l", neon_types::walredo::SCRATCH_WAL_FILE, "-D"]).arg(&template);
+        resetwal.args(["-l", neon_types::walredo::SCRATCH_WAL_FILE, "-D"]).arg(template);
         run(as_server_user(&mut resetwal, cfg), "pg_resetwal of the wal-redo template", None)?;
-        Ok(ScratchTemplate { root, template })
+        Ok(())
     }
 
     /// A fresh copy of the template for redo process `n`, in the same directory each time: a
