@@ -32,7 +32,7 @@ use super::{reconstruct, slru};
 use crate::wal::checkpoint::{CheckPoint, SIZEOF_CHECKPOINT};
 use crate::wal::consts::*;
 use crate::wal::record::DecodedRecord;
-use crate::walredo::derive::{native_records, parse_xact_abort, parse_xact_commit, RecordName};
+use crate::walredo::derive::{native_records, parse_xact_abort, parse_xact_commit, ParsedXact, RecordName};
 use crate::walredo::native::{next_multixact, NativeRecord, NativeTarget, VM_HEAPBLOCKS_PER_PAGE};
 use bytes::Bytes;
 use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
@@ -77,6 +77,20 @@ impl Fields<'_> {
     fn node(&self, at: usize) -> Result<RelFileNode, IngestError> {
         Ok(RelFileNode { spcnode: self.u32(at)?, dbnode: self.u32(at + 4)?, relnode: self.u32(at + 8)? })
     }
+}
+
+/// A commit or abort record (prepared or not), parsed; `None` for any other record.
+fn parse_xact_end(rec: &DecodedRecord) -> Result<Option<ParsedXact<'_>>, IngestError> {
+    if rec.header.rmid != RM_XACT_ID {
+        return Ok(None);
+    }
+    let (info, data) = (rec.header.info, rec.main_data());
+    let name = RecordName::of(rec.header.rmid, info, rec.lsn);
+    Ok(match info & XLOG_XACT_OPMASK {
+        XLOG_XACT_COMMIT | XLOG_XACT_COMMIT_PREPARED => Some(parse_xact_commit(info, data, name)?),
+        XLOG_XACT_ABORT | XLOG_XACT_ABORT_PREPARED => Some(parse_xact_abort(info, data, name)?),
+        _ => None,
+    })
 }
 
 /// Files records into a repository, keeping relation sizes and the checkpoint counters.
@@ -126,8 +140,11 @@ impl Ingest {
 
     pub fn ingest(&mut self, repo: &Repository, rec: &DecodedRecord) -> Result<(), IngestError> {
         let lsn = rec.end_lsn;
-        self.relation_life_cycle(repo, rec)?;
-        self.cluster_metadata(repo, rec)?;
+        // A transaction's end matters to relations, two-phase state and the counters alike:
+        // parsed once here.
+        let xact = parse_xact_end(rec)?;
+        self.relation_life_cycle(repo, rec, xact.as_ref())?;
+        self.cluster_metadata(repo, rec, xact.as_ref())?;
         for (target, record) in native_records(&rec.view())? {
             let key = match target {
                 NativeTarget::VisibilityMap(tag) => {
@@ -165,12 +182,17 @@ impl Ingest {
                 self.grow(repo, b.tag.rel, b.tag.blkno, lsn)?;
             }
         }
-        self.counters(repo, rec)?;
+        self.counters(repo, rec, xact.as_ref())?;
         repo.advance(lsn);
         Ok(())
     }
 
-    fn relation_life_cycle(&mut self, repo: &Repository, rec: &DecodedRecord) -> Result<(), IngestError> {
+    fn relation_life_cycle(
+        &mut self,
+        repo: &Repository,
+        rec: &DecodedRecord,
+        xact: Option<&ParsedXact<'_>>,
+    ) -> Result<(), IngestError> {
         let (lsn, info) = (rec.end_lsn, rec.header.info);
         let f = |what| Fields { data: rec.main_data(), lsn: rec.lsn, what };
         match rec.header.rmid {
@@ -197,14 +219,7 @@ impl Ingest {
                 _ => {}
             },
             RM_XACT_ID => {
-                let name = RecordName::of(rec.header.rmid, info, rec.lsn);
-                let data = rec.main_data();
-                let parsed = match info & XLOG_XACT_OPMASK {
-                    XLOG_XACT_COMMIT | XLOG_XACT_COMMIT_PREPARED => Some(parse_xact_commit(info, data, name)?),
-                    XLOG_XACT_ABORT | XLOG_XACT_ABORT_PREPARED => Some(parse_xact_abort(info, data, name)?),
-                    _ => None,
-                };
-                for node in parsed.iter().flat_map(|p| p.relfilenodes()) {
+                for node in xact.iter().flat_map(|p| p.relfilenodes()) {
                     self.drop_relation(repo, node, lsn)?;
                 }
             }
@@ -248,7 +263,12 @@ impl Ingest {
         Ok(())
     }
 
-    fn cluster_metadata(&mut self, repo: &Repository, rec: &DecodedRecord) -> Result<(), IngestError> {
+    fn cluster_metadata(
+        &mut self,
+        repo: &Repository,
+        rec: &DecodedRecord,
+        xact: Option<&ParsedXact<'_>>,
+    ) -> Result<(), IngestError> {
         let (lsn, info) = (rec.end_lsn, rec.header.info);
         let f = |what| Fields { data: rec.main_data(), lsn: rec.lsn, what };
         match (rec.header.rmid, info & 0xF0) {
@@ -299,14 +319,8 @@ impl Ingest {
                     let body = rec.main_data_bytes();
                     self.put(repo, Key::meta(META_TWOPHASE, rec.header.xid), lsn, Value::Image(body));
                 }
-                op @ (XLOG_XACT_COMMIT_PREPARED | XLOG_XACT_ABORT_PREPARED) => {
-                    let name = RecordName::of(rec.header.rmid, info, rec.lsn);
-                    let parsed = if op == XLOG_XACT_COMMIT_PREPARED {
-                        parse_xact_commit(info, rec.main_data(), name)?
-                    } else {
-                        parse_xact_abort(info, rec.main_data(), name)?
-                    };
-                    if let Some(xid) = parsed.twophase_xid {
+                XLOG_XACT_COMMIT_PREPARED | XLOG_XACT_ABORT_PREPARED => {
+                    if let Some(xid) = xact.and_then(|p| p.twophase_xid) {
                         self.put(repo, Key::meta(META_TWOPHASE, xid), lsn, Value::Image(Bytes::new()));
                     }
                 }
@@ -347,7 +361,12 @@ impl Ingest {
 
     /// Keeps the checkpoint counters as redo keeps `ShmemVariableCache`, storing them when
     /// they change.
-    fn counters(&mut self, repo: &Repository, rec: &DecodedRecord) -> Result<(), IngestError> {
+    fn counters(
+        &mut self,
+        repo: &Repository,
+        rec: &DecodedRecord,
+        xact: Option<&ParsedXact<'_>>,
+    ) -> Result<(), IngestError> {
         let (lsn, info) = (rec.end_lsn, rec.header.info);
         if !self.checkpoint_loaded {
             self.checkpoint = meta::checkpoint(repo, rec.lsn)?;
@@ -394,19 +413,8 @@ impl Ingest {
         }
         if let Some(cp) = &mut self.checkpoint {
             changed |= cp.advance_next_xid_past(rec.header.xid);
-            if rec.header.rmid == RM_XACT_ID {
-                let op = info & XLOG_XACT_OPMASK;
-                let name = RecordName::of(rec.header.rmid, info, rec.lsn);
-                let parsed = match op {
-                    XLOG_XACT_COMMIT | XLOG_XACT_COMMIT_PREPARED => {
-                        Some(parse_xact_commit(info, rec.main_data(), name)?)
-                    }
-                    XLOG_XACT_ABORT | XLOG_XACT_ABORT_PREPARED => Some(parse_xact_abort(info, rec.main_data(), name)?),
-                    _ => None,
-                };
-                for xid in parsed.iter().flat_map(|p| p.subxacts().chain(p.twophase_xid)) {
-                    changed |= cp.advance_next_xid_past(xid);
-                }
+            for xid in xact.iter().flat_map(|p| p.subxacts().chain(p.twophase_xid)) {
+                changed |= cp.advance_next_xid_past(xid);
             }
         }
         if changed {

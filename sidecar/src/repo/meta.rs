@@ -113,43 +113,50 @@ pub fn list_databases(repo: &Repository, lsn: Lsn) -> Result<Vec<DatabaseEntry>,
 /// in blocks, including those a FILE_COPY database inherited from its source.
 pub fn list_relations(repo: &Repository, dbnode: u32, lsn: Lsn) -> Result<BTreeMap<RelTag, u32>, RepoError> {
     let mut out = BTreeMap::new();
-    let spcs: Vec<u32> = if dbnode == 0 {
-        vec![GLOBALTABLESPACE_OID]
-    } else {
-        let Some(db) = database(repo, dbnode, lsn)? else { return Ok(out) };
-        if let Some((src_spc, src_db, at)) = db.copied_from {
-            // Inherited relations, unless the copy has its own history for them since.
-            for (rel, n) in list_relations(repo, src_db, at)? {
-                if rel.node.spcnode == src_spc {
-                    let mine =
-                        RelTag { node: RelFileNode { spcnode: db.spcnode, dbnode, relnode: rel.node.relnode }, ..rel };
-                    out.insert(mine, n);
-                }
-            }
-        }
-        vec![db.spcnode]
+    let db = match dbnode {
+        0 => None,
+        _ => match database(repo, dbnode, lsn)? {
+            Some(db) => Some(db),
+            None => return Ok(out),
+        },
     };
-    let copy_lsn = database(repo, dbnode, lsn)?.and_then(|d| d.copied_from).map(|c| c.2);
-    for spc in spcs {
-        let node = RelFileNode { spcnode: spc, dbnode, relnode: 0 };
-        let lo = Key::rel_size(&RelTag { node, fork: ForkNumber::Main });
-        let hi = match dbnode.checked_add(1) {
-            Some(next) => Key { field2: next, ..lo },
-            None => Key { field1: spc + 1, field2: 0, ..lo },
-        };
-        for (k, (at, v)) in repo.latest_in_range(lo..hi, lsn)? {
-            if k.kind != KIND_REL_SIZE || copy_lsn.is_some_and(|c| at < c) {
-                continue;
+    let spc = match &db {
+        None => GLOBALTABLESPACE_OID,
+        Some(db) => {
+            if let Some((src_spc, src_db, at)) = db.copied_from {
+                // Inherited relations, unless the copy has its own history for them since.
+                for (rel, n) in list_relations(repo, src_db, at)? {
+                    if rel.node.spcnode == src_spc {
+                        let mine = RelTag {
+                            node: RelFileNode { spcnode: db.spcnode, dbnode, relnode: rel.node.relnode },
+                            ..rel
+                        };
+                        out.insert(mine, n);
+                    }
+                }
             }
-            let Ok(fork) = ForkNumber::try_from(k.field4) else { continue };
-            let rel = RelTag { node: RelFileNode { spcnode: k.field1, dbnode: k.field2, relnode: k.field3 }, fork };
-            match v {
-                Value::Image(b) if b.len() == 4 => {
-                    out.insert(rel, u32::from_le_bytes(b[..].try_into().expect("4 bytes")));
-                }
-                _ => {
-                    out.remove(&rel);
-                }
+            db.spcnode
+        }
+    };
+    let copy_lsn = db.and_then(|d| d.copied_from).map(|c| c.2);
+    let node = RelFileNode { spcnode: spc, dbnode, relnode: 0 };
+    let lo = Key::rel_size(&RelTag { node, fork: ForkNumber::Main });
+    let hi = match dbnode.checked_add(1) {
+        Some(next) => Key { field2: next, ..lo },
+        None => Key { field1: spc + 1, field2: 0, ..lo },
+    };
+    for (k, (at, v)) in repo.latest_in_range(lo..hi, lsn)? {
+        if k.kind != KIND_REL_SIZE || copy_lsn.is_some_and(|c| at < c) {
+            continue;
+        }
+        let Ok(fork) = ForkNumber::try_from(k.field4) else { continue };
+        let rel = RelTag { node: RelFileNode { spcnode: k.field1, dbnode: k.field2, relnode: k.field3 }, fork };
+        match v {
+            Value::Image(b) if b.len() == 4 => {
+                out.insert(rel, u32::from_le_bytes(b[..].try_into().expect("4 bytes")));
+            }
+            _ => {
+                out.remove(&rel);
             }
         }
     }
