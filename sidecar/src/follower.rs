@@ -45,6 +45,63 @@ pub enum FollowError {
     Gap { durable: Lsn, slot: String, restart: Lsn },
     #[error("server reports an unusable wal_segment_size {0:?}")]
     SegmentSize(String),
+    #[error(transparent)]
+    Files(#[from] crate::wal::segment::SegmentError),
+}
+
+/// What filing WAL from segment files did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FiledFiles {
+    pub records: u64,
+    /// Time the flusher spent writing layer files (beside filing).
+    pub flushing: Duration,
+}
+
+/// Files every record `reader` gives into `repo` as streaming does: layer files are written
+/// by a flusher thread beside ingest, every `flush_bytes` of WAL read and at the end;
+/// `progress` hears the bytes read at each flush.
+pub fn file_wal_files(
+    repo: &Repository,
+    reader: &mut crate::wal::segment::WalFileReader,
+    flush_bytes: u64,
+    mut progress: impl FnMut(u64),
+) -> Result<FiledFiles, FollowError> {
+    let mut ingest = Ingest::new();
+    std::thread::scope(|s| {
+        let (requests, pending) = crossbeam_channel::bounded::<()>(1);
+        let flusher = s.spawn(move || -> Result<Duration, RepoError> {
+            let mut busy = Duration::ZERO;
+            for () in pending {
+                let started = Instant::now();
+                repo.flush()?;
+                busy += started.elapsed();
+            }
+            Ok(busy)
+        });
+        let (mut records, mut next_flush) = (0u64, flush_bytes);
+        let filed = (|| -> Result<(), FollowError> {
+            while let Some(rec) = reader.next_record()? {
+                ingest.ingest(repo, &rec)?;
+                records += 1;
+                if reader.bytes_read() >= next_flush {
+                    // At most one flush waits: filing pauses when the disk is behind. A
+                    // flusher gone has failed; joining it below says why.
+                    if requests.send(()).is_err() {
+                        break;
+                    }
+                    progress(reader.bytes_read());
+                    next_flush += flush_bytes;
+                }
+            }
+            Ok(())
+        })();
+        drop(requests);
+        let busy = flusher.join().expect("flusher thread")?;
+        filed?;
+        let started = Instant::now();
+        repo.flush()?;
+        Ok(FiledFiles { records, flushing: busy + started.elapsed() })
+    })
 }
 
 fn segment_size(conn: &mut ReplicationConn) -> Result<u32, FollowError> {

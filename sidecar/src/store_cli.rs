@@ -7,7 +7,6 @@ use crate::cli_args::{BlockArgs, ComputeArgs, RedoProcessArgs};
 use crate::follower::{self, FollowerConfig};
 use crate::redo_cli::describe_page;
 use crate::repo::compaction;
-use crate::repo::ingest::Ingest;
 use crate::repo::key::Key;
 use crate::repo::reconstruct::get_page;
 use crate::repo::store::Repository;
@@ -250,26 +249,17 @@ pub fn import_wal(args: &ImportWalArgs, out: &mut dyn Write) -> anyhow::Result<(
     let mut reader = WalFileReader::new(set, Some(start), args.end)
         .with_context(|| format!("the WAL files do not continue the store's history at {start}"))?;
     repo.begin_history(start);
-    let mut ingest = Ingest::new();
     let started = std::time::Instant::now();
-    let (mut records, mut next_report) = (0u64, 64u64 << 20);
-    while let Some(rec) = reader.next_record()? {
-        ingest.ingest(&repo, &rec)?;
-        records += 1;
-        if reader.bytes_read() >= next_report {
-            repo.flush()?;
-            let mb = reader.bytes_read() as f64 / 1048576.0;
-            eprintln!(
-                "neon-sidecar: imported {mb:.0} MB of WAL to {} ({:.0} MB/s)",
-                repo.last_lsn(),
-                mb / started.elapsed().as_secs_f64()
-            );
-            next_report += 64 << 20;
-        }
-    }
-    let durable = repo.flush()?;
+    let filed = follower::file_wal_files(&repo, &mut reader, 64 << 20, |bytes| {
+        let mb = bytes as f64 / 1048576.0;
+        eprintln!(
+            "neon-sidecar: imported {mb:.0} MB of WAL to {} ({:.0} MB/s)",
+            repo.last_lsn(),
+            mb / started.elapsed().as_secs_f64()
+        );
+    })?;
     let why = reader.stop_reason().map(|r| r.to_string()).unwrap_or_default();
-    writeln!(out, "imported {records} records from {start} to {durable} ({why})")?;
+    writeln!(out, "imported {} records from {start} to {} ({why})", filed.records, repo.durable_lsn())?;
     Ok(())
 }
 

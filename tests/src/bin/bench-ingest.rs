@@ -17,7 +17,6 @@ use neon_tests::{run_as_server_user, workload, Cluster};
 use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag};
 use sidecar::follower::{self, FollowerConfig};
 use sidecar::ingest::replication::ReplicationConn;
-use sidecar::repo::ingest::Ingest;
 use sidecar::repo::key::Key;
 use sidecar::repo::reconstruct::get_page;
 use sidecar::repo::store::Repository;
@@ -64,34 +63,9 @@ fn ingest(wal: &Path, start: Lsn, end: Lsn, dir: &Path) -> Result<(Duration, Rep
     let t = Instant::now();
     let repo = Repository::open(dir)?;
     repo.begin_history(start);
-    let mut ingest = Ingest::new();
-    let mut reader = reader()?;
-    // As the follower does: layer files are written by a flusher thread beside ingest.
-    let flushing = std::thread::scope(|s| -> Result<Duration> {
-        let (requests, pending) = crossbeam_channel::bounded::<()>(1);
-        let flusher = s.spawn(|| -> Result<Duration> {
-            let mut busy = Duration::ZERO;
-            for () in pending {
-                let f = Instant::now();
-                repo.flush()?;
-                busy += f.elapsed();
-            }
-            Ok(busy)
-        });
-        let mut next_flush = 64u64 << 20;
-        while let Some(rec) = reader.next_record()? {
-            ingest.ingest(&repo, &rec)?;
-            if reader.bytes_read() >= next_flush {
-                requests.send(())?;
-                next_flush += 64 << 20;
-            }
-        }
-        drop(requests);
-        let busy = flusher.join().expect("flusher")?;
-        let f = Instant::now();
-        repo.flush()?;
-        Ok(busy + f.elapsed())
-    })?;
+    let filed = sidecar::follower::file_wal_files(&repo, &mut reader()?, 64 << 20, |_| {})?;
+    anyhow::ensure!(filed.records == records, "filed {} records of {records}", filed.records);
+    let flushing = filed.flushing;
     let total = t.elapsed();
     eprintln!(
         "bench: ingest of {records} records: {total:?}; alone, decoding takes {decode:?}; layer files were written \
