@@ -131,14 +131,9 @@ impl PageService {
                     error(ErrorCode::BadRequest, "the sidecar runs without a shared directory (--shared-dir)")
                 })?;
                 self.ready(lsn, wait_ms)?;
-                // Base backups read what is durable; wait for the flush that makes `lsn` so.
-                let deadline = Instant::now() + Duration::from_millis(wait_ms.into()) + Duration::from_secs(5);
-                while self.repo.durable_lsn() < lsn {
-                    if Instant::now() >= deadline {
-                        return Err(error(ErrorCode::NotYet, format!("{lsn} is not durable yet")));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                // Base backups are of what is durable: wait for the flush that makes `lsn` so.
+                let flush_grace = Duration::from_millis(wait_ms.into()) + Duration::from_secs(5);
+                self.repo.wait_for_durable(lsn, flush_grace).map_err(|e| error(ErrorCode::NotYet, e.to_string()))?;
                 let opts = Options { relation_pages: full, workers: self.basebackup_workers, new_timeline };
                 let made = shared.get(&self.repo, self.redo.as_ref(), lsn, opts, &mut |_| {}).map_err(|e| {
                     let code = match &e {

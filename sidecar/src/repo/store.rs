@@ -46,8 +46,8 @@ pub enum RepoError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("manifest {path} is corrupt: {what}")]
     Manifest { path: PathBuf, what: String },
-    #[error("{lsn} has not arrived after waiting {waited:?}: the store has history up to {last}")]
-    NotYet { lsn: Lsn, last: Lsn, waited: Duration },
+    #[error("{lsn} has not {what} after waiting {waited:?}: the store has reached {last}")]
+    NotYet { lsn: Lsn, what: &'static str, last: Lsn, waited: Duration },
 }
 
 /// The history a store holds.
@@ -205,7 +205,13 @@ impl Repository {
 
     /// Notes that every record ending at or before `lsn` has been put.
     pub fn advance(&self, lsn: Lsn) {
-        if self.last.fetch_max(lsn.0, Ordering::AcqRel) < lsn.0 && self.waiting.load(Ordering::Acquire) > 0 {
+        if self.last.fetch_max(lsn.0, Ordering::AcqRel) < lsn.0 {
+            self.wake_waiters();
+        }
+    }
+
+    fn wake_waiters(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
             let _guard = self.arrivals.0.lock().unwrap_or_else(|p| p.into_inner());
             self.arrivals.1.notify_all();
         }
@@ -213,21 +219,36 @@ impl Repository {
 
     /// Waits until records up to `lsn` have been filed, for at most `timeout`.
     pub fn wait_for_lsn(&self, lsn: Lsn, timeout: Duration) -> Result<(), RepoError> {
-        if self.last_lsn() >= lsn {
+        self.wait_until(|r| r.last_lsn(), "arrived", lsn, timeout)
+    }
+
+    /// Waits until records up to `lsn` are durable, for at most `timeout`.
+    pub fn wait_for_durable(&self, lsn: Lsn, timeout: Duration) -> Result<(), RepoError> {
+        self.wait_until(|r| r.durable_lsn(), "become durable", lsn, timeout)
+    }
+
+    fn wait_until(
+        &self,
+        reached: impl Fn(&Self) -> Lsn,
+        what: &'static str,
+        lsn: Lsn,
+        timeout: Duration,
+    ) -> Result<(), RepoError> {
+        if reached(self) >= lsn {
             return Ok(());
         }
         let started = Instant::now();
         self.waiting.fetch_add(1, Ordering::AcqRel);
         let mut guard = self.arrivals.0.lock().unwrap_or_else(|p| p.into_inner());
         let result = loop {
-            if self.last_lsn() >= lsn {
+            if reached(self) >= lsn {
                 break Ok(());
             }
             let waited = started.elapsed();
             if waited >= timeout {
-                break Err(RepoError::NotYet { lsn, last: self.last_lsn(), waited });
+                break Err(RepoError::NotYet { lsn, what, last: reached(self), waited });
             }
-            // Wake up now and then in any case: `advance` only signals when it sees a waiter.
+            // Wake up now and then in any case: a change only signals when it sees a waiter.
             let slice = (timeout - waited).min(Duration::from_millis(50));
             guard = self.arrivals.1.wait_timeout(guard, slice).unwrap_or_else(|p| p.into_inner()).0;
         };
@@ -288,6 +309,7 @@ impl Repository {
             l.frozen = None;
         }
         self.durable.store(upto.0, Ordering::Release);
+        self.wake_waiters();
         Ok(upto)
     }
 
