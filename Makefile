@@ -37,6 +37,7 @@ bench: deps install-ext
 	bash bench/walredo
 	bash bench/ingest
 	bash bench/basebackup
+	bash bench/sql
 
 # The fuzz target must keep compiling; running it is `cd sidecar/fuzz && cargo fuzz run decode_wal`.
 fuzz-check:

@@ -1,13 +1,29 @@
 //! The `neon` extension: the compute side of time-travel storage. It runs inside a stock
-//! PostgreSQL 15 server (`CREATE EXTENSION neon`); it will grow the SQL API and the background
-//! worker. It also carries the wal-redo loop ([`walredo`]) that the sidecar runs in
-//! `postgres --single` processes to rebuild pages with PostgreSQL's own redo routines.
+//! PostgreSQL 15 server (`shared_preload_libraries = 'neon'`, `CREATE EXTENSION neon`):
+//!
+//! * [`api`]: the SQL functions — pages, sizes, history and base backups as of any LSN;
+//! * [`client`]: the link to the sidecar (its unix socket, `neon_types::protocol`);
+//! * [`prefetch`]: the shared-memory prefetch queue and the background worker draining it;
+//! * [`guc`]: the `neon.*` settings; [`sqltypes`]: `pg_lsn` and `regclass` for pgrx;
+//! * [`walredo`]: the wal-redo loop the sidecar runs in `postgres --single` processes to
+//!   rebuild pages with PostgreSQL's own redo routines.
 
 use pgrx::prelude::*;
 
+mod api;
+mod client;
+mod guc;
+mod prefetch;
+mod sqltypes;
 mod walredo;
 
 ::pgrx::pg_module_magic!(name, version);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::define();
+    prefetch::init();
+}
 
 /// The extension's version, as built (`SELECT neon_version()`).
 #[pg_extern(immutable, parallel_safe)]

@@ -7,6 +7,7 @@ pub mod cli_args;
 pub mod follower;
 pub mod ingest;
 pub mod init_cli;
+pub mod page_cache;
 pub mod redo_cli;
 pub mod repo;
 pub mod service;

@@ -1,6 +1,8 @@
 //! The page service: the sidecar's unix socket, answering `neon_types::protocol` requests
 //! from the store while ingest goes on. One thread per connection; each request waits (up to
-//! the time it names) for its LSN to arrive, then reads the store. Errors go back as error
+//! the time it names) for its LSN to arrive, then reads the store. Pages go through the
+//! [`PageCache`], which `Prefetch` requests (the extension's background worker) fill ahead of
+//! readers with batched, pipelined redo. Errors go back as error
 //! responses with a code and a message naming the LSN, relation and block; the connection
 //! stays usable.
 //!
@@ -9,6 +11,7 @@
 
 use crate::basebackup::shared::SharedBasebackups;
 use crate::basebackup::{BasebackupError, Options};
+use crate::page_cache::{Lookup, PageCache};
 use crate::repo::meta;
 use crate::repo::reconstruct::{self, GetPageError};
 use crate::repo::store::{RepoError, Repository};
@@ -38,8 +41,47 @@ pub struct Metrics {
     pub errors: AtomicU64,
     pub get_page: AtomicU64,
     pub get_page_micros: AtomicU64,
+    /// `GetPage` service times: bucket `i` counts those under 2^i µs.
+    pub get_page_hist: [AtomicU64; 32],
     pub connections: AtomicU64,
+    pub prefetch_requests: AtomicU64,
+    pub prefetched_pages: AtomicU64,
+    /// The compute's WAL flush position as its background worker last reported it.
+    pub compute_flush_lsn: AtomicU64,
 }
+
+impl Metrics {
+    fn record_get_page(&self, took: Duration) {
+        let us = took.as_micros() as u64;
+        self.get_page.fetch_add(1, Ordering::Relaxed);
+        self.get_page_micros.fetch_add(us, Ordering::Relaxed);
+        let bucket = (64 - us.leading_zeros() as usize).min(31);
+        self.get_page_hist[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The upper bound (µs) of the bucket holding quantile `q` of `GetPage` times.
+    fn get_page_quantile_us(&self, q: f64) -> u64 {
+        let counts: Vec<u64> = self.get_page_hist.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let want = ((total as f64) * q).ceil() as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return 1u64 << i;
+            }
+        }
+        1 << 31
+    }
+}
+
+/// The most blocks one `Prefetch` request may ask for.
+pub const MAX_PREFETCH: u32 = 1024;
+/// Blocks a prefetch hands to the redo manager at once (as one pipelined batch).
+const PREFETCH_BATCH: usize = 32;
 
 /// What a request is served from.
 pub struct PageService {
@@ -50,6 +92,7 @@ pub struct PageService {
     pub basebackups: Option<SharedBasebackups>,
     /// Threads rebuilding a base backup's pages.
     pub basebackup_workers: usize,
+    pub cache: PageCache,
 }
 
 fn code_of(e: &GetPageError) -> ErrorCode {
@@ -60,6 +103,9 @@ fn code_of(e: &GetPageError) -> ErrorCode {
         _ => ErrorCode::Internal,
     }
 }
+
+/// How long a `GetPage` waits for a rebuild of the same page already under way.
+const PENDING_WAIT: Duration = Duration::from_secs(30);
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error { code, message: message.into() }
@@ -92,11 +138,32 @@ impl PageService {
             Request::GetPage { tag, lsn, wait_ms } => {
                 self.ready(lsn, wait_ms)?;
                 let started = Instant::now();
-                let page = reconstruct::get_page(&self.repo, self.redo.as_ref(), tag, lsn)
-                    .map_err(|e| error(code_of(&e), e.to_string()))?;
-                self.metrics.get_page.fetch_add(1, Ordering::Relaxed);
-                self.metrics.get_page_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                let page = match self.cache.lookup((tag, lsn), PENDING_WAIT) {
+                    Lookup::Hit(page) => page,
+                    Lookup::Claimed(claim) => {
+                        let page = reconstruct::get_page(&self.repo, self.redo.as_ref(), tag, lsn)
+                            .map_err(|e| error(code_of(&e), e.to_string()))?;
+                        claim.fill(&page);
+                        page
+                    }
+                };
+                self.metrics.record_get_page(started.elapsed());
                 Response::Page(page)
+            }
+            Request::Prefetch { rel, first, n, lsn, wait_ms } => {
+                if n > MAX_PREFETCH {
+                    return Err(error(
+                        ErrorCode::BadRequest,
+                        format!("prefetch of {n} blocks (at most {MAX_PREFETCH})"),
+                    ));
+                }
+                self.ready(lsn, wait_ms)?;
+                self.metrics.prefetch_requests.fetch_add(1, Ordering::Relaxed);
+                Response::Prefetched(self.prefetch(rel, first, n, lsn)?)
+            }
+            Request::ComputeFlush { lsn } => {
+                self.metrics.compute_flush_lsn.fetch_max(lsn.0, Ordering::Relaxed);
+                Response::Lsn(self.repo.last_lsn())
             }
             Request::RelSize { rel, lsn, wait_ms } => {
                 self.ready(lsn, wait_ms)?;
@@ -152,7 +219,36 @@ impl PageService {
         })
     }
 
-    /// `name value` lines: history, layers, requests.
+    /// Rebuilds blocks `first..first + n` of `rel` at `lsn` into the cache (those not there or
+    /// under way already), in batches so the first are ready soon; blocks past the fork's end
+    /// are skipped. Returns how many of the blocks are in the cache or being rebuilt.
+    fn prefetch(&self, rel: neon_types::RelTag, first: u32, n: u32, lsn: Lsn) -> Result<u32, Response> {
+        let r =
+            reconstruct::relation_at(&self.repo, rel, lsn).map_err(|e| error(ErrorCode::Internal, e.to_string()))?;
+        let end = first.saturating_add(n).min(r.nblocks.unwrap_or(0));
+        let blocks: Vec<u32> = (first..end).collect();
+        let mut done = 0;
+        for chunk in blocks.chunks(PREFETCH_BATCH) {
+            let claims: Vec<_> = chunk
+                .iter()
+                .filter_map(|&blkno| self.cache.try_claim((neon_types::BufferTag { rel, blkno }, lsn)))
+                .collect();
+            done += (chunk.len() - claims.len()) as u32;
+            let pages =
+                reconstruct::pages_of(&self.repo, self.redo.as_ref(), claims.iter().map(|c| (&r, c.key().0.blkno)));
+            for (claim, page) in claims.into_iter().zip(pages) {
+                // A page that fails is left for GetPage, which reports the error to its reader.
+                if let Ok(page) = page {
+                    claim.fill(&page);
+                    done += 1;
+                    self.metrics.prefetched_pages.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// `name value` lines: history, ingest lag, layers, cache, redo, requests and latencies.
     pub fn status_text(&self) -> String {
         let b = self.repo.bounds();
         let layers = self.repo.layers();
@@ -173,6 +269,24 @@ impl PageService {
         let _ = writeln!(s, "get_page_requests {n}");
         let mean = m.get_page_micros.load(Ordering::Relaxed).checked_div(n).unwrap_or(0);
         let _ = writeln!(s, "get_page_mean_us {mean}");
+        let _ = writeln!(s, "get_page_p50_us_under {}", m.get_page_quantile_us(0.5));
+        let _ = writeln!(s, "get_page_p99_us_under {}", m.get_page_quantile_us(0.99));
+        let _ = writeln!(s, "prefetch_requests {}", m.prefetch_requests.load(Ordering::Relaxed));
+        let _ = writeln!(s, "prefetched_pages {}", m.prefetched_pages.load(Ordering::Relaxed));
+        let c = &self.cache.stats;
+        let _ = writeln!(s, "cache_pages {}", self.cache.len());
+        let _ = writeln!(s, "cache_capacity_pages {}", self.cache.capacity());
+        let _ = writeln!(s, "cache_hits {}", c.hits.load(Ordering::Relaxed));
+        let _ = writeln!(s, "cache_misses {}", c.misses.load(Ordering::Relaxed));
+        let _ = writeln!(s, "cache_waits {}", c.waits.load(Ordering::Relaxed));
+        let r = self.redo.stats();
+        let _ = writeln!(s, "redo_requests {}", r.requests);
+        let _ = writeln!(s, "redo_failures {}", r.failures);
+        let _ = writeln!(s, "redo_process_starts {}", r.process_starts);
+        let flush = Lsn(m.compute_flush_lsn.load(Ordering::Relaxed));
+        let _ = writeln!(s, "compute_flush_lsn {flush}");
+        // How far ingest is behind the compute, as the compute last said where it was.
+        let _ = writeln!(s, "ingest_lag_bytes {}", if flush.is_valid() { flush.0.saturating_sub(b.last.0) } else { 0 });
         s
     }
 

@@ -5,6 +5,7 @@
 use crate::basebackup::shared::SharedBasebackups;
 use crate::cli_args::{BlockArgs, ComputeArgs, RedoProcessArgs};
 use crate::follower::{self, FollowerConfig};
+use crate::page_cache::PageCache;
 use crate::redo_cli::describe_page;
 use crate::repo::compaction;
 use crate::repo::key::Key;
@@ -15,7 +16,7 @@ use crate::wal::segment::{SegmentSet, WalFileReader};
 use crate::walredo::{PostgresRedoManager, WalRedoManager};
 use anyhow::{bail, Context};
 use neon_types::protocol::{Request, Response};
-use neon_types::Lsn;
+use neon_types::{Lsn, BLCKSZ};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,6 +56,9 @@ pub struct RunArgs {
     /// image of the database lies behind this horizon.
     #[arg(long, default_value_t = 0)]
     pub retention_mb: u64,
+    /// Memory for rebuilt pages the page service keeps (prefetched or served), in MB.
+    #[arg(long, default_value_t = 64)]
+    pub page_cache_mb: u64,
     #[command(flatten)]
     pub redo: RedoProcessArgs,
 }
@@ -156,6 +160,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                     metrics: Default::default(),
                     basebackups,
                     basebackup_workers: 2 * args.redo_processes.max(1),
+                    cache: PageCache::new((args.page_cache_mb << 20) as usize / BLCKSZ),
                 });
                 eprintln!("neon-sidecar: serving pages on {}", path.display());
                 Some(s.spawn(move || service::serve(service, listener, &STOP)))
@@ -411,19 +416,22 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
         );
     };
     let opts = Options { relation_pages: full, workers: 2 * redo_processes, new_timeline: args.new_timeline };
+    let started = std::time::Instant::now();
     let stats = crate::basebackup::shared::write_file(out_path, &repo, &redo, args.lsn, opts, &mut report)?;
     writeln!(
         out,
-        "base backup as of {} (checkpoint at {}, timeline {}): {} databases, {} relation files, {} pages, {} SLRU pages, {} prepared \
-         transactions -> {}",
+        "base backup as of {} (checkpoint at {}, timeline {}): {} databases, {} relation files, {} pages ({} rebuilt by \
+         redo), {} SLRU pages, {} prepared transactions, {:.2} s -> {}",
         args.lsn,
         stats.checkpoint_lsn,
         stats.timeline,
         stats.databases,
         stats.relation_files,
         stats.pages,
+        redo.stats().requests,
         stats.slru_pages,
         stats.prepared,
+        started.elapsed().as_secs_f64(),
         out_path.display()
     )?;
     Ok(())

@@ -87,6 +87,7 @@ mod os_user;
 mod process;
 
 pub mod bench;
+pub mod demo;
 pub mod pagemask;
 pub mod pages;
 pub mod pg_waldump;

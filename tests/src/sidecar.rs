@@ -61,13 +61,54 @@ impl SidecarProcess {
 
     /// [`SidecarProcess::start`] with more `run` options.
     pub fn start_with(c: &Cluster, store: &Path, extra: &[&str]) -> Result<SidecarProcess> {
+        Self::spawn(c, store, extra, false)
+    }
+
+    /// The product's own arrangement: the sidecar runs as the server's OS user (so only it and
+    /// the compute can reach the socket and the shared directory `<root>/shared`), and the
+    /// compute's `neon.sidecar_socket` / `neon.shared_dir` point at them (reloaded).
+    pub fn start_for_compute(c: &Cluster, store: &Path, extra: &[&str]) -> Result<SidecarProcess> {
+        let shared = c.root_dir().join("shared");
+        std::fs::create_dir_all(&shared)?;
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700))?;
+        let mut args = vec!["--shared-dir", shared.to_str().context("path is not UTF-8")?];
+        args.extend_from_slice(extra);
+        let s = Self::spawn(c, store, &args, true)?;
+        c.append_conf(&format!(
+            "neon.sidecar_socket = '{}'\nneon.shared_dir = '{}'\n",
+            s.socket.display(),
+            shared.display()
+        ))?;
+        c.reload()?;
+        Ok(s)
+    }
+
+    /// Starts the sidecar again after a stop, as it was started (for a compute).
+    pub fn restart_for_compute(c: &Cluster, store: &Path, extra: &[&str]) -> Result<SidecarProcess> {
+        let shared = c.root_dir().join("shared");
+        let mut args = vec!["--shared-dir", shared.to_str().context("path is not UTF-8")?];
+        args.extend_from_slice(extra);
+        Self::spawn(c, store, &args, true)
+    }
+
+    fn spawn(c: &Cluster, store: &Path, extra: &[&str], as_server_user: bool) -> Result<SidecarProcess> {
         let dir = c.root_dir().join("sidecar");
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        if as_server_user {
+            for d in [&dir, store, &c.root_dir().join("shared")] {
+                crate::chown_to_server_user(d)?;
+            }
+        }
         let socket = dir.join("sidecar.sock");
         let log = dir.join("sidecar.log");
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        let child = Command::new(sidecar_bin()?)
+        let mut cmd = Command::new(sidecar_bin()?);
+        if as_server_user {
+            crate::chown_to_server_user(&log)?;
+            crate::run_as_server_user(&mut cmd);
+        }
+        let child = cmd
             .args(["run", "--host"])
             .arg(c.socket_dir())
             .args(["--port", &c.port().to_string(), "--user", crate::SUPERUSER, "--store"])

@@ -16,6 +16,10 @@
 //!   0x06 History        (empty)
 //!   0x07 Status         (empty)
 //!   0x08 Basebackup     lsn u64 | flags u8 (1: full, 2: new timeline) | wait_ms u32
+//!   0x09 Prefetch       rel | first u32 | n u32 | lsn u64 | wait_ms u32
+//!                       (rebuild blocks first..first+n into the sidecar's page cache; blocks
+//!                       past the fork's end are skipped)
+//!   0x0A ComputeFlush   lsn u64 (the compute's WAL flush position, for lag reports)
 //!   rel = spcnode u32 | dbnode u32 | relnode u32 | fork u8
 //!   wait_ms: how long to wait for `lsn` to arrive before answering NotYet
 //! responses:
@@ -28,6 +32,7 @@
 //!   0x87 Status         UTF-8 text, "name value" lines
 //!   0x88 Basebackup     lsn u64 | bytes u64 | micros u64 (0: it was already there) |
 //!                       UTF-8 path of the tar in the shared directory
+//!   0x89 Prefetched     pages u32 (now in the cache, rebuilt or already there)
 //!   0xFF Error          code u8 | UTF-8 message
 //! ```
 
@@ -102,6 +107,18 @@ pub enum Request {
         new_timeline: bool,
         wait_ms: u32,
     },
+    /// Blocks `first..first + n` of `rel` as of `lsn` into the sidecar's page cache.
+    Prefetch {
+        rel: RelTag,
+        first: u32,
+        n: u32,
+        lsn: Lsn,
+        wait_ms: u32,
+    },
+    /// The compute's WAL flush position; answered with the sidecar's last ingested LSN.
+    ComputeFlush {
+        lsn: Lsn,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +131,7 @@ pub enum Response {
     History { origin: Lsn, oldest: Lsn, durable: Lsn, last: Lsn },
     Status(String),
     Basebackup { lsn: Lsn, bytes: u64, micros: u64, path: String },
+    Prefetched(u32),
     Error { code: ErrorCode, message: String },
 }
 
@@ -217,6 +235,17 @@ impl Request {
                 b.extend_from_slice(&wait_ms.to_le_bytes());
                 0x08
             }
+            Request::Prefetch { rel, first, n, lsn, wait_ms } => {
+                put_rel(&mut b, rel);
+                b.extend_from_slice(&first.to_le_bytes());
+                b.extend_from_slice(&n.to_le_bytes());
+                put_lsn_wait(&mut b, *lsn, *wait_ms);
+                0x09
+            }
+            Request::ComputeFlush { lsn } => {
+                b.extend_from_slice(&lsn.0.to_le_bytes());
+                0x0A
+            }
         };
         (kind, b)
     }
@@ -240,6 +269,8 @@ impl Request {
                 let flags = r.u8()?;
                 Request::Basebackup { lsn, full: flags & 1 != 0, new_timeline: flags & 2 != 0, wait_ms: r.u32()? }
             }
+            0x09 => Request::Prefetch { rel: r.rel()?, first: r.u32()?, n: r.u32()?, lsn: r.lsn()?, wait_ms: r.u32()? },
+            0x0A => Request::ComputeFlush { lsn: r.lsn()? },
             k => return malformed(format!("unknown request kind {k:#04x}")),
         };
         r.end()?;
@@ -310,6 +341,10 @@ impl Response {
                 b.extend_from_slice(path.as_bytes());
                 0x88
             }
+            Response::Prefetched(n) => {
+                b.extend_from_slice(&n.to_le_bytes());
+                0x89
+            }
             Response::Error { code, message } => {
                 b.push(*code as u8);
                 b.extend_from_slice(message.as_bytes());
@@ -356,6 +391,7 @@ impl Response {
                 let micros = r.lsn()?.0;
                 Response::Basebackup { lsn, bytes, micros, path: r.text()? }
             }
+            0x89 => Response::Prefetched(r.u32()?),
             0xFF => {
                 let code = ErrorCode::from_u8(r.u8()?);
                 Response::Error { code, message: r.text()? }
@@ -447,6 +483,8 @@ mod tests {
             Request::History,
             Request::Status,
             Request::Basebackup { lsn: Lsn(77), full: true, new_timeline: true, wait_ms: 5 },
+            Request::Prefetch { rel: rel(), first: 3, n: 64, lsn: Lsn(78), wait_ms: 6 },
+            Request::ComputeFlush { lsn: Lsn(79) },
         ];
         for req in reqs {
             let mut b = Vec::new();
@@ -468,6 +506,7 @@ mod tests {
             Response::History { origin: Lsn(1), oldest: Lsn(2), durable: Lsn(3), last: Lsn(4) },
             Response::Status("a 1\nb 2\n".into()),
             Response::Basebackup { lsn: Lsn(1), bytes: 2, micros: 3, path: "/x/base.tar".into() },
+            Response::Prefetched(17),
             Response::Error { code: ErrorCode::NotYet, message: "later".into() },
         ];
         for resp in resps {

@@ -1,10 +1,11 @@
 //! Rebuilding many pages in parallel, handed out in order: worker threads take chunks of the
-//! page list (so the redo pool's processes all work), and the writer takes their results back
+//! page list (so the redo pool's processes all work; a chunk's redo requests go as one
+//! pipelined batch), and the writer takes their results back
 //! in list order. At most `window` chunks are out at once, which bounds memory however large
 //! the database is.
 
 use super::BasebackupError;
-use crate::repo::reconstruct::{page_of, relation_at, RelationAt};
+use crate::repo::reconstruct::{pages_of, relation_at, RelationAt};
 use crate::repo::store::Repository;
 use crate::walredo::WalRedoManager;
 use crossbeam_channel::bounded;
@@ -43,12 +44,10 @@ pub fn rebuild_in_order(
             let (job_rx, results) = (job_rx.clone(), results.clone());
             s.spawn(move || {
                 for k in job_rx {
-                    let pages = tags[k * CHUNK..((k + 1) * CHUNK).min(tags.len())]
-                        .iter()
-                        .map(|tag| {
-                            page_of(repo, redo, &relations[&tag.rel], tag.blkno)
-                                .map_err(|source| BasebackupError::Page { lsn, source })
-                        })
+                    let chunk = &tags[k * CHUNK..((k + 1) * CHUNK).min(tags.len())];
+                    let pages = pages_of(repo, redo, chunk.iter().map(|tag| (&relations[&tag.rel], tag.blkno)))
+                        .into_iter()
+                        .map(|page| page.map_err(|source| BasebackupError::Page { lsn, source }))
                         .collect();
                     if results.send((k, pages)).is_err() {
                         return;

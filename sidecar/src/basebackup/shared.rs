@@ -31,7 +31,8 @@ pub fn write_file(
         // made new, private: nothing outside the directory is written through it.
         let _ = std::fs::remove_file(&tmp);
         let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        let (w, stats) = write_basebackup(repo, redo, lsn, opts, std::io::BufWriter::new(file), report)?;
+        let (w, stats) =
+            write_basebackup(repo, redo, lsn, opts, std::io::BufWriter::with_capacity(1 << 20, file), report)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;

@@ -113,6 +113,45 @@ pub fn page_of(
     r: &RelationAt,
     blkno: u32,
 ) -> Result<Box<[u8; BLCKSZ]>, GetPageError> {
+    match plan(repo, redo, r, blkno)? {
+        Plan::Ready(page) => Ok(page),
+        Plan::Redo(request) => Ok(redo.redo(request)?),
+    }
+}
+
+/// Many blocks at once, in order, each failing alone: the ones that need redo go to the redo
+/// manager as one batch, which it pipelines.
+pub fn pages_of<'r>(
+    repo: &Repository,
+    redo: &dyn WalRedoManager,
+    blocks: impl IntoIterator<Item = (&'r RelationAt, u32)>,
+) -> Vec<Result<Box<[u8; BLCKSZ]>, GetPageError>> {
+    let mut out: Vec<Option<Result<_, GetPageError>>> = Vec::new();
+    let (mut requests, mut slots) = (Vec::new(), Vec::new());
+    for (r, blkno) in blocks {
+        match plan(repo, redo, r, blkno) {
+            Ok(Plan::Redo(request)) => {
+                slots.push(out.len());
+                requests.push(request);
+                out.push(None);
+            }
+            Ok(Plan::Ready(page)) => out.push(Some(Ok(page))),
+            Err(e) => out.push(Some(Err(e))),
+        }
+    }
+    for (slot, page) in slots.into_iter().zip(redo.redo_many(requests)) {
+        out[slot] = Some(page.map_err(GetPageError::from));
+    }
+    out.into_iter().map(|p| p.expect("every slot filled")).collect()
+}
+
+/// What a block takes to serve: nothing more, or a redo request.
+enum Plan {
+    Ready(Box<[u8; BLCKSZ]>),
+    Redo(RedoRequest),
+}
+
+fn plan(repo: &Repository, redo: &dyn WalRedoManager, r: &RelationAt, blkno: u32) -> Result<Plan, GetPageError> {
     let (tag, lsn, source) = (BufferTag { rel: r.rel, blkno }, r.lsn, r.source);
     // Blocks beyond the fork's size then (truncated, or the fork dropped or not yet created)
     // do not exist, whatever values the store has for them at other LSNs.
@@ -154,7 +193,7 @@ pub fn page_of(
             }
         }
         if records.is_empty() && base.is_none() {
-            return Ok(Box::new([0; BLCKSZ]));
+            return Ok(Plan::Ready(Box::new([0; BLCKSZ])));
         }
     }
     if records.is_empty() {
@@ -164,10 +203,10 @@ pub fn page_of(
                 lsn,
                 why: format!("stored image is {} bytes", b.len()),
             })?;
-            return Ok(Box::new(page));
+            return Ok(Plan::Ready(Box::new(page)));
         }
     }
-    Ok(redo.redo(RedoRequest { target: tag, base, records })?)
+    Ok(Plan::Redo(RedoRequest { target: tag, base, records }))
 }
 
 /// SLRU page `pageno` of `slru` (see `meta`) as of `lsn`.

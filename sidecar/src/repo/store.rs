@@ -47,7 +47,13 @@ pub enum RepoError {
     #[error("manifest {path} is corrupt: {what}")]
     Manifest { path: PathBuf, what: String },
     #[error("{lsn} has not {what} after waiting {waited:?}: the store has reached {last}")]
-    NotYet { lsn: Lsn, what: &'static str, last: Lsn, waited: Duration },
+    NotYet {
+        lsn: Lsn,
+        what: &'static str,
+        last: Lsn,
+        /// The wait asked for (what was spent is that, give or take a scheduling slice).
+        waited: Duration,
+    },
 }
 
 /// The history a store holds.
@@ -246,7 +252,7 @@ impl Repository {
             }
             let waited = started.elapsed();
             if waited >= timeout {
-                break Err(RepoError::NotYet { lsn, what, last: reached(self), waited });
+                break Err(RepoError::NotYet { lsn, what, last: reached(self), waited: timeout });
             }
             // Wake up now and then in any case: a change only signals when it sees a waiter.
             let slice = (timeout - waited).min(Duration::from_millis(50));

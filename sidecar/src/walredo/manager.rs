@@ -86,13 +86,32 @@ pub enum RedoError {
 /// Rebuilds pages.
 pub trait WalRedoManager: Send + Sync {
     fn redo(&self, request: RedoRequest) -> Result<Box<[u8; BLCKSZ]>, RedoError>;
+
+    /// Rebuilds many pages; the results in request order, each failing alone. Callers with
+    /// many pages to rebuild at once (base backups) use this so an implementation can pipeline
+    /// them.
+    fn redo_many(&self, requests: Vec<RedoRequest>) -> Vec<Result<Box<[u8; BLCKSZ]>, RedoError>> {
+        requests.into_iter().map(|r| self.redo(r)).collect()
+    }
+
+    /// Counters for status reports.
+    fn stats(&self) -> RedoStats {
+        RedoStats::default()
+    }
 }
 
-type Reply = Sender<Result<Box<[u8; BLCKSZ]>, RedoError>>;
+type Page = Box<[u8; BLCKSZ]>;
+type Reply = Sender<Result<Page, RedoError>>;
+
+/// What a worker is asked to do: one request, or a batch it may pipeline.
+enum Job {
+    One(RedoRequest, Reply),
+    Many(Vec<RedoRequest>, Sender<Vec<Result<Page, RedoError>>>),
+}
 
 /// A pool of `postgres --single` redo processes.
 pub struct PostgresRedoManager {
-    queue: Option<Sender<(RedoRequest, Reply)>>,
+    queue: Option<Sender<Job>>,
     workers: Vec<JoinHandle<()>>,
     template: Arc<ScratchTemplate>,
     stats: Arc<Mutex<RedoStats>>,
@@ -113,7 +132,7 @@ impl PostgresRedoManager {
     /// processes start on first use.
     pub fn new(cfg: RedoConfig) -> Result<PostgresRedoManager, RedoError> {
         let template = Arc::new(ScratchTemplate::create(&cfg)?);
-        let (tx, rx) = bounded::<(RedoRequest, Reply)>(cfg.processes.max(1) * 4);
+        let (tx, rx) = bounded::<Job>(cfg.processes.max(1) * 4);
         let stats = Arc::new(Mutex::new(RedoStats::default()));
         let pids = Arc::new(Mutex::new(vec![None; cfg.processes.max(1)]));
         let cfg = Arc::new(cfg);
@@ -131,10 +150,6 @@ impl PostgresRedoManager {
         Ok(PostgresRedoManager { queue: Some(tx), workers, template, stats, pids })
     }
 
-    pub fn stats(&self) -> RedoStats {
-        self.stats.lock().expect("stats lock").clone()
-    }
-
     /// Process ids of the redo processes running now.
     pub fn process_ids(&self) -> Vec<u32> {
         self.pids.lock().expect("pids lock").iter().flatten().copied().collect()
@@ -149,8 +164,22 @@ impl PostgresRedoManager {
 impl WalRedoManager for PostgresRedoManager {
     fn redo(&self, request: RedoRequest) -> Result<Box<[u8; BLCKSZ]>, RedoError> {
         let (tx, rx) = bounded(1);
-        self.queue.as_ref().ok_or(RedoError::ShutDown)?.send((request, tx)).map_err(|_| RedoError::ShutDown)?;
+        self.queue.as_ref().ok_or(RedoError::ShutDown)?.send(Job::One(request, tx)).map_err(|_| RedoError::ShutDown)?;
         rx.recv().map_err(|_| RedoError::ShutDown)?
+    }
+
+    fn stats(&self) -> RedoStats {
+        self.stats.lock().expect("stats lock").clone()
+    }
+
+    fn redo_many(&self, requests: Vec<RedoRequest>) -> Vec<Result<Box<[u8; BLCKSZ]>, RedoError>> {
+        let n = requests.len();
+        let (tx, rx) = bounded(1);
+        let sent = self.queue.as_ref().is_some_and(|q| q.send(Job::Many(requests, tx)).is_ok());
+        match sent.then(|| rx.recv().ok()).flatten() {
+            Some(results) => results,
+            None => (0..n).map(|_| Err(RedoError::ShutDown)).collect(),
+        }
     }
 }
 
@@ -173,29 +202,128 @@ struct Shared {
     pids: Arc<Mutex<Vec<Option<u32>>>>,
 }
 
-fn worker(n: usize, rx: Receiver<(RedoRequest, Reply)>, shared: Shared) {
+fn worker(n: usize, rx: Receiver<Job>, shared: Shared) {
     let mut process: Option<RedoProcess> = None;
     let mut served = 0u64;
     let mut scratch = Vec::with_capacity(64 * 1024);
-    for (request, reply) in rx {
-        let result = rebuild(&request, &mut process, &mut scratch, n, &shared);
+    for job in rx {
+        let (results, reply) = match job {
+            Job::One(request, reply) => (vec![rebuild(&request, &mut process, &mut scratch, n, &shared)], Ok(reply)),
+            Job::Many(requests, reply) => (rebuild_many(&requests, &mut process, &mut scratch, n, &shared), Err(reply)),
+        };
         {
             let mut s = shared.stats.lock().expect("stats lock");
-            s.requests += 1;
-            s.failures += result.is_err() as u64;
+            s.requests += results.len() as u64;
+            s.failures += results.iter().filter(|r| r.is_err()).count() as u64;
         }
-        served += 1;
-        if matches!(result, Err(RedoError::Process { .. })) || served >= shared.cfg.recycle_after {
+        served += results.len() as u64;
+        if results.iter().any(|r| matches!(r, Err(RedoError::Process { .. }))) || served >= shared.cfg.recycle_after {
             // After a process error its state is not to be trusted; after many requests a
             // fresh process sheds the files and handles a long-lived one accumulates.
             process = None;
             served = 0;
         }
         shared.pids.lock().expect("pids lock")[n] = process.as_ref().map(RedoProcess::pid);
-        let _ = reply.send(result);
+        match reply {
+            Ok(one) => {
+                let _ = one.send(results.into_iter().next().expect("one result"));
+            }
+            Err(many) => {
+                let _ = many.send(results);
+            }
+        }
     }
     drop(process);
     shared.pids.lock().expect("pids lock")[n] = None;
+}
+
+/// A batch: the requests made only of PostgreSQL records (nearly all) go to the process in
+/// one pipelined exchange, which saves a round trip and a wake-up per page; the rest, and all
+/// of them again one by one if the exchange fails, go through [`rebuild`], so a bad request
+/// fails alone with its own error.
+fn rebuild_many(
+    reqs: &[RedoRequest],
+    process: &mut Option<RedoProcess>,
+    scratch: &mut Vec<u8>,
+    n: usize,
+    shared: &Shared,
+) -> Vec<Result<Page, RedoError>> {
+    let pipelined = |r: &RedoRequest| {
+        !r.records.is_empty()
+            && r.records.iter().all(|r| matches!(r, RedoRecord::Postgres { .. }))
+            && r.base.as_ref().is_none_or(|b| b.len() == BLCKSZ)
+    };
+    let batch: Vec<usize> = (0..reqs.len()).filter(|&i| pipelined(&reqs[i])).collect();
+    let mut results: Vec<Option<Result<Page, RedoError>>> = (0..reqs.len()).map(|_| None).collect();
+    if batch.len() > 1 {
+        scratch.clear();
+        for &i in &batch {
+            let r = &reqs[i];
+            encode_run(
+                scratch,
+                &r.target,
+                r.base.as_deref().map(|b| b.try_into().expect("checked: BLCKSZ")),
+                &r.records,
+            );
+        }
+        let mut replies = vec![0u8; batch.len() * BLCKSZ];
+        let first = &reqs[batch[0]];
+        let fail = |source| RedoError::Process { tag: first.target, lsn: first.records[0].lsn(), source };
+        let done = ensure_process(process, n, shared, fail).and_then(|p| {
+            let deadline = Instant::now() + shared.cfg.request_timeout;
+            p.exchange(scratch, &mut replies, deadline).map_err(fail)
+        });
+        match done {
+            Ok(()) => {
+                for (&i, page) in batch.iter().zip(replies.chunks_exact(BLCKSZ)) {
+                    results[i] = Some(Ok(Box::new(page.try_into().expect("BLCKSZ bytes"))));
+                }
+            }
+            // Which request broke it is not known: each is tried alone below on a fresh
+            // process.
+            Err(_) => *process = None,
+        }
+    }
+    reqs.iter()
+        .zip(results)
+        .map(|(req, done)| done.unwrap_or_else(|| rebuild(req, process, scratch, n, shared)))
+        .collect()
+}
+
+/// Encodes one exchange: the target, its base page if any, the PostgreSQL records (native
+/// ones are not sent) and the request for the page back.
+fn encode_run(scratch: &mut Vec<u8>, tag: &BufferTag, base: Option<&[u8; BLCKSZ]>, records: &[RedoRecord]) {
+    proto::encode_begin(scratch, tag);
+    if let Some(p) = base {
+        proto::encode_push(scratch, p);
+    }
+    for r in records {
+        if let RedoRecord::Postgres { end_lsn, raw } = r {
+            proto::encode_apply(scratch, *end_lsn, raw);
+        }
+    }
+    proto::encode_get(scratch);
+}
+
+/// This worker's process, started (from the template) if it has none or it died while idle
+/// — which then costs the request nothing.
+fn ensure_process<'p>(
+    process: &'p mut Option<RedoProcess>,
+    n: usize,
+    shared: &Shared,
+    fail: impl FnOnce(ProcessError) -> RedoError,
+) -> Result<&'p mut RedoProcess, RedoError> {
+    if process.as_mut().is_some_and(|p| !p.is_alive()) {
+        *process = None;
+    }
+    if process.is_none() {
+        let dir = shared.template.copy_for(n, &shared.cfg)?;
+        let p = RedoProcess::start(&dir, &shared.cfg).map_err(fail)?;
+        shared.pids.lock().expect("pids lock")[n] = Some(p.pid());
+        *process = Some(p);
+        shared.stats.lock().expect("stats lock").process_starts += 1;
+    }
+    Ok(process.as_mut().expect("started above"))
 }
 
 fn rebuild(
@@ -205,7 +333,6 @@ fn rebuild(
     n: usize,
     shared: &Shared,
 ) -> Result<Box<[u8; BLCKSZ]>, RedoError> {
-    let (cfg, template) = (&*shared.cfg, &*shared.template);
     let tag = req.target;
     let last = req.records.last().map_or(Lsn::INVALID, RedoRecord::lsn);
     let mut page: Option<Box<[u8; BLCKSZ]>> = match &req.base {
@@ -232,32 +359,11 @@ fn rebuild(
                     .position(|r| matches!(r, RedoRecord::Native { .. }))
                     .map_or(req.records.len(), |p| i + p);
                 scratch.clear();
-                proto::encode_begin(scratch, &tag);
-                if let Some(p) = &page {
-                    proto::encode_push(scratch, p);
-                }
-                for r in &req.records[i..run_end] {
-                    if let RedoRecord::Postgres { end_lsn, raw } = r {
-                        proto::encode_apply(scratch, *end_lsn, raw);
-                    }
-                }
-                proto::encode_get(scratch);
+                encode_run(scratch, &tag, page.as_deref(), &req.records[i..run_end]);
                 let mut out = page.take().unwrap_or_else(|| Box::new([0; BLCKSZ]));
                 let fail = |source| RedoError::Process { tag, lsn: last, source };
-                // A process that died while idle is replaced before the request is sent, so
-                // it costs this request nothing.
-                if process.as_mut().is_some_and(|p| !p.is_alive()) {
-                    *process = None;
-                }
-                if process.is_none() {
-                    let dir = template.copy_for(n, cfg)?;
-                    let p = RedoProcess::start(&dir, cfg).map_err(fail)?;
-                    shared.pids.lock().expect("pids lock")[n] = Some(p.pid());
-                    *process = Some(p);
-                    shared.stats.lock().expect("stats lock").process_starts += 1;
-                }
-                let deadline = Instant::now() + cfg.request_timeout;
-                process.as_mut().expect("started above").exchange(scratch, &mut out[..], deadline).map_err(fail)?;
+                let p = ensure_process(process, n, shared, fail)?;
+                p.exchange(scratch, &mut out[..], Instant::now() + shared.cfg.request_timeout).map_err(fail)?;
                 page = Some(out);
                 i = run_end;
             }

@@ -1,0 +1,345 @@
+//! The SQL API: pages, sizes, history, status, prefetch and base backups as of any LSN the
+//! sidecar holds. Arguments follow pageinspect and pg_walinspect (`regclass`, fork names,
+//! `int8` block numbers, `pg_lsn`).
+//!
+//! Every function is revoked from PUBLIC and granted to `pg_read_server_files` (they expose
+//! every byte of the database), and a relation is served only to a caller who may `SELECT`
+//! it. Bad input and every sidecar failure end as a PostgreSQL `ERROR` naming the relation,
+//! block and LSN; nothing here brings a backend down.
+
+use crate::client::{ClientError, Slot};
+use crate::sqltypes::{PgLsn, RegClass};
+use crate::{guc, prefetch};
+use neon_types::protocol::{ErrorCode, Request, Response};
+use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
+use pgrx::pg_sys::errcodes::PgSqlErrorCode;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use std::cell::{Cell, RefCell};
+use std::time::Instant;
+
+/// The largest valid block number (`MaxBlockNumber`).
+const MAX_BLOCK: i64 = 0xFFFF_FFFE;
+
+thread_local! {
+    /// This backend's connection to the sidecar.
+    static SIDECAR: RefCell<Slot> = const { RefCell::new(Slot::new()) };
+    /// Read-ahead state: the relation and LSN last read, its last block, and the block up
+    /// to which pages are already queued.
+    static READ_AHEAD: Cell<Option<(RelTag, Lsn, u32, u32)>> = const { Cell::new(None) };
+}
+
+fn fail(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
+    let mut report = ErrorReport::new(code, message, "neon");
+    if let Some(h) = hint {
+        report = report.set_hint(h);
+    }
+    report.report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
+}
+
+fn required<T>(v: Option<T>, what: &str) -> T {
+    v.unwrap_or_else(|| fail(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, format!("{what} must not be NULL"), None))
+}
+
+/// One request to the sidecar; `what` says what was asked, for the error message. Waits at
+/// most `neon.request_timeout` (`None`: until cancelled), and always honours query cancel.
+fn ask(req: &Request, what: &str, timeout: Option<std::time::Duration>) -> Response {
+    let Some(path) = guc::sidecar_socket() else {
+        fail(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("{what}: {}", ClientError::NotConfigured),
+            None,
+        )
+    };
+    let result = SIDECAR.with(|s| {
+        s.borrow_mut().call(&path, req, timeout, &mut || {
+            pg_sys::check_for_interrupts!();
+        })
+    });
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            let (code, hint) = match &e {
+                ClientError::Sidecar { code: ErrorCode::OutOfHistory, .. } => (
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    Some("SELECT * FROM neon_history() shows the LSNs the sidecar holds."),
+                ),
+                ClientError::Sidecar { code: ErrorCode::NotYet, .. } => (
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    Some("The sidecar has not received WAL up to that LSN; it waited neon.request_timeout."),
+                ),
+                ClientError::Sidecar { code: ErrorCode::NotFound | ErrorCode::BadRequest, .. } => {
+                    (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, None)
+                }
+                ClientError::Sidecar { code: ErrorCode::Internal, .. } => {
+                    (PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, None)
+                }
+                ClientError::NotConfigured => (PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, None),
+                ClientError::Connect { .. } | ClientError::Closed { .. } | ClientError::Io { .. } => (
+                    PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+                    Some("Is neon-sidecar running? Calls reconnect by themselves once it is back."),
+                ),
+                ClientError::Timeout { .. } => (
+                    PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+                    Some("Raise neon.request_timeout, or look at the sidecar's log."),
+                ),
+                ClientError::Protocol { .. } => (PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION, None),
+            };
+            fail(code, format!("{what}: {e}"), hint)
+        }
+    }
+}
+
+fn unexpected(what: &str, r: Response) -> ! {
+    fail(PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION, format!("{what}: unexpected answer from the sidecar: {r:?}"), None)
+}
+
+fn wait_ms() -> u32 {
+    guc::request_timeout().as_millis().min(u32::MAX as u128) as u32
+}
+
+fn lsn_arg(lsn: Option<PgLsn>) -> Lsn {
+    let lsn = required(lsn, "lsn").0;
+    if !lsn.is_valid() {
+        fail(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("invalid LSN {lsn}"), None);
+    }
+    lsn
+}
+
+fn fork_arg(fork: Option<&str>) -> ForkNumber {
+    let name = required(fork, "fork");
+    match name.parse::<ForkNumber>() {
+        Ok(ForkNumber::Fsm) => fail(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "the sidecar does not keep free space map forks (fsm)".into(),
+            Some("PostgreSQL rebuilds the free space map from the heap; read the main or vm fork."),
+        ),
+        Ok(f) => f,
+        Err(_) => fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid fork name \"{name}\""),
+            Some("Valid fork names are \"main\", \"vm\" and \"init\"."),
+        ),
+    }
+}
+
+fn block_arg(blkno: Option<i64>, what: &str) -> u32 {
+    let b = required(blkno, what);
+    if !(0..=MAX_BLOCK).contains(&b) {
+        fail(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("invalid {what} {b}"), None);
+    }
+    b as u32
+}
+
+/// The relation's file and fork, after checking the caller may read it and the sidecar can
+/// have it.
+fn relation(rel: Option<RegClass>, fork: ForkNumber) -> (RelTag, String) {
+    let oid = required(rel, "rel").0;
+    // SAFETY: catalog lookups in a transaction; a missing OID is PostgreSQL's own ERROR.
+    let allowed = unsafe { pg_sys::pg_class_aclcheck(oid, pg_sys::GetUserId(), pg_sys::ACL_SELECT as pg_sys::AclMode) };
+    // SAFETY: opens (and on drop closes) the relation with the weakest lock.
+    let r = unsafe { pgrx::PgRelation::with_lock(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+    let name = r.name().to_string();
+    if allowed != pg_sys::AclResult::ACLCHECK_OK {
+        fail(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, format!("permission denied for relation {name}"), None);
+    }
+    // SAFETY: rd_rel is set for every open relation.
+    let (kind, persistence) = unsafe { ((*r.rd_rel).relkind as u8, (*r.rd_rel).relpersistence as u8) };
+    if !matches!(kind, b'r' | b'i' | b'S' | b't' | b'm') {
+        fail(PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE, format!("relation \"{name}\" has no storage"), None);
+    }
+    if persistence == pg_sys::RELPERSISTENCE_TEMP {
+        fail(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!(
+                "relation \"{name}\" is temporary: its pages are not WAL-logged, so the sidecar does not have them"
+            ),
+            None,
+        );
+    }
+    if persistence == pg_sys::RELPERSISTENCE_UNLOGGED && fork != ForkNumber::Init {
+        fail(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("relation \"{name}\" is unlogged: only its init fork is WAL-logged, so the sidecar has only that"),
+            None,
+        );
+    }
+    let node = r.rd_node;
+    let node = RelFileNode { spcnode: node.spcNode.into(), dbnode: node.dbNode.into(), relnode: node.relNode.into() };
+    (RelTag { node, fork }, name)
+}
+
+/// Queues the blocks after `blkno` when the reads of `rel` at `lsn` are sequential, keeping
+/// `neon.prefetch_distance` blocks ahead (topped up by at least a queue entry at a time).
+fn read_ahead(rel: RelTag, lsn: Lsn, blkno: u32) {
+    let distance = guc::prefetch_distance();
+    if distance == 0 || !prefetch::active() {
+        return;
+    }
+    let state = READ_AHEAD.get();
+    let queued_to = match state {
+        Some((r, l, last, queued_to)) if r == rel && l == lsn && last.checked_add(1) == Some(blkno) => {
+            queued_to.max(blkno + 1)
+        }
+        _ => {
+            READ_AHEAD.set(Some((rel, lsn, blkno, blkno + 1)));
+            return;
+        }
+    };
+    let want = blkno.saturating_add(1).saturating_add(distance);
+    let mut new_to = queued_to;
+    if want.saturating_sub(queued_to) >= prefetch::ENTRY_BLOCKS.min(distance) {
+        new_to = queued_to + prefetch::enqueue(rel, lsn, queued_to, want - queued_to);
+    }
+    READ_AHEAD.set(Some((rel, lsn, blkno, new_to)));
+}
+
+/// Block `blkno` of `rel`'s `fork` as it was at `lsn`: 8192 bytes, which pageinspect reads
+/// (`heap_page_items(neon_get_page('t', 'main', 0, '0/16B3748'))`).
+#[pg_extern(volatile, parallel_safe)]
+fn neon_get_page(rel: Option<RegClass>, fork: Option<&str>, blkno: Option<i64>, lsn: Option<PgLsn>) -> Vec<u8> {
+    let fork = fork_arg(fork);
+    let blkno = block_arg(blkno, "block number");
+    let lsn = lsn_arg(lsn);
+    let (rel, name) = relation(rel, fork);
+    read_ahead(rel, lsn, blkno);
+    let what = format!("block {blkno} of relation \"{name}\" ({rel}) at {lsn}");
+    let timeout = guc::request_timeout() + std::time::Duration::from_secs(5);
+    match ask(&Request::GetPage { tag: BufferTag { rel, blkno }, lsn, wait_ms: wait_ms() }, &what, Some(timeout)) {
+        Response::Page(p) => {
+            debug_assert_eq!(p.len(), BLCKSZ);
+            p.to_vec()
+        }
+        r => unexpected(&what, r),
+    }
+}
+
+/// The number of blocks of `rel`'s `fork` at `lsn`.
+#[pg_extern(volatile, parallel_safe)]
+fn neon_rel_size(rel: Option<RegClass>, fork: Option<&str>, lsn: Option<PgLsn>) -> i64 {
+    let fork = fork_arg(fork);
+    let lsn = lsn_arg(lsn);
+    let (rel, name) = relation(rel, fork);
+    let what = format!("size of relation \"{name}\" ({rel}) at {lsn}");
+    let timeout = guc::request_timeout() + std::time::Duration::from_secs(5);
+    match ask(&Request::RelSize { rel, lsn, wait_ms: wait_ms() }, &what, Some(timeout)) {
+        Response::Size(Some(n)) => i64::from(n),
+        Response::Size(None) => fail(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            format!("{what}: the relation's file did not exist at that LSN"),
+            Some("A relation rewritten since (TRUNCATE, VACUUM FULL, ALTER TABLE) has a new file."),
+        ),
+        r => unexpected(&what, r),
+    }
+}
+
+/// The history the sidecar holds, and where the compute is.
+#[pg_extern(volatile, parallel_safe)]
+fn neon_history() -> TableIterator<
+    'static,
+    (
+        name!(oldest_lsn, PgLsn),
+        name!(durable_lsn, PgLsn),
+        name!(last_record_lsn, PgLsn),
+        name!(origin_lsn, PgLsn),
+        name!(compute_flush_lsn, PgLsn),
+    ),
+> {
+    let what = "history";
+    let row = match ask(&Request::History, what, Some(guc::request_timeout())) {
+        Response::History { origin, oldest, durable, last } => {
+            // SAFETY: reads the WAL flush position from shared memory.
+            let flush = Lsn(unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) });
+            (PgLsn(oldest), PgLsn(durable), PgLsn(last), PgLsn(origin), PgLsn(flush))
+        }
+        r => unexpected(what, r),
+    };
+    TableIterator::once(row)
+}
+
+/// The sidecar's state (ingest lag, layers, cache, redo pool, request latencies) and the
+/// prefetch worker's, as name/value rows.
+#[pg_extern(volatile, parallel_safe)]
+fn neon_sidecar_status() -> TableIterator<'static, (name!(name, String), name!(value, String))> {
+    let what = "sidecar status";
+    let text = match ask(&Request::Status, what, Some(guc::request_timeout())) {
+        Response::Status(t) => t,
+        r => unexpected(what, r),
+    };
+    let mut rows: Vec<(String, String)> =
+        text.lines().filter_map(|l| l.split_once(' ')).map(|(n, v)| (n.to_string(), v.to_string())).collect();
+    rows.extend(prefetch::status().into_iter().map(|(n, v)| (n.to_string(), v)));
+    TableIterator::new(rows)
+}
+
+/// Queues blocks `first_block .. first_block + nblocks` of `rel` at `lsn` for the background
+/// worker to have rebuilt ahead of reads; returns how many were queued.
+#[pg_extern(volatile, parallel_safe)]
+fn neon_prefetch(rel: Option<RegClass>, lsn: Option<PgLsn>, first_block: Option<i64>, nblocks: Option<i64>) -> i64 {
+    let lsn = lsn_arg(lsn);
+    let first = block_arg(first_block, "first block");
+    let n = required(nblocks, "nblocks");
+    if !(0..=MAX_BLOCK - i64::from(first)).contains(&n) {
+        fail(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("invalid nblocks {n}"), None);
+    }
+    let (rel, _) = relation(rel, ForkNumber::Main);
+    if !prefetch::active() {
+        fail(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "neon_prefetch needs the background worker: add neon to shared_preload_libraries".into(),
+            None,
+        );
+    }
+    i64::from(prefetch::enqueue(rel, lsn, first, n as u32))
+}
+
+/// A base backup as of `lsn` (NULL: the compute's WAL flush position now) in the shared
+/// directory: a tar stock PostgreSQL 15 boots from. `full => false` leaves out relation pages
+/// (for a compute that fetches them itself; it does not start on its own).
+#[pg_extern(volatile, parallel_safe)]
+fn neon_basebackup(
+    lsn: default!(Option<PgLsn>, "NULL"),
+    full: default!(Option<bool>, "true"),
+) -> TableIterator<'static, (name!(path, String), name!(lsn, PgLsn), name!(bytes, i64), name!(seconds, f64))> {
+    let lsn = match lsn {
+        // SAFETY: reads the WAL flush position from shared memory.
+        None => Lsn(unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) }),
+        l => lsn_arg(l),
+    };
+    let full = required(full, "full");
+    let what = format!("base backup at {lsn}");
+    let started = Instant::now();
+    // Building takes as long as the database is big: no deadline but query cancel.
+    match ask(&Request::Basebackup { lsn, full, new_timeline: false, wait_ms: wait_ms() }, &what, None) {
+        Response::Basebackup { lsn, bytes, path, .. } => {
+            TableIterator::once((path, PgLsn(lsn), bytes as i64, started.elapsed().as_secs_f64()))
+        }
+        r => unexpected(&what, r),
+    }
+}
+
+extension_sql!(
+    r#"
+REVOKE ALL ON FUNCTION neon_get_page(regclass, text, int8, pg_lsn) FROM PUBLIC;
+REVOKE ALL ON FUNCTION neon_rel_size(regclass, text, pg_lsn) FROM PUBLIC;
+REVOKE ALL ON FUNCTION neon_history() FROM PUBLIC;
+REVOKE ALL ON FUNCTION neon_sidecar_status() FROM PUBLIC;
+REVOKE ALL ON FUNCTION neon_prefetch(regclass, pg_lsn, int8, int8) FROM PUBLIC;
+REVOKE ALL ON FUNCTION neon_basebackup(pg_lsn, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION neon_get_page(regclass, text, int8, pg_lsn) TO pg_read_server_files;
+GRANT EXECUTE ON FUNCTION neon_rel_size(regclass, text, pg_lsn) TO pg_read_server_files;
+GRANT EXECUTE ON FUNCTION neon_history() TO pg_read_server_files;
+GRANT EXECUTE ON FUNCTION neon_sidecar_status() TO pg_read_server_files;
+GRANT EXECUTE ON FUNCTION neon_prefetch(regclass, pg_lsn, int8, int8) TO pg_read_server_files;
+GRANT EXECUTE ON FUNCTION neon_basebackup(pg_lsn, boolean) TO pg_read_server_files;
+COMMENT ON FUNCTION neon_get_page(regclass, text, int8, pg_lsn) IS 'a block of a relation as it was at an LSN (8192 bytes, for pageinspect)';
+COMMENT ON FUNCTION neon_rel_size(regclass, text, pg_lsn) IS 'the number of blocks of a relation fork at an LSN';
+COMMENT ON FUNCTION neon_history() IS 'the LSNs the sidecar holds history for';
+COMMENT ON FUNCTION neon_sidecar_status() IS 'the sidecar''s and the prefetch worker''s state and counters';
+COMMENT ON FUNCTION neon_prefetch(regclass, pg_lsn, int8, int8) IS 'queue blocks of a relation at an LSN for the background worker to have rebuilt';
+COMMENT ON FUNCTION neon_basebackup(pg_lsn, boolean) IS 'a bootable base backup as of an LSN, written into the shared directory';
+"#,
+    name = "api_permissions",
+    requires = [neon_get_page, neon_rel_size, neon_history, neon_sidecar_status, neon_prefetch, neon_basebackup]
+);

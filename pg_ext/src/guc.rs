@@ -1,0 +1,65 @@
+//! The extension's settings. `neon-sidecar init` writes the first two into the compute's
+//! `postgresql.conf`; the others have defaults that suit one compute and one sidecar on a
+//! machine.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub static SIDECAR_SOCKET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static SHARED_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static PREFETCH_DISTANCE: GucSetting<i32> = GucSetting::<i32>::new(128);
+pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+
+pub fn define() {
+    GucRegistry::define_string_guc(
+        c"neon.sidecar_socket",
+        c"The sidecar's unix socket.",
+        c"Where the neon sidecar serves pages, sizes, history and base backups.",
+        &SIDECAR_SOCKET,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"neon.shared_dir",
+        c"The directory the sidecar writes base backups into.",
+        c"Shared with the sidecar (its --shared-dir); neon_basebackup() returns paths inside it.",
+        &SHARED_DIR,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"neon.prefetch_distance",
+        c"How many blocks ahead neon_get_page reads when it sees a sequential scan (0: off).",
+        c"Sequential neon_get_page calls on one relation at one LSN queue the next blocks for the background worker, which has the sidecar rebuild them ahead of the reader.",
+        &PREFETCH_DISTANCE,
+        0,
+        1024,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"neon.request_timeout",
+        c"How long a call waits for the sidecar (and for an LSN to arrive there).",
+        c"A query cancel ends the wait sooner.",
+        &REQUEST_TIMEOUT_MS,
+        100,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+}
+
+/// `neon.sidecar_socket`, if set.
+pub fn sidecar_socket() -> Option<PathBuf> {
+    SIDECAR_SOCKET.get().filter(|s| !s.as_bytes().is_empty()).map(|s| PathBuf::from(s.to_string_lossy().into_owned()))
+}
+
+pub fn request_timeout() -> Duration {
+    Duration::from_millis(REQUEST_TIMEOUT_MS.get().max(1) as u64)
+}
+
+pub fn prefetch_distance() -> u32 {
+    PREFETCH_DISTANCE.get().max(0) as u32
+}

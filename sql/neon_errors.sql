@@ -1,0 +1,33 @@
+-- Bad input: each a clear ERROR, and the next call works.
+CREATE TABLE e (id int);
+INSERT INTO e VALUES (1);
+SELECT pg_current_wal_insert_lsn() AS lsn \gset
+SELECT neon_get_page('e', 'main', 0, 'not an lsn');
+SELECT neon_try($$SELECT neon_get_page(NULL, 'main', 0, pg_current_wal_insert_lsn())$$);
+SELECT neon_try($$SELECT neon_get_page('e', NULL, 0, pg_current_wal_insert_lsn())$$);
+SELECT neon_try($$SELECT neon_get_page('e', 'main', NULL, pg_current_wal_insert_lsn())$$);
+SELECT neon_try($$SELECT neon_get_page('e', 'main', 0, NULL)$$);
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, -1, %L)', 'e', 'main', :'lsn'));
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 4294967295, %L)', 'e', 'main', :'lsn'));
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 1000000000000, %L)', 'e', 'main', :'lsn'));
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 7, %L)', 'e', 'main', :'lsn'));
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'e', 'fsm', :'lsn'));
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'e', 'bogus', :'lsn'));
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'e', 'main', '0/0'));
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'e', 'main', '0/10'));
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'no_such_table', 'main', :'lsn'));
+CREATE VIEW ev AS SELECT * FROM e;
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'ev', 'main', :'lsn'));
+CREATE TEMP TABLE et (id int);
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'et', 'main', :'lsn'));
+CREATE UNLOGGED TABLE eu (id int);
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'eu', 'main', :'lsn'));
+-- An LSN the sidecar has not received: it waits neon.request_timeout, then gives up.
+SET neon.request_timeout = '200ms';
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'e', 'main', pg_current_wal_insert_lsn() + 1073741824));
+RESET neon.request_timeout;
+SELECT neon_try(format('SELECT neon_prefetch(%L, %L, -1, 1)', 'e', :'lsn'));
+SELECT neon_try(format('SELECT neon_prefetch(%L, %L, 0, -1)', 'e', :'lsn'));
+SELECT neon_try(format('SELECT neon_rel_size(%L, %L, %L)', 'e', 'nope', :'lsn'));
+-- After all that, the next call works.
+SELECT length(neon_get_page('e', 'main', 0, :'lsn')) AS bytes;

@@ -1,0 +1,119 @@
+//! `bench/sql`: the SQL API as a user meets it, on a compute with its sidecar.
+//!
+//! 1. `neon_get_page` round trips timed inside the backend (a PL/pgSQL loop around each call,
+//!    `clock_timestamp()`), p50/p99: a page the sidecar has cached, and pages needing redo
+//!    (each block once, strided so read-ahead stays out of it) — beside pageinspect's
+//!    `get_raw_page` of the same page from shared buffers, the anchor.
+//! 2. A sequential read of a `--pages` relation at a past LSN through `neon_get_page`, with
+//!    prefetch off (`neon.prefetch_distance = 0`) and on, each from a cold sidecar cache (the
+//!    sidecar restarted before every run), best of `--runs`.
+//!
+//! Goals: cached p50 < 50 µs from SQL; prefetch ≥ 3 × faster on the sequential read.
+
+use anyhow::Result;
+use neon_tests::sidecar::{cluster_born_with_store, SidecarProcess};
+use neon_tests::Cluster;
+use std::time::{Duration, Instant};
+
+const TIMER: &str = r#"
+CREATE FUNCTION bench_calls(q text, n int) RETURNS float8[] LANGUAGE plpgsql AS $$
+DECLARE t0 timestamptz; out float8[] := '{}';
+BEGIN
+    FOR i IN 0 .. n - 1 LOOP
+        t0 := clock_timestamp();
+        EXECUTE q USING i;
+        out := out || extract(epoch FROM clock_timestamp() - t0) * 1e6;
+    END LOOP;
+    RETURN out;
+END $$;
+"#;
+
+/// p50 and p99 (µs) of the calls `q` makes (`$1` = the call's number).
+fn percentiles(c: &Cluster, q: &str, n: u32) -> Result<(f64, f64)> {
+    let sql = format!(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d)::text, percentile_cont(0.99) WITHIN GROUP (ORDER BY d)::text \
+         FROM unnest(bench_calls($q${q}$q$, {n})) d"
+    );
+    let row = c.query_rows(&sql)?;
+    let get = |i: usize| -> Result<f64> { Ok(row[0][i].clone().unwrap_or_default().parse()?) };
+    Ok((get(0)?, get(1)?))
+}
+
+fn main() -> Result<()> {
+    let f = neon_tests::bench::Flags::parse(
+        "bench-sql [--pages N] [--calls N] [--runs N]",
+        &[("pages", "10000"), ("calls", "2000"), ("runs", "2")],
+    )?;
+    let (pages, calls, runs): (u32, u32, u32) = (f.get("pages")?, f.get("calls")?, f.get("runs")?);
+    let (c, store) = cluster_born_with_store()?;
+    let mut sidecar = SidecarProcess::start_for_compute(&c, &store, &[])?;
+    c.execute("CREATE EXTENSION neon; CREATE EXTENSION pageinspect")?;
+    c.execute(TIMER)?;
+    eprintln!("bench: a table of {pages} pages ...");
+    // About 9 rows of 800 bytes a page, one INSERT record each: a page at the LSN after the
+    // load is rebuilt from its records.
+    c.execute(&format!(
+        "CREATE TABLE seq (id int, pad text) WITH (autovacuum_enabled = off); \
+         INSERT INTO seq SELECT g, repeat(md5(g::text), 25) FROM generate_series(1, {}) g",
+        pages as u64 * 9
+    ))?;
+    let n: u32 = c.query_one_string("SELECT (pg_relation_size('seq') / 8192)::text")?.parse()?;
+    let lsn = c.query_one_string("SELECT pg_current_wal_insert_lsn()::text")?;
+    // Move on, so `lsn` is in the past.
+    c.execute("UPDATE seq SET id = -id WHERE id % 10 = 0")?;
+    c.execute("CHECKPOINT")?;
+
+    eprintln!("bench: round trips ...");
+    c.execute("SET neon.prefetch_distance = 0")?;
+    let cached_q = format!("SELECT neon_get_page('seq', 'main', 0, '{lsn}')");
+    c.query_one_string(&format!("SELECT length(({cached_q}))::text"))?;
+    let cached = percentiles(&c, &cached_q, calls)?;
+    // Each block once, 7 apart: never sequential, never cached.
+    let redo_calls = calls.min(n / 7);
+    let redo_q = format!("SELECT neon_get_page('seq', 'main', $1 * 7, '{lsn}')");
+    let redo = percentiles(&c, &redo_q, redo_calls)?;
+    let raw = percentiles(&c, "SELECT get_raw_page('seq', 'main', 0)", calls)?;
+
+    eprintln!("bench: sequential reads of {n} pages ...");
+    let scan = format!(
+        "SELECT count(*)::text FROM generate_series(0, {}) b, LATERAL neon_get_page('seq', 'main', b, '{lsn}') p",
+        n - 1
+    );
+    let mut best = [Duration::MAX; 2];
+    for _ in 0..runs {
+        for (i, distance) in [0, 256].into_iter().enumerate() {
+            sidecar.stop()?;
+            sidecar = SidecarProcess::restart_for_compute(&c, &store, &[])?;
+            let mut db = c.connect("postgres")?;
+            db.batch_execute(&format!("SET neon.prefetch_distance = {distance}"))?;
+            let t = Instant::now();
+            let got: String = db.query_one(scan.as_str(), &[])?.get(0);
+            best[i] = best[i].min(t.elapsed());
+            anyhow::ensure!(got == n.to_string(), "read {got} pages, not {n}");
+        }
+    }
+    let status = c.query_rows(
+        "SELECT name, value FROM neon_sidecar_status() WHERE name IN ('prefetched_pages', 'cache_hits', 'cache_waits')",
+    )?;
+
+    println!("neon_get_page from SQL (timed in the backend; {calls} calls, {redo_calls} for redo)");
+    println!();
+    println!("{:<46} {:>10} {:>10}", "call", "p50 µs", "p99 µs");
+    println!("{:<46} {:>10.1} {:>10.1}", "get_raw_page, shared buffers (anchor)", raw.0, raw.1);
+    println!("{:<46} {:>10.1} {:>10.1}", "neon_get_page, cached in the sidecar", cached.0, cached.1);
+    println!("{:<46} {:>10.1} {:>10.1}", "neon_get_page, rebuilt by redo", redo.0, redo.1);
+    println!("cached p50 / anchor p50 = {:.1}x   (goal: cached p50 < 50 µs)", cached.0 / raw.0);
+    println!();
+    println!("sequential read of {n} pages at {lsn}, cold sidecar cache, best of {runs}");
+    println!("{:<46} {:>10} {:>10}", "prefetch", "seconds", "pages/s");
+    for (i, name) in ["off (neon.prefetch_distance = 0)", "on  (neon.prefetch_distance = 256)"].iter().enumerate() {
+        let s = best[i].as_secs_f64();
+        println!("{name:<46} {s:>10.3} {:>10.0}", n as f64 / s);
+    }
+    println!("off / on = {:.2}x faster with prefetch   (goal >= 3x)", best[0].as_secs_f64() / best[1].as_secs_f64());
+    let status: Vec<String> =
+        status.iter().map(|r| r.iter().flatten().cloned().collect::<Vec<_>>().join(" ")).collect();
+    println!("last run's sidecar: {}", status.join(", "));
+    sidecar.stop()?;
+    Ok(())
+}

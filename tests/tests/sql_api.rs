@@ -1,0 +1,157 @@
+//! The SQL API against a real compute (`neon` preloaded, its background worker running) and
+//! the real sidecar, run as the server's OS user as the product arranges it:
+//!
+//! * the pg_regress suites in `sql/` (expected output in `expected/`): pages as they were read
+//!   by pageinspect, sizes, history, status, prefetch, base backups, bad input, permissions;
+//! * what pg_regress cannot do: the background worker's link (connected, reporting the flush
+//!   LSN), the sidecar stopped, killed mid-request and restarted, a query cancelled while it
+//!   waits — each an ERROR in the same backend, which goes on working, with no PANIC or
+//!   backend crash in the server log.
+
+use anyhow::{Context, Result};
+use neon_tests::sidecar::{cluster_born_with_store, SidecarProcess};
+use neon_tests::{pg_bin, Cluster};
+use postgres::error::SqlState;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const SUITES: &[&str] = &["neon_setup", "neon_pages", "neon_errors", "neon_permissions", "neon_history"];
+
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository")
+}
+
+fn status(c: &mut postgres::Client, name: &str) -> Result<String> {
+    Ok(c.query_one("SELECT value FROM neon_sidecar_status() WHERE name = $1", &[&name])?.get(0))
+}
+
+/// Server log lines that would mean a backend crashed.
+fn crashes(c: &Cluster) -> Vec<String> {
+    c.log_contents()
+        .lines()
+        .filter(|l| {
+            l.contains("PANIC")
+                || l.contains("terminated by signal")
+                || (l.contains("server process") && l.contains("exited with exit code"))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn pg_regress_suites_and_failures_of_the_sidecar() -> Result<()> {
+    let (c, store) = cluster_born_with_store()?;
+    let sidecar = SidecarProcess::start_for_compute(&c, &store, &[])?;
+
+    // ---- pg_regress ----
+    let out = tempfile::tempdir()?;
+    neon_tests::chown_to_server_user(out.path())?;
+    // pg_regress ships with PGXS (postgresql-server-dev-15): <pgxs dir>/src/test/regress/.
+    let pgxs = String::from_utf8(std::process::Command::new(pg_bin("pg_config")).arg("--pgxs").output()?.stdout)?;
+    let pgxs_src = Path::new(pgxs.trim()).parent().and_then(|p| p.parent()).context("pg_config --pgxs")?;
+    let mut regress = std::process::Command::new(pgxs_src.join("test/regress/pg_regress"));
+    regress
+        .arg(format!("--bindir={}", pg_bin("psql").parent().expect("bin dir").display()))
+        .arg(format!("--inputdir={}", repo_root().display()))
+        .arg(format!("--outputdir={}", out.path().display()))
+        .arg(format!("--host={}", c.socket_dir().display()))
+        .arg(format!("--port={}", c.port()))
+        .arg(format!("--user={}", neon_tests::SUPERUSER))
+        .arg("--dbname=neon_regression")
+        .args(SUITES);
+    neon_tests::run_as_server_user(&mut regress);
+    let result = regress.output()?;
+    let diffs = std::fs::read_to_string(out.path().join("regression.diffs")).unwrap_or_default();
+    if !result.status.success() {
+        // Kept for a look (and, once checked by eye, for `expected/`).
+        let kept = repo_root().join("target/regress");
+        let _ = std::fs::remove_dir_all(&kept);
+        std::fs::create_dir_all(kept.join("results"))?;
+        for e in std::fs::read_dir(out.path().join("results"))? {
+            let e = e?;
+            std::fs::copy(e.path(), kept.join("results").join(e.file_name()))?;
+        }
+        std::fs::write(kept.join("regression.diffs"), &diffs)?;
+        eprintln!("pg_regress output kept in {}", kept.display());
+    }
+    assert!(
+        result.status.success(),
+        "pg_regress failed:\n{}{}\n{diffs}",
+        String::from_utf8_lossy(&result.stdout),
+        String::from_utf8_lossy(&result.stderr)
+    );
+
+    // ---- the background worker keeps the link and reports the flush position ----
+    let mut db = c.connect("neon_regression")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&mut db, "prefetch_worker_connected")? != "true" || status(&mut db, "compute_flush_lsn")? == "0/0" {
+        assert!(Instant::now() < deadline, "the prefetch worker never connected: {}", sidecar.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent: u64 = status(&mut db, "prefetch_sent")?.parse()?;
+    assert!(sent > 0, "neon_prefetch in the suites queued pages the worker sent");
+
+    // ---- a query cancelled while the sidecar waits for an LSN it does not have ----
+    db.batch_execute("SET neon.request_timeout = '60s'")?;
+    let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let canceller = c.connect("postgres")?;
+    let t = Instant::now();
+    let cancel = std::thread::spawn(move || {
+        let mut canceller = canceller;
+        std::thread::sleep(Duration::from_millis(500));
+        canceller.query_one("SELECT pg_cancel_backend($1)", &[&pid]).map(|_| ())
+    });
+    let err = db
+        .query_one("SELECT neon_get_page('big', 'main', 0, pg_current_wal_insert_lsn() + 1073741824)", &[])
+        .expect_err("a wait for WAL that never comes");
+    cancel.join().expect("canceller")?;
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "the cancel took {:?}", t.elapsed());
+    let lsn: String = db.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])?.get(0);
+    let page = format!("SELECT length(neon_get_page('big', 'main', 0, '{lsn}'))");
+    assert_eq!(db.query_one(&page, &[])?.get::<_, i32>(0), 8192, "the call after a cancel works");
+
+    // ---- the sidecar killed in the middle of a request ----
+    let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+    let waiting = std::thread::spawn({
+        let conn = c.conn_str("neon_regression");
+        move || -> Result<postgres::Error> {
+            let mut db = postgres::Client::connect(&conn, postgres::NoTls)?;
+            db.batch_execute("SET neon.request_timeout = '60s'")?;
+            Ok(db
+                .query_one("SELECT neon_get_page('big', 'main', 0, pg_current_wal_insert_lsn() + 1073741824)", &[])
+                .expect_err("the sidecar dies under it"))
+        }
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    sidecar.kill9()?;
+    let err = waiting.join().expect("waiter")?;
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err}");
+    let msg = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    assert!(msg.contains("closed the connection"), "{msg}");
+
+    // ---- the sidecar stopped: a clear ERROR, the backend lives on ----
+    let err = db.query_one(&page, &[]).expect_err("no sidecar");
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err}");
+    let msg = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    assert!(msg.contains("could not connect to the sidecar") || msg.contains("closed the connection"), "{msg}");
+    assert_eq!(db.query_one("SELECT pg_backend_pid()", &[])?.get::<_, i32>(0), pid, "same backend");
+
+    // ---- back again: the same backend and the worker reconnect by themselves ----
+    let sidecar = SidecarProcess::restart_for_compute(&c, &store, &[])?;
+    assert_eq!(db.query_one(&page, &[])?.get::<_, i32>(0), 8192, "the call after a restart works");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let requests_before: u64 = status(&mut db, "requests")?.parse()?;
+    loop {
+        // The worker reports the flush LSN every second on its own connection.
+        let now: u64 = status(&mut db, "requests")?.parse()?;
+        if status(&mut db, "prefetch_worker_connected")? == "true" && now >= requests_before + 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker did not reconnect: {}", sidecar.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(crashes(&c), Vec::<String>::new(), "the server log shows a crash");
+    sidecar.stop()?;
+    Ok(())
+}
