@@ -321,18 +321,16 @@ fn neon_basebackup(
 
 extension_sql!(
     r#"
-REVOKE ALL ON FUNCTION neon_get_page(regclass, text, int8, pg_lsn) FROM PUBLIC;
-REVOKE ALL ON FUNCTION neon_rel_size(regclass, text, pg_lsn) FROM PUBLIC;
-REVOKE ALL ON FUNCTION neon_history() FROM PUBLIC;
-REVOKE ALL ON FUNCTION neon_sidecar_status() FROM PUBLIC;
-REVOKE ALL ON FUNCTION neon_prefetch(regclass, pg_lsn, int8, int8) FROM PUBLIC;
-REVOKE ALL ON FUNCTION neon_basebackup(pg_lsn, boolean) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION neon_get_page(regclass, text, int8, pg_lsn) TO pg_read_server_files;
-GRANT EXECUTE ON FUNCTION neon_rel_size(regclass, text, pg_lsn) TO pg_read_server_files;
-GRANT EXECUTE ON FUNCTION neon_history() TO pg_read_server_files;
-GRANT EXECUTE ON FUNCTION neon_sidecar_status() TO pg_read_server_files;
-GRANT EXECUTE ON FUNCTION neon_prefetch(regclass, pg_lsn, int8, int8) TO pg_read_server_files;
-GRANT EXECUTE ON FUNCTION neon_basebackup(pg_lsn, boolean) TO pg_read_server_files;
+DO $$
+DECLARE f text;
+BEGIN
+    FOREACH f IN ARRAY ARRAY['neon_get_page(regclass, text, int8, pg_lsn)', 'neon_rel_size(regclass, text, pg_lsn)',
+                             'neon_history()', 'neon_sidecar_status()', 'neon_prefetch(regclass, pg_lsn, int8, int8)',
+                             'neon_basebackup(pg_lsn, boolean)'] LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO pg_read_server_files', f);
+    END LOOP;
+END $$;
 COMMENT ON FUNCTION neon_get_page(regclass, text, int8, pg_lsn) IS 'a block of a relation as it was at an LSN (8192 bytes, for pageinspect)';
 COMMENT ON FUNCTION neon_rel_size(regclass, text, pg_lsn) IS 'the number of blocks of a relation fork at an LSN';
 COMMENT ON FUNCTION neon_history() IS 'the LSNs the sidecar holds history for';

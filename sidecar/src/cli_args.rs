@@ -49,6 +49,7 @@ pub struct RedoProcessArgs {
 impl RedoProcessArgs {
     /// A one-process configuration with its scratch directory named after `purpose`.
     pub fn config(&self, purpose: &str) -> anyhow::Result<RedoConfig> {
+        remove_stale_scratch(purpose);
         let mut cfg = RedoConfig::new(std::env::temp_dir().join(format!("neon-{purpose}-{}", std::process::id())));
         cfg.pg_bin_dir = self.pg_bin.clone();
         cfg.processes = 1;
@@ -60,6 +61,29 @@ impl RedoProcessArgs {
             cfg.run_as = Some((user.uid.as_raw(), user.gid.as_raw()));
         }
         Ok(cfg)
+    }
+}
+
+/// Removes the redo scratch directories (`$TMPDIR/neon-<purpose>-<pid>`) of this user's
+/// sidecars that ended without cleaning up (`kill -9`): their process is gone.
+fn remove_stale_scratch(purpose: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let prefix = format!("neon-{purpose}-");
+    let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let ours = e.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
+        // SAFETY: kill with signal 0 only asks whether the process exists.
+        let gone =
+            unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if ours && gone && pid != std::process::id() as i32 {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 

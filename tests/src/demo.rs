@@ -110,7 +110,7 @@ pub fn run(out: &mut dyn Write, scale: u32, pgbench_secs: u32) -> Result<Shown> 
     let copy = boot_basebackup(Path::new(&path))?;
     writeln!(
         out,
-        "   started in {:.1} s on {} (no WAL replayed: {})",
+        "   unpacked and started in {:.1} s on {} (no WAL replayed: {})",
         t.elapsed().as_secs_f64(),
         copy.socket_dir().display(),
         !copy.log_contents().contains("redo starts")

@@ -103,7 +103,7 @@ impl SidecarProcess {
         let socket = dir.join("sidecar.sock");
         let log = dir.join("sidecar.log");
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        let mut cmd = Command::new(sidecar_bin()?);
+        let mut cmd = Command::new(if as_server_user { server_user_copy_of_sidecar(c)? } else { sidecar_bin()? });
         if as_server_user {
             crate::chown_to_server_user(&log)?;
             crate::run_as_server_user(&mut cmd);
@@ -206,6 +206,23 @@ impl Drop for SidecarProcess {
             let _ = self.signal_and_wait(libc::SIGKILL);
         }
     }
+}
+
+/// The sidecar binary where the server's OS user can run it: when we are root, the build's
+/// own may sit in a directory only root can enter (a clean clone under `mktemp -d`), so it is
+/// copied into the cluster's directory.
+fn server_user_copy_of_sidecar(c: &Cluster) -> Result<PathBuf> {
+    let built = sidecar_bin()?;
+    if !crate::is_root() {
+        return Ok(built);
+    }
+    let copy = c.root_dir().join("bin/neon-sidecar");
+    if !copy.exists() {
+        std::fs::create_dir_all(copy.parent().expect("has a parent"))?;
+        std::fs::copy(&built, &copy).with_context(|| format!("copying {}", built.display()))?;
+        crate::chown_to_server_user(copy.parent().expect("has a parent"))?;
+    }
+    Ok(copy)
 }
 
 /// Starts stock PostgreSQL 15 on a base backup tar: a fresh harness cluster (for its port,
