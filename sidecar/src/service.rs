@@ -227,25 +227,44 @@ impl PageService {
             reconstruct::relation_at(&self.repo, rel, lsn).map_err(|e| error(ErrorCode::Internal, e.to_string()))?;
         let end = first.saturating_add(n).min(r.nblocks.unwrap_or(0));
         let blocks: Vec<u32> = (first..end).collect();
-        let mut done = 0;
+        // One lane per redo process, so a batch keeps them all busy.
+        let lanes = (self.basebackup_workers / 2).max(1);
+        let done = AtomicU64::new(0);
         for chunk in blocks.chunks(PREFETCH_BATCH) {
             let claims: Vec<_> = chunk
                 .iter()
                 .filter_map(|&blkno| self.cache.try_claim((neon_types::BufferTag { rel, blkno }, lsn)))
                 .collect();
-            done += (chunk.len() - claims.len()) as u32;
-            let pages =
-                reconstruct::pages_of(&self.repo, self.redo.as_ref(), claims.iter().map(|c| (&r, c.key().0.blkno)));
-            for (claim, page) in claims.into_iter().zip(pages) {
-                // A page that fails is left for GetPage, which reports the error to its reader.
-                if let Ok(page) = page {
-                    claim.fill(&page);
-                    done += 1;
-                    self.metrics.prefetched_pages.fetch_add(1, Ordering::Relaxed);
-                }
+            done.fetch_add((chunk.len() - claims.len()) as u64, Ordering::Relaxed);
+            let lane_len = claims.len().div_ceil(lanes).max(1);
+            let mut lanes_of_claims = Vec::new();
+            let mut claims = claims.into_iter().peekable();
+            while claims.peek().is_some() {
+                lanes_of_claims.push(claims.by_ref().take(lane_len).collect::<Vec<_>>());
             }
+            std::thread::scope(|s| {
+                for lane in lanes_of_claims {
+                    let (r, done) = (&r, &done);
+                    s.spawn(move || {
+                        let pages = reconstruct::pages_of(
+                            &self.repo,
+                            self.redo.as_ref(),
+                            lane.iter().map(|c| (r, c.key().0.blkno)),
+                        );
+                        for (claim, page) in lane.into_iter().zip(pages) {
+                            // A page that fails is left for GetPage, which reports the error
+                            // to its reader.
+                            if let Ok(page) = page {
+                                claim.fill(&page);
+                                done.fetch_add(1, Ordering::Relaxed);
+                                self.metrics.prefetched_pages.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
         }
-        Ok(done)
+        Ok(done.into_inner() as u32)
     }
 
     /// `name value` lines: history, ingest lag, layers, cache, redo, requests and latencies.
