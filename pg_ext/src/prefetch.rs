@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 pub const QUEUE_LEN: usize = 256;
 /// Blocks per queued request: what the sidecar rebuilds as one pipelined batch.
-pub const ENTRY_BLOCKS: u32 = 32;
+pub const ENTRY_BLOCKS: u32 = 64;
 /// How long the worker waits for one answer; short, so it never holds up a shutdown for long.
 const WORKER_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -81,7 +81,7 @@ impl Metrics {
 /// The most blocks one `Prefetch` request may ask for.
 pub const MAX_PREFETCH: u32 = 1024;
 /// Blocks a prefetch hands to the redo manager at once (as one pipelined batch).
-const PREFETCH_BATCH: usize = 32;
+const PREFETCH_BATCH: usize = 64;
 
 /// What a request is served from.
 pub struct PageService {
