@@ -76,6 +76,12 @@ fn main() -> Result<()> {
     let redo_end_q = format!("SELECT neon_get_page('seq', 'main', {} - $1 * 7, '{lsn}')", n - 1);
     let redo_end = percentiles(&c, &redo_end_q, redo_calls)?;
     let raw = percentiles(&c, "SELECT get_raw_page('seq', 'main', 0)", calls)?;
+    // The sidecar's own view of those GetPage requests: time spent serving them.
+    let served = c.query_rows(
+        "SELECT string_agg(name || ' ' || value, ', ' ORDER BY name) FROM neon_sidecar_status() \
+         WHERE name IN ('get_page_mean_us', 'get_page_p50_us_under', 'get_page_p99_us_under', 'get_page_requests')",
+    )?;
+    let served = served[0][0].clone().unwrap_or_default();
 
     eprintln!("bench: sequential reads of {n} pages ...");
     let scan = format!(
@@ -107,6 +113,7 @@ fn main() -> Result<()> {
     println!("{:<46} {:>10.1} {:>10.1}", "neon_get_page, rebuilt by redo (first half)", redo.0, redo.1);
     println!("{:<46} {:>10.1} {:>10.1}", "neon_get_page, rebuilt by redo (second half)", redo_end.0, redo_end.1);
     println!("cached p50 / anchor p50 = {:.1}x   (goal: cached p50 < 50 µs)", cached.0 / raw.0);
+    println!("inside the sidecar, all of those: {served}");
     println!();
     println!("sequential read of {n} pages at {lsn}, cold sidecar cache, best of {runs}");
     println!("{:<46} {:>10} {:>10}", "prefetch", "seconds", "pages/s");
