@@ -247,16 +247,31 @@ impl DeltaLayer {
 
     /// The values of `key` with LSN in `lsns`, oldest first, each checked against its CRC.
     pub fn values(&self, key: Key, lsns: Range<Lsn>) -> Result<Vec<(Lsn, Value)>, LayerError> {
-        let lo = self.seek(key, lsns.start);
-        let mut out = Vec::new();
-        for i in lo..self.entries {
-            let (k, lsn, off, len) = self.entry(i);
-            if k != key || lsn >= lsns.end {
-                break;
-            }
-            out.push((lsn, self.blob(key, lsn, off, len)?));
-        }
+        let mut out: Vec<_> = self
+            .newest_first(key, lsns.end)
+            .take_while(|v| v.as_ref().map_or(true, |(l, _)| *l >= lsns.start))
+            .collect::<Result<_, _>>()?;
+        out.reverse();
         Ok(out)
+    }
+
+    /// The values of `key` before `upto`, newest first, each read (and checked against its
+    /// CRC) only when the walk gets to it — a reader stops at the first image, however many
+    /// older values the key has here (a relation's size key gets one per extension).
+    pub fn newest_first(&self, key: Key, upto: Lsn) -> impl Iterator<Item = Result<(Lsn, Value), LayerError>> + '_ {
+        let mut i = self.seek(key, upto);
+        std::iter::from_fn(move || {
+            if i == 0 {
+                return None;
+            }
+            i -= 1;
+            let (k, lsn, off, len) = self.entry(i);
+            if k != key {
+                i = 0;
+                return None;
+            }
+            Some(self.blob(key, lsn, off, len).map(|v| (lsn, v)))
+        })
     }
 
     fn blob(&self, key: Key, lsn: Lsn, off: u64, len: u32) -> Result<Value, LayerError> {

@@ -528,7 +528,8 @@ impl Repository {
             if layer.lsn_range().0 > lsn {
                 continue;
             }
-            for (at, v) in layer.values(key, Lsn(0)..upto)?.into_iter().rev() {
+            for value in layer.newest_first(key, upto) {
+                let (at, v) = value?;
                 let init = v.will_init();
                 newest_first.push((at, v));
                 if init {
