@@ -95,6 +95,12 @@ fn unexpected(what: &str, r: Response) -> ! {
     fail(PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION, format!("{what}: unexpected answer from the sidecar: {r:?}"), None)
 }
 
+/// How long a call that waits for its LSN at the sidecar (for `neon.request_timeout`) waits
+/// for the answer: that, and time to rebuild the page.
+fn lsn_call_timeout() -> Option<std::time::Duration> {
+    Some(guc::request_timeout() + std::time::Duration::from_secs(5))
+}
+
 fn wait_ms() -> u32 {
     guc::request_timeout().as_millis().min(u32::MAX as u128) as u32
 }
@@ -205,8 +211,7 @@ fn neon_get_page(rel: Option<RegClass>, fork: Option<&str>, blkno: Option<i64>, 
     let (rel, name) = relation(rel, fork);
     read_ahead(rel, lsn, blkno);
     let what = format!("block {blkno} of relation \"{name}\" ({rel}) at {lsn}");
-    let timeout = guc::request_timeout() + std::time::Duration::from_secs(5);
-    match ask(&Request::GetPage { tag: BufferTag { rel, blkno }, lsn, wait_ms: wait_ms() }, &what, Some(timeout)) {
+    match ask(&Request::GetPage { tag: BufferTag { rel, blkno }, lsn, wait_ms: wait_ms() }, &what, lsn_call_timeout()) {
         Response::Page(p) => {
             debug_assert_eq!(p.len(), BLCKSZ);
             p.to_vec()
@@ -222,8 +227,7 @@ fn neon_rel_size(rel: Option<RegClass>, fork: Option<&str>, lsn: Option<PgLsn>) 
     let lsn = lsn_arg(lsn);
     let (rel, name) = relation(rel, fork);
     let what = format!("size of relation \"{name}\" ({rel}) at {lsn}");
-    let timeout = guc::request_timeout() + std::time::Duration::from_secs(5);
-    match ask(&Request::RelSize { rel, lsn, wait_ms: wait_ms() }, &what, Some(timeout)) {
+    match ask(&Request::RelSize { rel, lsn, wait_ms: wait_ms() }, &what, lsn_call_timeout()) {
         Response::Size(Some(n)) => i64::from(n),
         Response::Size(None) => fail(
             PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
@@ -249,9 +253,7 @@ fn neon_history() -> TableIterator<
     let what = "history";
     let row = match ask(&Request::History, what, Some(guc::request_timeout())) {
         Response::History { origin, oldest, durable, last } => {
-            // SAFETY: reads the WAL flush position from shared memory.
-            let flush = Lsn(unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) });
-            (PgLsn(oldest), PgLsn(durable), PgLsn(last), PgLsn(origin), PgLsn(flush))
+            (PgLsn(oldest), PgLsn(durable), PgLsn(last), PgLsn(origin), PgLsn(crate::flush_lsn()))
         }
         r => unexpected(what, r),
     };
@@ -303,8 +305,7 @@ fn neon_basebackup(
     full: default!(Option<bool>, "true"),
 ) -> TableIterator<'static, (name!(path, String), name!(lsn, PgLsn), name!(bytes, i64), name!(seconds, f64))> {
     let lsn = match lsn {
-        // SAFETY: reads the WAL flush position from shared memory.
-        None => Lsn(unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) }),
+        None => crate::flush_lsn(),
         l => lsn_arg(l),
     };
     let full = required(full, "full");

@@ -19,6 +19,12 @@ mod walredo;
 
 ::pgrx::pg_module_magic!(name, version);
 
+/// The compute's WAL flush position now.
+pub(crate) fn flush_lsn() -> neon_types::Lsn {
+    // SAFETY: reads the flush position from shared memory; no timeline is asked for.
+    neon_types::Lsn(unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) })
+}
+
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::define();

@@ -216,10 +216,8 @@ pub extern "C-unwind" fn neon_prefetch_worker_main(_arg: pg_sys::Datum) {
         if last_report.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last_report = Some(Instant::now());
             if let Some(path) = &socket {
-                // SAFETY: reads the WAL flush position from shared memory; no timeline wanted.
-                let flush = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
-                let result =
-                    slot.call(path, &Request::ComputeFlush { lsn: Lsn(flush) }, Some(WORKER_TIMEOUT), &mut || {});
+                let req = Request::ComputeFlush { lsn: crate::flush_lsn() };
+                let result = slot.call(path, &req, Some(WORKER_TIMEOUT), &mut || {});
                 QUEUE.exclusive().connected = result.is_ok();
                 if let Err(e) = result {
                     complain(&e);

@@ -231,40 +231,32 @@ impl PageService {
         let lanes = (self.basebackup_workers / 2).max(1);
         let done = AtomicU64::new(0);
         for chunk in blocks.chunks(PREFETCH_BATCH) {
-            let claims: Vec<_> = chunk
-                .iter()
-                .filter_map(|&blkno| self.cache.try_claim((neon_types::BufferTag { rel, blkno }, lsn)))
-                .collect();
-            done.fetch_add((chunk.len() - claims.len()) as u64, Ordering::Relaxed);
-            let lane_len = claims.len().div_ceil(lanes).max(1);
-            let mut lanes_of_claims = Vec::new();
-            let mut claims = claims.into_iter().peekable();
-            while claims.peek().is_some() {
-                lanes_of_claims.push(claims.by_ref().take(lane_len).collect::<Vec<_>>());
-            }
             std::thread::scope(|s| {
-                for lane in lanes_of_claims {
-                    let (r, done) = (&r, &done);
-                    s.spawn(move || {
-                        let pages = reconstruct::pages_of(
-                            &self.repo,
-                            self.redo.as_ref(),
-                            lane.iter().map(|c| (r, c.key().0.blkno)),
-                        );
-                        for (claim, page) in lane.into_iter().zip(pages) {
-                            // A page that fails is left for GetPage, which reports the error
-                            // to its reader.
-                            if let Ok(page) = page {
-                                claim.fill(&page);
-                                done.fetch_add(1, Ordering::Relaxed);
-                                self.metrics.prefetched_pages.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    });
+                for lane in chunk.chunks(chunk.len().div_ceil(lanes)) {
+                    s.spawn(|| self.prefetch_lane(&r, lane, &done));
                 }
             });
         }
         Ok(done.into_inner() as u32)
+    }
+
+    /// Claims what of `blocks` nobody has or is rebuilding, rebuilds that as one batch and
+    /// files it; counts in `done` the blocks now cached or under way.
+    fn prefetch_lane(&self, r: &reconstruct::RelationAt, blocks: &[u32], done: &AtomicU64) {
+        let claims: Vec<_> = blocks
+            .iter()
+            .filter_map(|&blkno| self.cache.try_claim((neon_types::BufferTag { rel: r.rel, blkno }, r.lsn)))
+            .collect();
+        done.fetch_add((blocks.len() - claims.len()) as u64, Ordering::Relaxed);
+        let pages = reconstruct::pages_of(&self.repo, self.redo.as_ref(), claims.iter().map(|c| (r, c.key().0.blkno)));
+        for (claim, page) in claims.into_iter().zip(pages) {
+            // A page that fails is left for GetPage, which reports the error to its reader.
+            if let Ok(page) = page {
+                claim.fill(&page);
+                done.fetch_add(1, Ordering::Relaxed);
+                self.metrics.prefetched_pages.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// `name value` lines: history, ingest lag, layers, cache, redo, requests and latencies.

@@ -68,24 +68,22 @@ impl SidecarProcess {
     /// the compute can reach the socket and the shared directory `<root>/shared`), and the
     /// compute's `neon.sidecar_socket` / `neon.shared_dir` point at them (reloaded).
     pub fn start_for_compute(c: &Cluster, store: &Path, extra: &[&str]) -> Result<SidecarProcess> {
-        let shared = c.root_dir().join("shared");
-        std::fs::create_dir_all(&shared)?;
-        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700))?;
-        let mut args = vec!["--shared-dir", shared.to_str().context("path is not UTF-8")?];
-        args.extend_from_slice(extra);
-        let s = Self::spawn(c, store, &args, true)?;
+        let s = Self::restart_for_compute(c, store, extra)?;
         c.append_conf(&format!(
             "neon.sidecar_socket = '{}'\nneon.shared_dir = '{}'\n",
             s.socket.display(),
-            shared.display()
+            c.root_dir().join("shared").display()
         ))?;
         c.reload()?;
         Ok(s)
     }
 
-    /// Starts the sidecar again after a stop, as it was started (for a compute).
+    /// Starts the sidecar again after a stop, as [`SidecarProcess::start_for_compute`] did
+    /// (the compute's settings already point at it).
     pub fn restart_for_compute(c: &Cluster, store: &Path, extra: &[&str]) -> Result<SidecarProcess> {
         let shared = c.root_dir().join("shared");
+        std::fs::create_dir_all(&shared)?;
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700))?;
         let mut args = vec!["--shared-dir", shared.to_str().context("path is not UTF-8")?];
         args.extend_from_slice(extra);
         Self::spawn(c, store, &args, true)

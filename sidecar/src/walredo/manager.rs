@@ -101,13 +101,10 @@ pub trait WalRedoManager: Send + Sync {
 }
 
 type Page = Box<[u8; BLCKSZ]>;
-type Reply = Sender<Result<Page, RedoError>>;
 
-/// What a worker is asked to do: one request, or a batch it may pipeline.
-enum Job {
-    One(RedoRequest, Reply),
-    Many(Vec<RedoRequest>, Sender<Vec<Result<Page, RedoError>>>),
-}
+/// What a worker is asked to do: requests (one, or a batch it may pipeline), and where their
+/// results go, in order.
+type Job = (Vec<RedoRequest>, Sender<Vec<Result<Page, RedoError>>>);
 
 /// A pool of `postgres --single` redo processes.
 pub struct PostgresRedoManager {
@@ -163,9 +160,7 @@ impl PostgresRedoManager {
 
 impl WalRedoManager for PostgresRedoManager {
     fn redo(&self, request: RedoRequest) -> Result<Box<[u8; BLCKSZ]>, RedoError> {
-        let (tx, rx) = bounded(1);
-        self.queue.as_ref().ok_or(RedoError::ShutDown)?.send(Job::One(request, tx)).map_err(|_| RedoError::ShutDown)?;
-        rx.recv().map_err(|_| RedoError::ShutDown)?
+        self.redo_many(vec![request]).pop().expect("one result per request")
     }
 
     fn stats(&self) -> RedoStats {
@@ -175,7 +170,7 @@ impl WalRedoManager for PostgresRedoManager {
     fn redo_many(&self, requests: Vec<RedoRequest>) -> Vec<Result<Box<[u8; BLCKSZ]>, RedoError>> {
         let n = requests.len();
         let (tx, rx) = bounded(1);
-        let sent = self.queue.as_ref().is_some_and(|q| q.send(Job::Many(requests, tx)).is_ok());
+        let sent = self.queue.as_ref().is_some_and(|q| q.send((requests, tx)).is_ok());
         match sent.then(|| rx.recv().ok()).flatten() {
             Some(results) => results,
             None => (0..n).map(|_| Err(RedoError::ShutDown)).collect(),
@@ -206,11 +201,8 @@ fn worker(n: usize, rx: Receiver<Job>, shared: Shared) {
     let mut process: Option<RedoProcess> = None;
     let mut served = 0u64;
     let mut scratch = Vec::with_capacity(64 * 1024);
-    for job in rx {
-        let (results, reply) = match job {
-            Job::One(request, reply) => (vec![rebuild(&request, &mut process, &mut scratch, n, &shared)], Ok(reply)),
-            Job::Many(requests, reply) => (rebuild_many(&requests, &mut process, &mut scratch, n, &shared), Err(reply)),
-        };
+    for (requests, reply) in rx {
+        let results = rebuild_many(&requests, &mut process, &mut scratch, n, &shared);
         {
             let mut s = shared.stats.lock().expect("stats lock");
             s.requests += results.len() as u64;
@@ -224,14 +216,7 @@ fn worker(n: usize, rx: Receiver<Job>, shared: Shared) {
             served = 0;
         }
         shared.pids.lock().expect("pids lock")[n] = process.as_ref().map(RedoProcess::pid);
-        match reply {
-            Ok(one) => {
-                let _ = one.send(results.into_iter().next().expect("one result"));
-            }
-            Err(many) => {
-                let _ = many.send(results);
-            }
-        }
+        let _ = reply.send(results);
     }
     drop(process);
     shared.pids.lock().expect("pids lock")[n] = None;
