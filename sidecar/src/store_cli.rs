@@ -210,7 +210,9 @@ fn compact(
         // flush if the durable LSN has not moved since the last.
         let lsn = repo.durable_lsn();
         waiting.extend(keys);
-        if lsn > last_image {
+        // An attached store replays its base backup's WAL before its history begins (at the
+        // backup's end): no page can be read there, so keys wait until history has begun.
+        if lsn > last_image && lsn >= repo.history_start() {
             if retention > 0 && lsn.0.saturating_sub(last_full.0) >= retention {
                 // A full image covers the waiting keys too.
                 let started = std::time::Instant::now();
