@@ -9,7 +9,7 @@
 
 use crate::client::{ClientError, Slot};
 use crate::sqltypes::{PgLsn, RegClass};
-use crate::{guc, prefetch};
+use crate::{guc, prefetch, shared_pages};
 use neon_types::protocol::{ErrorCode, Request, Response};
 use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
@@ -210,8 +210,12 @@ fn neon_get_page(rel: Option<RegClass>, fork: Option<&str>, blkno: Option<i64>, 
     let lsn = lsn_arg(lsn);
     let (rel, name) = relation(rel, fork);
     read_ahead(rel, lsn, blkno);
+    let tag = BufferTag { rel, blkno };
+    if let Some(page) = shared_pages::get(&(tag, lsn)) {
+        return page;
+    }
     let what = format!("block {blkno} of relation \"{name}\" ({rel}) at {lsn}");
-    match ask(&Request::GetPage { tag: BufferTag { rel, blkno }, lsn, wait_ms: wait_ms() }, &what, lsn_call_timeout()) {
+    match ask(&Request::GetPage { tag, lsn, wait_ms: wait_ms() }, &what, lsn_call_timeout()) {
         Response::Page(p) => {
             debug_assert_eq!(p.len(), BLCKSZ);
             p.to_vec()
@@ -271,7 +275,7 @@ fn neon_sidecar_status() -> TableIterator<'static, (name!(name, String), name!(v
     };
     let mut rows: Vec<(String, String)> =
         text.lines().filter_map(|l| l.split_once(' ')).map(|(n, v)| (n.to_string(), v.to_string())).collect();
-    rows.extend(prefetch::status().into_iter().map(|(n, v)| (n.to_string(), v)));
+    rows.extend(prefetch::status().into_iter().chain(shared_pages::status()).map(|(n, v)| (n.to_string(), v)));
     TableIterator::new(rows)
 }
 

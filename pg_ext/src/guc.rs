@@ -23,8 +23,8 @@ pub fn define() {
     );
     GucRegistry::define_string_guc(
         c"neon.shared_dir",
-        c"The directory the sidecar writes base backups into.",
-        c"Shared with the sidecar (its --shared-dir); neon_basebackup() returns paths inside it.",
+        c"The directory the sidecar shares with the compute: base backups and cached pages.",
+        c"The sidecar's --shared-dir: neon_basebackup() returns paths inside it, and neon_get_page() reads pages the sidecar has cached from its page file there.",
         &SHARED_DIR,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
@@ -54,6 +54,11 @@ pub fn define() {
 /// `neon.sidecar_socket`, if set.
 pub fn sidecar_socket() -> Option<PathBuf> {
     SIDECAR_SOCKET.get().filter(|s| !s.as_bytes().is_empty()).map(|s| PathBuf::from(s.to_string_lossy().into_owned()))
+}
+
+/// `neon.shared_dir`, if set.
+pub fn shared_dir() -> Option<PathBuf> {
+    SHARED_DIR.get().filter(|s| !s.as_bytes().is_empty()).map(|s| PathBuf::from(s.to_string_lossy().into_owned()))
 }
 
 pub fn request_timeout() -> Duration {

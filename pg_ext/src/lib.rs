@@ -4,16 +4,19 @@
 //! * [`api`]: the SQL functions — pages, sizes, history and base backups as of any LSN;
 //! * [`client`]: the link to the sidecar (its unix socket, `neon_types::protocol`);
 //! * [`prefetch`]: the shared-memory prefetch queue and the background worker draining it;
+//! * [`shared_pages`]: pages the sidecar has cached, read from its shared page file;
 //! * [`guc`]: the `neon.*` settings; [`sqltypes`]: `pg_lsn` and `regclass` for pgrx;
 //! * [`walredo`]: the wal-redo loop the sidecar runs in `postgres --single` processes to
 //!   rebuild pages with PostgreSQL's own redo routines.
 
 use pgrx::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 mod api;
 mod client;
 mod guc;
 mod prefetch;
+mod shared_pages;
 mod sqltypes;
 mod walredo;
 
@@ -25,10 +28,23 @@ pub(crate) fn flush_lsn() -> neon_types::Lsn {
     neon_types::Lsn(unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) })
 }
 
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+/// Whether the library was loaded by `shared_preload_libraries`, so that its shared memory
+/// (the prefetch queue, counters) and the background worker exist.
+pub(crate) fn preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
+
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::define();
-    prefetch::init();
+    // SAFETY: a flag PostgreSQL sets while loading shared_preload_libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        prefetch::init();
+        shared_pages::init();
+        PRELOADED.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The extension's version, as built (`SELECT neon_version()`).

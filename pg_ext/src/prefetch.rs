@@ -18,7 +18,6 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTi
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 use pgrx::{pg_shmem_init, PgLwLock};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 pub const QUEUE_LEN: usize = 256;
@@ -79,14 +78,9 @@ unsafe impl PGRXSharedMemory for Queue {}
 
 // SAFETY: the name is this extension's own.
 static QUEUE: PgLwLock<Queue> = unsafe { PgLwLock::new(c"neon_prefetch_queue") };
-static ACTIVE: AtomicBool = AtomicBool::new(false);
 
-/// From `_PG_init`: when preloaded, ask for the shared memory and register the worker.
+/// From `_PG_init` while preloading: ask for the shared memory and register the worker.
 pub fn init() {
-    // SAFETY: a flag PostgreSQL sets while loading shared_preload_libraries.
-    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        return;
-    }
     pg_shmem_init!(QUEUE);
     BackgroundWorkerBuilder::new("neon prefetch worker")
         .set_type("neon prefetch worker")
@@ -96,12 +90,11 @@ pub fn init() {
         .set_start_time(BgWorkerStartTime::RecoveryFinished)
         .set_restart_time(Some(Duration::from_secs(2)))
         .load();
-    ACTIVE.store(true, Ordering::Relaxed);
 }
 
 /// Whether the queue exists (the library was preloaded).
 pub fn active() -> bool {
-    ACTIVE.load(Ordering::Relaxed)
+    crate::preloaded()
 }
 
 /// Queues blocks `first..first + n` of `rel` at `lsn`; returns how many blocks were queued

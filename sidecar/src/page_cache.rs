@@ -1,31 +1,25 @@
 //! The page service's cache of rebuilt pages, keyed by page and LSN. Prefetch requests fill
 //! it ahead of a reader; `GetPage` looks here first and files what it rebuilds.
 //!
+//! The pages live in the shared page file (`neon_types::page_file`, `<shared dir>/pages`),
+//! which backends read directly: a page the sidecar has here costs them no round trip.
+//! Without a shared directory the same layout is kept in private memory. Eviction is the
+//! file's: per set of eight slots, round robin.
+//!
 //! A page being rebuilt is *claimed*: whoever asks for it meanwhile waits for that rebuild
 //! instead of starting a second one (a reader that catches up with the prefetcher waits for
 //! the page already under way). A claim is a guard: dropped without a page — an error, a panic
-//! — it is withdrawn and a waiter claims the page itself. Eviction is oldest-filled first.
+//! — it is withdrawn and a waiter claims the page itself.
 
+use neon_types::page_file::{PageFileError, PageFileWriter};
 use neon_types::{BufferTag, Lsn, BLCKSZ};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashSet;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub type Key = (BufferTag, Lsn);
-type Page = Arc<[u8; BLCKSZ]>;
-
-enum Slot {
-    Pending,
-    Ready(Page),
-}
-
-#[derive(Default)]
-struct Inner {
-    map: HashMap<Key, Slot>,
-    /// Ready keys, oldest first.
-    order: VecDeque<Key>,
-}
 
 /// Counters for status reports.
 #[derive(Default)]
@@ -37,9 +31,10 @@ pub struct CacheStats {
 }
 
 pub struct PageCache {
-    inner: Mutex<Inner>,
+    /// Keys claimed and not yet filed.
+    pending: Mutex<HashSet<Key>>,
     filled: Condvar,
-    capacity: usize,
+    pages: PageFileWriter,
     pub stats: CacheStats,
 }
 
@@ -58,63 +53,80 @@ pub struct Claim<'c> {
 }
 
 impl PageCache {
-    /// A cache of at most `capacity` pages (0: nothing is kept, claims still work).
-    pub fn new(capacity: usize) -> PageCache {
-        PageCache { inner: Mutex::default(), filled: Condvar::new(), capacity, stats: CacheStats::default() }
+    /// A cache of about `capacity` pages in the shared page file in `shared_dir`.
+    pub fn shared(shared_dir: &Path, capacity: usize) -> Result<PageCache, PageFileError> {
+        Ok(Self::over(PageFileWriter::create(shared_dir, capacity)?))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    /// A cache of about `capacity` pages in private memory.
+    pub fn private(capacity: usize) -> std::io::Result<PageCache> {
+        Ok(Self::over(PageFileWriter::anonymous(capacity)?))
+    }
+
+    fn over(pages: PageFileWriter) -> PageCache {
+        PageCache { pending: Mutex::default(), filled: Condvar::new(), pages, stats: CacheStats::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<Key>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, key: &Key) -> Option<Box<[u8; BLCKSZ]>> {
+        let mut page = Box::new([0u8; BLCKSZ]);
+        self.pages.get(key, &mut page).then(|| {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            page
+        })
     }
 
     /// The page if cached; else a claim on it, after waiting (at most `wait`) for a rebuild
     /// someone else has under way.
     pub fn lookup(&self, key: Key, wait: Duration) -> Lookup<'_> {
+        if let Some(page) = self.get(&key) {
+            return Lookup::Hit(page);
+        }
         let deadline = Instant::now() + wait;
-        let mut inner = self.lock();
+        let mut pending = self.lock();
         let mut waited = false;
         loop {
-            match inner.map.get(&key) {
-                Some(Slot::Ready(p)) => {
-                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                    return Lookup::Hit(Box::new(**p));
+            if !pending.contains(&key) {
+                // Filed since the look above? (Filing happens under this lock.)
+                if let Some(page) = self.get(&key) {
+                    return Lookup::Hit(page);
                 }
-                Some(Slot::Pending) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        // Give up waiting and rebuild it too, unclaimed: whichever files
-                        // first wins, the other's page is the same.
-                        self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                        return Lookup::Claimed(Claim { cache: self, key, filed: true });
-                    }
-                    if !waited {
-                        self.stats.waits.fetch_add(1, Ordering::Relaxed);
-                        waited = true;
-                    }
-                    inner = self.filled.wait_timeout(inner, left).unwrap_or_else(|e| e.into_inner()).0;
-                }
-                None => {
-                    self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                    inner.map.insert(key, Slot::Pending);
-                    return Lookup::Claimed(Claim { cache: self, key, filed: false });
-                }
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                pending.insert(key);
+                return Lookup::Claimed(Claim { cache: self, key, filed: false });
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // Give up waiting and rebuild it too, unclaimed: whichever files first wins,
+                // the other's page is the same.
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                return Lookup::Claimed(Claim { cache: self, key, filed: true });
+            }
+            if !waited {
+                self.stats.waits.fetch_add(1, Ordering::Relaxed);
+                waited = true;
+            }
+            pending = self.filled.wait_timeout(pending, left).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
     /// A claim on `key` if nobody has it or is rebuilding it (for prefetching).
     pub fn try_claim(&self, key: Key) -> Option<Claim<'_>> {
-        let mut inner = self.lock();
-        if inner.map.contains_key(&key) {
+        let mut pending = self.lock();
+        let mut scratch = [0u8; BLCKSZ];
+        if pending.contains(&key) || self.pages.get(&key, &mut scratch) {
             return None;
         }
-        inner.map.insert(key, Slot::Pending);
+        pending.insert(key);
         Some(Claim { cache: self, key, filed: false })
     }
 
     /// Pages held now.
     pub fn len(&self) -> usize {
-        self.lock().order.len()
+        self.pages.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -122,28 +134,21 @@ impl PageCache {
     }
 
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.pages.capacity()
+    }
+
+    /// Pages at LSNs before `lsn` are out of history: not served any more.
+    pub fn set_oldest_lsn(&self, lsn: Lsn) {
+        self.pages.set_oldest_lsn(lsn);
     }
 
     fn file(&self, key: Key, page: Option<&[u8; BLCKSZ]>) {
-        let mut inner = self.lock();
-        match page {
-            Some(p) if self.capacity > 0 => {
-                if !matches!(inner.map.insert(key, Slot::Ready(Arc::new(*p))), Some(Slot::Ready(_))) {
-                    inner.order.push_back(key);
-                }
-                while inner.order.len() > self.capacity {
-                    let old = inner.order.pop_front().expect("over capacity");
-                    inner.map.remove(&old);
-                }
-            }
-            _ => {
-                if matches!(inner.map.get(&key), Some(Slot::Pending)) {
-                    inner.map.remove(&key);
-                }
-            }
+        let mut pending = self.lock();
+        if let Some(p) = page {
+            self.pages.store(&key, p);
         }
-        drop(inner);
+        pending.remove(&key);
+        drop(pending);
         self.filled.notify_all();
     }
 }
@@ -180,7 +185,8 @@ mod tests {
 
     #[test]
     fn claims_hits_waits_and_eviction() {
-        let cache = PageCache::new(2);
+        // One set of eight slots.
+        let cache = PageCache::private(8).unwrap();
         let Lookup::Claimed(c) = cache.lookup(key(1), Duration::ZERO) else { panic!("empty cache hit") };
         assert!(cache.try_claim(key(1)).is_none(), "a claimed page is not claimed twice");
         std::thread::scope(|s| {
@@ -199,9 +205,11 @@ mod tests {
             c.fill(&[2; BLCKSZ]);
             true
         }));
-        cache.try_claim(key(3)).unwrap().fill(&[3; BLCKSZ]);
-        assert_eq!(cache.len(), 2);
+        for b in 3..10 {
+            cache.try_claim(key(b)).unwrap().fill(&[b as u8; BLCKSZ]);
+        }
+        assert_eq!(cache.len(), 8);
         assert!(matches!(cache.lookup(key(1), Duration::ZERO), Lookup::Claimed(_)), "oldest evicted");
-        assert!(matches!(cache.lookup(key(3), Duration::ZERO), Lookup::Hit(p) if p[0] == 3));
+        assert!(matches!(cache.lookup(key(9), Duration::ZERO), Lookup::Hit(p) if p[0] == 9));
     }
 }

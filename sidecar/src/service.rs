@@ -343,6 +343,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServiceError> {
 pub fn serve(service: Arc<PageService>, listener: UnixListener, stop: &AtomicBool) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     while !stop.load(Ordering::Relaxed) {
+        // Backends read cached pages without asking: keep them from pages out of history.
+        service.cache.set_oldest_lsn(service.repo.bounds().oldest);
         match listener.accept() {
             Ok((conn, _)) => {
                 conn.set_nonblocking(false)?;

@@ -56,7 +56,8 @@ pub struct RunArgs {
     /// image of the database lies behind this horizon.
     #[arg(long, default_value_t = 0)]
     pub retention_mb: u64,
-    /// Memory for rebuilt pages the page service keeps (prefetched or served), in MB.
+    /// Memory for rebuilt pages the page service keeps (prefetched or served), in MB: the
+    /// shared page file `<shared dir>/pages`, which backends read without a round trip.
     #[arg(long, default_value_t = 64)]
     pub page_cache_mb: u64,
     #[command(flatten)]
@@ -154,13 +155,18 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                     ),
                     None => None,
                 };
+                let pages = (args.page_cache_mb << 20) as usize / BLCKSZ;
+                let cache = match &args.shared_dir {
+                    Some(d) => PageCache::shared(d, pages)?,
+                    None => PageCache::private(pages)?,
+                };
                 let service = Arc::new(PageService {
                     repo: repo.clone(),
                     redo: redo.clone(),
                     metrics: Default::default(),
                     basebackups,
                     basebackup_workers: 2 * args.redo_processes.max(1),
-                    cache: PageCache::new((args.page_cache_mb << 20) as usize / BLCKSZ),
+                    cache,
                 });
                 eprintln!("neon-sidecar: serving pages on {}", path.display());
                 Some(s.spawn(move || service::serve(service, listener, &STOP)))

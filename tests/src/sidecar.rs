@@ -164,6 +164,28 @@ impl SidecarProcess {
         }
     }
 
+    /// One value of the sidecar's status report (`neon-sidecar status`: `name value` lines).
+    pub fn status(&self, name: &str) -> Result<String> {
+        match self.ask(&Request::Status)? {
+            Response::Status(text) => text
+                .lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).map(str::to_string))
+                .with_context(|| format!("no {name} in the status report:\n{text}")),
+            r => anyhow::bail!("unexpected {r:?}"),
+        }
+    }
+
+    /// Waits (up to a minute) until `n` redo processes have started (they start beside the
+    /// page service, copying their scratch directory first).
+    pub fn wait_redo_started(&self, n: u64) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.status("redo_process_starts")?.parse::<u64>()? < n {
+            anyhow::ensure!(Instant::now() < deadline, "redo processes did not start: {}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// Waits (up to two minutes) until the sidecar is durable to `lsn`.
     pub fn wait_durable(&self, lsn: Lsn) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(120);

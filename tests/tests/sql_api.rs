@@ -4,7 +4,7 @@
 //! * the pg_regress suites in `sql/` (expected output in `expected/`): pages as they were read
 //!   by pageinspect, sizes, history, status, prefetch, base backups, bad input, permissions;
 //! * what pg_regress cannot do: the background worker's link (connected, reporting the flush
-//!   LSN), the sidecar stopped, killed mid-request and restarted, a query cancelled while it
+//!   LSN), cached pages read from the shared page file without a request, the sidecar stopped, killed mid-request and restarted, a query cancelled while it
 //!   waits — each an ERROR in the same backend, which goes on working, with no PANIC or
 //!   backend crash in the server log.
 
@@ -36,6 +36,18 @@ fn crashes(c: &Cluster) -> Vec<String> {
         })
         .map(str::to_string)
         .collect()
+}
+
+/// `query` (a page's md5, just read once) read again: the same page, from the shared page file
+/// (a shared hit), with no GetPage request to the sidecar.
+fn assert_cached_read_is_shared(db: &mut postgres::Client, query: &str, expected: &str) -> Result<()> {
+    let hits: u64 = status(db, "shared_page_hits")?.parse()?;
+    let requests: u64 = status(db, "get_page_requests")?.parse()?;
+    let again: String = db.query_one(query, &[])?.get(0);
+    assert_eq!(again, expected, "the shared page file gave another page than the sidecar");
+    assert_eq!(status(db, "shared_page_hits")?.parse::<u64>()?, hits + 1, "not read from the shared page file");
+    assert_eq!(status(db, "get_page_requests")?.parse::<u64>()?, requests, "the sidecar was asked");
+    Ok(())
 }
 
 #[test]
@@ -91,6 +103,12 @@ fn pg_regress_suites_and_failures_of_the_sidecar() -> Result<()> {
     let sent: u64 = status(&mut db, "prefetch_sent")?.parse()?;
     assert!(sent > 0, "neon_prefetch in the suites queued pages the worker sent");
 
+    // ---- a page the sidecar has cached comes from the shared page file: no request ----
+    let lsn: String = db.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])?.get(0);
+    let md5 = format!("SELECT md5(neon_get_page('big', 'main', 1, '{lsn}'))");
+    let asked: String = db.query_one(&md5, &[])?.get(0);
+    assert_cached_read_is_shared(&mut db, &md5, &asked)?;
+
     // ---- a query cancelled while the sidecar waits for an LSN it does not have ----
     db.batch_execute("SET neon.request_timeout = '60s'")?;
     let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[])?.get(0);
@@ -140,6 +158,9 @@ fn pg_regress_suites_and_failures_of_the_sidecar() -> Result<()> {
     // ---- back again: the same backend and the worker reconnect by themselves ----
     let sidecar = SidecarProcess::restart_for_compute(&c, &store, &[])?;
     assert_eq!(db.query_one(&page, &[])?.get::<_, i32>(0), 8192, "the call after a restart works");
+    // The restarted sidecar made a new page file and retired the old: the backend reads the new.
+    let asked: String = db.query_one(&md5, &[])?.get(0);
+    assert_cached_read_is_shared(&mut db, &md5, &asked)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let requests_before: u64 = status(&mut db, "requests")?.parse()?;
     loop {

@@ -79,6 +79,8 @@ pub enum RedoError {
     BasePage { tag: BufferTag, len: usize },
     #[error("could not prepare wal-redo scratch directories: {0}")]
     Scratch(#[from] ScratchError),
+    #[error("could not start a wal-redo process: {0}")]
+    Start(ProcessError),
     #[error("the wal-redo manager is shut down")]
     ShutDown,
 }
@@ -201,6 +203,9 @@ fn worker(n: usize, rx: Receiver<Job>, shared: Shared) {
     let mut process: Option<RedoProcess> = None;
     let mut served = 0u64;
     let mut scratch = Vec::with_capacity(64 * 1024);
+    // Start the process now, not at the first request, which would wait for the template's
+    // copy and the start (tens of milliseconds); a failure here is retried by that request.
+    let _ = ensure_process(&mut process, n, &shared, RedoError::Start);
     for (requests, reply) in rx {
         let results = rebuild_many(&requests, &mut process, &mut scratch, n, &shared);
         {

@@ -102,6 +102,9 @@ impl ScratchTemplate {
             "-E",
             "UTF8",
             "--locale=C",
+            // Every redo process starts from a copy of this directory: a 1 MB WAL segment
+            // instead of 16 keeps the copy small (the scratch cluster's WAL is its own).
+            "--wal-segsize=1",
         ]);
         if cfg.data_checksums {
             initdb.arg("--data-checksums");
@@ -117,6 +120,12 @@ impl ScratchTemplate {
         let mut resetwal = Command::new(bin("pg_resetwal"));
         resetwal.args(["-l", neon_types::walredo::SCRATCH_WAL_FILE, "-D"]).arg(template);
         run(as_server_user(&mut resetwal, cfg), "pg_resetwal of the wal-redo template", None)?;
+        // Redo processes connect to `postgres` only; template0 and template1 (fixed OIDs 4 and
+        // 1 since PostgreSQL 15) are two thirds of the catalog files every copy would carry.
+        for oid in ["1", "4"] {
+            let db = template.join("base").join(oid);
+            std::fs::remove_dir_all(&db).map_err(|source| ScratchError::Io { path: db.clone(), source })?;
+        }
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 //!    `get_raw_page` of the same page from shared buffers, the anchor.
 //! 2. A sequential read of a `--pages` relation at a past LSN through `neon_get_page`, with
 //!    prefetch off (`neon.prefetch_distance = 0`) and on, each from a cold sidecar cache (the
-//!    sidecar restarted before every run), best of `--runs`.
+//!    sidecar restarted before every run, and its redo processes up), best of `--runs`.
 //!
 //! Goals: cached p50 < 50 µs from SQL; prefetch ≥ 3 × faster on the sequential read.
 
@@ -47,6 +47,7 @@ fn main() -> Result<()> {
     let (pages, calls, runs): (u32, u32, u32) = (f.get("pages")?, f.get("calls")?, f.get("runs")?);
     let (c, store) = cluster_born_with_store()?;
     let mut sidecar = SidecarProcess::start_for_compute(&c, &store, &[])?;
+    sidecar.wait_redo_started(2)?;
     c.execute("CREATE EXTENSION neon; CREATE EXTENSION pageinspect")?;
     c.execute(TIMER)?;
     eprintln!("bench: a table of {pages} pages ...");
@@ -93,6 +94,8 @@ fn main() -> Result<()> {
         for (i, distance) in [0, 256].into_iter().enumerate() {
             sidecar.stop()?;
             sidecar = SidecarProcess::restart_for_compute(&c, &store, &[])?;
+            // A cold cache, not cold processes: a running sidecar's redo processes are up.
+            sidecar.wait_redo_started(2)?;
             let mut db = c.connect("postgres")?;
             db.batch_execute(&format!("SET neon.prefetch_distance = {distance}"))?;
             let t = Instant::now();
