@@ -1,5 +1,6 @@
 -- History, status, prefetch and base backups: values differ per run, so their relations are
--- checked.
+-- checked. (So do the progress NOTICEs of a long base backup: not shown.)
+SET client_min_messages = warning;
 CREATE TABLE big AS SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 2000) g;
 SELECT pg_current_wal_insert_lsn() AS lsn \gset
 SELECT neon_rel_size('big', 'main', :'lsn') = pg_relation_size('big') / 8192 AS size_matches;

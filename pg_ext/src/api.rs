@@ -43,8 +43,18 @@ fn required<T>(v: Option<T>, what: &str) -> T {
 }
 
 /// One request to the sidecar; `what` says what was asked, for the error message. Waits at
-/// most `neon.request_timeout` (`None`: until cancelled), and always honours query cancel.
+/// most `timeout` (`None`: until cancelled), and always honours query cancel.
 fn ask(req: &Request, what: &str, timeout: Option<std::time::Duration>) -> Response {
+    ask_with_progress(req, what, timeout, &mut |_| {})
+}
+
+/// [`ask`], handing the sidecar's `Progress` reports to `progress` as they come.
+fn ask_with_progress(
+    req: &Request,
+    what: &str,
+    timeout: Option<std::time::Duration>,
+    progress: &mut dyn FnMut(&Response),
+) -> Response {
     let Some(path) = guc::sidecar_socket() else {
         fail(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -53,9 +63,15 @@ fn ask(req: &Request, what: &str, timeout: Option<std::time::Duration>) -> Respo
         )
     };
     let result = SIDECAR.with(|s| {
-        s.borrow_mut().call(&path, req, timeout, &mut || {
-            pg_sys::check_for_interrupts!();
-        })
+        s.borrow_mut().call(
+            &path,
+            req,
+            timeout,
+            &mut || {
+                pg_sys::check_for_interrupts!();
+            },
+            progress,
+        )
     });
     match result {
         Ok(r) => r,
@@ -315,8 +331,17 @@ fn neon_basebackup(
     let full = required(full, "full");
     let what = format!("base backup at {lsn}");
     let started = Instant::now();
-    // Building takes as long as the database is big: no deadline but query cancel.
-    match ask(&Request::Basebackup { lsn, full, new_timeline: false, wait_ms: wait_ms() }, &what, None) {
+    // Building takes as long as the database is big: no deadline but query cancel, and a
+    // NOTICE about once a second once it has taken a second.
+    let mut progress = |p: &Response| {
+        if let Response::Progress { done, total, bytes, micros } = *p {
+            let pct = (done * 100).checked_div(total).unwrap_or(0);
+            let secs = micros as f64 / 1e6;
+            notice!("{what}: {done} of {total} pages ({pct}%), {} MB written, {secs:.0} s", bytes >> 20);
+        }
+    };
+    let req = Request::Basebackup { lsn, full, new_timeline: false, wait_ms: wait_ms() };
+    match ask_with_progress(&req, &what, None, &mut progress) {
         Response::Basebackup { lsn, bytes, path, .. } => {
             TableIterator::once((path, PgLsn(lsn), bytes as i64, started.elapsed().as_secs_f64()))
         }

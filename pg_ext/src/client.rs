@@ -56,13 +56,15 @@ impl Connection {
     }
 
     /// Sends `req` and returns the sidecar's answer; an error answer is
-    /// [`ClientError::Sidecar`]. Gives up after `timeout` (`None`: only `interrupted` ends the
-    /// wait), calling `interrupted` at least every [`TICK`].
+    /// [`ClientError::Sidecar`]. `Progress` frames before it go to `progress`. Gives up after
+    /// `timeout` (`None`: only `interrupted` ends the wait), calling `interrupted` at least
+    /// every [`TICK`].
     pub fn call(
         &mut self,
         req: &Request,
         timeout: Option<Duration>,
         interrupted: &mut dyn FnMut(),
+        progress: &mut dyn FnMut(&Response),
     ) -> Result<Response, ClientError> {
         let started = Instant::now();
         let mut frame = Vec::new();
@@ -82,11 +84,37 @@ impl Connection {
             }
         }
         let mut reply = Vec::with_capacity(HEADER_LEN + neon_types::BLCKSZ + 4);
+        let mut replied = false;
+        loop {
+            reply.clear();
+            self.read_frame(&mut reply, replied, started, timeout, interrupted)?;
+            replied = true;
+            match Response::read_from(&mut &reply[..]) {
+                Ok(p @ Response::Progress { .. }) => progress(&p),
+                Ok(Response::Error { code, message }) => return Err(ClientError::Sidecar { code, message }),
+                Ok(r) => return Ok(r),
+                Err(source) => return Err(ClientError::Protocol { path: self.path.clone(), source }),
+            }
+        }
+    }
+
+    /// Reads one whole frame into `reply`; `replied`: earlier frames of this reply came.
+    fn read_frame(
+        &mut self,
+        reply: &mut Vec<u8>,
+        replied: bool,
+        started: Instant,
+        timeout: Option<Duration>,
+        interrupted: &mut dyn FnMut(),
+    ) -> Result<(), ClientError> {
         let mut want = HEADER_LEN;
         let mut buf = [0u8; 16 * 1024];
         while reply.len() < want {
             match self.stream.read(&mut buf[..(want - reply.len()).min(16 * 1024)]) {
-                Ok(0) => return Err(ClientError::Closed { path: self.path.clone(), during_reply: !reply.is_empty() }),
+                Ok(0) => {
+                    let during_reply = replied || !reply.is_empty();
+                    return Err(ClientError::Closed { path: self.path.clone(), during_reply });
+                }
                 Ok(n) => reply.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     self.wait(libc::POLLIN, started, timeout, interrupted)?
@@ -106,11 +134,7 @@ impl Connection {
                 want = HEADER_LEN + len + 4;
             }
         }
-        match Response::read_from(&mut &reply[..]) {
-            Ok(Response::Error { code, message }) => Err(ClientError::Sidecar { code, message }),
-            Ok(r) => Ok(r),
-            Err(source) => Err(ClientError::Protocol { path: self.path.clone(), source }),
-        }
+        Ok(())
     }
 
     fn wait(
@@ -169,16 +193,17 @@ impl Slot {
         req: &Request,
         timeout: Option<Duration>,
         interrupted: &mut dyn FnMut(),
+        progress: &mut dyn FnMut(&Response),
     ) -> Result<Response, ClientError> {
         let reused = self.conn.as_ref().is_some_and(|c| c.path() == path);
         let mut conn = match self.conn.take() {
             Some(c) if reused => c,
             _ => Connection::connect(path)?,
         };
-        let result = match conn.call(req, timeout, interrupted) {
+        let result = match conn.call(req, timeout, interrupted, progress) {
             Err(ClientError::Closed { during_reply: false, .. } | ClientError::Io { .. }) if reused => {
                 conn = Connection::connect(path)?;
-                conn.call(req, timeout, interrupted)
+                conn.call(req, timeout, interrupted, progress)
             }
             r => r,
         };

@@ -189,7 +189,7 @@ pub extern "C-unwind" fn neon_prefetch_worker_main(_arg: pg_sys::Datum) {
             let Ok(fork) = ForkNumber::try_from(e.fork) else { continue };
             let rel = RelTag { node: RelFileNode { spcnode: e.spcnode, dbnode: e.dbnode, relnode: e.relnode }, fork };
             let req = Request::Prefetch { rel, first: e.first, n: e.n, lsn: Lsn(e.lsn), wait_ms: 1000 };
-            let result = slot.call(path, &req, Some(WORKER_TIMEOUT), &mut || {});
+            let result = slot.call(path, &req, Some(WORKER_TIMEOUT), &mut || {}, &mut |_| {});
             let mut q = QUEUE.exclusive();
             q.requests += 1;
             q.connected = !matches!(result, Err(ClientError::Connect { .. } | ClientError::Closed { .. }));
@@ -210,7 +210,7 @@ pub extern "C-unwind" fn neon_prefetch_worker_main(_arg: pg_sys::Datum) {
             last_report = Some(Instant::now());
             if let Some(path) = &socket {
                 let req = Request::ComputeFlush { lsn: crate::flush_lsn() };
-                let result = slot.call(path, &req, Some(WORKER_TIMEOUT), &mut || {});
+                let result = slot.call(path, &req, Some(WORKER_TIMEOUT), &mut || {}, &mut |_| {});
                 QUEUE.exclusive().connected = result.is_ok();
                 if let Err(e) = result {
                     complain(&e);

@@ -10,7 +10,7 @@
 //! can enter, which `bind` checks), because every page of the database can be read through it.
 
 use crate::basebackup::shared::SharedBasebackups;
-use crate::basebackup::{BasebackupError, Options};
+use crate::basebackup::{BasebackupError, Options, Progress};
 use crate::page_cache::{Lookup, PageCache};
 use crate::repo::meta;
 use crate::repo::reconstruct::{self, GetPageError};
@@ -92,6 +92,8 @@ pub struct PageService {
     pub basebackups: Option<SharedBasebackups>,
     /// Threads rebuilding a base backup's pages.
     pub basebackup_workers: usize,
+    /// How often a base backup reports progress, and after how long it starts to.
+    pub progress_every: Duration,
     pub cache: PageCache,
 }
 
@@ -122,17 +124,18 @@ impl PageService {
         reconstruct::check_in_history(&self.repo, lsn).map_err(|e| error(code_of(&e), e.to_string()))
     }
 
-    /// Answers one request.
-    pub fn handle(&self, req: Request) -> Response {
+    /// Answers one request; a long one (a base backup) first sends `Progress` responses
+    /// through `progress`, every `progress_every` once it has taken that long.
+    pub fn handle(&self, req: Request, progress: &mut dyn FnMut(Response)) -> Response {
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = self.answer(req).unwrap_or_else(|e| e);
+        let resp = self.answer(req, progress).unwrap_or_else(|e| e);
         if matches!(resp, Response::Error { .. }) {
             self.metrics.errors.fetch_add(1, Ordering::Relaxed);
         }
         resp
     }
 
-    fn answer(&self, req: Request) -> Result<Response, Response> {
+    fn answer(&self, req: Request, progress: &mut dyn FnMut(Response)) -> Result<Response, Response> {
         let internal = |e: RepoError| error(ErrorCode::Internal, e.to_string());
         Ok(match req {
             Request::GetPage { tag, lsn, wait_ms } => {
@@ -201,8 +204,20 @@ impl PageService {
                 // Base backups are of what is durable: wait for the flush that makes `lsn` so.
                 let flush_grace = Duration::from_millis(wait_ms.into()) + Duration::from_secs(5);
                 self.repo.wait_for_durable(lsn, flush_grace).map_err(|e| error(ErrorCode::NotYet, e.to_string()))?;
-                let opts = Options { relation_pages: full, workers: self.basebackup_workers, new_timeline };
-                let made = shared.get(&self.repo, self.redo.as_ref(), lsn, opts, &mut |_| {}).map_err(|e| {
+                let opts = Options {
+                    relation_pages: full,
+                    workers: self.basebackup_workers,
+                    new_timeline,
+                    progress_every: self.progress_every,
+                };
+                // Quick ones say nothing; the final figures are in the answer.
+                let mut report = |p: &Progress| {
+                    if p.elapsed >= self.progress_every && p.pages < p.total_pages {
+                        let micros = p.elapsed.as_micros() as u64;
+                        progress(Response::Progress { done: p.pages, total: p.total_pages, bytes: p.bytes, micros });
+                    }
+                };
+                let made = shared.get(&self.repo, self.redo.as_ref(), lsn, opts, &mut report).map_err(|e| {
                     let code = match &e {
                         BasebackupError::Page { source, .. } => code_of(source),
                         _ => ErrorCode::Internal,
@@ -314,7 +329,12 @@ impl PageService {
                     return;
                 }
             };
-            if self.handle(req).write_to(&mut conn).is_err() {
+            // A client gone during a long request is noticed at the final write.
+            let mut progress = |p: Response| {
+                let _ = p.write_to(&mut conn);
+            };
+            let resp = self.handle(req, &mut progress);
+            if resp.write_to(&mut conn).is_err() {
                 return;
             }
         }
@@ -371,8 +391,23 @@ impl Client {
         Ok(Client { conn: UnixStream::connect(path)? })
     }
 
+    /// Sends `req` and returns its final response (skipping `Progress`).
     pub fn request(&mut self, req: &Request) -> Result<Response, ProtocolError> {
+        self.request_with_progress(req, &mut |_| {})
+    }
+
+    /// Sends `req`, hands every `Progress` response to `progress`, returns the final one.
+    pub fn request_with_progress(
+        &mut self,
+        req: &Request,
+        progress: &mut dyn FnMut(&Response),
+    ) -> Result<Response, ProtocolError> {
         req.write_to(&mut self.conn)?;
-        Response::read_from(&mut self.conn)
+        loop {
+            match Response::read_from(&mut self.conn)? {
+                p @ Response::Progress { .. } => progress(&p),
+                r => return Ok(r),
+            }
+        }
     }
 }

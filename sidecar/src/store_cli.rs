@@ -60,6 +60,10 @@ pub struct RunArgs {
     /// shared page file `<shared dir>/pages`, which backends read without a round trip.
     #[arg(long, default_value_t = 64)]
     pub page_cache_mb: u64,
+    /// How often a long request (a base backup from SQL) reports progress to its caller, and
+    /// after how long it starts to, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub progress_ms: u64,
     #[command(flatten)]
     pub redo: RedoProcessArgs,
 }
@@ -166,6 +170,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                     metrics: Default::default(),
                     basebackups,
                     basebackup_workers: 2 * args.redo_processes.max(1),
+                    progress_every: Duration::from_millis(args.progress_ms.max(1)),
                     cache,
                 });
                 eprintln!("neon-sidecar: serving pages on {}", path.display());
@@ -423,7 +428,12 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
             p.total_pages
         );
     };
-    let opts = Options { relation_pages: full, workers: 2 * redo_processes, new_timeline: args.new_timeline };
+    let opts = Options {
+        relation_pages: full,
+        workers: 2 * redo_processes,
+        new_timeline: args.new_timeline,
+        progress_every: Duration::from_secs(1),
+    };
     let started = std::time::Instant::now();
     let stats = crate::basebackup::shared::write_file(out_path, &repo, &redo, args.lsn, opts, &mut report)?;
     writeln!(

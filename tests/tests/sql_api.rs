@@ -53,7 +53,8 @@ fn assert_cached_read_is_shared(db: &mut postgres::Client, query: &str, expected
 #[test]
 fn pg_regress_suites_and_failures_of_the_sidecar() -> Result<()> {
     let (c, store) = cluster_born_with_store()?;
-    let sidecar = SidecarProcess::start_for_compute(&c, &store, &[])?;
+    // Progress of base backups every millisecond, so even this small cluster's shows.
+    let sidecar = SidecarProcess::start_for_compute(&c, &store, &["--progress-ms", "1"])?;
 
     // ---- pg_regress ----
     // pg_regress is a client (psql): it runs as us, reading the suites from the checkout,
@@ -109,6 +110,27 @@ fn pg_regress_suites_and_failures_of_the_sidecar() -> Result<()> {
     let asked: String = db.query_one(&md5, &[])?.get(0);
     assert_cached_read_is_shared(&mut db, &md5, &asked)?;
 
+    // ---- a base backup reports progress as NOTICEs while it is built ----
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut config: postgres::Config = c.conn_str("neon_regression").parse()?;
+    let seen = notices.clone();
+    config.notice_callback(move |n| seen.lock().expect("notices").push(n.message().to_string()));
+    let mut watched = config.connect(postgres::NoTls)?;
+    // New WAL, so the backup is a new one (one at the suites' LSN would be reused).
+    watched.batch_execute("CREATE TABLE progress AS SELECT g FROM generate_series(1, 100000) g")?;
+    let lsn: String = watched.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])?.get(0);
+    let bytes: i64 = watched.query_one(&format!("SELECT bytes FROM neon_basebackup('{lsn}')"), &[])?.get(0);
+    let notices = notices.lock().expect("notices").clone();
+    let progress: Vec<&String> = notices.iter().filter(|n| n.starts_with(&format!("base backup at {lsn}: "))).collect();
+    assert!(!progress.is_empty(), "no progress NOTICE: {notices:?}");
+    for n in &progress {
+        // "base backup at L: D of T pages (P%), M MB written, S s", D < T, M within the tar.
+        let words: Vec<&str> = n.split_whitespace().collect();
+        let (done, total, mb): (u64, u64, i64) = (words[4].parse()?, words[6].parse()?, words[9].parse()?);
+        assert!(done < total && mb <= bytes >> 20, "{n} (the tar has {bytes} bytes)");
+    }
+    drop(watched);
+
     // ---- a query cancelled while the sidecar waits for an LSN it does not have ----
     db.batch_execute("SET neon.request_timeout = '60s'")?;
     let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[])?.get(0);
@@ -156,7 +178,7 @@ fn pg_regress_suites_and_failures_of_the_sidecar() -> Result<()> {
     assert_eq!(db.query_one("SELECT pg_backend_pid()", &[])?.get::<_, i32>(0), pid, "same backend");
 
     // ---- back again: the same backend and the worker reconnect by themselves ----
-    let sidecar = SidecarProcess::restart_for_compute(&c, &store, &[])?;
+    let sidecar = SidecarProcess::restart_for_compute(&c, &store, &["--progress-ms", "1"])?;
     assert_eq!(db.query_one(&page, &[])?.get::<_, i32>(0), 8192, "the call after a restart works");
     // The restarted sidecar made a new page file and retired the old: the backend reads the new.
     let asked: String = db.query_one(&md5, &[])?.get(0);

@@ -1,6 +1,7 @@
 //! The page service protocol, spoken over the sidecar's unix socket by the extension (and by
-//! `neon-sidecar` commands and tests). One request, one response, on a connection that may
-//! carry many; every frame is versioned and CRC32C-checked, so a torn or foreign message is an
+//! `neon-sidecar` commands and tests). One request, one final response, on a connection that
+//! may carry many; a long request (a base backup) may send `Progress` frames before its final
+//! response. Every frame is versioned and CRC32C-checked, so a torn or foreign message is an
 //! error, never a page.
 //!
 //! ```text
@@ -33,6 +34,9 @@
 //!   0x88 Basebackup     lsn u64 | bytes u64 | micros u64 (0: it was already there) |
 //!                       UTF-8 path of the tar in the shared directory
 //!   0x89 Prefetched     pages u32 (now in the cache, rebuilt or already there)
+//!   0x8A Progress       done u64 | total u64 | bytes u64 | micros u64 (not final: the
+//!                       request's answer follows; a base backup's pages so far, of all,
+//!                       bytes written and time taken, about once a second)
 //!   0xFF Error          code u8 | UTF-8 message
 //! ```
 
@@ -128,11 +132,31 @@ pub enum Response {
     Databases(Vec<(u32, u32)>),
     Relations(Vec<(RelTag, u32)>),
     Lsn(Lsn),
-    History { origin: Lsn, oldest: Lsn, durable: Lsn, last: Lsn },
+    History {
+        origin: Lsn,
+        oldest: Lsn,
+        durable: Lsn,
+        last: Lsn,
+    },
     Status(String),
-    Basebackup { lsn: Lsn, bytes: u64, micros: u64, path: String },
+    Basebackup {
+        lsn: Lsn,
+        bytes: u64,
+        micros: u64,
+        path: String,
+    },
     Prefetched(u32),
-    Error { code: ErrorCode, message: String },
+    /// Not a final response: how far a long request has come.
+    Progress {
+        done: u64,
+        total: u64,
+        bytes: u64,
+        micros: u64,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,8 +189,11 @@ impl Reader<'_> {
     fn u32(&mut self) -> Result<u32, ProtocolError> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
     fn lsn(&mut self) -> Result<Lsn, ProtocolError> {
-        Ok(Lsn(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes"))))
+        Ok(Lsn(self.u64()?))
     }
     fn rel(&mut self) -> Result<RelTag, ProtocolError> {
         let node = RelFileNode { spcnode: self.u32()?, dbnode: self.u32()?, relnode: self.u32()? };
@@ -345,6 +372,12 @@ impl Response {
                 b.extend_from_slice(&n.to_le_bytes());
                 0x89
             }
+            Response::Progress { done, total, bytes, micros } => {
+                for v in [done, total, bytes, micros] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+                0x8A
+            }
             Response::Error { code, message } => {
                 b.push(*code as u8);
                 b.extend_from_slice(message.as_bytes());
@@ -387,11 +420,12 @@ impl Response {
             0x87 => Response::Status(r.text()?),
             0x88 => {
                 let lsn = r.lsn()?;
-                let bytes = r.lsn()?.0;
-                let micros = r.lsn()?.0;
+                let bytes = r.u64()?;
+                let micros = r.u64()?;
                 Response::Basebackup { lsn, bytes, micros, path: r.text()? }
             }
             0x89 => Response::Prefetched(r.u32()?),
+            0x8A => Response::Progress { done: r.u64()?, total: r.u64()?, bytes: r.u64()?, micros: r.u64()? },
             0xFF => {
                 let code = ErrorCode::from_u8(r.u8()?);
                 Response::Error { code, message: r.text()? }
@@ -507,6 +541,7 @@ mod tests {
             Response::Status("a 1\nb 2\n".into()),
             Response::Basebackup { lsn: Lsn(1), bytes: 2, micros: 3, path: "/x/base.tar".into() },
             Response::Prefetched(17),
+            Response::Progress { done: 1, total: 2, bytes: 3, micros: 4 },
             Response::Error { code: ErrorCode::NotYet, message: "later".into() },
         ];
         for resp in resps {

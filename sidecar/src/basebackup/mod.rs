@@ -91,9 +91,11 @@ pub struct Options {
     /// Start the copy on a new timeline (the source's + 1, with its `.history` file), so its
     /// WAL is never mistaken for the source's.
     pub new_timeline: bool,
+    /// How often progress is reported.
+    pub progress_every: Duration,
 }
 
-/// Progress, reported about once a second and at the end.
+/// Progress, reported every `Options::progress_every` and at the end.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
     pub bytes: u64,
@@ -134,6 +136,7 @@ struct Builder<'a, W: Write> {
     plan: Vec<(String, Vec<BufferTag>)>,
     started: Instant,
     last_report: Instant,
+    progress_every: Duration,
     report: &'a mut dyn FnMut(&Progress),
 }
 
@@ -208,7 +211,7 @@ impl<W: Write> Builder<'_, W> {
     }
 
     fn tick(&mut self) {
-        if self.last_report.elapsed() >= Duration::from_secs(1) {
+        if self.last_report.elapsed() >= self.progress_every {
             self.progress.bytes = self.tar.bytes;
             self.progress.elapsed = self.started.elapsed();
             (self.report)(&self.progress);
@@ -284,6 +287,7 @@ pub fn write_basebackup<W: Write>(
         progress: Progress { total_pages, ..Default::default() },
         started: Instant::now(),
         last_report: Instant::now(),
+        progress_every: opts.progress_every,
         report,
     };
     b.tar.file("PG_VERSION", b"15\n")?;
