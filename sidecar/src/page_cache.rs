@@ -116,8 +116,7 @@ impl PageCache {
     /// A claim on `key` if nobody has it or is rebuilding it (for prefetching).
     pub fn try_claim(&self, key: Key) -> Option<Claim<'_>> {
         let mut pending = self.lock();
-        let mut scratch = [0u8; BLCKSZ];
-        if pending.contains(&key) || self.pages.get(&key, &mut scratch) {
+        if pending.contains(&key) || self.pages.contains(&key) {
             return None;
         }
         pending.insert(key);

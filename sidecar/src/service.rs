@@ -359,8 +359,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServiceError> {
     Ok(listener)
 }
 
+/// How long the accept loop waits for a connection before looking at `stop` again.
+const ACCEPT_TICK_MS: libc::c_int = 50;
+
 /// Serves connections on `listener` until `stop` is set.
 pub fn serve(service: Arc<PageService>, listener: UnixListener, stop: &AtomicBool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     listener.set_nonblocking(true)?;
     while !stop.load(Ordering::Relaxed) {
         // Backends read cached pages without asking: keep them from pages out of history.
@@ -373,7 +377,13 @@ pub fn serve(service: Arc<PageService>, listener: UnixListener, stop: &AtomicBoo
                     .name("neon-page-service".into())
                     .spawn(move || service.serve_connection(conn))?;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Wake for the next connection at once (a new backend's first call), or
+                // after a tick to look at `stop`.
+                let mut fd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd for the listening socket this loop owns.
+                unsafe { libc::poll(&mut fd, 1, ACCEPT_TICK_MS) };
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }

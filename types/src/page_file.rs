@@ -291,6 +291,12 @@ impl PageFileWriter {
         self.map.get(key, out)
     }
 
+    /// Whether a page is stored under `key` (without copying it).
+    pub fn contains(&self, key: &PageKey) -> bool {
+        let first = set_of(key, self.map.sets) * WAYS;
+        key.1 >= self.map.oldest_lsn() && (first..first + WAYS).any(|s| self.map.key_in(s).as_ref() == Some(key))
+    }
+
     /// Stores `page` under `key`; returns the key it replaced, if any.
     pub fn store(&self, key: &PageKey, page: &[u8; BLCKSZ]) -> Option<PageKey> {
         let mut state = self.lock();
@@ -480,6 +486,7 @@ mod tests {
         assert!(!r.get(&key(1, 10), &mut out));
         assert_eq!(w.store(&key(1, 10), &page(1)), None);
         assert!(r.get(&key(1, 10), &mut out) && out == page(1));
+        assert!(w.contains(&key(1, 10)) && !w.contains(&key(1, 11)));
         assert!(!r.get(&key(1, 11), &mut out), "another LSN is another page");
         // Overwriting the same key keeps one copy.
         w.store(&key(1, 10), &page(2));
