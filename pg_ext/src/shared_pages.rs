@@ -3,9 +3,9 @@
 //! prefetched page cheap. `neon_get_page` looks here first and asks the sidecar only on a miss.
 //!
 //! Each backend maps the file read-only on first use. It serves nothing while the sidecar is
-//! not running (the file's lock is free), and moves to the new file when a restarted sidecar
-//! has retired the old one. If there is no file, or it cannot be read, calls simply go to the
-//! socket — this is only a shortcut — and opening is retried at most once a second.
+//! not running (the file's lock is free), and maps the file again when the one it has is
+//! retired or its sidecar gone — a restarted sidecar has made a new one. If there is no file,
+//! or it cannot be read, calls simply go to the socket: this is only a shortcut.
 
 use crate::guc;
 use neon_types::page_file::{PageFileReader, PageKey};
@@ -16,10 +16,6 @@ use pgrx::{pg_shmem_init, PgAtomic};
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
-
-/// How often a backend without a usable file looks for one again.
-const RETRY_OPEN: Duration = Duration::from_secs(1);
 
 /// Hits and misses of every backend, for `neon_sidecar_status()`.
 #[derive(Default)]
@@ -35,14 +31,9 @@ unsafe impl PGRXSharedMemory for Counters {}
 // SAFETY: the name is this extension's own.
 static COUNTERS: PgAtomic<Counters> = unsafe { PgAtomic::new(c"neon_shared_page_counters") };
 
-#[derive(Default)]
-struct State {
-    reader: Option<(PathBuf, PageFileReader)>,
-    last_try: Option<Instant>,
-}
-
 thread_local! {
-    static STATE: RefCell<State> = RefCell::new(State::default());
+    /// The file this backend has mapped, and the directory it was found in.
+    static READER: RefCell<Option<(PathBuf, PageFileReader)>> = const { RefCell::new(None) };
 }
 
 /// From `_PG_init` while preloading: the counters' shared memory.
@@ -58,20 +49,16 @@ fn counters() -> Option<&'static Counters> {
 pub fn get(key: &PageKey) -> Option<Vec<u8>> {
     let dir = guc::shared_dir()?;
     let mut page = vec![0u8; BLCKSZ];
-    let hit = STATE.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.reader.as_ref().is_some_and(|(d, r)| *d != dir || r.retired()) {
-            // Another directory, or a restarted sidecar's new file: look again now.
-            s.reader = None;
-            s.last_try = None;
-        }
-        if s.reader.is_none() && s.last_try.is_none_or(|t| t.elapsed() >= RETRY_OPEN) {
-            s.last_try = Some(Instant::now());
-            // A missing or unreadable file only means asking over the socket.
-            s.reader = PageFileReader::open(&dir).ok().flatten().map(|r| (dir.clone(), r));
+    let hit = READER.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.as_ref().is_none_or(|(d, reader)| *d != dir || !reader.usable()) {
+            // None yet, another directory, or a stopped or replaced sidecar's: look again (an
+            // open of a missing file is one failed system call). A missing or unreadable file
+            // only means asking over the socket.
+            *r = PageFileReader::open(&dir).ok().flatten().map(|reader| (dir.clone(), reader));
         }
         let out: &mut [u8; BLCKSZ] = page.as_mut_slice().try_into().expect("BLCKSZ bytes");
-        s.reader.as_ref().is_some_and(|(_, r)| r.get(key, out))
+        r.as_ref().is_some_and(|(_, reader)| reader.get(key, out))
     });
     if let Some(c) = counters() {
         let n = if hit { &c.hits } else { &c.misses };

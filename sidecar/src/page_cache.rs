@@ -1,9 +1,10 @@
 //! The page service's cache of rebuilt pages, keyed by page and LSN. Prefetch requests fill
 //! it ahead of a reader; `GetPage` looks here first and files what it rebuilds.
 //!
-//! The pages live in the shared page file (`neon_types::page_file`, `<shared dir>/pages`),
-//! which backends read directly: a page the sidecar has here costs them no round trip.
-//! Without a shared directory the same layout is kept in private memory. Eviction is the
+//! The pages live in the shared page file (`neon_types::page_file`, `<shared dir>/pages`,
+//! its data in `/dev/shm` where there is one), which backends read directly: a page the
+//! sidecar has here costs them no round trip. Without a shared directory the same layout is
+//! kept in private memory. Eviction is the
 //! file's: per set of eight slots, round robin.
 //!
 //! A page being rebuilt is *claimed*: whoever asks for it meanwhile waits for that rebuild
@@ -53,9 +54,15 @@ pub struct Claim<'c> {
 }
 
 impl PageCache {
-    /// A cache of about `capacity` pages in the shared page file in `shared_dir`.
-    pub fn shared(shared_dir: &Path, capacity: usize) -> Result<PageCache, PageFileError> {
-        Ok(Self::over(PageFileWriter::create(shared_dir, capacity)?))
+    /// A cache of about `capacity` pages in the shared page file in `shared_dir`, its data in
+    /// `memory_dir` (a tmpfs) if given.
+    pub fn shared(shared_dir: &Path, capacity: usize, memory_dir: Option<&Path>) -> Result<PageCache, PageFileError> {
+        Ok(Self::over(PageFileWriter::create(shared_dir, capacity, memory_dir)?))
+    }
+
+    /// Stops serving from the shared page file (a clean shutdown).
+    pub fn retire(&self) {
+        self.pages.retire();
     }
 
     /// A cache of about `capacity` pages in private memory.
@@ -90,7 +97,7 @@ impl PageCache {
         let mut waited = false;
         loop {
             if !pending.contains(&key) {
-                // Filed since the look above? (Filing happens under this lock.)
+                // Filed since the look above? (A page is stored before its claim goes.)
                 if let Some(page) = self.get(&key) {
                     return Lookup::Hit(page);
                 }
@@ -142,10 +149,12 @@ impl PageCache {
     }
 
     fn file(&self, key: Key, page: Option<&[u8; BLCKSZ]>) {
-        let mut pending = self.lock();
+        // Stored before the claim is withdrawn (under the lock), so whoever finds the key no
+        // longer pending finds the page; but not under the lock, which lookups share.
         if let Some(p) = page {
             self.pages.store(&key, p);
         }
+        let mut pending = self.lock();
         pending.remove(&key);
         drop(pending);
         self.filled.notify_all();

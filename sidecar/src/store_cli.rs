@@ -64,6 +64,10 @@ pub struct RunArgs {
     /// after how long it starts to, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub progress_ms: u64,
+    /// Where the shared page file keeps its data (a tmpfs; `<shared dir>/pages` links there);
+    /// if it is not a directory, the data is in the shared directory itself.
+    #[arg(long, default_value = "/dev/shm")]
+    pub page_file_memory: Option<PathBuf>,
     #[command(flatten)]
     pub redo: RedoProcessArgs,
 }
@@ -160,8 +164,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                     None => None,
                 };
                 let pages = (args.page_cache_mb << 20) as usize / BLCKSZ;
+                let memory = args.page_file_memory.as_deref().filter(|m| m.is_dir());
                 let cache = match &args.shared_dir {
-                    Some(d) => PageCache::shared(d, pages)?,
+                    Some(d) => PageCache::shared(d, pages, memory)?,
                     None => PageCache::private(pages)?,
                 };
                 let service = Arc::new(PageService {
@@ -174,7 +179,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                     cache,
                 });
                 eprintln!("neon-sidecar: serving pages on {}", path.display());
-                Some(s.spawn(move || service::serve(service, listener, &STOP)))
+                let serving = service.clone();
+                Some(s.spawn(move || {
+                    let served = service::serve(serving, listener, &STOP);
+                    service.cache.retire();
+                    served
+                }))
             }
             None => None,
         };

@@ -50,6 +50,8 @@ pub struct SidecarProcess {
     store: PathBuf,
     socket: PathBuf,
     log: PathBuf,
+    /// Its `--shared-dir`, if it has one.
+    shared: Option<PathBuf>,
 }
 
 impl SidecarProcess {
@@ -120,7 +122,8 @@ impl SidecarProcess {
             .stderr(out)
             .spawn()
             .context("starting neon-sidecar run")?;
-        let mut s = SidecarProcess { child: Some(child), store: store.to_path_buf(), socket, log };
+        let shared = extra.iter().position(|a| *a == "--shared-dir").and_then(|i| extra.get(i + 1)).map(PathBuf::from);
+        let mut s = SidecarProcess { child: Some(child), store: store.to_path_buf(), socket, log, shared };
         let deadline = Instant::now() + Duration::from_secs(60);
         while s.client().and_then(|mut cl| Ok(cl.request(&Request::History)?)).is_err() {
             if let Some(status) = s.child.as_mut().expect("running").try_wait()? {
@@ -224,6 +227,11 @@ impl Drop for SidecarProcess {
     fn drop(&mut self) {
         if self.child.is_some() {
             let _ = self.signal_and_wait(libc::SIGKILL);
+        }
+        // A killed sidecar leaves its shared page file's data in /dev/shm for the next one
+        // to remove; there is no next one after a test.
+        if let Some(data) = self.shared.as_ref().and_then(|d| std::fs::read_link(d.join("pages")).ok()) {
+            let _ = std::fs::remove_file(data);
         }
     }
 }

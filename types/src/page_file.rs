@@ -208,6 +208,8 @@ pub struct PageFileWriter {
     map: Mapped,
     /// The file (holding the lock) and its path; `None` for an anonymous cache.
     file: Option<(File, PathBuf)>,
+    /// Where the data is when the file in the shared directory links to memory.
+    memory: Option<PathBuf>,
     /// Stores one at a time (a slot's seqlock has one writer).
     state: std::sync::Mutex<WriterState>,
 }
@@ -221,7 +223,12 @@ struct WriterState {
 impl PageFileWriter {
     /// A cache of about `pages` pages in `<dir>/pages`, replacing (and marking retired) the
     /// file of an earlier sidecar. Fails if a running sidecar still holds that file.
-    pub fn create(dir: &Path, pages: usize) -> Result<PageFileWriter, PageFileError> {
+    ///
+    /// With `memory_dir` (a tmpfs such as `/dev/shm`), `<dir>/pages` is a symbolic link to the
+    /// data there: a file on disk would be written back, and every write to a page of it
+    /// after that costs a fault in the filesystem (~10 µs a slot here). A sidecar that does
+    /// not stop cleanly leaves its data there until the next one starts.
+    pub fn create(dir: &Path, pages: usize, memory_dir: Option<&Path>) -> Result<PageFileWriter, PageFileError> {
         let path = dir.join(FILE_NAME);
         let io = |source| PageFileError::Io { path: path.clone(), source };
         if let Ok(old) = PageFileReader::open_path(&path) {
@@ -235,22 +242,47 @@ impl PageFileWriter {
             // SAFETY: offset 20 of a mapping at least HEADER_LEN long (the reader checked).
             unsafe { AtomicU32::from_ptr(raw.as_mut_ptr().add(20).cast()) }.store(1, Ordering::Release);
         }
+        if let Ok(old_data) = std::fs::read_link(&path) {
+            // The memory of an earlier sidecar's file: freed once the last reader unmaps it.
+            let _ = std::fs::remove_file(old_data);
+        }
         let sets = pages.div_ceil(WAYS).max(1);
         let len = file_len(sets);
         let tmp = dir.join(format!("{FILE_NAME}.tmp"));
         let tmp_io = |source| PageFileError::Io { path: tmp.clone(), source };
         let _ = std::fs::remove_file(&tmp);
-        let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&tmp).map_err(tmp_io)?;
-        // Sparse: slots take disk space (in the page cache) only once written.
-        file.set_len(len as u64).map_err(tmp_io)?;
+        let data = match memory_dir {
+            Some(m) => {
+                let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let data = m.join(format!("neon-pages-{}-{}", std::process::id(), nanos.as_nanos()));
+                std::os::unix::fs::symlink(&data, &tmp).map_err(tmp_io)?;
+                data
+            }
+            None => tmp.clone(),
+        };
+        let data_io = |source| PageFileError::Io { path: data.clone(), source };
+        // create_new: never through a link someone else put there.
+        let file =
+            OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&data).map_err(data_io)?;
+        file.set_len(len as u64).map_err(data_io)?;
         // SAFETY: maps the file just created; only this writer and read-only readers map it.
-        let raw = memmap2::MmapRaw::map_raw(&file).map_err(tmp_io)?;
+        let raw = memmap2::MmapRaw::map_raw(&file).map_err(data_io)?;
         let base = raw.as_mut_ptr();
+        // Fault every page in now, once, rather than at each slot's first store while a
+        // reader waits. Advice only; kernels before 5.14 do without.
+        // SAFETY: the range is exactly the mapping.
+        unsafe { libc::madvise(base.cast(), len, libc::MADV_POPULATE_WRITE) };
         let map = Mapped { _map: Box::new(raw), base, len, sets };
         map.init_header(sets);
-        lock_owner(&file).map_err(tmp_io)?;
+        lock_owner(&file).map_err(data_io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
-        Ok(PageFileWriter { map, file: Some((file, path)), state: std::sync::Mutex::new(WriterState::new(sets)) })
+        let memory = memory_dir.is_some().then_some(data);
+        Ok(PageFileWriter {
+            map,
+            file: Some((file, path)),
+            memory,
+            state: std::sync::Mutex::new(WriterState::new(sets)),
+        })
     }
 
     /// The same cache in private memory (a sidecar without a shared directory).
@@ -261,7 +293,7 @@ impl PageFileWriter {
         let base = anon.as_mut_ptr();
         let map = Mapped { _map: Box::new(anon), base, len, sets };
         map.init_header(sets);
-        Ok(PageFileWriter { map, file: None, state: std::sync::Mutex::new(WriterState::new(sets)) })
+        Ok(PageFileWriter { map, file: None, memory: None, state: std::sync::Mutex::new(WriterState::new(sets)) })
     }
 
     /// Where the file is (`None`: anonymous).
@@ -334,6 +366,15 @@ impl PageFileWriter {
         replaced
     }
 
+    /// Stops serving: readers use the file no longer, and memory-backed data is unlinked (its
+    /// memory freed once they have unmapped it). The lock goes with the file descriptor.
+    pub fn retire(&self) {
+        self.map.u32_at(20).store(1, Ordering::Release);
+        if let Some(data) = &self.memory {
+            let _ = std::fs::remove_file(data);
+        }
+    }
+
     /// Pages at LSNs before `lsn` are no longer served from the file (history was trimmed).
     pub fn set_oldest_lsn(&self, lsn: Lsn) {
         self.map.u64_at(24).fetch_max(lsn.0, Ordering::AcqRel);
@@ -348,8 +389,7 @@ impl WriterState {
 
 impl Drop for PageFileWriter {
     fn drop(&mut self) {
-        // Readers stop serving from it now; the lock goes with the file descriptor.
-        self.map.u32_at(20).store(1, Ordering::Release);
+        self.retire();
     }
 }
 
@@ -387,7 +427,17 @@ impl PageFileReader {
         let io = |source| PageFileError::Io { path: path.to_path_buf(), source };
         let invalid = |why: String| PageFileError::Invalid { path: path.to_path_buf(), why };
         let file = File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len() as usize;
+        let meta = file.metadata().map_err(io)?;
+        // Memory-backed data is in a directory anyone can write to: only our own user's.
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if std::os::unix::fs::MetadataExt::uid(&meta) != me {
+            return Err(invalid(format!(
+                "owned by uid {}, not this user ({me})",
+                std::os::unix::fs::MetadataExt::uid(&meta)
+            )));
+        }
+        let len = meta.len() as usize;
         if len < HEADER_LEN {
             return Err(invalid(format!("{len} bytes, shorter than its header")));
         }
@@ -423,10 +473,15 @@ impl PageFileReader {
         lock_held(&self.file)
     }
 
+    /// Whether pages may be served from it: not retired, and its sidecar running.
+    pub fn usable(&self) -> bool {
+        !self.retired() && self.owner_alive()
+    }
+
     /// Copies the page stored under `key` into `out`; false if it is not there, the file is
     /// retired or its sidecar is gone.
     pub fn get(&self, key: &PageKey, out: &mut [u8; BLCKSZ]) -> bool {
-        !self.retired() && self.owner_alive() && self.map.get(key, out)
+        self.usable() && self.map.get(key, out)
     }
 }
 
@@ -477,7 +532,7 @@ mod tests {
     fn stores_finds_evicts_and_retires() {
         let dir = std::env::temp_dir().join(format!("neon-page-file-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let w = PageFileWriter::create(&dir, 16).unwrap();
+        let w = PageFileWriter::create(&dir, 16, None).unwrap();
         assert_eq!(w.capacity(), 16);
         let r = PageFileReader::open(&dir).unwrap().expect("file exists");
         // OFD locks conflict between descriptions even within one process.
@@ -506,14 +561,38 @@ mod tests {
         w.set_oldest_lsn(Lsn(11));
         assert!((0..200).all(|b| !r.get(&key(1000 + b, 10), &mut out)));
         // A second sidecar on the same directory is refused while the first runs.
-        assert!(matches!(PageFileWriter::create(&dir, 16), Err(PageFileError::InUse { .. })));
+        assert!(matches!(PageFileWriter::create(&dir, 16, None), Err(PageFileError::InUse { .. })));
         drop(w);
         assert!(r.retired(), "a stopped sidecar retires its file");
         assert!(!r.owner_alive(), "and its lock is gone");
-        let w2 = PageFileWriter::create(&dir, 16).unwrap();
+        let w2 = PageFileWriter::create(&dir, 16, None).unwrap();
         assert!(PageFileReader::open(&dir).unwrap().unwrap().owner_alive());
         drop(w2);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn memory_backed_data_is_linked_and_cleaned_up() {
+        let root = std::env::temp_dir().join(format!("neon-page-file-mem-{}", std::process::id()));
+        let (dir, mem) = (root.join("shared"), root.join("shm"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&mem).unwrap();
+        // What a killed sidecar leaves: a link to its data.
+        let stale = mem.join("neon-pages-1-1");
+        std::fs::write(&stale, b"old").unwrap();
+        std::os::unix::fs::symlink(&stale, dir.join(FILE_NAME)).unwrap();
+        let w = PageFileWriter::create(&dir, 16, Some(&mem)).unwrap();
+        assert!(!stale.exists(), "the earlier sidecar's data is removed");
+        assert!(std::fs::symlink_metadata(dir.join(FILE_NAME)).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read_dir(&mem).unwrap().count(), 1);
+        w.store(&key(1, 10), &page(1));
+        let r = PageFileReader::open(&dir).unwrap().expect("through the link");
+        let mut out = [0u8; BLCKSZ];
+        assert!(r.get(&key(1, 10), &mut out) && out == page(1));
+        drop(w);
+        assert!(r.retired() && !r.get(&key(1, 10), &mut out));
+        assert_eq!(std::fs::read_dir(&mem).unwrap().count(), 0, "a retired writer unlinks its data");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The redo manager: the page store's one way to rebuild a page. [`WalRedoManager`] is the
-//! interface; [`PostgresRedoManager`] implements it with a pool of wal-redo processes, one
-//! worker thread each, fed from a shared `crossbeam` queue. Processes start lazily, from a
-//! scratch template made once, and are replaced after a crash, a timeout or any error, so a
-//! bad request fails alone and the next one finds a fresh process.
+//! interface; [`PostgresRedoManager`] implements it with a pool of wal-redo processes, each in
+//! a slot that a caller takes and talks to directly from its own thread. Processes start with
+//! the manager, from a scratch template made once, and are replaced after a crash, a timeout
+//! or any error, so a bad request fails alone and the next one finds a fresh process.
 //!
 //! A request's records may mix PostgreSQL records and Rust-native ones (DESIGN.md §3, §5): runs
 //! of PostgreSQL records go to a redo process in one pipelined exchange, native records are
@@ -13,10 +13,10 @@ use super::process::{ProcessError, RedoProcess};
 use super::scratch::{ScratchError, ScratchTemplate};
 use super::RedoConfig;
 use bytes::Bytes;
-use crossbeam_channel::{bounded, Receiver, Sender};
 use neon_types::walredo as proto;
 use neon_types::{BufferTag, Lsn, BLCKSZ};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -81,8 +81,6 @@ pub enum RedoError {
     Scratch(#[from] ScratchError),
     #[error("could not start a wal-redo process: {0}")]
     Start(ProcessError),
-    #[error("the wal-redo manager is shut down")]
-    ShutDown,
 }
 
 /// Rebuilds pages.
@@ -104,18 +102,24 @@ pub trait WalRedoManager: Send + Sync {
 
 type Page = Box<[u8; BLCKSZ]>;
 
-/// What a worker is asked to do: requests (one, or a batch it may pipeline), and where their
-/// results go, in order.
-type Job = (Vec<RedoRequest>, Sender<Vec<Result<Page, RedoError>>>);
-
 /// A pool of `postgres --single` redo processes.
 pub struct PostgresRedoManager {
-    queue: Option<Sender<Job>>,
-    workers: Vec<JoinHandle<()>>,
-    template: Arc<ScratchTemplate>,
-    stats: Arc<Mutex<RedoStats>>,
-    /// The OS process id of each worker's redo process, while it has one.
-    pids: Arc<Mutex<Vec<Option<u32>>>>,
+    /// One per process; a caller takes a free one and talks to its process itself.
+    slots: Arc<[Mutex<Slot>]>,
+    /// Where the next caller starts looking for a free slot.
+    next: AtomicUsize,
+    shared: Arc<Shared>,
+    /// The threads starting the processes beside the caller's start-up.
+    starters: Vec<JoinHandle<()>>,
+}
+
+/// A process and what goes with it.
+struct Slot {
+    process: Option<RedoProcess>,
+    /// Requests served by this process (it is replaced after `recycle_after`).
+    served: u64,
+    /// The buffer requests are encoded into.
+    scratch: Vec<u8>,
 }
 
 /// Counters for status reports and tests.
@@ -127,37 +131,67 @@ pub struct RedoStats {
 }
 
 impl PostgresRedoManager {
-    /// Prepares the scratch template (initdb: a second or two) and the worker threads; redo
-    /// processes start on first use.
+    /// Prepares the scratch template (initdb: a second or two) and starts the processes in
+    /// the background (a request meanwhile waits for its process to be up).
     pub fn new(cfg: RedoConfig) -> Result<PostgresRedoManager, RedoError> {
-        let template = Arc::new(ScratchTemplate::create(&cfg)?);
-        let (tx, rx) = bounded::<Job>(cfg.processes.max(1) * 4);
-        let stats = Arc::new(Mutex::new(RedoStats::default()));
-        let pids = Arc::new(Mutex::new(vec![None; cfg.processes.max(1)]));
-        let cfg = Arc::new(cfg);
-        let workers = (0..cfg.processes.max(1))
+        let processes = cfg.processes.max(1);
+        let shared = Arc::new(Shared {
+            template: ScratchTemplate::create(&cfg)?,
+            cfg,
+            stats: Mutex::default(),
+            pids: Mutex::new(vec![None; processes]),
+        });
+        let slots: Arc<[Mutex<Slot>]> = (0..processes)
+            .map(|_| Mutex::new(Slot { process: None, served: 0, scratch: Vec::with_capacity(64 * 1024) }))
+            .collect();
+        // Started now, not at the first request, which would wait for the template's copy and
+        // the start (tens of milliseconds; more on a slow disk). A failure here is retried by
+        // that request.
+        let starters = (0..processes)
             .map(|n| {
-                let shared =
-                    Shared { cfg: cfg.clone(), template: template.clone(), stats: stats.clone(), pids: pids.clone() };
-                let rx = rx.clone();
+                let (slots, shared) = (slots.clone(), shared.clone());
                 std::thread::Builder::new()
-                    .name(format!("walredo-{n}"))
-                    .spawn(move || worker(n, rx, shared))
+                    .name(format!("walredo-start-{n}"))
+                    .spawn(move || {
+                        let mut slot = lock(&slots[n]);
+                        let _ = ensure_process(&mut slot.process, n, &shared, RedoError::Start);
+                    })
                     .expect("spawning a thread")
             })
             .collect();
-        Ok(PostgresRedoManager { queue: Some(tx), workers, template, stats, pids })
+        Ok(PostgresRedoManager { slots, next: AtomicUsize::new(0), shared, starters })
     }
 
     /// Process ids of the redo processes running now.
     pub fn process_ids(&self) -> Vec<u32> {
-        self.pids.lock().expect("pids lock").iter().flatten().copied().collect()
+        lock(&self.shared.pids).iter().flatten().copied().collect()
     }
 
     /// Where the scratch data directories are.
     pub fn scratch_root(&self) -> &std::path::Path {
-        self.template.root()
+        self.shared.template.root()
     }
+
+    /// A free slot if there is one (looking from a rotating start), else the next in turn,
+    /// waited for.
+    fn take_slot(&self) -> (usize, MutexGuard<'_, Slot>) {
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let len = self.slots.len();
+        for i in 0..len {
+            let n = (first + i) % len;
+            match self.slots[n].try_lock() {
+                Ok(slot) => return (n, slot),
+                Err(TryLockError::Poisoned(e)) => return (n, e.into_inner()),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        let n = first % len;
+        (n, lock(&self.slots[n]))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl WalRedoManager for PostgresRedoManager {
@@ -166,65 +200,54 @@ impl WalRedoManager for PostgresRedoManager {
     }
 
     fn stats(&self) -> RedoStats {
-        self.stats.lock().expect("stats lock").clone()
+        lock(&self.shared.stats).clone()
     }
 
+    /// Runs in the caller's thread, which talks to the process itself: no hand-off to another
+    /// thread and back, each a wake-up of an idle core.
     fn redo_many(&self, requests: Vec<RedoRequest>) -> Vec<Result<Box<[u8; BLCKSZ]>, RedoError>> {
-        let n = requests.len();
-        let (tx, rx) = bounded(1);
-        let sent = self.queue.as_ref().is_some_and(|q| q.send((requests, tx)).is_ok());
-        match sent.then(|| rx.recv().ok()).flatten() {
-            Some(results) => results,
-            None => (0..n).map(|_| Err(RedoError::ShutDown)).collect(),
+        let (n, mut slot) = self.take_slot();
+        let shared = &self.shared;
+        let Slot { process, served, scratch } = &mut *slot;
+        let results = rebuild_many(&requests, process, scratch, n, shared);
+        {
+            let mut s = lock(&shared.stats);
+            s.requests += results.len() as u64;
+            s.failures += results.iter().filter(|r| r.is_err()).count() as u64;
         }
+        *served += results.len() as u64;
+        if results.iter().any(|r| matches!(r, Err(RedoError::Process { .. }))) || *served >= shared.cfg.recycle_after {
+            // After a process error its state is not to be trusted; after many requests a
+            // fresh process sheds the files and handles a long-lived one accumulates.
+            *process = None;
+            *served = 0;
+        }
+        lock(&shared.pids)[n] = process.as_ref().map(RedoProcess::pid);
+        results
     }
 }
 
 impl Drop for PostgresRedoManager {
     fn drop(&mut self) {
-        // Closing the queue ends the workers, whose processes are killed as they exit.
-        self.queue.take();
-        for w in self.workers.drain(..) {
-            let _ = w.join();
+        for s in self.starters.drain(..) {
+            let _ = s.join();
         }
-        self.template.remove();
+        for slot in self.slots.iter() {
+            // Dropping a process ends it (stdin closed, then killed if it lingers).
+            lock(slot).process = None;
+        }
+        lock(&self.shared.pids).iter_mut().for_each(|p| *p = None);
+        self.shared.template.remove();
     }
 }
 
-/// What every worker shares.
+/// What every caller shares.
 struct Shared {
-    cfg: Arc<RedoConfig>,
-    template: Arc<ScratchTemplate>,
-    stats: Arc<Mutex<RedoStats>>,
-    pids: Arc<Mutex<Vec<Option<u32>>>>,
-}
-
-fn worker(n: usize, rx: Receiver<Job>, shared: Shared) {
-    let mut process: Option<RedoProcess> = None;
-    let mut served = 0u64;
-    let mut scratch = Vec::with_capacity(64 * 1024);
-    // Start the process now, not at the first request, which would wait for the template's
-    // copy and the start (tens of milliseconds); a failure here is retried by that request.
-    let _ = ensure_process(&mut process, n, &shared, RedoError::Start);
-    for (requests, reply) in rx {
-        let results = rebuild_many(&requests, &mut process, &mut scratch, n, &shared);
-        {
-            let mut s = shared.stats.lock().expect("stats lock");
-            s.requests += results.len() as u64;
-            s.failures += results.iter().filter(|r| r.is_err()).count() as u64;
-        }
-        served += results.len() as u64;
-        if results.iter().any(|r| matches!(r, Err(RedoError::Process { .. }))) || served >= shared.cfg.recycle_after {
-            // After a process error its state is not to be trusted; after many requests a
-            // fresh process sheds the files and handles a long-lived one accumulates.
-            process = None;
-            served = 0;
-        }
-        shared.pids.lock().expect("pids lock")[n] = process.as_ref().map(RedoProcess::pid);
-        let _ = reply.send(results);
-    }
-    drop(process);
-    shared.pids.lock().expect("pids lock")[n] = None;
+    cfg: RedoConfig,
+    template: ScratchTemplate,
+    stats: Mutex<RedoStats>,
+    /// The OS process id of each slot's redo process, while it has one.
+    pids: Mutex<Vec<Option<u32>>>,
 }
 
 /// A batch: the requests made only of PostgreSQL records (nearly all) go to the process in
@@ -295,7 +318,7 @@ fn encode_run(scratch: &mut Vec<u8>, tag: &BufferTag, base: Option<&[u8; BLCKSZ]
     proto::encode_get(scratch);
 }
 
-/// This worker's process, started (from the template) if it has none or it died while idle
+/// A slot's process, started (from the template) if it has none or it died while idle
 /// — which then costs the request nothing.
 fn ensure_process<'p>(
     process: &'p mut Option<RedoProcess>,
@@ -309,9 +332,9 @@ fn ensure_process<'p>(
     if process.is_none() {
         let dir = shared.template.copy_for(n, &shared.cfg)?;
         let p = RedoProcess::start(&dir, &shared.cfg).map_err(fail)?;
-        shared.pids.lock().expect("pids lock")[n] = Some(p.pid());
+        lock(&shared.pids)[n] = Some(p.pid());
         *process = Some(p);
-        shared.stats.lock().expect("stats lock").process_starts += 1;
+        lock(&shared.stats).process_starts += 1;
     }
     Ok(process.as_mut().expect("started above"))
 }

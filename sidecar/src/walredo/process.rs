@@ -82,6 +82,10 @@ impl RedoProcess {
         let mut p = RedoProcess { child, stdin, stdout, log, pid, spin: cfg.reply_spin };
         for f in [p.stdin_ref().as_fd(), p.stdout.as_fd()] {
             set_nonblocking(f).map_err(|e| fail(e.to_string()))?;
+            // A batch of pages (tens of records each way) then crosses in a few writes instead
+            // of a switch between the two processes every 64 KB. Advice: the default works.
+            let _ =
+                nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
         }
         let deadline = Instant::now() + cfg.start_timeout;
         p.write_all(b"SELECT neon_walredo_loop();\n", deadline)?;
@@ -242,6 +246,9 @@ impl RedoProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Bytes a pipe to or from a redo process holds (Linux's `pipe-max-size` default).
+const PIPE_SIZE: nix::libc::c_int = 1 << 20;
 
 fn set_nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};

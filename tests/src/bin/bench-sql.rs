@@ -63,6 +63,8 @@ fn main() -> Result<()> {
     // Move on, so `lsn` is in the past.
     c.execute("UPDATE seq SET id = -id WHERE id % 10 = 0")?;
     c.execute("CHECKPOINT")?;
+    // Timed calls should not share the machine with the sidecar's ingest of all that.
+    sidecar.wait_durable(c.query_one_string("SELECT pg_current_wal_insert_lsn()::text")?.parse()?)?;
 
     eprintln!("bench: round trips ...");
     c.execute("SET neon.prefetch_distance = 0")?;
