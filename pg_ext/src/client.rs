@@ -77,7 +77,7 @@ impl Connection {
                     self.wait(libc::POLLOUT, started, timeout, interrupted)?
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) => {
                     return Err(ClientError::Closed { path: self.path.clone(), during_reply: false })
                 }
                 Err(source) => return Err(ClientError::Io { path: self.path.clone(), source }),
@@ -112,6 +112,10 @@ impl Connection {
         while reply.len() < want {
             match self.stream.read(&mut buf[..(want - reply.len()).min(16 * 1024)]) {
                 Ok(0) => {
+                    let during_reply = replied || !reply.is_empty();
+                    return Err(ClientError::Closed { path: self.path.clone(), during_reply });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                     let during_reply = replied || !reply.is_empty();
                     return Err(ClientError::Closed { path: self.path.clone(), during_reply });
                 }
@@ -201,7 +205,9 @@ impl Slot {
             _ => Connection::connect(path)?,
         };
         let result = match conn.call(req, timeout, interrupted, progress) {
-            Err(ClientError::Closed { during_reply: false, .. } | ClientError::Io { .. }) if reused => {
+            // Only when nothing of a reply came: a request is never made twice after the
+            // sidecar began answering it (a base backup's progress, say).
+            Err(ClientError::Closed { during_reply: false, .. }) if reused => {
                 conn = Connection::connect(path)?;
                 conn.call(req, timeout, interrupted, progress)
             }

@@ -50,6 +50,9 @@ pub enum Lookup<'c> {
 pub struct Claim<'c> {
     cache: &'c PageCache,
     key: Key,
+    /// Whether this claim marked the key pending (and so must withdraw it); a waiter that gave
+    /// up rebuilds unclaimed, leaving the pending mark to its owner.
+    owner: bool,
     filed: bool,
 }
 
@@ -103,14 +106,14 @@ impl PageCache {
                 }
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 pending.insert(key);
-                return Lookup::Claimed(Claim { cache: self, key, filed: false });
+                return Lookup::Claimed(Claim { cache: self, key, owner: true, filed: false });
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 // Give up waiting and rebuild it too, unclaimed: whichever files first wins,
                 // the other's page is the same.
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                return Lookup::Claimed(Claim { cache: self, key, filed: true });
+                return Lookup::Claimed(Claim { cache: self, key, owner: false, filed: false });
             }
             if !waited {
                 self.stats.waits.fetch_add(1, Ordering::Relaxed);
@@ -127,7 +130,7 @@ impl PageCache {
             return None;
         }
         pending.insert(key);
-        Some(Claim { cache: self, key, filed: false })
+        Some(Claim { cache: self, key, owner: true, filed: false })
     }
 
     /// Pages held now.
@@ -148,11 +151,14 @@ impl PageCache {
         self.pages.set_oldest_lsn(lsn);
     }
 
-    fn file(&self, key: Key, page: Option<&[u8; BLCKSZ]>) {
+    fn file(&self, key: Key, page: Option<&[u8; BLCKSZ]>, owner: bool) {
         // Stored before the claim is withdrawn (under the lock), so whoever finds the key no
         // longer pending finds the page; but not under the lock, which lookups share.
         if let Some(p) = page {
             self.pages.store(&key, p);
+        }
+        if !owner {
+            return;
         }
         let mut pending = self.lock();
         pending.remove(&key);
@@ -168,7 +174,7 @@ impl Claim<'_> {
 
     /// Files the rebuilt page; waiters get it.
     pub fn fill(mut self, page: &[u8; BLCKSZ]) {
-        self.cache.file(self.key, Some(page));
+        self.cache.file(self.key, Some(page), self.owner);
         self.filed = true;
     }
 }
@@ -176,7 +182,7 @@ impl Claim<'_> {
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         if !self.filed {
-            self.cache.file(self.key, None);
+            self.cache.file(self.key, None, self.owner);
         }
     }
 }

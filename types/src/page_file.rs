@@ -251,20 +251,30 @@ impl PageFileWriter {
         let tmp = dir.join(format!("{FILE_NAME}.tmp"));
         let tmp_io = |source| PageFileError::Io { path: tmp.clone(), source };
         let _ = std::fs::remove_file(&tmp);
-        let data = match memory_dir {
-            Some(m) => {
-                let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                let data = m.join(format!("neon-pages-{}-{}", std::process::id(), nanos.as_nanos()));
-                std::os::unix::fs::symlink(&data, &tmp).map_err(tmp_io)?;
-                data
+        // In memory if there is room for all of it (a tmpfs that fills up would make a store
+        // fault with SIGBUS), else beside the link.
+        let in_memory = memory_dir.and_then(|m| match create_in_memory(m, len, &tmp) {
+            Ok(made) => Some(made),
+            Err(e) => {
+                eprintln!("neon-sidecar: shared page file on disk, not in {}: {e}", m.display());
+                None
             }
-            None => tmp.clone(),
+        });
+        let (file, data) = match in_memory {
+            Some(made) => made,
+            None => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .and_then(|f| f.set_len(len as u64).map(|()| f))
+                    .map_err(tmp_io)?;
+                (file, tmp.clone())
+            }
         };
         let data_io = |source| PageFileError::Io { path: data.clone(), source };
-        // create_new: never through a link someone else put there.
-        let file =
-            OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&data).map_err(data_io)?;
-        file.set_len(len as u64).map_err(data_io)?;
         // SAFETY: maps the file just created; only this writer and read-only readers map it.
         let raw = memmap2::MmapRaw::map_raw(&file).map_err(data_io)?;
         let base = raw.as_mut_ptr();
@@ -276,7 +286,7 @@ impl PageFileWriter {
         map.init_header(sets);
         lock_owner(&file).map_err(data_io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
-        let memory = memory_dir.is_some().then_some(data);
+        let memory = (data != tmp).then_some(data);
         Ok(PageFileWriter {
             map,
             file: Some((file, path)),
@@ -370,7 +380,12 @@ impl PageFileWriter {
     /// memory freed once they have unmapped it). The lock goes with the file descriptor.
     pub fn retire(&self) {
         self.map.u32_at(20).store(1, Ordering::Release);
-        if let Some(data) = &self.memory {
+        if let (Some(data), Some((_, link))) = (&self.memory, &self.file) {
+            // The link too, while it is still ours: a dangling link names a file anyone
+            // could create in the shared memory directory.
+            if std::fs::read_link(link).is_ok_and(|to| to == *data) {
+                let _ = std::fs::remove_file(link);
+            }
             let _ = std::fs::remove_file(data);
         }
     }
@@ -407,6 +422,25 @@ impl Mapped {
     }
 }
 
+/// The data file in `memory_dir` (created new, all of `len` allocated) and a link to it at
+/// `link`.
+fn create_in_memory(memory_dir: &Path, len: usize, link: &Path) -> io::Result<(File, PathBuf)> {
+    // Absolute, or the link (resolved from its own directory) would point elsewhere.
+    let dir = std::fs::canonicalize(memory_dir)?;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let data = dir.join(format!("neon-pages-{}-{}", std::process::id(), nanos.as_nanos()));
+    // create_new: never through a link someone else put there.
+    let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&data)?;
+    // SAFETY: a valid descriptor; allocates the whole length or fails (ENOSPC).
+    let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+    let linked = if r != 0 { Err(io::Error::from_raw_os_error(r)) } else { std::os::unix::fs::symlink(&data, link) };
+    if let Err(e) = linked {
+        let _ = std::fs::remove_file(&data);
+        return Err(e);
+    }
+    Ok((file, data))
+}
+
 /// A backend's side: the file mapped read-only.
 pub struct PageFileReader {
     map: Mapped,
@@ -426,8 +460,12 @@ impl PageFileReader {
     fn open_path(path: &Path) -> Result<PageFileReader, PageFileError> {
         let io = |source| PageFileError::Io { path: path.to_path_buf(), source };
         let invalid = |why: String| PageFileError::Invalid { path: path.to_path_buf(), why };
-        let file = File::open(path).map_err(io)?;
+        // Non-blocking: a FIFO planted where the data should be must not hang the open.
+        let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(invalid("not a regular file".into()));
+        }
         // Memory-backed data is in a directory anyone can write to: only our own user's.
         // SAFETY: geteuid cannot fail.
         let me = unsafe { libc::geteuid() };
@@ -592,6 +630,19 @@ mod tests {
         drop(w);
         assert!(r.retired() && !r.get(&key(1, 10), &mut out));
         assert_eq!(std::fs::read_dir(&mem).unwrap().count(), 0, "a retired writer unlinks its data");
+        assert!(std::fs::symlink_metadata(dir.join(FILE_NAME)).is_err(), "and its link");
+        // No room (here: no such directory): the data is in the shared directory itself.
+        let w = PageFileWriter::create(&dir, 16, Some(&root.join("missing"))).unwrap();
+        assert!(std::fs::symlink_metadata(dir.join(FILE_NAME)).unwrap().file_type().is_file());
+        drop(w);
+        // A FIFO someone planted where the data should be is refused, not waited on.
+        let fifo = mem.join("planted");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        std::fs::remove_file(dir.join(FILE_NAME)).unwrap();
+        std::os::unix::fs::symlink(&fifo, dir.join(FILE_NAME)).unwrap();
+        assert!(matches!(PageFileReader::open(&dir), Err(PageFileError::Invalid { .. })));
         std::fs::remove_dir_all(&root).unwrap();
     }
 

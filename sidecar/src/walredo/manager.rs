@@ -16,9 +16,9 @@ use bytes::Bytes;
 use neon_types::walredo as proto;
 use neon_types::{BufferTag, Lsn, BLCKSZ};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One record of a redo request.
 #[derive(Debug, Clone)]
@@ -108,6 +108,8 @@ pub struct PostgresRedoManager {
     slots: Arc<[Mutex<Slot>]>,
     /// Where the next caller starts looking for a free slot.
     next: AtomicUsize,
+    /// Signalled when a slot is given back, for callers that found none free.
+    released: (Mutex<()>, Condvar),
     shared: Arc<Shared>,
     /// The threads starting the processes beside the caller's start-up.
     starters: Vec<JoinHandle<()>>,
@@ -159,7 +161,7 @@ impl PostgresRedoManager {
                     .expect("spawning a thread")
             })
             .collect();
-        Ok(PostgresRedoManager { slots, next: AtomicUsize::new(0), shared, starters })
+        Ok(PostgresRedoManager { slots, next: AtomicUsize::new(0), released: Default::default(), shared, starters })
     }
 
     /// Process ids of the redo processes running now.
@@ -172,21 +174,42 @@ impl PostgresRedoManager {
         self.shared.template.root()
     }
 
-    /// A free slot if there is one (looking from a rotating start), else the next in turn,
-    /// waited for.
+    /// A free slot (looking from a rotating start), waiting for the first to come free.
     fn take_slot(&self) -> (usize, MutexGuard<'_, Slot>) {
         let first = self.next.fetch_add(1, Ordering::Relaxed);
         let len = self.slots.len();
-        for i in 0..len {
-            let n = (first + i) % len;
-            match self.slots[n].try_lock() {
-                Ok(slot) => return (n, slot),
-                Err(TryLockError::Poisoned(e)) => return (n, e.into_inner()),
-                Err(TryLockError::WouldBlock) => {}
-            }
+        let try_all = || {
+            (0..len).map(|i| (first + i) % len).find_map(|n| match self.slots[n].try_lock() {
+                Ok(slot) => Some((n, slot)),
+                Err(TryLockError::Poisoned(e)) => {
+                    // A caller panicked mid-exchange: its process's pipes are not to be trusted.
+                    let mut slot = e.into_inner();
+                    slot.process = None;
+                    self.slots[n].clear_poison();
+                    Some((n, slot))
+                }
+                Err(TryLockError::WouldBlock) => None,
+            })
+        };
+        if let Some(taken) = try_all() {
+            return taken;
         }
-        let n = first % len;
-        (n, lock(&self.slots[n]))
+        // Tried again under the lock a releaser takes to notify, so no release is missed; the
+        // timeout covers a caller that panicked before notifying.
+        let mut waiting = lock(&self.released.0);
+        loop {
+            if let Some(taken) = try_all() {
+                return taken;
+            }
+            waiting =
+                self.released.1.wait_timeout(waiting, Duration::from_millis(10)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    fn give_back(&self, slot: MutexGuard<'_, Slot>) {
+        drop(slot);
+        let _guard = lock(&self.released.0);
+        self.released.1.notify_one();
     }
 }
 
@@ -223,6 +246,7 @@ impl WalRedoManager for PostgresRedoManager {
             *served = 0;
         }
         lock(&shared.pids)[n] = process.as_ref().map(RedoProcess::pid);
+        self.give_back(slot);
         results
     }
 }
@@ -376,7 +400,12 @@ fn rebuild(
                 let mut out = page.take().unwrap_or_else(|| Box::new([0; BLCKSZ]));
                 let fail = |source| RedoError::Process { tag, lsn: last, source };
                 let p = ensure_process(process, n, shared, fail)?;
-                p.exchange(scratch, &mut out[..], Instant::now() + shared.cfg.request_timeout).map_err(fail)?;
+                if let Err(e) = p.exchange(scratch, &mut out[..], Instant::now() + shared.cfg.request_timeout) {
+                    // Its reply may still come (a timeout), or half a request may be in the
+                    // pipe: the next request must not read that as its page.
+                    *process = None;
+                    return Err(fail(e));
+                }
                 page = Some(out);
                 i = run_end;
             }
