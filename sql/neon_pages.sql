@@ -1,5 +1,6 @@
 -- Pages as they were: a table, three states of it, each read back through neon_get_page and
 -- decoded by pageinspect.
+SELECT pg_current_wal_insert_lsn() AS lsn0 \gset
 CREATE TABLE t (id int PRIMARY KEY, v text);
 INSERT INTO t SELECT g, 'first ' || g FROM generate_series(1, 5) g;
 SELECT pg_current_wal_insert_lsn() AS lsn1 \gset
@@ -14,8 +15,26 @@ SELECT length(neon_get_page('t', 'main', 0, :'lsn3')) AS bytes;
 -- At lsn3 (after TRUNCATE, a new file): one tuple.
 SELECT lp, t_data FROM heap_page_items(neon_get_page('t', 'main', 0, :'lsn3')) ORDER BY lp;
 SELECT neon_rel_size('t', 'main', :'lsn3') AS blocks_now;
--- The TRUNCATE gave t a new file: its history starts there, the old file is not t any more.
-SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 't', 'main', :'lsn1'));
+-- The TRUNCATE gave t a new file. At lsn1 it had the old one, which the sidecar finds in
+-- pg_class as it was then: the five first tuples, and the old file's size.
+SELECT lp, t_data FROM heap_page_items(neon_get_page('t', 'main', 0, :'lsn1')) ORDER BY lp;
+SELECT neon_rel_size('t', 'main', :'lsn1') AS blocks_then,
+       neon_rel_size('t_pkey', 'main', :'lsn2') AS index_blocks_then;
+-- Before t was created it had no file at all.
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 't', 'main', :'lsn0'));
+SELECT neon_try(format('SELECT neon_rel_size(%L, %L, %L)', 't', 'main', :'lsn0'));
+-- Two rewrites (VACUUM FULL, then TRUNCATE): each LSN reads the file of its time.
+CREATE TABLE r (id int);
+INSERT INTO r VALUES (1), (2);
+SELECT pg_current_wal_insert_lsn() AS r1 \gset
+DELETE FROM r WHERE id = 1;
+VACUUM FULL r;
+SELECT pg_current_wal_insert_lsn() AS r2 \gset
+TRUNCATE r;
+INSERT INTO r VALUES (3);
+SELECT pg_current_wal_insert_lsn() AS r3 \gset
+SELECT l.name, (SELECT string_agg(t_data::text, ',' ORDER BY lp) FROM heap_page_items(neon_get_page('r', 'main', 0, l.lsn))) AS rows
+  FROM (VALUES ('r1', :'r1'::pg_lsn), ('r2', :'r2'::pg_lsn), ('r3', :'r3'::pg_lsn)) l(name, lsn) ORDER BY l.name;
 -- A table never rewritten keeps one file, so its whole history is reachable by name.
 CREATE TABLE h (id int, v text);
 INSERT INTO h SELECT g, 'first ' || g FROM generate_series(1, 5) g;

@@ -4,7 +4,8 @@
 //!
 //! Every function is revoked from PUBLIC and granted to `pg_read_server_files` (they expose
 //! every byte of the database), and a relation is served only to a caller who may `SELECT`
-//! it. Bad input and every sidecar failure end as a PostgreSQL `ERROR` naming the relation,
+//! it. A relation is named by OID (`regclass`), so LSNs before a rewrite read the file it had
+//! then. Bad input and every sidecar failure end as a PostgreSQL `ERROR` naming the relation,
 //! block and LSN; nothing here brings a backend down.
 
 use crate::client::{ClientError, Slot};
@@ -16,6 +17,7 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::time::Instant;
 
 /// The largest valid block number (`MaxBlockNumber`).
@@ -24,6 +26,8 @@ const MAX_BLOCK: i64 = 0xFFFF_FFFE;
 thread_local! {
     /// This backend's connection to the sidecar.
     static SIDECAR: RefCell<Slot> = const { RefCell::new(Slot::new()) };
+    /// Older files of relations at LSNs (see [`older_file`]).
+    static OLDER_FILES: RefCell<HashMap<(u32, Lsn), RelFileNode>> = RefCell::new(HashMap::new());
     /// Read-ahead state: the relation and LSN last read, its last block, and the block up
     /// to which pages are already queued.
     static READ_AHEAD: Cell<Option<(RelTag, Lsn, u32, u32)>> = const { Cell::new(None) };
@@ -55,14 +59,17 @@ fn ask_with_progress(
     timeout: Option<std::time::Duration>,
     progress: &mut dyn FnMut(&Response),
 ) -> Response {
-    let Some(path) = guc::sidecar_socket() else {
-        fail(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("{what}: {}", ClientError::NotConfigured),
-            None,
-        )
-    };
-    let result = SIDECAR.with(|s| {
+    call(req, timeout, progress).unwrap_or_else(|e| failed(what, e))
+}
+
+/// One request to the sidecar, its failure left to the caller.
+fn call(
+    req: &Request,
+    timeout: Option<std::time::Duration>,
+    progress: &mut dyn FnMut(&Response),
+) -> Result<Response, ClientError> {
+    let path = guc::sidecar_socket().ok_or(ClientError::NotConfigured)?;
+    SIDECAR.with(|s| {
         s.borrow_mut().call(
             &path,
             req,
@@ -72,39 +79,36 @@ fn ask_with_progress(
             },
             progress,
         )
-    });
-    match result {
-        Ok(r) => r,
-        Err(e) => {
-            let (code, hint) = match &e {
-                ClientError::Sidecar { code: ErrorCode::OutOfHistory, .. } => (
-                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                    Some("SELECT * FROM neon_history() shows the LSNs the sidecar holds."),
-                ),
-                ClientError::Sidecar { code: ErrorCode::NotYet, .. } => (
-                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    Some("The sidecar has not received WAL up to that LSN; it waited neon.request_timeout."),
-                ),
-                ClientError::Sidecar { code: ErrorCode::NotFound | ErrorCode::BadRequest, .. } => {
-                    (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, None)
-                }
-                ClientError::Sidecar { code: ErrorCode::Internal, .. } => {
-                    (PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, None)
-                }
-                ClientError::NotConfigured => (PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, None),
-                ClientError::Connect { .. } | ClientError::Closed { .. } | ClientError::Io { .. } => (
-                    PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
-                    Some("Is neon-sidecar running? Calls reconnect by themselves once it is back."),
-                ),
-                ClientError::Timeout { .. } => (
-                    PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
-                    Some("Raise neon.request_timeout, or look at the sidecar's log."),
-                ),
-                ClientError::Protocol { .. } => (PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION, None),
-            };
-            fail(code, format!("{what}: {e}"), hint)
+    })
+}
+
+/// The ERROR for a failed request: `what` was asked.
+fn failed(what: &str, e: ClientError) -> ! {
+    let (code, hint) = match &e {
+        ClientError::Sidecar { code: ErrorCode::OutOfHistory, .. } => (
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            Some("SELECT * FROM neon_history() shows the LSNs the sidecar holds."),
+        ),
+        ClientError::Sidecar { code: ErrorCode::NotYet, .. } => (
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            Some("The sidecar has not received WAL up to that LSN; it waited neon.request_timeout."),
+        ),
+        ClientError::Sidecar { code: ErrorCode::NotFound | ErrorCode::BadRequest, .. } => {
+            (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, None)
         }
-    }
+        ClientError::Sidecar { code: ErrorCode::Internal, .. } => (PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, None),
+        ClientError::NotConfigured => (PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, None),
+        ClientError::Connect { .. } | ClientError::Closed { .. } | ClientError::Io { .. } => (
+            PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+            Some("Is neon-sidecar running? Calls reconnect by themselves once it is back."),
+        ),
+        ClientError::Timeout { .. } => (
+            PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+            Some("Raise neon.request_timeout, or look at the sidecar's log."),
+        ),
+        ClientError::Protocol { .. } => (PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION, None),
+    };
+    fail(code, format!("{what}: {e}"), hint)
 }
 
 fn unexpected(what: &str, r: Response) -> ! {
@@ -156,7 +160,7 @@ fn block_arg(blkno: Option<i64>, what: &str) -> u32 {
 
 /// The relation's file and fork, after checking the caller may read it and the sidecar can
 /// have it.
-fn relation(rel: Option<RegClass>, fork: ForkNumber) -> (RelTag, String) {
+fn relation(rel: Option<RegClass>, fork: ForkNumber) -> (RelTag, String, u32) {
     let oid = required(rel, "rel").0;
     // SAFETY: catalog lookups in a transaction; a missing OID is PostgreSQL's own ERROR.
     let allowed = unsafe { pg_sys::pg_class_aclcheck(oid, pg_sys::GetUserId(), pg_sys::ACL_SELECT as pg_sys::AclMode) };
@@ -189,7 +193,44 @@ fn relation(rel: Option<RegClass>, fork: ForkNumber) -> (RelTag, String) {
     }
     let node = r.rd_node;
     let node = RelFileNode { spcnode: node.spcNode.into(), dbnode: node.dbNode.into(), relnode: node.relNode.into() };
-    (RelTag { node, fork }, name)
+    (RelTag { node, fork }, name, oid.into())
+}
+
+/// The file of relation `oid` at `lsn` when that is not its current one, `current`: after a
+/// TRUNCATE, VACUUM FULL or rewrite, earlier LSNs belong to an older file, which the sidecar
+/// finds in `pg_class` as it was then. Asked once per relation and LSN (remembered), and only
+/// when `current` did not exist at `lsn`.
+fn older_file(oid: u32, current: RelTag, lsn: Lsn) -> Option<RelTag> {
+    if let Some(node) = OLDER_FILES.with(|m| m.borrow().get(&(oid, lsn)).copied()) {
+        return Some(RelTag { node, fork: current.fork });
+    }
+    let (timeout, wait_ms) = (lsn_call_timeout(), wait_ms());
+    // Any failure here leaves the caller's own error to be reported.
+    let main = RelTag { fork: ForkNumber::Main, ..current };
+    if !matches!(call(&Request::RelSize { rel: main, lsn, wait_ms }, timeout, &mut |_| {}), Ok(Response::Size(None))) {
+        return None;
+    }
+    let req = Request::RelationFile { dbnode: current.node.dbnode, reloid: oid, lsn, wait_ms };
+    match call(&req, timeout, &mut |_| {}) {
+        Ok(Response::RelationFile(Some(node))) if node != current.node => {
+            OLDER_FILES.with(|m| {
+                let mut m = m.borrow_mut();
+                if m.len() >= 1024 {
+                    m.clear();
+                }
+                m.insert((oid, lsn), node);
+            });
+            Some(RelTag { node, fork: current.fork })
+        }
+        _ => None,
+    }
+}
+
+/// The file to read relation `oid` from at `lsn`: an older one already found, or `current`.
+fn file_at(oid: u32, current: RelTag, lsn: Lsn) -> RelTag {
+    OLDER_FILES
+        .with(|m| m.borrow().get(&(oid, lsn)).copied())
+        .map_or(current, |node| RelTag { node, fork: current.fork })
 }
 
 /// Queues the blocks after `blkno` when the reads of `rel` at `lsn` are sequential, keeping
@@ -224,19 +265,29 @@ fn neon_get_page(rel: Option<RegClass>, fork: Option<&str>, blkno: Option<i64>, 
     let fork = fork_arg(fork);
     let blkno = block_arg(blkno, "block number");
     let lsn = lsn_arg(lsn);
-    let (rel, name) = relation(rel, fork);
+    let (current, name, oid) = relation(rel, fork);
+    let rel = file_at(oid, current, lsn);
     read_ahead(rel, lsn, blkno);
     let tag = BufferTag { rel, blkno };
     if let Some(page) = shared_pages::get(&(tag, lsn)) {
         return page;
     }
-    let what = format!("block {blkno} of relation \"{name}\" ({rel}) at {lsn}");
-    match ask(&Request::GetPage { tag, lsn, wait_ms: wait_ms() }, &what, lsn_call_timeout()) {
+    let get = |rel| Request::GetPage { tag: BufferTag { rel, blkno }, lsn, wait_ms: wait_ms() };
+    let what = |rel: RelTag| format!("block {blkno} of relation \"{name}\" ({rel}) at {lsn}");
+    let answer = match call(&get(rel), lsn_call_timeout(), &mut |_| {}) {
+        // Not in this file: maybe the relation had another then.
+        Err(e @ ClientError::Sidecar { code: ErrorCode::NotFound, .. }) => match older_file(oid, rel, lsn) {
+            Some(older) => ask(&get(older), &what(older), lsn_call_timeout()),
+            None => failed(&what(rel), e),
+        },
+        r => r.unwrap_or_else(|e| failed(&what(rel), e)),
+    };
+    match answer {
         Response::Page(p) => {
             debug_assert_eq!(p.len(), BLCKSZ);
             p.to_vec()
         }
-        r => unexpected(&what, r),
+        r => unexpected(&what(rel), r),
     }
 }
 
@@ -245,16 +296,23 @@ fn neon_get_page(rel: Option<RegClass>, fork: Option<&str>, blkno: Option<i64>, 
 fn neon_rel_size(rel: Option<RegClass>, fork: Option<&str>, lsn: Option<PgLsn>) -> i64 {
     let fork = fork_arg(fork);
     let lsn = lsn_arg(lsn);
-    let (rel, name) = relation(rel, fork);
-    let what = format!("size of relation \"{name}\" ({rel}) at {lsn}");
-    match ask(&Request::RelSize { rel, lsn, wait_ms: wait_ms() }, &what, lsn_call_timeout()) {
-        Response::Size(Some(n)) => i64::from(n),
-        Response::Size(None) => fail(
+    let (current, name, oid) = relation(rel, fork);
+    let size = |rel: RelTag| {
+        let what = format!("size of relation \"{name}\" ({rel}) at {lsn}");
+        match ask(&Request::RelSize { rel, lsn, wait_ms: wait_ms() }, &what, lsn_call_timeout()) {
+            Response::Size(n) => n,
+            r => unexpected(&what, r),
+        }
+    };
+    let rel = file_at(oid, current, lsn);
+    let n = size(rel).or_else(|| older_file(oid, rel, lsn).and_then(size));
+    match n {
+        Some(n) => i64::from(n),
+        None => fail(
             PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-            format!("{what}: the relation's file did not exist at that LSN"),
-            Some("A relation rewritten since (TRUNCATE, VACUUM FULL, ALTER TABLE) has a new file."),
+            format!("size of relation \"{name}\" at {lsn}: the relation did not exist at that LSN"),
+            Some("SELECT * FROM neon_history() shows the LSNs the sidecar holds."),
         ),
-        r => unexpected(&what, r),
     }
 }
 
@@ -305,7 +363,8 @@ fn neon_prefetch(rel: Option<RegClass>, lsn: Option<PgLsn>, first_block: Option<
     if !(0..=MAX_BLOCK - i64::from(first)).contains(&n) {
         fail(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("invalid nblocks {n}"), None);
     }
-    let (rel, _) = relation(rel, ForkNumber::Main);
+    let (current, _, oid) = relation(rel, ForkNumber::Main);
+    let rel = file_at(oid, current, lsn);
     if !prefetch::active() {
         fail(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -12,6 +12,7 @@
 use crate::basebackup::shared::SharedBasebackups;
 use crate::basebackup::{BasebackupError, Options, Progress};
 use crate::page_cache::{Lookup, PageCache};
+use crate::repo::catalog::{self, CatalogError};
 use crate::repo::meta;
 use crate::repo::reconstruct::{self, GetPageError};
 use crate::repo::store::{RepoError, Repository};
@@ -167,6 +168,19 @@ impl PageService {
             Request::ComputeFlush { lsn } => {
                 self.metrics.compute_flush_lsn.fetch_max(lsn.0, Ordering::Relaxed);
                 Response::Lsn(self.repo.last_lsn())
+            }
+            Request::RelationFile { dbnode, reloid, lsn, wait_ms } => {
+                self.ready(lsn, wait_ms)?;
+                let node =
+                    catalog::relation_file_at(&self.repo, self.redo.as_ref(), dbnode, reloid, lsn).map_err(|e| {
+                        let code = match &e {
+                            CatalogError::Page(p) => code_of(p),
+                            CatalogError::NoDatabase { .. } => ErrorCode::NotFound,
+                            _ => ErrorCode::Internal,
+                        };
+                        error(code, e.to_string())
+                    })?;
+                Response::RelationFile(node)
             }
             Request::RelSize { rel, lsn, wait_ms } => {
                 self.ready(lsn, wait_ms)?;

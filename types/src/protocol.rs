@@ -21,6 +21,8 @@
 //!                       (rebuild blocks first..first+n into the sidecar's page cache; blocks
 //!                       past the fork's end are skipped)
 //!   0x0A ComputeFlush   lsn u64 (the compute's WAL flush position, for lag reports)
+//!   0x0B RelationFile   dbnode u32 | reloid u32 | lsn u64 | wait_ms u32
+//!                       (the file relation `reloid` had at `lsn`, from pg_class then)
 //!   rel = spcnode u32 | dbnode u32 | relnode u32 | fork u8
 //!   wait_ms: how long to wait for `lsn` to arrive before answering NotYet
 //! responses:
@@ -34,6 +36,7 @@
 //!   0x88 Basebackup     lsn u64 | bytes u64 | micros u64 (0: it was already there) |
 //!                       UTF-8 path of the tar in the shared directory
 //!   0x89 Prefetched     pages u32 (now in the cache, rebuilt or already there)
+//!   0x8B RelationFile   exists u8 | spcnode u32 | dbnode u32 | relnode u32
 //!   0x8A Progress       done u64 | total u64 | bytes u64 | micros u64 (not final: the
 //!                       request's answer follows; a base backup's pages so far, of all,
 //!                       bytes written and time taken, about once a second)
@@ -123,6 +126,14 @@ pub enum Request {
     ComputeFlush {
         lsn: Lsn,
     },
+    /// The file relation `reloid` of database `dbnode` had at `lsn` (before a rewrite, an
+    /// older one than now).
+    RelationFile {
+        dbnode: u32,
+        reloid: u32,
+        lsn: Lsn,
+        wait_ms: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +157,8 @@ pub enum Response {
         path: String,
     },
     Prefetched(u32),
+    /// The answer to `RelationFile`: `None` if no such relation was visible then.
+    RelationFile(Option<RelFileNode>),
     /// Not a final response: how far a long request has come.
     Progress {
         done: u64,
@@ -273,6 +286,12 @@ impl Request {
                 b.extend_from_slice(&lsn.0.to_le_bytes());
                 0x0A
             }
+            Request::RelationFile { dbnode, reloid, lsn, wait_ms } => {
+                b.extend_from_slice(&dbnode.to_le_bytes());
+                b.extend_from_slice(&reloid.to_le_bytes());
+                put_lsn_wait(&mut b, *lsn, *wait_ms);
+                0x0B
+            }
         };
         (kind, b)
     }
@@ -298,6 +317,7 @@ impl Request {
             }
             0x09 => Request::Prefetch { rel: r.rel()?, first: r.u32()?, n: r.u32()?, lsn: r.lsn()?, wait_ms: r.u32()? },
             0x0A => Request::ComputeFlush { lsn: r.lsn()? },
+            0x0B => Request::RelationFile { dbnode: r.u32()?, reloid: r.u32()?, lsn: r.lsn()?, wait_ms: r.u32()? },
             k => return malformed(format!("unknown request kind {k:#04x}")),
         };
         r.end()?;
@@ -372,6 +392,14 @@ impl Response {
                 b.extend_from_slice(&n.to_le_bytes());
                 0x89
             }
+            Response::RelationFile(node) => {
+                b.push(u8::from(node.is_some()));
+                let n = node.unwrap_or(RelFileNode { spcnode: 0, dbnode: 0, relnode: 0 });
+                for v in [n.spcnode, n.dbnode, n.relnode] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+                0x8B
+            }
             Response::Progress { done, total, bytes, micros } => {
                 for v in [done, total, bytes, micros] {
                     b.extend_from_slice(&v.to_le_bytes());
@@ -425,6 +453,11 @@ impl Response {
                 Response::Basebackup { lsn, bytes, micros, path: r.text()? }
             }
             0x89 => Response::Prefetched(r.u32()?),
+            0x8B => {
+                let exists = r.u8()? != 0;
+                let n = RelFileNode { spcnode: r.u32()?, dbnode: r.u32()?, relnode: r.u32()? };
+                Response::RelationFile(exists.then_some(n))
+            }
             0x8A => Response::Progress { done: r.u64()?, total: r.u64()?, bytes: r.u64()?, micros: r.u64()? },
             0xFF => {
                 let code = ErrorCode::from_u8(r.u8()?);
@@ -519,6 +552,7 @@ mod tests {
             Request::Basebackup { lsn: Lsn(77), full: true, new_timeline: true, wait_ms: 5 },
             Request::Prefetch { rel: rel(), first: 3, n: 64, lsn: Lsn(78), wait_ms: 6 },
             Request::ComputeFlush { lsn: Lsn(79) },
+            Request::RelationFile { dbnode: 5, reloid: 16384, lsn: Lsn(80), wait_ms: 7 },
         ];
         for req in reqs {
             let mut b = Vec::new();
@@ -542,6 +576,8 @@ mod tests {
             Response::Basebackup { lsn: Lsn(1), bytes: 2, micros: 3, path: "/x/base.tar".into() },
             Response::Prefetched(17),
             Response::Progress { done: 1, total: 2, bytes: 3, micros: 4 },
+            Response::RelationFile(Some(RelFileNode { spcnode: 1663, dbnode: 5, relnode: 16390 })),
+            Response::RelationFile(None),
             Response::Error { code: ErrorCode::NotYet, message: "later".into() },
         ];
         for resp in resps {

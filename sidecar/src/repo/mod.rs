@@ -14,6 +14,8 @@
 //! * [`slru`]  — which SLRU pages a truncation removes.
 //! * [`compaction`] — image layers for long chains, full images for retention.
 //! * [`reconstruct`] — any page, and any relation's size, at any LSN.
+//! * [`catalog`] — the file a relation had at an LSN (before a rewrite), from `pg_class` then.
+pub mod catalog;
 pub mod compaction;
 pub mod import;
 pub mod ingest;
