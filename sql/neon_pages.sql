@@ -23,9 +23,13 @@ SELECT neon_rel_size('t', 'main', :'lsn1') AS blocks_then,
 -- Before t was created it had no file at all.
 SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 't', 'main', :'lsn0'));
 SELECT neon_try(format('SELECT neon_rel_size(%L, %L, %L)', 't', 'main', :'lsn0'));
--- Two rewrites (VACUUM FULL, then TRUNCATE): each LSN reads the file of its time.
+-- Two rewrites (VACUUM FULL, then TRUNCATE): each LSN reads the file of its time. A rewrite
+-- rolled back leaves a pg_class row no snapshot saw: r1 still reads the first file.
 CREATE TABLE r (id int);
 INSERT INTO r VALUES (1), (2);
+BEGIN;
+TRUNCATE r;
+ROLLBACK;
 SELECT pg_current_wal_insert_lsn() AS r1 \gset
 DELETE FROM r WHERE id = 1;
 VACUUM FULL r;
