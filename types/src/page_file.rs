@@ -646,6 +646,49 @@ mod tests {
         std::fs::remove_dir_all(&root).unwrap();
     }
 
+    /// A page whose every byte says which key it belongs to.
+    fn page_of(k: &PageKey) -> [u8; BLCKSZ] {
+        let mut p = [0u8; BLCKSZ];
+        for (i, b) in p.iter_mut().enumerate() {
+            *b = (k.0.blkno as u8).wrapping_mul(31).wrapping_add(k.1 .0 as u8).wrapping_add(i as u8);
+        }
+        p
+    }
+
+    #[test]
+    fn readers_racing_a_writer_never_get_another_keys_page() {
+        // One set: every store evicts, so readers keep meeting slots being rewritten.
+        let w = PageFileWriter::anonymous(8).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (hits, misses) = (AtomicU64::new(0), AtomicU64::new(0));
+        std::thread::scope(|s| {
+            for r in 0..3u64 {
+                let (w, stop, hits, misses) = (&w, &stop, &hits, &misses);
+                s.spawn(move || {
+                    let mut out = [0u8; BLCKSZ];
+                    let mut i = r;
+                    while !stop.load(Ordering::Relaxed) {
+                        let k = key((i % 24) as u32, 10 + i % 3);
+                        if w.get(&k, &mut out) {
+                            assert!(out == page_of(&k), "a page that is not {k:?}'s");
+                            hits.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            misses.fetch_add(1, Ordering::Relaxed);
+                        }
+                        i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) >> 1;
+                    }
+                });
+            }
+            for i in 0..200_000u64 {
+                let k = key((i % 24) as u32, 10 + i % 3);
+                w.store(&k, &page_of(&k));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        let (h, m) = (hits.load(Ordering::Relaxed), misses.load(Ordering::Relaxed));
+        assert!(h > 0 && m > 0, "{h} hits, {m} misses: the race was not exercised");
+    }
+
     #[test]
     fn a_torn_copy_is_a_miss() {
         let w = PageFileWriter::anonymous(8).unwrap();
