@@ -198,12 +198,10 @@ fn relation(rel: Option<RegClass>, fork: ForkNumber) -> (RelTag, String, u32) {
 
 /// The file of relation `oid` at `lsn` when that is not its current one, `current`: after a
 /// TRUNCATE, VACUUM FULL or rewrite, earlier LSNs belong to an older file, which the sidecar
-/// finds in `pg_class` as it was then. Asked once per relation and LSN (remembered), and only
-/// when `current` did not exist at `lsn`; the sidecar waits at most `wait_ms` for the LSN.
+/// finds in `pg_class` as it was then. Asked when [`file_at`] knows no older file, and found
+/// only when `current` did not exist at `lsn` (then remembered for `file_at`); the sidecar
+/// waits at most `wait_ms` for the LSN.
 fn older_file(oid: u32, current: RelTag, lsn: Lsn, wait_ms: u32) -> Option<RelTag> {
-    if let Some(node) = OLDER_FILES.with(|m| m.borrow().get(&(oid, lsn)).copied()) {
-        return Some(RelTag { node, fork: current.fork });
-    }
     let timeout = lsn_call_timeout();
     // Any failure here leaves the caller's own error to be reported.
     let main = RelTag { fork: ForkNumber::Main, ..current };
@@ -276,10 +274,12 @@ fn neon_get_page(rel: Option<RegClass>, fork: Option<&str>, blkno: Option<i64>, 
     let what = |rel: RelTag| format!("block {blkno} of relation \"{name}\" ({rel}) at {lsn}");
     let answer = match call(&get(rel), lsn_call_timeout(), &mut |_| {}) {
         // Not in this file: maybe the relation had another then.
-        Err(e @ ClientError::Sidecar { code: ErrorCode::NotFound, .. }) => match older_file(oid, rel, lsn, wait_ms()) {
-            Some(older) => ask(&get(older), &what(older), lsn_call_timeout()),
-            None => failed(&what(rel), e),
-        },
+        Err(e @ ClientError::Sidecar { code: ErrorCode::NotFound, .. }) if rel == current => {
+            match older_file(oid, rel, lsn, wait_ms()) {
+                Some(older) => ask(&get(older), &what(older), lsn_call_timeout()),
+                None => failed(&what(rel), e),
+            }
+        }
         r => r.unwrap_or_else(|e| failed(&what(rel), e)),
     };
     match answer {
@@ -305,7 +305,8 @@ fn neon_rel_size(rel: Option<RegClass>, fork: Option<&str>, lsn: Option<PgLsn>) 
         }
     };
     let rel = file_at(oid, current, lsn);
-    let n = size(rel).or_else(|| older_file(oid, rel, lsn, wait_ms()).and_then(size));
+    let n =
+        size(rel).or_else(|| if rel == current { older_file(oid, rel, lsn, wait_ms()).and_then(size) } else { None });
     match n {
         Some(n) => i64::from(n),
         None => fail(
@@ -373,7 +374,10 @@ fn neon_prefetch(rel: Option<RegClass>, lsn: Option<PgLsn>, first_block: Option<
     }
     // Blocks of the file the relation had at `lsn` (an older one before a rewrite), if the
     // sidecar can say at once: queueing never waits.
-    let rel = older_file(oid, current, lsn, 0).unwrap_or(current);
+    let rel = match file_at(oid, current, lsn) {
+        rel if rel == current => older_file(oid, current, lsn, 0).unwrap_or(current),
+        older => older,
+    };
     i64::from(prefetch::enqueue(rel, lsn, first, n as u32))
 }
 

@@ -51,13 +51,17 @@ pub fn get(key: &PageKey) -> Option<Vec<u8>> {
     let mut page = vec![0u8; BLCKSZ];
     let hit = READER.with(|r| {
         let mut r = r.borrow_mut();
-        if r.as_ref().is_none_or(|(d, reader)| *d != dir || !reader.usable()) {
-            // None yet, another directory, or a stopped or replaced sidecar's: look again (an
-            // open of a missing file is one failed system call). A missing or unreadable file
-            // only means asking over the socket.
-            *r = PageFileReader::open(&dir).ok().flatten().map(|reader| (dir.clone(), reader));
-        }
         let out: &mut [u8; BLCKSZ] = page.as_mut_slice().try_into().expect("BLCKSZ bytes");
+        // A hit checks the file is usable once (inside `get`); only a miss asks why.
+        match r.as_ref().filter(|(d, _)| *d == dir) {
+            Some((_, reader)) if reader.get(key, out) => return true,
+            Some((_, reader)) if reader.usable() => return false,
+            _ => {}
+        }
+        // None yet, another directory, or a stopped or replaced sidecar's: look again (an open
+        // of a missing file is one failed system call). A missing or unreadable file only
+        // means asking over the socket.
+        *r = PageFileReader::open(&dir).ok().flatten().map(|reader| (dir.clone(), reader));
         r.as_ref().is_some_and(|(_, reader)| reader.get(key, out))
     });
     if let Some(c) = counters() {

@@ -417,19 +417,10 @@ impl Client {
 
     /// Sends `req` and returns its final response (skipping `Progress`).
     pub fn request(&mut self, req: &Request) -> Result<Response, ProtocolError> {
-        self.request_with_progress(req, &mut |_| {})
-    }
-
-    /// Sends `req`, hands every `Progress` response to `progress`, returns the final one.
-    pub fn request_with_progress(
-        &mut self,
-        req: &Request,
-        progress: &mut dyn FnMut(&Response),
-    ) -> Result<Response, ProtocolError> {
         req.write_to(&mut self.conn)?;
         loop {
             match Response::read_from(&mut self.conn)? {
-                p @ Response::Progress { .. } => progress(&p),
+                Response::Progress { .. } => {}
                 r => return Ok(r),
             }
         }

@@ -239,10 +239,13 @@ impl WalRedoManager for PostgresRedoManager {
             s.failures += results.iter().filter(|r| r.is_err()).count() as u64;
         }
         *served += results.len() as u64;
-        if results.iter().any(|r| matches!(r, Err(RedoError::Process { .. }))) || *served >= shared.cfg.recycle_after {
-            // After a process error its state is not to be trusted; after many requests a
-            // fresh process sheds the files and handles a long-lived one accumulates.
+        // (A process whose exchange failed is gone already: `rebuild_many` and `rebuild` drop
+        // it at once, so the batch's next request gets a fresh one.) After many requests a
+        // fresh process sheds the files and handles a long-lived one accumulates.
+        if *served >= shared.cfg.recycle_after {
             *process = None;
+        }
+        if process.is_none() {
             *served = 0;
         }
         lock(&shared.pids)[n] = process.as_ref().map(RedoProcess::pid);
