@@ -5,7 +5,7 @@
 //! go of WAL the sidecar has not made durable, whatever happens to the sidecar. When the
 //! connection drops (the compute restarts), it reconnects with backoff.
 
-use crate::ingest::replication::{ReplicationConfig, ReplicationConn, ReplicationError, StreamEvent};
+use crate::replication::client::{ReplicationConfig, ReplicationConn, ReplicationError, StreamEvent};
 use crate::repo::ingest::{Ingest, IngestError};
 use crate::repo::key::Key;
 use crate::repo::store::{RepoError, Repository};
@@ -192,7 +192,7 @@ fn stream_loop(
     ingest: &mut Ingest,
     stop: &AtomicBool,
     dec: &mut WalStreamDecoder,
-    stream: &mut crate::ingest::replication::WalStream,
+    stream: &mut crate::replication::client::WalStream,
     requests: &crossbeam_channel::Sender<Vec<Key>>,
     flusher: &std::thread::ScopedJoinHandle<'_, Result<(), FollowError>>,
 ) -> Result<(), FollowError> {

@@ -1,17 +1,16 @@
 //! The sidecar library: everything the `neon-sidecar` daemon does, usable from tests and
-//! benchmarks without the binary: the WAL decoder (`wal`), page reconstruction (`walredo`), and
-//! the commands built on them (`waldump`, `redo_cli`).
+//! benchmarks without the binary. Modules follow the data: WAL arrives over `replication`,
+//! `wal` decodes it, `repo` files it by (key, LSN) (the `follower` loop drives the two),
+//! `walredo` rebuilds pages from it, `basebackup` writes data directories as of an LSN, and
+//! `service` (with its `page_cache`) answers the compute; `cli` is the command line over all
+//! of them.
 
 pub mod basebackup;
-pub mod cli_args;
+pub mod cli;
 pub mod follower;
-pub mod ingest;
-pub mod init_cli;
 pub mod page_cache;
-pub mod redo_cli;
+pub mod replication;
 pub mod repo;
 pub mod service;
-pub mod store_cli;
 pub mod wal;
-pub mod waldump;
 pub mod walredo;

@@ -7,7 +7,7 @@ use crate::Cluster;
 use anyhow::{Context, Result};
 use neon_types::Lsn;
 use sidecar::follower::{self, FollowerConfig};
-use sidecar::ingest::replication::ReplicationConfig;
+use sidecar::replication::client::ReplicationConfig;
 use sidecar::repo::store::Repository;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

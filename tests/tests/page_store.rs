@@ -10,7 +10,7 @@ use neon_tests::pages::{block, compare_store_at, redo_config};
 use neon_tests::store::{copy_data_files, replication_config};
 use neon_tests::{workload, Cluster};
 use neon_types::{ForkNumber, Lsn, BLCKSZ};
-use sidecar::ingest::replication::{ReplicationConn, StreamEvent};
+use sidecar::replication::client::{ReplicationConn, StreamEvent};
 use sidecar::repo::ingest::Ingest;
 use sidecar::repo::reconstruct::get_page;
 use sidecar::repo::store::Repository;

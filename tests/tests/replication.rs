@@ -6,7 +6,7 @@
 use anyhow::{Context, Result};
 use neon_tests::{workload, Cluster};
 use neon_types::Lsn;
-use sidecar::ingest::replication::{ReplicationConfig, ReplicationConn, ReplicationError, StreamEvent};
+use sidecar::replication::client::{ReplicationConfig, ReplicationConn, ReplicationError, StreamEvent};
 use sidecar::wal::decoder::WalStreamDecoder;
 use sidecar::wal::segment::{SegmentSet, WalFileReader};
 use std::time::{Duration, Instant};

@@ -4,6 +4,7 @@
 //! what users type in SQL (`'0/16B3748'::pg_lsn`, fork `'vm'`) parses the same way here.
 
 mod lsn;
+pub mod page;
 pub mod page_file;
 pub mod protocol;
 mod reltag;

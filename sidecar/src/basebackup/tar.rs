@@ -123,7 +123,7 @@ impl<W: Write> TarWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::tar_reader::TarUnpacker;
+    use crate::replication::tar_reader::TarUnpacker;
 
     #[test]
     fn what_is_written_unpacks() {

@@ -3,10 +3,11 @@
 //! `import-wal`, `get-page` and `status`.
 
 use clap::{Parser, Subcommand};
-use sidecar::init_cli::{self, AttachArgs, InitArgs};
-use sidecar::redo_cli::{self, RedoArgs};
-use sidecar::store_cli::{self, BasebackupArgs, GetPageArgs, ImportWalArgs, RunArgs, StatusArgs};
-use sidecar::waldump::{self, WaldumpArgs};
+use sidecar::cli::init::{self, AttachArgs, InitArgs};
+use sidecar::cli::redo::{self, RedoArgs};
+use sidecar::cli::run::{self, RunArgs};
+use sidecar::cli::store::{self, BasebackupArgs, GetPageArgs, ImportWalArgs, StatusArgs};
+use sidecar::cli::waldump::{self, WaldumpArgs};
 
 #[derive(Parser)]
 #[command(name = "neon-sidecar", version, about = "Time-travel storage sidecar for PostgreSQL 15")]
@@ -48,14 +49,14 @@ fn main() {
                 out.flush().map_err(Into::into)
             })
         }
-        Command::Redo(args) => redo_cli::run(&args, &mut std::io::stdout()),
-        Command::Init(args) => init_cli::run(&args, &mut std::io::stdout()),
-        Command::Attach(args) => init_cli::attach(&args, &mut std::io::stdout()),
-        Command::Run(args) => store_cli::run(&args),
-        Command::ImportWal(args) => store_cli::import_wal(&args, &mut std::io::stdout()),
-        Command::GetPage(args) => store_cli::get(&args, &mut std::io::stdout()),
-        Command::Status(args) => store_cli::status(&args, &mut std::io::stdout()),
-        Command::Basebackup(args) => store_cli::basebackup(&args, &mut std::io::stdout()),
+        Command::Redo(args) => redo::run(&args, &mut std::io::stdout()),
+        Command::Init(args) => init::run(&args, &mut std::io::stdout()),
+        Command::Attach(args) => init::attach(&args, &mut std::io::stdout()),
+        Command::Run(args) => run::run(&args),
+        Command::ImportWal(args) => store::import_wal(&args, &mut std::io::stdout()),
+        Command::GetPage(args) => store::get(&args, &mut std::io::stdout()),
+        Command::Status(args) => store::status(&args, &mut std::io::stdout()),
+        Command::Basebackup(args) => store::basebackup(&args, &mut std::io::stdout()),
     };
     if let Err(e) = result {
         eprintln!("neon-sidecar: error: {e:#}");

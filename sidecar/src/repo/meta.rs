@@ -215,3 +215,13 @@ pub fn control_template(repo: &Repository, lsn: Lsn) -> Result<Option<Bytes>, Re
 pub fn config_file(repo: &Repository, which: u32, lsn: Lsn) -> Result<Option<Bytes>, RepoError> {
     Ok(image(repo.values_for(Key::meta(META_CONFIG, which), lsn)?))
 }
+
+/// Whether the compute's control file, as imported, says it has data checksums (redo then
+/// behaves as it does there).
+pub fn compute_has_checksums(repo: &Repository) -> bool {
+    control_template(repo, repo.last_lsn())
+        .ok()
+        .flatten()
+        .and_then(|t| crate::basebackup::control::info(&t).ok())
+        .is_some_and(|i| i.data_checksums)
+}

@@ -16,7 +16,7 @@ use neon_tests::store::replication_config;
 use neon_tests::{run_as_server_user, workload, Cluster};
 use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag};
 use sidecar::follower::{self, FollowerConfig};
-use sidecar::ingest::replication::ReplicationConn;
+use sidecar::replication::client::ReplicationConn;
 use sidecar::repo::key::Key;
 use sidecar::repo::reconstruct::get_page;
 use sidecar::repo::store::Repository;

@@ -107,14 +107,14 @@ pub struct ComputeArgs {
 }
 
 impl ComputeArgs {
-    pub fn replication(&self, application_name: &str) -> anyhow::Result<crate::ingest::replication::ReplicationConfig> {
+    pub fn replication(&self, application_name: &str) -> anyhow::Result<crate::replication::client::ReplicationConfig> {
         let password = match &self.password_file {
             Some(p) => {
                 Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
             }
             None => None,
         };
-        Ok(crate::ingest::replication::ReplicationConfig {
+        Ok(crate::replication::client::ReplicationConfig {
             host: self.host.clone(),
             port: self.port,
             user: self.user.clone(),

@@ -3,7 +3,7 @@
 //! Rust-native ones derived for it), applies them to a base page (a file) or to nothing, through
 //! a real wal-redo process, and writes the page to a file or describes it.
 
-use crate::cli_args::{BlockArgs, RedoProcessArgs};
+use crate::cli::args::{BlockArgs, RedoProcessArgs};
 use crate::wal::segment::{SegmentSet, WalFileReader};
 use crate::walredo::{redo_records_of, PostgresRedoManager, RedoRequest, WalRedoManager};
 use anyhow::{bail, Context};
@@ -38,17 +38,16 @@ pub struct RedoArgs {
 
 /// Page header fields and item count, for a quick look.
 pub fn describe_page(page: &[u8; BLCKSZ]) -> String {
-    let u16_at = |o: usize| u16::from_le_bytes([page[o], page[o + 1]]);
-    let lsn = Lsn(((u32::from_le_bytes(page[0..4].try_into().expect("4")) as u64) << 32)
-        | u32::from_le_bytes(page[4..8].try_into().expect("4")) as u64);
-    let (lower, upper, special) = (u16_at(12), u16_at(14), u16_at(16));
+    use neon_types::page::{header_u16, page_lsn};
+    let (lower, upper, special) = (header_u16(page, 12), header_u16(page, 14), header_u16(page, 16));
     if page.iter().all(|&b| b == 0) {
         return "an all-zero (new) page".into();
     }
     format!(
-        "lsn {lsn}, checksum {:#06x}, flags {:#06x}, lower {lower}, upper {upper}, special {special}, {} line pointers",
-        u16_at(8),
-        u16_at(10),
+        "lsn {}, checksum {:#06x}, flags {:#06x}, lower {lower}, upper {upper}, special {special}, {} line pointers",
+        page_lsn(page),
+        header_u16(page, 8),
+        header_u16(page, 10),
         lower.saturating_sub(24) / 4
     )
 }

@@ -453,14 +453,14 @@ impl ReplicationConn {
         dest: &std::path::Path,
         mut progress: impl FnMut(u64),
     ) -> Result<BaseBackupInfo, ReplicationError> {
-        use crate::ingest::tar_reader::TarUnpacker;
+        use crate::replication::tar_reader::TarUnpacker;
         let sql = format!("BASE_BACKUP (LABEL '{}', CHECKPOINT 'fast', MANIFEST 'no')", label.replace('\'', "''"));
         frontend::query(&sql, &mut self.out).map_err(proto_err)?;
         self.send()?;
         let mut lsns: Vec<(Lsn, u32)> = Vec::new();
         let mut tar: Option<TarUnpacker> = None;
         let mut error = None;
-        let tar_err = |e: crate::ingest::tar_reader::TarError| ReplicationError::Protocol(e.to_string());
+        let tar_err = |e: crate::replication::tar_reader::TarError| ReplicationError::Protocol(e.to_string());
         loop {
             match self.recv(None)? {
                 Message::DataRow(row) => {

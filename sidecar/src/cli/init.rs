@@ -9,8 +9,8 @@
 //! `neon-sidecar attach` does the same for a server that is already running and has history
 //! of its own: a base backup over the replication connection instead of the stopped files.
 
-use crate::cli_args::{ComputeArgs, RedoProcessArgs};
-use crate::ingest::replication::{ReplicationConfig, ReplicationConn};
+use crate::cli::args::{ComputeArgs, RedoProcessArgs};
+use crate::replication::client::{ReplicationConfig, ReplicationConn};
 use crate::repo::import::import_datadir;
 use crate::repo::store::Repository;
 use crate::walredo::scratch::as_server_user;

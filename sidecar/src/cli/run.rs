@@ -1,0 +1,204 @@
+//! `neon-sidecar run`: the daemon. It follows a compute into a store (`follower`), serves
+//! pages, sizes and base backups on a unix socket (`service`), and beside them makes images of
+//! long page chains, merges old layer files and, with a retention, collects old history
+//! (`repo::compaction`).
+
+use crate::basebackup::shared::SharedBasebackups;
+use crate::cli::args::{ComputeArgs, RedoProcessArgs};
+use crate::follower::{self, FollowerConfig};
+use crate::page_cache::PageCache;
+use crate::repo::compaction;
+use crate::repo::key::Key;
+use crate::repo::store::Repository;
+use crate::service::{self, PageService};
+use crate::walredo::{PostgresRedoManager, WalRedoManager};
+use anyhow::Context;
+use neon_types::{Lsn, BLCKSZ};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+    /// The store directory.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Flush (make durable and report to the compute) at least this often, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub flush_ms: u64,
+    /// Flush after this many MB of WAL.
+    #[arg(long, default_value_t = 64)]
+    pub flush_mb: u64,
+    /// Serve pages on this unix socket (its directory must be private to this user).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// The directory shared with the extension: base backups go to `basebackups/` in it.
+    #[arg(long)]
+    pub shared_dir: Option<PathBuf>,
+    /// Size limit of the base backups kept there, in MB (oldest removed first).
+    #[arg(long, default_value_t = 10240)]
+    pub shared_limit_mb: u64,
+    /// Wal-redo processes for the page service and for making images.
+    #[arg(long, default_value_t = 2)]
+    pub redo_processes: usize,
+    /// A page whose chain of records since its last image reaches this length gets a new
+    /// image (0: never), which bounds the cost of reading it.
+    #[arg(long, default_value_t = 64)]
+    pub chain_limit: u32,
+    /// History to keep, in MB of WAL (0: everything). Older history is dropped once a full
+    /// image of the database lies behind this horizon.
+    #[arg(long, default_value_t = 0)]
+    pub retention_mb: u64,
+    /// Memory for rebuilt pages the page service keeps (prefetched or served), in MB: the
+    /// shared page file `<shared dir>/pages`, which backends read without a round trip.
+    #[arg(long, default_value_t = 64)]
+    pub page_cache_mb: u64,
+    /// How often a long request (a base backup from SQL) reports progress to its caller, and
+    /// after how long it starts to, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub progress_ms: u64,
+    /// Where the shared page file keeps its data (a tmpfs; `<shared dir>/pages` links there);
+    /// if it is not a directory, the data is in the shared directory itself.
+    #[arg(long, default_value = "/dev/shm")]
+    pub page_file_memory: Option<PathBuf>,
+    #[command(flatten)]
+    pub redo: RedoProcessArgs,
+}
+
+/// Set by SIGTERM and SIGINT: `run` stops after a last flush.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+pub fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let cfg = FollowerConfig {
+        replication: args.compute.replication("neon-sidecar")?,
+        store: args.store.clone(),
+        slot: args.compute.slot.clone(),
+        flush_interval: Duration::from_millis(args.flush_ms),
+        flush_bytes: args.flush_mb << 20,
+        chain_limit: args.chain_limit,
+    };
+    let repo = Arc::new(Repository::open(&cfg.store)?);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    }
+    let mut redo_cfg = args.redo.config("sidecar")?;
+    redo_cfg.processes = args.redo_processes.max(1);
+    redo_cfg.data_checksums |= crate::repo::meta::compute_has_checksums(&repo);
+    let redo: Arc<dyn WalRedoManager> = Arc::new(PostgresRedoManager::new(redo_cfg)?);
+    let retention = args.retention_mb << 20;
+    std::thread::scope(|s| {
+        let server = match &args.socket {
+            Some(path) => {
+                let listener = service::bind(path)?;
+                let basebackups = match &args.shared_dir {
+                    Some(d) => Some(
+                        SharedBasebackups::new(d, args.shared_limit_mb << 20)
+                            .with_context(|| format!("shared directory {}", d.display()))?,
+                    ),
+                    None => None,
+                };
+                let pages = (args.page_cache_mb << 20) as usize / BLCKSZ;
+                let memory = args.page_file_memory.as_deref().filter(|m| m.is_dir());
+                let cache = match &args.shared_dir {
+                    Some(d) => PageCache::shared(d, pages, memory)?,
+                    None => PageCache::private(pages)?,
+                };
+                let service = Arc::new(PageService {
+                    repo: repo.clone(),
+                    redo: redo.clone(),
+                    metrics: Default::default(),
+                    basebackups,
+                    basebackup_workers: 2 * args.redo_processes.max(1),
+                    progress_every: Duration::from_millis(args.progress_ms.max(1)),
+                    cache,
+                });
+                eprintln!("neon-sidecar: serving pages on {}", path.display());
+                let serving = service.clone();
+                Some(s.spawn(move || {
+                    let served = service::serve(serving, listener, &STOP);
+                    service.cache.retire();
+                    served
+                }))
+            }
+            None => None,
+        };
+        // Images are made beside ingest, from what is durable.
+        let (to_compactor, flushes) = crossbeam_channel::unbounded::<(Lsn, Vec<Key>)>();
+        let compactor = s.spawn(|| compact(&repo, redo.as_ref(), flushes, retention));
+        let mut on_flush = move |lsn: Lsn, keys: Vec<Key>| {
+            let _ = to_compactor.send((lsn, keys));
+        };
+        let followed = follower::run_into(&repo, &cfg, &STOP, &mut on_flush);
+        drop(on_flush);
+        STOP.store(true, Ordering::Relaxed);
+        compactor.join().expect("compaction thread")?;
+        if let Some(server) = server {
+            server.join().expect("page service thread")?;
+        }
+        followed?;
+        anyhow::Ok(())
+    })
+}
+
+/// Layer files beyond this many are merged, this many at a time, up to this size together.
+const MERGE_ABOVE_FILES: usize = 32;
+const MERGE_RUN: usize = 16;
+const MERGE_MAX_BYTES: u64 = 128 << 20;
+
+/// The compaction loop: images for long chains after each flush, merging of old layer files;
+/// with a retention, a full image every `retention` bytes of WAL and garbage collection behind
+/// the horizon.
+fn compact(
+    repo: &Repository,
+    redo: &dyn WalRedoManager,
+    flushes: crossbeam_channel::Receiver<(Lsn, Vec<Key>)>,
+    retention: u64,
+) -> anyhow::Result<()> {
+    let mut last_full = repo.newest_full_image().unwrap_or(repo.bounds().origin);
+    let mut waiting: Vec<Key> = Vec::new();
+    let mut last_image = Lsn::INVALID;
+    for (_, keys) in flushes {
+        // Images go at the newest durable LSN, not the flush's: every layer file ends at or
+        // before it and every later one starts after it, so no file (flushed meanwhile, or
+        // merged) can span the image's LSN — which would put values older than the image
+        // after it in a newest-first walk. One image layer per LSN: keys wait for the next
+        // flush if the durable LSN has not moved since the last.
+        let lsn = repo.durable_lsn();
+        waiting.extend(keys);
+        // An attached store replays its base backup's WAL before its history begins (at the
+        // backup's end): no page can be read there, so keys wait until history has begun.
+        if lsn > last_image && lsn >= repo.history_start() {
+            if retention > 0 && lsn.0.saturating_sub(last_full.0) >= retention {
+                // A full image covers the waiting keys too.
+                let started = std::time::Instant::now();
+                let n = compaction::full_image(repo, redo, lsn)?;
+                let removed = repo.collect_garbage(Lsn(lsn.0.saturating_sub(retention)))?;
+                eprintln!(
+                    "neon-sidecar: full image at {lsn} ({n} values, {:?}); {} old layer files removed; history from {}",
+                    started.elapsed(),
+                    removed.len(),
+                    repo.history_start()
+                );
+                (last_full, last_image) = (lsn, lsn);
+                waiting.clear();
+            } else if !waiting.is_empty() {
+                waiting.sort_unstable();
+                waiting.dedup();
+                compaction::image_keys(repo, redo, &waiting, lsn)?;
+                waiting.clear();
+                last_image = lsn;
+            }
+        }
+        // Every flush adds a file or two: merge old ones so reads walk few.
+        while repo.merge_layers(MERGE_ABOVE_FILES, MERGE_RUN, MERGE_MAX_BYTES)?.is_some() {}
+    }
+    Ok(())
+}
