@@ -6,6 +6,7 @@ use crate::pagemask::{first_difference, mask_page, mask_page_lsn_and_checksum, P
 use crate::{is_root, server_user, Cluster};
 use anyhow::Result;
 use bytes::Bytes;
+use neon_types::page::page_lsn;
 use neon_types::{BufferTag, ForkNumber, Lsn, BLCKSZ};
 use sidecar::wal::segment::{SegmentSet, WalFileReader};
 use sidecar::walredo::{redo_records_of, RedoConfig, RedoRecord, RedoRequest};
@@ -97,10 +98,32 @@ pub fn block_requests(
         .collect())
 }
 
+/// How a rebuilt page compares with the compute's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageMatch {
+    Equal,
+    /// Equal but for `pd_lsn`, on a GiST page the compute's sorted index build wrote to disk
+    /// with the build's placeholder LSN (`GistBuildLSN`, 0/1) before `log_newpages` stamped
+    /// its in-memory copy with the record's LSN (gistbuild.c,
+    /// `gist_indexsortbuild_flush_ready_pages`): a standby replays that record and has the
+    /// record's LSN, so the store rightly has a real one. Counted by callers.
+    GistBuildLsn,
+    /// The first byte that differs.
+    Differs(usize),
+}
+
+/// `GistBuildLSN` (gist.h): the LSN of pages a GiST build wrote without WAL of their own.
+const GIST_BUILD_LSN: neon_types::Lsn = neon_types::Lsn(1);
+
 /// Compares a rebuilt page with the compute's, both masked as PostgreSQL's `rm_mask` for the
 /// relation's kind does (visibility-map pages: LSN and checksum only, since their bits lie in
-/// what the header calls free space). Returns the first differing byte, if any.
-pub fn compare_masked(rel: &Rel, tag: &BufferTag, rebuilt: &[u8], disk: &[u8]) -> Option<usize> {
+/// what the header calls free space) — except `pd_lsn`, compared exactly: on disk after a
+/// CHECKPOINT it is the end of the last record that changed the page, which is what a
+/// standby's redo leaves there too (`PageSetLSN`, also after restoring a full-page image in
+/// `XLogReadBufferForRedoExtended`). `rm_mask` masks it only because `wal_consistency_checking`
+/// compares an image taken before the LSN is set; GiST's scans rely on it. The one exception
+/// is [`PageMatch::GistBuildLsn`].
+pub fn compare_masked(rel: &Rel, tag: &BufferTag, rebuilt: &[u8], disk: &[u8]) -> PageMatch {
     let (mut ours, mut theirs) = (rebuilt.to_vec(), disk.to_vec());
     for page in [&mut ours, &mut theirs] {
         if tag.rel.fork == ForkNumber::VisibilityMap {
@@ -109,7 +132,21 @@ pub fn compare_masked(rel: &Rel, tag: &BufferTag, rebuilt: &[u8], disk: &[u8]) -
             mask_page(rel.kind, page, tag.blkno);
         }
     }
-    first_difference(&ours, &theirs)
+    if let Some(at) = first_difference(&ours, &theirs) {
+        return PageMatch::Differs(at);
+    }
+    match first_difference(&rebuilt[..8], &disk[..8]) {
+        None => PageMatch::Equal,
+        Some(_)
+            if rel.kind == PageKind::Gist
+                && tag.rel.fork == ForkNumber::Main
+                && page_lsn(disk) == GIST_BUILD_LSN
+                && page_lsn(rebuilt) > GIST_BUILD_LSN =>
+        {
+            PageMatch::GistBuildLsn
+        }
+        Some(at) => PageMatch::Differs(at),
+    }
 }
 
 /// Block `blkno` of fork `fork` of relfilenode `relnode` in database `postgres`.
@@ -149,7 +186,7 @@ pub fn compare_store_at(
                 let tag = block(*relnode, fork, blkno as u32);
                 let page = get_page(repo, redo, tag, lsn).with_context(|| format!("{} {tag} at {lsn}", rel.name))?;
                 let disk = &file[blkno * BLCKSZ..(blkno + 1) * BLCKSZ];
-                if let Some(at) = compare_masked(rel, &tag, &page[..], disk) {
+                if let PageMatch::Differs(at) = compare_masked(rel, &tag, &page[..], disk) {
                     anyhow::bail!("{} {tag} at {lsn}: differs from the compute's page at byte {at}", rel.name);
                 }
                 compared += 1;

@@ -253,6 +253,22 @@ fn server_user_copy_of_sidecar(c: &Cluster) -> Result<PathBuf> {
     Ok(copy)
 }
 
+/// `neon-sidecar basebackup --store <store> --lsn <lsn> --out <tar>` (plus `extra`), straight from
+/// the store's files; returns what it printed.
+pub fn basebackup_from_store(store: &Path, lsn: Lsn, tar: &Path, extra: &[&str]) -> Result<String> {
+    let out = Command::new(sidecar_bin()?)
+        .arg("basebackup")
+        .arg("--store")
+        .arg(store)
+        .args(["--lsn", &lsn.to_string(), "--out"])
+        .arg(tar)
+        .args(extra)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(out.status.success(), "neon-sidecar basebackup at {lsn} failed: {text}");
+    Ok(text)
+}
+
 /// Starts stock PostgreSQL 15 on a base backup tar: a fresh harness cluster (for its port,
 /// socket directory and `pg_hba.conf`) whose data directory is replaced by the archive's
 /// contents. Logs at level LOG, so a test can see whether startup replayed anything.

@@ -24,7 +24,7 @@
 //!   never claims a page all-visible that the compute does not.
 
 use crate::pagemask::PageKind;
-use crate::pages::{compare_masked, Rel};
+use crate::pages::{compare_masked, PageMatch, Rel};
 use crate::sidecar::SidecarProcess;
 use crate::{workload, Cluster};
 use anyhow::{Context, Result};
@@ -52,6 +52,8 @@ pub struct Compared {
     pub pages: usize,
     /// Visibility-map pages redo left with a zeroed bitmap (see above).
     pub vm_pages_cleared_by_redo: usize,
+    /// GiST pages the compute's sorted build wrote with LSN 0/1 ([`PageMatch::GistBuildLsn`]).
+    pub gist_build_lsn_pages: usize,
 }
 
 /// Masks a sequence page's `last_value` and `log_cnt` (the first 16 bytes of its one tuple's
@@ -73,9 +75,9 @@ fn mask_spgist_meta_cache(page: &mut [u8]) {
     page[28..28 + 8 * 8].fill(0);
 }
 
-/// A VM page whose bitmap redo zeroed: header equal (LSN and checksum aside), ours all zero.
+/// A VM page whose bitmap redo zeroed: header equal (the LSN too), ours all zero.
 fn vm_cleared_by_redo(ours: &[u8], theirs: &[u8]) -> bool {
-    let header_equal = ours[8..24] == theirs[8..24];
+    let header_equal = ours[..24] == theirs[..24];
     header_equal && ours[24..].iter().all(|b| *b == 0)
 }
 
@@ -236,10 +238,15 @@ pub fn compare(s: &SidecarProcess, snap: &Snapshot) -> Result<Compared> {
                 mask_spgist_meta_cache(&mut ours);
                 mask_spgist_meta_cache(&mut theirs);
             }
-            let differs = compare_masked(&masking, &tag, &ours, &theirs);
-            if differs.is_some() && rel.fork == ForkNumber::VisibilityMap && vm_cleared_by_redo(&ours, &theirs) {
+            let matched = compare_masked(&masking, &tag, &ours, &theirs);
+            if matched == PageMatch::GistBuildLsn {
+                done.gist_build_lsn_pages += 1;
+            } else if matched != PageMatch::Equal
+                && rel.fork == ForkNumber::VisibilityMap
+                && vm_cleared_by_redo(&ours, &theirs)
+            {
                 done.vm_pages_cleared_by_redo += 1;
-            } else if let Some(at) = differs {
+            } else if let PageMatch::Differs(at) = matched {
                 let around = |p: &[u8]| format!("{:02x?}", &p[at & !15..(at & !15) + 16]);
                 bad.push(format!(
                     "{tag} ({kind:?}) differs at byte {at}: store {} compute {}",

@@ -1,7 +1,7 @@
 //! From decoded WAL records to page-store values, keyed by the record's end LSN (DESIGN.md §5).
 //!
 //! * Relation blocks: for every block a page-level record references, the restored full-page
-//!   image or the record itself (marked `will_init` when redo needs no earlier page); the
+//!   image (stamped with the record's end LSN, as redo stamps it) or the record itself (marked `will_init` when redo needs no earlier page); the
 //!   Rust-native visibility-map records derived from heap records.
 //! * Free-space map forks are not kept (see the import).
 //! * Relation sizes grow with the highest block referenced (extending a relation is not
@@ -35,6 +35,7 @@ use crate::wal::record::DecodedRecord;
 use crate::walredo::derive::{native_records, parse_xact_abort, parse_xact_commit, ParsedXact, RecordName};
 use crate::walredo::native::{next_multixact, NativeRecord, NativeTarget, VM_HEAPBLOCKS_PER_PAGE};
 use bytes::Bytes;
+use neon_types::page::{page_is_new, set_page_lsn};
 use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
 use std::collections::HashMap;
 
@@ -174,6 +175,13 @@ impl Ingest {
                         let mut page = vec![0u8; BLCKSZ];
                         let out: &mut [u8; BLCKSZ] = (&mut page[..]).try_into().expect("BLCKSZ");
                         rec.restore_image(img, out).map_err(|source| IngestError::Image { lsn, tag: b.tag, source })?;
+                        // Redo stamps a restored image with the record's end LSN (unless the
+                        // page is new), as XLogReadBufferForRedoExtended does: a page whose
+                        // last change was this image must carry it, or a GiST scan compares a
+                        // child's NSN with a stale parent LSN and follows a split twice.
+                        if !page_is_new(out) {
+                            set_page_lsn(out, lsn);
+                        }
                         Value::Image(Bytes::from(page))
                     }
                     None => Value::WalRecord { will_init: b.will_init(), raw: rec.raw.clone() },
