@@ -8,7 +8,7 @@
 use crate::replication::client::{ReplicationConfig, ReplicationConn, ReplicationError, StreamEvent};
 use crate::repo::ingest::{Ingest, IngestError};
 use crate::repo::key::Key;
-use crate::repo::store::{RepoError, Repository};
+use crate::repo::timeline::{RepoError, Timeline};
 use crate::wal::decoder::{DecodeError, WalStreamDecoder};
 use neon_types::Lsn;
 use std::path::PathBuf;
@@ -61,7 +61,7 @@ pub struct FiledFiles {
 /// by a flusher thread beside ingest, every `flush_bytes` of WAL read and at the end;
 /// `progress` hears the bytes read at each flush.
 pub fn file_wal_files(
-    repo: &Repository,
+    repo: &Timeline,
     reader: &mut crate::wal::segment::WalFileReader,
     flush_bytes: u64,
     mut progress: impl FnMut(u64),
@@ -115,13 +115,13 @@ fn segment_size(conn: &mut ReplicationConn) -> Result<u32, FollowError> {
 /// Follows the compute until `stop` is set, reconnecting after errors, into the store at
 /// `cfg.store`.
 pub fn run(cfg: &FollowerConfig, stop: &AtomicBool) -> Result<(), FollowError> {
-    run_into(&Repository::open(&cfg.store)?, cfg, stop, &mut |_, _| {})
+    run_into(&Timeline::open(&cfg.store)?, cfg, stop, &mut |_, _| {})
 }
 
 /// Like [`run`], into an open repository that others may be reading, telling `on_flush`
 /// about each flush.
 pub fn run_into(
-    repo: &Repository,
+    repo: &Timeline,
     cfg: &FollowerConfig,
     stop: &AtomicBool,
     on_flush: OnFlush<'_>,
@@ -146,7 +146,7 @@ pub fn run_into(
 
 fn follow(
     cfg: &FollowerConfig,
-    repo: &Repository,
+    repo: &Timeline,
     ingest: &mut Ingest,
     stop: &AtomicBool,
     on_flush: OnFlush<'_>,
@@ -188,7 +188,7 @@ fn follow(
 #[allow(clippy::too_many_arguments)]
 fn stream_loop(
     cfg: &FollowerConfig,
-    repo: &Repository,
+    repo: &Timeline,
     ingest: &mut Ingest,
     stop: &AtomicBool,
     dec: &mut WalStreamDecoder,

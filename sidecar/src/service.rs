@@ -15,7 +15,7 @@ use crate::page_cache::{Lookup, PageCache};
 use crate::repo::catalog::{self, CatalogError};
 use crate::repo::meta;
 use crate::repo::reconstruct::{self, GetPageError};
-use crate::repo::store::{RepoError, Repository};
+use crate::repo::timeline::{RepoError, Timeline};
 use crate::walredo::WalRedoManager;
 use neon_types::protocol::{ErrorCode, ProtocolError, Request, Response};
 use neon_types::Lsn;
@@ -86,7 +86,7 @@ const PREFETCH_BATCH: usize = 64;
 
 /// What a request is served from.
 pub struct PageService {
-    pub repo: Arc<Repository>,
+    pub repo: Arc<Timeline>,
     pub redo: Arc<dyn WalRedoManager>,
     pub metrics: Metrics,
     /// Where base backups go (`None`: the sidecar was started without a shared directory).

@@ -162,7 +162,7 @@ pub fn block(relnode: u32, fork: ForkNumber, blkno: u32) -> BufferTag {
 /// file's (masked). Returns the number of pages compared.
 pub fn compare_store_at(
     c: &Cluster,
-    repo: &sidecar::repo::store::Repository,
+    repo: &sidecar::repo::timeline::Timeline,
     redo: &dyn sidecar::walredo::WalRedoManager,
     data: &Path,
     lsn: Lsn,

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use neon_types::Lsn;
 use sidecar::follower::{self, FollowerConfig};
 use sidecar::replication::client::ReplicationConfig;
-use sidecar::repo::store::Repository;
+use sidecar::repo::timeline::Timeline;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -38,7 +38,7 @@ pub fn copy_data_files(c: &Cluster, name: &str) -> Result<PathBuf> {
 pub fn wait_durable(dir: &Path, lsn: Lsn) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let durable = Repository::open_read_only(dir)?.durable_lsn();
+        let durable = Timeline::open_read_only(dir)?.durable_lsn();
         if durable >= lsn {
             return Ok(());
         }

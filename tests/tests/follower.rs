@@ -8,7 +8,7 @@ use neon_tests::pages::{compare_store_at, redo_config};
 use neon_tests::store::{copy_data_files, wait_durable};
 use neon_tests::{sidecar_bin, workload, Cluster};
 use neon_types::Lsn;
-use sidecar::repo::store::Repository;
+use sidecar::repo::timeline::Timeline;
 use sidecar::walredo::PostgresRedoManager;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -64,7 +64,7 @@ fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
                 ch.kill()?;
                 ch.wait()?;
                 // What the store says is durable, the slot still has.
-                let durable = Repository::open_read_only(&store)?.durable_lsn();
+                let durable = Timeline::open_read_only(&store)?.durable_lsn();
                 let restart = slot_restart(&c)?.context("slot gone")?;
                 anyhow::ensure!(
                     restart <= durable || !durable.is_valid(),
@@ -97,7 +97,7 @@ fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
     killed?;
     caught_up?;
 
-    let repo = Repository::open(&store)?;
+    let repo = Timeline::open(&store)?;
     let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
     let n_now = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "pgbench_")?;
     let n_past = compare_store_at(&c, &repo, &redo, &snapshot, past, "pgbench_")?;

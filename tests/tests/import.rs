@@ -10,7 +10,7 @@ use neon_tests::{workload, Cluster};
 use sidecar::cli::init::checkpoint_lsn;
 use sidecar::replication::client::ReplicationConn;
 use sidecar::repo::import::import_datadir;
-use sidecar::repo::store::Repository;
+use sidecar::repo::timeline::Timeline;
 use sidecar::walredo::PostgresRedoManager;
 
 #[test]
@@ -22,7 +22,7 @@ fn imported_cluster_then_streamed_history_serves_every_page() -> Result<()> {
     let at = checkpoint_lsn(&neon_tests::pg_bin_dir(), c.data_dir())?;
 
     let store = c.root_dir().join("store");
-    let repo = Repository::open(&store)?;
+    let repo = Timeline::open(&store)?;
     let stats = import_datadir(&repo, c.data_dir(), at)?;
     repo.flush()?;
     drop(repo);
@@ -41,7 +41,7 @@ fn imported_cluster_then_streamed_history_serves_every_page() -> Result<()> {
         workload::flush_lsn(&c)
     })?;
 
-    let repo = Repository::open(&store)?;
+    let repo = Timeline::open(&store)?;
     let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
     let n = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "")?;
     eprintln!("{n} pages of every relation of database postgres equal the compute's at {now}");
@@ -76,7 +76,7 @@ fn neon_sidecar_init_starts_history_at_the_clusters_birth() -> Result<()> {
         c.execute("CHECKPOINT")?;
         workload::flush_lsn(&c)
     })?;
-    let repo = Repository::open(&store)?;
+    let repo = Timeline::open(&store)?;
     let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
     let n = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "")?;
     eprintln!("after init: {n} pages of every relation of database postgres equal the compute's at {now}");

@@ -13,7 +13,7 @@ use neon_types::{ForkNumber, Lsn, BLCKSZ};
 use sidecar::replication::client::{ReplicationConn, StreamEvent};
 use sidecar::repo::ingest::Ingest;
 use sidecar::repo::reconstruct::get_page;
-use sidecar::repo::store::Repository;
+use sidecar::repo::timeline::Timeline;
 use sidecar::wal::decoder::WalStreamDecoder;
 use sidecar::walredo::PostgresRedoManager;
 use std::time::{Duration, Instant};
@@ -43,7 +43,7 @@ fn streamed_history_serves_pages_now_and_in_the_past() -> Result<()> {
     drop(repo);
 
     // Everything comes back from the files.
-    let repo = Repository::open(&dir)?;
+    let repo = Timeline::open(&dir)?;
     assert_eq!(repo.durable_lsn(), durable);
     let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
     let n_now = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "pgbench_")?;
@@ -76,7 +76,7 @@ fn streamed_history_serves_pages_now_and_in_the_past() -> Result<()> {
     let at = bad.len() - 60;
     bad[at] ^= 0x40;
     std::fs::write(&layer, &bad)?;
-    let err = Repository::open(&dir).err().context("opened a repository with a corrupt index")?;
+    let err = Timeline::open(&dir).err().context("opened a repository with a corrupt index")?;
     assert!(err.to_string().contains(&name), "{err}");
     // A flipped byte in a value (the first blob, whose payload starts at byte 8): the page
     // needing it is refused, naming the file.
@@ -86,7 +86,7 @@ fn streamed_history_serves_pages_now_and_in_the_past() -> Result<()> {
     let mut bad = good;
     bad[9] ^= 0x40;
     std::fs::write(&layer, &bad)?;
-    let repo = Repository::open(&dir)?;
+    let repo = Timeline::open(&dir)?;
     let err =
         get_page(&repo, &redo, key.buffer_tag().expect("a block"), lsn).err().context("served a corrupted value")?;
     assert!(err.to_string().contains(&name) && err.to_string().contains("checksum mismatch"), "{err}");
@@ -103,9 +103,9 @@ fn stream_into(
     to: Lsn,
     dir: &std::path::Path,
     flush_at: Option<Lsn>,
-) -> Result<Repository> {
+) -> Result<Timeline> {
     let timeline = conn.identify_system()?.timeline;
-    let repo = Repository::open(dir)?;
+    let repo = Timeline::open(dir)?;
     repo.begin_history(start);
     let mut ingest = Ingest::new();
     let seg_size: u32 =

@@ -27,7 +27,7 @@ pub mod walseg;
 
 use crate::repo::meta::{self, SLRU_CLOG, SLRU_MULTIXACT_MEMBERS, SLRU_MULTIXACT_OFFSETS};
 use crate::repo::reconstruct::{check_in_history, get_slru_page, GetPageError};
-use crate::repo::store::{RepoError, Repository};
+use crate::repo::timeline::{RepoError, Timeline};
 use crate::walredo::native::SLRU_PAGES_PER_SEGMENT;
 use crate::walredo::WalRedoManager;
 use neon_types::{BufferTag, ForkNumber, Lsn, RelTag, BLCKSZ};
@@ -125,7 +125,7 @@ fn fork_file_name(rel: &RelTag, fork: ForkNumber) -> String {
 }
 
 struct Builder<'a, W: Write> {
-    repo: &'a Repository,
+    repo: &'a Timeline,
     redo: &'a dyn WalRedoManager,
     lsn: Lsn,
     checksums: bool,
@@ -246,7 +246,7 @@ impl<W: Write> Builder<'_, W> {
 
 /// Writes the base backup as of `lsn` to `out`; returns it with what went in.
 pub fn write_basebackup<W: Write>(
-    repo: &Repository,
+    repo: &Timeline,
     redo: &dyn WalRedoManager,
     lsn: Lsn,
     opts: Options,

@@ -6,7 +6,7 @@
 
 use super::BasebackupError;
 use crate::repo::reconstruct::{pages_of, relation_at, RelationAt};
-use crate::repo::store::Repository;
+use crate::repo::timeline::Timeline;
 use crate::walredo::WalRedoManager;
 use crossbeam_channel::bounded;
 use neon_types::{BufferTag, Lsn, BLCKSZ};
@@ -19,7 +19,7 @@ type Page = Box<[u8; BLCKSZ]>;
 /// Calls `sink(i, page)` for every `tags[i]` as of `lsn`, in order, rebuilding with `workers`
 /// threads. Stops at the first error.
 pub fn rebuild_in_order(
-    repo: &Repository,
+    repo: &Timeline,
     redo: &dyn WalRedoManager,
     lsn: Lsn,
     tags: &[BufferTag],

@@ -7,7 +7,7 @@
 //! sidecar's OS user (0700), the files 0600.
 
 use super::{write_basebackup, BasebackupError, Options, Progress, Stats};
-use crate::repo::store::Repository;
+use crate::repo::timeline::Timeline;
 use crate::walredo::WalRedoManager;
 use neon_types::Lsn;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -19,7 +19,7 @@ use std::time::Instant;
 /// renamed, the directory fsync'd; on any error nothing is left behind.
 pub fn write_file(
     path: &Path,
-    repo: &Repository,
+    repo: &Timeline,
     redo: &dyn WalRedoManager,
     lsn: Lsn,
     opts: Options,
@@ -93,7 +93,7 @@ impl SharedBasebackups {
     /// The base backup as of `lsn`, built unless it is already there.
     pub fn get(
         &self,
-        repo: &Repository,
+        repo: &Timeline,
         redo: &dyn WalRedoManager,
         lsn: Lsn,
         opts: Options,

@@ -12,7 +12,7 @@
 use crate::cli::args::{ComputeArgs, RedoProcessArgs};
 use crate::replication::client::{ReplicationConfig, ReplicationConn};
 use crate::repo::import::import_datadir;
-use crate::repo::store::Repository;
+use crate::repo::timeline::Timeline;
 use crate::walredo::scratch::as_server_user;
 use anyhow::{bail, Context};
 use neon_types::Lsn;
@@ -96,7 +96,7 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let bin = |name: &str| args.redo.pg_bin.join(name);
     let pgdata = &args.pgdata;
     // Refuse before touching anything if the store already has a history.
-    let repo = Repository::open(&args.store)?;
+    let repo = Timeline::open(&args.store)?;
     if repo.history_start().is_valid() {
         bail!("store {} already holds history from {}", args.store.display(), repo.history_start());
     }
@@ -188,7 +188,7 @@ pub struct AttachArgs {
 /// backup's end is replayed over them, so history is valid from that end LSN; `run` streams
 /// that WAL (and everything after) from the slot.
 pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let repo = Repository::open(&args.store)?;
+    let repo = Timeline::open(&args.store)?;
     if repo.history_start().is_valid() {
         bail!("store {} already holds history from {}", args.store.display(), repo.history_start());
     }

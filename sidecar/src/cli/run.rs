@@ -9,7 +9,7 @@ use crate::follower::{self, FollowerConfig};
 use crate::page_cache::PageCache;
 use crate::repo::compaction;
 use crate::repo::key::Key;
-use crate::repo::store::Repository;
+use crate::repo::timeline::Timeline;
 use crate::service::{self, PageService};
 use crate::walredo::{PostgresRedoManager, WalRedoManager};
 use anyhow::Context;
@@ -84,7 +84,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         flush_bytes: args.flush_mb << 20,
         chain_limit: args.chain_limit,
     };
-    let repo = Arc::new(Repository::open(&cfg.store)?);
+    let repo = Arc::new(Timeline::open(&cfg.store)?);
     for sig in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
@@ -157,7 +157,7 @@ const MERGE_MAX_BYTES: u64 = 128 << 20;
 /// with a retention, a full image every `retention` bytes of WAL and garbage collection behind
 /// the horizon.
 fn compact(
-    repo: &Repository,
+    repo: &Timeline,
     redo: &dyn WalRedoManager,
     flushes: crossbeam_channel::Receiver<(Lsn, Vec<Key>)>,
     retention: u64,

@@ -7,7 +7,7 @@ use crate::cli::args::{BlockArgs, RedoProcessArgs};
 use crate::cli::redo::describe_page;
 use crate::follower;
 use crate::repo::reconstruct::get_page;
-use crate::repo::store::Repository;
+use crate::repo::timeline::Timeline;
 use crate::service::Client;
 use crate::wal::segment::{SegmentSet, WalFileReader};
 use crate::walredo::{PostgresRedoManager, WalRedoManager};
@@ -75,7 +75,7 @@ pub struct StatusArgs {
 /// `neon-sidecar import-wal`: WAL segment files into a store, through the same decoder and
 /// ingest as streaming, flushing every 64 MB and at the end, with progress on stderr.
 pub fn import_wal(args: &ImportWalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let repo = Repository::open(&args.store)?;
+    let repo = Timeline::open(&args.store)?;
     let set = SegmentSet::collect(&args.wal, None)?;
     let durable = repo.durable_lsn();
     let start = match (durable.is_valid(), args.start) {
@@ -128,7 +128,7 @@ pub fn get(args: &GetPageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             }
         }
         (None, Some(store)) => {
-            let repo = Repository::open_read_only(store)?;
+            let repo = Timeline::open_read_only(store)?;
             let lsn = args.lsn.unwrap_or(repo.durable_lsn());
             if lsn > repo.durable_lsn() {
                 bail!("{lsn} is beyond what the store holds (durable to {})", repo.durable_lsn());
@@ -155,7 +155,7 @@ pub fn status(args: &StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             r => bail!("unexpected answer {r:?}"),
         },
         (None, Some(store)) => {
-            let repo = Repository::open_read_only(store)?;
+            let repo = Timeline::open_read_only(store)?;
             let layers = repo.layers();
             let bytes: u64 = layers.iter().map(|l| l.size_bytes()).sum();
             writeln!(out, "store {}", store.display())?;
@@ -220,7 +220,7 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
         (None, None) => bail!("give --store or --socket"),
     };
     let Some(out_path) = &args.out else { bail!("--out is needed with --store") };
-    let repo = Repository::open_read_only(store)?;
+    let repo = Timeline::open_read_only(store)?;
     if args.lsn > repo.durable_lsn() {
         bail!("{} is beyond what the store holds (durable to {})", args.lsn, repo.durable_lsn());
     }

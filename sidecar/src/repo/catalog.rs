@@ -20,7 +20,7 @@
 
 use super::meta;
 use super::reconstruct::{self, GetPageError};
-use super::store::Repository;
+use super::timeline::Timeline;
 use crate::walredo::native::{clog_page, clog_position, XactStatus};
 use crate::walredo::WalRedoManager;
 use neon_types::{ForkNumber, Lsn, RelFileNode, RelTag, TransactionId, BLCKSZ};
@@ -43,7 +43,7 @@ pub enum CatalogError {
     #[error(transparent)]
     Page(#[from] GetPageError),
     #[error(transparent)]
-    Repo(#[from] super::store::RepoError),
+    Repo(#[from] super::timeline::RepoError),
     #[error("database {dbnode} does not exist at {lsn}")]
     NoDatabase { dbnode: u32, lsn: Lsn },
     #[error("database {dbnode} has no relation map at {lsn}, so its pg_class cannot be found")]
@@ -53,7 +53,7 @@ pub enum CatalogError {
 /// The file relation `reloid` of database `dbnode` had at `lsn` (main fork's node), or `None`
 /// if no row of that OID was visible then (the relation did not exist yet, or was dropped).
 pub fn relation_file_at(
-    repo: &Repository,
+    repo: &Timeline,
     redo: &dyn WalRedoManager,
     dbnode: u32,
     reloid: u32,
@@ -145,7 +145,7 @@ fn tuples(page: &[u8; BLCKSZ]) -> impl Iterator<Item = Row> + '_ {
 
 /// Transaction status as of an LSN, from the CLOG pages then.
 struct Clog<'r> {
-    repo: &'r Repository,
+    repo: &'r Timeline,
     lsn: Lsn,
     pages: HashMap<u32, Box<[u8; BLCKSZ]>>,
 }

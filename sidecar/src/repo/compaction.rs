@@ -6,13 +6,13 @@
 //!   ([`image_keys`]), so no read replays more than about `limit` records.
 //! * Retention: [`full_image`] materialises every key live at an LSN — every page of every
 //!   relation fork of every database, the SLRU pages and the metadata — as a full image layer;
-//!   [`Repository::collect_garbage`] can then drop every layer older than it once it falls
+//!   [`Timeline::collect_garbage`] can then drop every layer older than it once it falls
 //!   behind the retention horizon.
 
 use super::key::{Key, KIND_REL_BLOCK, KIND_SLRU_PAGE};
 use super::meta::{self, META_CHECKPOINT, META_CONFIG, META_CONTROL, META_DATABASE, META_RELMAP, META_TWOPHASE};
 use super::reconstruct::{get_page, get_slru_page, GetPageError};
-use super::store::{RepoError, Repository};
+use super::timeline::{RepoError, Timeline};
 use super::value::Value;
 use crate::walredo::WalRedoManager;
 use bytes::Bytes;
@@ -69,12 +69,7 @@ impl ChainTracker {
     }
 }
 
-fn image_of(
-    repo: &Repository,
-    redo: &dyn WalRedoManager,
-    key: Key,
-    lsn: Lsn,
-) -> Result<Option<Bytes>, CompactionError> {
+fn image_of(repo: &Timeline, redo: &dyn WalRedoManager, key: Key, lsn: Lsn) -> Result<Option<Bytes>, CompactionError> {
     let page = match key.kind {
         KIND_REL_BLOCK => {
             let tag: BufferTag = key.buffer_tag().expect("a block key");
@@ -92,7 +87,7 @@ fn image_of(
 
 /// Writes an image layer at `lsn` (durable) for `keys`. Returns the number of images.
 pub fn image_keys(
-    repo: &Repository,
+    repo: &Timeline,
     redo: &dyn WalRedoManager,
     keys: &[Key],
     lsn: Lsn,
@@ -111,7 +106,7 @@ pub fn image_keys(
 
 /// Writes a full image layer at `lsn` (durable): everything live then. Returns the number of
 /// values written.
-pub fn full_image(repo: &Repository, redo: &dyn WalRedoManager, lsn: Lsn) -> Result<usize, CompactionError> {
+pub fn full_image(repo: &Timeline, redo: &dyn WalRedoManager, lsn: Lsn) -> Result<usize, CompactionError> {
     let mut images: BTreeMap<Key, Value> = BTreeMap::new();
     // Metadata: the newest value of every item, unless it says "gone".
     for item in [META_DATABASE, META_RELMAP, META_TWOPHASE, META_CHECKPOINT, META_CONTROL, META_CONFIG] {

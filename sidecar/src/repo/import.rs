@@ -14,7 +14,7 @@
 
 use super::key::Key;
 use super::meta::{self, DatabaseEntry, DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID};
-use super::store::Repository;
+use super::timeline::Timeline;
 use super::value::Value;
 use crate::wal::checkpoint::{CheckPoint, CONTROL_CHECKPOINT_COPY, SIZEOF_CHECKPOINT};
 use crate::walredo::native::SLRU_PAGES_PER_SEGMENT;
@@ -66,7 +66,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImportError + '_ {
 
 /// Files every page of the cluster in `pgdata` (stopped cleanly at `lsn`) as an image at
 /// `lsn`, with its databases, relation maps, SLRU pages, two-phase state and counters.
-pub fn import_datadir(repo: &Repository, pgdata: &Path, lsn: Lsn) -> Result<ImportStats, ImportError> {
+pub fn import_datadir(repo: &Timeline, pgdata: &Path, lsn: Lsn) -> Result<ImportStats, ImportError> {
     let mut dirs: Vec<(PathBuf, u32, u32)> = vec![(pgdata.join("global"), GLOBALTABLESPACE_OID, 0)];
     let base = pgdata.join("base");
     for e in std::fs::read_dir(&base).map_err(io(&base))? {
@@ -116,7 +116,7 @@ pub fn import_datadir(repo: &Repository, pgdata: &Path, lsn: Lsn) -> Result<Impo
     Ok(stats)
 }
 
-fn import_slru(repo: &Repository, slru: u32, dir: &Path, lsn: Lsn) -> Result<usize, ImportError> {
+fn import_slru(repo: &Timeline, slru: u32, dir: &Path, lsn: Lsn) -> Result<usize, ImportError> {
     let mut pages = 0;
     for e in std::fs::read_dir(dir).map_err(io(dir))? {
         let e = e.map_err(io(dir))?;
@@ -139,7 +139,7 @@ fn import_slru(repo: &Repository, slru: u32, dir: &Path, lsn: Lsn) -> Result<usi
     Ok(pages)
 }
 
-fn import_twophase(repo: &Repository, dir: &Path, lsn: Lsn) -> Result<usize, ImportError> {
+fn import_twophase(repo: &Timeline, dir: &Path, lsn: Lsn) -> Result<usize, ImportError> {
     let mut n = 0;
     for e in std::fs::read_dir(dir).map_err(io(dir))? {
         let e = e.map_err(io(dir))?;
@@ -160,7 +160,7 @@ fn import_twophase(repo: &Repository, dir: &Path, lsn: Lsn) -> Result<usize, Imp
     Ok(n)
 }
 
-fn import_relations(repo: &Repository, dirs: &[(PathBuf, u32, u32)], lsn: Lsn) -> Result<ImportStats, ImportError> {
+fn import_relations(repo: &Timeline, dirs: &[(PathBuf, u32, u32)], lsn: Lsn) -> Result<ImportStats, ImportError> {
     // Per fork: its segment files, in order.
     let mut forks: BTreeMap<RelTag, BTreeMap<u64, PathBuf>> = BTreeMap::new();
     for (dir, spcnode, dbnode) in dirs.iter().cloned() {

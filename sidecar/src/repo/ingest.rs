@@ -26,7 +26,7 @@ use super::compaction::ChainTracker;
 use super::key::Key;
 use super::meta::{self, DatabaseEntry, META_CHECKPOINT, META_DATABASE, META_RELMAP, META_TWOPHASE};
 use super::meta::{SLRU_CLOG, SLRU_MULTIXACT_MEMBERS, SLRU_MULTIXACT_OFFSETS};
-use super::store::{RepoError, Repository};
+use super::timeline::{RepoError, Timeline};
 use super::value::Value;
 use super::{reconstruct, slru};
 use crate::wal::checkpoint::{CheckPoint, SIZEOF_CHECKPOINT};
@@ -127,7 +127,7 @@ impl Ingest {
         }
     }
 
-    fn put(&mut self, repo: &Repository, key: Key, lsn: Lsn, value: Value) {
+    fn put(&mut self, repo: &Timeline, key: Key, lsn: Lsn, value: Value) {
         if let Some(chains) = &mut self.chains {
             chains.note(key, &value);
         }
@@ -139,7 +139,7 @@ impl Ingest {
         self.sizes.get(rel).copied()
     }
 
-    pub fn ingest(&mut self, repo: &Repository, rec: &DecodedRecord) -> Result<(), IngestError> {
+    pub fn ingest(&mut self, repo: &Timeline, rec: &DecodedRecord) -> Result<(), IngestError> {
         let lsn = rec.end_lsn;
         // A transaction's end matters to relations, two-phase state and the counters alike:
         // parsed once here.
@@ -197,7 +197,7 @@ impl Ingest {
 
     fn relation_life_cycle(
         &mut self,
-        repo: &Repository,
+        repo: &Timeline,
         rec: &DecodedRecord,
         xact: Option<&ParsedXact<'_>>,
     ) -> Result<(), IngestError> {
@@ -238,7 +238,7 @@ impl Ingest {
 
     fn truncate_vm(
         &mut self,
-        repo: &Repository,
+        repo: &Timeline,
         node: RelFileNode,
         heap_blocks: u32,
         lsn: Lsn,
@@ -261,7 +261,7 @@ impl Ingest {
         Ok(())
     }
 
-    fn drop_relation(&mut self, repo: &Repository, node: RelFileNode, lsn: Lsn) -> Result<(), IngestError> {
+    fn drop_relation(&mut self, repo: &Timeline, node: RelFileNode, lsn: Lsn) -> Result<(), IngestError> {
         for fork in ForkNumber::ALL {
             let rel = RelTag { node, fork };
             if self.current_size(repo, rel, lsn)?.is_some() {
@@ -273,7 +273,7 @@ impl Ingest {
 
     fn cluster_metadata(
         &mut self,
-        repo: &Repository,
+        repo: &Timeline,
         rec: &DecodedRecord,
         xact: Option<&ParsedXact<'_>>,
     ) -> Result<(), IngestError> {
@@ -356,7 +356,7 @@ impl Ingest {
 
     fn truncate_slru(
         &mut self,
-        repo: &Repository,
+        repo: &Timeline,
         which: u32,
         lsn: Lsn,
         gone: impl Fn(u32) -> bool,
@@ -371,7 +371,7 @@ impl Ingest {
     /// they change.
     fn counters(
         &mut self,
-        repo: &Repository,
+        repo: &Timeline,
         rec: &DecodedRecord,
         xact: Option<&ParsedXact<'_>>,
     ) -> Result<(), IngestError> {
@@ -433,7 +433,7 @@ impl Ingest {
     }
 
     /// The size of a fork as of the records filed so far (consulting the store after a restart).
-    fn current_size(&mut self, repo: &Repository, rel: RelTag, lsn: Lsn) -> Result<Option<u32>, IngestError> {
+    fn current_size(&mut self, repo: &Timeline, rel: RelTag, lsn: Lsn) -> Result<Option<u32>, IngestError> {
         if let Some(n) = self.sizes.get(&rel) {
             return Ok(Some(*n));
         }
@@ -445,7 +445,7 @@ impl Ingest {
     }
 
     /// Files a new size (`None`: the fork no longer exists).
-    fn set_size(&mut self, repo: &Repository, rel: RelTag, size: Option<u32>, lsn: Lsn) {
+    fn set_size(&mut self, repo: &Timeline, rel: RelTag, size: Option<u32>, lsn: Lsn) {
         let value = match size {
             Some(n) => {
                 self.sizes.insert(rel, n);
@@ -459,7 +459,7 @@ impl Ingest {
         self.put(repo, Key::rel_size(&rel), lsn, Value::Image(value));
     }
 
-    fn grow(&mut self, repo: &Repository, rel: RelTag, blkno: u32, lsn: Lsn) -> Result<(), IngestError> {
+    fn grow(&mut self, repo: &Timeline, rel: RelTag, blkno: u32, lsn: Lsn) -> Result<(), IngestError> {
         let size = self.current_size(repo, rel, lsn)?.unwrap_or(0);
         if blkno + 1 > size {
             self.set_size(repo, rel, Some(blkno + 1), lsn);

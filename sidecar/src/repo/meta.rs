@@ -23,7 +23,7 @@
 //! since then reads as the source's relation at that LSN (see `reconstruct`).
 
 use super::key::{Key, KIND_REL_SIZE, KIND_SLRU_PAGE};
-use super::store::{RepoError, Repository};
+use super::timeline::{RepoError, Timeline};
 use super::value::Value;
 use crate::wal::checkpoint::CheckPoint;
 use bytes::Bytes;
@@ -91,13 +91,13 @@ fn image(values: Vec<(Lsn, Value)>) -> Option<Bytes> {
 }
 
 /// The database `dbnode` at `lsn`, if it exists then.
-pub fn database(repo: &Repository, dbnode: u32, lsn: Lsn) -> Result<Option<DatabaseEntry>, RepoError> {
+pub fn database(repo: &Timeline, dbnode: u32, lsn: Lsn) -> Result<Option<DatabaseEntry>, RepoError> {
     let b = image(repo.values_for(Key::meta(META_DATABASE, dbnode), lsn)?);
     Ok(b.and_then(|b| DatabaseEntry::decode(dbnode, &b)))
 }
 
 /// Every database at `lsn`.
-pub fn list_databases(repo: &Repository, lsn: Lsn) -> Result<Vec<DatabaseEntry>, RepoError> {
+pub fn list_databases(repo: &Timeline, lsn: Lsn) -> Result<Vec<DatabaseEntry>, RepoError> {
     let range = Key::meta(META_DATABASE, 0)..Key::meta(META_DATABASE + 1, 0);
     Ok(repo
         .latest_in_range(range, lsn)?
@@ -111,7 +111,7 @@ pub fn list_databases(repo: &Repository, lsn: Lsn) -> Result<Vec<DatabaseEntry>,
 
 /// The relation forks of database `dbnode` (0: the shared catalogs) at `lsn`, with their sizes
 /// in blocks, including those a FILE_COPY database inherited from its source.
-pub fn list_relations(repo: &Repository, dbnode: u32, lsn: Lsn) -> Result<BTreeMap<RelTag, u32>, RepoError> {
+pub fn list_relations(repo: &Timeline, dbnode: u32, lsn: Lsn) -> Result<BTreeMap<RelTag, u32>, RepoError> {
     let mut out = BTreeMap::new();
     let db = match dbnode {
         0 => None,
@@ -165,7 +165,7 @@ pub fn list_relations(repo: &Repository, dbnode: u32, lsn: Lsn) -> Result<BTreeM
 
 /// The relation map file of database `dbnode` in tablespace `spcnode` (0/1664: the shared
 /// one) at `lsn`.
-pub fn relmap(repo: &Repository, dbnode: u32, spcnode: u32, lsn: Lsn) -> Result<Option<Bytes>, RepoError> {
+pub fn relmap(repo: &Timeline, dbnode: u32, spcnode: u32, lsn: Lsn) -> Result<Option<Bytes>, RepoError> {
     let mut key = Key::meta(META_RELMAP, dbnode);
     key.field3 = spcnode;
     if let Some(b) = image(repo.values_for(key, lsn)?) {
@@ -178,7 +178,7 @@ pub fn relmap(repo: &Repository, dbnode: u32, spcnode: u32, lsn: Lsn) -> Result<
 }
 
 /// Prepared transactions at `lsn`: xid and the body of their state file.
-pub fn twophase_states(repo: &Repository, lsn: Lsn) -> Result<Vec<(TransactionId, Bytes)>, RepoError> {
+pub fn twophase_states(repo: &Timeline, lsn: Lsn) -> Result<Vec<(TransactionId, Bytes)>, RepoError> {
     let range = Key::meta(META_TWOPHASE, 0)..Key::meta(META_TWOPHASE + 1, 0);
     Ok(repo
         .latest_in_range(range, lsn)?
@@ -191,12 +191,12 @@ pub fn twophase_states(repo: &Repository, lsn: Lsn) -> Result<Vec<(TransactionId
 }
 
 /// The checkpoint counters at `lsn`.
-pub fn checkpoint(repo: &Repository, lsn: Lsn) -> Result<Option<CheckPoint>, RepoError> {
+pub fn checkpoint(repo: &Timeline, lsn: Lsn) -> Result<Option<CheckPoint>, RepoError> {
     Ok(image(repo.values_for(Key::meta(META_CHECKPOINT, 0), lsn)?).and_then(|b| CheckPoint::decode(&b).ok()))
 }
 
 /// The pages of SLRU `slru` that exist at `lsn`.
-pub fn slru_pages(repo: &Repository, slru: u32, lsn: Lsn) -> Result<Vec<u32>, RepoError> {
+pub fn slru_pages(repo: &Timeline, slru: u32, lsn: Lsn) -> Result<Vec<u32>, RepoError> {
     let range = Key::slru_page(slru, 0)..Key::slru_page(slru + 1, 0);
     Ok(repo
         .latest_in_range(range, lsn)?
@@ -207,18 +207,18 @@ pub fn slru_pages(repo: &Repository, slru: u32, lsn: Lsn) -> Result<Vec<u32>, Re
 }
 
 /// The compute's control file as imported (its settings and constants), if the store has one.
-pub fn control_template(repo: &Repository, lsn: Lsn) -> Result<Option<Bytes>, RepoError> {
+pub fn control_template(repo: &Timeline, lsn: Lsn) -> Result<Option<Bytes>, RepoError> {
     Ok(image(repo.values_for(Key::meta(META_CONTROL, 0), lsn)?))
 }
 
 /// Configuration file `CONFIG_FILES[which]` as imported.
-pub fn config_file(repo: &Repository, which: u32, lsn: Lsn) -> Result<Option<Bytes>, RepoError> {
+pub fn config_file(repo: &Timeline, which: u32, lsn: Lsn) -> Result<Option<Bytes>, RepoError> {
     Ok(image(repo.values_for(Key::meta(META_CONFIG, which), lsn)?))
 }
 
 /// Whether the compute's control file, as imported, says it has data checksums (redo then
 /// behaves as it does there).
-pub fn compute_has_checksums(repo: &Repository) -> bool {
+pub fn compute_has_checksums(repo: &Timeline) -> bool {
     control_template(repo, repo.last_lsn())
         .ok()
         .flatten()

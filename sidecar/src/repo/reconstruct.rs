@@ -9,7 +9,7 @@
 
 use super::key::Key;
 use super::meta;
-use super::store::{RepoError, Repository};
+use super::timeline::{RepoError, Timeline};
 use super::value::Value;
 use crate::walredo::native::{self, NativeRecord, NativeTarget};
 use crate::walredo::{RedoError, RedoRecord, RedoRequest, WalRedoManager};
@@ -34,7 +34,7 @@ pub enum GetPageError {
 }
 
 /// Refuses LSNs outside the store's history.
-pub fn check_in_history(repo: &Repository, lsn: Lsn) -> Result<(), GetPageError> {
+pub fn check_in_history(repo: &Timeline, lsn: Lsn) -> Result<(), GetPageError> {
     let (start, end) = (repo.history_start(), repo.last_lsn());
     if !start.is_valid() || lsn < start || lsn > end {
         return Err(GetPageError::OutOfHistory { lsn, start, end });
@@ -44,7 +44,7 @@ pub fn check_in_history(repo: &Repository, lsn: Lsn) -> Result<(), GetPageError>
 
 /// Where a FILE_COPY database's relation reads through to: the source relation and the LSN
 /// of the copy.
-fn copy_source(repo: &Repository, rel: &RelTag, lsn: Lsn) -> Result<Option<(RelTag, Lsn)>, RepoError> {
+fn copy_source(repo: &Timeline, rel: &RelTag, lsn: Lsn) -> Result<Option<(RelTag, Lsn)>, RepoError> {
     if rel.node.dbnode == 0 {
         return Ok(None);
     }
@@ -54,7 +54,7 @@ fn copy_source(repo: &Repository, rel: &RelTag, lsn: Lsn) -> Result<Option<(RelT
 }
 
 /// The size of `rel` in blocks as of `lsn`, if it exists then.
-pub fn rel_size(repo: &Repository, rel: &RelTag, lsn: Lsn) -> Result<Option<u32>, RepoError> {
+pub fn rel_size(repo: &Timeline, rel: &RelTag, lsn: Lsn) -> Result<Option<u32>, RepoError> {
     let source = copy_source(repo, rel, lsn)?;
     let values = repo.values_for(Key::rel_size(rel), lsn)?;
     match values.last() {
@@ -72,7 +72,7 @@ pub fn rel_size(repo: &Repository, rel: &RelTag, lsn: Lsn) -> Result<Option<u32>
 
 /// The page `tag` as of `lsn`.
 pub fn get_page(
-    repo: &Repository,
+    repo: &Timeline,
     redo: &dyn WalRedoManager,
     tag: BufferTag,
     lsn: Lsn,
@@ -93,12 +93,12 @@ pub struct RelationAt {
 }
 
 /// [`RelationAt`] for `rel` at `lsn`.
-pub fn relation_at(repo: &Repository, rel: RelTag, lsn: Lsn) -> Result<RelationAt, RepoError> {
+pub fn relation_at(repo: &Timeline, rel: RelTag, lsn: Lsn) -> Result<RelationAt, RepoError> {
     Ok(RelationAt { rel, lsn, nblocks: rel_size(repo, &rel, lsn)?, source: copy_source(repo, &rel, lsn)? })
 }
 
 fn page_at(
-    repo: &Repository,
+    repo: &Timeline,
     redo: &dyn WalRedoManager,
     tag: BufferTag,
     lsn: Lsn,
@@ -108,7 +108,7 @@ fn page_at(
 
 /// Block `blkno` of `r` (the history bounds already checked).
 pub fn page_of(
-    repo: &Repository,
+    repo: &Timeline,
     redo: &dyn WalRedoManager,
     r: &RelationAt,
     blkno: u32,
@@ -122,7 +122,7 @@ pub fn page_of(
 /// Many blocks at once, in order, each failing alone: the ones that need redo go to the redo
 /// manager as one batch, which it pipelines.
 pub fn pages_of<'r>(
-    repo: &Repository,
+    repo: &Timeline,
     redo: &dyn WalRedoManager,
     blocks: impl IntoIterator<Item = (&'r RelationAt, u32)>,
 ) -> Vec<Result<Box<[u8; BLCKSZ]>, GetPageError>> {
@@ -151,7 +151,7 @@ enum Plan {
     Redo(RedoRequest),
 }
 
-fn plan(repo: &Repository, redo: &dyn WalRedoManager, r: &RelationAt, blkno: u32) -> Result<Plan, GetPageError> {
+fn plan(repo: &Timeline, redo: &dyn WalRedoManager, r: &RelationAt, blkno: u32) -> Result<Plan, GetPageError> {
     let (tag, lsn, source) = (BufferTag { rel: r.rel, blkno }, r.lsn, r.source);
     // Blocks beyond the fork's size then (truncated, or the fork dropped or not yet created)
     // do not exist, whatever values the store has for them at other LSNs.
@@ -210,7 +210,7 @@ fn plan(repo: &Repository, redo: &dyn WalRedoManager, r: &RelationAt, blkno: u32
 }
 
 /// SLRU page `pageno` of `slru` (see `meta`) as of `lsn`.
-pub fn get_slru_page(repo: &Repository, slru: u32, pageno: u32, lsn: Lsn) -> Result<Box<[u8; BLCKSZ]>, GetPageError> {
+pub fn get_slru_page(repo: &Timeline, slru: u32, pageno: u32, lsn: Lsn) -> Result<Box<[u8; BLCKSZ]>, GetPageError> {
     check_in_history(repo, lsn)?;
     let target = match slru {
         meta::SLRU_CLOG => NativeTarget::Clog { pageno },

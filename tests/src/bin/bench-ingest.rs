@@ -19,7 +19,7 @@ use sidecar::follower::{self, FollowerConfig};
 use sidecar::replication::client::ReplicationConn;
 use sidecar::repo::key::Key;
 use sidecar::repo::reconstruct::get_page;
-use sidecar::repo::store::Repository;
+use sidecar::repo::timeline::Timeline;
 use sidecar::wal::segment::{SegmentSet, WalFileReader};
 use sidecar::walredo::PostgresRedoManager;
 use std::path::Path;
@@ -47,7 +47,7 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 /// Ingests [start, end) of the WAL in `wal` into a new store at `dir`, flushing every 64 MB
 /// and at the end. Returns the time taken and the store; prints where the time went (decoding
 /// alone, filing values, writing layer files).
-fn ingest(wal: &Path, start: Lsn, end: Lsn, dir: &Path) -> Result<(Duration, Repository)> {
+fn ingest(wal: &Path, start: Lsn, end: Lsn, dir: &Path) -> Result<(Duration, Timeline)> {
     let reader = || -> Result<WalFileReader> {
         Ok(WalFileReader::new(SegmentSet::collect(&[wal.to_path_buf()], None)?, Some(start), Some(end))?)
     };
@@ -61,7 +61,7 @@ fn ingest(wal: &Path, start: Lsn, end: Lsn, dir: &Path) -> Result<(Duration, Rep
 
     let _ = std::fs::remove_dir_all(dir);
     let t = Instant::now();
-    let repo = Repository::open(dir)?;
+    let repo = Timeline::open(dir)?;
     repo.begin_history(start);
     let filed = sidecar::follower::file_wal_files(&repo, &mut reader()?, 64 << 20, |_| {})?;
     anyhow::ensure!(filed.records == records, "filed {} records of {records}", filed.records);
@@ -119,7 +119,7 @@ fn main() -> Result<()> {
 
     // The compute's WAL rate under pgbench, with the follower streaming and a lag sampler.
     let store_live = c.root_dir().join("store-live");
-    let repo = Repository::open(&store_live)?;
+    let repo = Timeline::open(&store_live)?;
     let slot_start = ReplicationConn::connect(&replication_config(&c))?.create_slot("bench")?;
     repo.begin_history(slot_start);
     let cfg = FollowerConfig {

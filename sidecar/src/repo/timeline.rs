@@ -6,10 +6,10 @@
 //!
 //! The repository is shared (`&self` everywhere): one thread ingests and flushes while any
 //! number read. A reader sees a consistent cut — every value of every record up to
-//! [`Repository::last_lsn`] — because a record's values are put before its end is published.
+//! [`Timeline::last_lsn`] — because a record's values are put before its end is published.
 //!
 //! Layer files hold delta values (everything WAL said about some keys over an LSN range) or
-//! images (keys materialised at one LSN, see [`Repository::add_image_layer`]). They are kept
+//! images (keys materialised at one LSN, see [`Timeline::add_image_layer`]). They are kept
 //! ordered by their newest LSN, so walking them newest-first visits each key's values in
 //! descending LSN order.
 //!
@@ -78,7 +78,7 @@ struct Layers {
 }
 
 /// Values by key and LSN, in memory and in layer files.
-pub struct Repository {
+pub struct Timeline {
     dir: PathBuf,
     layers: RwLock<Layers>,
     /// Serialises flushes and manifest writes.
@@ -92,19 +92,19 @@ pub struct Repository {
     waiting: AtomicUsize,
 }
 
-impl Repository {
+impl Timeline {
     /// Opens (or creates) the repository in `dir` for writing: the one writer also removes
     /// layer files an interrupted flush left behind.
-    pub fn open(dir: &Path) -> Result<Repository, RepoError> {
+    pub fn open(dir: &Path) -> Result<Timeline, RepoError> {
         Self::open_inner(dir, true)
     }
 
     /// Opens the repository in `dir` to read what is durable, beside a running writer.
-    pub fn open_read_only(dir: &Path) -> Result<Repository, RepoError> {
+    pub fn open_read_only(dir: &Path) -> Result<Timeline, RepoError> {
         Self::open_inner(dir, false)
     }
 
-    fn open_inner(dir: &Path, writer: bool) -> Result<Repository, RepoError> {
+    fn open_inner(dir: &Path, writer: bool) -> Result<Timeline, RepoError> {
         let io = |source| RepoError::Io { path: dir.to_path_buf(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
         let path = dir.join(MANIFEST);
@@ -126,7 +126,7 @@ impl Repository {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        Ok(Repository {
+        Ok(Timeline {
             dir: dir.to_path_buf(),
             layers: RwLock::new(Layers { inmem: MemLayer::default(), frozen: None, files }),
             flush_lock: Mutex::new(()),
@@ -151,7 +151,7 @@ impl Repository {
         self.layers.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Everything up to this LSN has been made durable by [`Repository::flush`].
+    /// Everything up to this LSN has been made durable by [`Timeline::flush`].
     pub fn durable_lsn(&self) -> Lsn {
         Lsn(self.durable.load(Ordering::Acquire))
     }
@@ -336,7 +336,7 @@ impl Repository {
     /// at or after `lsn` stops at them. `lsn` must be the durable LSN as of some moment after
     /// every existing file was made (no file may span it; see `merge_layers`). A `full` image
     /// layer holds every key that has a value at `lsn`; history before it can then be
-    /// dropped ([`Repository::collect_garbage`]).
+    /// dropped ([`Timeline::collect_garbage`]).
     pub fn add_image_layer(&self, lsn: Lsn, images: &BTreeMap<Key, Value>, full: bool) -> Result<(), RepoError> {
         let _flushing = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
         let name = self.fresh_name(format!("{}-{:016X}", if full { FULL_IMAGE_PREFIX } else { IMAGE_PREFIX }, lsn.0));
