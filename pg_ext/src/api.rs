@@ -23,11 +23,14 @@ use std::time::Instant;
 /// The largest valid block number (`MaxBlockNumber`).
 const MAX_BLOCK: i64 = 0xFFFF_FFFE;
 
+/// A relation (OID) at an LSN on a timeline (`None`: the followed one).
+type OlderFileKey = (u32, Lsn, Option<u32>);
+
 thread_local! {
     /// This backend's connection to the sidecar.
     static SIDECAR: RefCell<Slot> = const { RefCell::new(Slot::new()) };
     /// Older files of relations at LSNs (see [`older_file`]).
-    static OLDER_FILES: RefCell<HashMap<(u32, Lsn), RelFileNode>> = RefCell::new(HashMap::new());
+    static OLDER_FILES: RefCell<HashMap<OlderFileKey, RelFileNode>> = RefCell::new(HashMap::new());
     /// Read-ahead state: the relation and LSN last read, its last block, and the block up
     /// to which pages are already queued.
     static READ_AHEAD: Cell<Option<(RelTag, Lsn, u32, u32)>> = const { Cell::new(None) };
@@ -150,6 +153,29 @@ fn fork_arg(fork: Option<&str>) -> ForkNumber {
     }
 }
 
+/// The `timeline` argument: `None` (NULL) reads the timeline the sidecar follows now, and
+/// earlier LSNs on it its ancestors' history up to its fork.
+fn timeline_arg(timeline: Option<i32>) -> Option<u32> {
+    match timeline {
+        None => None,
+        Some(t) if t >= 1 => Some(t as u32),
+        Some(t) => fail(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("invalid timeline {t}"), None),
+    }
+}
+
+/// `req` on `timeline` (`None`: as the sidecar follows now).
+fn on(timeline: Option<u32>, req: Request) -> Request {
+    match timeline {
+        Some(timeline) => Request::OnTimeline { timeline, request: Box::new(req) },
+        None => req,
+    }
+}
+
+/// " on timeline N" for messages, when one was asked for.
+fn on_text(timeline: Option<u32>) -> String {
+    timeline.map(|t| format!(" on timeline {t}")).unwrap_or_default()
+}
+
 fn block_arg(blkno: Option<i64>, what: &str) -> u32 {
     let b = required(blkno, what);
     if !(0..=MAX_BLOCK).contains(&b) {
@@ -201,14 +227,15 @@ fn relation(rel: Option<RegClass>, fork: ForkNumber) -> (RelTag, String, u32) {
 /// finds in `pg_class` as it was then. Asked when [`file_at`] knows no older file, and found
 /// only when `current` did not exist at `lsn` (then remembered for `file_at`); the sidecar
 /// waits at most `wait_ms` for the LSN.
-fn older_file(oid: u32, current: RelTag, lsn: Lsn, wait_ms: u32) -> Option<RelTag> {
+fn older_file(oid: u32, current: RelTag, lsn: Lsn, timeline: Option<u32>, wait_ms: u32) -> Option<RelTag> {
     let timeout = lsn_call_timeout();
     // Any failure here leaves the caller's own error to be reported.
     let main = RelTag { fork: ForkNumber::Main, ..current };
-    if !matches!(call(&Request::RelSize { rel: main, lsn, wait_ms }, timeout, &mut |_| {}), Ok(Response::Size(None))) {
+    let size = on(timeline, Request::RelSize { rel: main, lsn, wait_ms });
+    if !matches!(call(&size, timeout, &mut |_| {}), Ok(Response::Size(None))) {
         return None;
     }
-    let req = Request::RelationFile { dbnode: current.node.dbnode, reloid: oid, lsn, wait_ms };
+    let req = on(timeline, Request::RelationFile { dbnode: current.node.dbnode, reloid: oid, lsn, wait_ms });
     match call(&req, timeout, &mut |_| {}) {
         Ok(Response::RelationFile(Some(node))) if node != current.node => {
             OLDER_FILES.with(|m| {
@@ -216,7 +243,7 @@ fn older_file(oid: u32, current: RelTag, lsn: Lsn, wait_ms: u32) -> Option<RelTa
                 if m.len() >= 1024 {
                     m.clear();
                 }
-                m.insert((oid, lsn), node);
+                m.insert((oid, lsn, timeline), node);
             });
             Some(RelTag { node, fork: current.fork })
         }
@@ -225,9 +252,9 @@ fn older_file(oid: u32, current: RelTag, lsn: Lsn, wait_ms: u32) -> Option<RelTa
 }
 
 /// The file to read relation `oid` from at `lsn`: an older one already found, or `current`.
-fn file_at(oid: u32, current: RelTag, lsn: Lsn) -> RelTag {
+fn file_at(oid: u32, current: RelTag, lsn: Lsn, timeline: Option<u32>) -> RelTag {
     OLDER_FILES
-        .with(|m| m.borrow().get(&(oid, lsn)).copied())
+        .with(|m| m.borrow().get(&(oid, lsn, timeline)).copied())
         .map_or(current, |node| RelTag { node, fork: current.fork })
 }
 
@@ -257,25 +284,35 @@ fn read_ahead(rel: RelTag, lsn: Lsn, blkno: u32) {
 }
 
 /// Block `blkno` of `rel`'s `fork` as it was at `lsn`: 8192 bytes, which pageinspect reads
-/// (`heap_page_items(neon_get_page('t', 'main', 0, '0/16B3748'))`).
+/// (`heap_page_items(neon_get_page('t', 'main', 0, '0/16B3748'))`). `timeline`: another
+/// PostgreSQL timeline than the one the sidecar follows now.
 #[pg_extern(volatile, parallel_safe)]
-fn neon_get_page(rel: Option<RegClass>, fork: Option<&str>, blkno: Option<i64>, lsn: Option<PgLsn>) -> Vec<u8> {
+fn neon_get_page(
+    rel: Option<RegClass>,
+    fork: Option<&str>,
+    blkno: Option<i64>,
+    lsn: Option<PgLsn>,
+    timeline: default!(Option<i32>, "NULL"),
+) -> Vec<u8> {
     let fork = fork_arg(fork);
     let blkno = block_arg(blkno, "block number");
     let lsn = lsn_arg(lsn);
+    let timeline = timeline_arg(timeline);
     let (current, name, oid) = relation(rel, fork);
-    let rel = file_at(oid, current, lsn);
-    read_ahead(rel, lsn, blkno);
-    let tag = BufferTag { rel, blkno };
-    if let Some(page) = shared_pages::get(&(tag, lsn)) {
-        return page;
+    let rel = file_at(oid, current, lsn, timeline);
+    // The shared page file and read-ahead are of the followed timeline's pages.
+    if timeline.is_none() {
+        read_ahead(rel, lsn, blkno);
+        if let Some(page) = shared_pages::get(&(BufferTag { rel, blkno }, lsn)) {
+            return page;
+        }
     }
-    let get = |rel| Request::GetPage { tag: BufferTag { rel, blkno }, lsn, wait_ms: wait_ms() };
-    let what = |rel: RelTag| format!("block {blkno} of relation \"{name}\" ({rel}) at {lsn}");
+    let get = |rel| on(timeline, Request::GetPage { tag: BufferTag { rel, blkno }, lsn, wait_ms: wait_ms() });
+    let what = |rel: RelTag| format!("block {blkno} of relation \"{name}\" ({rel}) at {lsn}{}", on_text(timeline));
     let answer = match call(&get(rel), lsn_call_timeout(), &mut |_| {}) {
         // Not in this file: maybe the relation had another then.
         Err(e @ ClientError::Sidecar { code: ErrorCode::NotFound, .. }) if rel == current => {
-            match older_file(oid, rel, lsn, wait_ms()) {
+            match older_file(oid, rel, lsn, timeline, wait_ms()) {
                 Some(older) => ask(&get(older), &what(older), lsn_call_timeout()),
                 None => failed(&what(rel), e),
             }
@@ -293,20 +330,31 @@ fn neon_get_page(rel: Option<RegClass>, fork: Option<&str>, blkno: Option<i64>, 
 
 /// The number of blocks of `rel`'s `fork` at `lsn`.
 #[pg_extern(volatile, parallel_safe)]
-fn neon_rel_size(rel: Option<RegClass>, fork: Option<&str>, lsn: Option<PgLsn>) -> i64 {
+fn neon_rel_size(
+    rel: Option<RegClass>,
+    fork: Option<&str>,
+    lsn: Option<PgLsn>,
+    timeline: default!(Option<i32>, "NULL"),
+) -> i64 {
     let fork = fork_arg(fork);
     let lsn = lsn_arg(lsn);
+    let timeline = timeline_arg(timeline);
     let (current, name, oid) = relation(rel, fork);
     let size = |rel: RelTag| {
-        let what = format!("size of relation \"{name}\" ({rel}) at {lsn}");
-        match ask(&Request::RelSize { rel, lsn, wait_ms: wait_ms() }, &what, lsn_call_timeout()) {
+        let what = format!("size of relation \"{name}\" ({rel}) at {lsn}{}", on_text(timeline));
+        match ask(&on(timeline, Request::RelSize { rel, lsn, wait_ms: wait_ms() }), &what, lsn_call_timeout()) {
             Response::Size(n) => n,
             r => unexpected(&what, r),
         }
     };
-    let rel = file_at(oid, current, lsn);
-    let n =
-        size(rel).or_else(|| if rel == current { older_file(oid, rel, lsn, wait_ms()).and_then(size) } else { None });
+    let rel = file_at(oid, current, lsn, timeline);
+    let n = size(rel).or_else(|| {
+        if rel == current {
+            older_file(oid, rel, lsn, timeline, wait_ms()).and_then(size)
+        } else {
+            None
+        }
+    });
     match n {
         Some(n) => i64::from(n),
         None => fail(
@@ -317,26 +365,52 @@ fn neon_rel_size(rel: Option<RegClass>, fork: Option<&str>, lsn: Option<PgLsn>) 
     }
 }
 
-/// The history the sidecar holds, and where the compute is.
+/// The history the sidecar holds, one row per PostgreSQL timeline (the one it follows now
+/// first), and where the compute is.
 #[pg_extern(volatile, parallel_safe)]
+#[allow(clippy::type_complexity)]
 fn neon_history() -> TableIterator<
     'static,
     (
+        name!(timeline, i32),
+        name!(followed, bool),
+        name!(parent_timeline, Option<i32>),
+        name!(fork_lsn, Option<PgLsn>),
         name!(oldest_lsn, PgLsn),
         name!(durable_lsn, PgLsn),
         name!(last_record_lsn, PgLsn),
         name!(origin_lsn, PgLsn),
         name!(compute_flush_lsn, PgLsn),
+        name!(gaps, Option<String>),
     ),
 > {
     let what = "history";
-    let row = match ask(&Request::History, what, Some(guc::request_timeout())) {
-        Response::History { origin, oldest, durable, last } => {
-            (PgLsn(oldest), PgLsn(durable), PgLsn(last), PgLsn(origin), PgLsn(crate::flush_lsn()))
-        }
+    let timelines = match ask(&Request::History, what, Some(guc::request_timeout())) {
+        Response::History(t) => t,
         r => unexpected(what, r),
     };
-    TableIterator::once(row)
+    let flush = PgLsn(crate::flush_lsn());
+    let rows: Vec<_> = timelines
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let gaps = (!t.gaps.is_empty())
+                .then(|| t.gaps.iter().map(|(from, to)| format!("{from}..{to}")).collect::<Vec<_>>().join(", "));
+            (
+                t.timeline as i32,
+                i == 0,
+                t.parent.map(|p| p.0 as i32),
+                t.parent.map(|p| PgLsn(p.1)),
+                PgLsn(t.oldest),
+                PgLsn(t.durable),
+                PgLsn(t.last),
+                PgLsn(t.origin),
+                flush,
+                gaps,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
 }
 
 /// The sidecar's state (ingest lag, layers, cache, redo pool, request latencies) and the
@@ -374,8 +448,8 @@ fn neon_prefetch(rel: Option<RegClass>, lsn: Option<PgLsn>, first_block: Option<
     }
     // Blocks of the file the relation had at `lsn` (an older one before a rewrite), if the
     // sidecar can say at once: queueing never waits.
-    let rel = match file_at(oid, current, lsn) {
-        rel if rel == current => older_file(oid, current, lsn, 0).unwrap_or(current),
+    let rel = match file_at(oid, current, lsn, None) {
+        rel if rel == current => older_file(oid, current, lsn, None, 0).unwrap_or(current),
         older => older,
     };
     i64::from(prefetch::enqueue(rel, lsn, first, n as u32))
@@ -388,13 +462,15 @@ fn neon_prefetch(rel: Option<RegClass>, lsn: Option<PgLsn>, first_block: Option<
 fn neon_basebackup(
     lsn: default!(Option<PgLsn>, "NULL"),
     full: default!(Option<bool>, "true"),
+    timeline: default!(Option<i32>, "NULL"),
 ) -> TableIterator<'static, (name!(path, String), name!(lsn, PgLsn), name!(bytes, i64), name!(seconds, f64))> {
     let lsn = match lsn {
         None => crate::flush_lsn(),
         l => lsn_arg(l),
     };
     let full = required(full, "full");
-    let what = format!("base backup at {lsn}");
+    let timeline = timeline_arg(timeline);
+    let what = format!("base backup at {lsn}{}", on_text(timeline));
     let started = Instant::now();
     // Building takes as long as the database is big: no deadline but query cancel, and a
     // NOTICE about once a second once it has taken a second.
@@ -405,7 +481,7 @@ fn neon_basebackup(
             notice!("{what}: {done} of {total} pages ({pct}%), {} MB written, {secs:.0} s", bytes >> 20);
         }
     };
-    let req = Request::Basebackup { lsn, full, new_timeline: false, wait_ms: wait_ms() };
+    let req = on(timeline, Request::Basebackup { lsn, full, new_timeline: false, wait_ms: wait_ms() });
     match ask_with_progress(&req, &what, None, &mut progress) {
         Response::Basebackup { lsn, bytes, path, .. } => {
             TableIterator::once((path, PgLsn(lsn), bytes as i64, started.elapsed().as_secs_f64()))
@@ -419,19 +495,19 @@ extension_sql!(
 DO $$
 DECLARE f text;
 BEGIN
-    FOREACH f IN ARRAY ARRAY['neon_get_page(regclass, text, int8, pg_lsn)', 'neon_rel_size(regclass, text, pg_lsn)',
+    FOREACH f IN ARRAY ARRAY['neon_get_page(regclass, text, int8, pg_lsn, int4)', 'neon_rel_size(regclass, text, pg_lsn, int4)',
                              'neon_history()', 'neon_sidecar_status()', 'neon_prefetch(regclass, pg_lsn, int8, int8)',
-                             'neon_basebackup(pg_lsn, boolean)'] LOOP
+                             'neon_basebackup(pg_lsn, boolean, int4)'] LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO pg_read_server_files', f);
     END LOOP;
 END $$;
-COMMENT ON FUNCTION neon_get_page(regclass, text, int8, pg_lsn) IS 'a block of a relation as it was at an LSN (8192 bytes, for pageinspect)';
-COMMENT ON FUNCTION neon_rel_size(regclass, text, pg_lsn) IS 'the number of blocks of a relation fork at an LSN';
-COMMENT ON FUNCTION neon_history() IS 'the LSNs the sidecar holds history for';
+COMMENT ON FUNCTION neon_get_page(regclass, text, int8, pg_lsn, int4) IS 'a block of a relation as it was at an LSN (8192 bytes, for pageinspect), on the followed timeline or the one given';
+COMMENT ON FUNCTION neon_rel_size(regclass, text, pg_lsn, int4) IS 'the number of blocks of a relation fork at an LSN';
+COMMENT ON FUNCTION neon_history() IS 'the timelines and LSNs the sidecar holds history for';
 COMMENT ON FUNCTION neon_sidecar_status() IS 'the sidecar''s and the prefetch worker''s state and counters';
 COMMENT ON FUNCTION neon_prefetch(regclass, pg_lsn, int8, int8) IS 'queue blocks of a relation at an LSN for the background worker to have rebuilt';
-COMMENT ON FUNCTION neon_basebackup(pg_lsn, boolean) IS 'a bootable base backup as of an LSN, written into the shared directory';
+COMMENT ON FUNCTION neon_basebackup(pg_lsn, boolean, int4) IS 'a bootable base backup as of an LSN, written into the shared directory';
 "#,
     name = "api_permissions",
     requires = [neon_get_page, neon_rel_size, neon_history, neon_sidecar_status, neon_prefetch, neon_basebackup]

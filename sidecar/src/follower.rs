@@ -1,18 +1,34 @@
 //! Following a live compute: the loop of `neon-sidecar run`. It owns a physical replication
-//! slot, streams WAL from the repository's durable LSN (or the slot's start, for a new
-//! repository), files every record, flushes the repository on a timer or every so many bytes,
-//! and only then reports the new durable LSN to the compute as flushed — so the slot never lets
-//! go of WAL the sidecar has not made durable, whatever happens to the sidecar. When the
-//! connection drops (the compute restarts), it reconnects with backoff.
+//! slot, streams WAL from the followed timeline's durable LSN, files every record, flushes the
+//! timeline on a timer or every so many bytes, and only then reports the new durable LSN to the
+//! compute as flushed — so the slot never lets go of WAL the sidecar has not made durable,
+//! whatever happens to the sidecar.
+//!
+//! **Which history.** The store follows one cluster (its system identifier) and refuses any
+//! other. It follows the timeline the server is on: when that is a timeline the store has not
+//! seen (a promoted standby, a compute restored to a past LSN), the server's history file says
+//! which timeline it forked from and where; the store makes it a new timeline forking there
+//! (catching the parent up to the fork first, from the server's copy of the old timeline, if
+//! it was behind), and from then on the new timeline is the one reads follow. A server whose WAL
+//! on the store's own timeline ends before what the store holds was restored without a new
+//! timeline: its WAL would overwrite history, so it is refused.
+//!
+//! **What stops it.** Connection trouble and failures to write the store (a full disk) are
+//! retried with backoff — nothing is lost, since the slot keeps the WAL and a failed flush keeps
+//! its values. What reconnecting cannot cure stops ingest and is reported, while the page
+//! service goes on serving the history on disk: another cluster, WAL the server no longer has
+//! (a gap: `attach` continues after it), an invalidated slot, WAL that cannot be filed.
 
-use crate::replication::client::{ReplicationConfig, ReplicationConn, ReplicationError, StreamEvent};
+use crate::replication::client::{ReplicationConfig, ReplicationConn, ReplicationError, Slot, StreamEvent};
 use crate::repo::ingest::{Ingest, IngestError};
 use crate::repo::key::Key;
+use crate::repo::store::{Store, StoreError};
 use crate::repo::timeline::{RepoError, Timeline};
 use crate::wal::decoder::{DecodeError, WalStreamDecoder};
 use neon_types::Lsn;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -28,8 +44,9 @@ pub struct FollowerConfig {
     pub chain_limit: u32,
 }
 
-/// Called after each flush with the durable LSN and the page keys whose chains grew long.
-pub type OnFlush<'a> = &'a mut (dyn FnMut(Lsn, Vec<Key>) + Send);
+/// Called after each flush with the timeline, its durable LSN and the page keys whose chains
+/// grew long.
+pub type OnFlush<'a> = &'a mut (dyn FnMut(&Arc<Timeline>, Lsn, Vec<Key>) + Send);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
@@ -38,15 +55,62 @@ pub enum FollowError {
     #[error(transparent)]
     Repo(#[from] RepoError),
     #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
     Ingest(#[from] IngestError),
     #[error("decoding streamed WAL: {0}")]
     Decode(#[from] DecodeError),
-    #[error("history gap: the repository is durable to {durable} but slot {slot} starts at {restart}")]
-    Gap { durable: Lsn, slot: String, restart: Lsn },
     #[error("server reports an unusable wal_segment_size {0:?}")]
     SegmentSize(String),
+    #[error("the compute's WAL segments are {server} bytes, the store's {store}: it is another cluster")]
+    SegmentSizeMismatch { server: u32, store: u32 },
     #[error(transparent)]
     Files(#[from] crate::wal::segment::SegmentError),
+    #[error(
+        "replication slot {slot} was invalidated by the server (its WAL was removed: max_slot_wal_keep_size): \
+         history on timeline {timeline} ends at {durable}, and the store keeps serving it. To continue after a \
+         gap, stop the sidecar and run `neon-sidecar attach` into this store"
+    )]
+    SlotInvalidated { slot: String, timeline: u32, durable: Lsn },
+    #[error(
+        "the compute no longer has the WAL after {from} on timeline {timeline} ({message}): history ends there, \
+         and the store keeps serving it. To continue after a gap, stop the sidecar and run `neon-sidecar attach` \
+         into this store"
+    )]
+    WalRemoved { timeline: u32, from: Lsn, message: String },
+    #[error(
+        "the compute's WAL on timeline {timeline} ends at {server}, before the store's history (durable to \
+         {durable}): it was restored to an earlier point without starting a new timeline, and its WAL would \
+         overwrite history. Restore it with a new timeline (`neon_basebackup`'s copies are), or give it a new \
+         store"
+    )]
+    Diverged { timeline: u32, server: Lsn, durable: Lsn },
+    #[error("the compute is on timeline {server}, whose history ({history:?}) shares no timeline with the store's ({ours:?})")]
+    UnrelatedTimeline { server: u32, history: String, ours: Vec<u32> },
+    #[error("timeline history file of timeline {timeline}: bad line {line:?}")]
+    HistoryFile { timeline: u32, line: String },
+}
+
+impl FollowError {
+    /// Whether reconnecting (and waiting) can cure it. Failing to write the store is retried:
+    /// the disk may get room again.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, FollowError::Replication(_) | FollowError::Repo(_) | FollowError::Store(StoreError::Io { .. }))
+    }
+}
+
+/// What ingest is doing, for status reports (`ingest_state`).
+#[derive(Default)]
+pub struct IngestState(Mutex<String>);
+
+impl IngestState {
+    pub fn set(&self, s: impl Into<String>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = s.into();
+    }
+
+    pub fn get(&self) -> String {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// What filing WAL from segment files did.
@@ -112,77 +176,245 @@ fn segment_size(conn: &mut ReplicationConn) -> Result<u32, FollowError> {
     mb.or(gb).map(|m| m << 20).ok_or(FollowError::SegmentSize(text))
 }
 
+/// One line of a PostgreSQL timeline history file: the parent timeline, where the child
+/// forked from it, and the line as written (with its reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HistoryEntry {
+    parent: u32,
+    switchpoint: Lsn,
+    line: String,
+}
+
+/// Parses a history file (`parentTLI <tab> switchpoint <tab> reason` lines, oldest ancestor
+/// first; blank lines and `#` comments skipped, as `readTimeLineHistory` does).
+fn parse_history(timeline: u32, file: &[u8]) -> Result<Vec<HistoryEntry>, FollowError> {
+    let text = String::from_utf8_lossy(file);
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let bad = || FollowError::HistoryFile { timeline, line: line.to_string() };
+        let mut fields = trimmed.split_whitespace();
+        let parent = fields.next().and_then(|f| f.parse::<u32>().ok()).ok_or_else(bad)?;
+        let switchpoint = fields.next().and_then(|f| f.parse::<Lsn>().ok()).ok_or_else(bad)?;
+        out.push(HistoryEntry { parent, switchpoint, line: line.to_string() });
+    }
+    Ok(out)
+}
+
 /// Follows the compute until `stop` is set, reconnecting after errors, into the store at
 /// `cfg.store`.
 pub fn run(cfg: &FollowerConfig, stop: &AtomicBool) -> Result<(), FollowError> {
-    run_into(&Timeline::open(&cfg.store)?, cfg, stop, &mut |_, _| {})
+    run_into(&Store::open(&cfg.store)?, cfg, stop, &mut |_, _, _| {}, &IngestState::default())
 }
 
-/// Like [`run`], into an open repository that others may be reading, telling `on_flush`
-/// about each flush.
+/// Like [`run`], into an open store that others may be reading, telling `on_flush` about each
+/// flush and `state` what ingest is doing. Returns when `stop` is set, or with an error
+/// reconnecting cannot cure ([`FollowError::is_final`]).
 pub fn run_into(
-    repo: &Timeline,
+    store: &Store,
     cfg: &FollowerConfig,
     stop: &AtomicBool,
     on_flush: OnFlush<'_>,
+    state: &IngestState,
 ) -> Result<(), FollowError> {
-    let mut ingest = if cfg.chain_limit > 0 { Ingest::with_chain_limit(cfg.chain_limit) } else { Ingest::new() };
-    let mut backoff = Duration::from_millis(100);
+    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+    let mut ingest: Option<(u32, Ingest)> = None;
+    let mut backoff = FIRST_BACKOFF;
     while !stop.load(Ordering::Relaxed) {
-        match follow(cfg, repo, &mut ingest, stop, on_flush) {
-            Ok(()) => break,
-            // Problems of our own store or of the WAL's content are not cured by reconnecting.
-            Err(e @ (FollowError::Repo(_) | FollowError::Ingest(_) | FollowError::Gap { .. })) => return Err(e),
+        let durable_before = store.current().durable_lsn();
+        let result = follow(cfg, store, &mut ingest, stop, on_flush, state);
+        if store.current().durable_lsn() > durable_before {
+            // It got somewhere: the next trouble starts waiting afresh.
+            backoff = FIRST_BACKOFF;
+        }
+        match result {
+            Ok(Followed::Stopped) => break,
+            // A timeline reached its end (a parent caught up to its fork): on to the next.
+            Ok(Followed::TimelineEnded) => continue,
+            Err(e) if e.is_final() => {
+                let _ = store.current().flush();
+                state.set(format!("stopped: {e}"));
+                return Err(e);
+            }
             Err(e) => {
-                eprintln!("neon-sidecar: following the compute: {e}; reconnecting in {backoff:?}");
-                std::thread::sleep(backoff);
+                eprintln!("neon-sidecar: following the compute: {e}; trying again in {backoff:?}");
+                state.set(format!("retrying in {backoff:?}: {e}"));
+                sleep_unless_stopped(backoff, stop);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+                // Values a failed flush kept in memory are written before more WAL is read,
+                // so memory holds no more than it did when the disk failed.
+                if let Err(e) = store.current().flush() {
+                    state.set(format!("retrying in {backoff:?}: {e}"));
+                    continue;
+                }
             }
         }
     }
-    repo.flush()?;
+    store.current().flush()?;
+    state.set("stopped");
     Ok(())
+}
+
+fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + d;
+    while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())));
+    }
+}
+
+enum Followed {
+    Stopped,
+    TimelineEnded,
+}
+
+/// The timeline to stream next, and where to stop (a timeline the server has left: its
+/// switch point), making and switching timelines as the server's history says.
+fn choose_timeline(
+    conn: &mut ReplicationConn,
+    store: &Store,
+    server: u32,
+) -> Result<(Arc<Timeline>, Option<Lsn>), FollowError> {
+    let current = store.current();
+    if current.id() == server {
+        return Ok((current, None));
+    }
+    if let Some(t) = store.timeline(server) {
+        current.flush()?;
+        store.set_current(server)?;
+        return Ok((t, None));
+    }
+    let history = conn.timeline_history(server)?;
+    let entries = parse_history(server, &history)?;
+    // The newest ancestor the store has; the timelines after it (the server's own, and any
+    // between) are made one by one, each forking where the history file says.
+    let Some(known) = entries.iter().rposition(|e| store.timeline(e.parent).is_some()) else {
+        return Err(FollowError::UnrelatedTimeline {
+            server,
+            history: String::from_utf8_lossy(&history).into_owned(),
+            ours: store.timelines().iter().map(|t| t.id()).collect(),
+        });
+    };
+    let HistoryEntry { parent, switchpoint: fork, .. } = entries[known];
+    let child = entries.get(known + 1).map_or(server, |e| e.parent);
+    let p = store.timeline(parent).expect("known");
+    if p.last_lsn() < fork {
+        // The parent's history must reach the fork first: the server still has the old
+        // timeline's WAL up to its switch point.
+        if current.id() != parent {
+            current.flush()?;
+            store.set_current(parent)?;
+        }
+        return Ok((p, Some(fork)));
+    }
+    // What the parent holds after the fork stays the parent's.
+    p.flush()?;
+    current.flush()?;
+    let child_history: String = entries[..=known].iter().map(|e| format!("{}\n", e.line)).collect();
+    let t = store.fork(child, parent, fork, child_history.as_bytes())?;
+    eprintln!("neon-sidecar: timeline {child} forks from timeline {parent} at {fork}; following it");
+    store.set_current(child)?;
+    Ok((t, entries.get(known + 1).map(|e| e.switchpoint)))
+}
+
+/// A server error that says the WAL asked for is gone.
+fn wal_removed(e: &ReplicationError) -> Option<String> {
+    match e {
+        ReplicationError::Server { message, .. } if message.contains("has already been removed") => {
+            Some(message.clone())
+        }
+        _ => None,
+    }
 }
 
 fn follow(
     cfg: &FollowerConfig,
-    repo: &Timeline,
-    ingest: &mut Ingest,
+    store: &Store,
+    ingest: &mut Option<(u32, Ingest)>,
     stop: &AtomicBool,
     on_flush: OnFlush<'_>,
-) -> Result<(), FollowError> {
+    state: &IngestState,
+) -> Result<Followed, FollowError> {
     let mut conn = ReplicationConn::connect(&cfg.replication)?;
     let sys = conn.identify_system()?;
+    store.identity().check(store.dir(), sys.system_id)?;
     let seg_size = segment_size(&mut conn)?;
-    let restart = match conn.slot_restart_lsn(&cfg.slot)? {
-        Some(l) => l,
-        None => conn.create_slot(&cfg.slot)?,
-    };
-    let durable = repo.durable_lsn();
-    let start = if durable.is_valid() { durable } else { restart };
-    if start < restart {
-        return Err(FollowError::Gap { durable, slot: cfg.slot.clone(), restart });
+    if seg_size != store.identity().wal_segment_size {
+        return Err(FollowError::SegmentSizeMismatch { server: seg_size, store: store.identity().wal_segment_size });
     }
-    repo.begin_history(start);
-    let mut dec = WalStreamDecoder::new(start, seg_size)?;
-    let mut stream = conn.start_replication(Some(&cfg.slot), start, sys.timeline)?;
-    // Layer files are written by a flusher thread while ingest goes on (the repository's
-    // frozen layer is made for this); the compute hears of each new durable LSN afterwards.
-    // One flush runs at a time; when ingest gets twice the flush size ahead, it waits.
-    std::thread::scope(|s| {
-        let (requests, pending) = crossbeam_channel::bounded::<Vec<Key>>(1);
-        let flusher = s.spawn(move || -> Result<(), FollowError> {
-            for keys in pending {
-                let durable = repo.flush()?;
-                on_flush(durable, keys);
+    let (t, end) = choose_timeline(&mut conn, store, sys.timeline)?;
+    if end.is_none() && t.durable_lsn().is_valid() && sys.xlogpos < t.durable_lsn() {
+        return Err(FollowError::Diverged { timeline: t.id(), server: sys.xlogpos, durable: t.durable_lsn() });
+    }
+    let (slot_lsn, created) = match conn.read_slot(&cfg.slot)? {
+        Slot::Invalidated => {
+            return Err(FollowError::SlotInvalidated {
+                slot: cfg.slot.clone(),
+                timeline: t.id(),
+                durable: t.durable_lsn(),
+            })
+        }
+        Slot::Reserving(lsn) => (lsn, false),
+        // A new server (a promoted standby, a restored compute) has no slot of ours yet.
+        Slot::Missing => (conn.create_slot(&cfg.slot)?, true),
+    };
+    let durable = t.durable_lsn();
+    let start = if durable.is_valid() { durable } else { slot_lsn };
+    t.begin_history(start);
+    let mut filing = match ingest.take() {
+        Some((id, i)) if id == t.id() => i,
+        _ => {
+            if cfg.chain_limit > 0 {
+                Ingest::with_chain_limit(cfg.chain_limit)
+            } else {
+                Ingest::new()
             }
-            Ok(())
-        });
-        let result = stream_loop(cfg, repo, ingest, stop, &mut dec, &mut stream, &requests, &flusher);
-        drop(requests);
-        let flushed = flusher.join().expect("flusher thread");
-        result.and(flushed)
-    })
+        }
+    };
+    let mut dec = WalStreamDecoder::new(start, seg_size)?;
+    let streamed = (|| -> Result<Followed, FollowError> {
+        let mut stream = conn.start_replication(Some(&cfg.slot), start, t.id())?;
+        state.set(format!("following timeline {} from {start}", t.id()));
+        // Layer files are written by a flusher thread while ingest goes on (the timeline's
+        // frozen layer is made for this); the compute hears of each new durable LSN
+        // afterwards. One flush runs at a time; when ingest gets twice the flush size ahead,
+        // it waits.
+        std::thread::scope(|s| {
+            let (requests, pending) = crossbeam_channel::bounded::<Vec<Key>>(1);
+            let t = &t;
+            let flusher = s.spawn(move || -> Result<(), FollowError> {
+                for keys in pending {
+                    let durable = t.flush()?;
+                    on_flush(t, durable, keys);
+                }
+                Ok(())
+            });
+            let result = stream_loop(cfg, t, &mut filing, stop, end, &mut dec, &mut stream, &requests, &flusher);
+            drop(requests);
+            let flushed = flusher.join().expect("flusher thread");
+            result.and_then(|r| flushed.map(|()| r))
+        })
+    })();
+    *ingest = Some((t.id(), filing));
+    match streamed {
+        Err(FollowError::Replication(e)) => match wal_removed(&e) {
+            Some(message) => {
+                if created {
+                    // Nothing of ours is left holding WAL nobody will read.
+                    let _ = ReplicationConn::connect(&cfg.replication).and_then(|mut c| c.drop_slot(&cfg.slot));
+                }
+                Err(FollowError::WalRemoved { timeline: t.id(), from: start, message })
+            }
+            None => Err(FollowError::Replication(e)),
+        },
+        Ok(Followed::TimelineEnded) => {
+            t.flush()?;
+            Ok(Followed::TimelineEnded)
+        }
+        r => r,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -191,21 +423,27 @@ fn stream_loop(
     repo: &Timeline,
     ingest: &mut Ingest,
     stop: &AtomicBool,
+    end: Option<Lsn>,
     dec: &mut WalStreamDecoder,
     stream: &mut crate::replication::client::WalStream,
     requests: &crossbeam_channel::Sender<Vec<Key>>,
     flusher: &std::thread::ScopedJoinHandle<'_, Result<(), FollowError>>,
-) -> Result<(), FollowError> {
+) -> Result<Followed, FollowError> {
     let mut last_flush = Instant::now();
     let mut unflushed = 0u64;
     let mut reported = repo.durable_lsn();
     while !stop.load(Ordering::Relaxed) {
         if flusher.is_finished() {
             // It only stops early on an error, which joining reports.
-            return Ok(());
+            return Ok(Followed::Stopped);
+        }
+        if end.is_some_and(|e| repo.last_lsn() >= e) {
+            return Ok(Followed::TimelineEnded);
         }
         let event = match stream.next_event(Duration::from_millis(50)) {
             Ok(Some(e)) => Some(e),
+            // The server ends a timeline it has left at the switch point.
+            Ok(None) if end.is_some() => return Ok(Followed::TimelineEnded),
             Ok(None) => return Err(ReplicationError::Protocol("the server ended the stream".into()).into()),
             Err(ReplicationError::Timeout(_)) => None,
             Err(e) => return Err(e.into()),
@@ -216,6 +454,11 @@ fn stream_loop(
                 unflushed += data.len() as u64;
                 dec.feed(data);
                 while let Some(rec) = dec.poll()? {
+                    // A timeline the server left: nothing after its switch point is its own
+                    // (the server may send part of what follows).
+                    if end.is_some_and(|e| rec.end_lsn > e) {
+                        break;
+                    }
                     ingest.ingest(repo, &rec)?;
                 }
             }
@@ -250,5 +493,21 @@ fn stream_loop(
             reported = durable;
         }
     }
-    Ok(())
+    Ok(Followed::Stopped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_files_parse_as_postgres_reads_them() {
+        let file = b"1\t0/361FF70\tno recovery target specified\n\n2\t0/5000000\tbefore 2026-01-01\n# comment\n";
+        let e = parse_history(3, file).unwrap();
+        assert_eq!(e.len(), 2);
+        assert_eq!((e[0].parent, e[0].switchpoint), (1, Lsn(0x361FF70)));
+        assert_eq!((e[1].parent, e[1].switchpoint), (2, Lsn(0x5000000)));
+        assert_eq!(e[1].line, "2\t0/5000000\tbefore 2026-01-01");
+        assert!(matches!(parse_history(3, b"x\t0/1\tr\n"), Err(FollowError::HistoryFile { timeline: 3, .. })));
+    }
 }

@@ -146,6 +146,12 @@ impl PageCache {
         self.pages.capacity()
     }
 
+    /// Forgets every page (the sidecar follows another timeline: pages read without one are
+    /// of another history now).
+    pub fn clear(&self) {
+        self.pages.clear();
+    }
+
     /// Pages at LSNs before `lsn` are out of history: not served any more.
     pub fn set_oldest_lsn(&self, lsn: Lsn) {
         self.pages.set_oldest_lsn(lsn);

@@ -15,9 +15,10 @@ use crate::page_cache::{Lookup, PageCache};
 use crate::repo::catalog::{self, CatalogError};
 use crate::repo::meta;
 use crate::repo::reconstruct::{self, GetPageError};
+use crate::repo::store::Store;
 use crate::repo::timeline::{RepoError, Timeline};
 use crate::walredo::WalRedoManager;
-use neon_types::protocol::{ErrorCode, ProtocolError, Request, Response};
+use neon_types::protocol::{ErrorCode, ProtocolError, Request, Response, TimelineHistory};
 use neon_types::Lsn;
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
@@ -86,7 +87,7 @@ const PREFETCH_BATCH: usize = 64;
 
 /// What a request is served from.
 pub struct PageService {
-    pub repo: Arc<Timeline>,
+    pub store: Arc<Store>,
     pub redo: Arc<dyn WalRedoManager>,
     pub metrics: Metrics,
     /// Where base backups go (`None`: the sidecar was started without a shared directory).
@@ -96,12 +97,15 @@ pub struct PageService {
     /// How often a base backup reports progress, and after how long it starts to.
     pub progress_every: Duration,
     pub cache: PageCache,
+    /// What ingest is doing (following, retrying, stopped and why).
+    pub ingest: Arc<crate::follower::IngestState>,
 }
 
 fn code_of(e: &GetPageError) -> ErrorCode {
     match e {
         GetPageError::OutOfHistory { lsn, start, .. } if lsn < start => ErrorCode::OutOfHistory,
         GetPageError::OutOfHistory { .. } => ErrorCode::NotYet,
+        GetPageError::InGap { .. } => ErrorCode::OutOfHistory,
         GetPageError::NoSuchPage { .. } | GetPageError::NoSuchSlruPage { .. } => ErrorCode::NotFound,
         _ => ErrorCode::Internal,
     }
@@ -115,14 +119,22 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Response {
 }
 
 impl PageService {
-    /// Waits for `lsn` and checks it against the retained history.
-    fn ready(&self, lsn: Lsn, wait_ms: u32) -> Result<(), Response> {
-        match self.repo.wait_for_lsn(lsn, Duration::from_millis(wait_ms.into())) {
+    /// Waits for `lsn` on timeline `t` and checks it against the history it holds.
+    fn ready(&self, t: &Timeline, lsn: Lsn, wait_ms: u32) -> Result<(), Response> {
+        match t.wait_for_lsn(lsn, Duration::from_millis(wait_ms.into())) {
             Ok(()) => {}
             Err(e @ RepoError::NotYet { .. }) => return Err(error(ErrorCode::NotYet, e.to_string())),
             Err(e) => return Err(error(ErrorCode::Internal, e.to_string())),
         }
-        reconstruct::check_in_history(&self.repo, lsn).map_err(|e| error(code_of(&e), e.to_string()))
+        reconstruct::check_in_history(t, lsn).map_err(|e| error(code_of(&e), e.to_string()))
+    }
+
+    /// Whether a page of timeline `t` at `lsn` is the page readers without a timeline get:
+    /// only those go into the shared page file, which backends read by page and LSN alone.
+    /// `generation` is the store's when the request began: a switch of the followed timeline
+    /// since then makes it another history.
+    fn on_current_lineage(&self, t: &Arc<Timeline>, lsn: Lsn, generation: u64) -> bool {
+        self.store.generation() == generation && Arc::ptr_eq(&t.owner_at(lsn), &self.store.current().owner_at(lsn))
     }
 
     /// Answers one request; a long one (a base backup) first sends `Progress` responses
@@ -137,19 +149,47 @@ impl PageService {
     }
 
     fn answer(&self, req: Request, progress: &mut dyn FnMut(Response)) -> Result<Response, Response> {
+        match req {
+            Request::OnTimeline { timeline, request } => {
+                let t = self.store.get(Some(timeline)).map_err(|e| error(ErrorCode::NotFound, e.to_string()))?;
+                self.answer_on(&t, *request, progress)
+            }
+            req => self.answer_on(&self.store.current(), req, progress),
+        }
+    }
+
+    /// Answers `req` on timeline `t`.
+    fn answer_on(
+        &self,
+        t: &Arc<Timeline>,
+        req: Request,
+        progress: &mut dyn FnMut(Response),
+    ) -> Result<Response, Response> {
         let internal = |e: RepoError| error(ErrorCode::Internal, e.to_string());
+        let generation = self.store.generation();
+        let repo = t.as_ref();
         Ok(match req {
             Request::GetPage { tag, lsn, wait_ms } => {
-                self.ready(lsn, wait_ms)?;
+                self.ready(repo, lsn, wait_ms)?;
                 let started = Instant::now();
-                let page = match self.cache.lookup((tag, lsn), PENDING_WAIT) {
-                    Lookup::Hit(page) => page,
-                    Lookup::Claimed(claim) => {
-                        let page = reconstruct::get_page(&self.repo, self.redo.as_ref(), tag, lsn)
-                            .map_err(|e| error(code_of(&e), e.to_string()))?;
-                        claim.fill(&page);
-                        page
+                let rebuild = || {
+                    reconstruct::get_page(repo, self.redo.as_ref(), tag, lsn)
+                        .map_err(|e| error(code_of(&e), e.to_string()))
+                };
+                let page = if self.on_current_lineage(t, lsn, generation) {
+                    match self.cache.lookup((tag, lsn), PENDING_WAIT) {
+                        Lookup::Hit(page) => page,
+                        Lookup::Claimed(claim) => {
+                            let page = rebuild()?;
+                            // Filed only if the followed timeline did not change meanwhile.
+                            if self.on_current_lineage(t, lsn, generation) {
+                                claim.fill(&page);
+                            }
+                            page
+                        }
                     }
+                } else {
+                    rebuild()?
                 };
                 self.metrics.record_get_page(started.elapsed());
                 Response::Page(page)
@@ -161,63 +201,65 @@ impl PageService {
                         format!("prefetch of {n} blocks (at most {MAX_PREFETCH})"),
                     ));
                 }
-                self.ready(lsn, wait_ms)?;
+                self.ready(repo, lsn, wait_ms)?;
                 self.metrics.prefetch_requests.fetch_add(1, Ordering::Relaxed);
-                Response::Prefetched(self.prefetch(rel, first, n, lsn)?)
+                // The cache serves the current lineage only: elsewhere there is nothing to fill.
+                if !self.on_current_lineage(t, lsn, generation) {
+                    return Ok(Response::Prefetched(0));
+                }
+                Response::Prefetched(self.prefetch(t, rel, first, n, lsn, generation)?)
             }
             Request::ComputeFlush { lsn } => {
                 self.metrics.compute_flush_lsn.fetch_max(lsn.0, Ordering::Relaxed);
-                Response::Lsn(self.repo.last_lsn())
+                Response::Lsn(repo.last_lsn())
             }
             Request::RelationFile { dbnode, reloid, lsn, wait_ms } => {
-                self.ready(lsn, wait_ms)?;
-                let node =
-                    catalog::relation_file_at(&self.repo, self.redo.as_ref(), dbnode, reloid, lsn).map_err(|e| {
-                        let code = match &e {
-                            CatalogError::Page(p) => code_of(p),
-                            CatalogError::NoDatabase { .. } => ErrorCode::NotFound,
-                            _ => ErrorCode::Internal,
-                        };
-                        error(code, e.to_string())
-                    })?;
+                self.ready(repo, lsn, wait_ms)?;
+                let node = catalog::relation_file_at(repo, self.redo.as_ref(), dbnode, reloid, lsn).map_err(|e| {
+                    let code = match &e {
+                        CatalogError::Page(p) => code_of(p),
+                        CatalogError::NoDatabase { .. } => ErrorCode::NotFound,
+                        _ => ErrorCode::Internal,
+                    };
+                    error(code, e.to_string())
+                })?;
                 Response::RelationFile(node)
             }
             Request::RelSize { rel, lsn, wait_ms } => {
-                self.ready(lsn, wait_ms)?;
-                Response::Size(reconstruct::rel_size(&self.repo, &rel, lsn).map_err(internal)?)
+                self.ready(repo, lsn, wait_ms)?;
+                Response::Size(reconstruct::rel_size(repo, &rel, lsn).map_err(internal)?)
             }
             Request::ListDatabases { lsn, wait_ms } => {
-                self.ready(lsn, wait_ms)?;
-                let dbs = meta::list_databases(&self.repo, lsn).map_err(internal)?;
+                self.ready(repo, lsn, wait_ms)?;
+                let dbs = meta::list_databases(repo, lsn).map_err(internal)?;
                 Response::Databases(dbs.into_iter().map(|d| (d.dbnode, d.spcnode)).collect())
             }
             Request::ListRelations { dbnode, lsn, wait_ms } => {
-                self.ready(lsn, wait_ms)?;
-                if dbnode != 0 && meta::database(&self.repo, dbnode, lsn).map_err(internal)?.is_none() {
+                self.ready(repo, lsn, wait_ms)?;
+                if dbnode != 0 && meta::database(repo, dbnode, lsn).map_err(internal)?.is_none() {
                     return Err(error(ErrorCode::NotFound, format!("database {dbnode} does not exist at {lsn}")));
                 }
-                let rels = meta::list_relations(&self.repo, dbnode, lsn).map_err(internal)?;
+                let rels = meta::list_relations(repo, dbnode, lsn).map_err(internal)?;
                 Response::Relations(rels.into_iter().collect())
             }
             Request::WaitForLsn { lsn, wait_ms } => {
-                self.repo
-                    .wait_for_lsn(lsn, Duration::from_millis(wait_ms.into()))
+                repo.wait_for_lsn(lsn, Duration::from_millis(wait_ms.into()))
                     .map_err(|e| error(ErrorCode::NotYet, e.to_string()))?;
-                Response::Lsn(self.repo.last_lsn())
+                Response::Lsn(repo.last_lsn())
             }
-            Request::History => {
-                let b = self.repo.bounds();
-                Response::History { origin: b.origin, oldest: b.oldest, durable: b.durable, last: b.last }
-            }
+            Request::History => Response::History(self.history()),
             Request::Status => Response::Status(self.status_text()),
+            Request::OnTimeline { .. } => {
+                return Err(error(ErrorCode::BadRequest, "a timeline request inside another"));
+            }
             Request::Basebackup { lsn, full, new_timeline, wait_ms } => {
                 let shared = self.basebackups.as_ref().ok_or_else(|| {
                     error(ErrorCode::BadRequest, "the sidecar runs without a shared directory (--shared-dir)")
                 })?;
-                self.ready(lsn, wait_ms)?;
+                self.ready(repo, lsn, wait_ms)?;
                 // Base backups are of what is durable: wait for the flush that makes `lsn` so.
                 let flush_grace = Duration::from_millis(wait_ms.into()) + Duration::from_secs(5);
-                self.repo.wait_for_durable(lsn, flush_grace).map_err(|e| error(ErrorCode::NotYet, e.to_string()))?;
+                repo.wait_for_durable(lsn, flush_grace).map_err(|e| error(ErrorCode::NotYet, e.to_string()))?;
                 let opts = Options {
                     relation_pages: full,
                     workers: self.basebackup_workers,
@@ -231,7 +273,7 @@ impl PageService {
                         progress(Response::Progress { done: p.pages, total: p.total_pages, bytes: p.bytes, micros });
                     }
                 };
-                let made = shared.get(&self.repo, self.redo.as_ref(), lsn, opts, &mut report).map_err(|e| {
+                let made = shared.get(&self.store, t, self.redo.as_ref(), lsn, opts, &mut report).map_err(|e| {
                     let code = match &e {
                         BasebackupError::Page { source, .. } => code_of(source),
                         _ => ErrorCode::Internal,
@@ -251,9 +293,16 @@ impl PageService {
     /// Rebuilds blocks `first..first + n` of `rel` at `lsn` into the cache (those not there or
     /// under way already), in batches so the first are ready soon; blocks past the fork's end
     /// are skipped. Returns how many of the blocks are in the cache or being rebuilt.
-    fn prefetch(&self, rel: neon_types::RelTag, first: u32, n: u32, lsn: Lsn) -> Result<u32, Response> {
-        let r =
-            reconstruct::relation_at(&self.repo, rel, lsn).map_err(|e| error(ErrorCode::Internal, e.to_string()))?;
+    fn prefetch(
+        &self,
+        t: &Arc<Timeline>,
+        rel: neon_types::RelTag,
+        first: u32,
+        n: u32,
+        lsn: Lsn,
+        generation: u64,
+    ) -> Result<u32, Response> {
+        let r = reconstruct::relation_at(t, rel, lsn).map_err(|e| error(ErrorCode::Internal, e.to_string()))?;
         let end = first.saturating_add(n).min(r.nblocks.unwrap_or(0));
         let blocks: Vec<u32> = (first..end).collect();
         // One lane per redo process, so a batch keeps them all busy.
@@ -262,7 +311,7 @@ impl PageService {
         for chunk in blocks.chunks(PREFETCH_BATCH) {
             std::thread::scope(|s| {
                 for lane in chunk.chunks(chunk.len().div_ceil(lanes)) {
-                    s.spawn(|| self.prefetch_lane(&r, lane, &done));
+                    s.spawn(|| self.prefetch_lane(t, &r, lane, &done, generation));
                 }
             });
         }
@@ -271,16 +320,24 @@ impl PageService {
 
     /// Claims what of `blocks` nobody has or is rebuilding, rebuilds that as one batch and
     /// files it; counts in `done` the blocks now cached or under way.
-    fn prefetch_lane(&self, r: &reconstruct::RelationAt, blocks: &[u32], done: &AtomicU64) {
+    fn prefetch_lane(
+        &self,
+        t: &Arc<Timeline>,
+        r: &reconstruct::RelationAt,
+        blocks: &[u32],
+        done: &AtomicU64,
+        generation: u64,
+    ) {
         let claims: Vec<_> = blocks
             .iter()
             .filter_map(|&blkno| self.cache.try_claim((neon_types::BufferTag { rel: r.rel, blkno }, r.lsn)))
             .collect();
         done.fetch_add((blocks.len() - claims.len()) as u64, Ordering::Relaxed);
-        let pages = reconstruct::pages_of(&self.repo, self.redo.as_ref(), claims.iter().map(|c| (r, c.key().0.blkno)));
+        let pages = reconstruct::pages_of(t, self.redo.as_ref(), claims.iter().map(|c| (r, c.key().0.blkno)));
+        let filed = self.on_current_lineage(t, r.lsn, generation);
         for (claim, page) in claims.into_iter().zip(pages) {
             // A page that fails is left for GetPage, which reports the error to its reader.
-            if let Ok(page) = page {
+            if let (Ok(page), true) = (page, filed) {
                 claim.fill(&page);
                 done.fetch_add(1, Ordering::Relaxed);
                 self.metrics.prefetched_pages.fetch_add(1, Ordering::Relaxed);
@@ -288,21 +345,46 @@ impl PageService {
         }
     }
 
+    /// Every timeline's history, the followed one first.
+    pub fn history(&self) -> Vec<TimelineHistory> {
+        let current = self.store.current();
+        let mut all = self.store.timelines();
+        all.sort_by_key(|t| (!Arc::ptr_eq(t, &current), t.id()));
+        all.iter()
+            .map(|t| {
+                let b = t.bounds();
+                TimelineHistory {
+                    timeline: t.id(),
+                    parent: t.parent(),
+                    origin: b.origin,
+                    oldest: b.oldest,
+                    durable: b.durable,
+                    last: b.last,
+                    gaps: t.gaps().iter().map(|g| (g.from, g.to)).collect(),
+                }
+            })
+            .collect()
+    }
+
     /// `name value` lines: history, ingest lag, layers, cache, redo, requests and latencies.
     pub fn status_text(&self) -> String {
-        let b = self.repo.bounds();
-        let layers = self.repo.layers();
+        let repo = self.store.current();
+        let b = repo.bounds();
+        let layers = repo.layers();
         let bytes: u64 = layers.iter().map(|l| l.size_bytes()).sum();
         let m = &self.metrics;
         let n = m.get_page.load(Ordering::Relaxed);
         let mut s = String::new();
+        let _ = writeln!(s, "ingest_state {}", self.ingest.get());
+        let _ = writeln!(s, "timeline {}", repo.id());
+        let _ = writeln!(s, "timelines {}", self.store.timelines().len());
         let _ = writeln!(s, "history_origin {}", b.origin);
         let _ = writeln!(s, "history_oldest {}", b.oldest);
         let _ = writeln!(s, "durable_lsn {}", b.durable);
         let _ = writeln!(s, "last_record_lsn {}", b.last);
         let _ = writeln!(s, "layer_files {}", layers.len());
         let _ = writeln!(s, "layer_bytes {bytes}");
-        let _ = writeln!(s, "inmem_values {}", self.repo.inmem_len());
+        let _ = writeln!(s, "inmem_values {}", repo.inmem_len());
         let _ = writeln!(s, "requests {}", m.requests.load(Ordering::Relaxed));
         let _ = writeln!(s, "request_errors {}", m.errors.load(Ordering::Relaxed));
         let _ = writeln!(s, "connections {}", m.connections.load(Ordering::Relaxed));
@@ -382,7 +464,7 @@ pub fn serve(service: Arc<PageService>, listener: UnixListener, stop: &AtomicBoo
     listener.set_nonblocking(true)?;
     while !stop.load(Ordering::Relaxed) {
         // Backends read cached pages without asking: keep them from pages out of history.
-        service.cache.set_oldest_lsn(service.repo.bounds().oldest);
+        service.cache.set_oldest_lsn(service.store.current().bounds().oldest);
         match listener.accept() {
             Ok((conn, _)) => {
                 conn.set_nonblocking(false)?;

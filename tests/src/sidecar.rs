@@ -159,10 +159,16 @@ impl SidecarProcess {
         }
     }
 
-    /// (durable, last record) LSNs.
+    /// (durable, last record) LSNs of the timeline followed now.
     pub fn history(&self) -> Result<(Lsn, Lsn)> {
+        let t = self.timelines()?.into_iter().next().context("no timeline")?;
+        Ok((t.durable, t.last))
+    }
+
+    /// Every timeline's history, the followed one first.
+    pub fn timelines(&self) -> Result<Vec<neon_types::protocol::TimelineHistory>> {
         match self.ask(&Request::History)? {
-            Response::History { durable, last, .. } => Ok((durable, last)),
+            Response::History(t) => Ok(t),
             r => anyhow::bail!("unexpected {r:?}"),
         }
     }

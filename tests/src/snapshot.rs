@@ -282,9 +282,8 @@ pub struct MetaCompared {
 pub fn compare_metadata(store: &Path, snap: &Snapshot) -> Result<MetaCompared> {
     use sidecar::repo::meta;
     use sidecar::repo::reconstruct::get_slru_page;
-    use sidecar::repo::timeline::Timeline;
     use sidecar::wal::checkpoint::{CheckPoint, CONTROL_CHECKPOINT_COPY, SIZEOF_CHECKPOINT};
-    let repo = Timeline::open_read_only(store)?;
+    let repo = crate::store::current_timeline(store)?;
     let lsn = snap.lsn;
     anyhow::ensure!(repo.durable_lsn() >= lsn, "the store is durable only to {}", repo.durable_lsn());
     let mut done = MetaCompared::default();

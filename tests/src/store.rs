@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use neon_types::Lsn;
 use sidecar::follower::{self, FollowerConfig};
 use sidecar::replication::client::ReplicationConfig;
+use sidecar::repo::store::{Identity, Store};
 use sidecar::repo::timeline::Timeline;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,11 +35,25 @@ pub fn copy_data_files(c: &Cluster, name: &str) -> Result<PathBuf> {
     Ok(dest)
 }
 
+/// Sets up a store in `dir` for the running cluster `c` (its system identifier, timeline 1)
+/// with no history: history then begins wherever following begins, without a base, so only
+/// relations created since are complete (`neon-sidecar init` and `attach` import a base).
+pub fn new_store(c: &Cluster, dir: &Path) -> Result<Store> {
+    let system_id = c.query_one_string("SELECT system_identifier FROM pg_control_system()")?.parse()?;
+    let seg: u32 = c.query_one_string("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'")?.parse()?;
+    Ok(Store::create(dir, Identity { system_id, wal_segment_size: seg }, 1)?)
+}
+
+/// The followed timeline of the store in `dir`, opened to read what is durable.
+pub fn current_timeline(dir: &Path) -> Result<std::sync::Arc<Timeline>> {
+    Ok(Store::open_read_only(dir)?.current())
+}
+
 /// Waits (up to a minute) until the store in `dir` is durable to `lsn`.
 pub fn wait_durable(dir: &Path, lsn: Lsn) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let durable = Timeline::open_read_only(dir)?.durable_lsn();
+        let durable = current_timeline(dir)?.durable_lsn();
         if durable >= lsn {
             return Ok(());
         }

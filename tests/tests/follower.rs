@@ -8,7 +8,6 @@ use neon_tests::pages::{compare_store_at, redo_config};
 use neon_tests::store::{copy_data_files, wait_durable};
 use neon_tests::{sidecar_bin, workload, Cluster};
 use neon_types::Lsn;
-use sidecar::repo::timeline::Timeline;
 use sidecar::walredo::PostgresRedoManager;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -42,6 +41,7 @@ fn slot_restart(c: &Cluster) -> Result<Option<Lsn>> {
 fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
     let c = Cluster::builder().gucs(workload::MIXED_GUCS).gucs(&[("autovacuum", "off")]).start()?;
     let store = c.root_dir().join("store");
+    drop(neon_tests::store::new_store(&c, &store)?);
     let child = Mutex::new(spawn_sidecar(&c, &store)?);
     let deadline = Instant::now() + Duration::from_secs(30);
     while slot_restart(&c)?.is_none() {
@@ -64,7 +64,7 @@ fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
                 ch.kill()?;
                 ch.wait()?;
                 // What the store says is durable, the slot still has.
-                let durable = Timeline::open_read_only(&store)?.durable_lsn();
+                let durable = neon_tests::store::current_timeline(&store)?.durable_lsn();
                 let restart = slot_restart(&c)?.context("slot gone")?;
                 anyhow::ensure!(
                     restart <= durable || !durable.is_valid(),
@@ -97,7 +97,7 @@ fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
     killed?;
     caught_up?;
 
-    let repo = Timeline::open(&store)?;
+    let repo = neon_tests::store::current_timeline(&store)?;
     let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
     let n_now = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "pgbench_")?;
     let n_past = compare_store_at(&c, &repo, &redo, &snapshot, past, "pgbench_")?;

@@ -10,7 +10,6 @@ use neon_tests::{workload, Cluster};
 use sidecar::cli::init::checkpoint_lsn;
 use sidecar::replication::client::ReplicationConn;
 use sidecar::repo::import::import_datadir;
-use sidecar::repo::timeline::Timeline;
 use sidecar::walredo::PostgresRedoManager;
 
 #[test]
@@ -22,10 +21,13 @@ fn imported_cluster_then_streamed_history_serves_every_page() -> Result<()> {
     let at = checkpoint_lsn(&neon_tests::pg_bin_dir(), c.data_dir())?;
 
     let store = c.root_dir().join("store");
-    let repo = Timeline::open(&store)?;
+    c.start_again()?;
+    let s = neon_tests::store::new_store(&c, &store)?;
+    c.stop()?;
+    let repo = s.current();
     let stats = import_datadir(&repo, c.data_dir(), at)?;
     repo.flush()?;
-    drop(repo);
+    drop((repo, s));
     eprintln!("imported {} pages of {} relation forks at {at}", stats.pages, stats.relation_forks);
     assert!(stats.pages > 500);
 
@@ -41,7 +43,7 @@ fn imported_cluster_then_streamed_history_serves_every_page() -> Result<()> {
         workload::flush_lsn(&c)
     })?;
 
-    let repo = Timeline::open(&store)?;
+    let repo = neon_tests::store::current_timeline(&store)?;
     let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
     let n = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "")?;
     eprintln!("{n} pages of every relation of database postgres equal the compute's at {now}");
@@ -62,8 +64,14 @@ fn neon_sidecar_init_starts_history_at_the_clusters_birth() -> Result<()> {
     };
     let first = init("init")?;
     assert!(first.status.success() && String::from_utf8_lossy(&first.stdout).contains("imported"));
+    // Again: nothing is imported twice or appended twice.
     let again = init("init again")?;
-    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already holds history"));
+    assert!(
+        again.status.success()
+            && String::from_utf8_lossy(&again.stdout).contains("already holds this cluster's history")
+    );
+    let conf = std::fs::read_to_string(c.data_dir().join("postgresql.conf"))?;
+    assert_eq!(conf.matches("added by neon-sidecar init").count(), 1, "{conf}");
 
     c.start_again()?;
     // The product's settings are in effect: the extension preloaded, told where the sidecar is.
@@ -76,7 +84,7 @@ fn neon_sidecar_init_starts_history_at_the_clusters_birth() -> Result<()> {
         c.execute("CHECKPOINT")?;
         workload::flush_lsn(&c)
     })?;
-    let repo = Timeline::open(&store)?;
+    let repo = neon_tests::store::current_timeline(&store)?;
     let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
     let n = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "")?;
     eprintln!("after init: {n} pages of every relation of database postgres equal the compute's at {now}");

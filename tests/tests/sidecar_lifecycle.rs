@@ -15,7 +15,6 @@ use neon_tests::{workload, Cluster};
 use neon_types::protocol::{ErrorCode, Request, Response};
 use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag};
 use sidecar::repo::key::Key;
-use sidecar::repo::timeline::Timeline;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -52,7 +51,7 @@ fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
             std::thread::sleep(Duration::from_millis(300 + rng.below(2200)));
             sidecar.kill9()?;
             kills += 1;
-            let durable = Timeline::open_read_only(&store)?.durable_lsn();
+            let durable = neon_tests::store::current_timeline(&store)?.durable_lsn();
             let restart = slot_restart_lsn(&c)?;
             eprintln!("kill {kills}: store durable to {durable}, slot restart_lsn {restart}");
             anyhow::ensure!(restart <= durable, "the slot let go of WAL up to {restart}; the store has {durable}");
@@ -66,7 +65,7 @@ fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
         eprintln!("after {kills} kills: {n:?} equal the compute's at {}", now.lsn);
         assert!(n.pages > 2000);
         sidecar.stop()?;
-        Timeline::open_read_only(&store)?.check_layer_order().map_err(anyhow::Error::msg)
+        neon_tests::store::current_timeline(&store)?.check_layer_order().map_err(anyhow::Error::msg)
     })
 }
 
@@ -85,10 +84,7 @@ fn long_chains_get_images_and_old_history_is_collected() -> Result<()> {
     loop {
         c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "2000"])?;
         let (durable, _) = sidecar.history()?;
-        let oldest = match sidecar.ask(&Request::History)? {
-            Response::History { oldest, .. } => oldest,
-            r => anyhow::bail!("unexpected {r:?}"),
-        };
+        let oldest = sidecar.timelines()?[0].oldest;
         if oldest > early {
             eprintln!("history now starts at {oldest} (durable {durable})");
             break;
@@ -114,7 +110,7 @@ fn long_chains_get_images_and_old_history_is_collected() -> Result<()> {
     sidecar.stop()?;
 
     // The hottest page's chain stays near the limit: images, not thousands of records.
-    let repo = Timeline::open_read_only(&store)?;
+    let repo = neon_tests::store::current_timeline(&store)?;
     repo.check_layer_order().map_err(anyhow::Error::msg)?;
     let chain = repo.values_for(Key::rel_block(&tag), repo.durable_lsn())?;
     let names: Vec<String> =
@@ -150,7 +146,7 @@ fn wal_files_import_into_the_same_history_as_streaming() -> Result<()> {
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     eprintln!("import-wal: {text}");
     anyhow::ensure!(out.status.success() && text.contains("imported"), "import-wal failed: {text}");
-    let durable = Timeline::open_read_only(&store)?.durable_lsn();
+    let durable = neon_tests::store::current_timeline(&store)?.durable_lsn();
     anyhow::ensure!(durable >= now.lsn, "import-wal reached {durable}, not {}", now.lsn);
     // A second import must continue the history, not restart it.
     let again = std::process::Command::new(neon_tests::sidecar_bin()?)

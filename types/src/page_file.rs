@@ -159,7 +159,8 @@ impl Mapped {
     /// The key in `slot` now (racy: for choosing a victim, under the writer's lock).
     fn key_in(&self, slot: usize) -> Option<PageKey> {
         let h = self.slot_header(slot);
-        if self.u64_at(h).load(Ordering::Acquire) == 0 {
+        // Never written, or emptied by `clear` (LSN 0, which no reader asks for).
+        if self.u64_at(h).load(Ordering::Acquire) == 0 || self.u64_at(h + 32).load(Ordering::Relaxed) == 0 {
             return None;
         }
         let w = |i: usize| self.u32_at(h + 8 + 4 * i).load(Ordering::Relaxed);
@@ -171,7 +172,7 @@ impl Mapped {
     /// Copies the page stored under `key` into `out`; false if it is not there (or was being
     /// rewritten while copied).
     fn get(&self, key: &PageKey, out: &mut [u8; BLCKSZ]) -> bool {
-        if key.1 < self.oldest_lsn() {
+        if !key.1.is_valid() || key.1 < self.oldest_lsn() {
             return false;
         }
         let words = key_words(key);
@@ -374,6 +375,28 @@ impl PageFileWriter {
         self.map.u32_at(h + 40).store(crc_of(key, page), Ordering::Relaxed);
         seq.store(s + 2, Ordering::Release);
         replaced
+    }
+
+    /// Forgets every page: the history they were read from is no longer the one readers ask
+    /// about (the sidecar follows another timeline now). Each slot is emptied under its seqlock
+    /// (its LSN set to 0, which no reader asks for), so a reader copying it meanwhile rejects
+    /// the copy.
+    pub fn clear(&self) {
+        let mut state = self.lock();
+        for slot in 0..self.map.sets * WAYS {
+            let h = self.map.slot_header(slot);
+            let seq = self.map.u64_at(h);
+            let s = seq.load(Ordering::Relaxed);
+            if s == 0 {
+                continue;
+            }
+            seq.store(s + 1, Ordering::Relaxed);
+            fence(Ordering::Release);
+            self.map.u64_at(h + 32).store(0, Ordering::Relaxed);
+            self.map.u32_at(h + 40).store(0, Ordering::Relaxed);
+            seq.store(s + 2, Ordering::Release);
+        }
+        state.filled = 0;
     }
 
     /// Stops serving: readers use the file no longer, and memory-backed data is unlinked (its
@@ -595,6 +618,17 @@ mod tests {
         assert_eq!(held, w.len(), "every page the writer counts is readable and intact");
         assert_eq!(held + evicted, 201, "every page is held or was reported evicted");
         assert!(held <= 16);
+        // Cleared (another timeline followed): nothing is served, and the slots fill again.
+        w.clear();
+        assert_eq!(w.len(), 0);
+        assert!(!r.get(&key(1, 10), &mut out) && !w.contains(&key(1, 10)));
+        assert!((0..200).all(|b| !r.get(&key(1000 + b, 10), &mut out)));
+        w.store(&key(1, 10), &page(3));
+        assert!(r.get(&key(1, 10), &mut out) && out == page(3));
+        assert_eq!(w.len(), 1);
+        for b in 0..200 {
+            w.store(&key(1000 + b, 10), &page(b as u8));
+        }
         // History trimmed: older LSNs are not served.
         w.set_oldest_lsn(Lsn(11));
         assert!((0..200).all(|b| !r.get(&key(1000 + b, 10), &mut out)));

@@ -23,6 +23,10 @@
 //!   0x0A ComputeFlush   lsn u64 (the compute's WAL flush position, for lag reports)
 //!   0x0B RelationFile   dbnode u32 | reloid u32 | lsn u64 | wait_ms u32
 //!                       (the file relation `reloid` had at `lsn`, from pg_class then)
+//!   0x0C OnTimeline     timeline u32 | kind u8 | that request's payload
+//!                       (the request, on that PostgreSQL timeline rather than the one the
+//!                       sidecar follows now: its lineage up to the timeline's fork, then its
+//!                       own history)
 //!   rel = spcnode u32 | dbnode u32 | relnode u32 | fork u8
 //!   wait_ms: how long to wait for `lsn` to arrive before answering NotYet
 //! responses:
@@ -31,7 +35,9 @@
 //!   0x83 Databases      n u32 | n × (dbnode u32 | spcnode u32)
 //!   0x84 Relations      n u32 | n × (rel | nblocks u32)
 //!   0x85 Lsn            lsn u64
-//!   0x86 History        origin u64 | oldest u64 | durable u64 | last u64
+//!   0x86 History        n u32 | n × timeline (the current one first):
+//!                       id u32 | parent u32 (0: none) | fork u64 | origin u64 | oldest u64 |
+//!                       durable u64 | last u64 | gaps u32 | gaps × (from u64 | to u64)
 //!   0x87 Status         UTF-8 text, "name value" lines
 //!   0x88 Basebackup     lsn u64 | bytes u64 | micros u64 (0: it was already there) |
 //!                       UTF-8 path of the tar in the shared directory
@@ -47,7 +53,7 @@ use crate::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
 use std::io::{Read, Write};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"NEPS");
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 12;
 /// No message is larger (a relation list of a huge database stays well below).
 pub const MAX_PAYLOAD: usize = 64 << 20;
@@ -134,6 +140,28 @@ pub enum Request {
         lsn: Lsn,
         wait_ms: u32,
     },
+    /// `request` on PostgreSQL timeline `timeline` instead of the one followed now.
+    OnTimeline {
+        timeline: u32,
+        request: Box<Request>,
+    },
+}
+
+/// One timeline of the sidecar's history, as `History` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimelineHistory {
+    pub timeline: u32,
+    /// The parent timeline and the fork LSN (the history file's switch point).
+    pub parent: Option<(u32, Lsn)>,
+    /// Where this timeline's own history began.
+    pub origin: Lsn,
+    /// The oldest LSN readable on its lineage.
+    pub oldest: Lsn,
+    pub durable: Lsn,
+    /// The end of the last record filed.
+    pub last: Lsn,
+    /// Lost history: LSNs after `.0` and before `.1` cannot be read.
+    pub gaps: Vec<(Lsn, Lsn)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,12 +171,8 @@ pub enum Response {
     Databases(Vec<(u32, u32)>),
     Relations(Vec<(RelTag, u32)>),
     Lsn(Lsn),
-    History {
-        origin: Lsn,
-        oldest: Lsn,
-        durable: Lsn,
-        last: Lsn,
-    },
+    /// Every timeline, the one followed now first.
+    History(Vec<TimelineHistory>),
     Status(String),
     Basebackup {
         lsn: Lsn,
@@ -292,6 +316,13 @@ impl Request {
                 put_lsn_wait(&mut b, *lsn, *wait_ms);
                 0x0B
             }
+            Request::OnTimeline { timeline, request } => {
+                b.extend_from_slice(&timeline.to_le_bytes());
+                let (kind, payload) = request.encode();
+                b.push(kind);
+                b.extend_from_slice(&payload);
+                0x0C
+            }
         };
         (kind, b)
     }
@@ -318,6 +349,15 @@ impl Request {
             0x09 => Request::Prefetch { rel: r.rel()?, first: r.u32()?, n: r.u32()?, lsn: r.lsn()?, wait_ms: r.u32()? },
             0x0A => Request::ComputeFlush { lsn: r.lsn()? },
             0x0B => Request::RelationFile { dbnode: r.u32()?, reloid: r.u32()?, lsn: r.lsn()?, wait_ms: r.u32()? },
+            0x0C => {
+                let timeline = r.u32()?;
+                let kind = r.u8()?;
+                if kind == 0x0C {
+                    return malformed("a timeline request inside another");
+                }
+                let inner = std::mem::take(&mut r.0);
+                Request::OnTimeline { timeline, request: Box::new(Request::decode(kind, inner)?) }
+            }
             k => return malformed(format!("unknown request kind {k:#04x}")),
         };
         r.end()?;
@@ -371,9 +411,20 @@ impl Response {
                 b.extend_from_slice(&l.0.to_le_bytes());
                 0x85
             }
-            Response::History { origin, oldest, durable, last } => {
-                for l in [origin, oldest, durable, last] {
-                    b.extend_from_slice(&l.0.to_le_bytes());
+            Response::History(timelines) => {
+                b.extend_from_slice(&(timelines.len() as u32).to_le_bytes());
+                for t in timelines {
+                    let (parent, fork) = t.parent.unwrap_or_default();
+                    b.extend_from_slice(&t.timeline.to_le_bytes());
+                    b.extend_from_slice(&parent.to_le_bytes());
+                    for l in [fork, t.origin, t.oldest, t.durable, t.last] {
+                        b.extend_from_slice(&l.0.to_le_bytes());
+                    }
+                    b.extend_from_slice(&(t.gaps.len() as u32).to_le_bytes());
+                    for (from, to) in &t.gaps {
+                        b.extend_from_slice(&from.0.to_le_bytes());
+                        b.extend_from_slice(&to.0.to_le_bytes());
+                    }
                 }
                 0x86
             }
@@ -444,7 +495,22 @@ impl Response {
                 Response::Relations(v)
             }
             0x85 => Response::Lsn(r.lsn()?),
-            0x86 => Response::History { origin: r.lsn()?, oldest: r.lsn()?, durable: r.lsn()?, last: r.lsn()? },
+            0x86 => {
+                let n = r.u32()? as usize;
+                let mut timelines = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    let (timeline, parent, fork) = (r.u32()?, r.u32()?, r.lsn()?);
+                    let (origin, oldest, durable, last) = (r.lsn()?, r.lsn()?, r.lsn()?, r.lsn()?);
+                    let ngaps = r.u32()? as usize;
+                    let mut gaps = Vec::with_capacity(ngaps.min(1024));
+                    for _ in 0..ngaps {
+                        gaps.push((r.lsn()?, r.lsn()?));
+                    }
+                    let parent = (parent != 0).then_some((parent, fork));
+                    timelines.push(TimelineHistory { timeline, parent, origin, oldest, durable, last, gaps });
+                }
+                Response::History(timelines)
+            }
             0x87 => Response::Status(r.text()?),
             0x88 => {
                 let lsn = r.lsn()?;
@@ -553,6 +619,14 @@ mod tests {
             Request::Prefetch { rel: rel(), first: 3, n: 64, lsn: Lsn(78), wait_ms: 6 },
             Request::ComputeFlush { lsn: Lsn(79) },
             Request::RelationFile { dbnode: 5, reloid: 16384, lsn: Lsn(80), wait_ms: 7 },
+            Request::OnTimeline {
+                timeline: 2,
+                request: Box::new(Request::GetPage {
+                    tag: BufferTag { rel: rel(), blkno: 1 },
+                    lsn: Lsn(81),
+                    wait_ms: 8,
+                }),
+            },
         ];
         for req in reqs {
             let mut b = Vec::new();
@@ -571,7 +645,26 @@ mod tests {
             Response::Databases(vec![(5, 1663), (1, 1663)]),
             Response::Relations(vec![(rel(), 4)]),
             Response::Lsn(Lsn(5)),
-            Response::History { origin: Lsn(1), oldest: Lsn(2), durable: Lsn(3), last: Lsn(4) },
+            Response::History(vec![
+                TimelineHistory {
+                    timeline: 2,
+                    parent: Some((1, Lsn(9))),
+                    origin: Lsn(9),
+                    oldest: Lsn(2),
+                    durable: Lsn(10),
+                    last: Lsn(11),
+                    gaps: vec![],
+                },
+                TimelineHistory {
+                    timeline: 1,
+                    parent: None,
+                    origin: Lsn(1),
+                    oldest: Lsn(2),
+                    durable: Lsn(30),
+                    last: Lsn(40),
+                    gaps: vec![(Lsn(20), Lsn(25))],
+                },
+            ]),
             Response::Status("a 1\nb 2\n".into()),
             Response::Basebackup { lsn: Lsn(1), bytes: 2, micros: 3, path: "/x/base.tar".into() },
             Response::Prefetched(17),

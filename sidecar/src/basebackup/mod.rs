@@ -27,12 +27,14 @@ pub mod walseg;
 
 use crate::repo::meta::{self, SLRU_CLOG, SLRU_MULTIXACT_MEMBERS, SLRU_MULTIXACT_OFFSETS};
 use crate::repo::reconstruct::{check_in_history, get_slru_page, GetPageError};
+use crate::repo::store::{Store, StoreError};
 use crate::repo::timeline::{RepoError, Timeline};
 use crate::walredo::native::SLRU_PAGES_PER_SEGMENT;
 use crate::walredo::WalRedoManager;
 use neon_types::{BufferTag, ForkNumber, Lsn, RelTag, BLCKSZ};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tar::TarWriter;
 
@@ -80,6 +82,8 @@ pub enum BasebackupError {
     Unsupported { lsn: Lsn, what: String },
     #[error("base backup: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -93,6 +97,31 @@ pub struct Options {
     pub new_timeline: bool,
     /// How often progress is reported.
     pub progress_every: Duration,
+}
+
+/// The PostgreSQL timeline a backup is on and the history files it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimelineFiles {
+    /// The timeline whose history holds the backup's LSN.
+    pub timeline: u32,
+    /// Its history file (empty for a timeline without a parent), which lists every ancestor.
+    pub history: Vec<u8>,
+    /// With `Options::new_timeline`, the copy's timeline: one no timeline in the store uses.
+    pub next_free: u32,
+}
+
+impl TimelineFiles {
+    /// For a backup of timeline `t` at `lsn`, from the store's timelines.
+    pub fn of(store: &Store, t: &Arc<Timeline>, lsn: Lsn) -> Result<TimelineFiles, StoreError> {
+        let owner = t.owner_at(lsn);
+        let next_free = store.timelines().iter().map(|t| t.id()).max().unwrap_or(0).max(owner.id()) + 1;
+        Ok(TimelineFiles { timeline: owner.id(), history: store.history_file(owner.id())?, next_free })
+    }
+
+    /// For a timeline on its own (no store around it).
+    pub fn alone(t: &Timeline) -> TimelineFiles {
+        TimelineFiles { timeline: t.id(), history: Vec::new(), next_free: t.id() + 1 }
+    }
 }
 
 /// Progress, reported every `Options::progress_every` and at the end.
@@ -249,6 +278,7 @@ pub fn write_basebackup<W: Write>(
     repo: &Timeline,
     redo: &dyn WalRedoManager,
     lsn: Lsn,
+    timeline: &TimelineFiles,
     opts: Options,
     out: W,
     report: &mut dyn FnMut(&Progress),
@@ -262,9 +292,10 @@ pub fn write_basebackup<W: Write>(
     let at = walseg::record_position(lsn, info.wal_segment_size);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     checkpoint.redo = at;
-    checkpoint.prev_timeline = checkpoint.this_timeline;
+    checkpoint.this_timeline = timeline.timeline;
+    checkpoint.prev_timeline = timeline.timeline;
     if opts.new_timeline {
-        checkpoint.this_timeline += 1;
+        checkpoint.this_timeline = timeline.next_free;
     }
     checkpoint.full_page_writes = true;
     checkpoint.time = now as i64;
@@ -333,10 +364,16 @@ pub fn write_basebackup<W: Write>(
         b.tar.file(&format!("pg_twophase/{xid:08X}"), &file)?;
         b.stats.prepared += 1;
     }
+    // Timeline history: "parent TLI <tab> switch point <tab> reason", one line per ancestor.
+    if !timeline.history.is_empty() {
+        b.tar.file(&format!("pg_wal/{:08X}.history", timeline.timeline), &timeline.history)?;
+    }
     if opts.new_timeline {
-        // timeline history: "parent TLI <tab> switch point <tab> reason", one line per ancestor.
-        let history = format!("{}\t{at}\tneon-sidecar base backup as of {lsn}\n", checkpoint.prev_timeline);
-        b.tar.file(&format!("pg_wal/{:08X}.history", checkpoint.this_timeline), history.as_bytes())?;
+        let mut history = timeline.history.clone();
+        history.extend_from_slice(
+            format!("{}\t{at}\tneon-sidecar base backup as of {lsn}\n", checkpoint.prev_timeline).as_bytes(),
+        );
+        b.tar.file(&format!("pg_wal/{:08X}.history", checkpoint.this_timeline), &history)?;
     }
     b.stats.timeline = checkpoint.this_timeline;
     let record = walseg::checkpoint_record(&checkpoint, Lsn(0));

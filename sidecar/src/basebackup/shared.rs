@@ -1,17 +1,19 @@
 //! Base backups in the shared directory, for the extension and the CLI: `<shared>/basebackups/
-//! base-<LSN>[-nonrel][-newtli].tar` (without relation pages; on a new timeline), written under a
+//! base-<timeline>-<LSN>[-nonrel][-newtli<timeline>].tar` (without relation pages; on a new timeline), written under a
 //! temporary name, fsync'd and renamed, so a reader never sees a partial file and a failed
 //! build (a full disk) leaves nothing behind. Asking again for the same LSN returns the file
 //! already there. The directory has a size limit: after each build the oldest backups are
 //! removed until the rest fit (never the one just made). The directory is private to the
 //! sidecar's OS user (0700), the files 0600.
 
-use super::{write_basebackup, BasebackupError, Options, Progress, Stats};
+use super::{write_basebackup, BasebackupError, Options, Progress, Stats, TimelineFiles};
+use crate::repo::store::Store;
 use crate::repo::timeline::Timeline;
 use crate::walredo::WalRedoManager;
 use neon_types::Lsn;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -22,6 +24,7 @@ pub fn write_file(
     repo: &Timeline,
     redo: &dyn WalRedoManager,
     lsn: Lsn,
+    timeline: &TimelineFiles,
     opts: Options,
     report: &mut dyn FnMut(&Progress),
 ) -> Result<Stats, BasebackupError> {
@@ -31,8 +34,15 @@ pub fn write_file(
         // made new, private: nothing outside the directory is written through it.
         let _ = std::fs::remove_file(&tmp);
         let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        let (w, stats) =
-            write_basebackup(repo, redo, lsn, opts, std::io::BufWriter::with_capacity(1 << 20, file), report)?;
+        let (w, stats) = write_basebackup(
+            repo,
+            redo,
+            lsn,
+            timeline,
+            opts,
+            std::io::BufWriter::with_capacity(1 << 20, file),
+            report,
+        )?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -84,28 +94,30 @@ impl SharedBasebackups {
         &self.dir
     }
 
-    fn name(lsn: Lsn, opts: &Options) -> String {
+    fn name(lsn: Lsn, timeline: &TimelineFiles, opts: &Options) -> String {
         let nonrel = if opts.relation_pages { "" } else { "-nonrel" };
-        let tli = if opts.new_timeline { "-newtli" } else { "" };
-        format!("base-{:016X}{nonrel}{tli}.tar", lsn.0)
+        let tli = if opts.new_timeline { format!("-newtli{:08X}", timeline.next_free) } else { String::new() };
+        format!("base-{:08X}-{:016X}{nonrel}{tli}.tar", timeline.timeline, lsn.0)
     }
 
-    /// The base backup as of `lsn`, built unless it is already there.
+    /// The base backup of timeline `t` as of `lsn`, built unless it is already there.
     pub fn get(
         &self,
-        repo: &Timeline,
+        store: &Store,
+        t: &Arc<Timeline>,
         redo: &dyn WalRedoManager,
         lsn: Lsn,
         opts: Options,
         report: &mut dyn FnMut(&Progress),
     ) -> Result<Made, BasebackupError> {
         let _one = self.building.lock().unwrap_or_else(|p| p.into_inner());
-        let path = self.dir.join(Self::name(lsn, &opts));
+        let timeline = TimelineFiles::of(store, t, lsn)?;
+        let path = self.dir.join(Self::name(lsn, &timeline, &opts));
         if let Ok(m) = std::fs::metadata(&path) {
             return Ok(Made { path, lsn, bytes: m.len(), seconds: 0.0, stats: None });
         }
         let started = Instant::now();
-        let stats = write_file(&path, repo, redo, lsn, opts, report)?;
+        let stats = write_file(&path, t, redo, lsn, &timeline, opts, report)?;
         let bytes = std::fs::metadata(&path)?.len();
         self.evict(&path)?;
         Ok(Made { path, lsn, bytes, seconds: started.elapsed().as_secs_f64(), stats: Some(stats) })

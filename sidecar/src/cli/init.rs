@@ -10,9 +10,10 @@
 //! of its own: a base backup over the replication connection instead of the stopped files.
 
 use crate::cli::args::{ComputeArgs, RedoProcessArgs};
-use crate::replication::client::{ReplicationConfig, ReplicationConn};
+use crate::replication::client::{ReplicationConfig, ReplicationConn, Slot};
 use crate::repo::import::import_datadir;
-use crate::repo::timeline::Timeline;
+use crate::repo::store::{Identity, Store, StoreError};
+use crate::repo::timeline::Gap;
 use crate::walredo::scratch::as_server_user;
 use anyhow::{bail, Context};
 use neon_types::Lsn;
@@ -52,14 +53,15 @@ pub struct InitArgs {
 fn settings(socket: &Path, shared_dir: &Path) -> String {
     let quote = |p: &Path| p.display().to_string().replace('\'', "''");
     format!(
-        "\n# ---- added by neon-sidecar init ----\n\
+        "\n{SETTINGS_BEGIN}\n\
          wal_level = replica\n\
          full_page_writes = on\n\
          max_wal_senders = 10\n\
          max_replication_slots = 10\n\
          shared_preload_libraries = 'neon'\n\
          neon.sidecar_socket = '{}'\n\
-         neon.shared_dir = '{}'\n",
+         neon.shared_dir = '{}'\n\
+         {SETTINGS_END}\n",
         quote(socket),
         quote(shared_dir)
     )
@@ -88,6 +90,48 @@ pub fn checkpoint_lsn(pg_bin: &Path, pgdata: &Path) -> anyhow::Result<Lsn> {
     Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
 }
 
+/// Where the settings block `init` writes begins and ends in `postgresql.conf`.
+const SETTINGS_BEGIN: &str = "# ---- added by neon-sidecar init ----";
+const SETTINGS_END: &str = "# ---- end of neon-sidecar settings ----";
+
+/// `postgresql.conf` with the settings block written once: an earlier one (from an earlier
+/// `init`) is replaced, not repeated. Returns the new text, or `None` if it is already so.
+fn with_settings(conf: &str, block: &str) -> Option<String> {
+    let mut kept = String::new();
+    let (mut inside, mut after_last_setting) = (false, false);
+    for line in conf.split_inclusive('\n') {
+        let l = line.trim_end();
+        if l == SETTINGS_BEGIN {
+            inside = true;
+        } else if inside {
+            // Blocks from before the end marker existed end at their last setting.
+            after_last_setting = l.starts_with("neon.shared_dir");
+            inside = l != SETTINGS_END && !after_last_setting;
+        } else if !(after_last_setting && l == SETTINGS_END) {
+            after_last_setting = false;
+            kept.push_str(line);
+        }
+    }
+    let new = format!("{}{block}", kept.trim_end_matches('\n').to_string() + "\n");
+    (new != conf).then_some(new)
+}
+
+/// Gives `dir` and everything under it to the server's OS user (when we are root), so that
+/// the sidecar, run as that user, can use what we made.
+fn give_to_server_user(dir: &Path, cfg: &crate::walredo::RedoConfig) -> anyhow::Result<()> {
+    let Some((uid, gid)) = cfg.run_as else { return Ok(()) };
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).with_context(|| format!("chown {}", p.display()))?;
+        if p.is_dir() && !p.is_symlink() {
+            for e in std::fs::read_dir(&p)? {
+                todo.push(e?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let cfg = args.redo.config("init")?;
     let as_user = |cmd: &mut Command| {
@@ -95,10 +139,15 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     };
     let bin = |name: &str| args.redo.pg_bin.join(name);
     let pgdata = &args.pgdata;
-    // Refuse before touching anything if the store already has a history.
-    let repo = Timeline::open(&args.store)?;
-    if repo.history_start().is_valid() {
-        bail!("store {} already holds history from {}", args.store.display(), repo.history_start());
+    // A store that follows a cluster already: init was done (it is safe to run again, and
+    // then checks the settings and the slot); one of another cluster is refused below.
+    let existing = match Store::open_read_only(&args.store) {
+        Ok(s) => Some(s),
+        Err(StoreError::NotSetUp { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if existing.is_some() && !pgdata.join("PG_VERSION").exists() {
+        bail!("store {} is set up already, but {} is not a cluster", args.store.display(), pgdata.display());
     }
     if !pgdata.join("PG_VERSION").exists() {
         let mut initdb = Command::new(bin("initdb"));
@@ -110,9 +159,15 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         run_cmd(&mut initdb, "initdb")?;
         writeln!(out, "initdb: created {}", pgdata.display())?;
     }
-    let conf = pgdata.join("postgresql.conf");
-    let mut f =
-        std::fs::OpenOptions::new().append(true).open(&conf).with_context(|| format!("opening {}", conf.display()))?;
+    let identity = {
+        let control = pgdata.join("global/pg_control");
+        let b = std::fs::read(&control).with_context(|| format!("reading {}", control.display()))?;
+        let info = crate::basebackup::control::info(&b).with_context(|| control.display().to_string())?;
+        Identity { system_id: info.system_identifier, wal_segment_size: info.wal_segment_size }
+    };
+    if let Some(store) = &existing {
+        store.identity().check(store.dir(), identity.system_id)?;
+    }
     let beside_store = |name: &str| -> anyhow::Result<PathBuf> {
         let store = std::path::absolute(&args.store)?;
         Ok(store.parent().unwrap_or(Path::new("/")).join(name))
@@ -125,21 +180,38 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         Some(p) => std::path::absolute(p)?,
         None => beside_store("shared")?,
     };
-    f.write_all(settings(&socket, &shared_dir).as_bytes())?;
-
-    // Start privately, create the slot, stop cleanly.
-    let sockdir = std::env::temp_dir().join(format!("neon-init-{}", std::process::id()));
-    std::fs::create_dir_all(&sockdir)?;
-    if let Some((uid, gid)) = cfg.run_as {
-        std::os::unix::fs::chown(&sockdir, Some(uid), Some(gid))?;
+    let conf = pgdata.join("postgresql.conf");
+    let text = std::fs::read_to_string(&conf).with_context(|| format!("reading {}", conf.display()))?;
+    match with_settings(&text, &settings(&socket, &shared_dir)) {
+        Some(new) => {
+            // Written as the file's owner would: in place, keeping its owner and mode.
+            std::fs::write(&conf, new).with_context(|| format!("writing {}", conf.display()))?;
+            writeln!(out, "settings: written to {}", conf.display())?;
+        }
+        None => writeln!(out, "settings: {} has them already", conf.display())?,
     }
-    let opts = format!("-c listen_addresses='' -c port=5432 -c unix_socket_directories='{}'", sockdir.display());
+
+    // Start privately, create the slot, stop cleanly. The private socket directory is the
+    // server user's alone, and only there does a connection need no password (whatever the
+    // cluster's own pg_hba.conf says: init may run as another OS user than the server).
+    let sockdir = std::env::temp_dir().join(format!("neon-init-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&sockdir);
+    crate::repo::timeline::private_dir(&sockdir)?;
+    let hba = sockdir.join("pg_hba.conf");
+    std::fs::write(&hba, "local all all trust\nlocal replication all trust\n")?;
+    give_to_server_user(&sockdir, &cfg)?;
+    let opts = format!(
+        "-c listen_addresses='' -c port=5432 -c unix_socket_directories='{}' -c hba_file='{}'",
+        sockdir.display(),
+        hba.display()
+    );
     let log = sockdir.join("server.log");
     let mut start = Command::new(bin("pg_ctl"));
     start.arg("-D").arg(pgdata).args(["-w", "-o", &opts, "-l"]).arg(&log).arg("start");
     as_user(&mut start);
-    run_cmd(&mut start, "starting the compute to create the slot")?;
-    let slot = (|| -> anyhow::Result<Lsn> {
+    let started = run_cmd(&mut start, "starting the compute to create the slot")
+        .map_err(|e| e.context(std::fs::read_to_string(&log).unwrap_or_default()));
+    let slot = started.and_then(|_| {
         let rc = ReplicationConfig {
             host: sockdir.display().to_string(),
             port: 5432,
@@ -148,28 +220,66 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             application_name: "neon-sidecar init".into(),
         };
         let mut conn = ReplicationConn::connect(&rc)?;
-        Ok(match conn.slot_restart_lsn(&args.slot)? {
-            Some(l) => l,
-            None => conn.create_slot(&args.slot)?,
+        Ok(match conn.read_slot(&args.slot)? {
+            Slot::Reserving(l) => l,
+            Slot::Missing => conn.create_slot(&args.slot)?,
+            Slot::Invalidated => bail!("replication slot {} was invalidated by the server: drop it first", args.slot),
         })
-    })();
+    });
     let mut stop = Command::new(bin("pg_ctl"));
     stop.arg("-D").arg(pgdata).args(["-w", "-m", "fast", "stop"]);
     as_user(&mut stop);
-    let stopped = run_cmd(&mut stop, "stopping the compute");
+    let stopped = if pgdata.join("postmaster.pid").exists() {
+        run_cmd(&mut stop, "stopping the compute").map(drop)
+    } else {
+        Ok(())
+    };
     let _ = std::fs::remove_dir_all(&sockdir);
     let slot_lsn = slot?;
     stopped?;
+    if let Some(store) = existing {
+        let t = store.current();
+        writeln!(
+            out,
+            "slot {} at {slot_lsn}; store {} already holds this cluster's history (timeline {}, {} to {})",
+            args.slot,
+            args.store.display(),
+            t.id(),
+            t.lineage_start(),
+            t.durable_lsn()
+        )?;
+        return Ok(());
+    }
 
     let at = checkpoint_lsn(&args.redo.pg_bin, pgdata)?;
+    let timeline = checkpoint_timeline(pgdata)?;
+    let store = Store::create(&args.store, identity, timeline)?;
+    let repo = store.current();
     let stats = import_datadir(&repo, pgdata, at)?;
     repo.flush()?;
+    drop((repo, store));
+    give_to_server_user(&args.store, &cfg)?;
     writeln!(
         out,
-        "slot {} at {slot_lsn}; imported {} pages of {} relation forks as of the shutdown checkpoint {at}",
-        args.slot, stats.pages, stats.relation_forks
+        "slot {} at {slot_lsn}; imported {} pages of {} relation forks as of the shutdown checkpoint {at} (timeline \
+         {timeline}) into {}",
+        args.slot,
+        stats.pages,
+        stats.relation_forks,
+        args.store.display()
     )?;
     Ok(())
+}
+
+/// The timeline of a stopped cluster's last checkpoint (`pg_control`).
+fn checkpoint_timeline(pgdata: &Path) -> anyhow::Result<u32> {
+    use crate::wal::checkpoint::{CheckPoint, CONTROL_CHECKPOINT_COPY, SIZEOF_CHECKPOINT};
+    let control = std::fs::read(pgdata.join("global/pg_control"))?;
+    let cp = control
+        .get(CONTROL_CHECKPOINT_COPY..CONTROL_CHECKPOINT_COPY + SIZEOF_CHECKPOINT)
+        .context("pg_control is too short")
+        .and_then(|b| CheckPoint::decode(b).map_err(|e| anyhow::anyhow!("{e}")))?;
+    Ok(cp.this_timeline)
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -177,28 +287,60 @@ pub struct AttachArgs {
     /// The running compute.
     #[command(flatten)]
     pub compute: ComputeArgs,
-    /// The store directory (must hold no history yet).
+    /// The store directory: new, or holding this cluster's history already (which then goes
+    /// on after a recorded gap).
     #[arg(long)]
     pub store: PathBuf,
 }
 
-/// `neon-sidecar attach`: a running compute into a new store. The slot comes first, so it
-/// keeps the WAL from before the backup; then BASE_BACKUP, unpacked beside the store and
-/// imported as images at the backup's start. Its files are fuzzy until the WAL up to the
-/// backup's end is replayed over them, so history is valid from that end LSN; `run` streams
-/// that WAL (and everything after) from the slot.
+/// `neon-sidecar attach`: a running compute into a store. The slot comes first, so it keeps
+/// the WAL from before the backup; then BASE_BACKUP, unpacked beside the store and imported as
+/// images at the backup's start. Its files are fuzzy until the WAL up to the backup's end is
+/// replayed over them, so history is valid from that end LSN; `run` streams that WAL (and
+/// everything after) from the slot.
+///
+/// Into a store that already holds this cluster's history (one whose WAL was lost: an
+/// invalidated slot), it continues that history after a recorded gap: reads before the gap
+/// work as before, reads inside it are refused, reads after it come from this backup.
 pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let repo = Timeline::open(&args.store)?;
-    if repo.history_start().is_valid() {
-        bail!("store {} already holds history from {}", args.store.display(), repo.history_start());
-    }
     let rc = args.compute.replication("neon-sidecar attach")?;
     let slot = &args.compute.slot;
     let mut conn = ReplicationConn::connect(&rc)?;
-    let slot_lsn = match conn.slot_restart_lsn(slot)? {
-        Some(l) => l,
-        None => conn.create_slot(slot)?,
+    let sys = conn.identify_system()?;
+    let existing = match Store::open(&args.store) {
+        Ok(s) => Some(s),
+        Err(StoreError::NotSetUp { .. }) => None,
+        Err(e) => return Err(e.into()),
     };
+    if let Some(store) = &existing {
+        store.identity().check(store.dir(), sys.system_id)?;
+    }
+    let slot_lsn = match conn.read_slot(slot)? {
+        Slot::Reserving(l) => l,
+        Slot::Missing => conn.create_slot(slot)?,
+        Slot::Invalidated => {
+            // The operator asked for history to go on: a slot that keeps WAL again.
+            conn.drop_slot(slot)?;
+            writeln!(out, "slot {slot} was invalidated by the server: dropped and made again")?;
+            conn.create_slot(slot)?
+        }
+    };
+    let store = match existing {
+        Some(s) => s,
+        None => {
+            let rows = conn.command("SHOW wal_segment_size")?;
+            let text = rows.first().and_then(|r| r.first().cloned().flatten()).unwrap_or_default();
+            let mb: u32 = text.strip_suffix("MB").and_then(|n| n.parse().ok()).context("wal_segment_size")?;
+            Store::create(&args.store, Identity { system_id: sys.system_id, wal_segment_size: mb << 20 }, sys.timeline)?
+        }
+    };
+    let t = match store.timeline(sys.timeline) {
+        Some(t) => t,
+        // A timeline the store has not seen, reached only through lost WAL: its own history
+        // starts with this backup.
+        None => store.fork_unrelated(sys.timeline)?,
+    };
+    let gap_from = t.history_start().is_valid().then(|| t.last_lsn());
     let unpacked = args.store.join(format!("attach-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&unpacked);
     let started = std::time::Instant::now();
@@ -211,13 +353,22 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     });
     let imported = backup.map_err(anyhow::Error::from).and_then(|b| {
         anyhow::ensure!(slot_lsn <= b.start, "slot {slot} starts at {slot_lsn}, after the backup's {}", b.start);
-        let stats = import_datadir(&repo, &unpacked, b.start)?;
-        repo.restrict_history(b.end);
-        repo.flush()?;
+        match gap_from {
+            // Recorded before anything of the backup is: reads in the gap are refused from
+            // now on, whatever happens next.
+            Some(from) => t.add_gap(Gap { from, base: b.start, to: b.end })?,
+            None => t.restrict_history(b.end),
+        }
+        let stats = import_datadir(&t, &unpacked, b.start)?;
+        t.flush()?;
+        store.set_current(t.id())?;
         Ok((b, stats))
     });
     let _ = std::fs::remove_dir_all(&unpacked);
     let (b, stats) = imported?;
+    if let Some(from) = gap_from {
+        writeln!(out, "timeline {}: history after {from} was lost; it goes on from {} (a gap between)", t.id(), b.end)?;
+    }
     writeln!(
         out,
         "slot {slot} at {slot_lsn}; base backup {} to {} ({} files, {} MB, {:.1} s); imported {} pages of {} relation \
@@ -232,4 +383,27 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         b.end
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_settings_block_is_written_once() {
+        let block = settings(Path::new("/run/s.sock"), Path::new("/srv/shared"));
+        let conf = "max_connections = 20\n";
+        let once = with_settings(conf, &block).unwrap();
+        assert!(once.starts_with(conf) && once.ends_with(&block));
+        assert_eq!(with_settings(&once, &block), None, "already there");
+        let other = settings(Path::new("/run/t.sock"), Path::new("/srv/shared"));
+        let moved = with_settings(&once, &other).unwrap();
+        assert_eq!(moved.matches(SETTINGS_BEGIN).count(), 1);
+        assert!(moved.contains("/run/t.sock") && !moved.contains("/run/s.sock"));
+        // A block from before the end marker: replaced whole, what follows kept.
+        let legacy = format!("{conf}\n{SETTINGS_BEGIN}\nwal_level = replica\nneon.shared_dir = '/x'\nwork_mem = 8MB\n");
+        let fixed = with_settings(&legacy, &block).unwrap();
+        assert_eq!(fixed.matches(SETTINGS_BEGIN).count(), 1);
+        assert!(fixed.contains("work_mem = 8MB") && !fixed.contains("'/x'"));
+    }
 }

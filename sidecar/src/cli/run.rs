@@ -5,10 +5,11 @@
 
 use crate::basebackup::shared::SharedBasebackups;
 use crate::cli::args::{ComputeArgs, RedoProcessArgs};
-use crate::follower::{self, FollowerConfig};
+use crate::follower::{self, FollowerConfig, IngestState};
 use crate::page_cache::PageCache;
 use crate::repo::compaction;
 use crate::repo::key::Key;
+use crate::repo::store::Store;
 use crate::repo::timeline::Timeline;
 use crate::service::{self, PageService};
 use crate::walredo::{PostgresRedoManager, WalRedoManager};
@@ -84,16 +85,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         flush_bytes: args.flush_mb << 20,
         chain_limit: args.chain_limit,
     };
-    let repo = Arc::new(Timeline::open(&cfg.store)?);
+    let store = Arc::new(Store::open(&cfg.store)?);
     for sig in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
     }
     let mut redo_cfg = args.redo.config("sidecar")?;
     redo_cfg.processes = args.redo_processes.max(1);
-    redo_cfg.data_checksums |= crate::repo::meta::compute_has_checksums(&repo);
+    redo_cfg.data_checksums |= crate::repo::meta::compute_has_checksums(&store.current());
     let redo: Arc<dyn WalRedoManager> = Arc::new(PostgresRedoManager::new(redo_cfg)?);
     let retention = args.retention_mb << 20;
+    let ingest = Arc::new(IngestState::default());
     std::thread::scope(|s| {
         let server = match &args.socket {
             Some(path) => {
@@ -112,14 +114,23 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                     None => PageCache::private(pages)?,
                 };
                 let service = Arc::new(PageService {
-                    repo: repo.clone(),
+                    store: store.clone(),
                     redo: redo.clone(),
                     metrics: Default::default(),
                     basebackups,
                     basebackup_workers: 2 * args.redo_processes.max(1),
                     progress_every: Duration::from_millis(args.progress_ms.max(1)),
                     cache,
+                    ingest: ingest.clone(),
                 });
+                // Pages cached for reads without a timeline are of another history once the
+                // followed timeline changes.
+                let weak = Arc::downgrade(&service);
+                store.on_switch(Box::new(move || {
+                    if let Some(service) = weak.upgrade() {
+                        service.cache.clear();
+                    }
+                }));
                 eprintln!("neon-sidecar: serving pages on {}", path.display());
                 let serving = service.clone();
                 Some(s.spawn(move || {
@@ -131,15 +142,22 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             None => None,
         };
         // Images are made beside ingest, from what is durable.
-        let (to_compactor, flushes) = crossbeam_channel::unbounded::<(Lsn, Vec<Key>)>();
-        let compactor = s.spawn(|| compact(&repo, redo.as_ref(), flushes, retention));
-        let mut on_flush = move |lsn: Lsn, keys: Vec<Key>| {
-            let _ = to_compactor.send((lsn, keys));
+        let (to_compactor, flushes) = crossbeam_channel::unbounded::<(Arc<Timeline>, Vec<Key>)>();
+        let compactor = s.spawn(|| compact(redo.as_ref(), flushes, retention));
+        let mut on_flush = move |t: &Arc<Timeline>, _: Lsn, keys: Vec<Key>| {
+            let _ = to_compactor.send((t.clone(), keys));
         };
-        let followed = follower::run_into(&repo, &cfg, &STOP, &mut on_flush);
+        let followed = follower::run_into(&store, &cfg, &STOP, &mut on_flush, &ingest);
         drop(on_flush);
+        if let (Err(e), Some(_)) = (&followed, &server) {
+            // Reads of the history on disk go on; only SIGTERM ends them.
+            eprintln!("neon-sidecar: ingest stopped: {e}\nneon-sidecar: still serving the history the store holds");
+            while !STOP.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         STOP.store(true, Ordering::Relaxed);
-        compactor.join().expect("compaction thread")?;
+        compactor.join().expect("compaction thread");
         if let Some(server) = server {
             server.join().expect("page service thread")?;
         }
@@ -153,52 +171,73 @@ const MERGE_ABOVE_FILES: usize = 32;
 const MERGE_RUN: usize = 16;
 const MERGE_MAX_BYTES: u64 = 128 << 20;
 
+/// What compaction keeps about the timeline it works on.
+struct Compacting {
+    timeline: Arc<Timeline>,
+    last_full: Lsn,
+    last_image: Lsn,
+    waiting: Vec<Key>,
+}
+
 /// The compaction loop: images for long chains after each flush, merging of old layer files;
 /// with a retention, a full image every `retention` bytes of WAL and garbage collection behind
-/// the horizon.
-fn compact(
-    repo: &Timeline,
-    redo: &dyn WalRedoManager,
-    flushes: crossbeam_channel::Receiver<(Lsn, Vec<Key>)>,
-    retention: u64,
-) -> anyhow::Result<()> {
-    let mut last_full = repo.newest_full_image().unwrap_or(repo.bounds().origin);
-    let mut waiting: Vec<Key> = Vec::new();
-    let mut last_image = Lsn::INVALID;
-    for (_, keys) in flushes {
-        // Images go at the newest durable LSN, not the flush's: every layer file ends at or
-        // before it and every later one starts after it, so no file (flushed meanwhile, or
-        // merged) can span the image's LSN — which would put values older than the image
-        // after it in a newest-first walk. One image layer per LSN: keys wait for the next
-        // flush if the durable LSN has not moved since the last.
-        let lsn = repo.durable_lsn();
-        waiting.extend(keys);
-        // An attached store replays its base backup's WAL before its history begins (at the
-        // backup's end): no page can be read there, so keys wait until history has begun.
-        if lsn > last_image && lsn >= repo.history_start() {
-            if retention > 0 && lsn.0.saturating_sub(last_full.0) >= retention {
-                // A full image covers the waiting keys too.
-                let started = std::time::Instant::now();
-                let n = compaction::full_image(repo, redo, lsn)?;
-                let removed = repo.collect_garbage(Lsn(lsn.0.saturating_sub(retention)))?;
-                eprintln!(
-                    "neon-sidecar: full image at {lsn} ({n} values, {:?}); {} old layer files removed; history from {}",
-                    started.elapsed(),
-                    removed.len(),
-                    repo.history_start()
-                );
-                (last_full, last_image) = (lsn, lsn);
-                waiting.clear();
-            } else if !waiting.is_empty() {
-                waiting.sort_unstable();
-                waiting.dedup();
-                compaction::image_keys(repo, redo, &waiting, lsn)?;
-                waiting.clear();
-                last_image = lsn;
-            }
+/// the horizon. It works on the timeline being followed. A failure (a full disk) is reported
+/// and tried again after the next flush: it never stops ingest or reads.
+fn compact(redo: &dyn WalRedoManager, flushes: crossbeam_channel::Receiver<(Arc<Timeline>, Vec<Key>)>, retention: u64) {
+    let mut state: Option<Compacting> = None;
+    for (t, keys) in flushes {
+        let c = match &mut state {
+            Some(c) if Arc::ptr_eq(&c.timeline, &t) => c,
+            _ => state.insert(Compacting {
+                last_full: t.newest_full_image().unwrap_or(t.bounds().origin),
+                timeline: t,
+                last_image: Lsn::INVALID,
+                waiting: Vec::new(),
+            }),
+        };
+        c.waiting.extend(keys);
+        if let Err(e) = compact_once(c, redo, retention) {
+            eprintln!(
+                "neon-sidecar: compaction of timeline {}: {e:#} (trying again after the next flush)",
+                c.timeline.id()
+            );
         }
-        // Every flush adds a file or two: merge old ones so reads walk few.
-        while repo.merge_layers(MERGE_ABOVE_FILES, MERGE_RUN, MERGE_MAX_BYTES)?.is_some() {}
     }
+}
+
+fn compact_once(c: &mut Compacting, redo: &dyn WalRedoManager, retention: u64) -> anyhow::Result<()> {
+    let repo = c.timeline.as_ref();
+    // Images go at the newest durable LSN, not the flush's: every layer file ends at or
+    // before it and every later one starts after it, so no file (flushed meanwhile, or
+    // merged) can span the image's LSN — which would put values older than the image
+    // after it in a newest-first walk. One image layer per LSN: keys wait for the next
+    // flush if the durable LSN has not moved since the last.
+    let lsn = repo.durable_lsn();
+    // An attached store replays its base backup's WAL before its history begins (at the
+    // backup's end), as after a gap: no page can be read there, so keys wait.
+    if lsn > c.last_image && repo.check_readable(lsn).is_ok() {
+        if retention > 0 && lsn.0.saturating_sub(c.last_full.0) >= retention {
+            // A full image covers the waiting keys too.
+            let started = std::time::Instant::now();
+            let n = compaction::full_image(repo, redo, lsn)?;
+            let removed = repo.collect_garbage(Lsn(lsn.0.saturating_sub(retention)))?;
+            eprintln!(
+                "neon-sidecar: full image at {lsn} ({n} values, {:?}); {} old layer files removed; history from {}",
+                started.elapsed(),
+                removed.len(),
+                repo.history_start()
+            );
+            (c.last_full, c.last_image) = (lsn, lsn);
+            c.waiting.clear();
+        } else if !c.waiting.is_empty() {
+            c.waiting.sort_unstable();
+            c.waiting.dedup();
+            compaction::image_keys(repo, redo, &c.waiting, lsn)?;
+            c.waiting.clear();
+            c.last_image = lsn;
+        }
+    }
+    // Every flush adds a file or two: merge old ones so reads walk few.
+    while repo.merge_layers(MERGE_ABOVE_FILES, MERGE_RUN, MERGE_MAX_BYTES)?.is_some() {}
     Ok(())
 }

@@ -7,15 +7,18 @@ use crate::cli::args::{BlockArgs, RedoProcessArgs};
 use crate::cli::redo::describe_page;
 use crate::follower;
 use crate::repo::reconstruct::get_page;
+use crate::repo::store::Store;
 use crate::repo::timeline::Timeline;
 use crate::service::Client;
 use crate::wal::segment::{SegmentSet, WalFileReader};
 use crate::walredo::{PostgresRedoManager, WalRedoManager};
 use anyhow::{bail, Context};
+use neon_types::protocol::TimelineHistory;
 use neon_types::protocol::{Request, Response};
 use neon_types::Lsn;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Where a command reads from: the running sidecar, or a store's files.
@@ -30,10 +33,38 @@ pub struct SourceArgs {
     pub socket: Option<PathBuf>,
 }
 
+/// Which timeline a command reads.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TimelineArg {
+    /// The PostgreSQL timeline to read (default: the one the sidecar follows now; earlier
+    /// LSNs read its ancestors up to its fork).
+    #[arg(long)]
+    pub timeline: Option<u32>,
+}
+
+impl TimelineArg {
+    /// `req`, on the chosen timeline.
+    fn request(&self, req: Request) -> Request {
+        match self.timeline {
+            Some(timeline) => Request::OnTimeline { timeline, request: Box::new(req) },
+            None => req,
+        }
+    }
+
+    /// The chosen timeline of a store opened to read, and the newest LSN it holds durably.
+    fn of(&self, store: &Store) -> anyhow::Result<(Arc<Timeline>, Lsn)> {
+        let t = store.get(self.timeline)?;
+        let durable = t.durable_lsn();
+        Ok((t, durable))
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct GetPageArgs {
     #[command(flatten)]
     pub source: SourceArgs,
+    #[command(flatten)]
+    pub timeline: TimelineArg,
     #[command(flatten)]
     pub block: BlockArgs,
     /// The LSN (default: the newest the store has).
@@ -75,7 +106,8 @@ pub struct StatusArgs {
 /// `neon-sidecar import-wal`: WAL segment files into a store, through the same decoder and
 /// ingest as streaming, flushing every 64 MB and at the end, with progress on stderr.
 pub fn import_wal(args: &ImportWalArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let repo = Timeline::open(&args.store)?;
+    let store = Store::open(&args.store)?;
+    let repo = store.current();
     let set = SegmentSet::collect(&args.wal, None)?;
     let durable = repo.durable_lsn();
     let start = match (durable.is_valid(), args.start) {
@@ -118,20 +150,25 @@ pub fn get(args: &GetPageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             let lsn = match args.lsn {
                 Some(l) => l,
                 None => match ask(socket, &Request::History)? {
-                    Response::History { last, .. } => last,
+                    Response::History(timelines) => {
+                        let want = |t: &&TimelineHistory| args.timeline.timeline.is_none_or(|id| t.timeline == id);
+                        let t = timelines.iter().find(want).context("the sidecar has no such timeline")?;
+                        t.last
+                    }
                     r => bail!("unexpected answer {r:?}"),
                 },
             };
-            match ask(socket, &Request::GetPage { tag, lsn, wait_ms: args.wait_ms })? {
+            match ask(socket, &args.timeline.request(Request::GetPage { tag, lsn, wait_ms: args.wait_ms }))? {
                 Response::Page(p) => (p, lsn),
                 r => bail!("unexpected answer {r:?}"),
             }
         }
         (None, Some(store)) => {
-            let repo = Timeline::open_read_only(store)?;
-            let lsn = args.lsn.unwrap_or(repo.durable_lsn());
-            if lsn > repo.durable_lsn() {
-                bail!("{lsn} is beyond what the store holds (durable to {})", repo.durable_lsn());
+            let store = Store::open_read_only(store)?;
+            let (repo, durable) = args.timeline.of(&store)?;
+            let lsn = args.lsn.unwrap_or(durable);
+            if lsn > durable {
+                bail!("{lsn} is beyond what timeline {} of the store holds (durable to {durable})", repo.id());
             }
             let redo = PostgresRedoManager::new(args.redo.config("get-page")?)?;
             (get_page(&repo, &redo, tag, lsn)?, lsn)
@@ -154,13 +191,23 @@ pub fn status(args: &StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             Response::Status(text) => write!(out, "{text}")?,
             r => bail!("unexpected answer {r:?}"),
         },
-        (None, Some(store)) => {
-            let repo = Timeline::open_read_only(store)?;
-            let layers = repo.layers();
-            let bytes: u64 = layers.iter().map(|l| l.size_bytes()).sum();
-            writeln!(out, "store {}", store.display())?;
-            writeln!(out, "history {} to {} (durable)", repo.history_start(), repo.durable_lsn())?;
-            writeln!(out, "layer files {} ({bytes} bytes)", layers.len())?;
+        (None, Some(dir)) => {
+            let store = Store::open_read_only(dir)?;
+            writeln!(out, "store {} (cluster {})", dir.display(), store.identity().system_id)?;
+            let current = store.current().id();
+            for t in store.timelines() {
+                let layers = t.layers();
+                let bytes: u64 = layers.iter().map(|l| l.size_bytes()).sum();
+                let parent =
+                    t.parent().map(|(p, fork)| format!(", forked from timeline {p} at {fork}")).unwrap_or_default();
+                let followed = if t.id() == current { " (followed)" } else { "" };
+                writeln!(out, "timeline {}{followed}{parent}", t.id())?;
+                writeln!(out, "  history {} to {} (durable)", t.lineage_start(), t.durable_lsn())?;
+                for g in t.gaps() {
+                    writeln!(out, "  gap: {g}")?;
+                }
+                writeln!(out, "  layer files {} ({bytes} bytes)", layers.len())?;
+            }
         }
         (None, None) => bail!("give --store or --socket"),
     }
@@ -171,6 +218,8 @@ pub fn status(args: &StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 pub struct BasebackupArgs {
     #[command(flatten)]
     pub source: SourceArgs,
+    #[command(flatten)]
+    pub timeline: TimelineArg,
     /// The LSN the data directory is to be as of.
     #[arg(long)]
     pub lsn: Lsn,
@@ -202,7 +251,7 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
             let started = std::time::Instant::now();
             let req =
                 Request::Basebackup { lsn: args.lsn, full, new_timeline: args.new_timeline, wait_ms: args.wait_ms };
-            match ask(socket, &req)? {
+            match ask(socket, &args.timeline.request(req))? {
                 Response::Basebackup { lsn, bytes, micros, path } => {
                     let how =
                         if micros == 0 { "already there".to_string() } else { format!("{:.1} s", micros as f64 / 1e6) };
@@ -220,10 +269,12 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
         (None, None) => bail!("give --store or --socket"),
     };
     let Some(out_path) = &args.out else { bail!("--out is needed with --store") };
-    let repo = Timeline::open_read_only(store)?;
-    if args.lsn > repo.durable_lsn() {
-        bail!("{} is beyond what the store holds (durable to {})", args.lsn, repo.durable_lsn());
+    let store = Store::open_read_only(store)?;
+    let (repo, durable) = args.timeline.of(&store)?;
+    if args.lsn > durable {
+        bail!("{} is beyond what timeline {} of the store holds (durable to {durable})", args.lsn, repo.id());
     }
+    let timeline = crate::basebackup::TimelineFiles::of(&store, &repo, args.lsn)?;
     let mut redo_cfg = args.redo.config("basebackup")?;
     let redo_processes = args.redo_processes.max(1);
     redo_cfg.processes = redo_processes;
@@ -246,7 +297,7 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
         progress_every: Duration::from_secs(1),
     };
     let started = std::time::Instant::now();
-    let stats = crate::basebackup::shared::write_file(out_path, &repo, &redo, args.lsn, opts, &mut report)?;
+    let stats = crate::basebackup::shared::write_file(out_path, &repo, &redo, args.lsn, &timeline, opts, &mut report)?;
     writeln!(
         out,
         "base backup as of {} (checkpoint at {}, timeline {}): {} databases, {} relation files, {} pages ({} rebuilt by \

@@ -98,6 +98,16 @@ impl Write for Stream {
     }
 }
 
+/// A physical replication slot, as the server has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    Missing,
+    /// It keeps WAL from this LSN on.
+    Reserving(Lsn),
+    /// It exists but keeps no WAL: the server removed it (`max_slot_wal_keep_size`).
+    Invalidated,
+}
+
 /// What `IDENTIFY_SYSTEM` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SystemInfo {
@@ -326,10 +336,40 @@ impl ReplicationConn {
             .ok_or_else(|| ReplicationError::Protocol(format!("slot {name} has no restart LSN after creation")))
     }
 
-    /// The slot's restart LSN, or `None` if there is no such slot.
+    /// The slot's restart LSN, or `None` if there is no such slot (or it holds no WAL).
     pub fn slot_restart_lsn(&mut self, name: &str) -> Result<Option<Lsn>, ReplicationError> {
+        Ok(match self.read_slot(name)? {
+            Slot::Reserving(lsn) => Some(lsn),
+            Slot::Missing | Slot::Invalidated => None,
+        })
+    }
+
+    /// What the server says of a physical slot (`READ_REPLICATION_SLOT`: a row of NULLs for a
+    /// slot that does not exist; a slot whose WAL the server removed has no restart LSN).
+    pub fn read_slot(&mut self, name: &str) -> Result<Slot, ReplicationError> {
         let rows = self.command(&format!("READ_REPLICATION_SLOT {}", quote_ident(name)))?;
-        Ok(rows.first().and_then(|r| r.get(1).cloned().flatten()).and_then(|l| l.parse().ok()))
+        let col = |i: usize| rows.first().and_then(|r| r.get(i).cloned().flatten());
+        Ok(match (col(0), col(1).and_then(|l| l.parse().ok())) {
+            (None, _) => Slot::Missing,
+            (Some(_), Some(lsn)) => Slot::Reserving(lsn),
+            (Some(_), None) => Slot::Invalidated,
+        })
+    }
+
+    /// Drops a physical slot.
+    pub fn drop_slot(&mut self, name: &str) -> Result<(), ReplicationError> {
+        self.command(&format!("DROP_REPLICATION_SLOT {}", quote_ident(name)))?;
+        Ok(())
+    }
+
+    /// `TIMELINE_HISTORY`: the history file of `timeline` (which names its parents and where
+    /// each forked).
+    pub fn timeline_history(&mut self, timeline: u32) -> Result<Vec<u8>, ReplicationError> {
+        let rows = self.command(&format!("TIMELINE_HISTORY {timeline}"))?;
+        rows.first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .map(String::into_bytes)
+            .ok_or_else(|| ReplicationError::Protocol(format!("TIMELINE_HISTORY {timeline} returned no file")))
     }
 
     /// Starts streaming from `start` (rounded down to its page, so the decoder sees a page

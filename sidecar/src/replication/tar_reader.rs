@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 const BLOCK: usize = 512;
@@ -136,15 +137,16 @@ impl TarUnpacker {
         let path = self.target(name.trim_end_matches('/'))?;
         let file = match h[156] {
             b'5' => {
-                std::fs::create_dir_all(&path).map_err(|e| self.io(e))?;
+                crate::repo::timeline::private_dir(&path).map_err(|e| self.io(e))?;
                 None
             }
             b'0' | 0 => {
                 if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| self.io(e))?;
+                    crate::repo::timeline::private_dir(parent).map_err(|e| self.io(e))?;
                 }
                 self.files += 1;
-                Some(File::create(&path).map_err(|e| self.io(e))?)
+                let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path);
+                Some(file.map_err(|e| self.io(e))?)
             }
             // Symbolic links (pg_tblspc entries), pax headers and the like carry nothing we
             // unpack; their data, if any, is skipped.

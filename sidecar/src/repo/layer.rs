@@ -21,6 +21,7 @@ use neon_types::Lsn;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::ops::Range;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"NEONDL01");
@@ -56,7 +57,15 @@ pub struct DeltaLayerWriter {
 impl DeltaLayerWriter {
     pub fn new(path: &Path) -> Result<DeltaLayerWriter, LayerError> {
         let tmp = path.with_extension("tmp");
-        let file = File::create(&tmp).map_err(|source| LayerError::Io { path: tmp.clone(), source })?;
+        // New and private (the values are the database's rows); a leftover of an interrupted
+        // write is replaced.
+        let _ = std::fs::remove_file(&tmp);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|source| LayerError::Io { path: tmp.clone(), source })?;
         Ok(DeltaLayerWriter {
             path: path.to_path_buf(),
             tmp,

@@ -25,5 +25,6 @@ pub mod memlayer;
 pub mod meta;
 pub mod reconstruct;
 pub mod slru;
+pub mod store;
 pub mod timeline;
 pub mod value;

@@ -9,7 +9,7 @@
 
 use super::key::Key;
 use super::meta;
-use super::timeline::{RepoError, Timeline};
+use super::timeline::{Gap, RepoError, Timeline, Unreadable};
 use super::value::Value;
 use crate::walredo::native::{self, NativeRecord, NativeTarget};
 use crate::walredo::{RedoError, RedoRecord, RedoRequest, WalRedoManager};
@@ -29,17 +29,25 @@ pub enum GetPageError {
     NoSuchPage { tag: BufferTag, lsn: Lsn },
     #[error("{what} does not exist at {lsn}")]
     NoSuchSlruPage { what: String, lsn: Lsn },
-    #[error("{lsn} is outside the history this store holds ({start} to {end})")]
-    OutOfHistory { lsn: Lsn, start: Lsn, end: Lsn },
+    #[error("{lsn} is outside the history timeline {timeline} holds ({start} to {end})")]
+    OutOfHistory { lsn: Lsn, timeline: u32, start: Lsn, end: Lsn },
+    #[error("{lsn} cannot be read on timeline {timeline}: {gap}; LSNs up to {} and from {} on can", gap.from, gap.to)]
+    InGap { lsn: Lsn, timeline: u32, gap: Gap },
 }
 
-/// Refuses LSNs outside the store's history.
+/// Refuses LSNs outside the timeline's history, or in a gap of it.
 pub fn check_in_history(repo: &Timeline, lsn: Lsn) -> Result<(), GetPageError> {
-    let (start, end) = (repo.history_start(), repo.last_lsn());
-    if !start.is_valid() || lsn < start || lsn > end {
-        return Err(GetPageError::OutOfHistory { lsn, start, end });
+    let timeline = repo.id();
+    match repo.check_readable(lsn) {
+        Ok(()) => Ok(()),
+        Err(Unreadable::InGap(gap)) => Err(GetPageError::InGap { lsn, timeline, gap }),
+        Err(Unreadable::Before { oldest }) => {
+            Err(GetPageError::OutOfHistory { lsn, timeline, start: oldest, end: repo.last_lsn() })
+        }
+        Err(Unreadable::After { last }) => {
+            Err(GetPageError::OutOfHistory { lsn, timeline, start: repo.lineage_start(), end: last })
+        }
     }
-    Ok(())
 }
 
 /// Where a FILE_COPY database's relation reads through to: the source relation and the LSN

@@ -1,10 +1,10 @@
-//! The repository: values by (key, LSN) in an in-memory layer, a frozen layer being written,
-//! and layer files, with a manifest naming the layer files and the durable LSN. `flush`
-//! freezes the in-memory layer, writes it to a new file without blocking readers or the
-//! writer, and then, atomically, a new manifest: what the manifest says is durable has
+//! One timeline of the store: values by (key, LSN) in an in-memory layer, a frozen layer being
+//! written, and layer files, with a manifest naming the layer files and the durable LSN.
+//! `flush` freezes the in-memory layer, writes it to a new file without blocking readers or
+//! the writer, and then, atomically, a new manifest: what the manifest says is durable has
 //! survived a crash (a file written but not yet in the manifest is ignored and removed).
 //!
-//! The repository is shared (`&self` everywhere): one thread ingests and flushes while any
+//! The timeline is shared (`&self` everywhere): one thread ingests and flushes while any
 //! number read. A reader sees a consistent cut — every value of every record up to
 //! [`Timeline::last_lsn`] — because a record's values are put before its end is published.
 //!
@@ -13,9 +13,21 @@
 //! ordered by their newest LSN, so walking them newest-first visits each key's values in
 //! descending LSN order.
 //!
+//! **Lineage.** A timeline that PostgreSQL forked from another (a promoted standby, a compute
+//! restored to a past LSN: its history file names the parent and the switch point) holds only
+//! the values of its own WAL, all after the fork; a read at L goes on into the parent as of
+//! `min(L, fork)` for whatever the timeline's own values do not settle, as Neon's timelines
+//! do. What the parent holds after the fork is never seen from the child.
+//!
+//! **Gaps.** History that was lost (an invalidated slot) is a recorded [`Gap`]: reads inside
+//! it are refused, and reads after it see only values from the gap's new base (an `attach`'s
+//! images) on — never values from before the gap, and nothing from an ancestor.
+//!
 //! ```text
 //! manifest (file "manifest", replaced by rename):
-//!   magic u64 "NEONMF03" | history origin u64 | retained from u64 | durable lsn u64 |
+//!   magic u64 "NEONMF04" | timeline u32 | parent u32 (0: none) | fork lsn u64 |
+//!   history origin u64 | retained from u64 | durable lsn u64 |
+//!   gaps u32 | gaps × (from u64 | base u64 | to u64) |
 //!   n u32 | n × (u16 len | file name) | crc32c u32
 //! layer files: "delta-<first lsn>-<last lsn>", "image-<lsn>" (some keys),
 //!              "fullimage-<lsn>" (every key), LSNs in hex, "-<n>" added to a name in use
@@ -35,7 +47,8 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 const MANIFEST: &str = "manifest";
-const MANIFEST_MAGIC: u64 = u64::from_le_bytes(*b"NEONMF03");
+const MANIFEST_MAGIC: u64 = u64::from_le_bytes(*b"NEONMF04");
+const OLD_MANIFEST_MAGICS: [&[u8; 8]; 1] = [b"NEONMF03"];
 
 /// Problems of the repository as a whole.
 #[derive(Debug, thiserror::Error)]
@@ -56,12 +69,45 @@ pub enum RepoError {
     },
 }
 
-/// The history a store holds.
+/// History that was lost: WAL after `from` was gone before the sidecar had it (an
+/// invalidated slot). A base backup's files were imported as images at `base`, and history is
+/// readable again from `to` (the backup's end, where its files are consistent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    pub from: Lsn,
+    pub base: Lsn,
+    pub to: Lsn,
+}
+
+impl std::fmt::Display for Gap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the history from {} to {} was lost (its WAL was removed before the sidecar had it)",
+            self.from, self.to
+        )
+    }
+}
+
+/// Why an LSN cannot be read on a timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreadable {
+    /// Before the oldest LSN the lineage holds (or no history yet: `oldest` invalid).
+    Before { oldest: Lsn },
+    /// After the end of the last record filed.
+    After { last: Lsn },
+    /// Inside a recorded gap.
+    InGap(Gap),
+}
+
+/// The history a timeline holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryBounds {
-    /// Where history began (the import or the first streamed record).
+    /// Where this timeline's own history began (the import, the first streamed record, or
+    /// the fork from its parent).
     pub origin: Lsn,
-    /// The oldest LSN still readable: `origin` until garbage collection moves it forward.
+    /// The oldest LSN still readable on its lineage: `origin` (or the parent's oldest, for a
+    /// forked timeline) until garbage collection moves it forward.
     pub oldest: Lsn,
     /// Everything up to here survives a crash.
     pub durable: Lsn,
@@ -80,6 +126,13 @@ struct Layers {
 /// Values by key and LSN, in memory and in layer files.
 pub struct Timeline {
     dir: PathBuf,
+    /// PostgreSQL's timeline ID.
+    id: u32,
+    /// The parent timeline's ID and the fork LSN (its history file's switch point).
+    parent: Option<(u32, Lsn)>,
+    /// The parent, once the store has linked it.
+    ancestor: std::sync::OnceLock<Arc<Timeline>>,
+    gaps: RwLock<Vec<Gap>>,
     layers: RwLock<Layers>,
     /// Serialises flushes and manifest writes.
     flush_lock: Mutex<()>,
@@ -93,25 +146,45 @@ pub struct Timeline {
 }
 
 impl Timeline {
-    /// Opens (or creates) the repository in `dir` for writing: the one writer also removes
-    /// layer files an interrupted flush left behind.
+    /// Opens (or creates, as timeline 1 with no parent) the timeline in `dir` for writing: the
+    /// one writer also removes layer files an interrupted flush left behind.
     pub fn open(dir: &Path) -> Result<Timeline, RepoError> {
-        Self::open_inner(dir, true)
+        Self::open_inner(dir, true, None)
     }
 
-    /// Opens the repository in `dir` to read what is durable, beside a running writer.
+    /// Opens the timeline in `dir` to read what is durable, beside a running writer.
     pub fn open_read_only(dir: &Path) -> Result<Timeline, RepoError> {
-        Self::open_inner(dir, false)
+        Self::open_inner(dir, false, None)
     }
 
-    fn open_inner(dir: &Path, writer: bool) -> Result<Timeline, RepoError> {
+    /// Makes timeline `id` in `dir` (which must not hold one), forked from `parent` at an LSN,
+    /// or with no parent; its manifest says so before it holds anything.
+    pub fn create(dir: &Path, id: u32, parent: Option<(u32, Lsn)>) -> Result<Timeline, RepoError> {
+        if dir.join(MANIFEST).exists() {
+            return Err(RepoError::Manifest {
+                path: dir.join(MANIFEST),
+                what: format!("timeline {id} exists already"),
+            });
+        }
+        let t = Self::open_inner(dir, true, Some((id, parent)))?;
+        let durable = t.durable_lsn();
+        t.write_manifest(t.history_start(), durable, &[])?;
+        Ok(t)
+    }
+
+    fn open_inner(dir: &Path, writer: bool, new: Option<(u32, Option<(u32, Lsn)>)>) -> Result<Timeline, RepoError> {
         let io = |source| RepoError::Io { path: dir.to_path_buf(), source };
-        std::fs::create_dir_all(dir).map_err(io)?;
+        private_dir(dir).map_err(io)?;
         let path = dir.join(MANIFEST);
-        let manifest = match std::fs::read(&path) {
-            Ok(b) => parse_manifest(&path, &b)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest::default(),
-            Err(source) => return Err(RepoError::Io { path, source }),
+        let manifest = match (std::fs::read(&path), new) {
+            (Ok(b), _) => parse_manifest(&path, &b)?,
+            (Err(e), Some((id, parent))) if e.kind() == std::io::ErrorKind::NotFound => {
+                // A forked timeline's history begins at the fork.
+                let fork = parent.map(|p| p.1).unwrap_or_default();
+                Manifest { id, parent, origin: fork, oldest: fork, durable: fork, ..Manifest::default() }
+            }
+            (Err(e), None) if e.kind() == std::io::ErrorKind::NotFound => Manifest::default(),
+            (Err(source), _) => return Err(RepoError::Io { path, source }),
         };
         let mut files = Vec::new();
         for name in &manifest.names {
@@ -128,6 +201,10 @@ impl Timeline {
         }
         Ok(Timeline {
             dir: dir.to_path_buf(),
+            id: manifest.id,
+            parent: manifest.parent,
+            ancestor: std::sync::OnceLock::new(),
+            gaps: RwLock::new(manifest.gaps),
             layers: RwLock::new(Layers { inmem: MemLayer::default(), frozen: None, files }),
             flush_lock: Mutex::new(()),
             origin: AtomicU64::new(manifest.origin.0),
@@ -141,6 +218,84 @@ impl Timeline {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// PostgreSQL's timeline ID of this timeline.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The parent timeline's ID and the fork LSN, if this timeline was forked.
+    pub fn parent(&self) -> Option<(u32, Lsn)> {
+        self.parent
+    }
+
+    /// Links the parent (the store does, once every timeline is open).
+    pub fn set_ancestor(&self, parent: Arc<Timeline>) {
+        debug_assert_eq!(Some(parent.id), self.parent.map(|p| p.0));
+        let _ = self.ancestor.set(parent);
+    }
+
+    /// The parent and the fork LSN.
+    fn ancestor(&self) -> Option<(&Arc<Timeline>, Lsn)> {
+        Some((self.ancestor.get()?, self.parent?.1))
+    }
+
+    /// The recorded gaps, oldest first.
+    pub fn gaps(&self) -> Vec<Gap> {
+        self.gaps.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records a gap: reads in it are refused from now on, and reads after it see nothing
+    /// older than its base. Written to the manifest at once.
+    pub fn add_gap(&self, gap: Gap) -> Result<(), RepoError> {
+        let _flushing = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.gaps.write().unwrap_or_else(|p| p.into_inner()).push(gap);
+        self.write_manifest(self.history_start(), self.durable_lsn(), &self.file_names())
+    }
+
+    /// Values before this LSN are not part of the history read at `lsn`: the base of the
+    /// newest gap `lsn` lies after.
+    fn floor(&self, lsn: Lsn) -> Option<Lsn> {
+        self.gaps.read().unwrap_or_else(|p| p.into_inner()).iter().filter(|g| g.to <= lsn).map(|g| g.base).max()
+    }
+
+    /// The oldest LSN readable on this timeline's lineage.
+    pub fn lineage_start(&self) -> Lsn {
+        match self.ancestor() {
+            Some((a, fork)) if self.history_start() == fork => a.lineage_start(),
+            _ => self.history_start(),
+        }
+    }
+
+    /// Whether `lsn` can be read here: inside the lineage's history, up to the last record
+    /// filed, and not in a gap.
+    pub fn check_readable(&self, lsn: Lsn) -> Result<(), Unreadable> {
+        let last = self.last_lsn();
+        if lsn > last {
+            return Err(Unreadable::After { last });
+        }
+        if let Some(g) = self.gaps().into_iter().find(|g| lsn > g.from && lsn < g.to) {
+            return Err(Unreadable::InGap(g));
+        }
+        let oldest = self.history_start();
+        if oldest.is_valid() && lsn >= oldest {
+            return Ok(());
+        }
+        match self.ancestor() {
+            Some((a, fork)) if oldest == fork && lsn <= fork => a.check_readable(lsn),
+            _ => Err(Unreadable::Before { oldest: self.lineage_start() }),
+        }
+    }
+
+    /// The timeline whose own history holds `lsn` on this lineage: this one, or an ancestor
+    /// for LSNs at or before the fork. Two reads of one key at one LSN resolving to the same
+    /// timeline see the same value.
+    pub fn owner_at(self: &Arc<Self>, lsn: Lsn) -> Arc<Timeline> {
+        match self.ancestor() {
+            Some((a, fork)) if lsn <= fork => a.owner_at(lsn),
+            _ => self.clone(),
+        }
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Layers> {
@@ -169,7 +324,7 @@ impl Timeline {
     pub fn bounds(&self) -> HistoryBounds {
         HistoryBounds {
             origin: Lsn(self.origin.load(Ordering::Acquire)),
-            oldest: self.history_start(),
+            oldest: self.lineage_start(),
             durable: self.durable_lsn(),
             last: self.last_lsn(),
         }
@@ -491,9 +646,20 @@ impl Timeline {
         let io = |source| RepoError::Io { path: tmp.clone(), source };
         let mut b = Vec::new();
         b.extend_from_slice(&MANIFEST_MAGIC.to_le_bytes());
+        b.extend_from_slice(&self.id.to_le_bytes());
+        let (parent, fork) = self.parent.unwrap_or_default();
+        b.extend_from_slice(&parent.to_le_bytes());
+        b.extend_from_slice(&fork.0.to_le_bytes());
         b.extend_from_slice(&self.origin.load(Ordering::Acquire).to_le_bytes());
         b.extend_from_slice(&oldest.0.to_le_bytes());
         b.extend_from_slice(&durable.0.to_le_bytes());
+        let gaps = self.gaps();
+        b.extend_from_slice(&(gaps.len() as u32).to_le_bytes());
+        for g in &gaps {
+            for l in [g.from, g.base, g.to] {
+                b.extend_from_slice(&l.0.to_le_bytes());
+            }
+        }
         b.extend_from_slice(&(names.len() as u32).to_le_bytes());
         for n in names {
             b.extend_from_slice(&(n.len() as u16).to_le_bytes());
@@ -501,26 +667,45 @@ impl Timeline {
         }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&b).and_then(|()| f.sync_all()).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io)?;
-        Ok(())
+        write_durably(&tmp, &path, &b).map_err(io)
     }
 
     /// The values of `key` needed to rebuild it as of `lsn`, oldest first: back from the
-    /// newest value at or before `lsn` to the first one that needs no earlier value.
+    /// newest value at or before `lsn` to the first one that needs no earlier value — on into
+    /// the parent as of the fork when this timeline's own values do not reach one, never
+    /// below a gap's base.
     pub fn values_for(&self, key: Key, lsn: Lsn) -> Result<Vec<(Lsn, Value)>, RepoError> {
-        let l = self.read();
+        let floor = self.floor(lsn);
         let mut newest_first: Vec<(Lsn, Value)> = Vec::new();
+        if self.own_values(key, lsn, floor.unwrap_or_default(), &mut newest_first)? {
+            newest_first.reverse();
+            return Ok(newest_first);
+        }
+        newest_first.reverse();
+        match self.ancestor().filter(|_| floor.is_none()) {
+            Some((a, fork)) => {
+                let mut older = a.values_for(key, lsn.min(fork))?;
+                older.extend(newest_first);
+                Ok(older)
+            }
+            None => Ok(newest_first),
+        }
+    }
+
+    /// This timeline's own values of `key` in `floor..=lsn`, newest first, into `out`, down to
+    /// the first that needs no earlier value; true if one was found.
+    fn own_values(&self, key: Key, lsn: Lsn, floor: Lsn, out: &mut Vec<(Lsn, Value)>) -> Result<bool, RepoError> {
+        let l = self.read();
         let upto = Lsn(lsn.0.saturating_add(1));
         let mems = [Some(&l.inmem), l.frozen.as_deref()];
         for mem in mems.into_iter().flatten() {
             for (at, v) in mem.newest_first(&key, lsn) {
-                newest_first.push((*at, v.clone()));
+                if *at < floor {
+                    return Ok(false);
+                }
+                out.push((*at, v.clone()));
                 if v.will_init() {
-                    newest_first.reverse();
-                    return Ok(newest_first);
+                    return Ok(true);
                 }
             }
         }
@@ -530,40 +715,71 @@ impl Timeline {
             }
             for value in layer.newest_first(key, upto) {
                 let (at, v) = value?;
+                if at < floor {
+                    return Ok(false);
+                }
                 let init = v.will_init();
-                newest_first.push((at, v));
+                out.push((at, v));
                 if init {
-                    newest_first.reverse();
-                    return Ok(newest_first);
+                    return Ok(true);
                 }
             }
         }
-        newest_first.reverse();
-        Ok(newest_first)
+        Ok(false)
     }
 
-    /// The newest value at or before `lsn` of every key in `keys` that has one.
+    /// The newest value at or before `lsn` of every key in `keys` that has one (this
+    /// timeline's own, else its parent's as of the fork; never older than a gap's base).
     pub fn latest_in_range(&self, keys: Range<Key>, lsn: Lsn) -> Result<BTreeMap<Key, (Lsn, Value)>, RepoError> {
-        let l = self.read();
+        let floor = self.floor(lsn);
         let mut out: BTreeMap<Key, (Lsn, Value)> = BTreeMap::new();
-        let mut offer = |k: Key, at: Lsn, v: Value| {
-            if at <= lsn && out.get(&k).is_none_or(|(have, _)| *have < at) {
-                out.insert(k, (at, v));
+        {
+            let l = self.read();
+            let lowest = floor.unwrap_or_default();
+            let mut offer = |k: Key, at: Lsn, v: Value| {
+                if at <= lsn && at >= lowest && out.get(&k).is_none_or(|(have, _)| *have < at) {
+                    out.insert(k, (at, v));
+                }
+            };
+            for layer in &l.files {
+                if layer.lsn_range().0 <= lsn && layer.lsn_range().1 >= lowest {
+                    layer.for_each_in_range(keys.clone(), &mut offer)?;
+                }
             }
-        };
-        for layer in &l.files {
-            if layer.lsn_range().0 <= lsn {
-                layer.for_each_in_range(keys.clone(), &mut offer)?;
+            let mems = [l.frozen.as_deref(), Some(&l.inmem)];
+            for mem in mems.into_iter().flatten() {
+                for (k, at, v) in mem.in_range(keys.clone()) {
+                    offer(k, at, v.clone());
+                }
             }
         }
-        let mems = [l.frozen.as_deref(), Some(&l.inmem)];
-        for mem in mems.into_iter().flatten() {
-            for (k, at, v) in mem.in_range(keys.clone()) {
-                offer(k, at, v.clone());
+        if let Some((a, fork)) = self.ancestor().filter(|_| floor.is_none()) {
+            for (k, v) in a.latest_in_range(keys, lsn.min(fork))? {
+                out.entry(k).or_insert(v);
             }
         }
         Ok(out)
     }
+}
+
+/// Creates `dir` (and missing parents) private to this user: every value of the database is in
+/// there.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Writes `bytes` to `tmp` (new, private), fsyncs it, renames it to `path` and fsyncs the
+/// directory: `path` then holds either its old contents or all of the new, whatever happens.
+pub fn write_durably(tmp: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 const DELTA_PREFIX: &str = "delta";
@@ -594,42 +810,73 @@ fn sort_layers(files: &mut [Arc<DeltaLayer>]) {
     files.sort_by_key(|l| (l.lsn_range().1, is_image(l), l.lsn_range().0));
 }
 
-#[derive(Default)]
 struct Manifest {
+    id: u32,
+    parent: Option<(u32, Lsn)>,
     origin: Lsn,
     oldest: Lsn,
     durable: Lsn,
+    gaps: Vec<Gap>,
     names: Vec<String>,
+}
+
+impl Default for Manifest {
+    fn default() -> Manifest {
+        Manifest {
+            id: 1,
+            parent: None,
+            origin: Lsn(0),
+            oldest: Lsn(0),
+            durable: Lsn(0),
+            gaps: Vec::new(),
+            names: Vec::new(),
+        }
+    }
 }
 
 fn parse_manifest(path: &Path, b: &[u8]) -> Result<Manifest, RepoError> {
     let bad = |what: &str| RepoError::Manifest { path: path.to_path_buf(), what: what.to_string() };
-    if b.len() < 40 {
+    if OLD_MANIFEST_MAGICS.iter().any(|m| b.starts_with(&m[..])) {
+        return Err(bad("written by an older neon-sidecar, whose stores this one does not read; make a new \
+                        store with `neon-sidecar init` or `attach`"));
+    }
+    if b.len() < 56 {
         return Err(bad("too short"));
     }
     let (body, crc) = b.split_at(b.len() - 4);
     if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
         return Err(bad("checksum mismatch"));
     }
-    let u64_at = |o: usize| u64::from_le_bytes(body[o..o + 8].try_into().expect("8 bytes"));
-    if u64_at(0) != MANIFEST_MAGIC {
-        return Err(bad("bad magic"));
-    }
-    let n = u32::from_le_bytes(body[32..36].try_into().expect("4 bytes")) as usize;
-    let mut r = &body[36..];
-    let mut names = Vec::new();
-    for _ in 0..n {
-        if r.len() < 2 {
+    let mut r = body;
+    let mut take = |n: usize| -> Result<&[u8], RepoError> {
+        if r.len() < n {
             return Err(bad("truncated"));
         }
-        let len = u16::from_le_bytes([r[0], r[1]]) as usize;
-        let name = r.get(2..2 + len).ok_or_else(|| bad("truncated"))?;
-        let name = std::str::from_utf8(name).map_err(|_| bad("file name is not UTF-8"))?;
+        let (a, rest) = r.split_at(n);
+        r = rest;
+        Ok(a)
+    };
+    let u32_ = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+    let lsn = |b: &[u8]| Lsn(u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    if take(8)? != MANIFEST_MAGIC.to_le_bytes() {
+        return Err(bad("bad magic"));
+    }
+    let id = u32_(take(4)?);
+    let (parent, fork) = (u32_(take(4)?), lsn(take(8)?));
+    let (origin, oldest, durable) = (lsn(take(8)?), lsn(take(8)?), lsn(take(8)?));
+    let mut gaps = Vec::new();
+    for _ in 0..u32_(take(4)?) {
+        gaps.push(Gap { from: lsn(take(8)?), base: lsn(take(8)?), to: lsn(take(8)?) });
+    }
+    let mut names = Vec::new();
+    for _ in 0..u32_(take(4)?) {
+        let len = u16::from_le_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+        let name = std::str::from_utf8(take(len)?).map_err(|_| bad("file name is not UTF-8"))?;
         if !is_layer_name(name) || name.contains('/') {
             return Err(bad("not a layer file name"));
         }
         names.push(name.to_string());
-        r = &r[2 + len..];
     }
-    Ok(Manifest { origin: Lsn(u64_at(8)), oldest: Lsn(u64_at(16)), durable: Lsn(u64_at(24)), names })
+    let parent = (parent != 0).then_some((parent, fork));
+    Ok(Manifest { id, parent, origin, oldest, durable, gaps, names })
 }

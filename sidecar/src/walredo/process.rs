@@ -59,7 +59,11 @@ impl RedoProcess {
         let fail = |detail: String| ProcessError::Start { dir: dir.to_path_buf(), detail };
         let log = dir.with_extension("log");
         // A fresh log per process, so a death is explained by this process's last words.
-        let log_file = std::fs::File::create(&log).map_err(|e| fail(e.to_string()))?;
+        let log_file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create(true).truncate(true).mode(0o600).open(&log).map_err(|e| fail(e.to_string()))?
+        };
         if let Some((uid, gid)) = cfg.run_as {
             let _ = std::os::unix::fs::chown(&log, Some(uid), Some(gid));
         }

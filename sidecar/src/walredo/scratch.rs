@@ -73,8 +73,9 @@ impl ScratchTemplate {
     pub fn create(cfg: &RedoConfig) -> Result<ScratchTemplate, ScratchError> {
         let root = cfg.scratch_root.clone();
         let io = |source| ScratchError::Io { path: root.clone(), source };
-        std::fs::create_dir_all(&root).map_err(io)?;
+        crate::repo::timeline::private_dir(&root).map_err(io)?;
         use std::os::unix::fs::PermissionsExt;
+        // An existing (empty) directory keeps its mode: make it private too.
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         chown(&root, cfg)?;
         let template = root.join("template");

@@ -119,7 +119,8 @@ fn main() -> Result<()> {
 
     // The compute's WAL rate under pgbench, with the follower streaming and a lag sampler.
     let store_live = c.root_dir().join("store-live");
-    let repo = Timeline::open(&store_live)?;
+    let store = neon_tests::store::new_store(&c, &store_live)?;
+    let repo = store.current();
     let slot_start = ReplicationConn::connect(&replication_config(&c))?.create_slot("bench")?;
     repo.begin_history(slot_start);
     let cfg = FollowerConfig {
@@ -135,7 +136,8 @@ fn main() -> Result<()> {
     let run_start = workload::flush_lsn(&c)?;
     eprintln!("bench: pgbench -T {} with the follower streaming ...", args.seconds);
     let (pgbench_time, mut lags) = std::thread::scope(|s| -> Result<(Duration, Vec<f64>)> {
-        let follower = s.spawn(|| follower::run_into(&repo, &cfg, &stop, &mut |_, _| {}));
+        let follower =
+            s.spawn(|| follower::run_into(&store, &cfg, &stop, &mut |_, _, _| {}, &follower::IngestState::default()));
         let sampler = s.spawn(|| -> Result<Vec<f64>> {
             let mut conn = c.connect("postgres")?;
             let mut lags = Vec::new();
