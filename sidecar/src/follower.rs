@@ -373,7 +373,11 @@ fn follow(
             }
         }
     };
-    let mut dec = WalStreamDecoder::new(start, seg_size)?;
+    // A new timeline's first record begins at its fork, whatever the page holds before it.
+    let mut dec = match t.parent() {
+        Some((_, fork)) if fork == start => WalStreamDecoder::at_record(start, seg_size)?,
+        _ => WalStreamDecoder::new(start, seg_size)?,
+    };
     let streamed = (|| -> Result<Followed, FollowError> {
         let mut stream = conn.start_replication(Some(&cfg.slot), start, t.id())?;
         state.set(format!("following timeline {} from {start}", t.id()));

@@ -518,6 +518,31 @@ impl Cluster {
         Ok(())
     }
 
+    /// A streaming standby of this (running) cluster: a new cluster directory whose data
+    /// directory is `pg_basebackup -R` of this one, listening on its own socket, started.
+    pub fn standby(&self) -> Result<Cluster> {
+        let mut b = Cluster::builder().init()?;
+        let own_conf = fs::read_to_string(b.data_dir.join("postgresql.conf"))?;
+        fs::remove_dir_all(&b.data_dir)?;
+        let mut backup = self.server_tool("pg_basebackup");
+        backup.arg("-D").arg(&b.data_dir).args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+        run_command(&mut backup).context("pg_basebackup of the primary")?;
+        // The standby's own socket and port, after the primary's settings it copied.
+        let ours: String = own_conf
+            .lines()
+            .filter(|l| ["listen_addresses", "port", "unix_socket_directories"].iter().any(|k| l.starts_with(k)))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        b.append_conf(&ours)?;
+        b.start_again()?;
+        Ok(b)
+    }
+
+    /// Promotes a standby (`pg_ctl promote`, waiting until it is done).
+    pub fn promote(&self) -> Result<()> {
+        run_command(self.pg_ctl().arg("promote")).map(drop)
+    }
+
     /// Keep this cluster's directory when dropped (like `NEON_TEST_KEEP=1`).
     pub fn keep_on_drop(&mut self) {
         self.keep = true;

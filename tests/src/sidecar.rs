@@ -203,7 +203,11 @@ impl SidecarProcess {
             if durable >= lsn {
                 return Ok(());
             }
-            anyhow::ensure!(Instant::now() < deadline, "the sidecar is durable only to {durable}, not {lsn}");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the sidecar is durable only to {durable}, not {lsn}; its log:\n{}",
+                crate::tail_lines(&self.log_text(), 30)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

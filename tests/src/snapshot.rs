@@ -182,17 +182,27 @@ fn page_kinds(c: &Cluster) -> Result<HashMap<(u32, u32), PageKind>> {
     Ok(kinds)
 }
 
-fn ask(s: &SidecarProcess, req: Request) -> Result<Response> {
-    s.ask(&req)
+/// `req` on `timeline` (`None`: the one the sidecar follows).
+fn on(timeline: Option<u32>, req: Request) -> Request {
+    match timeline {
+        Some(timeline) => Request::OnTimeline { timeline, request: Box::new(req) },
+        None => req,
+    }
 }
 
 /// Everything the sidecar says about `snap.lsn` against the snapshot's files. Fails on the
 /// first difference in databases or relation forks, and after collecting up to 20 differing
 /// pages.
 pub fn compare(s: &SidecarProcess, snap: &Snapshot) -> Result<Compared> {
+    compare_on(s, snap, None)
+}
+
+/// [`compare`] on timeline `timeline` (`None`: the one the sidecar follows).
+pub fn compare_on(s: &SidecarProcess, snap: &Snapshot, timeline: Option<u32>) -> Result<Compared> {
+    let ask = |req: Request| s.ask(&on(timeline, req));
     let lsn = snap.lsn;
     let wait_ms = 30_000;
-    let Response::Databases(dbs) = ask(s, Request::ListDatabases { lsn, wait_ms })? else {
+    let Response::Databases(dbs) = ask(Request::ListDatabases { lsn, wait_ms })? else {
         anyhow::bail!("ListDatabases: unexpected answer")
     };
     let theirs: BTreeSet<u32> = dbs.iter().map(|(db, _)| *db).collect();
@@ -200,7 +210,7 @@ pub fn compare(s: &SidecarProcess, snap: &Snapshot) -> Result<Compared> {
 
     let mut ours: BTreeMap<RelTag, u32> = BTreeMap::new();
     for db in std::iter::once(0).chain(theirs.iter().copied()) {
-        let Response::Relations(rels) = ask(s, Request::ListRelations { dbnode: db, lsn, wait_ms })? else {
+        let Response::Relations(rels) = ask(Request::ListRelations { dbnode: db, lsn, wait_ms })? else {
             anyhow::bail!("ListRelations: unexpected answer")
         };
         ours.extend(rels);
@@ -223,7 +233,7 @@ pub fn compare(s: &SidecarProcess, snap: &Snapshot) -> Result<Compared> {
         let masking = Rel { name: rel.to_string(), path: String::new(), kind };
         for blkno in 0..*nblocks {
             let tag = BufferTag { rel: *rel, blkno };
-            let page = match client.request(&Request::GetPage { tag, lsn, wait_ms })? {
+            let page = match client.request(&on(timeline, Request::GetPage { tag, lsn, wait_ms }))? {
                 Response::Page(p) => p,
                 Response::Error { message, .. } => anyhow::bail!("{tag} at {lsn}: {message}"),
                 r => anyhow::bail!("{tag}: unexpected answer {r:?}"),

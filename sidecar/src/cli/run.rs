@@ -149,13 +149,18 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         };
         let followed = follower::run_into(&store, &cfg, &STOP, &mut on_flush, &ingest);
         drop(on_flush);
-        if let (Err(e), Some(_)) = (&followed, &server) {
-            // Reads of the history on disk go on; only SIGTERM ends them.
-            eprintln!("neon-sidecar: ingest stopped: {e}\nneon-sidecar: still serving the history the store holds");
-            while !STOP.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(50));
+        let followed = match (followed, &server) {
+            (Err(e), Some(_)) => {
+                // Reads of the history on disk go on; only SIGTERM ends them, and that stop
+                // is a clean one (what stopped ingest was said when it happened).
+                eprintln!("neon-sidecar: ingest stopped: {e}\nneon-sidecar: still serving the history the store holds");
+                while !STOP.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(())
             }
-        }
+            (followed, _) => followed,
+        };
         STOP.store(true, Ordering::Relaxed);
         compactor.join().expect("compaction thread");
         if let Some(server) = server {

@@ -262,6 +262,8 @@ impl ReplicationConn {
         // SAFETY: `read` only writes into the slice; we expose just the bytes it reports.
         let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) };
         let n = match self.stream.read(dst) {
+            // A signal (the sidecar's own SIGTERM handler, a child's exit) is not the server.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(()),
             Ok(0) => return Err(ReplicationError::Io(std::io::ErrorKind::UnexpectedEof.into())),
             Ok(n) => n,
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {

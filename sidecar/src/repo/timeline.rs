@@ -762,11 +762,18 @@ impl Timeline {
     }
 }
 
-/// Creates `dir` (and missing parents) private to this user: every value of the database is in
-/// there.
+/// Creates `dir` private to this user (every value of the database is in there), and missing
+/// parents as `mkdir -p` would (they may be the way in for another user of a subdirectory).
+/// An existing directory is left as it is.
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        r => r,
+    }
 }
 
 /// Writes `bytes` to `tmp` (new, private), fsyncs it, renames it to `path` and fsyncs the

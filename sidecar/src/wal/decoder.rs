@@ -310,6 +310,8 @@ pub struct WalStreamDecoder {
     meta: RecordMeta,
     /// Bytes of the last record when it had to be assembled from several pieces.
     assembly: Vec<u8>,
+    /// Where the first record begins, when the caller knows ([`WalStreamDecoder::at_record`]).
+    first_record: Option<Lsn>,
     /// A record decoded by [`WalStreamDecoder::has_record`] and not yet returned.
     pending: Option<RawLoc>,
     /// (start, end) of the page-crossing record being waited for, computed once.
@@ -341,9 +343,20 @@ impl WalStreamDecoder {
             last_good_end: start,
             meta: RecordMeta::default(),
             assembly: Vec::new(),
+            first_record: None,
             pending: None,
             span: None,
         })
+    }
+
+    /// A decoder whose first record begins exactly at `start` (a timeline's switch point, which
+    /// is where its first record begins), without walking the records of the page before it:
+    /// they may not exist (a base backup's generated segment holds only its checkpoint
+    /// record). The input fed must begin at `start.page_start()`, whose header is checked.
+    pub fn at_record(start: Lsn, seg_size: u32) -> Result<Self, DecodeError> {
+        let mut d = Self::new(start, seg_size)?;
+        d.first_record = Some(start);
+        Ok(d)
     }
 
     /// Expect this system identifier in long page headers.
@@ -444,6 +457,13 @@ impl WalStreamDecoder {
                     return Ok(None);
                 };
                 let hsz = hdr.size() as u64;
+                if let Some(first) = self.first_record.take() {
+                    // Whatever precedes it on its page (the end of an earlier record, or
+                    // nothing) is not ours to read.
+                    self.pos = (self.pos + hsz).max(first);
+                    self.finding_first = false;
+                    continue;
+                }
                 if self.finding_first && hdr.is_contrecord() {
                     let rem = Lsn(hdr.rem_len as u64).align().0;
                     self.pos = if rem >= PAGE - hsz { self.pos + PAGE } else { self.pos + hsz + rem };
@@ -853,6 +873,29 @@ mod tests {
         }
         assert!(recs.iter().any(|r| r.lsn.segment_number(SEG) != r.end_lsn.segment_number(SEG)));
         assert_eq!(dec.position(), expect.last().unwrap().1);
+    }
+
+    #[test]
+    fn at_record_starts_at_the_record_whatever_precedes_it_on_its_page() {
+        let (w, expect) = sample();
+        // Every record's start, and the page holding it blanked before it: the record there is
+        // the first decoded, and the rest follow.
+        for (i, (start, _, _)) in expect.iter().enumerate().step_by(7) {
+            let page = start.page_start();
+            let off = (page.0 - w.start.0) as usize;
+            let mut bytes = w.buf[off..].to_vec();
+            let hsz = PageHeader::size_from_prefix(&bytes);
+            let skip = (start.0 - page.0) as usize;
+            if skip > hsz {
+                bytes[hsz..skip].fill(0);
+            }
+            let mut dec = WalStreamDecoder::at_record(*start, SEG).unwrap();
+            dec.feed(Bytes::from(bytes));
+            let (recs, err) = decode_all(&mut dec);
+            assert!(err.is_none(), "from {start}: {err:?}");
+            assert_eq!(recs.len(), expect.len() - i, "from {start}");
+            assert_eq!(recs[0].lsn, *start);
+        }
     }
 
     #[test]
