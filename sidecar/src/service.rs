@@ -265,6 +265,7 @@ impl PageService {
                     workers: self.basebackup_workers,
                     new_timeline,
                     progress_every: self.progress_every,
+                    tablespace_map: Default::default(),
                 };
                 // Quick ones say nothing; the final figures are in the answer.
                 let mut report = |p: &Progress| {

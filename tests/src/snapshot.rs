@@ -88,8 +88,9 @@ impl Snapshot {
         let lsn = workload::flush_lsn(c)?;
         let dir = c.root_dir().join(name);
         std::fs::create_dir_all(&dir)?;
-        for sub in ["global", "base", "pg_xact", "pg_multixact", "pg_twophase"] {
-            let ok = std::process::Command::new("cp").arg("-a").arg(c.data_dir().join(sub)).arg(&dir).status()?;
+        for sub in ["global", "base", "pg_xact", "pg_multixact", "pg_twophase", "pg_tblspc"] {
+            // Tablespaces through their links: the copy holds their files.
+            let ok = std::process::Command::new("cp").arg("-aL").arg(c.data_dir().join(sub)).arg(&dir).status()?;
             anyhow::ensure!(ok.success(), "copying {sub} to {}", dir.display());
         }
         Ok(Snapshot { lsn, dir, kinds: page_kinds(c)? })
@@ -102,23 +103,55 @@ impl Snapshot {
         Ok(Snapshot { lsn, dir: c.data_dir().to_path_buf(), kinds: page_kinds(c)? })
     }
 
-    /// Database OIDs (directories under `base/`).
-    pub fn databases(&self) -> Result<BTreeSet<u32>> {
-        let mut out = BTreeSet::new();
-        for e in std::fs::read_dir(self.dir.join("base"))? {
-            if let Ok(db) = e?.file_name().to_string_lossy().parse() {
-                out.insert(db);
+    /// Every database directory: (path, tablespace, database), the shared catalogs' first;
+    /// those under `pg_tblspc/<oid>/PG_15_*/` included.
+    fn database_dirs(&self) -> Result<Vec<(PathBuf, u32, u32)>> {
+        let mut dirs = vec![(self.dir.join("global"), GLOBALTABLESPACE_OID, 0)];
+        let mut add = |parent: &Path, spc: u32| -> Result<()> {
+            for e in std::fs::read_dir(parent)? {
+                let e = e?;
+                if let Ok(db) = e.file_name().to_string_lossy().parse() {
+                    dirs.push((e.path(), spc, db));
+                }
+            }
+            Ok(())
+        };
+        add(&self.dir.join("base"), DEFAULTTABLESPACE_OID)?;
+        let tblspc = self.dir.join("pg_tblspc");
+        if tblspc.is_dir() {
+            for e in std::fs::read_dir(&tblspc)? {
+                let e = e?;
+                let Ok(spc) = e.file_name().to_string_lossy().parse() else { continue };
+                for v in std::fs::read_dir(e.path())? {
+                    let v = v?;
+                    if v.file_name().to_string_lossy().starts_with("PG_15_") {
+                        add(&v.path(), spc)?;
+                    }
+                }
             }
         }
-        Ok(out)
+        Ok(dirs)
+    }
+
+    /// Databases (OID) and the directory of their default tablespace: the one holding
+    /// `PG_VERSION` and the relation map.
+    pub fn database_homes(&self) -> Result<BTreeMap<u32, (PathBuf, u32)>> {
+        Ok(self
+            .database_dirs()?
+            .into_iter()
+            .filter(|(dir, _, db)| *db != 0 && dir.join("PG_VERSION").exists())
+            .map(|(dir, spc, db)| (db, (dir, spc)))
+            .collect())
+    }
+
+    /// Database OIDs.
+    pub fn databases(&self) -> Result<BTreeSet<u32>> {
+        Ok(self.database_homes()?.into_keys().collect())
     }
 
     /// The relation forks the store should have, with their files' sizes in blocks.
     pub fn forks(&self) -> Result<BTreeMap<RelTag, (PathBuf, u32)>> {
-        let mut dirs = vec![(self.dir.join("global"), GLOBALTABLESPACE_OID, 0)];
-        for db in self.databases()? {
-            dirs.push((self.dir.join("base").join(db.to_string()), DEFAULTTABLESPACE_OID, db));
-        }
+        let dirs = self.database_dirs()?;
         let mut out = BTreeMap::new();
         for (dir, spcnode, dbnode) in dirs {
             let mut files: BTreeMap<(u32, ForkNumber), PathBuf> = BTreeMap::new();
@@ -299,8 +332,8 @@ pub fn compare_metadata(store: &Path, snap: &Snapshot) -> Result<MetaCompared> {
     let mut done = MetaCompared::default();
 
     let mut maps = vec![(snap.dir.join("global/pg_filenode.map"), 0, GLOBALTABLESPACE_OID)];
-    for db in snap.databases()? {
-        maps.push((snap.dir.join(format!("base/{db}/pg_filenode.map")), db, DEFAULTTABLESPACE_OID));
+    for (db, (dir, spc)) in snap.database_homes()? {
+        maps.push((dir.join("pg_filenode.map"), db, spc));
     }
     for (path, db, spc) in maps {
         let file = std::fs::read(&path)?;
@@ -378,10 +411,5 @@ pub fn compare_metadata(store: &Path, snap: &Snapshot) -> Result<MetaCompared> {
 
 /// Where a relation's main fork is in a snapshot (for tests that look at one table).
 pub fn main_fork_path(snap: &Snapshot, node: &RelFileNode) -> PathBuf {
-    let dir: &Path = &snap.dir;
-    if node.spcnode == GLOBALTABLESPACE_OID {
-        dir.join("global").join(node.relnode.to_string())
-    } else {
-        dir.join("base").join(node.dbnode.to_string()).join(node.relnode.to_string())
-    }
+    snap.dir.join(sidecar::repo::meta::database_path(node.spcnode, node.dbnode)).join(node.relnode.to_string())
 }

@@ -149,3 +149,24 @@ pub fn mixed(c: &Cluster, scale: u32) -> Result<()> {
     c.execute("ROLLBACK PREPARED 'w2'")?;
     Ok(())
 }
+
+/// `pg_dump` of `db`, without what cannot survive a restore by design (unlogged tables' rows)
+/// or differs on every run (the `\restrict` key of pg_dump 15.14+).
+pub fn dump(c: &Cluster, db: &str) -> Result<String> {
+    let text = c.run_tool("pg_dump", &["--no-sync", "--no-unlogged-table-data", "-d", &c.conn_str(db)])?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// [`dump`] of every database that takes connections, by name.
+pub fn dump_all(c: &Cluster) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for row in c.query_rows("SELECT datname::text FROM pg_database WHERE datallowconn ORDER BY 1")? {
+        let db = row[0].clone().unwrap_or_default();
+        out.insert(db.clone(), dump(c, &db)?);
+    }
+    Ok(out)
+}

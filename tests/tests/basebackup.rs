@@ -10,18 +10,7 @@
 
 use anyhow::Result;
 use neon_tests::sidecar::{boot_basebackup, cluster_born_with_store_and, SidecarProcess};
-use neon_tests::workload;
-
-/// `pg_dump` of `db`, without what cannot survive a restore by design (unlogged tables' rows)
-/// or differs on every run (the `\restrict` key of pg_dump 15.14+).
-fn dump(c: &neon_tests::Cluster, db: &str) -> Result<String> {
-    let text = c.run_tool("pg_dump", &["--no-sync", "--no-unlogged-table-data", "-d", &c.conn_str(db)])?;
-    Ok(text
-        .lines()
-        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
-        .collect::<Vec<_>>()
-        .join("\n"))
-}
+use neon_tests::workload::{self, dump};
 
 #[test]
 fn a_past_lsn_boots_and_equals_its_dumps() -> Result<()> {

@@ -8,22 +8,10 @@
 
 use anyhow::{Context, Result};
 use neon_tests::sidecar::{boot_basebackup, cluster_born_with_store, SidecarProcess};
+use neon_tests::workload::dump_all;
 use neon_tests::{workload, Cluster};
 use neon_types::Lsn;
 use std::collections::BTreeMap;
-
-/// `pg_dump` of every database that takes connections, as the tests in `basebackup` do it.
-fn dump_all(c: &Cluster) -> Result<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    for row in c.query_rows("SELECT datname::text FROM pg_database WHERE datallowconn ORDER BY 1")? {
-        let db = row[0].clone().unwrap_or_default();
-        let text = c.run_tool("pg_dump", &["--no-sync", "--no-unlogged-table-data", "-d", &c.conn_str(&db)])?;
-        let text: Vec<&str> =
-            text.lines().filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict")).collect();
-        out.insert(db, text.join("\n"));
-    }
-    Ok(out)
-}
 
 /// The `setval` lines of a dump: sequence name and value.
 fn sequences(dump: &str) -> BTreeMap<String, i64> {

@@ -25,7 +25,7 @@ fn imported_cluster_then_streamed_history_serves_every_page() -> Result<()> {
     let s = neon_tests::store::new_store(&c, &store)?;
     c.stop()?;
     let repo = s.current();
-    let stats = import_datadir(&repo, c.data_dir(), at)?;
+    let stats = import_datadir(&repo, c.data_dir(), at, &Default::default())?;
     repo.flush()?;
     drop((repo, s));
     eprintln!("imported {} pages of {} relation forks at {at}", stats.pages, stats.relation_forks);

@@ -4,6 +4,7 @@
 //! * [`tar`]     — the archive, written as a stream.
 //! * [`checksum`] — PostgreSQL's page checksum, for computes with `data_checksums`.
 //! * [`control`] — the generated `global/pg_control`.
+//! * [`output`]  — where files go: the tar, or a mapped tablespace's own directory.
 //! * [`pages`]   — rebuilding pages in parallel, in order, with bounded memory.
 //! * [`shared`]  — backups in the shared directory: atomic, cached, size-limited.
 //! * [`walseg`]  — the generated WAL segment holding a shutdown checkpoint at L.
@@ -20,6 +21,7 @@
 
 pub mod checksum;
 pub mod control;
+pub mod output;
 pub mod pages;
 pub mod shared;
 pub mod tar;
@@ -32,6 +34,7 @@ use crate::repo::timeline::{RepoError, Timeline};
 use crate::walredo::native::SLRU_PAGES_PER_SEGMENT;
 use crate::walredo::WalRedoManager;
 use neon_types::{BufferTag, ForkNumber, Lsn, RelTag, BLCKSZ};
+use output::Output;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::sync::Arc;
@@ -78,15 +81,13 @@ pub enum BasebackupError {
     Control(#[from] control::ControlError),
     #[error("base backup at {lsn}: {what}")]
     Missing { lsn: Lsn, what: String },
-    #[error("base backup at {lsn}: {what} is not supported yet")]
-    Unsupported { lsn: Lsn, what: String },
     #[error("base backup: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// Rebuild and ship every relation page (a full backup); otherwise only the rest.
     pub relation_pages: bool,
@@ -97,6 +98,9 @@ pub struct Options {
     pub new_timeline: bool,
     /// How often progress is reported.
     pub progress_every: Duration,
+    /// Tablespaces whose files go to a directory of their own (see `output`); the others are
+    /// in place under `pg_tblspc/<oid>/`.
+    pub tablespace_map: BTreeMap<u32, std::path::PathBuf>,
 }
 
 /// The PostgreSQL timeline a backup is on and the history files it carries.
@@ -158,7 +162,7 @@ struct Builder<'a, W: Write> {
     redo: &'a dyn WalRedoManager,
     lsn: Lsn,
     checksums: bool,
-    tar: TarWriter<W>,
+    out: Output<W>,
     stats: Stats,
     progress: Progress,
     /// Relation files to write: path and the pages, in order.
@@ -195,8 +199,8 @@ impl<W: Write> Builder<'_, W> {
         }
         // Empty files first: no page will open them.
         for (_, path, _) in starts.iter().filter(|(_, _, n)| *n == 0) {
-            self.tar.begin_file(path, 0)?;
-            self.tar.end_file()?;
+            self.out.begin_file(path, 0)?;
+            self.out.end_file()?;
             self.stats.relation_files += 1;
         }
         let mut files = starts.iter().filter(|(_, _, n)| *n > 0).peekable();
@@ -204,16 +208,16 @@ impl<W: Write> Builder<'_, W> {
         pages::rebuild_in_order(repo, redo, lsn, &tags, workers, |i, mut page| {
             if let Some((first, path, n)) = files.peek() {
                 if *first == i {
-                    self.tar.begin_file(path, (*n * BLCKSZ) as u64)?;
+                    self.out.begin_file(path, (*n * BLCKSZ) as u64)?;
                 }
                 if self.checksums {
                     checksum::stamp(&mut page, tags[i].blkno);
                 }
-                self.tar.write(&page[..])?;
+                self.out.write(&page[..])?;
                 self.stats.pages += 1;
                 self.progress.pages += 1;
                 if i + 1 == first + n {
-                    self.tar.end_file()?;
+                    self.out.end_file()?;
                     self.stats.relation_files += 1;
                     files.next();
                 }
@@ -223,25 +227,27 @@ impl<W: Write> Builder<'_, W> {
         })
     }
 
-    /// The relation forks of one database (0: the shared catalogs), planned under `dir`.
-    fn relations(&mut self, dir: &str, rels: &BTreeMap<RelTag, u32>) {
+    /// The relation forks of one database (0: the shared catalogs), each planned in its
+    /// tablespace's directory of the database.
+    fn relations(&mut self, rels: &BTreeMap<RelTag, u32>) {
         let unlogged: BTreeSet<u32> =
             rels.keys().filter(|r| r.fork == ForkNumber::Init).map(|r| r.node.relnode).collect();
         for (rel, n) in rels {
             if rel.fork == ForkNumber::Fsm || (unlogged.contains(&rel.node.relnode) && rel.fork != ForkNumber::Init) {
                 continue;
             }
-            self.plan_relation(dir, *rel, *n, rel.fork);
+            let dir = meta::database_path(rel.node.spcnode, rel.node.dbnode);
+            self.plan_relation(&dir, *rel, *n, rel.fork);
             if rel.fork == ForkNumber::Init {
                 // An unlogged relation starts from its init fork after a clean shutdown too.
-                self.plan_relation(dir, *rel, *n, ForkNumber::Main);
+                self.plan_relation(&dir, *rel, *n, ForkNumber::Main);
             }
         }
     }
 
     fn tick(&mut self) {
         if self.last_report.elapsed() >= self.progress_every {
-            self.progress.bytes = self.tar.bytes;
+            self.progress.bytes = self.out.tar.bytes;
             self.progress.elapsed = self.started.elapsed();
             (self.report)(&self.progress);
             self.last_report = Instant::now();
@@ -256,7 +262,7 @@ impl<W: Write> Builder<'_, W> {
         for (segno, pages) in by_segment {
             let first = segno * SLRU_PAGES_PER_SEGMENT;
             let last = *pages.iter().max().expect("a page");
-            self.tar.begin_file(&format!("{dir}/{segno:04X}"), u64::from(last - first + 1) * BLCKSZ as u64)?;
+            self.out.begin_file(&format!("{dir}/{segno:04X}"), u64::from(last - first + 1) * BLCKSZ as u64)?;
             for pageno in first..=last {
                 let page = if pages.contains(&pageno) {
                     get_slru_page(self.repo, slru, pageno, self.lsn)
@@ -264,10 +270,10 @@ impl<W: Write> Builder<'_, W> {
                 } else {
                     Box::new([0u8; BLCKSZ])
                 };
-                self.tar.write(&page[..])?;
+                self.out.write(&page[..])?;
                 self.stats.slru_pages += 1;
             }
-            self.tar.end_file()?;
+            self.out.end_file()?;
         }
         Ok(())
     }
@@ -312,7 +318,7 @@ pub fn write_basebackup<W: Write>(
         redo,
         lsn,
         checksums: info.data_checksums,
-        tar: TarWriter::new(out, now),
+        out: Output::new(TarWriter::new(out, now), opts.tablespace_map.clone()),
         stats: Stats { databases: dbs.len(), checkpoint_lsn: at, ..Default::default() },
         plan: Vec::new(),
         progress: Progress { total_pages, ..Default::default() },
@@ -321,37 +327,40 @@ pub fn write_basebackup<W: Write>(
         progress_every: opts.progress_every,
         report,
     };
-    b.tar.file("PG_VERSION", b"15\n")?;
+    b.out.file("PG_VERSION", b"15\n")?;
     for dir in DIRS {
-        b.tar.dir(dir)?;
+        b.out.dir(dir)?;
     }
-    b.tar.file("postgresql.conf", format!("# written by neon-sidecar: a base backup as of {lsn}\n").as_bytes())?;
-    b.tar.file("postgresql.auto.conf", b"# Do not edit this file manually!\n")?;
+    b.out.file("postgresql.conf", format!("# written by neon-sidecar: a base backup as of {lsn}\n").as_bytes())?;
+    b.out.file("postgresql.auto.conf", b"# Do not edit this file manually!\n")?;
     for (which, name) in meta::CONFIG_FILES.iter().enumerate() {
         let text = meta::config_file(repo, which as u32, lsn)?.unwrap_or_default();
-        b.tar.file(name, &text)?;
+        b.out.file(name, &text)?;
     }
     let global_map = meta::relmap(repo, 0, meta::GLOBALTABLESPACE_OID, lsn)?
         .ok_or_else(|| missing("no relation map of the shared catalogs"))?;
-    b.tar.file("global/pg_filenode.map", &global_map)?;
+    b.out.file("global/pg_filenode.map", &global_map)?;
+    for oid in meta::tablespaces(repo, lsn)?.keys() {
+        b.out.tablespace(*oid)?;
+    }
     for (db, rels) in &rels_by_db {
-        let dir = if *db == 0 {
-            "global".to_string()
-        } else {
-            let dir = format!("base/{db}");
-            let spc = dbs.iter().find(|d| d.dbnode == *db).map(|d| d.spcnode).unwrap_or(meta::DEFAULTTABLESPACE_OID);
-            if spc != meta::DEFAULTTABLESPACE_OID {
-                return Err(BasebackupError::Unsupported { lsn, what: format!("tablespace {spc} of database {db}") });
-            }
-            b.tar.dir(&dir)?;
-            b.tar.file(&format!("{dir}/PG_VERSION"), b"15\n")?;
-            let map = meta::relmap(repo, *db, spc, lsn)?
+        if let Some(entry) = dbs.iter().find(|d| d.dbnode == *db) {
+            // Its default tablespace's directory holds PG_VERSION and the relation map; the
+            // others, only its relations there.
+            let dir = meta::database_path(entry.spcnode, *db);
+            b.out.dir(&dir)?;
+            b.out.file(&format!("{dir}/PG_VERSION"), b"15\n")?;
+            let map = meta::relmap(repo, *db, entry.spcnode, lsn)?
                 .ok_or_else(|| missing(&format!("no relation map of database {db}")))?;
-            b.tar.file(&format!("{dir}/pg_filenode.map"), &map)?;
-            dir
-        };
+            b.out.file(&format!("{dir}/pg_filenode.map"), &map)?;
+            let others: BTreeSet<u32> =
+                rels.keys().map(|r| r.node.spcnode).filter(|spc| *spc != entry.spcnode).collect();
+            for spc in others {
+                b.out.dir(&meta::database_path(spc, *db))?;
+            }
+        }
         if opts.relation_pages {
-            b.relations(&dir, rels);
+            b.relations(rels);
         }
     }
     b.write_relation_files(opts.workers)?;
@@ -361,19 +370,19 @@ pub fn write_basebackup<W: Write>(
     for (xid, body) in meta::twophase_states(repo, lsn)? {
         let mut file = body.to_vec();
         file.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-        b.tar.file(&format!("pg_twophase/{xid:08X}"), &file)?;
+        b.out.file(&format!("pg_twophase/{xid:08X}"), &file)?;
         b.stats.prepared += 1;
     }
     // Timeline history: "parent TLI <tab> switch point <tab> reason", one line per ancestor.
     if !timeline.history.is_empty() {
-        b.tar.file(&format!("pg_wal/{:08X}.history", timeline.timeline), &timeline.history)?;
+        b.out.file(&format!("pg_wal/{:08X}.history", timeline.timeline), &timeline.history)?;
     }
     if opts.new_timeline {
         let mut history = timeline.history.clone();
         history.extend_from_slice(
             format!("{}\t{at}\tneon-sidecar base backup as of {lsn}\n", checkpoint.prev_timeline).as_bytes(),
         );
-        b.tar.file(&format!("pg_wal/{:08X}.history", checkpoint.this_timeline), &history)?;
+        b.out.file(&format!("pg_wal/{:08X}.history", checkpoint.this_timeline), &history)?;
     }
     b.stats.timeline = checkpoint.this_timeline;
     let record = walseg::checkpoint_record(&checkpoint, Lsn(0));
@@ -384,11 +393,11 @@ pub fn write_basebackup<W: Write>(
         info.system_identifier,
         info.wal_segment_size,
     );
-    b.tar.file(&format!("pg_wal/{name}"), &segment)?;
-    b.tar.file("global/pg_control", &control::generate(&template, at, &checkpoint)?)?;
-    b.progress.bytes = b.tar.bytes;
+    b.out.file(&format!("pg_wal/{name}"), &segment)?;
+    b.out.file("global/pg_control", &control::generate(&template, at, &checkpoint)?)?;
+    b.progress.bytes = b.out.tar.bytes;
     b.progress.elapsed = b.started.elapsed();
     (b.report)(&b.progress);
     let stats = b.stats;
-    Ok((b.tar.finish()?, stats))
+    Ok((b.out.tar.finish()?, stats))
 }

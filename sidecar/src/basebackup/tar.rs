@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! header (512 bytes): name [0..100] | mode [100..108] | uid | gid | size [124..136] (octal) |
-//!   mtime [136..148] | checksum [148..156] | typeflag [156] ('0' file, '5' directory) |
-//!   magic [257..263] "ustar\0" | version "00" | uname | gname | prefix [345..500]
+//!   mtime [136..148] | checksum [148..156] | typeflag [156] ('0' file, '2' symbolic link,
+//!   '5' directory) | linkname [157..257] | magic [257..263] "ustar\0" | version "00" | uname |
+//!   gname | prefix [345..500]
 //! then the file's bytes, padded to a multiple of 512; two zero blocks end the archive
 //! ```
 
@@ -18,8 +19,17 @@ pub enum TarError {
     Io(#[from] std::io::Error),
     #[error("archive path {0:?} is too long")]
     PathTooLong(String),
+    #[error("symbolic link target {0:?} is too long (at most 100 bytes)")]
+    LinkTooLong(String),
     #[error("{path}: {written} bytes written, {declared} declared")]
     SizeMismatch { path: String, written: u64, declared: u64 },
+}
+
+/// What a header announces.
+enum Entry<'a> {
+    File,
+    Dir,
+    Symlink(&'a str),
 }
 
 /// A tar stream over `out`. Files are written as `begin_file`, any number of `write`s adding
@@ -50,7 +60,7 @@ impl<W: Write> TarWriter<W> {
         Ok(())
     }
 
-    fn header(&mut self, path: &str, size: u64, dir: bool) -> Result<(), TarError> {
+    fn header(&mut self, path: &str, size: u64, kind: Entry<'_>) -> Result<(), TarError> {
         let mut h = [0u8; BLOCK];
         let (prefix, name) = if path.len() <= 100 {
             ("", path)
@@ -61,12 +71,22 @@ impl<W: Write> TarWriter<W> {
             }
         };
         h[..name.len()].copy_from_slice(name.as_bytes());
-        octal(&mut h[100..108], if dir { 0o700 } else { 0o600 });
+        octal(&mut h[100..108], if matches!(kind, Entry::File) { 0o600 } else { 0o700 });
         octal(&mut h[108..116], 0);
         octal(&mut h[116..124], 0);
         octal(&mut h[124..136], size);
         octal(&mut h[136..148], self.mtime);
-        h[156] = if dir { b'5' } else { b'0' };
+        h[156] = match kind {
+            Entry::File => b'0',
+            Entry::Symlink(target) => {
+                if target.len() > 100 {
+                    return Err(TarError::LinkTooLong(target.to_string()));
+                }
+                h[157..157 + target.len()].copy_from_slice(target.as_bytes());
+                b'2'
+            }
+            Entry::Dir => b'5',
+        };
         h[257..263].copy_from_slice(b"ustar\0");
         h[263..265].copy_from_slice(b"00");
         h[265..273].copy_from_slice(b"postgres");
@@ -80,7 +100,12 @@ impl<W: Write> TarWriter<W> {
     }
 
     pub fn dir(&mut self, path: &str) -> Result<(), TarError> {
-        self.header(&format!("{}/", path.trim_end_matches('/')), 0, true)
+        self.header(&format!("{}/", path.trim_end_matches('/')), 0, Entry::Dir)
+    }
+
+    /// A symbolic link at `path` to `target`.
+    pub fn symlink(&mut self, path: &str, target: &str) -> Result<(), TarError> {
+        self.header(path.trim_end_matches('/'), 0, Entry::Symlink(target))
     }
 
     pub fn file(&mut self, path: &str, data: &[u8]) -> Result<(), TarError> {
@@ -90,7 +115,7 @@ impl<W: Write> TarWriter<W> {
     }
 
     pub fn begin_file(&mut self, path: &str, size: u64) -> Result<(), TarError> {
-        self.header(path, size, false)?;
+        self.header(path, size, Entry::File)?;
         self.open = Some((path.to_string(), size, 0));
         Ok(())
     }
@@ -152,9 +177,12 @@ mod tests {
         let mut t = TarWriter::new(std::fs::File::create(&path).unwrap(), 0);
         t.dir("base").unwrap();
         t.file(&long, &[7u8; 1000]).unwrap();
+        t.symlink("pg_tblspc/16400", "/srv/ts").unwrap();
+        assert!(matches!(t.symlink("l", &"x".repeat(101)), Err(TarError::LinkTooLong(_))));
         t.finish().unwrap();
         let out = std::process::Command::new("tar").arg("-tvf").arg(&path).output().unwrap();
         let listing = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success() && listing.contains(&long) && listing.contains("1000"), "{listing}");
+        assert!(listing.contains("pg_tblspc/16400 -> /srv/ts"), "{listing}");
     }
 }

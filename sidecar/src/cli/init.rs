@@ -255,7 +255,7 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let timeline = checkpoint_timeline(pgdata)?;
     let store = Store::create(&args.store, identity, timeline)?;
     let repo = store.current();
-    let stats = import_datadir(&repo, pgdata, at)?;
+    let stats = import_datadir(&repo, pgdata, at, &Default::default())?;
     repo.flush()?;
     drop((repo, store));
     give_to_server_user(&args.store, &cfg)?;
@@ -359,7 +359,7 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             Some(from) => t.add_gap(Gap { from, base: b.start, to: b.end })?,
             None => t.restrict_history(b.end),
         }
-        let stats = import_datadir(&t, &unpacked, b.start)?;
+        let stats = import_datadir(&t, &unpacked, b.start, &b.tablespaces)?;
         t.flush()?;
         store.set_current(t.id())?;
         Ok((b, stats))

@@ -236,10 +236,36 @@ pub struct BasebackupArgs {
     /// Start the copy on a new timeline (with its .history file).
     #[arg(long)]
     pub new_timeline: bool,
+    /// With --store: write tablespace OID's files into DIR (an absolute path; made if
+    /// missing), the tar holding `pg_tblspc/OID` as a link to it, as `pg_basebackup -T` maps
+    /// them. Tablespaces not mapped are directories in place under `pg_tblspc/`.
+    #[arg(long, value_name = "OID=DIR")]
+    pub tablespace_map: Vec<TablespaceMap>,
     #[arg(long, default_value_t = 2)]
     pub redo_processes: usize,
     #[command(flatten)]
     pub redo: RedoProcessArgs,
+}
+
+/// `--tablespace-map OID=DIR`.
+#[derive(Debug, Clone)]
+pub struct TablespaceMap {
+    pub oid: u32,
+    pub dir: PathBuf,
+}
+
+impl std::str::FromStr for TablespaceMap {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (oid, dir) = s.split_once('=').ok_or_else(|| format!("{s:?} is not OID=DIR"))?;
+        let oid = oid.parse().map_err(|_| format!("{oid:?} is not a tablespace OID"))?;
+        let dir = PathBuf::from(dir);
+        if !dir.is_absolute() {
+            return Err(format!("{} is not an absolute path", dir.display()));
+        }
+        Ok(TablespaceMap { oid, dir })
+    }
 }
 
 /// `neon-sidecar basebackup`: a tar of the data directory as of `--lsn`, with progress.
@@ -247,6 +273,9 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
     use crate::basebackup::{Options, Progress};
     let full = !args.no_relation_pages;
     let store = match (&args.source.socket, &args.source.store) {
+        (Some(_), _) if !args.tablespace_map.is_empty() => {
+            bail!("--tablespace-map needs --store: the running sidecar writes tablespaces in place")
+        }
         (Some(socket), _) => {
             let started = std::time::Instant::now();
             let req =
@@ -269,6 +298,7 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
         (None, None) => bail!("give --store or --socket"),
     };
     let Some(out_path) = &args.out else { bail!("--out is needed with --store") };
+    // (With --socket the sidecar writes into its shared directory, tablespaces in place.)
     let store = Store::open_read_only(store)?;
     let (repo, durable) = args.timeline.of(&store)?;
     if args.lsn > durable {
@@ -295,6 +325,7 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
         workers: 2 * redo_processes,
         new_timeline: args.new_timeline,
         progress_every: Duration::from_secs(1),
+        tablespace_map: args.tablespace_map.iter().map(|m| (m.oid, m.dir.clone())).collect(),
     };
     let started = std::time::Instant::now();
     let stats = crate::basebackup::shared::write_file(out_path, &repo, &redo, args.lsn, &timeline, opts, &mut report)?;

@@ -473,7 +473,6 @@ impl WalStream {
     }
 }
 
-/// A quoted identifier for replication commands.
 /// What `BASE_BACKUP` gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseBackupInfo {
@@ -484,11 +483,15 @@ pub struct BaseBackupInfo {
     pub timeline: u32,
     pub files: usize,
     pub bytes: u64,
+    /// The server's tablespaces (OID and location), each unpacked in place under
+    /// `pg_tblspc/<oid>/`.
+    pub tablespaces: std::collections::BTreeMap<u32, String>,
 }
 
 impl ReplicationConn {
-    /// Takes a base backup (fast checkpoint, no WAL, no manifest) and unpacks the main
-    /// archive into `dest`. Tablespaces other than the default and global ones are refused.
+    /// Takes a base backup (fast checkpoint, no WAL, no manifest) and unpacks it into `dest`:
+    /// the main archive there, each tablespace's (`<oid>.tar`, paths relative to its location)
+    /// in place under `dest/pg_tblspc/<oid>/`.
     pub fn base_backup(
         &mut self,
         label: &str,
@@ -500,9 +503,14 @@ impl ReplicationConn {
         frontend::query(&sql, &mut self.out).map_err(proto_err)?;
         self.send()?;
         let mut lsns: Vec<(Lsn, u32)> = Vec::new();
+        let mut tablespaces = std::collections::BTreeMap::new();
+        // The archive being unpacked, and the totals of those done.
         let mut tar: Option<TarUnpacker> = None;
+        let (mut files, mut bytes, mut base_done) = (0usize, 0u64, false);
         let mut error = None;
         let tar_err = |e: crate::replication::tar_reader::TarError| ReplicationError::Protocol(e.to_string());
+        let incomplete = |name: &str| ReplicationError::Protocol(format!("archive {name} ended early"));
+        let mut current = String::new();
         loop {
             match self.recv(None)? {
                 Message::DataRow(row) => {
@@ -513,34 +521,48 @@ impl ReplicationConn {
                         .collect()
                         .map_err(proto_err)?;
                     match cols.as_slice() {
-                        // (recptr, tli): the start, and after the archive the end.
+                        // (recptr, tli): the start, and after the archives the end.
                         [Some(lsn), Some(tli)] => {
                             let lsn = lsn.parse().map_err(|_| ReplicationError::Protocol(format!("LSN {lsn:?}")))?;
                             lsns.push((lsn, tli.parse().unwrap_or(0)));
                         }
-                        // (spcoid, spclocation, size): only the default tablespace has no oid.
-                        [Some(oid), ..] => {
-                            error = Some(ReplicationError::Protocol(format!(
-                                "tablespace {oid} is not supported: only pg_default and pg_global are"
-                            )))
+                        // (spcoid, spclocation, size): the main directory's row has no oid.
+                        [Some(oid), location, ..] => {
+                            let oid =
+                                oid.parse().map_err(|_| ReplicationError::Protocol(format!("tablespace {oid:?}")))?;
+                            tablespaces.insert(oid, location.clone().unwrap_or_default());
                         }
                         _ => {}
                     }
                 }
-                Message::CopyOutResponse(_) => tar = Some(TarUnpacker::new(dest)),
+                Message::CopyOutResponse(_) => {}
                 Message::CopyData(body) => {
                     let data = body.data();
-                    let t = tar.as_mut().ok_or_else(|| ReplicationError::Protocol("data before COPY".into()))?;
                     match data.first() {
-                        Some(b'd') => {
-                            t.feed(&data[1..]).map_err(tar_err)?;
-                            progress(t.bytes);
-                        }
                         Some(b'n') => {
-                            let name = String::from_utf8_lossy(&data[1..]).split('\0').next().unwrap_or("").to_string();
-                            if name != "base.tar" {
-                                error = Some(ReplicationError::Protocol(format!("unexpected archive {name}")));
+                            if let Some(t) = tar.take() {
+                                if !t.is_done() {
+                                    return Err(incomplete(&current));
+                                }
+                                (files, bytes) = (files + t.files, bytes + t.bytes);
                             }
+                            current = String::from_utf8_lossy(&data[1..]).split('\0').next().unwrap_or("").to_string();
+                            let into = match current.strip_suffix(".tar").map(|n| n.parse::<u32>()) {
+                                _ if current == "base.tar" => {
+                                    base_done = true;
+                                    dest.to_path_buf()
+                                }
+                                Some(Ok(oid)) => dest.join("pg_tblspc").join(oid.to_string()),
+                                _ => return Err(ReplicationError::Protocol(format!("unexpected archive {current}"))),
+                            };
+                            tar = Some(TarUnpacker::new(&into));
+                        }
+                        Some(b'd') => {
+                            let t = tar
+                                .as_mut()
+                                .ok_or_else(|| ReplicationError::Protocol("data before an archive".into()))?;
+                            t.feed(&data[1..]).map_err(tar_err)?;
+                            progress(bytes + t.bytes);
                         }
                         _ => {}
                     }
@@ -554,15 +576,24 @@ impl ReplicationConn {
             return Err(e);
         }
         let t = tar.ok_or_else(|| ReplicationError::Protocol("BASE_BACKUP sent no archive".into()))?;
+        if !t.is_done() || !base_done {
+            return Err(incomplete(&current));
+        }
         match lsns.as_slice() {
-            [(start, timeline), (end, _)] if t.is_done() => {
-                Ok(BaseBackupInfo { start: *start, end: *end, timeline: *timeline, files: t.files, bytes: t.bytes })
-            }
+            [(start, timeline), (end, _)] => Ok(BaseBackupInfo {
+                start: *start,
+                end: *end,
+                timeline: *timeline,
+                files: files + t.files,
+                bytes: bytes + t.bytes,
+                tablespaces,
+            }),
             _ => Err(ReplicationError::Protocol(format!("incomplete base backup (positions {lsns:?})"))),
         }
     }
 }
 
+/// A quoted identifier for replication commands.
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }

@@ -1,11 +1,13 @@
 //! Importing a stopped cluster's data files as page images at one LSN — its last (shutdown)
 //! checkpoint — so that history starts there with everything the cluster already has:
 //!
-//! * relation files `base/<db>/<relfilenode>[_fork][.segment]` (tablespace 1663) and
-//!   `global/<relfilenode>…` (tablespace 1664, database 0). Free-space maps are left out: they
-//!   are not WAL-logged, so the store could never keep them current;
-//! * databases (the directories under `base/`) and their relation maps (`pg_filenode.map`,
-//!   and the shared one in `global/`);
+//! * relation files `base/<db>/<relfilenode>[_fork][.segment]` (tablespace 1663),
+//!   `global/<relfilenode>…` (tablespace 1664, database 0) and
+//!   `pg_tblspc/<oid>/PG_15_202209061/<db>/…` (the tablespaces users made). Free-space maps
+//!   are left out: they are not WAL-logged, so the store could never keep them current;
+//! * tablespaces (`pg_tblspc/<oid>`: where they link to), databases (their directory with
+//!   `PG_VERSION` says which tablespace is their default) and relation maps
+//!   (`pg_filenode.map`, and the shared one in `global/`);
 //! * SLRU pages: `pg_xact`, `pg_multixact/offsets`, `pg_multixact/members` (segment files of
 //!   32 pages named by 4+ hex digits);
 //! * two-phase state files (`pg_twophase/<xid>`: body and CRC32C);
@@ -41,6 +43,7 @@ pub struct ImportStats {
     pub databases: usize,
     pub slru_pages: usize,
     pub prepared_transactions: usize,
+    pub tablespaces: usize,
 }
 
 /// `relfilenode[_fork][.segment]`, or `None` for files that are not relation data.
@@ -65,28 +68,56 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImportError + '_ {
 }
 
 /// Files every page of the cluster in `pgdata` (stopped cleanly at `lsn`) as an image at
-/// `lsn`, with its databases, relation maps, SLRU pages, two-phase state and counters.
-pub fn import_datadir(repo: &Timeline, pgdata: &Path, lsn: Lsn) -> Result<ImportStats, ImportError> {
+/// `lsn`, with its databases, tablespaces, relation maps, SLRU pages, two-phase state and
+/// counters. A tablespace's location is where `pg_tblspc/<oid>` links to, or as given in
+/// `locations` (a base backup unpacks tablespaces in place).
+pub fn import_datadir(
+    repo: &Timeline,
+    pgdata: &Path,
+    lsn: Lsn,
+    locations: &BTreeMap<u32, String>,
+) -> Result<ImportStats, ImportError> {
     let mut dirs: Vec<(PathBuf, u32, u32)> = vec![(pgdata.join("global"), GLOBALTABLESPACE_OID, 0)];
-    let base = pgdata.join("base");
-    for e in std::fs::read_dir(&base).map_err(io(&base))? {
-        let e = e.map_err(io(&base))?;
-        if let Ok(db) = e.file_name().to_string_lossy().parse::<u32>() {
-            dirs.push((e.path(), DEFAULTTABLESPACE_OID, db));
+    let mut databases = |dir: &Path, spcnode: u32| -> Result<(), ImportError> {
+        for e in std::fs::read_dir(dir).map_err(io(dir))? {
+            let e = e.map_err(io(dir))?;
+            if let Ok(db) = e.file_name().to_string_lossy().parse::<u32>() {
+                dirs.push((e.path(), spcnode, db));
+            }
+        }
+        Ok(())
+    };
+    databases(&pgdata.join("base"), DEFAULTTABLESPACE_OID)?;
+    repo.begin_history(lsn);
+    let tblspc = pgdata.join("pg_tblspc");
+    let mut tablespaces = 0;
+    for e in std::fs::read_dir(&tblspc).map_err(io(&tblspc))? {
+        let e = e.map_err(io(&tblspc))?;
+        let Ok(oid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let location = match locations.get(&oid) {
+            Some(l) => l.clone(),
+            // A symbolic link to its location, or a directory in place.
+            None => std::fs::read_link(e.path()).map(|l| l.display().to_string()).unwrap_or_default(),
+        };
+        repo.put(Key::meta(meta::META_TABLESPACE, oid), lsn, Value::Image(meta::tablespace_value(&location)));
+        tablespaces += 1;
+        let version_dir = e.path().join(meta::TABLESPACE_VERSION_DIRECTORY);
+        if version_dir.is_dir() {
+            databases(&version_dir, oid)?;
         }
     }
-    repo.begin_history(lsn);
     let mut stats = import_relations(repo, &dirs, lsn)?;
+    stats.tablespaces = tablespaces;
     for (dir, spcnode, dbnode) in &dirs {
-        if *dbnode != 0 {
-            let entry = DatabaseEntry { dbnode: *dbnode, spcnode: *spcnode, copied_from: None };
+        // A database's directory in its default tablespace is the one with PG_VERSION.
+        if *dbnode != 0 && dir.join("PG_VERSION").exists() {
+            let entry = DatabaseEntry { dbnode: *dbnode, spcnode: *spcnode };
             repo.put(Key::meta(meta::META_DATABASE, *dbnode), lsn, Value::Image(entry.encode()));
             stats.databases += 1;
         }
         let map = dir.join("pg_filenode.map");
         if map.exists() {
-            let mut key = Key::meta(meta::META_RELMAP, *dbnode);
-            key.field3 = *spcnode;
+            let key = meta::db_spc_key(meta::META_RELMAP, *dbnode, *spcnode);
             repo.put(key, lsn, Value::Image(Bytes::from(std::fs::read(&map).map_err(io(&map))?)));
         }
     }

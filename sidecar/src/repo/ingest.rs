@@ -9,9 +9,11 @@
 //!   and the visibility map (clearing the bits of removed blocks on its last page, a native
 //!   record); a commit (or an aborted transaction's abort) drops the relations it lists: their
 //!   sizes become "does not exist" from that LSN on, while earlier LSNs still read them.
-//! * Databases: CREATE (WAL_LOG: the entry only, pages follow as records; FILE_COPY: an entry
-//!   that reads through to the source as of the copy, see `meta`) and DROP (every relation
-//!   and the relation map go with it). Relation maps from RELMAP UPDATE.
+//! * Databases: CREATE (WAL_LOG: the entry only, pages follow as records; FILE_COPY: per
+//!   tablespace, a copy source that reads through to the source as of the copy, see `meta`) and
+//!   DROP of the database's directories in some tablespaces (every relation and relation map
+//!   there go with them; the database itself with its default one). Relation maps from RELMAP
+//!   UPDATE. Tablespaces from TBLSPC CREATE and DROP.
 //! * SLRU pages (CLOG, multixact offsets and members): the native records `derive` makes of
 //!   commits, aborts and multixact creation; zero-page records as images of zeroes;
 //!   truncations as tombstones for the pages of removed segments.
@@ -24,7 +26,8 @@
 
 use super::compaction::ChainTracker;
 use super::key::Key;
-use super::meta::{self, DatabaseEntry, META_CHECKPOINT, META_DATABASE, META_RELMAP, META_TWOPHASE};
+use super::meta::{self, db_spc_key, CopySource, DatabaseEntry, META_CHECKPOINT, META_DATABASE, META_DB_COPY};
+use super::meta::{META_RELMAP, META_TABLESPACE, META_TWOPHASE};
 use super::meta::{SLRU_CLOG, SLRU_MULTIXACT_MEMBERS, SLRU_MULTIXACT_OFFSETS};
 use super::timeline::{RepoError, Timeline};
 use super::value::Value;
@@ -281,44 +284,71 @@ impl Ingest {
         let f = |what| Fields { data: rec.main_data(), lsn: rec.lsn, what };
         match (rec.header.rmid, info & 0xF0) {
             (RM_DBASE_ID, XLOG_DBASE_CREATE_WAL_LOG) => {
-                // xl_dbase_create_wal_log_rec: db_id | tablespace_id
+                // xl_dbase_create_wal_log_rec: db_id | tablespace_id (its default)
                 let d = f("DBASE CREATE_WAL_LOG");
-                let entry = DatabaseEntry { dbnode: d.u32(0)?, spcnode: d.u32(4)?, copied_from: None };
+                let entry = DatabaseEntry { dbnode: d.u32(0)?, spcnode: d.u32(4)? };
                 self.put(repo, Key::meta(META_DATABASE, entry.dbnode), lsn, Value::Image(entry.encode()));
             }
             (RM_DBASE_ID, XLOG_DBASE_CREATE_FILE_COPY) => {
-                // xl_dbase_create_file_copy_rec: db_id | tablespace_id | src_db_id | src_tablespace_id.
-                // The files were copied before the record was written, with the source
-                // database closed to connections: its state at the record's start.
+                // xl_dbase_create_file_copy_rec: db_id | tablespace_id | src_db_id | src_tablespace_id,
+                // one per tablespace the source has files in. The files were copied before the
+                // record was written, with the source database closed to connections: its
+                // state at the record's start.
                 let d = f("DBASE CREATE_FILE_COPY");
                 let (dbnode, spcnode, src_db, src_spc) = (d.u32(0)?, d.u32(4)?, d.u32(8)?, d.u32(12)?);
-                let entry = DatabaseEntry { dbnode, spcnode, copied_from: Some((src_spc, src_db, rec.lsn)) };
-                self.put(repo, Key::meta(META_DATABASE, dbnode), lsn, Value::Image(entry.encode()));
-                // Sizes cached for an earlier database of that OID no longer hold.
-                self.sizes.retain(|rel, _| rel.node.dbnode != dbnode);
+                let source = CopySource { spcnode: src_spc, dbnode: src_db, lsn: rec.lsn };
+                self.put(repo, db_spc_key(META_DB_COPY, dbnode, spcnode), lsn, Value::Image(source.encode()));
+                // The copy of the source's default tablespace is the new default (for ALTER
+                // DATABASE SET TABLESPACE too: its source is the database itself).
+                let src_default = meta::database(repo, src_db, rec.lsn)?.map(|db| db.spcnode);
+                if src_default.is_none_or(|s| s == src_spc) {
+                    let entry = DatabaseEntry { dbnode, spcnode };
+                    self.put(repo, Key::meta(META_DATABASE, dbnode), lsn, Value::Image(entry.encode()));
+                }
+                // Sizes cached for an earlier database of that OID there no longer hold.
+                self.sizes.retain(|rel, _| (rel.node.dbnode, rel.node.spcnode) != (dbnode, spcnode));
             }
             (RM_DBASE_ID, XLOG_DBASE_DROP) => {
-                // xl_dbase_drop_rec: db_id | ntablespaces | tablespace_ids[]
-                let dbnode = f("DBASE DROP").u32(0)?;
+                // xl_dbase_drop_rec: db_id | ntablespaces | tablespace_ids[]: the database's
+                // directories in those tablespaces are removed (all of them for DROP DATABASE;
+                // the old one after ALTER DATABASE SET TABLESPACE).
+                let d = f("DBASE DROP");
+                let (dbnode, n) = (d.u32(0)?, d.u32(4)? as usize);
                 let db = meta::database(repo, dbnode, lsn)?;
-                for rel in meta::list_relations(repo, dbnode, lsn)?.keys() {
-                    self.set_size(repo, *rel, None, lsn);
+                for i in 0..n {
+                    let spcnode = d.u32(8 + 4 * i)?;
+                    for rel in meta::relations_in(repo, spcnode, dbnode, lsn)?.keys() {
+                        self.set_size(repo, *rel, None, lsn);
+                    }
+                    self.sizes.retain(|rel, _| (rel.node.dbnode, rel.node.spcnode) != (dbnode, spcnode));
+                    for item in [META_RELMAP, META_DB_COPY] {
+                        self.put(repo, db_spc_key(item, dbnode, spcnode), lsn, Value::Image(Bytes::new()));
+                    }
+                    if db.is_some_and(|db| db.spcnode == spcnode) {
+                        self.put(repo, Key::meta(META_DATABASE, dbnode), lsn, Value::Image(Bytes::new()));
+                    }
                 }
-                self.sizes.retain(|rel, _| rel.node.dbnode != dbnode);
-                if let Some(db) = db {
-                    let mut relmap = Key::meta(META_RELMAP, dbnode);
-                    relmap.field3 = db.spcnode;
-                    self.put(repo, relmap, lsn, Value::Image(Bytes::new()));
-                }
-                self.put(repo, Key::meta(META_DATABASE, dbnode), lsn, Value::Image(Bytes::new()));
+            }
+            (RM_TBLSPC_ID, XLOG_TBLSPC_CREATE) => {
+                // xl_tblspc_create_rec: ts_id | ts_path (NUL-terminated; empty: in place)
+                let d = f("TBLSPC CREATE");
+                let ts = d.u32(0)?;
+                let path = &d.data[4..];
+                let path = path.split(|b| *b == 0).next().unwrap_or_default();
+                let value = meta::tablespace_value(&String::from_utf8_lossy(path));
+                self.put(repo, Key::meta(META_TABLESPACE, ts), lsn, Value::Image(value));
+            }
+            (RM_TBLSPC_ID, XLOG_TBLSPC_DROP) => {
+                // xl_tblspc_drop_rec: ts_id
+                let ts = f("TBLSPC DROP").u32(0)?;
+                self.put(repo, Key::meta(META_TABLESPACE, ts), lsn, Value::Image(Bytes::new()));
             }
             (RM_RELMAP_ID, XLOG_RELMAP_UPDATE) => {
                 // xl_relmap_update: dbid | tsid | int32 nbytes | data
                 let d = f("RELMAP UPDATE");
                 let (dbid, tsid, n) = (d.u32(0)?, d.u32(4)?, d.u32(8)? as usize);
                 d.need(12 + n)?;
-                let mut key = Key::meta(META_RELMAP, dbid);
-                key.field3 = tsid;
+                let key = db_spc_key(META_RELMAP, dbid, tsid);
                 self.put(repo, key, lsn, Value::Image(Bytes::copy_from_slice(&d.data[12..12 + n])));
             }
             (RM_XACT_ID, _) => match info & XLOG_XACT_OPMASK {

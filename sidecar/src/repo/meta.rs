@@ -3,7 +3,12 @@
 //!
 //! ```text
 //! item                 key                              value
-//! database             meta(DATABASE, db)               DatabaseEntry (below) | empty: dropped
+//! database             meta(DATABASE, db)               its default tablespace: spcnode u32 |
+//!                                                       empty: dropped
+//! database copy        meta(DB_COPY, db, spc)           CopySource (below) | empty: the
+//!                                                       database's directory in spc dropped
+//! tablespace           meta(TABLESPACE, spc)            1 u8 | its location (UTF-8; empty: in
+//!                                                       place) | empty: dropped
 //! relation map         meta(RELMAP, db, spc)            the pg_filenode.map file (512 bytes)
 //! two-phase state      meta(TWOPHASE, xid)              the state file's body (the PREPARE
 //!                                                       record's main data) | empty: finished
@@ -14,13 +19,15 @@
 //! SLRU page            slru_page(slru, pageno)          page image, native records | empty:
 //!                                                       the segment was truncated away
 //!
-//! DatabaseEntry: spcnode u32 | copied u8 | src spcnode u32 | src db u32 | copy lsn u64
+//! CopySource: src spcnode u32 | src db u32 | copy lsn u64
 //! ```
 //!
-//! A database made by `CREATE DATABASE … STRATEGY FILE_COPY` copied the source database's
-//! files as they were at the copy record. Rather than copying every page into the store, the
-//! entry remembers the source and the LSN: a relation of the copy without values of its own
-//! since then reads as the source's relation at that LSN (see `reconstruct`).
+//! `CREATE DATABASE … STRATEGY FILE_COPY` copies the source database's directories as they were
+//! at the copy record, one record per tablespace the source has files in; `ALTER DATABASE … SET
+//! TABLESPACE` is such a copy of the database onto itself, then the old directory dropped.
+//! Rather than copying every page into the store, a copy source per (database, tablespace)
+//! remembers where from and when: a relation there without values of its own since then reads
+//! as the source's relation at that LSN (see `reconstruct`).
 
 use super::key::{Key, KIND_REL_SIZE, KIND_SLRU_PAGE};
 use super::timeline::{RepoError, Timeline};
@@ -28,7 +35,7 @@ use super::value::Value;
 use crate::wal::checkpoint::CheckPoint;
 use bytes::Bytes;
 use neon_types::{ForkNumber, Lsn, RelFileNode, RelTag, TransactionId};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub const META_DATABASE: u32 = 1;
 pub const META_RELMAP: u32 = 2;
@@ -36,6 +43,8 @@ pub const META_TWOPHASE: u32 = 3;
 pub const META_CHECKPOINT: u32 = 4;
 pub const META_CONTROL: u32 = 5;
 pub const META_CONFIG: u32 = 6;
+pub const META_TABLESPACE: u32 = 7;
+pub const META_DB_COPY: u32 = 8;
 
 /// Configuration files kept from the import, by `META_CONFIG` index.
 pub const CONFIG_FILES: [&str; 2] = ["pg_hba.conf", "pg_ident.conf"];
@@ -47,40 +56,80 @@ pub const SLRU_MULTIXACT_MEMBERS: u32 = 2;
 
 pub const DEFAULTTABLESPACE_OID: u32 = 1663;
 pub const GLOBALTABLESPACE_OID: u32 = 1664;
+/// `TABLESPACE_VERSION_DIRECTORY` of PostgreSQL 15 (catversion 202209061).
+pub const TABLESPACE_VERSION_DIRECTORY: &str = "PG_15_202209061";
+
+/// Where the files of database `dbnode` (0: the shared catalogs) in tablespace `spcnode` are,
+/// relative to the data directory.
+pub fn database_path(spcnode: u32, dbnode: u32) -> String {
+    match spcnode {
+        GLOBALTABLESPACE_OID => "global".to_string(),
+        DEFAULTTABLESPACE_OID => format!("base/{dbnode}"),
+        spc => format!("pg_tblspc/{spc}/{TABLESPACE_VERSION_DIRECTORY}/{dbnode}"),
+    }
+}
 
 /// A database as the store knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DatabaseEntry {
     pub dbnode: u32,
+    /// Its default tablespace (where its relation map and `PG_VERSION` are).
     pub spcnode: u32,
-    /// FILE_COPY: (source tablespace, source database, LSN of the copy).
-    pub copied_from: Option<(u32, u32, Lsn)>,
 }
 
 impl DatabaseEntry {
     pub fn encode(&self) -> Bytes {
-        let mut b = Vec::with_capacity(21);
-        b.extend_from_slice(&self.spcnode.to_le_bytes());
-        let (copied, (spc, db, lsn)) = match self.copied_from {
-            Some(c) => (1u8, c),
-            None => (0, (0, 0, Lsn(0))),
-        };
-        b.push(copied);
-        b.extend_from_slice(&spc.to_le_bytes());
-        b.extend_from_slice(&db.to_le_bytes());
-        b.extend_from_slice(&lsn.0.to_le_bytes());
-        Bytes::from(b)
+        Bytes::copy_from_slice(&self.spcnode.to_le_bytes())
     }
 
     fn decode(dbnode: u32, b: &[u8]) -> Option<DatabaseEntry> {
-        if b.len() != 21 {
+        Some(DatabaseEntry { dbnode, spcnode: u32::from_le_bytes(b.try_into().ok()?) })
+    }
+}
+
+/// Where a database's directory in one tablespace was copied from (FILE_COPY).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopySource {
+    pub spcnode: u32,
+    pub dbnode: u32,
+    /// The copy record's start: the source as it was then.
+    pub lsn: Lsn,
+}
+
+impl CopySource {
+    pub fn encode(&self) -> Bytes {
+        let mut b = Vec::with_capacity(16);
+        b.extend_from_slice(&self.spcnode.to_le_bytes());
+        b.extend_from_slice(&self.dbnode.to_le_bytes());
+        b.extend_from_slice(&self.lsn.0.to_le_bytes());
+        Bytes::from(b)
+    }
+
+    fn decode(b: &[u8]) -> Option<CopySource> {
+        if b.len() != 16 {
             return None;
         }
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
-        let copied_from =
-            (b[4] != 0).then(|| (u32_at(5), u32_at(9), Lsn(u64::from_le_bytes(b[13..21].try_into().expect("8")))));
-        Some(DatabaseEntry { dbnode, spcnode: u32_at(0), copied_from })
+        Some(CopySource {
+            spcnode: u32_at(0),
+            dbnode: u32_at(4),
+            lsn: Lsn(u64::from_le_bytes(b[8..].try_into().ok()?)),
+        })
     }
+}
+
+/// A key of a per-(database, tablespace) item.
+pub fn db_spc_key(item: u32, dbnode: u32, spcnode: u32) -> Key {
+    let mut key = Key::meta(item, dbnode);
+    key.field3 = spcnode;
+    key
+}
+
+/// The value of a tablespace that exists at `location` (empty: in place).
+pub fn tablespace_value(location: &str) -> Bytes {
+    let mut b = vec![1u8];
+    b.extend_from_slice(location.as_bytes());
+    Bytes::from(b)
 }
 
 fn image(values: Vec<(Lsn, Value)>) -> Option<Bytes> {
@@ -109,44 +158,65 @@ pub fn list_databases(repo: &Timeline, lsn: Lsn) -> Result<Vec<DatabaseEntry>, R
         .collect())
 }
 
+/// Where database `dbnode`'s directory in tablespace `spcnode` was copied from, if it was (and
+/// has not been dropped since).
+pub fn copy_source(repo: &Timeline, dbnode: u32, spcnode: u32, lsn: Lsn) -> Result<Option<CopySource>, RepoError> {
+    if dbnode == 0 {
+        return Ok(None);
+    }
+    let b = image(repo.values_for(db_spc_key(META_DB_COPY, dbnode, spcnode), lsn)?);
+    Ok(b.and_then(|b| CopySource::decode(&b)))
+}
+
+/// The tablespaces created by users (not `pg_default`, `pg_global`) at `lsn`, with their
+/// locations (empty: in place).
+pub fn tablespaces(repo: &Timeline, lsn: Lsn) -> Result<BTreeMap<u32, String>, RepoError> {
+    let range = Key::meta(META_TABLESPACE, 0)..Key::meta(META_TABLESPACE + 1, 0);
+    Ok(repo
+        .latest_in_range(range, lsn)?
+        .into_iter()
+        .filter_map(|(k, (_, v))| match v {
+            Value::Image(b) if b.first() == Some(&1) => Some((k.field2, String::from_utf8_lossy(&b[1..]).into_owned())),
+            _ => None,
+        })
+        .collect())
+}
+
 /// The relation forks of database `dbnode` (0: the shared catalogs) at `lsn`, with their sizes
-/// in blocks, including those a FILE_COPY database inherited from its source.
+/// in blocks, in every tablespace, including those inherited from a FILE_COPY's source.
 pub fn list_relations(repo: &Timeline, dbnode: u32, lsn: Lsn) -> Result<BTreeMap<RelTag, u32>, RepoError> {
+    if dbnode == 0 {
+        return relations_in(repo, GLOBALTABLESPACE_OID, 0, lsn);
+    }
+    let Some(db) = database(repo, dbnode, lsn)? else { return Ok(BTreeMap::new()) };
+    let mut spcs: BTreeSet<u32> = tablespaces(repo, lsn)?.into_keys().collect();
+    spcs.extend([DEFAULTTABLESPACE_OID, db.spcnode]);
     let mut out = BTreeMap::new();
-    let db = match dbnode {
-        0 => None,
-        _ => match database(repo, dbnode, lsn)? {
-            Some(db) => Some(db),
-            None => return Ok(out),
-        },
-    };
-    let spc = match &db {
-        None => GLOBALTABLESPACE_OID,
-        Some(db) => {
-            if let Some((src_spc, src_db, at)) = db.copied_from {
-                // Inherited relations, unless the copy has its own history for them since.
-                for (rel, n) in list_relations(repo, src_db, at)? {
-                    if rel.node.spcnode == src_spc {
-                        let mine = RelTag {
-                            node: RelFileNode { spcnode: db.spcnode, dbnode, relnode: rel.node.relnode },
-                            ..rel
-                        };
-                        out.insert(mine, n);
-                    }
-                }
-            }
-            db.spcnode
+    for spc in spcs {
+        out.extend(relations_in(repo, spc, dbnode, lsn)?);
+    }
+    Ok(out)
+}
+
+/// The relation forks of database `dbnode` in tablespace `spcnode` at `lsn`.
+pub fn relations_in(repo: &Timeline, spcnode: u32, dbnode: u32, lsn: Lsn) -> Result<BTreeMap<RelTag, u32>, RepoError> {
+    let mut out = BTreeMap::new();
+    let copy = copy_source(repo, dbnode, spcnode, lsn)?;
+    if let Some(src) = copy {
+        // Inherited relations, unless the copy has its own history for them since.
+        for (rel, n) in relations_in(repo, src.spcnode, src.dbnode, src.lsn)? {
+            out.insert(RelTag { node: RelFileNode { spcnode, dbnode, relnode: rel.node.relnode }, ..rel }, n);
         }
-    };
-    let copy_lsn = db.and_then(|d| d.copied_from).map(|c| c.2);
-    let node = RelFileNode { spcnode: spc, dbnode, relnode: 0 };
+    }
+    let node = RelFileNode { spcnode, dbnode, relnode: 0 };
     let lo = Key::rel_size(&RelTag { node, fork: ForkNumber::Main });
     let hi = match dbnode.checked_add(1) {
         Some(next) => Key { field2: next, ..lo },
-        None => Key { field1: spc + 1, field2: 0, ..lo },
+        None => Key { field1: spcnode + 1, field2: 0, ..lo },
     };
     for (k, (at, v)) in repo.latest_in_range(lo..hi, lsn)? {
-        if k.kind != KIND_REL_SIZE || copy_lsn.is_some_and(|c| at < c) {
+        // Values older than the copy are an earlier database's of the same OID.
+        if k.kind != KIND_REL_SIZE || copy.is_some_and(|c| at < c.lsn) {
             continue;
         }
         let Ok(fork) = ForkNumber::try_from(k.field4) else { continue };
@@ -166,13 +236,11 @@ pub fn list_relations(repo: &Timeline, dbnode: u32, lsn: Lsn) -> Result<BTreeMap
 /// The relation map file of database `dbnode` in tablespace `spcnode` (0/1664: the shared
 /// one) at `lsn`.
 pub fn relmap(repo: &Timeline, dbnode: u32, spcnode: u32, lsn: Lsn) -> Result<Option<Bytes>, RepoError> {
-    let mut key = Key::meta(META_RELMAP, dbnode);
-    key.field3 = spcnode;
-    if let Some(b) = image(repo.values_for(key, lsn)?) {
+    if let Some(b) = image(repo.values_for(db_spc_key(META_RELMAP, dbnode, spcnode), lsn)?) {
         return Ok(Some(b));
     }
-    match database(repo, dbnode, lsn)?.and_then(|d| d.copied_from) {
-        Some((src_spc, src_db, at)) => relmap(repo, src_db, src_spc, at),
+    match copy_source(repo, dbnode, spcnode, lsn)? {
+        Some(src) => relmap(repo, src.dbnode, src.spcnode, src.lsn),
         None => Ok(None),
     }
 }

@@ -53,11 +53,9 @@ pub fn check_in_history(repo: &Timeline, lsn: Lsn) -> Result<(), GetPageError> {
 /// Where a FILE_COPY database's relation reads through to: the source relation and the LSN
 /// of the copy.
 fn copy_source(repo: &Timeline, rel: &RelTag, lsn: Lsn) -> Result<Option<(RelTag, Lsn)>, RepoError> {
-    if rel.node.dbnode == 0 {
-        return Ok(None);
-    }
-    Ok(meta::database(repo, rel.node.dbnode, lsn)?.and_then(|db| db.copied_from).map(|(spc, db, at)| {
-        (RelTag { node: RelFileNode { spcnode: spc, dbnode: db, relnode: rel.node.relnode }, fork: rel.fork }, at)
+    Ok(meta::copy_source(repo, rel.node.dbnode, rel.node.spcnode, lsn)?.map(|src| {
+        let node = RelFileNode { spcnode: src.spcnode, dbnode: src.dbnode, relnode: rel.node.relnode };
+        (RelTag { node, fork: rel.fork }, src.lsn)
     }))
 }
 
