@@ -28,6 +28,12 @@ SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'e', 'main', pg_cu
 RESET neon.request_timeout;
 SELECT neon_try(format('SELECT neon_prefetch(%L, %L, -1, 1)', 'e', :'lsn'));
 SELECT neon_try(format('SELECT neon_prefetch(%L, %L, 0, -1)', 'e', :'lsn'));
+SELECT neon_try(format('SELECT neon_prefetch(%L, %L, 4294967290, 10)', 'e', :'lsn'));
+SELECT neon_try(format('SELECT neon_prefetch(%L, %L, 0, 1)', 'e', pg_current_wal_flush_lsn() + 1073741824));
+SELECT neon_try(format('SELECT neon_prefetch(%L, %L, 0, 1)', 'e', '0/10'));
+-- Timelines: one that does not exist, and a number that is none.
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L, 9)', 'e', 'main', :'lsn'));
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L, 0)', 'e', 'main', :'lsn'));
 SELECT neon_try(format('SELECT neon_rel_size(%L, %L, %L)', 'e', 'nope', :'lsn'));
 -- After all that, the next call works.
 SELECT length(neon_get_page('e', 'main', 0, :'lsn')) AS bytes;

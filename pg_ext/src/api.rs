@@ -79,6 +79,7 @@ fn call(
             timeout,
             &mut || {
                 pg_sys::check_for_interrupts!();
+                false
             },
             progress,
         )
@@ -110,6 +111,7 @@ fn failed(what: &str, e: ClientError) -> ! {
             Some("Raise neon.request_timeout, or look at the sidecar's log."),
         ),
         ClientError::Protocol { .. } => (PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION, None),
+        ClientError::Interrupted { .. } => (PgSqlErrorCode::ERRCODE_QUERY_CANCELED, None),
     };
     fail(code, format!("{what}: {e}"), hint)
 }
@@ -435,8 +437,32 @@ fn neon_prefetch(rel: Option<RegClass>, lsn: Option<PgLsn>, first_block: Option<
     let lsn = lsn_arg(lsn);
     let first = block_arg(first_block, "first block");
     let n = required(nblocks, "nblocks");
-    if !(0..=MAX_BLOCK - i64::from(first)).contains(&n) {
+    if n < 0 {
         fail(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("invalid nblocks {n}"), None);
+    }
+    if n > MAX_BLOCK + 1 - i64::from(first) {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("blocks {first} to {} go past the largest block number, {MAX_BLOCK}", i64::from(first) + n - 1),
+            None,
+        );
+    }
+    // Queueing never waits for the sidecar, so the LSN is checked against what is known here:
+    // this compute's own WAL, and the history the running sidecar publishes.
+    let flush = crate::flush_lsn();
+    if lsn > flush {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{lsn} is beyond this compute's WAL (flushed to {flush}): there are no pages at it to prefetch"),
+            None,
+        );
+    }
+    if let Some(oldest) = shared_pages::oldest_lsn().filter(|oldest| lsn < *oldest) {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{lsn} is before the history the sidecar holds (from {oldest})"),
+            Some("SELECT * FROM neon_history() shows the LSNs the sidecar holds."),
+        );
     }
     let (current, _, oid) = relation(rel, ForkNumber::Main);
     if !prefetch::active() {

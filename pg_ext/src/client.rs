@@ -5,7 +5,8 @@
 //! Nothing here blocks without end: the socket is non-blocking and every wait is a `poll` of
 //! at most [`TICK`], between which the caller's `interrupted` hook runs — in a backend that is
 //! `CHECK_FOR_INTERRUPTS`, so a query cancel or a terminate ends the wait with PostgreSQL's
-//! own ERROR. A request that was cut short leaves no connection behind: the connection is
+//! own ERROR; in the background worker it says whether SIGTERM came, which ends the wait with
+//! [`ClientError::Interrupted`]. A request that was cut short leaves no connection behind: the connection is
 //! taken out of its slot for the call and put back only after a whole reply, so the next call
 //! never reads the remains of an earlier one.
 
@@ -35,6 +36,8 @@ pub enum ClientError {
     Protocol { path: PathBuf, source: ProtocolError },
     #[error("{message}")]
     Sidecar { code: ErrorCode, message: String },
+    #[error("the wait for the sidecar at {path} was interrupted")]
+    Interrupted { path: PathBuf },
 }
 
 /// One connection to the sidecar.
@@ -58,12 +61,12 @@ impl Connection {
     /// Sends `req` and returns the sidecar's answer; an error answer is
     /// [`ClientError::Sidecar`]. `Progress` frames before it go to `progress`. Gives up after
     /// `timeout` (`None`: only `interrupted` ends the wait), calling `interrupted` at least
-    /// every [`TICK`].
+    /// every [`TICK`] (it ends the wait by returning true, or by not returning: an ERROR).
     pub fn call(
         &mut self,
         req: &Request,
         timeout: Option<Duration>,
-        interrupted: &mut dyn FnMut(),
+        interrupted: &mut dyn FnMut() -> bool,
         progress: &mut dyn FnMut(&Response),
     ) -> Result<Response, ClientError> {
         let started = Instant::now();
@@ -105,7 +108,7 @@ impl Connection {
         replied: bool,
         started: Instant,
         timeout: Option<Duration>,
-        interrupted: &mut dyn FnMut(),
+        interrupted: &mut dyn FnMut() -> bool,
     ) -> Result<(), ClientError> {
         let mut want = HEADER_LEN;
         let mut buf = [0u8; 16 * 1024];
@@ -146,10 +149,12 @@ impl Connection {
         events: libc::c_short,
         started: Instant,
         timeout: Option<Duration>,
-        interrupted: &mut dyn FnMut(),
+        interrupted: &mut dyn FnMut() -> bool,
     ) -> Result<(), ClientError> {
         loop {
-            interrupted();
+            if interrupted() {
+                return Err(ClientError::Interrupted { path: self.path.clone() });
+            }
             let tick = match timeout {
                 Some(t) => {
                     let left = t.saturating_sub(started.elapsed());
@@ -196,7 +201,7 @@ impl Slot {
         path: &Path,
         req: &Request,
         timeout: Option<Duration>,
-        interrupted: &mut dyn FnMut(),
+        interrupted: &mut dyn FnMut() -> bool,
         progress: &mut dyn FnMut(&Response),
     ) -> Result<Response, ClientError> {
         let reused = self.conn.as_ref().is_some_and(|c| c.path() == path);

@@ -38,6 +38,12 @@ pub(crate) fn preloaded() -> bool {
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // pgrx raises every ERROR through a Rust unwind whose hook captures a backtrace, shown in
+    // the ERROR's DETAIL when the server's environment has RUST_BACKTRACE: users get messages,
+    // not our stack. RUST_LIB_BACKTRACE decides for `Backtrace::capture` over RUST_BACKTRACE
+    // (a panic's own message is unaffected). Set while loading, before any thread exists.
+    // SAFETY: no other thread of this process reads the environment yet.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     guc::define();
     // SAFETY: a flag PostgreSQL sets while loading shared_preload_libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {

@@ -161,6 +161,19 @@ fn pop() -> Option<Entry> {
     Some(e)
 }
 
+/// SIGTERM, once seen: pgrx's `sigterm_received()` clears the flag it reads, so the worker
+/// keeps its own.
+static TERMINATING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the worker was told to stop (checked between and during its waits).
+fn terminating() -> bool {
+    use std::sync::atomic::Ordering;
+    if BackgroundWorker::sigterm_received() {
+        TERMINATING.store(true, Ordering::Relaxed);
+    }
+    TERMINATING.load(Ordering::Relaxed)
+}
+
 /// The background worker.
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -182,14 +195,14 @@ pub extern "C-unwind" fn neon_prefetch_worker_main(_arg: pg_sys::Datum) {
             last_complaint = Some(Instant::now());
         }
     };
-    loop {
+    while !terminating() {
         let socket = guc::sidecar_socket();
-        while let Some(e) = pop() {
+        while let Some(e) = pop().filter(|_| !terminating()) {
             let Some(path) = &socket else { continue };
             let Ok(fork) = ForkNumber::try_from(e.fork) else { continue };
             let rel = RelTag { node: RelFileNode { spcnode: e.spcnode, dbnode: e.dbnode, relnode: e.relnode }, fork };
             let req = Request::Prefetch { rel, first: e.first, n: e.n, lsn: Lsn(e.lsn), wait_ms: 1000 };
-            let result = slot.call(path, &req, Some(WORKER_TIMEOUT), &mut || {}, &mut |_| {});
+            let result = slot.call(path, &req, Some(WORKER_TIMEOUT), &mut terminating, &mut |_| {});
             let mut q = QUEUE.exclusive();
             q.requests += 1;
             q.connected = !matches!(result, Err(ClientError::Connect { .. } | ClientError::Closed { .. }));
@@ -202,22 +215,20 @@ pub extern "C-unwind" fn neon_prefetch_worker_main(_arg: pg_sys::Datum) {
                     complain(&err);
                 }
             }
-            if BackgroundWorker::sigterm_received() {
-                break;
-            }
         }
         if last_report.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last_report = Some(Instant::now());
             if let Some(path) = &socket {
                 let req = Request::ComputeFlush { lsn: crate::flush_lsn() };
-                let result = slot.call(path, &req, Some(WORKER_TIMEOUT), &mut || {}, &mut |_| {});
+                let result = slot.call(path, &req, Some(WORKER_TIMEOUT), &mut terminating, &mut |_| {});
                 QUEUE.exclusive().connected = result.is_ok();
                 if let Err(e) = result {
                     complain(&e);
                 }
             }
         }
-        if !BackgroundWorker::wait_latch(Some(Duration::from_millis(1000))) {
+        // False on SIGTERM (and postmaster death), whose flag it clears as it reports it.
+        if terminating() || !BackgroundWorker::wait_latch(Some(Duration::from_millis(1000))) {
             break;
         }
         if BackgroundWorker::sighup_received() {

@@ -45,30 +45,52 @@ fn counters() -> Option<&'static Counters> {
     crate::preloaded().then(|| COUNTERS.get())
 }
 
-/// The page under `key` if the sidecar has it cached.
-pub fn get(key: &PageKey) -> Option<Vec<u8>> {
+/// Runs `f` on this backend's mapping of the running sidecar's page file, mapping it (again)
+/// if there is none yet, it is of another directory, or its sidecar is gone or replaced; `None`
+/// if there is no usable file. `reuse` says whether the mapping held can answer as it is.
+fn with_reader<T>(reuse: impl Fn(&PageFileReader) -> Option<T>, f: impl Fn(&PageFileReader) -> T) -> Option<T> {
     let dir = guc::shared_dir()?;
-    let mut page = vec![0u8; BLCKSZ];
-    let hit = READER.with(|r| {
+    READER.with(|r| {
         let mut r = r.borrow_mut();
-        let out: &mut [u8; BLCKSZ] = page.as_mut_slice().try_into().expect("BLCKSZ bytes");
-        // A hit checks the file is usable once (inside `get`); only a miss asks why.
-        match r.as_ref().filter(|(d, _)| *d == dir) {
-            Some((_, reader)) if reader.get(key, out) => return true,
-            Some((_, reader)) if reader.usable() => return false,
-            _ => {}
+        if let Some(answer) = r.as_ref().filter(|(d, _)| *d == dir).and_then(|(_, reader)| reuse(reader)) {
+            return Some(answer);
         }
         // None yet, another directory, or a stopped or replaced sidecar's: look again (an open
         // of a missing file is one failed system call). A missing or unreadable file only
         // means asking over the socket.
         *r = PageFileReader::open(&dir).ok().flatten().map(|reader| (dir.clone(), reader));
-        r.as_ref().is_some_and(|(_, reader)| reader.get(key, out))
-    });
+        r.as_ref().filter(|(_, reader)| reader.usable()).map(|(_, reader)| f(reader))
+    })
+}
+
+/// The page under `key` if the sidecar has it cached.
+pub fn get(key: &PageKey) -> Option<Vec<u8>> {
+    let copy = |reader: &PageFileReader| {
+        let mut page = vec![0u8; BLCKSZ];
+        let out: &mut [u8; BLCKSZ] = page.as_mut_slice().try_into().expect("BLCKSZ bytes");
+        reader.get(key, out).then_some(page)
+    };
+    // A hit checks the file is usable once (inside `get`); only a miss asks why.
+    let found = with_reader(
+        |reader| {
+            let page = copy(reader);
+            (page.is_some() || reader.usable()).then_some(page)
+        },
+        copy,
+    )
+    .flatten();
     if let Some(c) = counters() {
-        let n = if hit { &c.hits } else { &c.misses };
+        let n = if found.is_some() { &c.hits } else { &c.misses };
         n.fetch_add(1, Ordering::Relaxed);
     }
-    hit.then_some(page)
+    found
+}
+
+/// The oldest LSN the running sidecar holds history for, as it publishes it in its page file
+/// (`None`: no running sidecar's file to ask).
+pub fn oldest_lsn() -> Option<neon_types::Lsn> {
+    with_reader(|reader| reader.usable().then(|| reader.oldest_lsn()), |reader| reader.oldest_lsn())
+        .filter(|l| l.is_valid())
 }
 
 /// Counters for `neon_sidecar_status()`.

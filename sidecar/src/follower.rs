@@ -239,18 +239,19 @@ pub fn run_into(
                 state.set(format!("stopped: {e}"));
                 return Err(e);
             }
-            Err(e) => {
+            Err(mut e) => loop {
                 eprintln!("neon-sidecar: following the compute: {e}; trying again in {backoff:?}");
                 state.set(format!("retrying in {backoff:?}: {e}"));
                 sleep_unless_stopped(backoff, stop);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 // Values a failed flush kept in memory are written before more WAL is read,
-                // so memory holds no more than it did when the disk failed.
-                if let Err(e) = store.current().flush() {
-                    state.set(format!("retrying in {backoff:?}: {e}"));
-                    continue;
+                // so memory holds no more than it did when the disk failed; the page service
+                // serves them meanwhile.
+                match store.current().flush() {
+                    Err(again) if !stop.load(Ordering::Relaxed) => e = again.into(),
+                    _ => break,
                 }
-            }
+            },
         }
     }
     store.current().flush()?;

@@ -151,7 +151,13 @@ impl PageService {
     fn answer(&self, req: Request, progress: &mut dyn FnMut(Response)) -> Result<Response, Response> {
         match req {
             Request::OnTimeline { timeline, request } => {
-                let t = self.store.get(Some(timeline)).map_err(|e| error(ErrorCode::NotFound, e.to_string()))?;
+                let t = self.store.timeline(timeline).ok_or_else(|| {
+                    let have: Vec<String> = self.store.timelines().iter().map(|t| t.id().to_string()).collect();
+                    error(
+                        ErrorCode::NotFound,
+                        format!("the sidecar has no timeline {timeline} (it has {})", have.join(", ")),
+                    )
+                })?;
                 self.answer_on(&t, *request, progress)
             }
             req => self.answer_on(&self.store.current(), req, progress),

@@ -85,6 +85,7 @@ pub struct ClusterBuilder {
     gucs: Vec<(String, String)>,
     initdb_args: Vec<String>,
     tcp: bool,
+    env: Vec<(String, String)>,
 }
 
 impl ClusterBuilder {
@@ -108,6 +109,12 @@ impl ClusterBuilder {
     /// `"--wal-segsize=1"`.
     pub fn initdb_arg(mut self, arg: &str) -> Self {
         self.initdb_args.push(arg.to_owned());
+        self
+    }
+
+    /// Sets an environment variable of the server (and so of every backend).
+    pub fn server_env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
         self
     }
 
@@ -136,6 +143,7 @@ impl ClusterBuilder {
             dir: Some(dir),
             port,
             tcp: self.tcp,
+            env: self.env.clone(),
             running: false,
             keep: keep_requested(),
         };
@@ -222,6 +230,8 @@ pub struct Cluster {
     data_dir: PathBuf,
     port: u16,
     tcp: bool,
+    /// The server's own environment variables.
+    env: Vec<(String, String)>,
     /// We started the server and have not stopped it since.
     running: bool,
     keep: bool,
@@ -562,6 +572,7 @@ impl Cluster {
     fn pg_ctl(&self) -> Command {
         let mut cmd = self.server_command(pg_bin("pg_ctl"));
         cmd.arg("-D").arg(&self.data_dir).arg("-w").arg("-t").arg(PG_CTL_TIMEOUT_SECS.to_string());
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 

@@ -76,7 +76,8 @@
 //! * `bins`: where the binaries come from ([`pg_bin_dir`], [`pg_bin`],
 //!   [`sidecar_bin`]).
 //! * [`pagemask`], [`pg_waldump`], [`workload`]: page comparison, parsing
-//!   `pg_waldump` output, and WAL-producing workloads.
+//!   `pg_waldump` output, and WAL-producing workloads; [`mount`]: a small tmpfs (a disk that
+//!   fills up).
 //!
 //! Everything from the private modules is re-exported here, so it is used as
 //! `neon_tests::Cluster`, `neon_tests::run_command`, ...
@@ -88,6 +89,7 @@ mod process;
 
 pub mod bench;
 pub mod demo;
+pub mod mount;
 pub mod pagemask;
 pub mod pages;
 pub mod pg_waldump;

@@ -219,6 +219,18 @@ impl SidecarProcess {
         Ok(child.wait()?)
     }
 
+    /// Sends `sig` (SIGSTOP, SIGCONT, ...) to the running sidecar.
+    pub fn signal(&self, sig: i32) -> Result<()> {
+        let child = self.child.as_ref().context("not running")?;
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+        anyhow::ensure!(
+            unsafe { libc::kill(child.id() as i32, sig) } == 0,
+            "kill: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(())
+    }
+
     /// SIGTERM: the sidecar flushes and exits cleanly.
     pub fn stop(mut self) -> Result<()> {
         let status = self.signal_and_wait(libc::SIGTERM)?;

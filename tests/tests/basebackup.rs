@@ -182,31 +182,19 @@ fn the_shared_directory_caches_evicts_and_refuses_bad_input() -> Result<()> {
         .collect();
     assert_eq!(leftovers, vec![path2.file_name().unwrap().to_string_lossy().into_owned()]);
 
-    // A full disk: the output on a 2 MB tmpfs (needs root to mount; said and skipped
-    // otherwise). A clear error, no partial tar.
-    let small = c.root_dir().join("small-disk");
-    std::fs::create_dir_all(&small)?;
-    let mounted = neon_tests::is_root()
-        && std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-            .arg(&small)
-            .status()
-            .is_ok_and(|s| s.success());
-    if mounted {
-        let out = std::process::Command::new(neon_tests::sidecar_bin()?)
-            .args(["basebackup", "--store", store.to_str().unwrap(), "--lsn", &first.to_string(), "--out"])
-            .arg(small.join("full.tar"))
-            .output();
-        let left: Vec<_> = std::fs::read_dir(&small)?.flatten().map(|e| e.file_name()).collect();
-        let _ = std::process::Command::new("umount").arg(&small).status();
-        let out = out?;
-        let text = String::from_utf8_lossy(&out.stderr);
-        eprintln!("full disk: {text}");
-        assert!(!out.status.success() && text.contains("No space left on device"), "{text}");
-        assert!(left.is_empty(), "left behind on the full disk: {left:?}");
-    } else {
-        eprintln!("full disk: not simulated (mounting a tmpfs needs root)");
-    }
+    // A full disk: the output on a 2 MB tmpfs. A clear error, no partial tar.
+    let small = neon_tests::mount::Tmpfs::mount(&c.root_dir().join("small-disk"), 2)?;
+    let out = std::process::Command::new(neon_tests::sidecar_bin()?)
+        .args(["basebackup", "--store", store.to_str().unwrap(), "--lsn", &first.to_string(), "--out"])
+        .arg(small.path().join("full.tar"))
+        .output()?;
+    let left: Vec<_> = std::fs::read_dir(small.path())?.flatten().map(|e| e.file_name()).collect();
+    drop(small);
+    let text = String::from_utf8_lossy(&out.stderr);
+    eprintln!("full disk: {text}");
+    assert!(!out.status.success() && text.contains("No space left on device"), "{text}");
+    assert_eq!(text.matches("os error 28").count(), 1, "the cause said once: {text}");
+    assert!(left.is_empty(), "left behind on the full disk: {left:?}");
     assert!(matches!(ask(second, 0)?, Response::Basebackup { .. }));
     sidecar.stop()
 }

@@ -198,3 +198,52 @@ fn pg_regress_suites_and_failures_of_the_sidecar() -> Result<()> {
     sidecar.stop()?;
     Ok(())
 }
+
+/// `pg_ctl stop -m fast` is prompt while the background worker waits on a sidecar that does not
+/// answer (stopped with SIGSTOP, so the worker's prefetch request of pages it has not got
+/// hangs): pgrx's `sigterm_received()` clears the flag it reads, and a worker that checked it in
+/// its queue loop never saw SIGTERM again.
+#[test]
+fn fast_shutdown_is_prompt_while_the_worker_waits_on_the_sidecar() -> Result<()> {
+    // With RUST_BACKTRACE in the server's environment, as a developer might have it. The
+    // stopped sidecar's walsender holds a shutdown up for wal_sender_timeout: 1 s, so that
+    // only the prefetch worker can make it slow.
+    let mut c = Cluster::builder()
+        .gucs(neon_tests::workload::MIXED_GUCS)
+        .guc("wal_sender_timeout", "1s")
+        .server_env("RUST_BACKTRACE", "1")
+        .init()?;
+    let store = c.root_dir().join("store");
+    neon_tests::sidecar::init_store(&c, &store)?;
+    c.start_again()?;
+    let sidecar = SidecarProcess::start_for_compute(&c, &store, &[])?;
+    c.execute("CREATE EXTENSION neon; CREATE TABLE t AS SELECT g FROM generate_series(1, 20000) g")?;
+    let mut db = c.connect("postgres")?;
+    // An ERROR says what is wrong, without a Rust backtrace in its DETAIL — also one that
+    // PostgreSQL raises inside a call the extension makes (opening a relation that is not).
+    let err = db
+        .query_one("SELECT neon_get_page(999999::oid::regclass, 'main', 0, pg_current_wal_flush_lsn())", &[])
+        .expect_err("no such relation");
+    let message = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    assert!(message.contains("999999"), "{err:?}");
+    let detail = err.as_db_error().and_then(|e| e.detail()).unwrap_or_default().to_string();
+    assert!(detail.is_empty(), "a DETAIL with RUST_BACKTRACE set: {detail}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&mut db, "prefetch_worker_connected")? != "true" {
+        assert!(Instant::now() < deadline, "the prefetch worker never connected: {}", sidecar.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sidecar.signal(libc::SIGSTOP)?;
+    let queued: i64 = db.query_one("SELECT neon_prefetch('t', pg_current_wal_flush_lsn(), 0, 64)", &[])?.get(0);
+    assert_eq!(queued, 64);
+    drop(db);
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let stopped = c.stop();
+    let took = t.elapsed();
+    sidecar.signal(libc::SIGCONT)?;
+    stopped?;
+    assert!(took < Duration::from_secs(5), "pg_ctl stop -m fast took {took:?}");
+    eprintln!("pg_ctl stop -m fast took {took:?} with the worker waiting on a stopped sidecar");
+    sidecar.stop()
+}

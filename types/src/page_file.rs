@@ -544,6 +544,12 @@ impl PageFileReader {
     pub fn get(&self, key: &PageKey, out: &mut [u8; BLCKSZ]) -> bool {
         self.usable() && self.map.get(key, out)
     }
+
+    /// The oldest LSN the sidecar holds history for, as it last published it (invalid until
+    /// it has).
+    pub fn oldest_lsn(&self) -> Lsn {
+        self.map.oldest_lsn()
+    }
 }
 
 fn lock_range(l_type: libc::c_int) -> libc::flock {

@@ -59,7 +59,22 @@ fn main() {
         Command::Basebackup(args) => store::basebackup(&args, &mut std::io::stdout()),
     };
     if let Err(e) = result {
-        eprintln!("neon-sidecar: error: {e:#}");
+        eprintln!("neon-sidecar: error: {}", error_text(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, each said once: many errors already name their cause in their
+/// own message (`writing the archive: No space left on device`), which `{:#}` would repeat.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain().map(|c| c.to_string()) {
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
 }

@@ -442,16 +442,10 @@ impl Timeline {
         } else {
             let (first, last) = frozen.lsn_range().unwrap_or((upto, upto));
             let name = self.fresh_name(format!("{DELTA_PREFIX}-{:016X}-{:016X}", first.0, last.0));
-            let written = self.write_layer(&name, frozen.sorted());
-            match written {
+            match self.write_layer(&name, frozen.sorted()) {
                 Ok(layer) => Some(layer),
                 Err(e) => {
-                    // Nothing is lost: the values go back to memory for the next attempt.
-                    let mut l = self.write();
-                    let frozen = l.frozen.take().expect("frozen while flushing");
-                    let newer = std::mem::take(&mut l.inmem);
-                    l.inmem = Arc::try_unwrap(frozen).unwrap_or_else(|a| (*a).clone());
-                    l.inmem.append(newer);
+                    self.unfreeze();
                     return Err(e);
                 }
             }
@@ -460,7 +454,14 @@ impl Timeline {
         if let Some(layer) = &written {
             names.push(file_name(layer.path()));
         }
-        self.write_manifest(self.history_start(), upto, &names)?;
+        if let Err(e) = self.write_manifest(self.history_start(), upto, &names) {
+            // The manifest still names the files it did: the new one is not history yet.
+            if let Some(layer) = &written {
+                let _ = std::fs::remove_file(layer.path());
+            }
+            self.unfreeze();
+            return Err(e);
+        }
         {
             let mut l = self.write();
             if let Some(layer) = written {
@@ -472,6 +473,16 @@ impl Timeline {
         self.durable.store(upto.0, Ordering::Release);
         self.wake_waiters();
         Ok(upto)
+    }
+
+    /// Gives the values of a flush that failed back to memory, for the next attempt: nothing
+    /// is lost.
+    fn unfreeze(&self) {
+        let mut l = self.write();
+        let frozen = l.frozen.take().expect("frozen while flushing");
+        let newer = std::mem::take(&mut l.inmem);
+        l.inmem = Arc::try_unwrap(frozen).unwrap_or_else(|a| (*a).clone());
+        l.inmem.append(newer);
     }
 
     fn write_layer<'a>(
