@@ -139,16 +139,16 @@ impl PageService {
 
     /// Answers one request; a long one (a base backup) first sends `Progress` responses
     /// through `progress`, every `progress_every` once it has taken that long.
-    pub fn handle(&self, req: Request, progress: &mut dyn FnMut(Response)) -> Response {
+    pub fn handle(&self, req: Request, caller: &mut dyn Caller) -> Response {
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = self.answer(req, progress).unwrap_or_else(|e| e);
+        let resp = self.answer(req, caller).unwrap_or_else(|e| e);
         if matches!(resp, Response::Error { .. }) {
             self.metrics.errors.fetch_add(1, Ordering::Relaxed);
         }
         resp
     }
 
-    fn answer(&self, req: Request, progress: &mut dyn FnMut(Response)) -> Result<Response, Response> {
+    fn answer(&self, req: Request, caller: &mut dyn Caller) -> Result<Response, Response> {
         match req {
             Request::OnTimeline { timeline, request } => {
                 let t = self.store.timeline(timeline).ok_or_else(|| {
@@ -158,19 +158,14 @@ impl PageService {
                         format!("the sidecar has no timeline {timeline} (it has {})", have.join(", ")),
                     )
                 })?;
-                self.answer_on(&t, *request, progress)
+                self.answer_on(&t, *request, caller)
             }
-            req => self.answer_on(&self.store.current(), req, progress),
+            req => self.answer_on(&self.store.current(), req, caller),
         }
     }
 
     /// Answers `req` on timeline `t`.
-    fn answer_on(
-        &self,
-        t: &Arc<Timeline>,
-        req: Request,
-        progress: &mut dyn FnMut(Response),
-    ) -> Result<Response, Response> {
+    fn answer_on(&self, t: &Arc<Timeline>, req: Request, caller: &mut dyn Caller) -> Result<Response, Response> {
         let internal = |e: RepoError| error(ErrorCode::Internal, e.to_string());
         let generation = self.store.generation();
         let repo = t.as_ref();
@@ -273,16 +268,11 @@ impl PageService {
                     progress_every: self.progress_every,
                     tablespace_map: Default::default(),
                 };
-                // Quick ones say nothing; the final figures are in the answer.
-                let mut report = |p: &Progress| {
-                    if p.elapsed >= self.progress_every && p.pages < p.total_pages {
-                        let micros = p.elapsed.as_micros() as u64;
-                        progress(Response::Progress { done: p.pages, total: p.total_pages, bytes: p.bytes, micros });
-                    }
-                };
-                let made = shared.get(&self.store, t, self.redo.as_ref(), lsn, opts, &mut report).map_err(|e| {
+                let mut watch = BuildWatch { caller, progress_every: self.progress_every };
+                let made = shared.get(&self.store, t, self.redo.as_ref(), lsn, opts, &mut watch).map_err(|e| {
                     let code = match &e {
                         BasebackupError::Page { source, .. } => code_of(source),
+                        BasebackupError::Cancelled { .. } => ErrorCode::BadRequest,
                         _ => ErrorCode::Internal,
                     };
                     error(code, e.to_string())
@@ -392,6 +382,9 @@ impl PageService {
         let _ = writeln!(s, "layer_files {}", layers.len());
         let _ = writeln!(s, "layer_bytes {bytes}");
         let _ = writeln!(s, "inmem_values {}", repo.inmem_len());
+        let (building, running) = self.basebackups.as_ref().map_or((0, 0), |b| (b.building(), b.running()));
+        let _ = writeln!(s, "basebackups_building {building}");
+        let _ = writeln!(s, "basebackups_running {running}");
         let _ = writeln!(s, "requests {}", m.requests.load(Ordering::Relaxed));
         let _ = writeln!(s, "request_errors {}", m.errors.load(Ordering::Relaxed));
         let _ = writeln!(s, "connections {}", m.connections.load(Ordering::Relaxed));
@@ -432,15 +425,84 @@ impl PageService {
                     return;
                 }
             };
-            // A client gone during a long request is noticed at the final write.
-            let mut progress = |p: Response| {
-                let _ = p.write_to(&mut conn);
-            };
-            let resp = self.handle(req, &mut progress);
+            let mut caller = Connection { conn: &mut conn, checked: Instant::now(), gone: false };
+            let resp = self.handle(req, &mut caller);
             if resp.write_to(&mut conn).is_err() {
                 return;
             }
         }
+    }
+}
+
+/// Whoever asked: where a long request reports how far it has come, and how it learns that the
+/// caller no longer waits (a cancelled query closes its connection).
+pub trait Caller {
+    fn progress(&mut self, p: Response);
+    fn gone(&mut self) -> bool;
+}
+
+/// A caller that only hears progress (tests, commands in process).
+impl<F: FnMut(Response)> Caller for F {
+    fn progress(&mut self, p: Response) {
+        self(p)
+    }
+
+    fn gone(&mut self) -> bool {
+        false
+    }
+}
+
+/// A client on the socket. It sends nothing while it waits for its answer, so anything to
+/// read — in practice the end of the stream — means it has gone.
+struct Connection<'a> {
+    conn: &'a mut UnixStream,
+    /// When it was last looked at (at most every [`GONE_CHECK`]).
+    checked: Instant,
+    gone: bool,
+}
+
+/// How often a long request looks whether its client is still there.
+const GONE_CHECK: Duration = Duration::from_millis(100);
+
+impl Caller for Connection<'_> {
+    fn progress(&mut self, p: Response) {
+        self.gone |= p.write_to(self.conn).is_err();
+    }
+
+    fn gone(&mut self) -> bool {
+        if !self.gone && self.checked.elapsed() >= GONE_CHECK {
+            use std::os::fd::AsRawFd;
+            self.checked = Instant::now();
+            let mut byte = 0u8;
+            // SAFETY: a one-byte peek into our own buffer on a socket this connection owns.
+            let n = unsafe {
+                libc::recv(self.conn.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+            };
+            let would_block = n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock;
+            self.gone = !would_block;
+        }
+        self.gone
+    }
+}
+
+/// A base backup's watch over its caller: progress once it has taken a while, and a stop when
+/// the caller has gone.
+struct BuildWatch<'a> {
+    caller: &'a mut dyn Caller,
+    progress_every: Duration,
+}
+
+impl crate::basebackup::Watch for BuildWatch<'_> {
+    fn progress(&mut self, p: &Progress) {
+        // Quick ones say nothing; the final figures are in the answer.
+        if p.elapsed >= self.progress_every && p.pages < p.total_pages {
+            let micros = p.elapsed.as_micros() as u64;
+            self.caller.progress(Response::Progress { done: p.pages, total: p.total_pages, bytes: p.bytes, micros });
+        }
+    }
+
+    fn cancelled(&mut self) -> bool {
+        self.caller.gone()
     }
 }
 

@@ -198,3 +198,80 @@ fn the_shared_directory_caches_evicts_and_refuses_bad_input() -> Result<()> {
     assert!(matches!(ask(second, 0)?, Response::Basebackup { .. }));
     sidecar.stop()
 }
+
+/// Cancel means stop: a build whose caller went away (a cancelled query closes its connection)
+/// stops within a second and leaves nothing behind — unless another caller waits for the same
+/// backup, who then gets it; backups of different LSNs build at once.
+#[test]
+fn a_build_nobody_waits_for_stops_and_builds_run_at_once() -> Result<()> {
+    use neon_types::protocol::{Request, Response};
+    use neon_types::Lsn;
+    use std::time::{Duration, Instant};
+    let (c, store) = neon_tests::sidecar::cluster_born_with_store()?;
+    let shared = c.root_dir().join("shared");
+    let args = ["--shared-dir", shared.to_str().unwrap(), "--progress-ms", "20", "--basebackups-at-once", "2"];
+    let sidecar = SidecarProcess::start_with(&c, &store, &args)?;
+    c.pgbench(&["-i", "-q", "-s", "10"])?;
+    let lsns: Vec<Lsn> = (0..3)
+        .map(|i| {
+            c.execute(&format!("CREATE TABLE t{i} AS SELECT 1 AS x"))?;
+            workload::flush_lsn(&c)
+        })
+        .collect::<Result<_>>()?;
+    sidecar.wait_durable(lsns[2])?;
+    let files = || -> Result<Vec<String>> {
+        Ok(std::fs::read_dir(shared.join("basebackups"))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect())
+    };
+    // Asks for a backup; returns the connection once the build reports progress.
+    let start = |lsn: Lsn| -> Result<std::os::unix::net::UnixStream> {
+        let mut conn = std::os::unix::net::UnixStream::connect(sidecar.socket())?;
+        Request::Basebackup { lsn, full: true, new_timeline: false, wait_ms: 10_000 }.write_to(&mut conn)?;
+        match Response::read_from(&mut conn)? {
+            Response::Progress { .. } => Ok(conn),
+            r => anyhow::bail!("expected progress first, got {r:?}"),
+        }
+    };
+    let wait_idle = |within: Duration| -> Result<Duration> {
+        let t = Instant::now();
+        while sidecar.status("basebackups_building")? != "0" {
+            anyhow::ensure!(t.elapsed() < within, "the build still runs after {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(t.elapsed())
+    };
+
+    // Alone, and gone: the build stops, nothing is left.
+    drop(start(lsns[0])?);
+    let took = wait_idle(Duration::from_secs(1))?;
+    eprintln!("a build nobody waits for stopped {took:?} after its caller left");
+    assert_eq!(files()?, Vec::<String>::new(), "left behind by a cancelled build");
+
+    // Two callers of one backup: the first gone, the second gets it.
+    let first = start(lsns[1])?;
+    let second = std::thread::spawn({
+        let (socket, lsn) = (sidecar.socket().to_path_buf(), lsns[1]);
+        move || -> Result<Response> {
+            let mut cl = sidecar::service::Client::connect(&socket)?;
+            Ok(cl.request(&Request::Basebackup { lsn, full: true, new_timeline: false, wait_ms: 10_000 })?)
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    drop(first);
+    match second.join().expect("second caller")? {
+        Response::Basebackup { path, bytes, .. } => {
+            assert_eq!(std::fs::metadata(&path)?.len(), bytes, "{path}");
+        }
+        r => panic!("the caller still waiting got {r:?}"),
+    }
+
+    // Two LSNs at once: both run together.
+    let a = start(lsns[0])?;
+    let b = start(lsns[2])?;
+    assert_eq!(sidecar.status("basebackups_running")?, "2");
+    drop((a, b));
+    wait_idle(Duration::from_secs(1))?;
+    sidecar.stop()
+}

@@ -83,6 +83,11 @@ pub enum BasebackupError {
     Missing { lsn: Lsn, what: String },
     #[error("base backup: {0}")]
     Io(#[from] std::io::Error),
+    #[error("base backup at {lsn}: cancelled (nobody waits for it any more)")]
+    Cancelled { lsn: Lsn },
+    /// Another caller's build of the same backup failed.
+    #[error("base backup at {lsn}: {why}")]
+    Failed { lsn: Lsn, why: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -128,6 +133,24 @@ impl TimelineFiles {
     }
 }
 
+/// Whoever a build is for: told how far it has come (every `Options::progress_every` and at
+/// the end), and asked, as it goes, whether it is still wanted. A closure taking progress
+/// wants the build to the end.
+pub trait Watch {
+    fn progress(&mut self, p: &Progress);
+    /// True once nobody wants the build any more: it stops (within a page) with
+    /// [`BasebackupError::Cancelled`].
+    fn cancelled(&mut self) -> bool {
+        false
+    }
+}
+
+impl<F: FnMut(&Progress)> Watch for F {
+    fn progress(&mut self, p: &Progress) {
+        self(p)
+    }
+}
+
 /// Progress, reported every `Options::progress_every` and at the end.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
@@ -170,7 +193,7 @@ struct Builder<'a, W: Write> {
     started: Instant,
     last_report: Instant,
     progress_every: Duration,
-    report: &'a mut dyn FnMut(&Progress),
+    watch: &'a mut dyn Watch,
 }
 
 impl<W: Write> Builder<'_, W> {
@@ -221,7 +244,7 @@ impl<W: Write> Builder<'_, W> {
                     self.stats.relation_files += 1;
                     files.next();
                 }
-                self.tick();
+                self.tick()?;
             }
             Ok(())
         })
@@ -245,13 +268,18 @@ impl<W: Write> Builder<'_, W> {
         }
     }
 
-    fn tick(&mut self) {
+    /// After each page: progress now and then, and a stop when nobody wants the build.
+    fn tick(&mut self) -> Result<(), BasebackupError> {
         if self.last_report.elapsed() >= self.progress_every {
             self.progress.bytes = self.out.tar.bytes;
             self.progress.elapsed = self.started.elapsed();
-            (self.report)(&self.progress);
+            self.watch.progress(&self.progress);
             self.last_report = Instant::now();
         }
+        if self.watch.cancelled() {
+            return Err(BasebackupError::Cancelled { lsn: self.lsn });
+        }
+        Ok(())
     }
 
     fn slru(&mut self, slru: u32, dir: &str) -> Result<(), BasebackupError> {
@@ -287,7 +315,7 @@ pub fn write_basebackup<W: Write>(
     timeline: &TimelineFiles,
     opts: Options,
     out: W,
-    report: &mut dyn FnMut(&Progress),
+    watch: &mut dyn Watch,
 ) -> Result<(W, Stats), BasebackupError> {
     check_in_history(repo, lsn).map_err(|source| BasebackupError::Page { lsn, source })?;
     let missing = |what: &str| BasebackupError::Missing { lsn, what: what.to_string() };
@@ -325,7 +353,7 @@ pub fn write_basebackup<W: Write>(
         started: Instant::now(),
         last_report: Instant::now(),
         progress_every: opts.progress_every,
-        report,
+        watch,
     };
     b.out.file("PG_VERSION", b"15\n")?;
     for dir in DIRS {
@@ -397,7 +425,7 @@ pub fn write_basebackup<W: Write>(
     b.out.file("global/pg_control", &control::generate(&template, at, &checkpoint)?)?;
     b.progress.bytes = b.out.tar.bytes;
     b.progress.elapsed = b.started.elapsed();
-    (b.report)(&b.progress);
+    b.watch.progress(&b.progress);
     let stats = b.stats;
     Ok((b.out.tar.finish()?, stats))
 }

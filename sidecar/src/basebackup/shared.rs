@@ -5,17 +5,23 @@
 //! already there. The directory has a size limit: after each build the oldest backups are
 //! removed until the rest fit (never the one just made). The directory is private to the
 //! sidecar's OS user (0700), the files 0600.
+//!
+//! Callers asking for one backup share its build; different backups build at once, up to a
+//! bound. A build stops, leaving nothing behind, once no caller waits for it any more (a
+//! cancelled query, a closed connection).
 
-use super::{write_basebackup, BasebackupError, Options, Progress, Stats, TimelineFiles};
+use super::{write_basebackup, BasebackupError, Options, Progress, Stats, TimelineFiles, Watch};
 use crate::repo::store::Store;
 use crate::repo::timeline::Timeline;
 use crate::walredo::WalRedoManager;
 use neon_types::Lsn;
+use std::collections::HashMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// Writes the base backup as of `lsn` to `path`: under a temporary name (`.tar.tmp`), fsync'd,
 /// renamed, the directory fsync'd; on any error nothing is left behind.
@@ -26,7 +32,7 @@ pub fn write_file(
     lsn: Lsn,
     timeline: &TimelineFiles,
     opts: Options,
-    report: &mut dyn FnMut(&Progress),
+    watch: &mut dyn Watch,
 ) -> Result<Stats, BasebackupError> {
     let tmp = path.with_extension("tar.tmp");
     let built = (|| -> Result<Stats, BasebackupError> {
@@ -34,15 +40,8 @@ pub fn write_file(
         // made new, private: nothing outside the directory is written through it.
         let _ = std::fs::remove_file(&tmp);
         let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        let (w, stats) = write_basebackup(
-            repo,
-            redo,
-            lsn,
-            timeline,
-            opts,
-            std::io::BufWriter::with_capacity(1 << 20, file),
-            report,
-        )?;
+        let (w, stats) =
+            write_basebackup(repo, redo, lsn, timeline, opts, std::io::BufWriter::with_capacity(1 << 20, file), watch)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -70,13 +69,29 @@ pub struct Made {
 pub struct SharedBasebackups {
     dir: PathBuf,
     limit_bytes: u64,
-    /// One build at a time: they share the redo pool anyway.
-    building: Mutex<()>,
+    /// Builds under way, by file name: a second caller for the same backup waits for the one
+    /// being built instead of starting another.
+    builds: Mutex<HashMap<String, Arc<Build>>>,
+    /// Builds running at once, at most `concurrency` (they share the redo pool).
+    running: (Mutex<usize>, Condvar),
+    concurrency: usize,
 }
 
+/// One backup being built, and who waits for it.
+struct Build {
+    /// Callers who still want it (its builder's included); none: it stops.
+    wanted: AtomicUsize,
+    result: Mutex<Option<Result<Made, String>>>,
+    done: Condvar,
+}
+
+/// How often a caller waiting for a build looks whether it was cancelled itself.
+const POLL: Duration = Duration::from_millis(50);
+
 impl SharedBasebackups {
-    /// Uses (creating it, private) `<shared>/basebackups`.
-    pub fn new(shared: &Path, limit_bytes: u64) -> std::io::Result<SharedBasebackups> {
+    /// Uses (creating it, private) `<shared>/basebackups`, building at most `concurrency`
+    /// backups at once.
+    pub fn new(shared: &Path, limit_bytes: u64, concurrency: usize) -> std::io::Result<SharedBasebackups> {
         let dir = shared.join("basebackups");
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(shared, std::fs::Permissions::from_mode(0o700))?;
@@ -87,11 +102,27 @@ impl SharedBasebackups {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        Ok(SharedBasebackups { dir, limit_bytes, building: Mutex::new(()) })
+        Ok(SharedBasebackups {
+            dir,
+            limit_bytes,
+            builds: Mutex::default(),
+            running: (Mutex::new(0), Condvar::new()),
+            concurrency: concurrency.max(1),
+        })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Builds under way (waiting for their turn included).
+    pub fn building(&self) -> usize {
+        self.builds.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Builds running now.
+    pub fn running(&self) -> usize {
+        *self.running.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn name(lsn: Lsn, timeline: &TimelineFiles, opts: &Options) -> String {
@@ -100,7 +131,10 @@ impl SharedBasebackups {
         format!("base-{:08X}-{:016X}{nonrel}{tli}.tar", timeline.timeline, lsn.0)
     }
 
-    /// The base backup of timeline `t` as of `lsn`, built unless it is already there.
+    /// The base backup of timeline `t` as of `lsn`, built unless it is already there (or
+    /// waited for, if another caller is building it). `watch` hears the progress of a build
+    /// it started, and is asked whether its caller still wants the backup: when none of those
+    /// waiting for a build do, it stops within a page and leaves nothing behind.
     pub fn get(
         &self,
         store: &Store,
@@ -108,19 +142,104 @@ impl SharedBasebackups {
         redo: &dyn WalRedoManager,
         lsn: Lsn,
         opts: Options,
-        report: &mut dyn FnMut(&Progress),
+        watch: &mut dyn Watch,
     ) -> Result<Made, BasebackupError> {
-        let _one = self.building.lock().unwrap_or_else(|p| p.into_inner());
         let timeline = TimelineFiles::of(store, t, lsn)?;
-        let path = self.dir.join(Self::name(lsn, &timeline, &opts));
-        if let Ok(m) = std::fs::metadata(&path) {
-            return Ok(Made { path, lsn, bytes: m.len(), seconds: 0.0, stats: None });
+        let name = Self::name(lsn, &timeline, &opts);
+        let path = self.dir.join(&name);
+        let (build, mine) = {
+            let mut builds = self.builds.lock().unwrap_or_else(|p| p.into_inner());
+            if let Ok(m) = std::fs::metadata(&path) {
+                return Ok(Made { path, lsn, bytes: m.len(), seconds: 0.0, stats: None });
+            }
+            match builds.get(&name) {
+                Some(b) => {
+                    b.wanted.fetch_add(1, Ordering::AcqRel);
+                    (b.clone(), false)
+                }
+                None => {
+                    let b =
+                        Arc::new(Build { wanted: AtomicUsize::new(1), result: Mutex::new(None), done: Condvar::new() });
+                    builds.insert(name.clone(), b.clone());
+                    (b, true)
+                }
+            }
+        };
+        if !mine {
+            return self.wait_for(&build, lsn, watch);
+        }
+        let mut caller = Caller { shared: self, name: &name, build: &build, watch, gone: false };
+        let result = self.build(&path, t, redo, lsn, &timeline, opts, &mut caller);
+        let gone = caller.gone;
+        *build.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(match &result {
+            Ok(made) => Ok(made.clone()),
+            Err(e) => Err(e.to_string()),
+        });
+        self.forget(&name, &build);
+        build.done.notify_all();
+        match result {
+            Ok(_) if gone => Err(BasebackupError::Cancelled { lsn }),
+            r => r,
+        }
+    }
+
+    /// Takes `build` out of the builds under way (if it is still the one under `name`).
+    fn forget(&self, name: &str, build: &Arc<Build>) {
+        let mut builds = self.builds.lock().unwrap_or_else(|p| p.into_inner());
+        if builds.get(name).is_some_and(|b| Arc::ptr_eq(b, build)) {
+            builds.remove(name);
+        }
+    }
+
+    /// Waits for another caller's build of the same backup, unless cancelled first.
+    fn wait_for(&self, build: &Build, lsn: Lsn, watch: &mut dyn Watch) -> Result<Made, BasebackupError> {
+        let mut result = build.result.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = result.as_ref() {
+                return r.clone().map_err(|why| BasebackupError::Failed { lsn, why });
+            }
+            if watch.cancelled() {
+                build.wanted.fetch_sub(1, Ordering::AcqRel);
+                return Err(BasebackupError::Cancelled { lsn });
+            }
+            result = build.done.wait_timeout(result, POLL).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Builds into `path`, once a place among the builds running at once is free.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        &self,
+        path: &Path,
+        t: &Timeline,
+        redo: &dyn WalRedoManager,
+        lsn: Lsn,
+        timeline: &TimelineFiles,
+        opts: Options,
+        caller: &mut Caller<'_>,
+    ) -> Result<Made, BasebackupError> {
+        {
+            let (count, freed) = &self.running;
+            let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
+            while *n >= self.concurrency {
+                if caller.cancelled() {
+                    return Err(BasebackupError::Cancelled { lsn });
+                }
+                n = freed.wait_timeout(n, POLL).unwrap_or_else(|p| p.into_inner()).0;
+            }
+            *n += 1;
         }
         let started = Instant::now();
-        let stats = write_file(&path, t, redo, lsn, &timeline, opts, report)?;
-        let bytes = std::fs::metadata(&path)?.len();
-        self.evict(&path)?;
-        Ok(Made { path, lsn, bytes, seconds: started.elapsed().as_secs_f64(), stats: Some(stats) })
+        let built = write_file(path, t, redo, lsn, timeline, opts, caller);
+        {
+            let (count, freed) = &self.running;
+            *count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+            freed.notify_one();
+        }
+        let stats = built?;
+        let bytes = std::fs::metadata(path)?.len();
+        self.evict(path)?;
+        Ok(Made { path: path.to_path_buf(), lsn, bytes, seconds: started.elapsed().as_secs_f64(), stats: Some(stats) })
     }
 
     /// Removes the oldest backups until the directory fits its limit, keeping `keep`.
@@ -146,5 +265,43 @@ impl SharedBasebackups {
             }
         }
         Ok(removed)
+    }
+}
+
+/// The builder's caller: progress goes to its watch; the build goes on while anyone wants it.
+struct Caller<'a> {
+    shared: &'a SharedBasebackups,
+    name: &'a str,
+    build: &'a Arc<Build>,
+    watch: &'a mut dyn Watch,
+    /// The caller itself gave up (others may still wait).
+    gone: bool,
+}
+
+impl Watch for Caller<'_> {
+    fn progress(&mut self, p: &Progress) {
+        if !self.gone {
+            self.watch.progress(p);
+        }
+    }
+
+    fn cancelled(&mut self) -> bool {
+        if !self.gone && self.watch.cancelled() {
+            self.gone = true;
+            self.build.wanted.fetch_sub(1, Ordering::AcqRel);
+        }
+        if self.build.wanted.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        // Nobody wants it: it stops, unless a caller joined meanwhile. Once out of the
+        // builds under way, a new caller starts a build of its own.
+        let mut builds = self.shared.builds.lock().unwrap_or_else(|p| p.into_inner());
+        if self.build.wanted.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        if builds.get(self.name).is_some_and(|b| Arc::ptr_eq(b, self.build)) {
+            builds.remove(self.name);
+        }
+        true
     }
 }

@@ -42,6 +42,9 @@ pub struct RunArgs {
     /// Size limit of the base backups kept there, in MB (oldest removed first).
     #[arg(long, default_value_t = 10240)]
     pub shared_limit_mb: u64,
+    /// Base backups (of different LSNs) built at once; more wait for their turn.
+    #[arg(long, default_value_t = 2)]
+    pub basebackups_at_once: usize,
     /// Wal-redo processes for the page service and for making images.
     #[arg(long, default_value_t = 2)]
     pub redo_processes: usize,
@@ -102,7 +105,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 let listener = service::bind(path)?;
                 let basebackups = match &args.shared_dir {
                     Some(d) => Some(
-                        SharedBasebackups::new(d, args.shared_limit_mb << 20)
+                        SharedBasebackups::new(d, args.shared_limit_mb << 20, args.basebackups_at_once)
                             .with_context(|| format!("shared directory {}", d.display()))?,
                     ),
                     None => None,
