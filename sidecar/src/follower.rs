@@ -223,6 +223,7 @@ pub fn run_into(
     const FIRST_BACKOFF: Duration = Duration::from_millis(100);
     let mut ingest: Option<(u32, Ingest)> = None;
     let mut backoff = FIRST_BACKOFF;
+    state.set(format!("connecting to the compute at {}", cfg.replication.host));
     while !stop.load(Ordering::Relaxed) {
         let durable_before = store.current().durable_lsn();
         let result = follow(cfg, store, &mut ingest, stop, on_flush, state);

@@ -262,11 +262,16 @@ impl Drop for SidecarProcess {
 /// own may sit in a directory only root can enter (a clean clone under `mktemp -d`), so it is
 /// copied into the cluster's directory.
 fn server_user_copy_of_sidecar(c: &Cluster) -> Result<PathBuf> {
+    sidecar_bin_in(c.root_dir())
+}
+
+/// [`sidecar_bin`], or as root a copy in `<dir>/bin/` the server's OS user can run.
+pub fn sidecar_bin_in(dir: &Path) -> Result<PathBuf> {
     let built = sidecar_bin()?;
     if !crate::is_root() {
         return Ok(built);
     }
-    let copy = c.root_dir().join("bin/neon-sidecar");
+    let copy = dir.join("bin/neon-sidecar");
     if !copy.exists() {
         std::fs::create_dir_all(copy.parent().expect("has a parent"))?;
         std::fs::copy(&built, &copy).with_context(|| format!("copying {}", built.display()))?;

@@ -78,7 +78,7 @@ fn neon_sidecar_init_starts_history_at_the_clusters_birth() -> Result<()> {
     assert_eq!(c.query_one_string("SHOW shared_preload_libraries")?, "neon");
     assert_eq!(c.query_one_string("SHOW wal_level")?, "replica");
     let socket = c.query_one_string("SHOW neon.sidecar_socket")?;
-    assert_eq!(std::path::Path::new(&socket), c.root_dir().join("sidecar.sock"));
+    assert_eq!(std::path::Path::new(&socket), c.root_dir().join("run/sidecar.sock"));
     let now = follow_while(&c, &store, || {
         c.pgbench(&["-i", "-q", "-s", "1"])?;
         c.execute("CHECKPOINT")?;

@@ -2,6 +2,7 @@
 //! how to reach a compute over replication. One definition each, flattened into the commands
 //! that need them.
 
+use super::conf::SidecarConf;
 use crate::walredo::RedoConfig;
 use anyhow::{bail, Context};
 use neon_types::{BufferTag, ForkNumber, RelFileNode, RelTag};
@@ -87,37 +88,63 @@ fn remove_stale_scratch(purpose: &str) {
     }
 }
 
-/// How to reach a compute over the replication protocol.
+/// How to reach a compute over the replication protocol. Left out, each comes from what
+/// `init` or `attach` recorded in the store (`cli::conf`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ComputeArgs {
     /// The compute: a unix socket directory or a host name.
     #[arg(long)]
-    pub host: String,
-    #[arg(long, default_value_t = 5432)]
-    pub port: u16,
-    /// A role with REPLICATION.
-    #[arg(long, default_value = "postgres")]
-    pub user: String,
+    pub host: Option<String>,
+    /// The compute's port (default 5432).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// A role with REPLICATION (default postgres).
+    #[arg(long)]
+    pub user: Option<String>,
     /// A file holding the password, if the compute asks for one.
     #[arg(long)]
     pub password_file: Option<PathBuf>,
-    /// The replication slot the sidecar owns.
-    #[arg(long, default_value = "neon_sidecar")]
-    pub slot: String,
+    /// The replication slot the sidecar owns (default neon_sidecar).
+    #[arg(long)]
+    pub slot: Option<String>,
 }
 
+/// The slot's name unless another is given.
+pub const DEFAULT_SLOT: &str = "neon_sidecar";
+
 impl ComputeArgs {
-    pub fn replication(&self, application_name: &str) -> anyhow::Result<crate::replication::client::ReplicationConfig> {
+    /// The slot: given, else recorded in the store, else [`DEFAULT_SLOT`].
+    pub fn slot(&self, conf: &SidecarConf) -> String {
+        self.slot.clone().or_else(|| conf.slot.clone()).unwrap_or_else(|| DEFAULT_SLOT.to_string())
+    }
+
+    /// Where and as whom to connect: given, else as recorded in the store (a local compute's
+    /// socket and port read from its `postmaster.pid`).
+    pub fn replication(
+        &self,
+        application_name: &str,
+        conf: &SidecarConf,
+    ) -> anyhow::Result<crate::replication::client::ReplicationConfig> {
         let password = match &self.password_file {
             Some(p) => {
                 Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
             }
             None => None,
         };
+        let (host, port) = match (self.host.clone().or_else(|| conf.host.clone()), &conf.pgdata) {
+            (Some(host), _) => (host, self.port.or(conf.port).unwrap_or(5432)),
+            (None, Some(pgdata)) => {
+                let (dir, port) = super::conf::local_compute(pgdata)?;
+                (dir, self.port.unwrap_or(port))
+            }
+            (None, None) => {
+                bail!("give --host (the compute's socket directory or host name): the store does not say where it is")
+            }
+        };
         Ok(crate::replication::client::ReplicationConfig {
-            host: self.host.clone(),
-            port: self.port,
-            user: self.user.clone(),
+            host,
+            port,
+            user: self.user.clone().or_else(|| conf.user.clone()).unwrap_or_else(|| "postgres".to_string()),
             password,
             application_name: application_name.into(),
         })

@@ -9,7 +9,8 @@
 //! `neon-sidecar attach` does the same for a server that is already running and has history
 //! of its own: a base backup over the replication connection instead of the stopped files.
 
-use crate::cli::args::{ComputeArgs, RedoProcessArgs};
+use crate::cli::args::{ComputeArgs, RedoProcessArgs, DEFAULT_SLOT};
+use crate::cli::conf::SidecarConf;
 use crate::replication::client::{ReplicationConfig, ReplicationConn, Slot};
 use crate::repo::import::import_datadir;
 use crate::repo::store::{Identity, Store, StoreError};
@@ -26,34 +27,63 @@ pub struct InitArgs {
     /// The compute's data directory (created with initdb if it is not a cluster yet).
     #[arg(long)]
     pub pgdata: PathBuf,
-    /// The store directory (must not hold history yet).
+    /// The store directory: new, or holding this cluster's history already (init then only
+    /// checks the settings and the slot).
     #[arg(long)]
     pub store: PathBuf,
     /// The replication slot the sidecar owns.
-    #[arg(long, default_value = "neon_sidecar")]
+    #[arg(long, default_value = DEFAULT_SLOT)]
     pub slot: String,
     /// The database superuser (initdb's `-U`).
     #[arg(long, default_value = "postgres")]
     pub superuser: String,
-    /// The sidecar's page-service socket, for the extension (default: `sidecar.sock` beside
-    /// the store).
+    /// The port the compute listens on (written to its postgresql.conf; default: as it is).
+    #[arg(long)]
+    pub port: Option<u16>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub redo: RedoProcessArgs,
+}
+
+/// Where the sidecar serves the compute: recorded in the store for `run` and, for `init`,
+/// written to the compute's settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// The sidecar's page-service socket (default: `run/sidecar.sock` beside the store).
     #[arg(long)]
     pub socket: Option<PathBuf>,
     /// The directory base backups are written to, shared with the extension (default:
     /// `shared` beside the store).
     #[arg(long)]
     pub shared_dir: Option<PathBuf>,
-    #[command(flatten)]
-    pub redo: RedoProcessArgs,
+}
+
+impl ServeArgs {
+    /// The socket and shared directory, absolute, defaults beside `store`; their directories
+    /// made private (and, as root, given to the server's OS user, who runs the sidecar).
+    fn prepare(&self, store: &Path, cfg: &crate::walredo::RedoConfig) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let beside = std::path::absolute(store)?.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let socket = std::path::absolute(self.socket.clone().unwrap_or_else(|| beside.join("run/sidecar.sock")))?;
+        let shared = std::path::absolute(self.shared_dir.clone().unwrap_or_else(|| beside.join("shared")))?;
+        for dir in [socket.parent().unwrap_or(Path::new("/")), &shared] {
+            if !dir.exists() {
+                crate::repo::timeline::private_dir(dir)?;
+                give_to_server_user(dir, cfg)?;
+            }
+        }
+        Ok((socket, shared))
+    }
 }
 
 /// Settings the product needs, appended to postgresql.conf: WAL the sidecar can rebuild pages
 /// from, room for its replication connection and slot, the extension loaded at start, and
 /// where it finds the sidecar.
-fn settings(socket: &Path, shared_dir: &Path) -> String {
+fn settings(socket: &Path, shared_dir: &Path, port: Option<u16>) -> String {
     let quote = |p: &Path| p.display().to_string().replace('\'', "''");
+    let port = port.map(|p| format!("port = {p}\n")).unwrap_or_default();
     format!(
-        "\n{SETTINGS_BEGIN}\n\
+        "\n{SETTINGS_BEGIN}\n{port}\
          wal_level = replica\n\
          full_page_writes = on\n\
          max_wal_senders = 10\n\
@@ -150,6 +180,11 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         bail!("store {} is set up already, but {} is not a cluster", args.store.display(), pgdata.display());
     }
     if !pgdata.join("PG_VERSION").exists() {
+        // Made here, so that initdb (as the server's OS user) need not make its parents.
+        if !pgdata.exists() {
+            crate::repo::timeline::private_dir(pgdata)?;
+            give_to_server_user(pgdata, &cfg)?;
+        }
         let mut initdb = Command::new(bin("initdb"));
         initdb.arg("-D").arg(pgdata).args(["-U", &args.superuser, "--auth-local=peer", "--auth-host=scram-sha-256"]);
         if args.redo.data_checksums {
@@ -168,21 +203,10 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     if let Some(store) = &existing {
         store.identity().check(store.dir(), identity.system_id)?;
     }
-    let beside_store = |name: &str| -> anyhow::Result<PathBuf> {
-        let store = std::path::absolute(&args.store)?;
-        Ok(store.parent().unwrap_or(Path::new("/")).join(name))
-    };
-    let socket = match &args.socket {
-        Some(p) => std::path::absolute(p)?,
-        None => beside_store("sidecar.sock")?,
-    };
-    let shared_dir = match &args.shared_dir {
-        Some(p) => std::path::absolute(p)?,
-        None => beside_store("shared")?,
-    };
+    let (socket, shared_dir) = args.serve.prepare(&args.store, &cfg)?;
     let conf = pgdata.join("postgresql.conf");
     let text = std::fs::read_to_string(&conf).with_context(|| format!("reading {}", conf.display()))?;
-    match with_settings(&text, &settings(&socket, &shared_dir)) {
+    match with_settings(&text, &settings(&socket, &shared_dir, args.port)) {
         Some(new) => {
             // Written as the file's owner would: in place, keeping its owner and mode.
             std::fs::write(&conf, new).with_context(|| format!("writing {}", conf.display()))?;
@@ -237,7 +261,26 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&sockdir);
     let slot_lsn = slot?;
     stopped?;
+    // What `run` needs to know, whatever happens next.
+    let sidecar_conf = SidecarConf {
+        pgdata: Some(std::path::absolute(pgdata)?),
+        slot: Some(args.slot.clone()),
+        socket: Some(socket.clone()),
+        shared_dir: Some(shared_dir.clone()),
+        ..SidecarConf::default()
+    };
+    let next = |out: &mut dyn Write| -> std::io::Result<()> {
+        let user = if cfg.run_as.is_some() { format!(" (as {})", args.redo.run_as) } else { String::new() };
+        writeln!(
+            out,
+            "next{user}: start the compute (pg_ctl -D {}), then `neon-sidecar run --store {}`",
+            pgdata.display(),
+            args.store.display()
+        )
+    };
     if let Some(store) = existing {
+        sidecar_conf.write(&args.store)?;
+        give_to_server_user(&args.store, &cfg)?;
         let t = store.current();
         writeln!(
             out,
@@ -248,6 +291,7 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             t.lineage_start(),
             t.durable_lsn()
         )?;
+        next(out)?;
         return Ok(());
     }
 
@@ -258,6 +302,7 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let stats = import_datadir(&repo, pgdata, at, &Default::default())?;
     repo.flush()?;
     drop((repo, store));
+    sidecar_conf.write(&args.store)?;
     give_to_server_user(&args.store, &cfg)?;
     writeln!(
         out,
@@ -268,6 +313,7 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         stats.relation_forks,
         args.store.display()
     )?;
+    next(out)?;
     Ok(())
 }
 
@@ -291,6 +337,10 @@ pub struct AttachArgs {
     /// on after a recorded gap).
     #[arg(long)]
     pub store: PathBuf,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub redo: RedoProcessArgs,
 }
 
 /// `neon-sidecar attach`: a running compute into a store. The slot comes first, so it keeps
@@ -303,8 +353,9 @@ pub struct AttachArgs {
 /// invalidated slot), it continues that history after a recorded gap: reads before the gap
 /// work as before, reads inside it are refused, reads after it come from this backup.
 pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let rc = args.compute.replication("neon-sidecar attach")?;
-    let slot = &args.compute.slot;
+    let recorded = SidecarConf::read(&args.store)?;
+    let rc = args.compute.replication("neon-sidecar attach", &recorded)?;
+    let slot = &args.compute.slot(&recorded);
     let mut conn = ReplicationConn::connect(&rc)?;
     let sys = conn.identify_system()?;
     let existing = match Store::open(&args.store) {
@@ -366,6 +417,20 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     });
     let _ = std::fs::remove_dir_all(&unpacked);
     let (b, stats) = imported?;
+    drop(store);
+    let cfg = args.redo.config("attach")?;
+    let (socket, shared_dir) = args.serve.prepare(&args.store, &cfg)?;
+    SidecarConf {
+        host: Some(rc.host.clone()),
+        port: Some(rc.port),
+        user: Some(rc.user.clone()),
+        slot: Some(slot.clone()),
+        socket: Some(socket.clone()),
+        shared_dir: Some(shared_dir.clone()),
+        ..recorded
+    }
+    .write(&args.store)?;
+    give_to_server_user(&args.store, &cfg)?;
     if let Some(from) = gap_from {
         writeln!(out, "timeline {}: history after {from} was lost; it goes on from {} (a gap between)", t.id(), b.end)?;
     }
@@ -382,6 +447,10 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         stats.relation_forks,
         b.end
     )?;
+    // A server of its own: its settings are its operator's to change.
+    let block = settings(&socket, &shared_dir, None);
+    writeln!(out, "add to the compute's postgresql.conf (then restart it) unless it has them:{block}")?;
+    writeln!(out, "then: neon-sidecar run --store {}", args.store.display())?;
     Ok(())
 }
 
@@ -391,12 +460,12 @@ mod tests {
 
     #[test]
     fn the_settings_block_is_written_once() {
-        let block = settings(Path::new("/run/s.sock"), Path::new("/srv/shared"));
+        let block = settings(Path::new("/run/s.sock"), Path::new("/srv/shared"), Some(5433));
         let conf = "max_connections = 20\n";
         let once = with_settings(conf, &block).unwrap();
         assert!(once.starts_with(conf) && once.ends_with(&block));
         assert_eq!(with_settings(&once, &block), None, "already there");
-        let other = settings(Path::new("/run/t.sock"), Path::new("/srv/shared"));
+        let other = settings(Path::new("/run/t.sock"), Path::new("/srv/shared"), None);
         let moved = with_settings(&once, &other).unwrap();
         assert_eq!(moved.matches(SETTINGS_BEGIN).count(), 1);
         assert!(moved.contains("/run/t.sock") && !moved.contains("/run/s.sock"));

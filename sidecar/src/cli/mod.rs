@@ -2,7 +2,7 @@
 //! the library:
 //!
 //! * [`args`] — arguments several commands share (a block, how to run redo, how to reach a
-//!   compute);
+//!   compute); [`conf`] — what `init` and `attach` record in the store for `run`;
 //! * [`waldump`] — `waldump`, the WAL decoder as `pg_waldump`;
 //! * [`redo`] — `redo`, one page rebuilt by hand through a wal-redo process;
 //! * [`init`] — `init` and `attach`: a compute's history into a new store;
@@ -10,6 +10,7 @@
 //! * [`store`] — `get-page`, `status`, `import-wal`, `basebackup` against a store or a running
 //!   sidecar.
 pub mod args;
+pub mod conf;
 pub mod init;
 pub mod redo;
 pub mod run;

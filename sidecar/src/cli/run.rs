@@ -5,6 +5,7 @@
 
 use crate::basebackup::shared::SharedBasebackups;
 use crate::cli::args::{ComputeArgs, RedoProcessArgs};
+use crate::cli::conf::SidecarConf;
 use crate::follower::{self, FollowerConfig, IngestState};
 use crate::page_cache::PageCache;
 use crate::repo::compaction;
@@ -33,10 +34,12 @@ pub struct RunArgs {
     /// Flush after this many MB of WAL.
     #[arg(long, default_value_t = 64)]
     pub flush_mb: u64,
-    /// Serve pages on this unix socket (its directory must be private to this user).
+    /// Serve pages on this unix socket (its directory must be private to this user; default:
+    /// as `init` or `attach` recorded).
     #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// The directory shared with the extension: base backups go to `basebackups/` in it.
+    /// The directory shared with the extension: base backups go to `basebackups/` in it
+    /// (default: as `init` or `attach` recorded).
     #[arg(long)]
     pub shared_dir: Option<PathBuf>,
     /// Size limit of the base backups kept there, in MB (oldest removed first).
@@ -80,10 +83,13 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let conf = SidecarConf::read(&args.store)?;
+    let socket = args.socket.clone().or(conf.socket.clone());
+    let shared_dir = args.shared_dir.clone().or(conf.shared_dir.clone());
     let cfg = FollowerConfig {
-        replication: args.compute.replication("neon-sidecar")?,
+        replication: args.compute.replication("neon-sidecar", &conf)?,
         store: args.store.clone(),
-        slot: args.compute.slot.clone(),
+        slot: args.compute.slot(&conf),
         flush_interval: Duration::from_millis(args.flush_ms),
         flush_bytes: args.flush_mb << 20,
         chain_limit: args.chain_limit,
@@ -100,10 +106,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let retention = args.retention_mb << 20;
     let ingest = Arc::new(IngestState::default());
     std::thread::scope(|s| {
-        let server = match &args.socket {
+        let server = match &socket {
             Some(path) => {
                 let listener = service::bind(path)?;
-                let basebackups = match &args.shared_dir {
+                let basebackups = match &shared_dir {
                     Some(d) => Some(
                         SharedBasebackups::new(d, args.shared_limit_mb << 20, args.basebackups_at_once)
                             .with_context(|| format!("shared directory {}", d.display()))?,
@@ -112,7 +118,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 };
                 let pages = (args.page_cache_mb << 20) as usize / BLCKSZ;
                 let memory = args.page_file_memory.as_deref().filter(|m| m.is_dir());
-                let cache = match &args.shared_dir {
+                let cache = match &shared_dir {
                     Some(d) => PageCache::shared(d, pages, memory)?,
                     None => PageCache::private(pages)?,
                 };

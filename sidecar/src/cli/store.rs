@@ -101,6 +101,10 @@ pub struct ImportWalArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub source: SourceArgs,
+    /// With --socket: wait up to this long for the sidecar to answer (one just started), in
+    /// milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub wait_ms: u64,
 }
 
 /// `neon-sidecar import-wal`: WAL segment files into a store, through the same decoder and
@@ -187,10 +191,19 @@ pub fn get(args: &GetPageArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 
 pub fn status(args: &StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     match (&args.source.socket, &args.source.store) {
-        (Some(socket), _) => match ask(socket, &Request::Status)? {
-            Response::Status(text) => write!(out, "{text}")?,
-            r => bail!("unexpected answer {r:?}"),
-        },
+        (Some(socket), _) => {
+            let until = std::time::Instant::now() + Duration::from_millis(args.wait_ms);
+            let answer = loop {
+                match ask(socket, &Request::Status) {
+                    Err(_) if std::time::Instant::now() < until => std::thread::sleep(Duration::from_millis(100)),
+                    r => break r?,
+                }
+            };
+            match answer {
+                Response::Status(text) => write!(out, "{text}")?,
+                r => bail!("unexpected answer {r:?}"),
+            }
+        }
         (None, Some(dir)) => {
             let store = Store::open_read_only(dir)?;
             writeln!(out, "store {} (cluster {})", dir.display(), store.identity().system_id)?;
