@@ -35,5 +35,7 @@ SELECT neon_try(format('SELECT neon_prefetch(%L, %L, 0, 1)', 'e', '0/10'));
 SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L, 9)', 'e', 'main', :'lsn'));
 SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L, 0)', 'e', 'main', :'lsn'));
 SELECT neon_try(format('SELECT neon_rel_size(%L, %L, %L)', 'e', 'nope', :'lsn'));
+-- An error of the sidecar's that says what was asked says it once.
+SELECT neon_try($$SELECT neon_basebackup('0/10')$$);
 -- After all that, the next call works.
 SELECT length(neon_get_page('e', 'main', 0, :'lsn')) AS bytes;

@@ -113,7 +113,10 @@ fn failed(what: &str, e: ClientError) -> ! {
         ClientError::Protocol { .. } => (PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION, None),
         ClientError::Interrupted { .. } => (PgSqlErrorCode::ERRCODE_QUERY_CANCELED, None),
     };
-    fail(code, format!("{what}: {e}"), hint)
+    // The sidecar's message may already say what was asked (a base backup's does).
+    let message = e.to_string();
+    let message = if message.starts_with(what) { message } else { format!("{what}: {message}") };
+    fail(code, message, hint)
 }
 
 fn unexpected(what: &str, r: Response) -> ! {

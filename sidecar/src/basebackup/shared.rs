@@ -75,6 +75,8 @@ pub struct SharedBasebackups {
     /// Builds running at once, at most `concurrency` (they share the redo pool).
     running: (Mutex<usize>, Condvar),
     concurrency: usize,
+    /// Builds nobody wants any more, on their way out (their files not yet removed).
+    stopping: AtomicUsize,
 }
 
 /// One backup being built, and who waits for it.
@@ -108,6 +110,7 @@ impl SharedBasebackups {
             builds: Mutex::default(),
             running: (Mutex::new(0), Condvar::new()),
             concurrency: concurrency.max(1),
+            stopping: AtomicUsize::new(0),
         })
     }
 
@@ -115,9 +118,9 @@ impl SharedBasebackups {
         &self.dir
     }
 
-    /// Builds under way (waiting for their turn included).
+    /// Builds under way (waiting for their turn, and stopping, included).
     pub fn building(&self) -> usize {
-        self.builds.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.builds.lock().unwrap_or_else(|p| p.into_inner()).len() + self.stopping.load(Ordering::Acquire)
     }
 
     /// Builds running now.
@@ -168,9 +171,12 @@ impl SharedBasebackups {
         if !mine {
             return self.wait_for(&build, lsn, watch);
         }
-        let mut caller = Caller { shared: self, name: &name, build: &build, watch, gone: false };
+        let mut caller = Caller { shared: self, name: &name, build: &build, watch, gone: false, stopped: false };
         let result = self.build(&path, t, redo, lsn, &timeline, opts, &mut caller);
         let gone = caller.gone;
+        if caller.stopped {
+            self.stopping.fetch_sub(1, Ordering::AcqRel);
+        }
         *build.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(match &result {
             Ok(made) => Ok(made.clone()),
             Err(e) => Err(e.to_string()),
@@ -276,6 +282,8 @@ struct Caller<'a> {
     watch: &'a mut dyn Watch,
     /// The caller itself gave up (others may still wait).
     gone: bool,
+    /// Nobody wants the build: it left the builds under way and counts as stopping.
+    stopped: bool,
 }
 
 impl Watch for Caller<'_> {
@@ -299,8 +307,12 @@ impl Watch for Caller<'_> {
         if self.build.wanted.load(Ordering::Acquire) > 0 {
             return false;
         }
-        if builds.get(self.name).is_some_and(|b| Arc::ptr_eq(b, self.build)) {
-            builds.remove(self.name);
+        if !self.stopped {
+            self.stopped = true;
+            self.shared.stopping.fetch_add(1, Ordering::AcqRel);
+            if builds.get(self.name).is_some_and(|b| Arc::ptr_eq(b, self.build)) {
+                builds.remove(self.name);
+            }
         }
         true
     }

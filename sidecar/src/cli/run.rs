@@ -180,10 +180,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Layer files beyond this many are merged, this many at a time, up to this size together.
+/// Layer files beyond this many are merged, this many at a time, up to this size together
+/// (so files of up to 1/16 of it, 64 MB — a flush's — are merged, and merged files are not).
 const MERGE_ABOVE_FILES: usize = 32;
 const MERGE_RUN: usize = 16;
-const MERGE_MAX_BYTES: u64 = 128 << 20;
+const MERGE_MAX_BYTES: u64 = 1 << 30;
 
 /// What compaction keeps about the timeline it works on.
 struct Compacting {

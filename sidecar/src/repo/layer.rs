@@ -254,6 +254,14 @@ impl DeltaLayer {
         Ok(())
     }
 
+    /// Every value in (key, LSN) order, each read (and checked against its CRC) when reached.
+    pub fn values_in_order(&self) -> impl Iterator<Item = Result<(Key, Lsn, Value), LayerError>> + '_ {
+        (0..self.entries).map(|i| {
+            let (k, lsn, off, len) = self.entry(i);
+            self.blob(k, lsn, off, len).map(|v| (k, lsn, v))
+        })
+    }
+
     /// The values of `key` with LSN in `lsns`, oldest first (readers use
     /// [`DeltaLayer::newest_first`], which stops where they stop).
     #[cfg(test)]

@@ -554,7 +554,9 @@ impl Timeline {
     /// into one, when there are more than `keep` files: reads walk fewer files, and what they
     /// find is the same (the merged file holds every value of the run; where an image and a
     /// record share a key and LSN, the image, which already includes the record). Merged files
-    /// are not merged again, so each value is rewritten once. Returns the merged file, if any.
+    /// are not merged again, so each value is rewritten once. The merge streams (see
+    /// `write_merged`): its memory does not grow with the files. Returns the merged file, if
+    /// any.
     pub fn merge_layers(&self, keep: usize, run: usize, max_bytes: u64) -> Result<Option<PathBuf>, RepoError> {
         let _flushing = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
         let files = self.layers();
@@ -593,14 +595,11 @@ impl Timeline {
         if chosen.len() < 2 {
             return Ok(None);
         }
-        let mut merged = MemLayer::default();
-        let all = Key::default()..Key { kind: u8::MAX, ..Key::default() };
-        for l in &chosen {
-            l.for_each_in_range(all.clone(), |k, at, v| merged.put(k, at, v))?;
-        }
-        let (first, last) = merged.lsn_range().unwrap_or_default();
+        // The merged file holds every value of the run: its LSN range is theirs together.
+        let first = chosen.iter().map(|l| l.lsn_range().0).min().unwrap_or_default();
+        let last = chosen.iter().map(|l| l.lsn_range().1).max().unwrap_or_default();
         let name = self.fresh_name(format!("{DELTA_PREFIX}-{:016X}-{:016X}", first.0, last.0));
-        let layer = self.write_layer(&name, merged.sorted())?;
+        let layer = self.write_merged(&name, &chosen)?;
         let is_chosen = |l: &Arc<DeltaLayer>| chosen.iter().any(|c| Arc::ptr_eq(c, l));
         let mut names: Vec<String> = files.iter().filter(|l| !is_chosen(l)).map(|l| file_name(l.path())).collect();
         names.push(name);
@@ -616,6 +615,49 @@ impl Timeline {
             let _ = std::fs::remove_file(l.path());
         }
         Ok(Some(path))
+    }
+
+    /// Writes the values of `files` (oldest first) as one file, streaming: a k-way merge by
+    /// (key, LSN) that holds one value per file in memory. Where files share a key and LSN (an
+    /// image layer at the end of a delta's range), the later file's value wins: the image,
+    /// which already includes the record.
+    fn write_merged(&self, name: &str, files: &[Arc<DeltaLayer>]) -> Result<DeltaLayer, RepoError> {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        let mut iters: Vec<_> = files.iter().map(|f| f.values_in_order()).collect();
+        let mut heads: Vec<Option<Value>> = vec![None; files.len()];
+        let mut heap = BinaryHeap::new();
+        for (i, it) in iters.iter_mut().enumerate() {
+            if let Some(v) = it.next() {
+                let (k, l, v) = v?;
+                heads[i] = Some(v);
+                heap.push(Reverse((k, l, i)));
+            }
+        }
+        let mut w = DeltaLayerWriter::new(&self.dir.join(name))?;
+        while let Some(Reverse((key, lsn, mut from))) = heap.pop() {
+            // Every file's value at this (key, LSN), the latest file's kept.
+            let mut taken = vec![from];
+            while let Some(Reverse((k, l, i))) = heap.peek().copied() {
+                if (k, l) != (key, lsn) {
+                    break;
+                }
+                heap.pop();
+                taken.push(i);
+                from = from.max(i);
+            }
+            w.put(key, lsn, heads[from].as_ref().expect("a head for every file in the heap"))?;
+            for i in taken {
+                heads[i] = None;
+                if let Some(v) = iters[i].next() {
+                    let (k, l, v) = v?;
+                    heads[i] = Some(v);
+                    heap.push(Reverse((k, l, i)));
+                }
+            }
+        }
+        let path = w.finish()?;
+        Ok(DeltaLayer::open(&path)?)
     }
 
     /// Checks what reads rely on: in newest-LSN order, no file's values reach back into an
@@ -897,4 +939,54 @@ fn parse_manifest(path: &Path, b: &[u8]) -> Result<Manifest, RepoError> {
     }
     let parent = (parent != 0).then_some((parent, fork));
     Ok(Manifest { id, parent, origin, oldest, durable, gaps, names })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn record(n: u64) -> Value {
+        Value::WalRecord { will_init: false, raw: Bytes::from(n.to_le_bytes().to_vec()) }
+    }
+
+    #[test]
+    fn merged_files_read_as_the_files_did() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Timeline::open(dir.path()).unwrap();
+        t.begin_history(Lsn(10));
+        let keys: Vec<Key> = (0..50).map(|i| Key::meta(1, i)).collect();
+        let mut lsn = 10;
+        for round in 0..6u64 {
+            for (i, k) in keys.iter().enumerate() {
+                if (i as u64 + round) % 3 != 0 {
+                    lsn += 8;
+                    t.put(*k, Lsn(lsn), record(lsn));
+                }
+            }
+            t.advance(Lsn(lsn));
+            t.flush().unwrap();
+            if round == 2 {
+                // An image layer at the durable LSN: it shares (key, LSN) with the last delta's
+                // values there, and must win over them.
+                let images: BTreeMap<Key, Value> =
+                    keys.iter().map(|k| (*k, Value::Image(Bytes::from_static(b"image")))).collect();
+                t.add_image_layer(t.durable_lsn(), &images, false).unwrap();
+            }
+        }
+        let before: Vec<Vec<(Lsn, Value)>> =
+            keys.iter().flat_map(|k| (10..=lsn).step_by(24).map(|l| t.values_for(*k, Lsn(l)).unwrap())).collect();
+        let files = t.layers().len();
+        assert!(t.merge_layers(1, 16, 1 << 30).unwrap().is_some());
+        assert!(t.layers().len() < files, "{} files, were {files}", t.layers().len());
+        t.check_layer_order().unwrap();
+        let after: Vec<Vec<(Lsn, Value)>> =
+            keys.iter().flat_map(|k| (10..=lsn).step_by(24).map(|l| t.values_for(*k, Lsn(l)).unwrap())).collect();
+        assert_eq!(before, after);
+        // Reopened: the same.
+        let newest = t.values_for(keys[7], Lsn(lsn)).unwrap();
+        drop(t);
+        let t = Timeline::open(dir.path()).unwrap();
+        assert_eq!(t.values_for(keys[7], Lsn(lsn)).unwrap(), newest);
+    }
 }
