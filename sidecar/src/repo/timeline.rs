@@ -959,7 +959,7 @@ mod tests {
         let mut lsn = 10;
         for round in 0..6u64 {
             for (i, k) in keys.iter().enumerate() {
-                if (i as u64 + round) % 3 != 0 {
+                if !(i as u64 + round).is_multiple_of(3) {
                     lsn += 8;
                     t.put(*k, Lsn(lsn), record(lsn));
                 }
