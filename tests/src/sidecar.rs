@@ -219,6 +219,11 @@ impl SidecarProcess {
         Ok(child.wait()?)
     }
 
+    /// The sidecar's process ID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Sends `sig` (SIGSTOP, SIGCONT, ...) to the running sidecar.
     pub fn signal(&self, sig: i32) -> Result<()> {
         let child = self.child.as_ref().context("not running")?;
