@@ -25,6 +25,7 @@ use crate::repo::key::Key;
 use crate::repo::store::{Store, StoreError};
 use crate::repo::timeline::{RepoError, Timeline};
 use crate::wal::decoder::{DecodeError, WalStreamDecoder};
+use crate::wal::page::record_start;
 use neon_types::Lsn;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,8 +86,26 @@ pub enum FollowError {
          store"
     )]
     Diverged { timeline: u32, server: Lsn, durable: Lsn },
+    #[error(
+        "the compute's WAL on timeline {timeline} does not continue the store's history at {at} ({why}). It was \
+         restored to another point without starting a new timeline, and its WAL would overwrite history. Restore \
+         it with a new timeline (`neon-sidecar basebackup --new-timeline`), or give it a new store"
+    )]
+    DivergedAt { timeline: u32, at: Lsn, why: String },
     #[error("the compute is on timeline {server}, whose history ({history:?}) shares no timeline with the store's ({ours:?})")]
     UnrelatedTimeline { server: u32, history: String, ours: Vec<u32> },
+    #[error(
+        "the compute's timeline {timeline} is not the store's timeline {timeline}: its history file says \
+         {theirs:?}, the store's {ours:?} (timeline IDs repeat across branches of a cluster)"
+    )]
+    OtherBranch { timeline: u32, theirs: String, ours: String },
+    #[error(
+        "timeline {timeline} cannot fork from timeline {parent} at {fork}: the store does not hold that \
+         history ({why})"
+    )]
+    ForkNotHeld { timeline: u32, parent: u32, fork: Lsn, why: String },
+    #[error("the compute ended timeline {timeline} at {last}, short of its switch point {end}")]
+    EndedShort { timeline: u32, last: Lsn, end: Lsn },
     #[error("timeline history file of timeline {timeline}: bad line {line:?}")]
     HistoryFile { timeline: u32, line: String },
 }
@@ -95,7 +114,12 @@ impl FollowError {
     /// Whether reconnecting (and waiting) can cure it. Failing to write the store is retried:
     /// the disk may get room again.
     pub fn is_final(&self) -> bool {
-        !matches!(self, FollowError::Replication(_) | FollowError::Repo(_) | FollowError::Store(StoreError::Io { .. }))
+        !matches!(
+            self,
+            FollowError::Replication(_)
+                | FollowError::Repo(_)
+                | FollowError::Store(StoreError::Io { .. } | StoreError::Timeline(RepoError::Io { .. }))
+        )
     }
 }
 
@@ -280,13 +304,35 @@ fn choose_timeline(
     server: u32,
 ) -> Result<(Arc<Timeline>, Option<Lsn>), FollowError> {
     let current = store.current();
-    if current.id() == server {
-        return Ok((current, None));
-    }
     if let Some(t) = store.timeline(server) {
-        current.flush()?;
-        store.set_current(server)?;
+        // Timeline IDs repeat across branches: the server's must have the store's history.
+        let ours = store.history_file(server)?;
+        if server != 1 && !ours.is_empty() {
+            let theirs = conn.timeline_history(server)?;
+            let entries = |h: &[u8]| -> Result<Vec<(u32, Lsn)>, FollowError> {
+                Ok(parse_history(server, h)?.into_iter().map(|e| (e.parent, e.switchpoint)).collect())
+            };
+            if entries(&theirs)? != entries(&ours)? {
+                return Err(FollowError::OtherBranch {
+                    timeline: server,
+                    theirs: String::from_utf8_lossy(&theirs).into_owned(),
+                    ours: String::from_utf8_lossy(&ours).into_owned(),
+                });
+            }
+        }
+        if current.id() != server {
+            current.flush()?;
+            store.set_current(server)?;
+        }
         return Ok((t, None));
+    }
+    if server == 1 {
+        // Timeline 1 has no history file: it can only be the store's own first timeline.
+        return Err(FollowError::UnrelatedTimeline {
+            server,
+            history: String::new(),
+            ours: store.timelines().iter().map(|t| t.id()).collect(),
+        });
     }
     let history = conn.timeline_history(server)?;
     let entries = parse_history(server, &history)?;
@@ -302,7 +348,14 @@ fn choose_timeline(
     let HistoryEntry { parent, switchpoint: fork, .. } = entries[known];
     let child = entries.get(known + 1).map_or(server, |e| e.parent);
     let p = store.timeline(parent).expect("known");
-    if p.last_lsn() < fork {
+    // The parent's history must hold the fork (not collected, not in a gap), or the child
+    // would read history that is not there.
+    if let Err(why) = p.check_readable(fork.min(p.last_lsn())) {
+        return Err(FollowError::ForkNotHeld { timeline: child, parent, fork, why: format!("{why:?}") });
+    }
+    // A fork just past a page header (a base backup's new timeline, as of a page boundary)
+    // leaves nothing of the parent's between its last record and the fork.
+    if record_start(p.last_lsn(), store.identity().wal_segment_size) < fork {
         // The parent's history must reach the fork first: the server still has the old
         // timeline's WAL up to its switch point.
         if current.id() != parent {
@@ -375,13 +428,25 @@ fn follow(
             }
         }
     };
-    // A new timeline's first record begins at its fork, whatever the page holds before it.
-    let mut dec = match t.parent() {
-        Some((_, fork)) if fork == start => WalStreamDecoder::at_record(start, seg_size)?,
-        _ => WalStreamDecoder::new(start, seg_size)?,
-    };
+    // The stream must continue the last record filed: a compute restored elsewhere on this
+    // timeline has other WAL here. Read again, that record must be the same (its CRC covers
+    // its xl_prev, so the history before it too) — unless it began in an older segment,
+    // which the server may have removed: then the next record must name it as its xl_prev.
+    let last = t.durable_record().filter(|r| r.end == start);
+    let again = last.filter(|r| r.start.segment_number(seg_size) == start.segment_number(seg_size));
+    // A record begins at where the stream starts (the last record filed, or the end of it,
+    // aligned as PostgreSQL aligns it; a fork; a slot's restart point), whatever its page
+    // holds before it: a new timeline's first page may hold nothing else (a base backup's
+    // generated segment).
+    let from = again.map_or(start, |r| r.start);
+    let mut dec = WalStreamDecoder::at_record(from, seg_size)?;
+    match (again, last) {
+        (Some(r), _) => dec.expect_first(r.end, r.crc),
+        (None, Some(r)) => dec.expect_prev(r.start),
+        (None, None) => {}
+    }
     let streamed = (|| -> Result<Followed, FollowError> {
-        let mut stream = conn.start_replication(Some(&cfg.slot), start, t.id())?;
+        let mut stream = conn.start_replication(Some(&cfg.slot), from, t.id())?;
         state.set(format!("following timeline {} from {start}", t.id()));
         // Layer files are written by a flusher thread while ingest goes on (the timeline's
         // frozen layer is made for this); the compute hears of each new durable LSN
@@ -405,6 +470,21 @@ fn follow(
     })();
     *ingest = Some((t.id(), filing));
     match streamed {
+        // What the store holds ends with a record; the compute's WAL has another there, or a
+        // record boundary elsewhere.
+        Err(FollowError::Decode(e)) if last.is_some() && dec.position() <= start => {
+            let why = match e {
+                DecodeError::PrevLink { prev, expected, .. } => {
+                    format!("its record there follows one at {prev}, the store's last record began at {expected}")
+                }
+                DecodeError::OtherRecord { lsn, end, crc, expected_end, expected_crc } => format!(
+                    "its record at {lsn} ends at {end} with CRC {crc:08X}, the store's ended at {expected_end} with \
+                     CRC {expected_crc:08X}"
+                ),
+                e => format!("its WAL does not read as records there: {e}"),
+            };
+            Err(FollowError::DivergedAt { timeline: t.id(), at: start, why })
+        }
         Err(FollowError::Replication(e)) => match wal_removed(&e) {
             Some(message) => {
                 if created {
@@ -417,7 +497,12 @@ fn follow(
         },
         Ok(Followed::TimelineEnded) => {
             t.flush()?;
-            Ok(Followed::TimelineEnded)
+            match end {
+                Some(end) if t.last_lsn() < end => {
+                    Err(FollowError::EndedShort { timeline: t.id(), last: t.last_lsn(), end })
+                }
+                _ => Ok(Followed::TimelineEnded),
+            }
         }
         r => r,
     }

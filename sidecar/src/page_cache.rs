@@ -147,9 +147,9 @@ impl PageCache {
     }
 
     /// Forgets every page (the sidecar follows another timeline: pages read without one are
-    /// of another history now).
-    pub fn clear(&self) {
-        self.pages.clear();
+    /// of another history now, which begins at `oldest`).
+    pub fn clear(&self, oldest: Lsn) {
+        self.pages.clear(oldest);
     }
 
     /// Pages at LSNs before `lsn` are out of history: not served any more.

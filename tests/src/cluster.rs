@@ -255,6 +255,15 @@ impl Cluster {
         &self.root
     }
 
+    /// A new directory under the cluster's root for `CREATE TABLESPACE … LOCATION`, owned by
+    /// the server's OS user; returns its path.
+    pub fn tablespace_dir(&self, name: &str) -> Result<String> {
+        let dir = self.root.join(name);
+        fs::create_dir_all(&dir)?;
+        chown_to_server_user(&dir)?;
+        Ok(dir.display().to_string())
+    }
+
     /// The data directory (`PGDATA`).
     pub fn data_dir(&self) -> &Path {
         &self.data_dir

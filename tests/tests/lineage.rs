@@ -7,6 +7,9 @@
 //!   stays readable on timeline 1 only;
 //! * the compute restored from our own `--new-timeline` base backup at an LSN the store has
 //!   long passed: followed as a new timeline forking there, the old history intact beside it;
+//! * the compute restored in place from a same-timeline backup and written past the store's
+//!   history while the sidecar was down: refused (its WAL does not continue the store's last
+//!   record), nothing of it filed;
 //! * another cluster (another `initdb`) is refused, and the history already held is still
 //!   served.
 
@@ -146,6 +149,14 @@ fn a_compute_restored_to_an_old_lsn_is_followed_as_a_new_timeline() -> Result<()
     assert_eq!(restored.query_one_string("SELECT timeline_id FROM pg_control_checkpoint()")?, "2");
     let sidecar = SidecarProcess::start(&restored, &store)?;
     wait_following(&sidecar, 2)?;
+    // A few bytes after the fork, then a reconnect: the stream resumes on the new timeline's
+    // first page, whose bytes before the fork are zeroes (the generated segment), not records.
+    let small: Lsn = restored.query_one_string("SELECT pg_logical_emit_message(false, 'neon', 'x')")?.parse()?;
+    sidecar.wait_durable(small)?;
+    let (durable, _) = sidecar.history()?;
+    eprintln!("durable {durable} after the fork's page start {:X}", at.0 & !0x1FFF);
+    sidecar.stop()?;
+    let sidecar = SidecarProcess::start(&restored, &store)?;
     restored.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "300"])?;
     let new = Snapshot::take(&restored, "new")?;
     sidecar.wait_durable(new.lsn)?;
@@ -161,6 +172,52 @@ fn a_compute_restored_to_an_old_lsn_is_followed_as_a_new_timeline() -> Result<()
     sidecar.stop()
 }
 
+/// Waits until ingest stops for good; returns its state.
+fn wait_stopped(sidecar: &SidecarProcess) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = sidecar.status("ingest_state")?;
+        if state.starts_with("stopped") {
+            return Ok(state);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "ingest never stopped: {state}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_compute_restored_in_place_on_the_same_timeline_is_refused_not_filed() -> Result<()> {
+    let (mut c, store) = cluster_born_with_store()?;
+    let sidecar = SidecarProcess::start(&c, &store)?;
+    c.pgbench(&["-i", "-q", "-s", "1"])?;
+    let at = workload::flush_lsn(&c)?;
+    c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "300"])?;
+    let old = Snapshot::take(&c, "old")?;
+    sidecar.wait_durable(old.lsn)?;
+    sidecar.stop()?;
+    c.stop()?;
+
+    // Restored from a same-timeline backup while the sidecar was down, and written past the
+    // store's history: its WAL at the store's durable LSN is another history's.
+    let tar = c.root_dir().join("restore.tar");
+    basebackup_from_store(&store, at, &tar, &[])?;
+    let restored = boot_basebackup(&tar)?;
+    assert_eq!(restored.query_one_string("SELECT timeline_id FROM pg_control_checkpoint()")?, "1");
+    while workload::flush_lsn(&restored)? <= old.lsn {
+        restored.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "300"])?;
+    }
+    let sidecar = SidecarProcess::start(&restored, &store)?;
+    let state = wait_stopped(&sidecar)?;
+    eprintln!("ingest: {state}");
+    assert!(state.contains("does not continue the store's history"), "{state}");
+    // Nothing of it was filed, and the history held is still served.
+    let (durable, last) = sidecar.history()?;
+    assert!(durable >= old.lsn && last == durable, "durable {durable}, last {last} after refusing");
+    let n = compare(&sidecar, &old)?;
+    eprintln!("after refusing the restored compute's WAL: {n:?} still served at {}", old.lsn);
+    sidecar.stop()
+}
+
 #[test]
 fn another_cluster_is_refused_and_the_history_held_is_still_served() -> Result<()> {
     let (mut c, store) = cluster_born_with_store()?;
@@ -173,15 +230,7 @@ fn another_cluster_is_refused_and_the_history_held_is_still_served() -> Result<(
 
     let other = Cluster::builder().start()?;
     let sidecar = SidecarProcess::start(&other, &store)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let state = loop {
-        let state = sidecar.status("ingest_state")?;
-        if state.starts_with("stopped") {
-            break state;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "ingest never stopped: {state}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let state = wait_stopped(&sidecar)?;
     assert!(state.contains("another initdb"), "{state}");
     // Nothing was made on the other cluster, and the history held is still read.
     assert!(other.query_rows("SELECT 1 FROM pg_replication_slots")?.is_empty());

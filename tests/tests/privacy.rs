@@ -49,8 +49,13 @@ fn the_store_scratch_and_shared_directories_are_the_server_users_alone() -> Resu
     c.query_one_string(&format!("SELECT length(neon_get_page('secrets', 'main', 0, '{lsn}'))"))?;
     let shared = c.root_dir().join("shared");
     // Its redo processes' scratch directory (in the server user's temporary directory).
-    let scratch = std::path::PathBuf::from(format!("/tmp/neon-sidecar-{}", sidecar.pid().context("running")?));
-    anyhow::ensure!(scratch.is_dir(), "no redo scratch directory {}", scratch.display());
+    let prefix = format!("neon-sidecar-{}-", sidecar.pid().context("running")?);
+    let scratch = std::fs::read_dir("/tmp")?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)))
+        .with_context(|| format!("no redo scratch directory /tmp/{prefix}*"))?;
+    anyhow::ensure!(scratch.is_dir(), "redo scratch {} is no directory", scratch.display());
 
     for root in [store.as_path(), shared.as_path(), scratch.as_path()] {
         let open = open_to_others(root)?;

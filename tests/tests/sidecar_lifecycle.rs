@@ -8,8 +8,8 @@
 //!   are removed, reads before the new history start are refused naming the bounds, and every
 //!   page still equals the compute's.
 
-use anyhow::Result;
-use neon_tests::sidecar::{cluster_born_with_store, SidecarProcess};
+use anyhow::{Context, Result};
+use neon_tests::sidecar::{basebackup_from_store, boot_basebackup, cluster_born_with_store, SidecarProcess};
 use neon_tests::snapshot::{compare, Snapshot};
 use neon_tests::{workload, Cluster};
 use neon_types::protocol::{ErrorCode, Request, Response};
@@ -76,6 +76,13 @@ fn long_chains_get_images_and_old_history_is_collected() -> Result<()> {
     let sidecar =
         SidecarProcess::start_with(&c, &store, &["--chain-limit", &limit.to_string(), "--retention-mb", "24"])?;
     c.pgbench(&["-i", "-q", "-s", "1"])?;
+    // Kept across collection: a table in a tablespace, and a database moved into it (its
+    // relation map read through the copy's source until a full image has its own).
+    c.execute(&format!("CREATE TABLESPACE ts_kept LOCATION '{}'", c.tablespace_dir("ts_kept")?))?;
+    c.execute("CREATE TABLE in_ts TABLESPACE ts_kept AS SELECT g FROM generate_series(1, 1000) g")?;
+    c.execute("CREATE DATABASE moved")?;
+    c.connect("moved")?.batch_execute("CREATE TABLE m AS SELECT g FROM generate_series(1, 500) g")?;
+    c.execute("ALTER DATABASE moved SET TABLESPACE ts_kept")?;
     c.execute("CHECKPOINT")?;
     let early = workload::flush_lsn(&c)?;
     let branches: u32 = c.query_one_string("SELECT pg_relation_filenode('pgbench_branches')")?.parse()?;
@@ -128,6 +135,13 @@ fn long_chains_get_images_and_old_history_is_collected() -> Result<()> {
     // Merging keeps the number of files a read walks bounded (32 and the last few flushes').
     assert!(names.len() <= 40, "{} layer files", names.len());
     assert!(repo.layers().iter().all(|l| l.lsn_range().1 >= repo.history_start()));
+    drop(repo);
+    // A base backup after collection has the tablespace and the moved database.
+    let tar = c.root_dir().join("after-gc.tar");
+    basebackup_from_store(&store, now.lsn, &tar, &[])?;
+    let b = boot_basebackup(&tar)?;
+    assert_eq!(b.query_one_string("SELECT count(*) FROM in_ts")?, "1000");
+    assert_eq!(b.connect("moved")?.query_one("SELECT count(*) FROM m", &[])?.get::<_, i64>(0), 500);
     Ok(())
 }
 
@@ -203,9 +217,22 @@ fn attach_takes_a_running_server_with_history_of_its_own() -> Result<()> {
         rel: RelTag { node: RelFileNode { spcnode: 1663, dbnode: 5, relnode: accounts }, fork: ForkNumber::Main },
         blkno: 0,
     };
-    match sidecar.client()?.request(&Request::GetPage { tag, lsn: before, wait_ms: 0 })? {
-        Response::Error { code: ErrorCode::OutOfHistory, .. } => {}
-        r => panic!("a page from before the backup's end: {r:?}"),
+    // History begins at the backup's end: before it, and while it was copied (its files are
+    // fuzzy then), pages are refused.
+    let span = text.split("base backup ").nth(1).context("no backup span in attach's output")?;
+    let mut lsns = span.split_whitespace();
+    let start: Lsn = lsns.next().context("backup start")?.parse()?;
+    let end: Lsn = lsns.nth(1).context("backup end")?.parse()?;
+    anyhow::ensure!(start < end, "the backup ran from {start} to {end}");
+    for lsn in [before, start, Lsn((start.0 + end.0) / 2)] {
+        match sidecar.client()?.request(&Request::GetPage { tag, lsn, wait_ms: 0 })? {
+            Response::Error { code: ErrorCode::OutOfHistory, .. } => {}
+            r => panic!("a page at {lsn}, before the backup's end {end}: {r:?}"),
+        }
+    }
+    match sidecar.client()?.request(&Request::GetPage { tag, lsn: end, wait_ms: 0 })? {
+        Response::Page(_) => {}
+        r => panic!("a page at the backup's end {end}: {r:?}"),
     }
     sidecar.stop()
 }

@@ -13,13 +13,6 @@ use neon_tests::workload::dump_all;
 use neon_tests::Cluster;
 use std::path::Path;
 
-fn tablespace_dir(c: &Cluster, name: &str) -> Result<String> {
-    let dir = c.root_dir().join(name);
-    std::fs::create_dir_all(&dir)?;
-    neon_tests::chown_to_server_user(&dir)?;
-    Ok(dir.display().to_string())
-}
-
 fn oid(c: &Cluster, sql: &str) -> Result<u32> {
     Ok(c.query_one_string(sql)?.parse()?)
 }
@@ -28,7 +21,7 @@ fn oid(c: &Cluster, sql: &str) -> Result<u32> {
 fn tables_indexes_and_databases_in_tablespaces_and_moved_between_them() -> Result<()> {
     let (c, store) = cluster_born_with_store()?;
     let sidecar = SidecarProcess::start(&c, &store)?;
-    let (ts1, ts2, ts3) = (tablespace_dir(&c, "ts1")?, tablespace_dir(&c, "ts2")?, tablespace_dir(&c, "ts3")?);
+    let (ts1, ts2, ts3) = (c.tablespace_dir("ts1")?, c.tablespace_dir("ts2")?, c.tablespace_dir("ts3")?);
     for (name, dir) in [("ts1", &ts1), ("ts2", &ts2), ("ts3", &ts3)] {
         c.execute(&format!("CREATE TABLESPACE {name} LOCATION '{dir}'"))?;
     }

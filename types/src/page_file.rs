@@ -380,8 +380,9 @@ impl PageFileWriter {
     /// Forgets every page: the history they were read from is no longer the one readers ask
     /// about (the sidecar follows another timeline now). Each slot is emptied under its seqlock
     /// (its LSN set to 0, which no reader asks for), so a reader copying it meanwhile rejects
-    /// the copy.
-    pub fn clear(&self) {
+    /// the copy. History then begins at `oldest`, which may be earlier than before (another
+    /// lineage's start).
+    pub fn clear(&self, oldest: Lsn) {
         let mut state = self.lock();
         for slot in 0..self.map.sets * WAYS {
             let h = self.map.slot_header(slot);
@@ -397,6 +398,7 @@ impl PageFileWriter {
             seq.store(s + 2, Ordering::Release);
         }
         state.filled = 0;
+        self.map.u64_at(24).store(oldest.0, Ordering::Release);
     }
 
     /// Stops serving: readers use the file no longer, and memory-backed data is unlinked (its
@@ -625,7 +627,7 @@ mod tests {
         assert_eq!(held + evicted, 201, "every page is held or was reported evicted");
         assert!(held <= 16);
         // Cleared (another timeline followed): nothing is served, and the slots fill again.
-        w.clear();
+        w.clear(Lsn(0));
         assert_eq!(w.len(), 0);
         assert!(!r.get(&key(1, 10), &mut out) && !w.contains(&key(1, 10)));
         assert!((0..200).all(|b| !r.get(&key(1000 + b, 10), &mut out)));
@@ -638,6 +640,12 @@ mod tests {
         // History trimmed: older LSNs are not served.
         w.set_oldest_lsn(Lsn(11));
         assert!((0..200).all(|b| !r.get(&key(1000 + b, 10), &mut out)));
+        assert_eq!(r.oldest_lsn(), Lsn(11));
+        // Another lineage may begin earlier: a clear sets where history begins, down too.
+        w.clear(Lsn(5));
+        assert_eq!(r.oldest_lsn(), Lsn(5));
+        w.store(&key(1, 10), &page(4));
+        assert!(r.get(&key(1, 10), &mut out) && out == page(4));
         // A second sidecar on the same directory is refused while the first runs.
         assert!(matches!(PageFileWriter::create(&dir, 16, None), Err(PageFileError::InUse { .. })));
         drop(w);

@@ -31,6 +31,7 @@ use crate::repo::meta::{self, SLRU_CLOG, SLRU_MULTIXACT_MEMBERS, SLRU_MULTIXACT_
 use crate::repo::reconstruct::{check_in_history, get_slru_page, GetPageError};
 use crate::repo::store::{Store, StoreError};
 use crate::repo::timeline::{RepoError, Timeline};
+use crate::wal::page::record_start;
 use crate::walredo::native::SLRU_PAGES_PER_SEGMENT;
 use crate::walredo::WalRedoManager;
 use neon_types::{BufferTag, ForkNumber, Lsn, RelTag, BLCKSZ};
@@ -323,7 +324,10 @@ pub fn write_basebackup<W: Write>(
         .ok_or_else(|| missing("the store has no control file (history must start with init or attach)"))?;
     let info = control::info(&template)?;
     let mut checkpoint = meta::checkpoint(repo, lsn)?.ok_or_else(|| missing("no checkpoint counters"))?;
-    let at = walseg::record_position(lsn, info.wal_segment_size);
+    // Records end at multiples of 8, so the backup holds the same records as of `lsn` rounded
+    // down; its checkpoint goes there, not past it, or a record ending between `lsn` and the
+    // next multiple would be outside the copy yet inside a new timeline's lineage (its fork).
+    let at = record_start(Lsn(lsn.0 & !7), info.wal_segment_size);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     checkpoint.redo = at;
     checkpoint.this_timeline = timeline.timeline;

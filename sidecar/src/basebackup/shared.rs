@@ -34,7 +34,22 @@ pub fn write_file(
     opts: Options,
     watch: &mut dyn Watch,
 ) -> Result<Stats, BasebackupError> {
-    let tmp = path.with_extension("tar.tmp");
+    write_file_via(path, &path.with_extension("tar.tmp"), repo, redo, lsn, timeline, opts, watch)
+}
+
+/// [`write_file`] through the temporary file `tmp`.
+#[allow(clippy::too_many_arguments)]
+fn write_file_via(
+    path: &Path,
+    tmp: &Path,
+    repo: &Timeline,
+    redo: &dyn WalRedoManager,
+    lsn: Lsn,
+    timeline: &TimelineFiles,
+    opts: Options,
+    watch: &mut dyn Watch,
+) -> Result<Stats, BasebackupError> {
+    let tmp = tmp.to_path_buf();
     let built = (|| -> Result<Stats, BasebackupError> {
         // A leftover is unlinked (never followed, were it a symbolic link), and the file is
         // made new, private: nothing outside the directory is written through it.
@@ -77,6 +92,9 @@ pub struct SharedBasebackups {
     concurrency: usize,
     /// Builds nobody wants any more, on their way out (their files not yet removed).
     stopping: AtomicUsize,
+    /// Numbers builds' temporary files: a build on its way out and a new one of the same
+    /// backup never share one.
+    builds_started: AtomicUsize,
 }
 
 /// One backup being built, and who waits for it.
@@ -91,18 +109,32 @@ struct Build {
 const POLL: Duration = Duration::from_millis(50);
 
 impl SharedBasebackups {
-    /// Uses (creating it, private) `<shared>/basebackups`, building at most `concurrency`
-    /// backups at once.
-    pub fn new(shared: &Path, limit_bytes: u64, concurrency: usize) -> std::io::Result<SharedBasebackups> {
+    /// Uses (creating it, private) `<shared>/basebackups` for the backups of the cluster
+    /// `system_id`, building at most `concurrency` backups at once.
+    pub fn new(
+        shared: &Path,
+        limit_bytes: u64,
+        concurrency: usize,
+        system_id: u64,
+    ) -> std::io::Result<SharedBasebackups> {
         let dir = shared.join("basebackups");
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(shared, std::fs::Permissions::from_mode(0o700))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        // Temporary files of builds a crash interrupted.
+        // Backups are found by timeline and LSN: those of another cluster (a store made anew
+        // with the same shared directory) must not be handed out.
+        let cluster = dir.join("cluster");
+        let ours = system_id.to_string();
+        let same = std::fs::read_to_string(&cluster).is_ok_and(|c| c.trim() == ours);
+        // Temporary files of builds a crash interrupted, and other clusters' backups.
         for e in std::fs::read_dir(&dir)?.flatten() {
-            if e.file_name().to_string_lossy().ends_with(".tmp") {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") || (!same && name.ends_with(".tar")) {
                 let _ = std::fs::remove_file(e.path());
             }
+        }
+        if !same {
+            crate::repo::timeline::write_durably(&dir.join("cluster.tmp"), &cluster, ours.as_bytes())?;
         }
         Ok(SharedBasebackups {
             dir,
@@ -111,6 +143,7 @@ impl SharedBasebackups {
             running: (Mutex::new(0), Condvar::new()),
             concurrency: concurrency.max(1),
             stopping: AtomicUsize::new(0),
+            builds_started: AtomicUsize::new(0),
         })
     }
 
@@ -236,7 +269,9 @@ impl SharedBasebackups {
             *n += 1;
         }
         let started = Instant::now();
-        let built = write_file(path, t, redo, lsn, timeline, opts, caller);
+        let n = self.builds_started.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{n}.tmp"));
+        let built = write_file_via(path, &tmp, t, redo, lsn, timeline, opts, caller);
         {
             let (count, freed) = &self.running;
             *count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
@@ -244,17 +279,26 @@ impl SharedBasebackups {
         }
         let stats = built?;
         let bytes = std::fs::metadata(path)?.len();
-        self.evict(path)?;
+        // The backup is made: trimming the directory may not fail it.
+        if let Err(e) = self.evict(path) {
+            eprintln!("neon-sidecar: trimming {}: {e}", self.dir.display());
+        }
         Ok(Made { path: path.to_path_buf(), lsn, bytes, seconds: started.elapsed().as_secs_f64(), stats: Some(stats) })
     }
 
-    /// Removes the oldest backups until the directory fits its limit, keeping `keep`.
+    /// Removes the oldest backups until the directory fits its limit, keeping `keep`. Other
+    /// builds come and go meanwhile: a file gone already is not an error.
     fn evict(&self, keep: &Path) -> std::io::Result<Vec<PathBuf>> {
         let mut files = Vec::new();
         for e in std::fs::read_dir(&self.dir)?.flatten() {
-            let m = e.metadata()?;
-            if m.is_file() && e.file_name().to_string_lossy().ends_with(".tar") {
-                files.push((m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len(), e.path()));
+            if !e.file_name().to_string_lossy().ends_with(".tar") {
+                continue;
+            }
+            match e.metadata() {
+                Ok(m) if m.is_file() => files.push((m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len(), e.path())),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
         }
         files.sort();
@@ -265,9 +309,12 @@ impl SharedBasebackups {
                 break;
             }
             if path != keep {
-                std::fs::remove_file(&path)?;
+                match std::fs::remove_file(&path) {
+                    Ok(()) => removed.push(path),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
                 total -= len;
-                removed.push(path);
             }
         }
         Ok(removed)

@@ -16,19 +16,6 @@ use crate::wal::consts::*;
 use crate::wal::segment::SegmentId;
 use neon_types::{Lsn, XLOG_BLCKSZ};
 
-/// Where the checkpoint record goes for a backup as of `lsn` (the end of a record): where the
-/// next record would start — MAXALIGNed, and past the page header at a page boundary.
-pub fn record_position(lsn: Lsn, seg_size: u32) -> Lsn {
-    let lsn = Lsn(lsn.0.div_ceil(8) * 8);
-    let in_page = lsn.0 % XLOG_BLCKSZ as u64;
-    if in_page != 0 {
-        return lsn;
-    }
-    let header =
-        if lsn.0.is_multiple_of(u64::from(seg_size)) { SIZE_OF_LONG_PAGE_HEADER } else { SIZE_OF_SHORT_PAGE_HEADER };
-    Lsn(lsn.0 + header as u64)
-}
-
 /// The bytes of the shutdown-checkpoint record.
 pub fn checkpoint_record(checkpoint: &CheckPoint, prev: Lsn) -> Vec<u8> {
     let total = SIZE_OF_XLOG_RECORD + 2 + SIZEOF_CHECKPOINT;
@@ -110,6 +97,7 @@ pub fn segment_with_record(at: Lsn, record: &[u8], tli: u32, sysid: u64, seg_siz
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::page::record_start;
     use crate::wal::page::PageHeader;
     use crate::wal::record::DecodedRecord;
 
@@ -139,7 +127,7 @@ mod tests {
             CheckPoint { next_xid: 1000, next_oid: 20000, this_timeline: 1, prev_timeline: 1, ..Default::default() };
         // Mid-page, right after a header, and crossing into the next page.
         for lsn in [Lsn(0x0300_1234), Lsn(0x0300_2000), Lsn(0x0300_3FD8)] {
-            let at = record_position(lsn, seg_size);
+            let at = record_start(lsn, seg_size);
             let cp = CheckPoint { redo: at, ..cp };
             let record = checkpoint_record(&cp, Lsn(0));
             let (name, bytes) = segment_with_record(at, &record, 1, 42, seg_size);
@@ -153,8 +141,8 @@ mod tests {
             let rec = DecodedRecord::parse(at, Lsn(at.0 + 114), bytes::Bytes::from(raw)).expect("CRC and layout");
             assert_eq!(CheckPoint::decode(rec.main_data()).unwrap(), cp);
         }
-        assert_eq!(record_position(Lsn(0x0300_0000), seg_size), Lsn(0x0300_0000 + 40));
-        assert_eq!(record_position(Lsn(0x0300_2000), seg_size), Lsn(0x0300_2000 + 24));
-        assert_eq!(record_position(Lsn(0x0300_1234), seg_size), Lsn(0x0300_1238));
+        assert_eq!(record_start(Lsn(0x0300_0000), seg_size), Lsn(0x0300_0000 + 40));
+        assert_eq!(record_start(Lsn(0x0300_2000), seg_size), Lsn(0x0300_2000 + 24));
+        assert_eq!(record_start(Lsn(0x0300_1234), seg_size), Lsn(0x0300_1238));
     }
 }

@@ -50,8 +50,13 @@ pub struct RedoProcessArgs {
 impl RedoProcessArgs {
     /// A one-process configuration with its scratch directory named after `purpose`.
     pub fn config(&self, purpose: &str) -> anyhow::Result<RedoConfig> {
+        use std::hash::{BuildHasher, Hasher};
         remove_stale_scratch(purpose);
-        let mut cfg = RedoConfig::new(std::env::temp_dir().join(format!("neon-{purpose}-{}", std::process::id())));
+        // Unguessable, so that nobody can make it first (the directory must be new: another
+        // user's would not be private).
+        let random = std::hash::RandomState::new().build_hasher().finish();
+        let name = format!("neon-{purpose}-{}-{random:016x}", std::process::id());
+        let mut cfg = RedoConfig::new(std::env::temp_dir().join(name));
         cfg.pg_bin_dir = self.pg_bin.clone();
         cfg.processes = 1;
         cfg.data_checksums = self.data_checksums;
@@ -65,7 +70,7 @@ impl RedoProcessArgs {
     }
 }
 
-/// Removes the redo scratch directories (`$TMPDIR/neon-<purpose>-<pid>`) of this user's
+/// Removes the redo scratch directories (`$TMPDIR/neon-<purpose>-<pid>-<random>`) of this user's
 /// sidecars that ended without cleaning up (`kill -9`): their process is gone.
 fn remove_stale_scratch(purpose: &str) {
     use std::os::unix::fs::MetadataExt;
@@ -75,7 +80,8 @@ fn remove_stale_scratch(purpose: &str) {
     let me = unsafe { libc::geteuid() };
     for e in dir.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|p| p.parse::<i32>().ok()) else {
+        let pid = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|p| p.split('-').next());
+        let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()) else {
             continue;
         };
         let ours = e.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);

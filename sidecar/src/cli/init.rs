@@ -125,25 +125,44 @@ const SETTINGS_BEGIN: &str = "# ---- added by neon-sidecar init ----";
 const SETTINGS_END: &str = "# ---- end of neon-sidecar settings ----";
 
 /// `postgresql.conf` with the settings block written once: an earlier one (from an earlier
-/// `init`) is replaced, not repeated. Returns the new text, or `None` if it is already so.
+/// `init`) is replaced where it is — so settings the user wrote after it still win — and a
+/// first one is appended. Returns the new text, or `None` if it is already so.
 fn with_settings(conf: &str, block: &str) -> Option<String> {
-    let mut kept = String::new();
-    let (mut inside, mut after_last_setting) = (false, false);
+    let mut out = String::new();
+    let (mut inside, mut after_last_setting, mut placed) = (false, false, false);
     for line in conf.split_inclusive('\n') {
         let l = line.trim_end();
         if l == SETTINGS_BEGIN {
             inside = true;
+            if !placed {
+                out.push_str(block.trim_start_matches('\n'));
+                placed = true;
+            }
         } else if inside {
             // Blocks from before the end marker existed end at their last setting.
             after_last_setting = l.starts_with("neon.shared_dir");
             inside = l != SETTINGS_END && !after_last_setting;
         } else if !(after_last_setting && l == SETTINGS_END) {
             after_last_setting = false;
-            kept.push_str(line);
+            out.push_str(line);
         }
     }
-    let new = format!("{}{block}", kept.trim_end_matches('\n').to_string() + "\n");
-    (new != conf).then_some(new)
+    if !placed {
+        out = format!("{}\n{}", out.trim_end_matches('\n'), block);
+    }
+    (out != conf).then_some(out)
+}
+
+/// Replaces `path`'s contents whole (a temporary file renamed over it), keeping its owner
+/// and mode: a crash leaves the old file or the new one.
+fn replace_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(path)?;
+    let tmp = path.with_extension("conf.neon-tmp");
+    crate::repo::timeline::write_durably(&tmp, path, text.as_bytes())
+        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(meta.mode() & 0o7777)))
+        .and_then(|()| std::os::unix::fs::chown(path, Some(meta.uid()), Some(meta.gid())))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Gives `dir` and everything under it to the server's OS user (when we are root), so that
@@ -176,6 +195,17 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         Err(StoreError::NotSetUp { .. }) => None,
         Err(e) => return Err(e.into()),
     };
+    // init works on a stopped cluster (it starts it privately to make the slot): a running one
+    // is left alone, settings and all.
+    if let Ok((dir, port)) = crate::cli::conf::local_compute(pgdata) {
+        if postmaster_alive(pgdata) {
+            bail!(
+                "the compute at {} is running (socket {dir}, port {port}): stop it first (init starts it \
+                 privately to make the slot), or use `neon-sidecar attach` for a running server",
+                pgdata.display()
+            );
+        }
+    }
     if existing.is_some() && !pgdata.join("PG_VERSION").exists() {
         bail!("store {} is set up already, but {} is not a cluster", args.store.display(), pgdata.display());
     }
@@ -208,8 +238,7 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&conf).with_context(|| format!("reading {}", conf.display()))?;
     match with_settings(&text, &settings(&socket, &shared_dir, args.port)) {
         Some(new) => {
-            // Written as the file's owner would: in place, keeping its owner and mode.
-            std::fs::write(&conf, new).with_context(|| format!("writing {}", conf.display()))?;
+            replace_file(&conf, &new)?;
             writeln!(out, "settings: written to {}", conf.display())?;
         }
         None => writeln!(out, "settings: {} has them already", conf.display())?,
@@ -218,9 +247,9 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     // Start privately, create the slot, stop cleanly. The private socket directory is the
     // server user's alone, and only there does a connection need no password (whatever the
     // cluster's own pg_hba.conf says: init may run as another OS user than the server).
-    let sockdir = std::env::temp_dir().join(format!("neon-init-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&sockdir);
-    crate::repo::timeline::private_dir(&sockdir)?;
+    // A new directory of our own (mkdtemp, 0700): never one someone else made first.
+    let tmp = tempfile::Builder::new().prefix("neon-init-").tempdir()?;
+    let sockdir = tmp.path().to_path_buf();
     let hba = sockdir.join("pg_hba.conf");
     std::fs::write(&hba, "local all all trust\nlocal replication all trust\n")?;
     give_to_server_user(&sockdir, &cfg)?;
@@ -235,6 +264,7 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     as_user(&mut start);
     let started = run_cmd(&mut start, "starting the compute to create the slot")
         .map_err(|e| e.context(std::fs::read_to_string(&log).unwrap_or_default()));
+    let started_ok = started.is_ok();
     let slot = started.and_then(|_| {
         let rc = ReplicationConfig {
             host: sockdir.display().to_string(),
@@ -253,12 +283,9 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let mut stop = Command::new(bin("pg_ctl"));
     stop.arg("-D").arg(pgdata).args(["-w", "-m", "fast", "stop"]);
     as_user(&mut stop);
-    let stopped = if pgdata.join("postmaster.pid").exists() {
-        run_cmd(&mut stop, "stopping the compute").map(drop)
-    } else {
-        Ok(())
-    };
-    let _ = std::fs::remove_dir_all(&sockdir);
+    // Only the server this started: never one that was running already.
+    let stopped = if started_ok { run_cmd(&mut stop, "stopping the compute").map(drop) } else { Ok(()) };
+    drop(tmp);
     let slot_lsn = slot?;
     stopped?;
     // What `run` needs to know, whatever happens next.
@@ -315,6 +342,17 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     )?;
     next(out)?;
     Ok(())
+}
+
+/// Whether the postmaster named in `<pgdata>/postmaster.pid` is alive.
+fn postmaster_alive(pgdata: &Path) -> bool {
+    let pid = std::fs::read_to_string(pgdata.join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
+    let Some(pid) = pid.filter(|p| *p > 0) else { return false };
+    // SAFETY: kill with signal 0 only asks whether the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// The timeline of a stopped cluster's last checkpoint (`pg_control`).
@@ -392,8 +430,13 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         None => store.fork_unrelated(sys.timeline)?,
     };
     let gap_from = t.history_start().is_valid().then(|| t.last_lsn());
+    // Backups unpacked by attaches that died (the store's lock is ours: none runs now).
+    for e in std::fs::read_dir(&args.store)?.flatten() {
+        if e.file_name().to_string_lossy().starts_with("attach-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     let unpacked = args.store.join(format!("attach-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&unpacked);
     let started = std::time::Instant::now();
     let mut next_report = 256u64 << 20;
     let backup = conn.base_backup("neon-sidecar attach", &unpacked, |bytes| {
@@ -405,9 +448,16 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let imported = backup.map_err(anyhow::Error::from).and_then(|b| {
         anyhow::ensure!(slot_lsn <= b.start, "slot {slot} starts at {slot_lsn}, after the backup's {}", b.start);
         match gap_from {
-            // Recorded before anything of the backup is: reads in the gap are refused from
-            // now on, whatever happens next.
-            Some(from) => t.add_gap(Gap { from, base: b.start, to: b.end })?,
+            // Recorded before anything of the backup is, and written with it by one flush.
+            Some(from) => {
+                anyhow::ensure!(
+                    from < b.start,
+                    "the store's timeline {} ends at {from}, after the backup's start {}",
+                    t.id(),
+                    b.start
+                );
+                t.add_gap(Gap { from, base: b.start, to: b.end })
+            }
             None => t.restrict_history(b.end),
         }
         let stats = import_datadir(&t, &unpacked, b.start, &b.tablespaces)?;
@@ -416,9 +466,12 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         Ok((b, stats))
     });
     let _ = std::fs::remove_dir_all(&unpacked);
-    let (b, stats) = imported?;
     drop(store);
     let cfg = args.redo.config("attach")?;
+    // Even when it failed: a store made here must be the server user's to try again as.
+    let (b, stats) = imported.inspect_err(|_| {
+        let _ = give_to_server_user(&args.store, &cfg);
+    })?;
     let (socket, shared_dir) = args.serve.prepare(&args.store, &cfg)?;
     SidecarConf {
         host: Some(rc.host.clone()),
@@ -469,6 +522,11 @@ mod tests {
         let moved = with_settings(&once, &other).unwrap();
         assert_eq!(moved.matches(SETTINGS_BEGIN).count(), 1);
         assert!(moved.contains("/run/t.sock") && !moved.contains("/run/s.sock"));
+        // Settings the user wrote after the block still come after it (and win).
+        let later = format!("{once}shared_preload_libraries = 'neon,pg_stat_statements'\n");
+        let again = with_settings(&later, &other).unwrap();
+        assert!(again.ends_with("shared_preload_libraries = 'neon,pg_stat_statements'\n"), "{again}");
+        assert_eq!(with_settings(&later, &block), None);
         // A block from before the end marker: replaced whole, what follows kept.
         let legacy = format!("{conf}\n{SETTINGS_BEGIN}\nwal_level = replica\nneon.shared_dir = '/x'\nwork_mem = 8MB\n");
         let fixed = with_settings(&legacy, &block).unwrap();

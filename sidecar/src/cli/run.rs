@@ -111,8 +111,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 let listener = service::bind(path)?;
                 let basebackups = match &shared_dir {
                     Some(d) => Some(
-                        SharedBasebackups::new(d, args.shared_limit_mb << 20, args.basebackups_at_once)
-                            .with_context(|| format!("shared directory {}", d.display()))?,
+                        SharedBasebackups::new(
+                            d,
+                            args.shared_limit_mb << 20,
+                            args.basebackups_at_once,
+                            store.identity().system_id,
+                        )
+                        .with_context(|| format!("shared directory {}", d.display()))?,
                     ),
                     None => None,
                 };
@@ -137,7 +142,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 let weak = Arc::downgrade(&service);
                 store.on_switch(Box::new(move || {
                     if let Some(service) = weak.upgrade() {
-                        service.cache.clear();
+                        service.cache.clear(service.store.current().bounds().oldest);
                     }
                 }));
                 eprintln!("neon-sidecar: serving pages on {}", path.display());

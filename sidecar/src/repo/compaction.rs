@@ -10,7 +10,8 @@
 //!   behind the retention horizon.
 
 use super::key::{Key, KIND_REL_BLOCK, KIND_SLRU_PAGE};
-use super::meta::{self, META_CHECKPOINT, META_CONFIG, META_CONTROL, META_DATABASE, META_RELMAP, META_TWOPHASE};
+use super::meta::META_TWOPHASE;
+use super::meta::{self, META_CHECKPOINT, META_CONFIG, META_CONTROL, META_DATABASE, META_RELMAP, META_TABLESPACE};
 use super::reconstruct::{get_page, get_slru_page, GetPageError};
 use super::timeline::{RepoError, Timeline};
 use super::value::Value;
@@ -108,8 +109,11 @@ pub fn image_keys(
 /// values written.
 pub fn full_image(repo: &Timeline, redo: &dyn WalRedoManager, lsn: Lsn) -> Result<usize, CompactionError> {
     let mut images: BTreeMap<Key, Value> = BTreeMap::new();
-    // Metadata: the newest value of every item, unless it says "gone".
-    for item in [META_DATABASE, META_RELMAP, META_TWOPHASE, META_CHECKPOINT, META_CONTROL, META_CONFIG] {
+    // Metadata: the newest value of every item, unless it says "gone". FILE_COPY sources are
+    // not needed after it: everything they read through to is imaged under its own keys.
+    let items =
+        [META_DATABASE, META_TABLESPACE, META_RELMAP, META_TWOPHASE, META_CHECKPOINT, META_CONTROL, META_CONFIG];
+    for item in items {
         for (key, (_, v)) in repo.latest_in_range(Key::meta(item, 0)..Key::meta(item + 1, 0), lsn)? {
             if matches!(&v, Value::Image(b) if !b.is_empty()) {
                 images.insert(key, v);
@@ -125,6 +129,12 @@ pub fn full_image(repo: &Timeline, redo: &dyn WalRedoManager, lsn: Lsn) -> Resul
         }
     }
     let dbs = meta::list_databases(repo, lsn)?;
+    // A copied database's relation map, read through to its source: its own now.
+    for db in &dbs {
+        if let Some(map) = meta::relmap(repo, db.dbnode, db.spcnode, lsn)? {
+            images.insert(meta::db_spc_key(META_RELMAP, db.dbnode, db.spcnode), Value::Image(map));
+        }
+    }
     for db in std::iter::once(0).chain(dbs.iter().map(|d| d.dbnode)) {
         for (rel, nblocks) in meta::list_relations(repo, db, lsn)? {
             images.insert(Key::rel_size(&rel), Value::Image(Bytes::copy_from_slice(&nblocks.to_le_bytes())));

@@ -29,7 +29,7 @@ use super::key::Key;
 use super::meta::{self, db_spc_key, CopySource, DatabaseEntry, META_CHECKPOINT, META_DATABASE, META_DB_COPY};
 use super::meta::{META_RELMAP, META_TABLESPACE, META_TWOPHASE};
 use super::meta::{SLRU_CLOG, SLRU_MULTIXACT_MEMBERS, SLRU_MULTIXACT_OFFSETS};
-use super::timeline::{RepoError, Timeline};
+use super::timeline::{FiledRecord, RepoError, Timeline};
 use super::value::Value;
 use super::{reconstruct, slru};
 use crate::wal::checkpoint::{CheckPoint, SIZEOF_CHECKPOINT};
@@ -194,7 +194,7 @@ impl Ingest {
             }
         }
         self.counters(repo, rec, xact.as_ref())?;
-        repo.advance(lsn);
+        repo.advance_record(FiledRecord { start: rec.lsn, end: lsn, crc: rec.header.crc });
         Ok(())
     }
 

@@ -131,6 +131,11 @@ impl Store {
         if let Some(have) = read_identity(dir)? {
             return Err(StoreError::SetUp { dir: dir.to_path_buf(), system_id: have.system_id });
         }
+        // What a set-up that never finished (no identity) left behind goes.
+        match std::fs::remove_dir_all(dir.join(TIMELINES)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(dir)(e)),
+            _ => {}
+        }
         private_dir(&dir.join(TIMELINES)).map_err(io(dir))?;
         let t = Arc::new(Timeline::create(&timeline_dir(dir, timeline), timeline, None)?);
         write_current(dir, timeline)?;
@@ -170,6 +175,13 @@ impl Store {
         for e in std::fs::read_dir(&tdir).map_err(io(&tdir))? {
             let e = e.map_err(io(&tdir))?;
             let Some(id) = e.file_name().to_str().and_then(|n| u32::from_str_radix(n, 16).ok()) else { continue };
+            if !e.path().join("manifest").exists() {
+                // A fork a crash interrupted before its manifest: not a timeline yet.
+                if writer {
+                    std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
+                }
+                continue;
+            }
             let t = if writer { Timeline::open(&e.path())? } else { Timeline::open_read_only(&e.path())? };
             if t.id() != id {
                 return Err(corrupt(
@@ -186,6 +198,7 @@ impl Store {
                     corrupt(dir, &format!("timeline {}", t.id()), &format!("its parent {parent} is missing"))
                 })?;
                 t.set_ancestor(p.clone());
+                p.pin(t.parent().expect("a parent").1);
             }
         }
         let current = read_current(dir)?;
@@ -280,6 +293,7 @@ impl Store {
         }
         let t = Arc::new(Timeline::create(&dir, id, parent)?);
         if let Some(p) = ancestor {
+            p.pin(t.parent().expect("a parent").1);
             t.set_ancestor(p);
         }
         timelines.insert(id, t.clone());
@@ -470,7 +484,7 @@ mod tests {
         assert_eq!(newest(&s.current(), a, 250), Some(200));
         // A gap: refused inside, and after it nothing older than its base.
         let t1 = s.timeline(1).unwrap();
-        t1.add_gap(Gap { from: Lsn(300), base: Lsn(400), to: Lsn(450) }).unwrap();
+        t1.add_gap(Gap { from: Lsn(300), base: Lsn(400), to: Lsn(450) });
         t1.put(b, Lsn(400), image(4));
         t1.advance(Lsn(460));
         assert!(matches!(t1.check_readable(Lsn(420)), Err(crate::repo::timeline::Unreadable::InGap(_))));

@@ -26,7 +26,9 @@
 //! ```text
 //! manifest (file "manifest", replaced by rename):
 //!   magic u64 "NEONMF04" | timeline u32 | parent u32 (0: none) | fork lsn u64 |
-//!   history origin u64 | retained from u64 | durable lsn u64 |
+//!   history origin u64 | retained from u64 | durable lsn u64 | start of the record ending
+//!   there u64 (0: none) | its xl_crc u32 (a stream resuming there must begin with that
+//!   record: the CRC covers its xl_prev, and so tells a compute with another history) |
 //!   gaps u32 | gaps × (from u64 | base u64 | to u64) |
 //!   n u32 | n × (u16 len | file name) | crc32c u32
 //! layer files: "delta-<first lsn>-<last lsn>", "image-<lsn>" (some keys),
@@ -47,8 +49,8 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 const MANIFEST: &str = "manifest";
-const MANIFEST_MAGIC: u64 = u64::from_le_bytes(*b"NEONMF04");
-const OLD_MANIFEST_MAGICS: [&[u8; 8]; 1] = [b"NEONMF03"];
+const MANIFEST_MAGIC: u64 = u64::from_le_bytes(*b"NEONMF05");
+const OLD_MANIFEST_MAGICS: [&[u8; 8]; 2] = [b"NEONMF03", b"NEONMF04"];
 
 /// Problems of the repository as a whole.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,15 @@ pub enum RepoError {
         /// The wait asked for (what was spent is that, give or take a scheduling slice).
         waited: Duration,
     },
+}
+
+/// A record filed: where it begins and ends, and its CRC (`xl_crc`, which covers its header's
+/// `xl_prev`, and so ties it to the history before it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FiledRecord {
+    pub start: Lsn,
+    pub end: Lsn,
+    pub crc: u32,
 }
 
 /// History that was lost: WAL after `from` was gone before the sidecar had it (an
@@ -133,13 +144,19 @@ pub struct Timeline {
     /// The parent, once the store has linked it.
     ancestor: std::sync::OnceLock<Arc<Timeline>>,
     gaps: RwLock<Vec<Gap>>,
+    /// Fork LSNs of child timelines: history they read from here is kept.
+    pins: Mutex<Vec<Lsn>>,
     layers: RwLock<Layers>,
     /// Serialises flushes and manifest writes.
     flush_lock: Mutex<()>,
     origin: AtomicU64,
     oldest: AtomicU64,
     durable: AtomicU64,
+    /// The record ending at `durable`, if one does (not after an import or a fork).
+    durable_record: Mutex<FiledRecord>,
     last: AtomicU64,
+    /// The last record filed.
+    last_record: Mutex<FiledRecord>,
     /// Readers waiting for `last` to move.
     arrivals: (Mutex<()>, Condvar),
     waiting: AtomicUsize,
@@ -168,7 +185,7 @@ impl Timeline {
         }
         let t = Self::open_inner(dir, true, Some((id, parent)))?;
         let durable = t.durable_lsn();
-        t.write_manifest(t.history_start(), durable, &[])?;
+        t.write_manifest(t.history_start(), (durable, FiledRecord::default()), &[])?;
         Ok(t)
     }
 
@@ -205,11 +222,14 @@ impl Timeline {
             parent: manifest.parent,
             ancestor: std::sync::OnceLock::new(),
             gaps: RwLock::new(manifest.gaps),
+            pins: Mutex::new(Vec::new()),
             layers: RwLock::new(Layers { inmem: MemLayer::default(), frozen: None, files }),
             flush_lock: Mutex::new(()),
             origin: AtomicU64::new(manifest.origin.0),
             oldest: AtomicU64::new(manifest.oldest.0),
             durable: AtomicU64::new(manifest.durable.0),
+            durable_record: Mutex::new(manifest.durable_record),
+            last_record: Mutex::new(manifest.durable_record),
             last: AtomicU64::new(manifest.durable.0),
             arrivals: (Mutex::new(()), Condvar::new()),
             waiting: AtomicUsize::new(0),
@@ -241,17 +261,29 @@ impl Timeline {
         Some((self.ancestor.get()?, self.parent?.1))
     }
 
+    /// The parent, where a read's own values may go on into it: not past a gap's base, and not
+    /// once garbage collection took this timeline's history from the fork (its full image then
+    /// holds everything, and what it dropped since the fork must not come back from the
+    /// parent).
+    fn ancestor_below(&self, floor: Option<Lsn>) -> Option<(&Arc<Timeline>, Lsn)> {
+        self.ancestor().filter(|(_, fork)| floor.is_none() && self.history_start() == *fork)
+    }
+
+    /// Keeps history at and after `lsn` from garbage collection: a child timeline forks here.
+    pub fn pin(&self, lsn: Lsn) {
+        self.pins.lock().unwrap_or_else(|p| p.into_inner()).push(lsn);
+    }
+
     /// The recorded gaps, oldest first.
     pub fn gaps(&self) -> Vec<Gap> {
         self.gaps.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Records a gap: reads in it are refused from now on, and reads after it see nothing
-    /// older than its base. Written to the manifest at once.
-    pub fn add_gap(&self, gap: Gap) -> Result<(), RepoError> {
-        let _flushing = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
+    /// older than its base. Written to the manifest by the next flush, in the same write that
+    /// names the layer holding the base's images: a gap on disk always has its base.
+    pub fn add_gap(&self, gap: Gap) {
         self.gaps.write().unwrap_or_else(|p| p.into_inner()).push(gap);
-        self.write_manifest(self.history_start(), self.durable_lsn(), &self.file_names())
     }
 
     /// Values before this LSN are not part of the history read at `lsn`: the base of the
@@ -333,7 +365,8 @@ impl Timeline {
     /// Records where history begins, once: the LSN the first record was read from.
     pub fn begin_history(&self, lsn: Lsn) {
         if self.origin.compare_exchange(0, lsn.0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            self.oldest.store(lsn.0, Ordering::Release);
+            // A restriction made before (attach: from the backup's end) stays.
+            let _ = self.oldest.compare_exchange(0, lsn.0, Ordering::AcqRel, Ordering::Acquire);
             self.advance(lsn);
         }
     }
@@ -369,6 +402,19 @@ impl Timeline {
         if self.last.fetch_max(lsn.0, Ordering::AcqRel) < lsn.0 {
             self.wake_waiters();
         }
+    }
+
+    /// Notes that `record` has been put, and every one before it.
+    pub fn advance_record(&self, record: FiledRecord) {
+        *self.last_record.lock().unwrap_or_else(|p| p.into_inner()) = record;
+        self.advance(record.end);
+    }
+
+    /// The record ending at the durable LSN, if one is known: WAL that continues this history
+    /// begins with it.
+    pub fn durable_record(&self) -> Option<FiledRecord> {
+        let r = *self.durable_record.lock().unwrap_or_else(|p| p.into_inner());
+        (r.start.is_valid() && r.end == self.durable_lsn()).then_some(r)
     }
 
     fn wake_waiters(&self) {
@@ -422,9 +468,11 @@ impl Timeline {
     /// LSN, in the manifest. Returns the durable LSN. Readers and `put` go on meanwhile.
     pub fn flush(&self) -> Result<Lsn, RepoError> {
         let _flushing = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (upto, frozen) = {
+        let (upto, upto_record, frozen) = {
             let mut l = self.write();
             let upto = self.last_lsn();
+            let last = *self.last_record.lock().unwrap_or_else(|p| p.into_inner());
+            let upto_record = if last.end == upto { last } else { FiledRecord::default() };
             if upto <= self.durable_lsn() {
                 return Ok(self.durable_lsn());
             }
@@ -435,7 +483,7 @@ impl Timeline {
             l.inmem = frozen.split_newer(upto);
             let frozen = Arc::new(frozen);
             l.frozen = Some(frozen.clone());
-            (upto, frozen)
+            (upto, upto_record, frozen)
         };
         let written = if frozen.is_empty() {
             None
@@ -445,20 +493,21 @@ impl Timeline {
             match self.write_layer(&name, frozen.sorted()) {
                 Ok(layer) => Some(layer),
                 Err(e) => {
+                    drop(frozen);
                     self.unfreeze();
                     return Err(e);
                 }
             }
         };
+        drop(frozen);
         let mut names = self.file_names();
         if let Some(layer) = &written {
             names.push(file_name(layer.path()));
         }
-        if let Err(e) = self.write_manifest(self.history_start(), upto, &names) {
-            // The manifest still names the files it did: the new one is not history yet.
-            if let Some(layer) = &written {
-                let _ = std::fs::remove_file(layer.path());
-            }
+        if let Err(e) = self.write_manifest(self.history_start(), (upto, upto_record), &names) {
+            // The new file is not history yet — unless the manifest got renamed into place
+            // before the failure (an fsync of the directory): so it stays, and the next
+            // writer's open removes it if no manifest names it. Its values go back to memory.
             self.unfreeze();
             return Err(e);
         }
@@ -470,13 +519,15 @@ impl Timeline {
             }
             l.frozen = None;
         }
+        *self.durable_record.lock().unwrap_or_else(|p| p.into_inner()) = upto_record;
         self.durable.store(upto.0, Ordering::Release);
         self.wake_waiters();
         Ok(upto)
     }
 
     /// Gives the values of a flush that failed back to memory, for the next attempt: nothing
-    /// is lost.
+    /// is lost. (The caller has dropped its handle of the frozen layer, so it moves, not
+    /// copies.)
     fn unfreeze(&self) {
         let mut l = self.write();
         let frozen = l.frozen.take().expect("frozen while flushing");
@@ -509,7 +560,7 @@ impl Timeline {
         let layer = self.write_layer(&name, images.iter().map(|(k, v)| (*k, lsn, v)))?;
         let mut names = self.file_names();
         names.push(name);
-        self.write_manifest(self.history_start(), self.durable_lsn(), &names)?;
+        self.write_manifest(self.history_start(), self.durable_point(), &names)?;
         let mut l = self.write();
         l.files.push(Arc::new(layer));
         sort_layers(&mut l.files);
@@ -521,6 +572,9 @@ impl Timeline {
     /// readable at `horizon` or later still has its base. Returns the files removed.
     pub fn collect_garbage(&self, horizon: Lsn) -> Result<Vec<PathBuf>, RepoError> {
         let _flushing = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Child timelines read this one as of their forks: that history stays.
+        let pinned = self.pins.lock().unwrap_or_else(|p| p.into_inner()).iter().min().copied();
+        let horizon = pinned.map_or(horizon, |p| horizon.min(p));
         let files = self.layers();
         let full_image =
             files.iter().filter(|l| is_full_image(l) && l.lsn_range().1 <= horizon).map(|l| l.lsn_range().1).max();
@@ -537,7 +591,7 @@ impl Timeline {
         }
         let keep: Vec<String> =
             files.iter().filter(|l| !doomed.iter().any(|d| Arc::ptr_eq(d, l))).map(|l| file_name(l.path())).collect();
-        self.write_manifest(image_lsn, self.durable_lsn(), &keep)?;
+        self.write_manifest(image_lsn, self.durable_point(), &keep)?;
         self.oldest.store(image_lsn.0, Ordering::Release);
         self.write().files.retain(|l| !doomed.iter().any(|d| Arc::ptr_eq(d, l)));
         let mut removed = Vec::new();
@@ -557,8 +611,10 @@ impl Timeline {
     /// are not merged again, so each value is rewritten once. The merge streams (see
     /// `write_merged`): its memory does not grow with the files. Returns the merged file, if
     /// any.
+    ///
+    /// The files are written without holding up flushes (a merge may rewrite a gigabyte); the
+    /// manifest is swapped under the flush lock, if the chosen files are all still there.
     pub fn merge_layers(&self, keep: usize, run: usize, max_bytes: u64) -> Result<Option<PathBuf>, RepoError> {
-        let _flushing = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
         let files = self.layers();
         if files.len() <= keep || run < 2 {
             return Ok(None);
@@ -600,10 +656,17 @@ impl Timeline {
         let last = chosen.iter().map(|l| l.lsn_range().1).max().unwrap_or_default();
         let name = self.fresh_name(format!("{DELTA_PREFIX}-{:016X}-{:016X}", first.0, last.0));
         let layer = self.write_merged(&name, &chosen)?;
+        let _flushing = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Flushes may have added files meanwhile; a collection may have removed chosen ones.
+        let files = self.layers();
         let is_chosen = |l: &Arc<DeltaLayer>| chosen.iter().any(|c| Arc::ptr_eq(c, l));
+        if files.iter().filter(|l| is_chosen(l)).count() != chosen.len() {
+            let _ = std::fs::remove_file(layer.path());
+            return Ok(None);
+        }
         let mut names: Vec<String> = files.iter().filter(|l| !is_chosen(l)).map(|l| file_name(l.path())).collect();
         names.push(name);
-        self.write_manifest(self.history_start(), self.durable_lsn(), &names)?;
+        self.write_manifest(self.history_start(), self.durable_point(), &names)?;
         let path = layer.path().to_path_buf();
         {
             let mut l = self.write();
@@ -689,11 +752,19 @@ impl Timeline {
         name
     }
 
+    /// The durable LSN and the record ending there, as the manifest records them.
+    fn durable_point(&self) -> (Lsn, FiledRecord) {
+        (self.durable_lsn(), *self.durable_record.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn file_names(&self) -> Vec<String> {
         self.read().files.iter().map(|l| file_name(l.path())).collect()
     }
 
-    fn write_manifest(&self, oldest: Lsn, durable: Lsn, names: &[String]) -> Result<(), RepoError> {
+    /// `durable`: the durable LSN, and the record ending there (all zero if none did: an
+    /// import, a fork).
+    fn write_manifest(&self, oldest: Lsn, durable: (Lsn, FiledRecord), names: &[String]) -> Result<(), RepoError> {
+        let (durable, record) = durable;
         let path = self.dir.join(MANIFEST);
         let tmp = self.dir.join("manifest.tmp");
         let io = |source| RepoError::Io { path: tmp.clone(), source };
@@ -706,6 +777,8 @@ impl Timeline {
         b.extend_from_slice(&self.origin.load(Ordering::Acquire).to_le_bytes());
         b.extend_from_slice(&oldest.0.to_le_bytes());
         b.extend_from_slice(&durable.0.to_le_bytes());
+        b.extend_from_slice(&record.start.0.to_le_bytes());
+        b.extend_from_slice(&record.crc.to_le_bytes());
         let gaps = self.gaps();
         b.extend_from_slice(&(gaps.len() as u32).to_le_bytes());
         for g in &gaps {
@@ -735,7 +808,7 @@ impl Timeline {
             return Ok(newest_first);
         }
         newest_first.reverse();
-        match self.ancestor().filter(|_| floor.is_none()) {
+        match self.ancestor_below(floor) {
             Some((a, fork)) => {
                 let mut older = a.values_for(key, lsn.min(fork))?;
                 older.extend(newest_first);
@@ -806,7 +879,7 @@ impl Timeline {
                 }
             }
         }
-        if let Some((a, fork)) = self.ancestor().filter(|_| floor.is_none()) {
+        if let Some((a, fork)) = self.ancestor_below(floor) {
             for (k, v) in a.latest_in_range(keys, lsn.min(fork))? {
                 out.entry(k).or_insert(v);
             }
@@ -876,6 +949,7 @@ struct Manifest {
     origin: Lsn,
     oldest: Lsn,
     durable: Lsn,
+    durable_record: FiledRecord,
     gaps: Vec<Gap>,
     names: Vec<String>,
 }
@@ -888,6 +962,7 @@ impl Default for Manifest {
             origin: Lsn(0),
             oldest: Lsn(0),
             durable: Lsn(0),
+            durable_record: FiledRecord::default(),
             gaps: Vec::new(),
             names: Vec::new(),
         }
@@ -900,7 +975,7 @@ fn parse_manifest(path: &Path, b: &[u8]) -> Result<Manifest, RepoError> {
         return Err(bad("written by an older neon-sidecar, whose stores this one does not read; make a new \
                         store with `neon-sidecar init` or `attach`"));
     }
-    if b.len() < 56 {
+    if b.len() < 72 {
         return Err(bad("too short"));
     }
     let (body, crc) = b.split_at(b.len() - 4);
@@ -924,6 +999,7 @@ fn parse_manifest(path: &Path, b: &[u8]) -> Result<Manifest, RepoError> {
     let id = u32_(take(4)?);
     let (parent, fork) = (u32_(take(4)?), lsn(take(8)?));
     let (origin, oldest, durable) = (lsn(take(8)?), lsn(take(8)?), lsn(take(8)?));
+    let durable_record = FiledRecord { start: lsn(take(8)?), end: durable, crc: u32_(take(4)?) };
     let mut gaps = Vec::new();
     for _ in 0..u32_(take(4)?) {
         gaps.push(Gap { from: lsn(take(8)?), base: lsn(take(8)?), to: lsn(take(8)?) });
@@ -938,7 +1014,7 @@ fn parse_manifest(path: &Path, b: &[u8]) -> Result<Manifest, RepoError> {
         names.push(name.to_string());
     }
     let parent = (parent != 0).then_some((parent, fork));
-    Ok(Manifest { id, parent, origin, oldest, durable, gaps, names })
+    Ok(Manifest { id, parent, origin, oldest, durable, durable_record, gaps, names })
 }
 
 #[cfg(test)]
@@ -988,5 +1064,27 @@ mod tests {
         drop(t);
         let t = Timeline::open(dir.path()).unwrap();
         assert_eq!(t.values_for(keys[7], Lsn(lsn)).unwrap(), newest);
+    }
+
+    #[test]
+    fn the_record_ending_at_the_durable_lsn_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Timeline::open(dir.path()).unwrap();
+        t.begin_history(Lsn(16));
+        t.put(Key::meta(1, 1), Lsn(40), record(1));
+        let r = FiledRecord { start: Lsn(16), end: Lsn(40), crc: 0xDEAD_BEEF };
+        t.advance_record(r);
+        assert_eq!(t.durable_record(), None, "not durable yet");
+        t.flush().unwrap();
+        assert_eq!(t.durable_record(), Some(r));
+        // Advanced past it without a record (an import): no record ends at the durable LSN.
+        t.advance(Lsn(48));
+        t.flush().unwrap();
+        assert_eq!(t.durable_record(), None);
+        t.advance_record(FiledRecord { start: Lsn(48), end: Lsn(64), crc: 7 });
+        t.flush().unwrap();
+        drop(t);
+        let t = Timeline::open(dir.path()).unwrap();
+        assert_eq!(t.durable_record(), Some(FiledRecord { start: Lsn(48), end: Lsn(64), crc: 7 }));
     }
 }

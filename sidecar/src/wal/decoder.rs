@@ -54,6 +54,11 @@ pub enum DecodeError {
     ContrecordLength { lsn: Lsn, page: Lsn, rem_len: u32, expected: u32 },
     #[error("cannot start decoding at {lsn}: {why}")]
     BadStart { lsn: Lsn, why: &'static str },
+    #[error(
+        "the record at {lsn} (ending at {end}, CRC {crc:08X}) is not the one expected there (ending at \
+         {expected_end}, CRC {expected_crc:08X})"
+    )]
+    OtherRecord { lsn: Lsn, end: Lsn, crc: u32, expected_end: Lsn, expected_crc: u32 },
     #[error("invalid WAL segment size {size}: PostgreSQL allows powers of two from 1 MB to 1 GB")]
     SegmentSize { size: u32 },
 }
@@ -91,7 +96,8 @@ impl DecodeError {
             | DecodeError::ContrecordRequested { lsn }
             | DecodeError::NoContrecord { lsn, .. }
             | DecodeError::ContrecordLength { lsn, .. }
-            | DecodeError::BadStart { lsn, .. } => *lsn,
+            | DecodeError::BadStart { lsn, .. }
+            | DecodeError::OtherRecord { lsn, .. } => *lsn,
             DecodeError::SegmentSize { .. } => Lsn::INVALID,
         }
     }
@@ -312,6 +318,9 @@ pub struct WalStreamDecoder {
     assembly: Vec<u8>,
     /// Where the first record begins, when the caller knows ([`WalStreamDecoder::at_record`]).
     first_record: Option<Lsn>,
+    /// The first record must be this one (end, CRC), already read elsewhere: checked, not
+    /// returned.
+    known_first: Option<(Lsn, u32)>,
     /// A record decoded by [`WalStreamDecoder::has_record`] and not yet returned.
     pending: Option<RawLoc>,
     /// (start, end) of the page-crossing record being waited for, computed once.
@@ -344,6 +353,7 @@ impl WalStreamDecoder {
             meta: RecordMeta::default(),
             assembly: Vec::new(),
             first_record: None,
+            known_first: None,
             pending: None,
             span: None,
         })
@@ -357,6 +367,19 @@ impl WalStreamDecoder {
         let mut d = Self::new(start, seg_size)?;
         d.first_record = Some(start);
         Ok(d)
+    }
+
+    /// Expect the first record's `xl_prev` to be `prev` (where the record before it began): a
+    /// stream that does not continue that history is then refused at once.
+    pub fn expect_prev(&mut self, prev: Lsn) {
+        self.prev_record = prev;
+    }
+
+    /// Expect the first record to be one already read (ending at `end`, with CRC `crc`): it is
+    /// checked and skipped, and anything else there is an error. Its CRC covers its
+    /// `xl_prev`, so a stream that matches it continues the same history.
+    pub fn expect_first(&mut self, end: Lsn, crc: u32) {
+        self.known_first = Some((end, crc));
     }
 
     /// Expect this system identifier in long page headers.
@@ -484,7 +507,15 @@ impl WalStreamDecoder {
                 return Err(DecodeError::RecordOffset { lsn: self.pos });
             }
             match self.next_record()? {
-                Step::Record(loc) if self.meta.lsn >= self.skip_before => return Ok(Some(loc)),
+                Step::Record(loc) if self.meta.lsn >= self.skip_before => {
+                    let Some((expected_end, expected_crc)) = self.known_first.take() else {
+                        return Ok(Some(loc));
+                    };
+                    let (lsn, end, crc) = (self.meta.lsn, self.meta.end_lsn, self.meta.header.crc);
+                    if lsn != self.skip_before || end != expected_end || crc != expected_crc {
+                        return Err(DecodeError::OtherRecord { lsn, end, crc, expected_end, expected_crc });
+                    }
+                }
                 Step::Record(_) | Step::Restart => {}
                 Step::NeedInput => return Ok(None),
             }
@@ -895,6 +926,34 @@ mod tests {
             assert!(err.is_none(), "from {start}: {err:?}");
             assert_eq!(recs.len(), expect.len() - i, "from {start}");
             assert_eq!(recs[0].lsn, *start);
+        }
+    }
+
+    #[test]
+    fn a_known_first_record_is_checked_and_skipped() {
+        let (w, expect) = sample();
+        let mut all = WalStreamDecoder::new(w.start, SEG).unwrap();
+        all.feed(Bytes::from(w.buf.clone()));
+        let (recs, _) = decode_all(&mut all);
+        let from = |i: usize, end: Lsn, crc: u32| {
+            let page = recs[i].lsn.page_start();
+            let mut dec = WalStreamDecoder::at_record(recs[i].lsn, SEG).unwrap();
+            dec.expect_first(end, crc);
+            dec.feed(Bytes::from(w.buf[(page.0 - w.start.0) as usize..].to_vec()));
+            decode_all(&mut dec)
+        };
+        for i in [0, 3, 7] {
+            // The same record: skipped, the rest follow.
+            let (got, err) = from(i, recs[i].end_lsn, recs[i].header.crc);
+            assert!(err.is_none(), "{err:?}");
+            assert_eq!(got.len(), expect.len() - i - 1);
+            assert_eq!(got[0].lsn, recs[i + 1].lsn);
+            // Another CRC (another history's record) or another end: refused, nothing returned.
+            for (end, crc) in [(recs[i].end_lsn, recs[i].header.crc ^ 1), (recs[i].end_lsn + 8, recs[i].header.crc)] {
+                let (got, err) = from(i, end, crc);
+                assert!(got.is_empty());
+                assert!(matches!(err, Some(DecodeError::OtherRecord { lsn, .. }) if lsn == recs[i].lsn), "{err:?}");
+            }
         }
     }
 

@@ -6,6 +6,19 @@
 use super::consts::*;
 use neon_types::{Lsn, XLOG_BLCKSZ};
 
+/// Where a record following `lsn` (the end of a record) begins: MAXALIGNed, and past the
+/// page header at a page boundary. A base backup's checkpoint record goes there; a timeline
+/// forked there holds nothing of its parent's after `lsn`.
+pub fn record_start(lsn: Lsn, seg_size: u32) -> Lsn {
+    let lsn = Lsn(lsn.0.div_ceil(8) * 8);
+    if !lsn.0.is_multiple_of(XLOG_BLCKSZ as u64) {
+        return lsn;
+    }
+    let header =
+        if lsn.0.is_multiple_of(u64::from(seg_size)) { SIZE_OF_LONG_PAGE_HEADER } else { SIZE_OF_SHORT_PAGE_HEADER };
+    Lsn(lsn.0 + header as u64)
+}
+
 /// A parsed page header, short or long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageHeader {

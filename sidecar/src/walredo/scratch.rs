@@ -73,9 +73,16 @@ impl ScratchTemplate {
     pub fn create(cfg: &RedoConfig) -> Result<ScratchTemplate, ScratchError> {
         let root = cfg.scratch_root.clone();
         let io = |source| ScratchError::Io { path: root.clone(), source };
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         crate::repo::timeline::private_dir(&root).map_err(io)?;
-        use std::os::unix::fs::PermissionsExt;
-        // An existing (empty) directory keeps its mode: make it private too.
+        // An existing directory must be a directory of ours (not a link, not another user's,
+        // who could read what redo writes there); its mode becomes private too.
+        let meta = std::fs::symlink_metadata(&root).map_err(io)?;
+        // SAFETY: geteuid has no preconditions.
+        if !meta.is_dir() || meta.uid() != unsafe { libc::geteuid() } {
+            let why = "exists and is not a directory of this OS user's";
+            return Err(io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why)));
+        }
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         chown(&root, cfg)?;
         let template = root.join("template");
