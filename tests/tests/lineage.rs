@@ -128,13 +128,19 @@ fn a_standby_promoted_mid_pgbench_is_followed_on_a_new_timeline() -> Result<()> 
     Ok(())
 }
 
-#[test]
-fn a_compute_restored_to_an_old_lsn_is_followed_as_a_new_timeline() -> Result<()> {
-    let (mut c, store) = cluster_born_with_store()?;
+/// A followed cluster with pgbench tables, and the LSN after they were made, before a run.
+fn followed_pgbench() -> Result<(Cluster, std::path::PathBuf, SidecarProcess, Lsn)> {
+    let (c, store) = cluster_born_with_store()?;
     let sidecar = SidecarProcess::start(&c, &store)?;
     c.pgbench(&["-i", "-q", "-s", "1"])?;
     let at = workload::flush_lsn(&c)?;
     c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "300"])?;
+    Ok((c, store, sidecar, at))
+}
+
+#[test]
+fn a_compute_restored_to_an_old_lsn_is_followed_as_a_new_timeline() -> Result<()> {
+    let (mut c, store, sidecar, at) = followed_pgbench()?;
     c.execute("CREATE TABLE after_the_restore_point AS SELECT 1 AS x")?;
     let gone = relnode(&c, "after_the_restore_point")?;
     let old = Snapshot::take(&c, "old")?;
@@ -187,11 +193,7 @@ fn wait_stopped(sidecar: &SidecarProcess) -> Result<String> {
 
 #[test]
 fn a_compute_restored_in_place_on_the_same_timeline_is_refused_not_filed() -> Result<()> {
-    let (mut c, store) = cluster_born_with_store()?;
-    let sidecar = SidecarProcess::start(&c, &store)?;
-    c.pgbench(&["-i", "-q", "-s", "1"])?;
-    let at = workload::flush_lsn(&c)?;
-    c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "300"])?;
+    let (mut c, store, sidecar, at) = followed_pgbench()?;
     let old = Snapshot::take(&c, "old")?;
     sidecar.wait_durable(old.lsn)?;
     sidecar.stop()?;

@@ -23,23 +23,11 @@ use std::sync::Arc;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// Writes the base backup as of `lsn` to `path`: under a temporary name (`.tar.tmp`), fsync'd,
-/// renamed, the directory fsync'd; on any error nothing is left behind.
-pub fn write_file(
-    path: &Path,
-    repo: &Timeline,
-    redo: &dyn WalRedoManager,
-    lsn: Lsn,
-    timeline: &TimelineFiles,
-    opts: Options,
-    watch: &mut dyn Watch,
-) -> Result<Stats, BasebackupError> {
-    write_file_via(path, &path.with_extension("tar.tmp"), repo, redo, lsn, timeline, opts, watch)
-}
-
-/// [`write_file`] through the temporary file `tmp`.
+/// Writes the base backup as of `lsn` to `path`: under the temporary name `tmp` (a build's
+/// own: two builds of one backup may overlap), fsync'd, renamed, the directory fsync'd; on any
+/// error nothing is left behind.
 #[allow(clippy::too_many_arguments)]
-fn write_file_via(
+pub fn write_file(
     path: &Path,
     tmp: &Path,
     repo: &Timeline,
@@ -271,7 +259,7 @@ impl SharedBasebackups {
         let started = Instant::now();
         let n = self.builds_started.fetch_add(1, Ordering::Relaxed);
         let tmp = path.with_extension(format!("{n}.tmp"));
-        let built = write_file_via(path, &tmp, t, redo, lsn, timeline, opts, caller);
+        let built = write_file(path, &tmp, t, redo, lsn, timeline, opts, caller);
         {
             let (count, freed) = &self.running;
             *count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;

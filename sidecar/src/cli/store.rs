@@ -341,7 +341,16 @@ pub fn basebackup(args: &BasebackupArgs, out: &mut dyn Write) -> anyhow::Result<
         tablespace_map: args.tablespace_map.iter().map(|m| (m.oid, m.dir.clone())).collect(),
     };
     let started = std::time::Instant::now();
-    let stats = crate::basebackup::shared::write_file(out_path, &repo, &redo, args.lsn, &timeline, opts, &mut report)?;
+    let stats = crate::basebackup::shared::write_file(
+        out_path,
+        &out_path.with_extension("tar.tmp"),
+        &repo,
+        &redo,
+        args.lsn,
+        &timeline,
+        opts,
+        &mut report,
+    )?;
     writeln!(
         out,
         "base backup as of {} (checkpoint at {}, timeline {}): {} databases, {} relation files, {} pages ({} rebuilt by \
