@@ -26,6 +26,7 @@ use crate::repo::store::{Store, StoreError};
 use crate::repo::timeline::{RepoError, Timeline};
 use crate::wal::decoder::{DecodeError, WalStreamDecoder};
 use crate::wal::page::record_start;
+use crate::wal::record::RecordError;
 use neon_types::Lsn;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -348,11 +349,6 @@ fn choose_timeline(
     let HistoryEntry { parent, switchpoint: fork, .. } = entries[known];
     let child = entries.get(known + 1).map_or(server, |e| e.parent);
     let p = store.timeline(parent).expect("known");
-    // The parent's history must hold the fork (not collected, not in a gap), or the child
-    // would read history that is not there.
-    if let Err(why) = p.check_readable(fork.min(p.last_lsn())) {
-        return Err(FollowError::ForkNotHeld { timeline: child, parent, fork, why: format!("{why:?}") });
-    }
     // A fork just past a page header (a base backup's new timeline, as of a page boundary)
     // leaves nothing of the parent's between its last record and the fork.
     if record_start(p.last_lsn(), store.identity().wal_segment_size) < fork {
@@ -363,6 +359,11 @@ fn choose_timeline(
             store.set_current(parent)?;
         }
         return Ok((p, Some(fork)));
+    }
+    // The parent's history must hold the fork (not collected, not in a gap), or the child
+    // would read history that is not there.
+    if let Err(why) = p.check_readable(fork.min(p.last_lsn())) {
+        return Err(FollowError::ForkNotHeld { timeline: child, parent, fork, why: format!("{why:?}") });
     }
     // What the parent holds after the fork stays the parent's.
     p.flush()?;
@@ -472,7 +473,13 @@ fn follow(
     match streamed {
         // What the store holds ends with a record; the compute's WAL has another there, or a
         // record boundary elsewhere.
-        Err(FollowError::Decode(e)) if last.is_some() && dec.position() <= start => {
+        // (Not a record that is whole, CRC and all, but that the decoder cannot parse: that
+        // is the decoder's failing, reported as it is.)
+        Err(FollowError::Decode(e))
+            if last.is_some()
+                && dec.position() <= start
+                && !matches!(e, DecodeError::Record(ref r) if !matches!(r, RecordError::Crc { .. })) =>
+        {
             let why = match e {
                 DecodeError::PrevLink { prev, expected, .. } => {
                     format!("its record there follows one at {prev}, the store's last record began at {expected}")
@@ -498,7 +505,7 @@ fn follow(
         Ok(Followed::TimelineEnded) => {
             t.flush()?;
             match end {
-                Some(end) if t.last_lsn() < end => {
+                Some(end) if record_start(t.last_lsn(), seg_size) < end => {
                     Err(FollowError::EndedShort { timeline: t.id(), last: t.last_lsn(), end })
                 }
                 _ => Ok(Followed::TimelineEnded),

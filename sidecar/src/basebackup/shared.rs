@@ -111,7 +111,8 @@ impl SharedBasebackups {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         // Backups are found by timeline and LSN: those of another cluster (a store made anew
         // with the same shared directory) must not be handed out.
-        let cluster = dir.join("cluster");
+        // (Beside the directory, which holds only backups.)
+        let cluster = shared.join("basebackups.cluster");
         let ours = system_id.to_string();
         let same = std::fs::read_to_string(&cluster).is_ok_and(|c| c.trim() == ours);
         // Temporary files of builds a crash interrupted, and other clusters' backups.
@@ -122,7 +123,7 @@ impl SharedBasebackups {
             }
         }
         if !same {
-            crate::repo::timeline::write_durably(&dir.join("cluster.tmp"), &cluster, ours.as_bytes())?;
+            crate::repo::timeline::write_durably(&shared.join("basebackups.cluster.tmp"), &cluster, ours.as_bytes())?;
         }
         Ok(SharedBasebackups {
             dir,

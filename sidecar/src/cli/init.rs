@@ -156,13 +156,23 @@ fn with_settings(conf: &str, block: &str) -> Option<String> {
 /// Replaces `path`'s contents whole (a temporary file renamed over it), keeping its owner
 /// and mode: a crash leaves the old file or the new one.
 fn replace_file(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let meta = std::fs::metadata(path)?;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    // A linked configuration file is replaced where it lies, the link kept.
+    let path = std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+    let meta = std::fs::metadata(&path)?;
     let tmp = path.with_extension("conf.neon-tmp");
-    crate::repo::timeline::write_durably(&tmp, path, text.as_bytes())
-        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(meta.mode() & 0o7777)))
-        .and_then(|()| std::os::unix::fs::chown(path, Some(meta.uid()), Some(meta.gid())))
-        .with_context(|| format!("writing {}", path.display()))
+    let write = || -> std::io::Result<()> {
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        // Its owner and mode before it takes the old file's place: never a moment unreadable.
+        std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))?;
+        f.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(path.parent().unwrap_or(Path::new("/")))?.sync_all()
+    };
+    write().inspect_err(|_| drop(std::fs::remove_file(&tmp))).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Gives `dir` and everything under it to the server's OS user (when we are root), so that
@@ -197,14 +207,12 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     };
     // init works on a stopped cluster (it starts it privately to make the slot): a running one
     // is left alone, settings and all.
-    if let Ok((dir, port)) = crate::cli::conf::local_compute(pgdata) {
-        if postmaster_alive(pgdata) {
-            bail!(
-                "the compute at {} is running (socket {dir}, port {port}): stop it first (init starts it \
-                 privately to make the slot), or use `neon-sidecar attach` for a running server",
-                pgdata.display()
-            );
-        }
+    if let Some(pid) = postmaster_alive(pgdata) {
+        bail!(
+            "the compute at {} is running (postmaster PID {pid}): stop it first (init starts it privately to \
+             make the slot), or use `neon-sidecar attach` for a running server",
+            pgdata.display()
+        );
     }
     if existing.is_some() && !pgdata.join("PG_VERSION").exists() {
         bail!("store {} is set up already, but {} is not a cluster", args.store.display(), pgdata.display());
@@ -248,7 +256,7 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     // server user's alone, and only there does a connection need no password (whatever the
     // cluster's own pg_hba.conf says: init may run as another OS user than the server).
     // A new directory of our own (mkdtemp, 0700): never one someone else made first.
-    let tmp = tempfile::Builder::new().prefix("neon-init-").tempdir()?;
+    let tmp = tempfile::Builder::new().prefix("neon-initsock-").tempdir()?;
     let sockdir = tmp.path().to_path_buf();
     let hba = sockdir.join("pg_hba.conf");
     std::fs::write(&hba, "local all all trust\nlocal replication all trust\n")?;
@@ -283,8 +291,10 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let mut stop = Command::new(bin("pg_ctl"));
     stop.arg("-D").arg(pgdata).args(["-w", "-m", "fast", "stop"]);
     as_user(&mut stop);
-    // Only the server this started: never one that was running already.
-    let stopped = if started_ok { run_cmd(&mut stop, "stopping the compute").map(drop) } else { Ok(()) };
+    // Only the server this started (none ran before; one that came up after `pg_ctl` gave
+    // up waiting is ours too): never one that was running already.
+    let ours = started_ok || postmaster_alive(pgdata).is_some();
+    let stopped = if ours { run_cmd(&mut stop, "stopping the compute").map(drop) } else { Ok(()) };
     drop(tmp);
     let slot_lsn = slot?;
     stopped?;
@@ -326,9 +336,19 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let timeline = checkpoint_timeline(pgdata)?;
     let store = Store::create(&args.store, identity, timeline)?;
     let repo = store.current();
-    let stats = import_datadir(&repo, pgdata, at, &Default::default())?;
-    repo.flush()?;
-    drop((repo, store));
+    let imported = import_datadir(&repo, pgdata, at, &Default::default())
+        .map_err(anyhow::Error::from)
+        .and_then(|stats| Ok(repo.flush().map(|_| stats)?));
+    drop(repo);
+    let stats = match imported {
+        Ok(stats) => stats,
+        Err(e) => {
+            // Not set up, then: the next init starts afresh.
+            let _ = store.abandon();
+            return Err(e);
+        }
+    };
+    drop(store);
     sidecar_conf.write(&args.store)?;
     give_to_server_user(&args.store, &cfg)?;
     writeln!(
@@ -344,15 +364,15 @@ pub fn run(args: &InitArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether the postmaster named in `<pgdata>/postmaster.pid` is alive.
-fn postmaster_alive(pgdata: &Path) -> bool {
+/// The postmaster named in `<pgdata>/postmaster.pid`, if it is alive.
+fn postmaster_alive(pgdata: &Path) -> Option<i32> {
     let pid = std::fs::read_to_string(pgdata.join("postmaster.pid"))
         .ok()
         .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
-    let Some(pid) = pid.filter(|p| *p > 0) else { return false };
+    let pid = pid.filter(|p| *p > 0)?;
     // SAFETY: kill with signal 0 only asks whether the process exists.
     let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    (r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)).then_some(pid)
 }
 
 /// The timeline of a stopped cluster's last checkpoint (`pg_control`).
@@ -414,6 +434,7 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             conn.create_slot(slot)?
         }
     };
+    let created = existing.is_none();
     let store = match existing {
         Some(s) => s,
         None => {
@@ -429,7 +450,7 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         // starts with this backup.
         None => store.fork_unrelated(sys.timeline)?,
     };
-    let gap_from = t.history_start().is_valid().then(|| t.last_lsn());
+    let (timeline, gap_from) = (t.id(), t.history_start().is_valid().then(|| t.last_lsn()));
     // Backups unpacked by attaches that died (the store's lock is ours: none runs now).
     for e in std::fs::read_dir(&args.store)?.flatten() {
         if e.file_name().to_string_lossy().starts_with("attach-") {
@@ -466,7 +487,12 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         Ok((b, stats))
     });
     let _ = std::fs::remove_dir_all(&unpacked);
-    drop(store);
+    if imported.is_err() && created {
+        // Not set up, then: the next attach starts afresh.
+        let _ = store.abandon();
+    } else {
+        drop(store);
+    }
     let cfg = args.redo.config("attach")?;
     // Even when it failed: a store made here must be the server user's to try again as.
     let (b, stats) = imported.inspect_err(|_| {
@@ -485,7 +511,7 @@ pub fn attach(args: &AttachArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     .write(&args.store)?;
     give_to_server_user(&args.store, &cfg)?;
     if let Some(from) = gap_from {
-        writeln!(out, "timeline {}: history after {from} was lost; it goes on from {} (a gap between)", t.id(), b.end)?;
+        writeln!(out, "timeline {timeline}: history after {from} was lost; it goes on from {} (a gap between)", b.end)?;
     }
     writeln!(
         out,

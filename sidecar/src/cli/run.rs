@@ -236,7 +236,10 @@ fn compact_once(c: &mut Compacting, redo: &dyn WalRedoManager, retention: u64) -
     // An attached store replays its base backup's WAL before its history begins (at the
     // backup's end), as after a gap: no page can be read there, so keys wait.
     if lsn > c.last_image && repo.check_readable(lsn).is_ok() {
-        if retention > 0 && lsn.0.saturating_sub(c.last_full.0) >= retention {
+        // Once a full image lies after a child's fork, later ones let nothing more go: the
+        // fork keeps all after it. Waiting keys get their images instead.
+        let pinned_before_last_full = repo.oldest_pin().is_some_and(|p| p <= c.last_full);
+        if retention > 0 && lsn.0.saturating_sub(c.last_full.0) >= retention && !pinned_before_last_full {
             // A full image covers the waiting keys too.
             let started = std::time::Instant::now();
             let n = compaction::full_image(repo, redo, lsn)?;

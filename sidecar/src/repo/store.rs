@@ -131,7 +131,19 @@ impl Store {
         if let Some(have) = read_identity(dir)? {
             return Err(StoreError::SetUp { dir: dir.to_path_buf(), system_id: have.system_id });
         }
-        // What a set-up that never finished (no identity) left behind goes.
+        // What a set-up that never finished (no identity) left behind goes — but not history:
+        // a store whose identity file was lost is not to be wiped by a new `init`.
+        if let Some(t) = timeline_dirs(&dir.join(TIMELINES))?.into_iter().find(|t| holds_layers(t)) {
+            return Err(corrupt(
+                dir,
+                IDENTITY,
+                &format!(
+                    "is missing, yet {} holds history: restore the identity file, or remove the store to start \
+                     afresh",
+                    t.display()
+                ),
+            ));
+        }
         match std::fs::remove_dir_all(dir.join(TIMELINES)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(dir)(e)),
             _ => {}
@@ -176,7 +188,15 @@ impl Store {
             let e = e.map_err(io(&tdir))?;
             let Some(id) = e.file_name().to_str().and_then(|n| u32::from_str_radix(n, 16).ok()) else { continue };
             if !e.path().join("manifest").exists() {
-                // A fork a crash interrupted before its manifest: not a timeline yet.
+                // A fork a crash interrupted before its manifest: not a timeline yet. Layer
+                // files without a manifest are another matter: refused, not removed.
+                if holds_layers(&e.path()) {
+                    return Err(corrupt(
+                        dir,
+                        &format!("timeline directory {}", e.path().display()),
+                        "has layer files but no manifest",
+                    ));
+                }
                 if writer {
                     std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
                 }
@@ -218,6 +238,16 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Undoes a set-up whose first import failed (nothing in it is history yet): without its
+    /// identity the store is not set up, and what it made goes.
+    pub fn abandon(self) -> Result<(), StoreError> {
+        let path = self.dir.join(IDENTITY);
+        std::fs::remove_file(&path).map_err(io(&path))?;
+        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+        let _ = std::fs::remove_file(self.dir.join(CURRENT));
+        std::fs::remove_dir_all(self.dir.join(TIMELINES)).map_err(io(&self.dir))
     }
 
     pub fn identity(&self) -> Identity {
@@ -336,6 +366,24 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
 
 fn corrupt(dir: &Path, what: &str, why: &str) -> StoreError {
     StoreError::Corrupt { dir: dir.to_path_buf(), what: what.to_string(), why: why.to_string() }
+}
+
+/// The timeline directories under `tdir` (none if it does not exist).
+fn timeline_dirs(tdir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    match std::fs::read_dir(tdir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io(tdir)(e)),
+        Ok(entries) => Ok(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect()),
+    }
+}
+
+/// Whether a timeline directory holds layer files (history, whatever its manifest says).
+fn holds_layers(tdir: &Path) -> bool {
+    std::fs::read_dir(tdir)
+        .map(|entries| {
+            entries.flatten().any(|e| crate::repo::timeline::is_layer_name(&e.file_name().to_string_lossy()))
+        })
+        .unwrap_or(false)
 }
 
 fn timeline_dir(dir: &Path, id: u32) -> PathBuf {

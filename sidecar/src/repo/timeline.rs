@@ -50,7 +50,9 @@ use std::time::{Duration, Instant};
 
 const MANIFEST: &str = "manifest";
 const MANIFEST_MAGIC: u64 = u64::from_le_bytes(*b"NEONMF05");
-const OLD_MANIFEST_MAGICS: [&[u8; 8]; 2] = [b"NEONMF03", b"NEONMF04"];
+/// Version 4: the same, without the record ending at the durable LSN (read as none known).
+const MANIFEST_MAGIC_V4: u64 = u64::from_le_bytes(*b"NEONMF04");
+const OLD_MANIFEST_MAGICS: [&[u8; 8]; 1] = [b"NEONMF03"];
 
 /// Problems of the repository as a whole.
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +274,11 @@ impl Timeline {
     /// Keeps history at and after `lsn` from garbage collection: a child timeline forks here.
     pub fn pin(&self, lsn: Lsn) {
         self.pins.lock().unwrap_or_else(|p| p.into_inner()).push(lsn);
+    }
+
+    /// The oldest LSN a child timeline forks at, if any: garbage collection keeps all after it.
+    pub fn oldest_pin(&self) -> Option<Lsn> {
+        self.pins.lock().unwrap_or_else(|p| p.into_inner()).iter().min().copied()
     }
 
     /// The recorded gaps, oldest first.
@@ -573,8 +580,7 @@ impl Timeline {
     pub fn collect_garbage(&self, horizon: Lsn) -> Result<Vec<PathBuf>, RepoError> {
         let _flushing = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
         // Child timelines read this one as of their forks: that history stays.
-        let pinned = self.pins.lock().unwrap_or_else(|p| p.into_inner()).iter().min().copied();
-        let horizon = pinned.map_or(horizon, |p| horizon.min(p));
+        let horizon = self.oldest_pin().map_or(horizon, |p| horizon.min(p));
         let files = self.layers();
         let full_image =
             files.iter().filter(|l| is_full_image(l) && l.lsn_range().1 <= horizon).map(|l| l.lsn_range().1).max();
@@ -919,7 +925,7 @@ const DELTA_PREFIX: &str = "delta";
 const IMAGE_PREFIX: &str = "image";
 const FULL_IMAGE_PREFIX: &str = "fullimage";
 
-fn is_layer_name(name: &str) -> bool {
+pub(crate) fn is_layer_name(name: &str) -> bool {
     [DELTA_PREFIX, IMAGE_PREFIX, FULL_IMAGE_PREFIX]
         .iter()
         .any(|p| name.strip_prefix(p).is_some_and(|r| r.starts_with('-')))
@@ -975,7 +981,7 @@ fn parse_manifest(path: &Path, b: &[u8]) -> Result<Manifest, RepoError> {
         return Err(bad("written by an older neon-sidecar, whose stores this one does not read; make a new \
                         store with `neon-sidecar init` or `attach`"));
     }
-    if b.len() < 72 {
+    if b.len() < 60 {
         return Err(bad("too short"));
     }
     let (body, crc) = b.split_at(b.len() - 4);
@@ -993,13 +999,18 @@ fn parse_manifest(path: &Path, b: &[u8]) -> Result<Manifest, RepoError> {
     };
     let u32_ = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
     let lsn = |b: &[u8]| Lsn(u64::from_le_bytes(b.try_into().expect("8 bytes")));
-    if take(8)? != MANIFEST_MAGIC.to_le_bytes() {
-        return Err(bad("bad magic"));
-    }
+    let v4 = match take(8)? {
+        m if m == MANIFEST_MAGIC.to_le_bytes() => false,
+        m if m == MANIFEST_MAGIC_V4.to_le_bytes() => true,
+        _ => return Err(bad("bad magic")),
+    };
     let id = u32_(take(4)?);
     let (parent, fork) = (u32_(take(4)?), lsn(take(8)?));
     let (origin, oldest, durable) = (lsn(take(8)?), lsn(take(8)?), lsn(take(8)?));
-    let durable_record = FiledRecord { start: lsn(take(8)?), end: durable, crc: u32_(take(4)?) };
+    let durable_record = match v4 {
+        true => FiledRecord::default(),
+        false => FiledRecord { start: lsn(take(8)?), end: durable, crc: u32_(take(4)?) },
+    };
     let mut gaps = Vec::new();
     for _ in 0..u32_(take(4)?) {
         gaps.push(Gap { from: lsn(take(8)?), base: lsn(take(8)?), to: lsn(take(8)?) });
@@ -1012,6 +1023,9 @@ fn parse_manifest(path: &Path, b: &[u8]) -> Result<Manifest, RepoError> {
             return Err(bad("not a layer file name"));
         }
         names.push(name.to_string());
+    }
+    if !r.is_empty() {
+        return Err(bad("trailing bytes"));
     }
     let parent = (parent != 0).then_some((parent, fork));
     Ok(Manifest { id, parent, origin, oldest, durable, durable_record, gaps, names })
@@ -1064,6 +1078,32 @@ mod tests {
         drop(t);
         let t = Timeline::open(dir.path()).unwrap();
         assert_eq!(t.values_for(keys[7], Lsn(lsn)).unwrap(), newest);
+    }
+
+    #[test]
+    fn a_version_4_manifest_reads_with_no_record_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Vec::new();
+        b.extend_from_slice(b"NEONMF04");
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        for lsn in [0u64, 16, 16, 40] {
+            b.extend_from_slice(&lsn.to_le_bytes()); // fork, origin, oldest, durable
+        }
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        std::fs::write(dir.path().join(MANIFEST), &b).unwrap();
+        let t = Timeline::open(dir.path()).unwrap();
+        assert_eq!((t.durable_lsn(), t.history_start(), t.durable_record()), (Lsn(40), Lsn(16), None));
+        // Trailing bytes are refused.
+        drop(t);
+        let mut b2 = b[..b.len() - 4].to_vec();
+        b2.push(0);
+        let crc = crc32c::crc32c(&b2);
+        b2.extend_from_slice(&crc.to_le_bytes());
+        assert!(parse_manifest(dir.path(), &b2).is_err());
     }
 
     #[test]

@@ -11,12 +11,12 @@ use neon_types::{Lsn, XLOG_BLCKSZ};
 /// forked there holds nothing of its parent's after `lsn`.
 pub fn record_start(lsn: Lsn, seg_size: u32) -> Lsn {
     let lsn = Lsn(lsn.0.div_ceil(8) * 8);
-    if !lsn.0.is_multiple_of(XLOG_BLCKSZ as u64) {
-        return lsn;
-    }
+    let page = lsn.0 - lsn.0 % XLOG_BLCKSZ as u64;
     let header =
-        if lsn.0.is_multiple_of(u64::from(seg_size)) { SIZE_OF_LONG_PAGE_HEADER } else { SIZE_OF_SHORT_PAGE_HEADER };
-    Lsn(lsn.0 + header as u64)
+        if page.is_multiple_of(u64::from(seg_size)) { SIZE_OF_LONG_PAGE_HEADER } else { SIZE_OF_SHORT_PAGE_HEADER };
+    // An LSN inside a page header (only a caller's arbitrary LSN can be) also means the
+    // first byte after it.
+    Lsn(lsn.0.max(page + header as u64))
 }
 
 /// A parsed page header, short or long.
@@ -243,5 +243,20 @@ mod tests {
             v.validate(Lsn(SEG as u64), &short_at_seg_start),
             Err(PageHeaderError::MissingLongHeader { .. })
         ));
+    }
+
+    #[test]
+    fn a_record_starts_aligned_and_past_any_page_header() {
+        let seg = SEG;
+        let page = XLOG_BLCKSZ as u64;
+        // Inside a page: MAXALIGNed.
+        assert_eq!(record_start(Lsn(page + 100), seg), Lsn(page + 104));
+        assert_eq!(record_start(Lsn(page + 104), seg), Lsn(page + 104));
+        // At or inside a short header: just past it.
+        assert_eq!(record_start(Lsn(page), seg), Lsn(page + 24));
+        assert_eq!(record_start(Lsn(page + 8), seg), Lsn(page + 24));
+        // At or inside a segment's long header.
+        assert_eq!(record_start(Lsn(SEG as u64), seg), Lsn(SEG as u64 + 40));
+        assert_eq!(record_start(Lsn(SEG as u64 + 24), seg), Lsn(SEG as u64 + 40));
     }
 }
