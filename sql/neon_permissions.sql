@@ -13,15 +13,15 @@ SELECT p.proname, has_function_privilege('regress_neon_nobody', p.oid, 'EXECUTE'
        has_function_privilege('regress_neon_reader', p.oid, 'EXECUTE') AS reader
   FROM pg_proc p WHERE p.proname LIKE 'neon\_%' AND p.proname <> 'neon_try' ORDER BY p.proname;
 SET ROLE regress_neon_nobody;
-SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'open_t', 'main', :'lsn'));
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'open_t', 'main', :'lsn'), :'lsn', 'open_t');
 SELECT neon_try('SELECT neon_history()');
 SELECT neon_try('SELECT neon_basebackup()');
 RESET ROLE;
 SET ROLE regress_neon_reader;
 SELECT length(neon_get_page('open_t', 'main', 0, :'lsn')) AS bytes;
-SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'secret', 'main', :'lsn'));
-SELECT neon_try(format('SELECT neon_rel_size(%L, %L, %L)', 'secret', 'main', :'lsn'));
-SELECT neon_try(format('SELECT neon_prefetch(%L, %L, 0, 1)', 'secret', :'lsn'));
+SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'secret', 'main', :'lsn'), :'lsn', 'secret');
+SELECT neon_try(format('SELECT neon_rel_size(%L, %L, %L)', 'secret', 'main', :'lsn'), :'lsn', 'secret');
+SELECT neon_try(format('SELECT neon_prefetch(%L, %L, 0, 1)', 'secret', :'lsn'), :'lsn', 'secret');
 RESET ROLE;
 REVOKE SELECT ON open_t FROM regress_neon_reader;
 DROP ROLE regress_neon_reader;

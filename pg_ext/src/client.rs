@@ -186,11 +186,25 @@ impl Connection {
 #[derive(Default)]
 pub struct Slot {
     conn: Option<Connection>,
+    /// Connections made (that connected): a count that grows only when the link was made
+    /// anew, which is how a reconnect shows (the worker's, in `neon_sidecar_status()`).
+    connects: u64,
 }
 
 impl Slot {
     pub const fn new() -> Slot {
-        Slot { conn: None }
+        Slot { conn: None, connects: 0 }
+    }
+
+    /// How many connections this slot has made.
+    pub fn connects(&self) -> u64 {
+        self.connects
+    }
+
+    fn connect(&mut self, path: &Path) -> Result<Connection, ClientError> {
+        let conn = Connection::connect(path)?;
+        self.connects += 1;
+        Ok(conn)
     }
 
     /// Calls over the kept connection, or a new one (to `path`) if there is none, it was to
@@ -207,13 +221,13 @@ impl Slot {
         let reused = self.conn.as_ref().is_some_and(|c| c.path() == path);
         let mut conn = match self.conn.take() {
             Some(c) if reused => c,
-            _ => Connection::connect(path)?,
+            _ => self.connect(path)?,
         };
         let result = match conn.call(req, timeout, interrupted, progress) {
             // Only when nothing of a reply came: a request is never made twice after the
             // sidecar began answering it (a base backup's progress, say).
             Err(ClientError::Closed { during_reply: false, .. }) if reused => {
-                conn = Connection::connect(path)?;
+                conn = self.connect(path)?;
                 conn.call(req, timeout, interrupted, progress)
             }
             r => r,

@@ -53,10 +53,12 @@ pub extern "C-unwind" fn _PG_init() {
     }
 }
 
-/// The extension's version, as built (`SELECT neon_version()`).
+/// The extension's version and the build's identity (`build_id.rs`): `0.2.0+<commit>`, with
+/// `-dirty-<digest>` when built from uncommitted sources — what tells an installed `neon.so`
+/// from the one the checkout would build (`SELECT neon_version()`).
 #[pg_extern(immutable, parallel_safe)]
 fn neon_version() -> &'static str {
-    env!("CARGO_PKG_VERSION")
+    concat!(env!("CARGO_PKG_VERSION"), "+", env!("NEON_BUILD_ID"))
 }
 
 /// The page size the extension was built for; must equal the server's (`SHOW block_size`).

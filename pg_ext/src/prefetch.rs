@@ -49,6 +49,8 @@ pub struct Queue {
     worker_latch: usize,
     worker_pid: i32,
     connected: bool,
+    /// Connections the worker has made to the sidecar: one more after each reconnect.
+    connects: u64,
     dropped: u64,
     requests: u64,
     pages: u64,
@@ -64,6 +66,7 @@ impl Default for Queue {
             worker_latch: 0,
             worker_pid: 0,
             connected: false,
+            connects: 0,
             dropped: 0,
             requests: 0,
             pages: 0,
@@ -143,6 +146,7 @@ pub fn status() -> Vec<(&'static str, String)> {
     vec![
         ("prefetch_worker_pid", q.worker_pid.to_string()),
         ("prefetch_worker_connected", q.connected.to_string()),
+        ("prefetch_worker_connects", q.connects.to_string()),
         ("prefetch_queued", (q.tail - q.head).to_string()),
         ("prefetch_dropped", q.dropped.to_string()),
         ("prefetch_sent", q.requests.to_string()),
@@ -205,6 +209,7 @@ pub extern "C-unwind" fn neon_prefetch_worker_main(_arg: pg_sys::Datum) {
             let result = slot.call(path, &req, Some(WORKER_TIMEOUT), &mut terminating, &mut |_| {});
             let mut q = QUEUE.exclusive();
             q.requests += 1;
+            q.connects = slot.connects();
             q.connected = !matches!(result, Err(ClientError::Connect { .. } | ClientError::Closed { .. }));
             match result {
                 Ok(Response::Prefetched(n)) => q.pages += u64::from(n),
@@ -221,7 +226,10 @@ pub extern "C-unwind" fn neon_prefetch_worker_main(_arg: pg_sys::Datum) {
             if let Some(path) = &socket {
                 let req = Request::ComputeFlush { lsn: crate::flush_lsn() };
                 let result = slot.call(path, &req, Some(WORKER_TIMEOUT), &mut terminating, &mut |_| {});
-                QUEUE.exclusive().connected = result.is_ok();
+                let mut q = QUEUE.exclusive();
+                q.connected = result.is_ok();
+                q.connects = slot.connects();
+                drop(q);
                 if let Err(e) = result {
                     complain(&e);
                 }

@@ -385,6 +385,9 @@ impl PageService {
         let (building, running) = self.basebackups.as_ref().map_or((0, 0), |b| (b.building(), b.running()));
         let _ = writeln!(s, "basebackups_building {building}");
         let _ = writeln!(s, "basebackups_running {running}");
+        let (built, reused) = self.basebackups.as_ref().map_or((0, 0), |b| (b.built(), b.reused()));
+        let _ = writeln!(s, "basebackups_built {built}");
+        let _ = writeln!(s, "basebackups_reused {reused}");
         let _ = writeln!(s, "requests {}", m.requests.load(Ordering::Relaxed));
         let _ = writeln!(s, "request_errors {}", m.errors.load(Ordering::Relaxed));
         let _ = writeln!(s, "connections {}", m.connections.load(Ordering::Relaxed));

@@ -574,6 +574,40 @@ pub fn mask_page(kind: PageKind, page: &mut [u8], blkno: u32) {
     let _ = try_mask_page(kind, page, blkno);
 }
 
+/// Masks `page` as PostgreSQL's `rm_mask` does ([`try_mask_page`]) but for what a streaming
+/// standby's page after redo has exactly as the primary's page on disk after a `CHECKPOINT`:
+/// `rm_mask` masks these only because `wal_consistency_checking` compares a full-page image
+/// taken *before* the record set them (`bufmask.c`, `mask_page_lsn_and_checksum`):
+///
+/// | kept exact | why a standby has the primary's value |
+/// |---|---|
+/// | `pd_lsn` | every redo routine and an image restore set the record's LSN (`PageSetLSN`; `xlogutils.c`, `XLogReadBufferForRedoExtended`) |
+/// | `PD_ALL_VISIBLE` | set only by `HEAP2_VISIBLE`'s redo, cleared by the heap records that log `ALL_VISIBLE_CLEARED` (`heapam.c`) |
+/// | GiST NSN | an LSN set by the split's redo (`gistxlog.c`, `gistRedoPageSplitRecord`) |
+/// | GiST `F_FOLLOW_RIGHT` | set by the split's redo, cleared by the redo of the parent's downlink insert (`gistRedoClearFollowRight`) |
+///
+/// Everything else `rm_mask` masks is what the primary changes without WAL (hint bits,
+/// `LP_DEAD`, garbage flags, vacuum cycle IDs), what redo sets to a constant (`t_cid`,
+/// speculative `t_ctid`) or what a full-page image leaves out (the hole between `pd_lower` and
+/// `pd_upper`, padding after tuples): [`pages::compare_page`](crate::pages::compare_page)
+/// lists each with its source.
+pub fn mask_for_standby(kind: PageKind, page: &mut [u8], blkno: u32) -> Result<(), MaskError> {
+    let original = page.to_vec();
+    let result = try_mask_page(kind, page, blkno);
+    page[0..8].copy_from_slice(&original[0..8]);
+    let flags = (get_u16(page, PD_FLAGS) & !PD_ALL_VISIBLE) | (get_u16(&original, PD_FLAGS) & PD_ALL_VISIBLE);
+    put_u16(page, PD_FLAGS, flags);
+    if kind == PageKind::Gist {
+        if let Ok(opaque) = special_space(&original, GIST_OPAQUE_EXTENT) {
+            page[opaque + GIST_NSN..opaque + GIST_NSN + 8]
+                .copy_from_slice(&original[opaque + GIST_NSN..opaque + GIST_NSN + 8]);
+            let follow = get_u16(&original, opaque + GIST_FLAGS) & F_FOLLOW_RIGHT;
+            put_u16(page, opaque + GIST_FLAGS, (get_u16(page, opaque + GIST_FLAGS) & !F_FOLLOW_RIGHT) | follow);
+        }
+    }
+    result
+}
+
 /// The first byte at which two pages differ, if any.
 pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y).or((a.len() != b.len()).then(|| a.len().min(b.len())))

@@ -279,7 +279,11 @@ pub fn sidecar_bin_in(dir: &Path) -> Result<PathBuf> {
     let copy = dir.join("bin/neon-sidecar");
     if !copy.exists() {
         std::fs::create_dir_all(copy.parent().expect("has a parent"))?;
-        std::fs::copy(&built, &copy).with_context(|| format!("copying {}", built.display()))?;
+        // By `cp`, not in this process: a child another test thread forks while our write
+        // descriptor is open would hold it until its exec, and running the copy then fails
+        // with "Text file busy" (ETXTBSY).
+        let ok = Command::new("cp").arg(&built).arg(&copy).status()?;
+        anyhow::ensure!(ok.success(), "copying {} to {}", built.display(), copy.display());
         crate::chown_to_server_user(copy.parent().expect("has a parent"))?;
     }
     Ok(copy)

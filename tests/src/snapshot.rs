@@ -12,19 +12,13 @@
 //! Not compared, because the store cannot know them: free-space maps (not WAL-logged) and the
 //! main and visibility-map forks of unlogged relations (only their init fork is WAL-logged).
 //!
-//! Two differences are PostgreSQL's own redo at work, and the store rightly gives what redo
-//! gives (what a standby or a point-in-time recovery would have):
-//! * a sequence's WAL record logs the value 32 calls ahead (`SEQ_LOG_VALS`) while the
-//!   primary's buffer keeps the current one: `last_value` and `log_cnt` are masked;
-//! * an SP-GiST metapage's cache of last-used pages is updated without WAL
-//!   (`SpGistUpdateMetaPage`): like a hint, masked;
-//! * CREATE DATABASE (WAL_LOG) logs visibility-map pages as standard pages, so their bitmap
-//!   (between pd_lower and pd_upper) is a hole and redo zeroes it: a VM page whose bitmap the
-//!   store has as all zeroes, with the header equal, is accepted (and counted) — the store
-//!   never claims a page all-visible that the compute does not.
+//! Pages are compared as [`compare_page`] does: exactly but for what a streaming standby
+//! legitimately has different, and PostgreSQL's own redo differences counted as
+//! [`Exception`](crate::pages::Exception)s in the [`Compared`] returned, for callers to assert.
 
 use crate::pagemask::PageKind;
-use crate::pages::{compare_masked, PageMatch, Rel};
+pub use crate::pages::Compared;
+use crate::pages::{compare_page, Exceptions, PageMatch, GLOBALTABLESPACE_OID};
 use crate::sidecar::SidecarProcess;
 use crate::{workload, Cluster};
 use anyhow::{Context, Result};
@@ -33,52 +27,21 @@ use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-const GLOBALTABLESPACE_OID: u32 = 1664;
 const DEFAULTTABLESPACE_OID: u32 = 1663;
+/// `template1`'s OID, fixed by initdb.
+const TEMPLATE1_OID: u32 = 1;
+
+/// Page kind by (database, relfilenode); database 0 for shared catalogs.
+type PageKinds = HashMap<(u32, u32), PageKind>;
 
 /// The compute's files at one LSN.
 pub struct Snapshot {
     pub lsn: Lsn,
     pub dir: PathBuf,
     /// Page kind by (database, relfilenode); database 0 for shared catalogs.
-    kinds: HashMap<(u32, u32), PageKind>,
-}
-
-/// What a comparison covered.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Compared {
-    pub databases: usize,
-    pub forks: usize,
-    pub pages: usize,
-    /// Visibility-map pages redo left with a zeroed bitmap (see above).
-    pub vm_pages_cleared_by_redo: usize,
-    /// GiST pages the compute's sorted build wrote with LSN 0/1 ([`PageMatch::GistBuildLsn`]).
-    pub gist_build_lsn_pages: usize,
-}
-
-/// Masks a sequence page's `last_value` and `log_cnt` (the first 16 bytes of its one tuple's
-/// data).
-fn mask_sequence_values(page: &mut [u8]) {
-    let lp = u32::from_le_bytes(page[24..28].try_into().expect("4 bytes"));
-    let off = (lp & 0x7fff) as usize;
-    if off + 23 <= page.len() {
-        let data = off + page[off + 22] as usize;
-        if data + 16 <= page.len() {
-            page[data..data + 16].fill(0);
-        }
-    }
-}
-
-/// Masks the last-used-pages cache of an SP-GiST metapage (block 0): after the page header
-/// and the magic number, 8 × (blkno u32, freeSpace i32).
-fn mask_spgist_meta_cache(page: &mut [u8]) {
-    page[28..28 + 8 * 8].fill(0);
-}
-
-/// A VM page whose bitmap redo zeroed: header equal (the LSN too), ours all zero.
-fn vm_cleared_by_redo(ours: &[u8], theirs: &[u8]) -> bool {
-    let header_equal = ours[..24] == theirs[..24];
-    header_equal && ours[24..].iter().all(|b| *b == 0)
+    kinds: PageKinds,
+    /// Sequences whose `log_cnt` SQL read as above 0 (their WAL logged values ahead).
+    pub sequences_logged_ahead: usize,
 }
 
 impl Snapshot {
@@ -93,14 +56,16 @@ impl Snapshot {
             let ok = std::process::Command::new("cp").arg("-aL").arg(c.data_dir().join(sub)).arg(&dir).status()?;
             anyhow::ensure!(ok.success(), "copying {sub} to {}", dir.display());
         }
-        Ok(Snapshot { lsn, dir, kinds: page_kinds(c)? })
+        let (kinds, sequences_logged_ahead) = page_kinds(c)?;
+        Ok(Snapshot { lsn, dir, kinds, sequences_logged_ahead })
     }
 
     /// The live data directory after a CHECKPOINT, as a snapshot (nothing copied).
     pub fn live(c: &Cluster) -> Result<Snapshot> {
         c.execute("CHECKPOINT")?;
         let lsn = workload::flush_lsn(c)?;
-        Ok(Snapshot { lsn, dir: c.data_dir().to_path_buf(), kinds: page_kinds(c)? })
+        let (kinds, sequences_logged_ahead) = page_kinds(c)?;
+        Ok(Snapshot { lsn, dir: c.data_dir().to_path_buf(), kinds, sequences_logged_ahead })
     }
 
     /// Every database directory: (path, tablespace, database), the shared catalogs' first;
@@ -180,6 +145,39 @@ impl Snapshot {
         Ok(out)
     }
 
+    /// The pages each [`Exception`](crate::pages::Exception) should accept, from the compute's
+    /// side alone, when the cluster holds `wal_log_copies` databases made by `CREATE
+    /// DATABASE` (strategy `WAL_LOG`) from `template1` and not vacuumed since: GiST pages on
+    /// disk with the build's LSN; that many times template1's visibility-map pages with bits
+    /// set; the sequences SQL read with a `log_cnt` above 0; and at most one SP-GiST
+    /// metapage per SP-GiST index.
+    pub fn expected_exceptions(&self, wal_log_copies: usize) -> Result<Exceptions> {
+        let (mut gist_build_lsn, mut template_vm, mut spgist_indexes) = (0, 0, 0);
+        for (rel, (path, _)) in self.forks()? {
+            let kind = self.kind(&rel.node);
+            if rel.fork == ForkNumber::Main && kind == Some(PageKind::SpGist) {
+                spgist_indexes += 1;
+            }
+            let gist = rel.fork == ForkNumber::Main && kind == Some(PageKind::Gist);
+            let template_vm_fork = rel.fork == ForkNumber::VisibilityMap && rel.node.dbnode == TEMPLATE1_OID;
+            if gist || template_vm_fork {
+                for page in std::fs::read(&path)?.chunks(BLCKSZ) {
+                    if gist {
+                        gist_build_lsn += usize::from(neon_types::page::page_lsn(page) == Lsn(1));
+                    } else {
+                        template_vm += usize::from(page[24..].iter().any(|b| *b != 0));
+                    }
+                }
+            }
+        }
+        Ok(Exceptions {
+            gist_build_lsn,
+            spgist_meta_cache: spgist_indexes,
+            vm_wal_log_copy: wal_log_copies * template_vm,
+            sequence_ahead: self.sequences_logged_ahead,
+        })
+    }
+
     fn kind(&self, node: &RelFileNode) -> Option<PageKind> {
         self.kinds
             .get(&(node.dbnode, node.relnode))
@@ -189,9 +187,11 @@ impl Snapshot {
     }
 }
 
-/// Page kinds of every relation with storage in every database that takes connections.
-fn page_kinds(c: &Cluster) -> Result<HashMap<(u32, u32), PageKind>> {
+/// Page kinds of every relation with storage in every database that takes connections, and
+/// how many of their sequences SQL reads with a `log_cnt` above 0.
+fn page_kinds(c: &Cluster) -> Result<(PageKinds, usize)> {
     let mut kinds = HashMap::new();
+    let mut logged_ahead = 0;
     let dbs = c.query_rows("SELECT oid::text, datname::text FROM pg_database WHERE datallowconn")?;
     for db in dbs {
         let (oid, name) = (db[0].clone().unwrap_or_default(), db[1].clone().unwrap_or_default());
@@ -211,8 +211,18 @@ fn page_kinds(c: &Cluster) -> Result<HashMap<(u32, u32), PageKind>> {
                 kinds.insert((db, relnode), kind);
             }
         }
+        let sequences = conn.query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'S' AND c.relpersistence = 'p'",
+            &[],
+        )?;
+        for seq in sequences {
+            let name: String = seq.get(0);
+            let log_cnt: i64 = conn.query_one(&format!("SELECT log_cnt FROM {name}"), &[])?.get(0);
+            logged_ahead += usize::from(log_cnt > 0);
+        }
     }
-    Ok(kinds)
+    Ok((kinds, logged_ahead))
 }
 
 /// `req` on `timeline` (`None`: the one the sidecar follows).
@@ -226,12 +236,21 @@ fn on(timeline: Option<u32>, req: Request) -> Request {
 /// Everything the sidecar says about `snap.lsn` against the snapshot's files. Fails on the
 /// first difference in databases or relation forks, and after collecting up to 20 differing
 /// pages.
-pub fn compare(s: &SidecarProcess, snap: &Snapshot) -> Result<Compared> {
-    compare_on(s, snap, None)
+///
+/// `wal_log_copies` is how many databases made by `CREATE DATABASE ... STRATEGY WAL_LOG` from
+/// `template1` (or copied from one) the snapshot holds: the pages accepted by each exception
+/// must be [`Snapshot::expected_exceptions`]`(wal_log_copies)`.
+pub fn compare(s: &SidecarProcess, snap: &Snapshot, wal_log_copies: usize) -> Result<Compared> {
+    compare_on(s, snap, None, wal_log_copies)
 }
 
 /// [`compare`] on timeline `timeline` (`None`: the one the sidecar follows).
-pub fn compare_on(s: &SidecarProcess, snap: &Snapshot, timeline: Option<u32>) -> Result<Compared> {
+pub fn compare_on(
+    s: &SidecarProcess,
+    snap: &Snapshot,
+    timeline: Option<u32>,
+    wal_log_copies: usize,
+) -> Result<Compared> {
     let ask = |req: Request| s.ask(&on(timeline, req));
     let lsn = snap.lsn;
     let wait_ms = 30_000;
@@ -263,7 +282,6 @@ pub fn compare_on(s: &SidecarProcess, snap: &Snapshot, timeline: Option<u32>) ->
         anyhow::ensure!(ours[rel] == *nblocks, "{rel} at {lsn}: store size {} blocks, file {nblocks}", ours[rel]);
         let kind = snap.kind(&rel.node).with_context(|| format!("no page kind known for {rel}"))?;
         let data = std::fs::read(path)?;
-        let masking = Rel { name: rel.to_string(), path: String::new(), kind };
         for blkno in 0..*nblocks {
             let tag = BufferTag { rel: *rel, blkno };
             let page = match client.request(&on(timeline, Request::GetPage { tag, lsn, wait_ms }))? {
@@ -272,32 +290,19 @@ pub fn compare_on(s: &SidecarProcess, snap: &Snapshot, timeline: Option<u32>) ->
                 r => anyhow::bail!("{tag}: unexpected answer {r:?}"),
             };
             let disk = &data[blkno as usize * BLCKSZ..][..BLCKSZ];
-            let (mut ours, mut theirs) = (page.to_vec(), disk.to_vec());
-            if kind == PageKind::Sequence && rel.fork != ForkNumber::VisibilityMap {
-                mask_sequence_values(&mut ours);
-                mask_sequence_values(&mut theirs);
-            }
-            if kind == PageKind::SpGist && rel.fork != ForkNumber::VisibilityMap && blkno == 0 {
-                mask_spgist_meta_cache(&mut ours);
-                mask_spgist_meta_cache(&mut theirs);
-            }
-            let matched = compare_masked(&masking, &tag, &ours, &theirs);
-            if matched == PageMatch::GistBuildLsn {
-                done.gist_build_lsn_pages += 1;
-            } else if matched != PageMatch::Equal
-                && rel.fork == ForkNumber::VisibilityMap
-                && vm_cleared_by_redo(&ours, &theirs)
-            {
-                done.vm_pages_cleared_by_redo += 1;
-            } else if let PageMatch::Differs(at) = matched {
-                let around = |p: &[u8]| format!("{:02x?}", &p[at & !15..(at & !15) + 16]);
-                bad.push(format!(
-                    "{tag} ({kind:?}) differs at byte {at}: store {} compute {}",
-                    around(&page[..]),
-                    around(disk)
-                ));
-                if bad.len() >= 20 {
-                    break;
+            match compare_page(kind, &tag, &page[..], disk) {
+                PageMatch::Equal => {}
+                PageMatch::Exception(e) => done.exceptions.count(e),
+                PageMatch::Differs(at) => {
+                    let around = |p: &[u8]| format!("{:02x?}", &p[at & !15..(at & !15) + 16]);
+                    bad.push(format!(
+                        "{tag} ({kind:?}) differs at byte {at}: store {} compute {}",
+                        around(&page[..]),
+                        around(disk)
+                    ));
+                    if bad.len() >= 20 {
+                        break;
+                    }
                 }
             }
             done.pages += 1;
@@ -305,6 +310,8 @@ pub fn compare_on(s: &SidecarProcess, snap: &Snapshot, timeline: Option<u32>) ->
         done.forks += 1;
     }
     anyhow::ensure!(bad.is_empty(), "{} pages differ at {lsn}:\n{}", bad.len(), bad.join("\n"));
+    anyhow::ensure!(done.pages > 0, "no page compared at {lsn}");
+    done.expect(snap.expected_exceptions(wal_log_copies)?).with_context(|| format!("comparing at {lsn}"))?;
     Ok(done)
 }
 
@@ -314,6 +321,31 @@ pub struct MetaCompared {
     pub relmaps: usize,
     pub slru_pages: usize,
     pub prepared: usize,
+    /// Checkpoint fields compared with `pg_controldata`'s.
+    pub control_fields: usize,
+}
+
+/// `pg_controldata`'s output for a data directory: `name: value` lines.
+pub struct ControlData {
+    fields: BTreeMap<String, String>,
+}
+
+impl ControlData {
+    pub fn read(data_dir: &Path) -> Result<ControlData> {
+        let mut cmd = std::process::Command::new(crate::pg_bin("pg_controldata"));
+        crate::clear_pg_env(&mut cmd).arg(data_dir);
+        let out = crate::run_command(&mut cmd)?;
+        let fields = out
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        Ok(ControlData { fields })
+    }
+
+    pub fn field(&self, name: &str) -> Result<&str> {
+        self.fields.get(name).map(String::as_str).with_context(|| format!("pg_controldata prints no {name:?}"))
+    }
 }
 
 /// The store's metadata at `snap.lsn` against the snapshot's files, read in process from the
@@ -325,7 +357,6 @@ pub struct MetaCompared {
 pub fn compare_metadata(store: &Path, snap: &Snapshot) -> Result<MetaCompared> {
     use sidecar::repo::meta;
     use sidecar::repo::reconstruct::get_slru_page;
-    use sidecar::wal::checkpoint::{CheckPoint, CONTROL_CHECKPOINT_COPY, SIZEOF_CHECKPOINT};
     let repo = crate::store::current_timeline(store)?;
     let lsn = snap.lsn;
     anyhow::ensure!(repo.durable_lsn() >= lsn, "the store is durable only to {}", repo.durable_lsn());
@@ -387,25 +418,27 @@ pub fn compare_metadata(store: &Path, snap: &Snapshot) -> Result<MetaCompared> {
         done.prepared += 1;
     }
 
-    let control = std::fs::read(snap.dir.join("global/pg_control"))?;
-    let theirs = CheckPoint::decode(&control[CONTROL_CHECKPOINT_COPY..CONTROL_CHECKPOINT_COPY + SIZEOF_CHECKPOINT])?;
+    // pg_control read by PostgreSQL's own tool, not by the decoder the store uses.
+    let theirs = ControlData::read(&snap.dir)?;
     let ours = meta::checkpoint(&repo, lsn)?.context("no checkpoint counters")?;
-    let same = |name: &str, a: u64, b: u64| -> Result<()> {
-        anyhow::ensure!(a == b, "{name} at {lsn}: store {a}, pg_control {b}");
+    let same = |name: &str, a: String, b: &str| -> Result<()> {
+        anyhow::ensure!(a == b, "{name} at {lsn}: store {a}, pg_controldata {b}");
         Ok(())
     };
-    same("nextXid", ours.next_xid, theirs.next_xid)?;
-    same("nextMulti", ours.next_multi.into(), theirs.next_multi.into())?;
-    same("nextMultiOffset", ours.next_multi_offset.into(), theirs.next_multi_offset.into())?;
-    same("oldestXid", ours.oldest_xid.into(), theirs.oldest_xid.into())?;
-    same("oldestMulti", ours.oldest_multi.into(), theirs.oldest_multi.into())?;
-    same("redo", ours.redo.0, theirs.redo.0)?;
+    let field = |name: &str| theirs.field(&format!("Latest checkpoint's {name}"));
+    same("NextXID", format!("{}:{}", ours.next_xid >> 32, ours.next_xid as u32), field("NextXID")?)?;
+    same("NextMultiXactId", ours.next_multi.to_string(), field("NextMultiXactId")?)?;
+    same("NextMultiOffset", ours.next_multi_offset.to_string(), field("NextMultiOffset")?)?;
+    same("oldestXID", ours.oldest_xid.to_string(), field("oldestXID")?)?;
+    same("oldestMultiXid", ours.oldest_multi.to_string(), field("oldestMultiXid")?)?;
+    same("REDO location", ours.redo.to_string(), field("REDO location")?)?;
+    let next_oid: u32 = field("NextOID")?.parse()?;
     anyhow::ensure!(
-        ours.next_oid >= theirs.next_oid && ours.next_oid - theirs.next_oid <= 8192,
-        "nextOid at {lsn}: store {}, pg_control {}",
-        ours.next_oid,
-        theirs.next_oid
+        ours.next_oid >= next_oid && ours.next_oid - next_oid <= 8192,
+        "NextOID at {lsn}: store {}, pg_controldata {next_oid}",
+        ours.next_oid
     );
+    done.control_fields = 7;
     Ok(done)
 }
 

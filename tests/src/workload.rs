@@ -29,12 +29,15 @@ pub fn set_wal_compression(c: &Cluster, method: &str) -> Result<()> {
     c.execute(&format!("ALTER SYSTEM SET wal_compression = '{method}'"))?;
     c.execute("SELECT pg_reload_conf()")?;
     // Wait until this backend sees the new value, then start a new checkpoint cycle.
-    for _ in 0..100 {
-        if c.query_one_string("SHOW wal_compression")? == method {
+    let mut seen = String::new();
+    for _ in 0..250 {
+        seen = c.query_one_string("SHOW wal_compression")?;
+        if seen == method {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    anyhow::ensure!(seen == method, "wal_compression is still '{seen}' 5 s after setting '{method}'");
     c.execute("CHECKPOINT")
 }
 

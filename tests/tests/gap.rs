@@ -54,7 +54,7 @@ fn an_invalidated_slot_then_attach_continues_after_a_gap() -> Result<()> {
     assert!(state.contains("invalidated") && state.contains("attach"), "{state}");
     assert_eq!(c.query_one_string("SELECT count(*) FROM pg_replication_slots")?, "1");
     assert_eq!(c.query_one_string(slot_state)?, "lost", "the slot was touched");
-    let n = compare(&sidecar, &before)?;
+    let n = compare(&sidecar, &before, 0)?;
     eprintln!("with ingest stopped: {n:?} still served at {}", before.lsn);
     sidecar.stop()?;
 
@@ -75,9 +75,9 @@ fn an_invalidated_slot_then_attach_continues_after_a_gap() -> Result<()> {
     c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "200"])?;
     let after = Snapshot::take(&c, "after")?;
     sidecar.wait_durable(after.lsn)?;
-    let n = compare(&sidecar, &after)?;
+    let n = compare(&sidecar, &after, 0)?;
     eprintln!("after the gap: {n:?} equal the compute's at {}", after.lsn);
-    let n = compare(&sidecar, &before)?;
+    let n = compare(&sidecar, &before, 0)?;
     eprintln!("before the gap: {n:?} still equal at {}", before.lsn);
     let gaps = &sidecar.timelines()?[0].gaps;
     assert_eq!(gaps.len(), 1, "{gaps:?}");

@@ -54,7 +54,7 @@ fn every_page_of_every_database_now_and_in_the_past() -> Result<()> {
     // Phase 2: a FILE_COPY database from one that is then dropped, rewrites, drops, creations
     // — while a reader compares everything at past1 through the socket, beside ingest.
     let during = std::thread::scope(|s| -> Result<_> {
-        let reader = s.spawn(|| compare(&sidecar, &past1));
+        let reader = s.spawn(|| compare(&sidecar, &past1, 1));
         c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "300"])?;
         c.execute("CREATE DATABASE db_copy STRATEGY = FILE_COPY TEMPLATE = db_wal_log")?;
         c.connect("db_copy")?
@@ -84,9 +84,11 @@ fn every_page_of_every_database_now_and_in_the_past() -> Result<()> {
     let now = Snapshot::live(&c)?;
     sidecar.wait_durable(now.lsn)?;
 
-    for (name, snap) in [("now", &now), ("past2", &past2), ("past1", &past1)] {
+    // Databases whose visibility maps come from a WAL_LOG copy of template1: db_wal_log at
+    // past1; db_copy (its file copy) at past2; db_copy and db_late now.
+    for (name, snap, wal_log_copies) in [("now", &now, 2), ("past2", &past2, 1), ("past1", &past1, 1)] {
         let started = Instant::now();
-        let n = compare(&sidecar, snap).with_context(|| format!("comparing {name}"))?;
+        let n = compare(&sidecar, snap, wal_log_copies).with_context(|| format!("comparing {name}"))?;
         eprintln!("{name} ({}): {n:?} equal the compute's files, in {:?}", snap.lsn, started.elapsed());
         assert!(n.databases >= 4 && n.pages > 3000, "{name}: {n:?}");
         let m = compare_metadata(&store, snap).with_context(|| format!("metadata at {name}"))?;

@@ -45,7 +45,7 @@ fn imported_cluster_then_streamed_history_serves_every_page() -> Result<()> {
 
     let repo = neon_tests::store::current_timeline(&store)?;
     let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
-    let n = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "")?;
+    let n = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "")?.expect_no_exceptions()?.pages;
     eprintln!("{n} pages of every relation of database postgres equal the compute's at {now}");
     assert!(n > 2000);
     Ok(())
@@ -86,7 +86,7 @@ fn neon_sidecar_init_starts_history_at_the_clusters_birth() -> Result<()> {
     })?;
     let repo = neon_tests::store::current_timeline(&store)?;
     let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
-    let n = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "")?;
+    let n = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "")?.expect_no_exceptions()?.pages;
     eprintln!("after init: {n} pages of every relation of database postgres equal the compute's at {now}");
     assert!(n > 2000);
     Ok(())

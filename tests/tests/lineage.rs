@@ -87,10 +87,10 @@ fn a_standby_promoted_mid_pgbench_is_followed_on_a_new_timeline() -> Result<()> 
     assert_eq!(timelines.len(), 2, "{timelines:?}");
     assert_eq!((timelines[0].timeline, timelines[0].parent), (2, Some((1, switch))), "{timelines:?}");
     // Timeline 2 is the promoted server's, page for page.
-    let n = compare(&sidecar, &new)?;
+    let n = compare(&sidecar, &new, 0)?;
     eprintln!("timeline 2 at {}: {n:?} equal the promoted server's", new.lsn);
     // Timeline 1 keeps what the old primary wrote after the switch point, and only it does.
-    let n = compare_on(&sidecar, &old, Some(1))?;
+    let n = compare_on(&sidecar, &old, Some(1), 0)?;
     eprintln!("timeline 1 at {}: {n:?} equal the old primary's", old.lsn);
     let (only_old, only_new) = (relnode(&primary, "only_on_old")?, relnode(&standby, "only_on_new")?);
     assert!(size_on(&sidecar, Some(1), only_old, old.lsn)?.is_some());
@@ -169,9 +169,9 @@ fn a_compute_restored_to_an_old_lsn_is_followed_as_a_new_timeline() -> Result<()
     let timelines = sidecar.timelines()?;
     let fork = timelines[0].parent.context("timeline 2 has no parent")?.1;
     assert!(fork >= at && fork < old.lsn, "timeline 2 forks at {fork}, not at {at}");
-    let n = compare(&sidecar, &new)?;
+    let n = compare(&sidecar, &new, 0)?;
     eprintln!("timeline 2 at {}: {n:?} equal the restored compute's", new.lsn);
-    let n = compare_on(&sidecar, &old, Some(1))?;
+    let n = compare_on(&sidecar, &old, Some(1), 0)?;
     eprintln!("timeline 1 at {}: {n:?} still equal the old compute's", old.lsn);
     assert!(size_on(&sidecar, Some(1), gone, old.lsn)?.is_some());
     assert_eq!(size_on(&sidecar, None, gone, new.lsn)?, None);
@@ -215,7 +215,7 @@ fn a_compute_restored_in_place_on_the_same_timeline_is_refused_not_filed() -> Re
     // Nothing of it was filed, and the history held is still served.
     let (durable, last) = sidecar.history()?;
     assert!(durable >= old.lsn && last == durable, "durable {durable}, last {last} after refusing");
-    let n = compare(&sidecar, &old)?;
+    let n = compare(&sidecar, &old, 0)?;
     eprintln!("after refusing the restored compute's WAL: {n:?} still served at {}", old.lsn);
     sidecar.stop()
 }
@@ -238,7 +238,7 @@ fn another_cluster_is_refused_and_the_history_held_is_still_served() -> Result<(
     assert!(other.query_rows("SELECT 1 FROM pg_replication_slots")?.is_empty());
     let (durable, _) = sidecar.history()?;
     assert!(durable >= at.lsn);
-    let n = compare(&sidecar, &at)?;
+    let n = compare(&sidecar, &at, 0)?;
     eprintln!("after refusing another cluster: {n:?} still served at {}", at.lsn);
     sidecar.stop()
 }

@@ -46,8 +46,8 @@ fn streamed_history_serves_pages_now_and_in_the_past() -> Result<()> {
     let repo = Timeline::open(&dir)?;
     assert_eq!(repo.durable_lsn(), durable);
     let redo = PostgresRedoManager::new(redo_config(c.root_dir(), 2))?;
-    let n_now = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "pgbench_")?;
-    let n_past = compare_store_at(&c, &repo, &redo, &snapshot, past, "pgbench_")?;
+    let n_now = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "pgbench_")?.expect_no_exceptions()?.pages;
+    let n_past = compare_store_at(&c, &repo, &redo, &snapshot, past, "pgbench_")?.expect_no_exceptions()?.pages;
     eprintln!(
         "{n_now} pages equal the compute's at {now}, {n_past} equal its files at {past}; {} layer files",
         repo.layers().len()
@@ -216,8 +216,8 @@ fn dropped_truncated_and_recreated_relations_across_history() -> Result<()> {
     assert!(rel_size(&repo, &main(emptied_old), then)?.is_some());
     assert_eq!(rel_size(&repo, &main(emptied_old), now)?, None);
     // And every page of what exists equals the compute's, now and then.
-    let n_now = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "lc_")?;
-    let n_then = compare_store_at(&c, &repo, &redo, &snapshot, then, "lc_")?;
+    let n_now = compare_store_at(&c, &repo, &redo, c.data_dir(), now, "lc_")?.expect_no_exceptions()?.pages;
+    let n_then = compare_store_at(&c, &repo, &redo, &snapshot, then, "lc_")?.expect_no_exceptions()?.pages;
     eprintln!("life cycle: {n_now} pages equal now, {n_then} then");
     Ok(())
 }

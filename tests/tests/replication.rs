@@ -1,14 +1,14 @@
 //! The physical-replication client against a real PostgreSQL 15 server: it authenticates
 //! (trust over a unix socket, SCRAM-SHA-256 and md5 over TCP, a wrong password refused), owns
-//! a slot, streams WAL that our decoder turns into exactly the records the WAL files hold, and
+//! a slot, streams WAL that our decoder turns into exactly the records `pg_waldump` finds in the WAL files, and
 //! the slot keeps every byte past the flush position the client reports.
 
 use anyhow::{Context, Result};
+use neon_tests::pg_waldump::parse_records;
 use neon_tests::{workload, Cluster};
 use neon_types::Lsn;
 use sidecar::replication::client::{ReplicationConfig, ReplicationConn, ReplicationError, StreamEvent};
 use sidecar::wal::decoder::WalStreamDecoder;
-use sidecar::wal::segment::{SegmentSet, WalFileReader};
 use std::time::{Duration, Instant};
 
 fn config(c: &Cluster, user: &str, password: Option<&str>, tcp: bool) -> ReplicationConfig {
@@ -56,7 +56,7 @@ fn streamed_wal_decodes_to_the_files_records_and_the_slot_holds() -> Result<()> 
                 dec.feed(data);
                 messages += 1;
                 while let Some(rec) = dec.poll()? {
-                    streamed.push((rec.lsn, rec.end_lsn, rec.total_len()));
+                    streamed.push((rec.lsn, rec.header.prev, rec.total_len()));
                 }
             }
             StreamEvent::Keepalive { reply_requested, .. } => {
@@ -67,19 +67,19 @@ fn streamed_wal_decodes_to_the_files_records_and_the_slot_holds() -> Result<()> 
             }
         }
     }
-    // What the files say about the same range.
-    let mut from_files = Vec::new();
-    let mut reader = WalFileReader::new(SegmentSet::collect(&[c.wal_dir()], None)?, Some(start), Some(target))?;
-    while let Some(rec) = reader.next_view()? {
-        from_files.push((rec.lsn, rec.end_lsn, rec.total_len()));
-    }
+    // What PostgreSQL's own pg_waldump says about the same range of the files.
+    let dump = c.run_tool(
+        "pg_waldump",
+        &["-p", c.wal_dir().to_str().unwrap(), "-s", &start.to_string(), "-e", &target.to_string()],
+    )?;
+    let from_files: Vec<(Lsn, Lsn, u32)> = parse_records(&dump).iter().map(|r| (r.lsn, r.prev, r.tot_len)).collect();
     let n = from_files.len();
     assert!(n > 1000, "only {n} records");
-    assert_eq!(&streamed[..n], &from_files[..], "streamed records differ from the files'");
-    eprintln!("{n} records from {messages} XLogData messages ({keepalives} keepalives) equal the files'");
+    assert_eq!(&streamed[..n], &from_files[..], "streamed records differ from pg_waldump's");
+    eprintln!("{n} records from {messages} XLogData messages ({keepalives} keepalives) equal pg_waldump's");
 
     // The slot keeps everything past the reported flush position, even though more arrived.
-    let flushed = Lsn(from_files[n / 2].1 .0);
+    let flushed = from_files[n / 2 + 1].0;
     stream.send_status(received, flushed, flushed, false)?;
     let slot_lsn = || -> Result<Lsn> {
         Ok(c.query_one_string("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = 'neon_sidecar'")?

@@ -47,7 +47,8 @@ fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
         });
         let mut kills = 0;
         let mut sidecar = SidecarProcess::start(&c, &store)?;
-        while !done.load(Ordering::Relaxed) {
+        // At least three kills, however slowly the machine restarts the sidecar.
+        while !done.load(Ordering::Relaxed) || kills < 3 {
             std::thread::sleep(Duration::from_millis(300 + rng.below(2200)));
             sidecar.kill9()?;
             kills += 1;
@@ -58,10 +59,9 @@ fn kill_9_at_random_moments_loses_nothing() -> Result<()> {
             sidecar = SidecarProcess::start(&c, &store)?;
         }
         load.join().expect("pgbench thread")?;
-        anyhow::ensure!(kills >= 3, "only {kills} kills");
         let now = Snapshot::live(&c)?;
         sidecar.wait_durable(now.lsn)?;
-        let n = compare(&sidecar, &now)?;
+        let n = compare(&sidecar, &now, 0)?;
         eprintln!("after {kills} kills: {n:?} equal the compute's at {}", now.lsn);
         assert!(n.pages > 2000);
         sidecar.stop()?;
@@ -88,8 +88,13 @@ fn long_chains_get_images_and_old_history_is_collected() -> Result<()> {
     let branches: u32 = c.query_one_string("SELECT pg_relation_filenode('pgbench_branches')")?.parse()?;
     // Enough WAL for a full image and a horizon past it.
     let deadline = Instant::now() + Duration::from_secs(240);
+    // pgbench for the hot pages; bulk WAL (a table filled and emptied) so two full images
+    // and a horizon past the first come soon even on a busy machine.
+    c.execute("CREATE TABLE filler (id int, pad text)")?;
     loop {
-        c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "2000"])?;
+        c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "1000"])?;
+        c.execute("INSERT INTO filler SELECT g, repeat('x', 400) FROM generate_series(1, 20000) g")?;
+        c.execute("TRUNCATE filler")?;
         let (durable, _) = sidecar.history()?;
         let oldest = sidecar.timelines()?[0].oldest;
         if oldest > early {
@@ -98,9 +103,17 @@ fn long_chains_get_images_and_old_history_is_collected() -> Result<()> {
         }
         anyhow::ensure!(Instant::now() < deadline, "history never moved past {early}: {}", sidecar.log_text());
     }
+    // Quiet now: two more flushes (of writes elsewhere) let compaction image what the last
+    // of the load left past the limit.
+    for round in 0..2 {
+        c.execute(&format!("CREATE TABLE quiet_{round} AS SELECT 1 AS x"))?;
+        sidecar.wait_durable(workload::flush_lsn(&c)?)?;
+        std::thread::sleep(Duration::from_secs(2));
+    }
     let now = Snapshot::live(&c)?;
     sidecar.wait_durable(now.lsn)?;
-    let n = compare(&sidecar, &now)?;
+    // The database "moved" is a WAL_LOG copy of template1 (its move copies its files).
+    let n = compare(&sidecar, &now, 1)?;
     eprintln!("with images and collected history: {n:?} equal the compute's at {}", now.lsn);
 
     let tag = BufferTag {
@@ -130,7 +143,9 @@ fn long_chains_get_images_and_old_history_is_collected() -> Result<()> {
         count("image-"),
         count("fullimage-")
     );
-    assert!(chain.len() <= limit as usize + 400, "chain of {} values", chain.len());
+    // An image and fewer than `limit` records after it: every chain that reached the limit
+    // was imaged at a flush, and no record came after the last one.
+    assert!(chain.len() <= limit as usize + 1, "chain of {} values", chain.len());
     assert!(count("fullimage-") >= 1, "{names:?}");
     // Merging keeps the number of files a read walks bounded (32 and the last few flushes').
     assert!(names.len() <= 40, "{} layer files", names.len());
@@ -170,14 +185,15 @@ fn wal_files_import_into_the_same_history_as_streaming() -> Result<()> {
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("can only continue"));
 
     // The running sidecar carries on from there, and serves what the files held.
+    // imported_db is a WAL_LOG copy of template1, at both LSNs.
     let sidecar = SidecarProcess::start(&c, &store)?;
-    let n = compare(&sidecar, &now)?;
+    let n = compare(&sidecar, &now, 1)?;
     eprintln!("after import-wal: {n:?} equal the compute's at {}", now.lsn);
     assert!(n.databases >= 4 && n.pages > 2000);
     c.execute("CREATE TABLE after_import AS SELECT 1 AS x")?;
     let later = Snapshot::live(&c)?;
     sidecar.wait_durable(later.lsn)?;
-    compare(&sidecar, &later)?;
+    compare(&sidecar, &later, 1)?;
     sidecar.stop()
 }
 
@@ -209,7 +225,7 @@ fn attach_takes_a_running_server_with_history_of_its_own() -> Result<()> {
     let sidecar = SidecarProcess::start(&c, &store)?;
     let now = Snapshot::live(&c)?;
     sidecar.wait_durable(now.lsn)?;
-    let n = compare(&sidecar, &now)?;
+    let n = compare(&sidecar, &now, 0)?;
     eprintln!("after attach: {n:?} equal the compute's at {}", now.lsn);
     assert!(n.databases >= 4 && n.pages > 3000);
     let accounts: u32 = c.query_one_string("SELECT pg_relation_filenode('pgbench_accounts')")?.parse()?;

@@ -4,9 +4,10 @@
 //! * the pg_regress suites in `sql/` (expected output in `expected/`): pages as they were read
 //!   by pageinspect, sizes, history, status, prefetch, base backups, bad input, permissions;
 //! * what pg_regress cannot do: the background worker's link (connected, reporting the flush
-//!   LSN), cached pages read from the shared page file without a request, the sidecar stopped, killed mid-request and restarted, a query cancelled while it
-//!   waits — each an ERROR in the same backend, which goes on working, with no PANIC or
-//!   backend crash in the server log.
+//!   LSN, and reconnecting by itself to a restarted sidecar), cached pages read from the shared
+//!   page file without a request, the sidecar stopped, killed mid-request and restarted, a
+//!   query cancelled while it waits — each an ERROR in the same backend, which goes on
+//!   working, with no PANIC or backend crash in the server log.
 
 use anyhow::{Context, Result};
 use neon_tests::sidecar::{cluster_born_with_store, SidecarProcess};
@@ -152,6 +153,11 @@ fn pg_regress_suites_and_failures_of_the_sidecar() -> Result<()> {
     assert_eq!(db.query_one(&page, &[])?.get::<_, i32>(0), 8192, "the call after a cancel works");
 
     // ---- the sidecar killed in the middle of a request ----
+    // The worker's link as it is before: how many connections it has made, and which process
+    // it is (a worker the postmaster restarted would connect anew without reconnecting).
+    let worker_connects: u64 = status(&mut db, "prefetch_worker_connects")?.parse()?;
+    let worker_pid = status(&mut db, "prefetch_worker_pid")?;
+    assert!(worker_connects > 0, "the worker never counted its connection");
     let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[])?.get(0);
     let waiting = std::thread::spawn({
         let conn = c.conn_str("neon_regression");
@@ -183,17 +189,24 @@ fn pg_regress_suites_and_failures_of_the_sidecar() -> Result<()> {
     // The restarted sidecar made a new page file and retired the old: the backend reads the new.
     let asked: String = db.query_one(&md5, &[])?.get(0);
     assert_cached_read_is_shared(&mut db, &md5, &asked)?;
+    // The worker reconnected: it made a new connection, it is the same process, and the new
+    // sidecar heard from it — only the worker reports the compute's flush LSN, and a sidecar
+    // keeps that in memory, so this one started at 0/0.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let requests_before: u64 = status(&mut db, "requests")?.parse()?;
     loop {
-        // The worker reports the flush LSN every second on its own connection.
-        let now: u64 = status(&mut db, "requests")?.parse()?;
-        if status(&mut db, "prefetch_worker_connected")? == "true" && now >= requests_before + 2 {
+        let connects: u64 = status(&mut db, "prefetch_worker_connects")?.parse()?;
+        let told = status(&mut db, "compute_flush_lsn")? != "0/0";
+        if connects > worker_connects && told && status(&mut db, "prefetch_worker_connected")? == "true" {
             break;
         }
-        assert!(Instant::now() < deadline, "the worker did not reconnect: {}", sidecar.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not reconnect ({connects} connections, {worker_connects} before the kill; flush LSN reported: {told}): {}",
+            sidecar.log_text()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert_eq!(status(&mut db, "prefetch_worker_pid")?, worker_pid, "the worker was restarted, not reconnected");
     assert_eq!(crashes(&c), Vec::<String>::new(), "the server log shows a crash");
     sidecar.stop()?;
     Ok(())

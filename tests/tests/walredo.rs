@@ -7,7 +7,9 @@
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use neon_tests::pages::{block_requests, compare_masked, fork_path, read_block, redo_config, relations, PageMatch};
+use neon_tests::pages::{
+    block_requests, compare_page, fork_path, read_block, redo_config, relations, Exceptions, PageMatch,
+};
 use neon_tests::store::copy_data_files;
 use neon_tests::{workload, Cluster};
 use neon_types::{ForkNumber, Lsn, BLCKSZ};
@@ -169,7 +171,7 @@ fn rebuilt_pages_equal_disk(full_page_writes: &str, checksums: bool) -> Result<(
     // With checksums, redo of VISIBLE stamps the heap page's LSN; the template must match.
     cfg.data_checksums = checksums;
     let manager = PostgresRedoManager::new(cfg)?;
-    let (mut gist_build_lsn, mut hint_lsn) = (0usize, 0usize);
+    let (mut exceptions, mut hint_lsn) = (Exceptions::default(), 0usize);
     let (mut compared, mut mismatches, mut from_nothing, mut native, mut kinds) =
         (0, Vec::new(), 0, 0, BTreeMap::new());
     for req in &reqs {
@@ -192,12 +194,14 @@ fn rebuilt_pages_equal_disk(full_page_writes: &str, checksums: bool) -> Result<(
         } else {
             format!("{:?}", rel.kind)
         };
-        let diff = compare_masked(rel, &req.target, &page[..], &disk);
+        let diff = compare_page(rel.kind, &req.target, &page[..], &disk);
         compared += 1;
         from_nothing += req.base.is_none() as usize;
         native += req.records.iter().any(|r| matches!(r, RedoRecord::Native { .. })) as usize;
         *kinds.entry(kind).or_insert(0) += 1;
-        gist_build_lsn += usize::from(diff == PageMatch::GistBuildLsn);
+        if let PageMatch::Exception(e) = diff {
+            exceptions.count(e);
+        }
         let disk_lsn = neon_types::page::page_lsn(&disk);
         if matches!(diff, PageMatch::Differs(at) if at < 8) && imageless_hint_record_ends_at(req, disk_lsn) {
             hint_lsn += 1;
@@ -215,7 +219,7 @@ fn rebuilt_pages_equal_disk(full_page_writes: &str, checksums: bool) -> Result<(
     }
     eprintln!(
         "full_page_writes={full_page_writes}, checksums={checksums}: {compared} pages compared ({from_nothing} rebuilt without a base image, \
-         {native} with Rust-native records, {gist_build_lsn} GiST pages the compute wrote with the build's LSN, \
+         {native} with Rust-native records, exceptions {exceptions:?}, \
          {hint_lsn} stamped by a hint record without an image), by kind {kinds:?}"
     );
     // Hint records carry no image only without full-page writes, and are logged only with

@@ -18,7 +18,7 @@ use neon_types::Lsn;
 use std::collections::HashMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -83,6 +83,10 @@ pub struct SharedBasebackups {
     /// Numbers builds' temporary files: a build on its way out and a new one of the same
     /// backup never share one.
     builds_started: AtomicUsize,
+    /// Backups built to the end, and asks answered with a file already there: what shows a
+    /// caller that a second ask was not built again (`neon_sidecar_status()`).
+    built: AtomicU64,
+    reused: AtomicU64,
 }
 
 /// One backup being built, and who waits for it.
@@ -133,6 +137,8 @@ impl SharedBasebackups {
             concurrency: concurrency.max(1),
             stopping: AtomicUsize::new(0),
             builds_started: AtomicUsize::new(0),
+            built: AtomicU64::new(0),
+            reused: AtomicU64::new(0),
         })
     }
 
@@ -148,6 +154,16 @@ impl SharedBasebackups {
     /// Builds running now.
     pub fn running(&self) -> usize {
         *self.running.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Backups built to the end since the sidecar started.
+    pub fn built(&self) -> u64 {
+        self.built.load(Ordering::Relaxed)
+    }
+
+    /// Asks answered with a backup already in the directory, since the sidecar started.
+    pub fn reused(&self) -> u64 {
+        self.reused.load(Ordering::Relaxed)
     }
 
     fn name(lsn: Lsn, timeline: &TimelineFiles, opts: &Options) -> String {
@@ -175,6 +191,7 @@ impl SharedBasebackups {
         let (build, mine) = {
             let mut builds = self.builds.lock().unwrap_or_else(|p| p.into_inner());
             if let Ok(m) = std::fs::metadata(&path) {
+                self.reused.fetch_add(1, Ordering::Relaxed);
                 return Ok(Made { path, lsn, bytes: m.len(), seconds: 0.0, stats: None });
             }
             match builds.get(&name) {
@@ -267,6 +284,7 @@ impl SharedBasebackups {
             freed.notify_one();
         }
         let stats = built?;
+        self.built.fetch_add(1, Ordering::Relaxed);
         let bytes = std::fs::metadata(path)?.len();
         // The backup is made: trimming the directory may not fail it.
         if let Err(e) = self.evict(path) {
