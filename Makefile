@@ -30,8 +30,14 @@ demo: deps install-ext
 	cargo run --quiet -p neon-tests --bin demo
 
 # Benchmarks that print tables, each figure beside its anchor measured in the same run:
-# WAL decoding beside pg_waldump, wal-redo beside Neon's published bench_walredo figures, page store
-# ingest beside pgbench's WAL rate and a standby's replay.
+# decode: our WAL decoder beside pg_waldump --stats and --quiet on the same files.
+# walredo: redo requests beside PostgreSQL's own crash recovery of the same kind of records (per
+#   record); Neon's published bench_walredo figures are printed apart as published, with no ratio.
+# ingest: ingest of a pgbench run's WAL beside pgbench's WAL rate with nothing of ours running and
+#   a standby's replay of the same WAL; lag is measured in a second pgbench run beside the follower.
+# basebackup: a backup at a past LSN beside pg_basebackup (now) and restore + replay to the LSN,
+#   both copies of the LSN booted and checked against the compute's state there.
+# sql: neon_get_page from SQL beside get_raw_page; a past-LSN sequential read, prefetch off vs on.
 bench: deps install-ext
 	bash bench/decode
 	bash bench/walredo

@@ -2,17 +2,18 @@
 //!
 //! 1. `neon_get_page` round trips timed inside the backend (a PL/pgSQL loop around each call,
 //!    `clock_timestamp()`), p50/p99: a page the sidecar has cached, and pages needing redo
-//!    (each block once, strided so read-ahead stays out of it) — beside pageinspect's
-//!    `get_raw_page` of the same page from shared buffers, the anchor.
+//!    (each block once, strided, and `neon.prefetch_distance = 0` so read-ahead stays out of
+//!    it) — beside pageinspect's `get_raw_page` of the same page from shared buffers, the
+//!    anchor. All on one connection, the one its settings were made on.
 //! 2. A sequential read of a `--pages` relation at a past LSN through `neon_get_page`, with
 //!    prefetch off (`neon.prefetch_distance = 0`) and on, each from a cold sidecar cache (the
-//!    sidecar restarted before every run, and its redo processes up), best of `--runs`.
+//!    sidecar restarted before every run, and its redo processes up), best of `--runs`; the
+//!    setting made, and read back, on the connection that runs the timed query.
 //!
 //! Goals: cached p50 < 50 µs from SQL; prefetch ≥ 3 × faster on the sequential read.
 
 use anyhow::Result;
 use neon_tests::sidecar::{cluster_born_with_store, SidecarProcess};
-use neon_tests::Cluster;
 use std::time::{Duration, Instant};
 
 const TIMER: &str = r#"
@@ -28,15 +29,23 @@ BEGIN
 END $$;
 "#;
 
-/// p50 and p99 (µs) of the calls `q` makes (`$1` = the call's number).
-fn percentiles(c: &Cluster, q: &str, n: u32) -> Result<(f64, f64)> {
+/// p50 and p99 (µs) of the calls `q` makes (`$1` = the call's number), on `db`.
+fn percentiles(db: &mut postgres::Client, q: &str, n: u32) -> Result<(f64, f64)> {
     let sql = format!(
-        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d)::text, percentile_cont(0.99) WITHIN GROUP (ORDER BY d)::text \
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), percentile_cont(0.99) WITHIN GROUP (ORDER BY d) \
          FROM unnest(bench_calls($q${q}$q$, {n})) d"
     );
-    let row = c.query_rows(&sql)?;
-    let get = |i: usize| -> Result<f64> { Ok(row[0][i].clone().unwrap_or_default().parse()?) };
-    Ok((get(0)?, get(1)?))
+    let row = db.query_one(sql.as_str(), &[])?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Sets `neon.prefetch_distance` on `db` and reads it back there: the timed queries run on
+/// `db`, so that is where the setting has to be.
+fn set_prefetch_distance(db: &mut postgres::Client, distance: u32) -> Result<()> {
+    db.batch_execute(&format!("SET neon.prefetch_distance = {distance}"))?;
+    let shown: String = db.query_one("SHOW neon.prefetch_distance", &[])?.get(0);
+    anyhow::ensure!(shown == distance.to_string(), "neon.prefetch_distance is {shown}, not {distance}");
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -67,18 +76,20 @@ fn main() -> Result<()> {
     sidecar.wait_durable(c.query_one_string("SELECT pg_current_wal_insert_lsn()::text")?.parse()?)?;
 
     eprintln!("bench: round trips ...");
-    c.execute("SET neon.prefetch_distance = 0")?;
+    let mut db = c.connect("postgres")?;
+    set_prefetch_distance(&mut db, 0)?;
     let cached_q = format!("SELECT neon_get_page('seq', 'main', 0, '{lsn}')");
-    c.query_one_string(&format!("SELECT length(({cached_q}))::text"))?;
-    let cached = percentiles(&c, &cached_q, calls)?;
+    db.batch_execute(&cached_q)?;
+    let cached = percentiles(&mut db, &cached_q, calls)?;
     // Each block once, 7 apart: never sequential, never cached.
     let redo_calls = calls.min(n / 14);
     let redo_q = format!("SELECT neon_get_page('seq', 'main', $1 * 7, '{lsn}')");
-    let redo = percentiles(&c, &redo_q, redo_calls)?;
+    let redo = percentiles(&mut db, &redo_q, redo_calls)?;
     // The same from the table's far end, where its newest pages are.
     let redo_end_q = format!("SELECT neon_get_page('seq', 'main', {} - $1 * 7, '{lsn}')", n - 1);
-    let redo_end = percentiles(&c, &redo_end_q, redo_calls)?;
-    let raw = percentiles(&c, "SELECT get_raw_page('seq', 'main', 0)", calls)?;
+    let redo_end = percentiles(&mut db, &redo_end_q, redo_calls)?;
+    let raw = percentiles(&mut db, "SELECT get_raw_page('seq', 'main', 0)", calls)?;
+    drop(db);
     // The sidecar's own view of those GetPage requests: time spent serving them.
     let served = c.query_rows(
         "SELECT string_agg(name || ' ' || value, ', ' ORDER BY name) FROM neon_sidecar_status() \
@@ -99,7 +110,7 @@ fn main() -> Result<()> {
             // A cold cache, not cold processes: a running sidecar's redo processes are up.
             sidecar.wait_redo_started(2)?;
             let mut db = c.connect("postgres")?;
-            db.batch_execute(&format!("SET neon.prefetch_distance = {distance}"))?;
+            set_prefetch_distance(&mut db, distance)?;
             let t = Instant::now();
             let got: String = db.query_one(scan.as_str(), &[])?.get(0);
             best[i] = best[i].min(t.elapsed());
@@ -110,7 +121,10 @@ fn main() -> Result<()> {
         "SELECT name, value FROM neon_sidecar_status() WHERE name IN ('prefetched_pages', 'cache_hits', 'cache_waits')",
     )?;
 
-    println!("neon_get_page from SQL (timed in the backend; {calls} calls, {redo_calls} for redo)");
+    println!(
+        "neon_get_page from SQL (timed in the backend on one connection with neon.prefetch_distance = 0; \
+         {calls} calls, {redo_calls} for redo)"
+    );
     println!();
     println!("{:<46} {:>10} {:>10}", "call", "p50 µs", "p99 µs");
     println!("{:<46} {:>10.1} {:>10.1}", "get_raw_page, shared buffers (anchor)", raw.0, raw.1);
