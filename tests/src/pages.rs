@@ -319,7 +319,8 @@ pub fn block(relnode: u32, fork: ForkNumber, blkno: u32) -> BufferTag {
 
 /// For every relation [`relations`] lists whose name starts with `prefix`, main and VM
 /// forks: the store's size at `lsn` equals the file's under `data` (a main fork's file and
-/// the store's fork must both exist), and every page equals the file's ([`compare_page`]).
+/// the store's fork must both exist, or — in a past snapshot, for a relation whose current
+/// file came later — both be missing), and every page equals the file's ([`compare_page`]).
 pub fn compare_store_at(
     c: &Cluster,
     repo: &sidecar::repo::timeline::Timeline,
@@ -338,8 +339,12 @@ pub fn compare_store_at(
             let path = fork_path(data, &rel.path, fork);
             let (file, ours) = match (std::fs::read(&path), rel_size(repo, &tag(0).rel, lsn)?) {
                 (Ok(file), Some(ours)) => (file, ours as usize),
-                // A visibility map is made when first needed: neither side has one yet.
-                (Err(e), None) if fork == ForkNumber::VisibilityMap && e.kind() == std::io::ErrorKind::NotFound => {
+                // A visibility map is made when first needed; a past snapshot lacks the files
+                // of relations (re)written since: neither side has the fork then.
+                (Err(e), None)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        && (fork == ForkNumber::VisibilityMap || data != c.data_dir()) =>
+                {
                     continue
                 }
                 (file, ours) => anyhow::bail!(
