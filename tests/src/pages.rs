@@ -129,7 +129,7 @@ pub enum Exception {
     /// A visibility-map page whose bitmap the store has all zero, header (its LSN too) equal:
     /// `CREATE DATABASE ... STRATEGY WAL_LOG` logs VM pages as standard pages, so the bitmap,
     /// between `pd_lower` and `pd_upper`, is the image's hole and redo zeroes it
-    /// (bulk_write via `log_newpage_buffer(buf, true)` in `RelationCopyStorageUsingBuffer`).
+    /// (`log_newpage_buffer(buf, true)` in bufmgr.c's `RelationCopyStorageUsingBuffer`).
     /// Never the other way round: the store claims no page all-visible that the compute
     /// does not.
     VmWalLogCopy,

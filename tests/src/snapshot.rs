@@ -7,7 +7,7 @@
 //! method, from `pg_class` of every database). [`compare`] then asks the running sidecar, over
 //! its socket, for the databases and relations at that LSN and every page of them, and checks
 //! them against the copy: the same databases, the same relation forks with the same sizes,
-//! and every page equal once masked as PostgreSQL's `rm_mask` functions do.
+//! and every page equal as [`compare_page`] compares them.
 //!
 //! Not compared, because the store cannot know them: free-space maps (not WAL-logged) and the
 //! main and visibility-map forks of unlogged relations (only their init fork is WAL-logged).

@@ -8,7 +8,7 @@
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use neon_tests::pages::{
-    block_requests, compare_page, fork_path, read_block, redo_config, relations, Exceptions, PageMatch,
+    block_requests, compare_page, fork_path, read_block, redo_config, relations, Compared, Exceptions, PageMatch,
 };
 use neon_tests::store::copy_data_files;
 use neon_tests::{workload, Cluster};
@@ -203,7 +203,16 @@ fn rebuilt_pages_equal_disk(full_page_writes: &str, checksums: bool) -> Result<(
             exceptions.count(e);
         }
         let disk_lsn = neon_types::page::page_lsn(&disk);
-        if matches!(diff, PageMatch::Differs(at) if at < 8) && imageless_hint_record_ends_at(req, disk_lsn) {
+        // Only the LSN may differ there: the page with the disk's LSN must be equal.
+        let equal_but_lsn = || {
+            let mut relsn = page.to_vec();
+            relsn[0..8].copy_from_slice(&disk[0..8]);
+            compare_page(rel.kind, &req.target, &relsn, &disk) == PageMatch::Equal
+        };
+        if matches!(diff, PageMatch::Differs(at) if at < 8)
+            && imageless_hint_record_ends_at(req, disk_lsn)
+            && equal_but_lsn()
+        {
             hint_lsn += 1;
         } else if let PageMatch::Differs(at) = diff {
             let lsns: Vec<String> = req.records.iter().map(|r| r.lsn().to_string()).collect();
@@ -233,6 +242,10 @@ fn rebuilt_pages_equal_disk(full_page_writes: &str, checksums: bool) -> Result<(
         mismatches.len(),
         mismatches.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
     );
+    // No WAL_LOG database copy, no GiST sorted build, the sequence ends with setval (logged
+    // as it is): no exception but, at most, the one SP-GiST index's metapage cache.
+    Compared { exceptions, ..Compared::default() }
+        .expect(Exceptions { spgist_meta_cache: 1, ..Exceptions::default() })?;
     assert!(native > 0, "no visibility-map page was rebuilt with Rust-native records");
     for kind in ["Heap", "Btree", "Hash", "Gin", "Gist", "SpGist", "Brin", "Sequence", "VisibilityMap"] {
         assert!(kinds.contains_key(kind), "no {kind} page was rebuilt: {kinds:?}");
