@@ -16,7 +16,7 @@ use crate::repo::timeline::Timeline;
 use crate::walredo::WalRedoManager;
 use neon_types::Lsn;
 use std::collections::HashMap;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -37,25 +37,12 @@ pub fn write_file(
     opts: Options,
     watch: &mut dyn Watch,
 ) -> Result<Stats, BasebackupError> {
-    let tmp = tmp.to_path_buf();
-    let built = (|| -> Result<Stats, BasebackupError> {
-        // A leftover is unlinked (never followed, were it a symbolic link), and the file is
-        // made new, private: nothing outside the directory is written through it.
-        let _ = std::fs::remove_file(&tmp);
-        let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    crate::repo::timeline::write_durably_with(tmp, path, |file| -> Result<Stats, BasebackupError> {
         let (w, stats) =
             write_basebackup(repo, redo, lsn, timeline, opts, std::io::BufWriter::with_capacity(1 << 20, file), watch)?;
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::File::open(dir)?.sync_all()?;
+        w.into_inner().map_err(|e| e.into_error())?;
         Ok(stats)
-    })();
-    if built.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    built
+    })
 }
 
 /// A finished base backup.

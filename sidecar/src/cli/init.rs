@@ -156,23 +156,18 @@ fn with_settings(conf: &str, block: &str) -> Option<String> {
 /// Replaces `path`'s contents whole (a temporary file renamed over it), keeping its owner
 /// and mode: a crash leaves the old file or the new one.
 fn replace_file(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     // A linked configuration file is replaced where it lies, the link kept.
     let path = std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
     let meta = std::fs::metadata(&path)?;
     let tmp = path.with_extension("conf.neon-tmp");
-    let write = || -> std::io::Result<()> {
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    crate::repo::timeline::write_durably_with(&tmp, &path, |f| -> std::io::Result<()> {
         f.write_all(text.as_bytes())?;
         // Its owner and mode before it takes the old file's place: never a moment unreadable.
-        std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))?;
-        f.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(path.parent().unwrap_or(Path::new("/")))?.sync_all()
-    };
-    write().inspect_err(|_| drop(std::fs::remove_file(&tmp))).with_context(|| format!("writing {}", path.display()))
+        std::os::unix::fs::fchown(&*f, Some(meta.uid()), Some(meta.gid()))?;
+        f.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+    })
+    .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Gives `dir` and everything under it to the server's OS user (when we are root), so that

@@ -911,14 +911,32 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
 /// Writes `bytes` to `tmp` (new, private), fsyncs it, renames it to `path` and fsyncs the
 /// directory: `path` then holds either its old contents or all of the new, whatever happens.
 pub fn write_durably(tmp: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_durably_with(tmp, path, |f| f.write_all(bytes))
+}
+
+/// [`write_durably`] with the contents written by `write` into `tmp` — made new and private
+/// (a leftover is unlinked, never followed) — which may also set its owner and mode before it
+/// takes `path`'s place. On any error `tmp` is removed and `path` is as it was.
+pub fn write_durably_with<T, E: From<std::io::Error>>(
+    tmp: &Path,
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> Result<T, E>,
+) -> Result<T, E> {
     use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(tmp);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(tmp, path)?;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::File::open(dir)?.sync_all()
+    let done = (|| -> Result<T, E> {
+        let _ = std::fs::remove_file(tmp);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(tmp)?;
+        let written = write(&mut f)?;
+        f.sync_all()?;
+        std::fs::rename(tmp, path)?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(written)
+    })();
+    if done.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    done
 }
 
 const DELTA_PREFIX: &str = "delta";
