@@ -27,7 +27,9 @@ fn identity(root: &Path) -> Option<String> {
     let head = git(root, &["rev-parse", "--short=12", "HEAD"])?.trim().to_string();
     // Tracked files that differ from HEAD (in the index or only in the work tree), and files
     // git does not track and does not ignore.
-    let mut args = vec!["diff", "--name-only", "-z", "HEAD", "--"];
+    // `--relative`: names relative to `root`, as `ls-files` gives them, even when the
+    // workspace is a directory inside a larger repository.
+    let mut args = vec!["diff", "--name-only", "--relative", "-z", "HEAD", "--"];
     args.extend(INPUTS);
     let mut changed: Vec<String> = split_z(&git(root, &args)?);
     let mut args = vec!["ls-files", "-z", "--others", "--exclude-standard", "--"];

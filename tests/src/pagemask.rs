@@ -176,6 +176,16 @@ impl PageKind {
         })
     }
 
+    /// The kind for a `pg_class` row: its `relkind` (`'S'`: a sequence) and its access
+    /// method's `amname` ('' for none).
+    pub fn of_relation(relkind: &str, amname: &str) -> Option<PageKind> {
+        if relkind == "S" {
+            Some(PageKind::Sequence)
+        } else {
+            PageKind::from_amname(amname)
+        }
+    }
+
     /// The name of PostgreSQL's mask function for this kind.
     pub fn mask_function(self) -> &'static str {
         match self {

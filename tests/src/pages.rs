@@ -39,7 +39,7 @@ pub fn relations(c: &Cluster) -> Result<HashMap<u32, Rel>> {
     let mut out = HashMap::new();
     for r in rows {
         let col = |i: usize| r[i].clone().unwrap_or_default();
-        let kind = if col(4) == "S" { Some(PageKind::Sequence) } else { PageKind::from_amname(&col(3)) };
+        let kind = PageKind::of_relation(&col(4), &col(3));
         let relnode = col(0).parse()?;
         let node = if col(5) == "true" {
             RelFileNode { spcnode: GLOBALTABLESPACE_OID, dbnode: 0, relnode }

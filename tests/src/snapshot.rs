@@ -205,7 +205,7 @@ fn page_kinds(c: &Cluster) -> Result<(PageKinds, usize)> {
         )?;
         for r in rows {
             let (relnode, spc, am, relkind): (u32, u32, String, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
-            let kind = if relkind == "S" { Some(PageKind::Sequence) } else { PageKind::from_amname(&am) };
+            let kind = PageKind::of_relation(&relkind, &am);
             let db = if spc == GLOBALTABLESPACE_OID { 0 } else { oid };
             if let Some(kind) = kind {
                 kinds.insert((db, relnode), kind);

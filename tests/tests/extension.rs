@@ -28,10 +28,9 @@ fn create_extension_neon_works() -> Result<()> {
         root.display()
     );
     // The commit part asked of git here, not only through build_id.rs.
-    let head =
-        std::process::Command::new("git").current_dir(root).args(["rev-parse", "--short=12", "HEAD"]).output()?;
-    let head = String::from_utf8(head.stdout)?.trim().to_string();
-    assert!(head.len() == 12 && checkout.starts_with(&head), "build id {checkout} is not of HEAD {head}");
+    let head = build_id::git(root, &["rev-parse", "--short=12", "HEAD"]).context("git rev-parse HEAD")?;
+    let head = head.trim();
+    assert!(head.len() == 12 && checkout.starts_with(head), "build id {checkout} is not of HEAD {head}");
     assert_eq!(
         version,
         format!("{}+{checkout}", env!("CARGO_PKG_VERSION")),

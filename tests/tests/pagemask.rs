@@ -168,7 +168,7 @@ fn consistency_images_equal_disk_pages_after_masking() -> Result<()> {
          WHERE c.relpersistence = 'p' AND pg_relation_filenode(c.oid) IS NOT NULL",
     )? {
         let col = |i: usize| row[i].clone().unwrap_or_default();
-        let kind = if col(3) == "S" { Some(PageKind::Sequence) } else { PageKind::from_amname(&col(4)) };
+        let kind = PageKind::of_relation(&col(3), &col(4));
         let Some(kind) = kind else { continue };
         let spc: u32 = col(1).parse()?;
         let shared = col(2) == "t";
