@@ -74,6 +74,14 @@ pub const HEAP_XMIN_FROZEN: u16 = HEAP_XMIN_COMMITTED | HEAP_XMIN_INVALID;
 pub const HEAP_XMAX_COMMITTED: u16 = 0x0400;
 pub const HEAP_XMAX_INVALID: u16 = 0x0800;
 pub const HEAP_XACT_MASK: u16 = 0xFFF0;
+/// `HEAP_COMBOCID`: `t_cid` is a combo CID; redo clears it with `t_cid` (`HeapTupleHeaderSetCmax`
+/// with `FirstCommandId`, heapam.c `heap_xlog_delete`/`heap_xlog_update`).
+pub const HEAP_COMBOCID: u16 = 0x0020;
+/// What of `t_infomask` a standby may have different from the primary: the commit/abort hints
+/// readers set without WAL (`SetHintBits`) and the combo-CID flag redo clears. Lock bits,
+/// `XMAX_IS_MULTI`, `HEAP_UPDATED` and a frozen xmin are logged and kept exact.
+const HEAP_STANDBY_INFOMASK_HINTS: u16 =
+    HEAP_XMIN_COMMITTED | HEAP_XMIN_INVALID | HEAP_XMAX_COMMITTED | HEAP_XMAX_INVALID | HEAP_COMBOCID;
 /// `SpecTokenOffsetNumber` (itemptr.h): `t_ctid`'s offset number of a speculative insertion.
 pub const SPEC_TOKEN_OFFSET_NUMBER: u16 = 0xfffe;
 
@@ -604,6 +612,7 @@ pub fn mask_page(kind: PageKind, page: &mut [u8], blkno: u32) {
 pub fn mask_for_standby(kind: PageKind, page: &mut [u8], blkno: u32) -> Result<(), MaskError> {
     let original = page.to_vec();
     let result = try_mask_page(kind, page, blkno);
+    keep_logged_item_state(kind, page, &original);
     page[0..8].copy_from_slice(&original[0..8]);
     let flags = (get_u16(page, PD_FLAGS) & !PD_ALL_VISIBLE) | (get_u16(&original, PD_FLAGS) & PD_ALL_VISIBLE);
     put_u16(page, PD_FLAGS, flags);
@@ -616,6 +625,50 @@ pub fn mask_for_standby(kind: PageKind, page: &mut [u8], blkno: u32) -> Result<(
         }
     }
     result
+}
+
+/// Puts back what `rm_mask` masks of items but a standby has exactly: line-pointer flags of
+/// index leaves (only `LP_DEAD` is set without WAL, and [`adopt_unlogged_lp_dead`] allows that
+/// one way) and heap `t_infomask` but for [`HEAP_STANDBY_INFOMASK_HINTS`]. A line pointer is
+/// put back only where masking changed nothing but its flags (not on pages whose whole content
+/// is masked).
+fn keep_logged_item_state(kind: PageKind, page: &mut [u8], original: &[u8]) {
+    let index = matches!(kind, PageKind::Btree | PageKind::Hash | PageKind::Gist);
+    if !index && kind != PageKind::Heap {
+        return;
+    }
+    for offnum in 1..=max_offset_number(original).min(max_offset_number(page)) {
+        let (Some(was), Some(mut now)) = (item_id(original, offnum), item_id(page, offnum)) else { break };
+        if (was.off, was.len) != (now.off, now.len) {
+            continue;
+        }
+        if index && now.flags != was.flags {
+            now.flags = was.flags;
+            set_item_id(page, offnum, now);
+        }
+        let at = was.off as usize + T_INFOMASK;
+        if kind == PageKind::Heap && was.flags == LP_NORMAL && at + 2 <= page.len() {
+            let masked = get_u16(page, at) & HEAP_STANDBY_INFOMASK_HINTS;
+            put_u16(page, at, (get_u16(original, at) & !HEAP_STANDBY_INFOMASK_HINTS) | masked);
+        }
+    }
+}
+
+/// Marks `LP_DEAD` in `standby` the index-leaf items that are `LP_DEAD` in `primary` and
+/// `LP_NORMAL` in `standby`: the primary kills items without WAL (`_bt_killitems`,
+/// `_hash_kill_items`, `gistkillitems`), so a standby may lack the flag; it never has one the
+/// primary lacks (redo sets `LP_DEAD` only by restoring the primary's own image).
+pub fn adopt_unlogged_lp_dead(kind: PageKind, standby: &mut [u8], primary: &[u8]) {
+    if !matches!(kind, PageKind::Btree | PageKind::Hash | PageKind::Gist) {
+        return;
+    }
+    for offnum in 1..=max_offset_number(standby).min(max_offset_number(primary)) {
+        let (Some(mut ours), Some(theirs)) = (item_id(standby, offnum), item_id(primary, offnum)) else { break };
+        if ours.flags == LP_NORMAL && theirs.flags == LP_DEAD && (ours.off, ours.len) == (theirs.off, theirs.len) {
+            ours.flags = LP_DEAD;
+            set_item_id(standby, offnum, ours);
+        }
+    }
 }
 
 /// The first byte at which two pages differ, if any.
@@ -897,6 +950,47 @@ mod tests {
         put_u16(&mut e, 8176 + BTPO_FLAGS, BTP_ROOT);
         put_u16(&mut e, 8176 + BTPO_CYCLEID, 0);
         check(PageKind::Btree, &p, 5, &e, Ok(()));
+    }
+
+    /// What a standby's page may differ in after [`mask_for_standby`] and
+    /// [`adopt_unlogged_lp_dead`]: hints and the combo-CID flag, and `LP_DEAD` only where the
+    /// primary has it; never logged lock bits or an `LP_DEAD` the primary lacks.
+    #[test]
+    fn standby_comparison_keeps_logged_item_state() {
+        let standby_equal = |kind: PageKind, standby: &[u8], primary: &[u8]| {
+            let (mut a, mut b) = (standby.to_vec(), primary.to_vec());
+            adopt_unlogged_lp_dead(kind, &mut a, &b);
+            mask_for_standby(kind, &mut a, 3).unwrap();
+            mask_for_standby(kind, &mut b, 3).unwrap();
+            first_difference(&a, &b)
+        };
+        let mut heap = page(24 + 4, 8000, 8192);
+        lp(&mut heap, 1, 8000, LP_NORMAL, 40);
+        let locked = 0x0010 | 0x0040 | 0x0080 | 0x1000 | 0x2000; // KEYSHR, EXCL, LOCK_ONLY, MULTI, UPDATED
+        tuple(&mut heap, 8000, locked, 1);
+        let mut hinted = heap.clone();
+        for hints in [HEAP_XMIN_COMMITTED, HEAP_XMIN_INVALID, HEAP_XMAX_COMMITTED | HEAP_XMAX_INVALID | HEAP_COMBOCID] {
+            put_u16(&mut hinted, 8000 + T_INFOMASK, locked | hints);
+            assert_eq!(standby_equal(PageKind::Heap, &heap, &hinted), None, "hints {hints:#x}");
+        }
+        // A frozen xmin (both xmin bits) is logged (FREEZE_PAGE): not a hint.
+        put_u16(&mut hinted, 8000 + T_INFOMASK, locked | HEAP_XMIN_FROZEN);
+        assert!(standby_equal(PageKind::Heap, &heap, &hinted).is_some());
+        for bit in [0x0010, 0x0040, 0x0080, 0x1000, 0x2000] {
+            let mut other = heap.clone();
+            put_u16(&mut other, 8000 + T_INFOMASK, locked & !bit);
+            let at = standby_equal(PageKind::Heap, &heap, &other);
+            assert!(matches!(at, Some(a) if a == 8000 + T_INFOMASK || a == 8001 + T_INFOMASK), "bit {bit:#x}: {at:?}");
+        }
+
+        let primary = bt_page(BTP_LEAF); // item 2 LP_DEAD
+        let mut standby = primary.clone();
+        lp(&mut standby, 2, 8016, LP_NORMAL, 16);
+        assert_eq!(standby_equal(PageKind::Btree, &standby, &primary), None);
+        assert!(standby_equal(PageKind::Btree, &primary, &standby).is_some(), "LP_DEAD the primary lacks");
+        let mut redirect = primary.clone();
+        lp(&mut redirect, 1, 8000, LP_REDIRECT, 16);
+        assert!(standby_equal(PageKind::Btree, &redirect, &primary).is_some(), "other line-pointer states");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! to mask their pages, reading blocks from its files, and turning a WAL range into one redo
 //! request per block. Tests, benchmarks and the demo share this so they check the same thing.
 
-use crate::pagemask::{first_difference, mask_for_standby, PageKind};
+use crate::pagemask::{adopt_unlogged_lp_dead, first_difference, mask_for_standby, PageKind};
 use crate::{is_root, server_user, Cluster};
 use anyhow::Result;
 use bytes::Bytes;
@@ -212,11 +212,12 @@ const GIST_BUILD_LSN: Lsn = Lsn(1);
 /// | `pd_checksum` | computed when a buffer is written out, not by redo | bufmgr.c `FlushBuffer` |
 /// | `pd_prune_xid`, `PD_PAGE_FULL`, `PD_HAS_FREE_LINES` | hints set without WAL | bufmask.c `mask_page_hint_bits`, pruneheap.c |
 /// | the hole `pd_lower..pd_upper` | an image leaves it out; the primary may keep stale bytes there | bufmask.c `mask_unused_space` |
-/// | heap `t_infomask` commit/abort hints | set by readers without WAL | heapam.c `heap_mask`, heapam_visibility.c `SetHintBits` |
+/// | heap `t_infomask` commit/abort hints (`HEAP_XMIN_*`, `HEAP_XMAX_COMMITTED`/`INVALID`) | set by readers without WAL | heapam_visibility.c `SetHintBits` |
+/// | heap `HEAP_COMBOCID` | redo clears it with `t_cid` | heapam.c `heap_xlog_delete`, `HeapTupleHeaderSetCmax` |
 /// | heap `t_cid` | redo sets `FirstCommandId` | heapam.c `heap_xlog_insert` |
 /// | heap speculative `t_ctid` | a token on the primary, the tuple itself after redo | heapam.c `heap_mask` |
 /// | heap padding after a tuple | copied from the primary's tuple memory, not logged | heapam.c `heap_mask` |
-/// | index leaf `LP_DEAD` (btree, hash, GiST) | killed items set without WAL | nbtutils.c `_bt_killitems`, hashutil.c `_hash_kill_items`, gistget.c `gistkillitems` |
+/// | index leaf `LP_DEAD` (btree, hash, GiST), one way: on disk and not rebuilt | killed items set without WAL | nbtutils.c `_bt_killitems`, hashutil.c `_hash_kill_items`, gistget.c `gistkillitems` |
 /// | `BTP_HAS_GARBAGE`, `LH_PAGE_HAS_DEAD_TUPLES`, `F_HAS_GARBAGE` | the same hints' page flags | nbtxlog.c `btree_mask`, hash_xlog.c `hash_mask`, gistxlog.c `gist_mask` |
 /// | `BTP_SPLIT_END`, `btpo_cycleid` | vacuum's cycle marks, left 0 by redo | nbtxlog.c `btree_mask` |
 /// | unused hash page, deleted GIN page content | left as it was on the primary, rebuilt by redo | hash_xlog.c `hash_mask`, ginxlog.c `gin_mask` |
@@ -239,6 +240,7 @@ pub fn compare_page(kind: PageKind, tag: &BufferTag, rebuilt: &[u8], disk: &[u8]
             Some(at) => PageMatch::Differs(at),
         };
     }
+    adopt_unlogged_lp_dead(kind, &mut ours, &theirs);
     for page in [&mut ours, &mut theirs] {
         let _ = mask_for_standby(kind, page, tag.blkno);
     }
@@ -265,8 +267,10 @@ pub fn compare_page(kind: PageKind, tag: &BufferTag, rebuilt: &[u8], disk: &[u8]
         if let (Some((ours_last, ours_cnt)), Some((last, cnt))) = (sequence_values(rebuilt), sequence_values(disk)) {
             // The compute has `cnt` values left of those the record logged: the record's value
             // is `cnt` steps (of whatever increment) past the compute's.
-            let steps = (ours_last - last).checked_div(cnt).unwrap_or(0);
-            if ours_cnt == 0 && (1..=SEQ_LOG_VALS).contains(&cnt) && steps != 0 && steps * cnt == ours_last - last {
+            let ahead = ours_last.checked_sub(last).unwrap_or(0);
+            let steps = ahead.checked_div(cnt).unwrap_or(0);
+            if ours_cnt == 0 && (1..=SEQ_LOG_VALS).contains(&cnt) && steps != 0 && steps.checked_mul(cnt) == Some(ahead)
+            {
                 return PageMatch::Exception(Exception::SequenceAhead);
             }
         }

@@ -1,7 +1,8 @@
 //! From decoded WAL records to page-store values, keyed by the record's end LSN (DESIGN.md §5).
 //!
 //! * Relation blocks: for every block a page-level record references, the restored full-page
-//!   image (stamped with the record's end LSN, as redo stamps it) or the record itself (marked `will_init` when redo needs no earlier page); the
+//!   image (stamped with the record's end LSN, and what redo still does after restoring it, as
+//!   redo does) or the record itself (marked `will_init` when redo needs no earlier page); the
 //!   Rust-native visibility-map records derived from heap records.
 //! * Free-space map forks are not kept (see the import).
 //! * Relation sizes grow with the highest block referenced (extending a relation is not
@@ -41,6 +42,33 @@ use bytes::Bytes;
 use neon_types::page::{page_is_new, set_page_lsn};
 use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
 use std::collections::HashMap;
+
+/// What redo still does to a page after restoring its full-page image: the one case in PG15 is
+/// GiST's left child of a split (`gistRedoClearFollowRight`, block 1 of PAGE_UPDATE and block 0
+/// of PAGE_SPLIT), whose NSN and cleared `F_FOLLOW_RIGHT` are set after `XLogInsert` took the
+/// image (gist.c, `gistplacetopage`). Hash's split records also act on `BLK_RESTORED`, but set
+/// values that the image already holds (hashpage.c sets them before `XLogInsert`).
+fn redo_after_image(rec: &DecodedRecord, block_id: u8, page: &mut [u8; BLCKSZ]) {
+    let left_child = match (rec.header.rmid, rec.header.info & 0xF0) {
+        (RM_GIST_ID, XLOG_GIST_PAGE_UPDATE) => 1,
+        (RM_GIST_ID, XLOG_GIST_PAGE_SPLIT) => 0,
+        _ => return,
+    };
+    if block_id != left_child {
+        return;
+    }
+    // GISTPageOpaqueData at pd_special: nsn (as pd_lsn), rightlink u32, flags u16, page id u16.
+    let special = usize::from(neon_types::page::header_u16(page, 16));
+    if special + 16 > BLCKSZ {
+        return; // not a GiST page: redo would fail on it too; leave the image as logged
+    }
+    set_page_lsn(&mut page[special..special + 8], rec.end_lsn);
+    let flags = u16::from_le_bytes([page[special + 12], page[special + 13]]) & !GIST_F_FOLLOW_RIGHT;
+    page[special + 12..special + 14].copy_from_slice(&flags.to_le_bytes());
+}
+
+/// `F_FOLLOW_RIGHT` (access/gist.h): the page to the right has no downlink yet.
+const GIST_F_FOLLOW_RIGHT: u16 = 1 << 3;
 
 const SMGR_TRUNCATE_HEAP: u32 = 0x0001;
 const SMGR_TRUNCATE_VM: u32 = 0x0002;
@@ -184,6 +212,7 @@ impl Ingest {
                         // child's NSN with a stale parent LSN and follows a split twice.
                         if !page_is_new(out) {
                             set_page_lsn(out, lsn);
+                            redo_after_image(rec, b.block_id, out);
                         }
                         Value::Image(Bytes::from(page))
                     }
@@ -495,5 +524,83 @@ impl Ingest {
             self.set_size(repo, rel, Some(blkno + 1), lsn);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::record::testing::{build_record, TestBlock};
+
+    /// A GiST page as `gistplacetopage` leaves the left half of a split before the parent's
+    /// downlink exists: `F_FOLLOW_RIGHT` set, an old NSN, a page id, one dummy item.
+    fn gist_left_half() -> Vec<u8> {
+        let mut page = vec![0u8; BLCKSZ];
+        let special = BLCKSZ - 16;
+        page[12..14].copy_from_slice(&28u16.to_le_bytes()); // pd_lower: one line pointer
+        page[14..16].copy_from_slice(&((special - 16) as u16).to_le_bytes()); // pd_upper
+        page[16..18].copy_from_slice(&(special as u16).to_le_bytes()); // pd_special
+        page[18..20].copy_from_slice(&(8192u16 | 4).to_le_bytes()); // size | layout version
+        page[special..special + 8].copy_from_slice(&[0, 0, 0, 0, 0x40, 0, 0, 0]); // nsn 0/40
+        page[special + 8..special + 12].copy_from_slice(&7u32.to_le_bytes()); // rightlink
+        page[special + 12..special + 14].copy_from_slice(&(GIST_F_FOLLOW_RIGHT | 1).to_le_bytes()); // + F_LEAF
+        page[special + 14..special + 16].copy_from_slice(&0xFF81u16.to_le_bytes()); // GIST_PAGE_ID
+        page[special - 16..special].fill(0xAB);
+        page
+    }
+
+    /// The page filed for `blkno` after ingesting one GiST record of kind `info` whose block
+    /// `image_block` carries [`gist_left_half`] as its full-page image.
+    fn filed_after(info: u8, image_block: u8) -> (Lsn, Vec<u8>, Vec<u8>) {
+        let node = RelFileNode { spcnode: 1663, dbnode: 5, relnode: 16384 };
+        let image = gist_left_half();
+        let blocks: Vec<TestBlock> = (0..2u8)
+            .map(|id| TestBlock {
+                id,
+                node,
+                fork: 0,
+                blkno: 10 + u32::from(id),
+                data: if id == image_block { vec![] } else { vec![1, 2, 3, 4] },
+                image: (id == image_block).then(|| (BKPIMAGE_APPLY, 0, 0, image.clone())),
+                same_rel: id > 0,
+                will_init: false,
+            })
+            .collect();
+        let raw = build_record(RM_GIST_ID, info, 0, Lsn(0), &blocks, &[0u8; 4]);
+        let (start, end) = (Lsn(0x0100_0028), Lsn(0x0100_0028 + raw.len() as u64));
+        let rec = DecodedRecord::parse(start, end, Bytes::from(raw)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let t = Timeline::open(dir.path()).unwrap();
+        t.begin_history(Lsn(0x0100_0000));
+        Ingest::new().ingest(&t, &rec).unwrap();
+        let tag = BufferTag { rel: RelTag { node, fork: ForkNumber::Main }, blkno: 10 + u32::from(image_block) };
+        let values = t.values_for(Key::rel_block(&tag), end).unwrap();
+        let [(at, Value::Image(page))] = &values[..] else { panic!("{values:?}") };
+        assert_eq!(*at, end);
+        (end, image, page.to_vec())
+    }
+
+    /// `gistRedoClearFollowRight` (gistxlog.c) runs on a restored image too: NSN and LSN become
+    /// the record's end, `F_FOLLOW_RIGHT` goes; nothing else changes.
+    #[test]
+    fn a_gist_left_child_image_gets_what_redo_does_after_restoring_it() {
+        for (info, left_child) in [(XLOG_GIST_PAGE_UPDATE, 1), (XLOG_GIST_PAGE_SPLIT, 0)] {
+            let (end, mut expected, page) = filed_after(info, left_child);
+            let special = BLCKSZ - 16;
+            set_page_lsn(&mut expected, end);
+            set_page_lsn(&mut expected[special..], end);
+            expected[special + 12] &= !(GIST_F_FOLLOW_RIGHT as u8);
+            assert_eq!(page, expected, "info {info:#x}");
+        }
+    }
+
+    /// Any other block's image is the logged page but for its LSN.
+    #[test]
+    fn other_gist_images_are_restored_as_logged() {
+        for (info, other) in [(XLOG_GIST_PAGE_UPDATE, 0), (XLOG_GIST_PAGE_SPLIT, 1)] {
+            let (end, mut expected, page) = filed_after(info, other);
+            set_page_lsn(&mut expected, end);
+            assert_eq!(page, expected, "info {info:#x}");
+        }
     }
 }
