@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the project needs on a Debian 12 machine, skipping what is there:
 # PostgreSQL 15 server and headers, clang for pgrx's bindgen, cargo-pgrx 0.18.0 and its
-# pg15 configuration pointing at the system server. Idempotent and quiet when done.
+# pg15 configuration pointing at the system server; fuse3 (fusermount3, with which the sidecar,
+# running as the server's OS user, mounts branches). Idempotent and quiet when done.
 set -euo pipefail
 
 PGRX_VERSION=0.18.0
@@ -10,13 +11,25 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 
 need_pkgs=()
-for p in postgresql-15 postgresql-server-dev-15 postgresql-contrib clang libclang-dev pkg-config libssl-dev; do
+for p in postgresql-15 postgresql-server-dev-15 postgresql-contrib clang libclang-dev pkg-config libssl-dev fuse3; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "install-deps: installing Debian packages: ${need_pkgs[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+fi
+
+# Branches are mounted by the sidecar as the server's OS user, private to it and to root (for
+# tests and backups): fusermount3 allows that (allow_root) only with user_allow_other.
+if [ -f /etc/fuse.conf ] && ! grep -qx 'user_allow_other' /etc/fuse.conf; then
+    echo user_allow_other | $SUDO tee -a /etc/fuse.conf >/dev/null
+fi
+
+# udev gives /dev/fuse mode 0666 (50-udev-default.rules) so that users can mount through
+# fusermount3; a container without udev may leave it 0600, and then only root could.
+if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+    $SUDO chmod 0666 /dev/fuse
 fi
 
 # Debian's postgresql-common creates and starts a "main" cluster on install; we never use it.

@@ -99,6 +99,8 @@ pub struct PageService {
     pub cache: PageCache,
     /// What ingest is doing (following, retrying, stopped and why).
     pub ingest: Arc<crate::follower::IngestState>,
+    /// Branches (`None`: the sidecar was started without a shared directory).
+    pub branches: Option<crate::branch::Branches>,
 }
 
 fn code_of(e: &GetPageError) -> ErrorCode {
@@ -253,6 +255,32 @@ impl PageService {
             Request::OnTimeline { .. } => {
                 return Err(error(ErrorCode::BadRequest, "a timeline request inside another"));
             }
+            Request::BranchCreate { lsn, mount, wait_ms } => {
+                let branches = self.branches()?;
+                self.ready(repo, lsn, wait_ms)?;
+                let flush_grace = Duration::from_millis(wait_ms.into()) + Duration::from_secs(5);
+                repo.wait_for_durable(lsn, flush_grace).map_err(|e| error(ErrorCode::NotYet, e.to_string()))?;
+                let made = branches.create(&self.store, t, &self.redo, lsn, mount.map(PathBuf::from)).map_err(|e| {
+                    let code = match &e {
+                        crate::branch::BranchError::BadMountPoint { .. } => ErrorCode::BadRequest,
+                        _ => ErrorCode::Internal,
+                    };
+                    error(code, e.to_string())
+                })?;
+                Response::Branches(vec![made])
+            }
+            Request::BranchList => Response::Branches(self.branches()?.list()),
+            Request::BranchDrop { id } => {
+                let dropped = self.branches()?.drop_branch(id).map_err(|e| {
+                    let code = match &e {
+                        crate::branch::BranchError::NoSuchBranch { .. } => ErrorCode::NotFound,
+                        crate::branch::BranchError::InUse { .. } => ErrorCode::BadRequest,
+                        _ => ErrorCode::Internal,
+                    };
+                    error(code, e.to_string())
+                })?;
+                Response::Branches(vec![dropped])
+            }
             Request::Basebackup { lsn, full, new_timeline, wait_ms } => {
                 let shared = self.basebackups.as_ref().ok_or_else(|| {
                     error(ErrorCode::BadRequest, "the sidecar runs without a shared directory (--shared-dir)")
@@ -284,6 +312,12 @@ impl PageService {
                     path: made.path.display().to_string(),
                 }
             }
+        })
+    }
+
+    fn branches(&self) -> Result<&crate::branch::Branches, Response> {
+        self.branches.as_ref().ok_or_else(|| {
+            error(ErrorCode::BadRequest, "the sidecar runs without a shared directory (--shared-dir): no branches")
         })
     }
 

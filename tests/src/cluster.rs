@@ -86,6 +86,9 @@ pub struct ClusterBuilder {
     initdb_args: Vec<String>,
     tcp: bool,
     env: Vec<(String, String)>,
+    /// A data directory that exists already (a branch's mount): no initdb, and it is not
+    /// removed on drop.
+    existing: Option<PathBuf>,
 }
 
 impl ClusterBuilder {
@@ -128,6 +131,13 @@ impl ClusterBuilder {
     /// Runs initdb and writes the configuration, but does not start the
     /// server; start it with [`Cluster::start_again`]. Useful to tamper with
     /// the data directory before the first start.
+    /// Runs the server on `data`, a data directory made elsewhere (a branch's mount), instead
+    /// of an initdb'd one; its socket and log are in the cluster's own temp directory.
+    pub fn existing_data_dir(mut self, data: &Path) -> Self {
+        self.existing = Some(data.to_path_buf());
+        self
+    }
+
     pub fn init(self) -> Result<Cluster> {
         let base = temp_base();
         let dir = tempfile::Builder::new()
@@ -138,24 +148,27 @@ impl ClusterBuilder {
         let root = dir.path().to_path_buf();
         let port = if self.tcp { free_tcp_port()? } else { UNIX_ONLY_PORT };
         let cluster = Cluster {
-            data_dir: root.join("data"),
+            data_dir: self.existing.clone().unwrap_or_else(|| root.join("data")),
             root,
             dir: Some(dir),
             port,
             tcp: self.tcp,
             env: self.env.clone(),
             running: false,
+            started_pid: std::sync::atomic::AtomicI32::new(0),
             keep: keep_requested(),
         };
 
-        let mut initdb = cluster.server_command(pg_bin("initdb"));
-        initdb
-            .arg("-D")
-            .arg(&cluster.data_dir)
-            .args(["-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C"])
-            .args(["--no-sync", "--no-instructions"])
-            .args(&self.initdb_args);
-        run_command(&mut initdb).context("initdb failed")?;
+        if self.existing.is_none() {
+            let mut initdb = cluster.server_command(pg_bin("initdb"));
+            initdb
+                .arg("-D")
+                .arg(&cluster.data_dir)
+                .args(["-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C"])
+                .args(["--no-sync", "--no-instructions"])
+                .args(&self.initdb_args);
+            run_command(&mut initdb).context("initdb failed")?;
+        }
 
         let mut conf = String::from("\n# ---- added by the neon-tests harness ----\n");
         let listen = if self.tcp { "127.0.0.1" } else { "" };
@@ -234,6 +247,9 @@ pub struct Cluster {
     env: Vec<(String, String)>,
     /// We started the server and have not stopped it since.
     running: bool,
+    /// The postmaster's pid as last read: a data directory that cannot be read any more (a
+    /// branch whose sidecar died) still lets it be stopped.
+    started_pid: std::sync::atomic::AtomicI32,
     keep: bool,
 }
 
@@ -449,8 +465,22 @@ impl Cluster {
     /// Pid of the postmaster, from the first line of `postmaster.pid`
     /// (`None` when the file is absent, i.e. the server is not running).
     pub fn postmaster_pid(&self) -> Option<i32> {
-        let s = fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
-        s.lines().next()?.trim().parse().ok()
+        let read = || -> Option<i32> {
+            let s = fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+            s.lines().next()?.trim().parse().ok()
+        };
+        match read() {
+            Some(pid) => {
+                self.started_pid.store(pid, std::sync::atomic::Ordering::Relaxed);
+                Some(pid)
+            }
+            // Unreadable (not merely absent): the last pid seen, if that process lives.
+            None if fs::symlink_metadata(&self.data_dir).is_err() => {
+                Some(self.started_pid.load(std::sync::atomic::Ordering::Relaxed))
+                    .filter(|p| *p > 0 && process_alive(*p))
+            }
+            None => None,
+        }
     }
 
     /// Whether the server we started is still up (postmaster alive).
@@ -656,6 +686,7 @@ impl Cluster {
             match postgres::Client::connect(&self.conn_str("postgres"), postgres::NoTls) {
                 Ok(mut c) => {
                     if c.simple_query("select 1").is_ok() {
+                        let _ = self.postmaster_pid(); // remembered
                         return Ok(());
                     }
                 }

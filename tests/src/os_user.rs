@@ -69,16 +69,26 @@ pub fn chown_to_server_user(path: &Path) -> Result<()> {
         return Ok(());
     }
     let (uid, gid) = server_user();
-    chown_recursive(path, uid, gid)
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::symlink_metadata(path).with_context(|| format!("stat {}", path.display()))?.dev();
+    chown_recursive(path, uid, gid, dev)
 }
 
-fn chown_recursive(path: &Path, uid: u32, gid: u32) -> Result<()> {
+/// Stays on the file system `dev`: what is mounted below (a branch, made by the server's
+/// user, or one whose sidecar died) is not ours to change.
+fn chown_recursive(path: &Path, uid: u32, gid: u32, dev: u64) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.dev() != dev => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(()),
+        _ => {}
+    }
     std::os::unix::fs::lchown(path, Some(uid), Some(gid))
         .with_context(|| format!("chown {} to {uid}:{gid}", path.display()))?;
     let meta = fs::symlink_metadata(path).with_context(|| format!("stat {}", path.display()))?;
     if meta.is_dir() {
         for entry in fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
-            chown_recursive(&entry?.path(), uid, gid)?;
+            chown_recursive(&entry?.path(), uid, gid, dev)?;
         }
     }
     Ok(())

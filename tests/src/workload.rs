@@ -173,3 +173,53 @@ pub fn dump_all(c: &Cluster) -> Result<std::collections::BTreeMap<String, String
     }
     Ok(out)
 }
+
+/// The `setval` lines of a dump: sequence name and value.
+fn dump_sequences(dump: &str) -> std::collections::BTreeMap<String, i64> {
+    dump.lines()
+        .filter_map(|l| l.strip_prefix("SELECT pg_catalog.setval('"))
+        .filter_map(|l| {
+            let (name, rest) = l.split_once("', ")?;
+            Some((name.to_string(), rest.split(',').next()?.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn without_setval(dump: &str) -> String {
+    dump.lines().filter(|l| !l.starts_with("SELECT pg_catalog.setval(")).collect::<Vec<_>>().join("\n")
+}
+
+/// Fails unless `booted` (every database's dump of a copy as of `lsn`) equals `recorded` (the
+/// compute's dumps at `lsn`): sequences may be up to 32 values ahead (SEQ_LOG_VALS), as redo
+/// leaves them and any point-in-time recovery gives them. A difference is shown as a diff
+/// (files written under `scratch`).
+pub fn expect_dumps_equal(
+    scratch: &std::path::Path,
+    lsn: Lsn,
+    recorded: &std::collections::BTreeMap<String, String>,
+    booted: &std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    anyhow::ensure!(
+        booted.keys().eq(recorded.keys()),
+        "databases at {lsn}: booted {:?}, recorded {:?}",
+        booted.keys(),
+        recorded.keys()
+    );
+    for (db, text) in recorded {
+        let (ours, theirs) = (dump_sequences(&booted[db]), dump_sequences(text));
+        anyhow::ensure!(ours.keys().eq(theirs.keys()), "sequences of {db} at {lsn}: {ours:?} vs {theirs:?}");
+        for (name, v) in &theirs {
+            let got = ours[name];
+            anyhow::ensure!((*v..=*v + 32).contains(&got), "sequence {name} of {db} at {lsn}: {got}, recorded {v}");
+        }
+        if without_setval(&booted[db]) != without_setval(text) {
+            let (x, y) = (scratch.join("recorded.sql"), scratch.join("booted.sql"));
+            std::fs::write(&x, text)?;
+            std::fs::write(&y, &booted[db])?;
+            let diff = std::process::Command::new("diff").arg(&x).arg(&y).output()?;
+            let diff = String::from_utf8_lossy(&diff.stdout);
+            anyhow::bail!("pg_dump of {db} at {lsn} differs from the recorded one:\n{}", &diff[..diff.len().min(2000)]);
+        }
+    }
+    Ok(())
+}

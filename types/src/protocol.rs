@@ -27,6 +27,10 @@
 //!                       (the request, on that PostgreSQL timeline rather than the one the
 //!                       sidecar follows now: its lineage up to the timeline's fork, then its
 //!                       own history)
+//!   0x0D BranchCreate   lsn u64 | wait_ms u32 | UTF-8 mount directory (empty: the default,
+//!                       `<shared dir>/branches/<id>/data`)
+//!   0x0E BranchList     (empty)
+//!   0x0F BranchDrop     id u32
 //!   rel = spcnode u32 | dbnode u32 | relnode u32 | fork u8
 //!   wait_ms: how long to wait for `lsn` to arrive before answering NotYet
 //! responses:
@@ -46,6 +50,10 @@
 //!   0x8A Progress       done u64 | total u64 | bytes u64 | micros u64 (not final: the
 //!                       request's answer follows; a base backup's pages so far, of all,
 //!                       bytes written and time taken, about once a second)
+//!   0x8C Branches       n u32 | n × branch (BranchCreate: the one made; BranchDrop: the one
+//!                       dropped; BranchList: all):
+//!                       id u32 | lsn u64 | timeline u32 (its own) | history_files u32 |
+//!                       written_blocks u64 | path_len u32 | UTF-8 mount path
 //!   0xFF Error          code u8 | UTF-8 message
 //! ```
 
@@ -145,6 +153,31 @@ pub enum Request {
         timeline: u32,
         request: Box<Request>,
     },
+    /// A writable branch as of `lsn`, mounted at `mount` (`None`: the default place).
+    BranchCreate {
+        lsn: Lsn,
+        mount: Option<String>,
+        wait_ms: u32,
+    },
+    BranchList,
+    BranchDrop {
+        id: u32,
+    },
+}
+
+/// A branch, as `Branches` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BranchInfo {
+    pub id: u32,
+    pub lsn: Lsn,
+    /// The PostgreSQL timeline the branch starts (its own).
+    pub timeline: u32,
+    /// Relation files whose blocks come from history.
+    pub history_files: u32,
+    /// Blocks of those the branch has written.
+    pub written_blocks: u64,
+    /// Where its data directory is mounted.
+    pub path: String,
 }
 
 /// One timeline of the sidecar's history, as `History` reports it.
@@ -183,6 +216,7 @@ pub enum Response {
     Prefetched(u32),
     /// The answer to `RelationFile`: `None` if no such relation was visible then.
     RelationFile(Option<RelFileNode>),
+    Branches(Vec<BranchInfo>),
     /// Not a final response: how far a long request has come.
     Progress {
         done: u64,
@@ -323,6 +357,16 @@ impl Request {
                 b.extend_from_slice(&payload);
                 0x0C
             }
+            Request::BranchCreate { lsn, mount, wait_ms } => {
+                put_lsn_wait(&mut b, *lsn, *wait_ms);
+                b.extend_from_slice(mount.as_deref().unwrap_or("").as_bytes());
+                0x0D
+            }
+            Request::BranchList => 0x0E,
+            Request::BranchDrop { id } => {
+                b.extend_from_slice(&id.to_le_bytes());
+                0x0F
+            }
         };
         (kind, b)
     }
@@ -358,6 +402,13 @@ impl Request {
                 let inner = std::mem::take(&mut r.0);
                 Request::OnTimeline { timeline, request: Box::new(Request::decode(kind, inner)?) }
             }
+            0x0D => {
+                let (lsn, wait_ms) = (r.lsn()?, r.u32()?);
+                let mount = Some(r.text()?).filter(|m| !m.is_empty());
+                Request::BranchCreate { lsn, mount, wait_ms }
+            }
+            0x0E => Request::BranchList,
+            0x0F => Request::BranchDrop { id: r.u32()? },
             k => return malformed(format!("unknown request kind {k:#04x}")),
         };
         r.end()?;
@@ -457,6 +508,19 @@ impl Response {
                 }
                 0x8A
             }
+            Response::Branches(branches) => {
+                b.extend_from_slice(&(branches.len() as u32).to_le_bytes());
+                for br in branches {
+                    b.extend_from_slice(&br.id.to_le_bytes());
+                    b.extend_from_slice(&br.lsn.0.to_le_bytes());
+                    b.extend_from_slice(&br.timeline.to_le_bytes());
+                    b.extend_from_slice(&br.history_files.to_le_bytes());
+                    b.extend_from_slice(&br.written_blocks.to_le_bytes());
+                    b.extend_from_slice(&(br.path.len() as u32).to_le_bytes());
+                    b.extend_from_slice(br.path.as_bytes());
+                }
+                0x8C
+            }
             Response::Error { code, message } => {
                 b.push(*code as u8);
                 b.extend_from_slice(message.as_bytes());
@@ -525,6 +589,18 @@ impl Response {
                 Response::RelationFile(exists.then_some(n))
             }
             0x8A => Response::Progress { done: r.u64()?, total: r.u64()?, bytes: r.u64()?, micros: r.u64()? },
+            0x8C => {
+                let n = r.u32()? as usize;
+                let mut branches = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    let (id, lsn, timeline, history_files) = (r.u32()?, r.lsn()?, r.u32()?, r.u32()?);
+                    let written_blocks = r.u64()?;
+                    let len = r.u32()? as usize;
+                    let path = String::from_utf8(r.take(len)?.to_vec()).or_else(|_| malformed("path is not UTF-8"))?;
+                    branches.push(BranchInfo { id, lsn, timeline, history_files, written_blocks, path });
+                }
+                Response::Branches(branches)
+            }
             0xFF => {
                 let code = ErrorCode::from_u8(r.u8()?);
                 Response::Error { code, message: r.text()? }
@@ -627,6 +703,10 @@ mod tests {
                     wait_ms: 8,
                 }),
             },
+            Request::BranchCreate { lsn: Lsn(82), mount: Some("/mnt/b".into()), wait_ms: 9 },
+            Request::BranchCreate { lsn: Lsn(83), mount: None, wait_ms: 0 },
+            Request::BranchList,
+            Request::BranchDrop { id: 3 },
         ];
         for req in reqs {
             let mut b = Vec::new();
@@ -671,6 +751,18 @@ mod tests {
             Response::Progress { done: 1, total: 2, bytes: 3, micros: 4 },
             Response::RelationFile(Some(RelFileNode { spcnode: 1663, dbnode: 5, relnode: 16390 })),
             Response::RelationFile(None),
+            Response::Branches(vec![]),
+            Response::Branches(vec![
+                BranchInfo { id: 1, lsn: Lsn(8), timeline: 2, history_files: 9, written_blocks: 10, path: "/a".into() },
+                BranchInfo {
+                    id: 2,
+                    lsn: Lsn(9),
+                    timeline: 3,
+                    history_files: 0,
+                    written_blocks: 0,
+                    path: "/b/c".into(),
+                },
+            ]),
             Response::Error { code: ErrorCode::NotYet, message: "later".into() },
         ];
         for resp in resps {

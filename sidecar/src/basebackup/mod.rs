@@ -181,6 +181,41 @@ fn fork_file_name(rel: &RelTag, fork: ForkNumber) -> String {
     }
 }
 
+/// One relation segment file of a data directory as of an LSN: its path, the fork its pages
+/// come from (an unlogged relation's main fork: its init fork) and which of that fork's blocks
+/// it holds (`first..first + blocks`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelationSegment {
+    pub path: String,
+    pub rel: RelTag,
+    pub first: u32,
+    pub blocks: u32,
+}
+
+/// The segment files (1 GB each, at least one per fork) of `rels` (fork → size in blocks):
+/// no free-space maps; an unlogged relation as its init fork, also as its main fork.
+pub fn relation_segments(rels: &BTreeMap<RelTag, u32>) -> Vec<RelationSegment> {
+    let unlogged: BTreeSet<u32> = rels.keys().filter(|r| r.fork == ForkNumber::Init).map(|r| r.node.relnode).collect();
+    let mut out = Vec::new();
+    for (rel, n) in rels {
+        if rel.fork == ForkNumber::Fsm || (unlogged.contains(&rel.node.relnode) && rel.fork != ForkNumber::Init) {
+            continue;
+        }
+        let dir = meta::database_path(rel.node.spcnode, rel.node.dbnode);
+        let forks: &[ForkNumber] =
+            if rel.fork == ForkNumber::Init { &[ForkNumber::Init, ForkNumber::Main] } else { &[rel.fork] };
+        for as_fork in forks {
+            let name = fork_file_name(rel, *as_fork);
+            for seg in 0..n.div_ceil(RELSEG_BLOCKS).max(1) {
+                let first = seg * RELSEG_BLOCKS;
+                let path = if seg == 0 { format!("{dir}/{name}") } else { format!("{dir}/{name}.{seg}") };
+                out.push(RelationSegment { path, rel: *rel, first, blocks: (n - first).min(RELSEG_BLOCKS) });
+            }
+        }
+    }
+    out
+}
+
 struct Builder<'a, W: Write> {
     repo: &'a Timeline,
     redo: &'a dyn WalRedoManager,
@@ -198,18 +233,6 @@ struct Builder<'a, W: Write> {
 }
 
 impl<W: Write> Builder<'_, W> {
-    /// Plans the files of `rel` (segments of 1 GB) under `dir`, as fork `as_fork`.
-    fn plan_relation(&mut self, dir: &str, rel: RelTag, nblocks: u32, as_fork: ForkNumber) {
-        let name = fork_file_name(&rel, as_fork);
-        let segments = nblocks.div_ceil(RELSEG_BLOCKS).max(1);
-        for seg in 0..segments {
-            let first = seg * RELSEG_BLOCKS;
-            let n = (nblocks - first).min(RELSEG_BLOCKS);
-            let path = if seg == 0 { format!("{dir}/{name}") } else { format!("{dir}/{name}.{seg}") };
-            self.plan.push((path, (first..first + n).map(|blkno| BufferTag { rel, blkno }).collect()));
-        }
-    }
-
     /// Writes every planned relation file, pages rebuilt in parallel.
     fn write_relation_files(&mut self, workers: usize) -> Result<(), BasebackupError> {
         let plan = std::mem::take(&mut self.plan);
@@ -254,18 +277,9 @@ impl<W: Write> Builder<'_, W> {
     /// The relation forks of one database (0: the shared catalogs), each planned in its
     /// tablespace's directory of the database.
     fn relations(&mut self, rels: &BTreeMap<RelTag, u32>) {
-        let unlogged: BTreeSet<u32> =
-            rels.keys().filter(|r| r.fork == ForkNumber::Init).map(|r| r.node.relnode).collect();
-        for (rel, n) in rels {
-            if rel.fork == ForkNumber::Fsm || (unlogged.contains(&rel.node.relnode) && rel.fork != ForkNumber::Init) {
-                continue;
-            }
-            let dir = meta::database_path(rel.node.spcnode, rel.node.dbnode);
-            self.plan_relation(&dir, *rel, *n, rel.fork);
-            if rel.fork == ForkNumber::Init {
-                // An unlogged relation starts from its init fork after a clean shutdown too.
-                self.plan_relation(&dir, *rel, *n, ForkNumber::Main);
-            }
+        for s in relation_segments(rels) {
+            let tags = (s.first..s.first + s.blocks).map(|blkno| BufferTag { rel: s.rel, blkno }).collect();
+            self.plan.push((s.path, tags));
         }
     }
 

@@ -1,8 +1,9 @@
 //! `neon-sidecar`: the sidecar daemon's command line. Each subcommand is a thin shell over the
 //! library: `waldump` (the WAL decoder), `redo` (page reconstruction), and the store's `init`, `attach`, `run`,
-//! `import-wal`, `get-page` and `status`.
+//! `import-wal`, `get-page`, `status`, `basebackup` and `branch`.
 
 use clap::{Parser, Subcommand};
+use sidecar::cli::branch::{self, BranchArgs};
 use sidecar::cli::init::{self, AttachArgs, InitArgs};
 use sidecar::cli::redo::{self, RedoArgs};
 use sidecar::cli::run::{self, RunArgs};
@@ -36,6 +37,8 @@ enum Command {
     Status(StatusArgs),
     /// A data directory as of an LSN, as a tar that stock PostgreSQL 15 starts from.
     Basebackup(BasebackupArgs),
+    /// Writable data directories as of an LSN, served on demand (a running sidecar's).
+    Branch(BranchArgs),
 }
 
 fn main() {
@@ -57,6 +60,7 @@ fn main() {
         Command::GetPage(args) => store::get(&args, &mut std::io::stdout()),
         Command::Status(args) => store::status(&args, &mut std::io::stdout()),
         Command::Basebackup(args) => store::basebackup(&args, &mut std::io::stdout()),
+        Command::Branch(args) => branch::run(&args, &mut std::io::stdout()),
     };
     if let Err(e) = result {
         eprintln!("neon-sidecar: error: {}", error_text(&e));

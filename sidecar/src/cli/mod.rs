@@ -8,8 +8,10 @@
 //! * [`init`] — `init` and `attach`: a compute's history into a new store;
 //! * [`run`] — `run`, the daemon: follow the compute, serve pages;
 //! * [`store`] — `get-page`, `status`, `import-wal`, `basebackup` against a store or a running
-//!   sidecar.
+//!   sidecar;
+//! * [`branch`] — `branch create|list|drop` against a running sidecar.
 pub mod args;
+pub mod branch;
 pub mod conf;
 pub mod init;
 pub mod redo;

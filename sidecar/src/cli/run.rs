@@ -127,6 +127,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                     Some(d) => PageCache::shared(d, pages, memory)?,
                     None => PageCache::private(pages)?,
                 };
+                let branches = match &shared_dir {
+                    Some(d) => Some(
+                        crate::branch::Branches::open(d, &store, &redo)
+                            .with_context(|| format!("branches in {}", d.display()))?,
+                    ),
+                    None => None,
+                };
                 let service = Arc::new(PageService {
                     store: store.clone(),
                     redo: redo.clone(),
@@ -136,6 +143,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                     progress_every: Duration::from_millis(args.progress_ms.max(1)),
                     cache,
                     ingest: ingest.clone(),
+                    branches,
                 });
                 // Pages cached for reads without a timeline are of another history once the
                 // followed timeline changes.
@@ -150,6 +158,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 Some(s.spawn(move || {
                     let served = service::serve(serving, listener, &STOP);
                     service.cache.retire();
+                    if let Some(b) = &service.branches {
+                        b.unmount_all();
+                    }
                     served
                 }))
             }

@@ -138,7 +138,7 @@ pub fn import_wal(args: &ImportWalArgs, out: &mut dyn Write) -> anyhow::Result<(
     Ok(())
 }
 
-fn ask(socket: &Path, req: &Request) -> anyhow::Result<Response> {
+pub(crate) fn ask(socket: &Path, req: &Request) -> anyhow::Result<Response> {
     let mut client =
         Client::connect(socket).with_context(|| format!("connecting to the sidecar at {}", socket.display()))?;
     match client.request(req)? {

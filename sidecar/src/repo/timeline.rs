@@ -271,12 +271,22 @@ impl Timeline {
         self.ancestor().filter(|(_, fork)| floor.is_none() && self.history_start() == *fork)
     }
 
-    /// Keeps history at and after `lsn` from garbage collection: a child timeline forks here.
+    /// Keeps history at and after `lsn` from garbage collection: a child timeline forks here,
+    /// or a branch is at it.
     pub fn pin(&self, lsn: Lsn) {
         self.pins.lock().unwrap_or_else(|p| p.into_inner()).push(lsn);
     }
 
-    /// The oldest LSN a child timeline forks at, if any: garbage collection keeps all after it.
+    /// Ends one [`Timeline::pin`] of `lsn`.
+    pub fn unpin(&self, lsn: Lsn) {
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = pins.iter().position(|p| *p == lsn) {
+            pins.swap_remove(i);
+        }
+    }
+
+    /// The oldest pinned LSN (a child timeline's fork, a branch), if any: garbage collection
+    /// keeps all after it.
     pub fn oldest_pin(&self) -> Option<Lsn> {
         self.pins.lock().unwrap_or_else(|p| p.into_inner()).iter().min().copied()
     }

@@ -1,0 +1,686 @@
+//! The file system a branch's PostgreSQL runs on: a FUSE mount that passes every operation
+//! through to the branch's overlay directory, except reads of relation-file blocks that still
+//! come from history ([`HistoryFiles`]), which are rebuilt at the branch's LSN by the
+//! [`PageSource`] — a multi-block read as one batch. Writes go to the overlay; the first write
+//! to a history block is journalled after its data, and a partial write to one first copies
+//! the history page up. A page history cannot give (the sidecar's store fails, a value is
+//! corrupt) is `EIO` and a log line naming the file and block: never zeros, never another page.
+//!
+//! Inodes are the overlay's paths, numbered as first seen; a rename renumbers nothing and
+//! moves the paths below it. A relation file with history is never renamed by PostgreSQL; a
+//! rename of one is refused (`EXDEV`) rather than losing its history.
+
+use super::history::{read_overlay, HistoryFiles, Source};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, OpenFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, TimeOrNow,
+};
+use neon_types::{BufferTag, BLCKSZ};
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::fs::{File, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Pages as history has them at the branch's LSN (with checksums stamped where the cluster
+/// has them). One call per read: the pages of a multi-block read are rebuilt as one batch.
+pub trait PageSource: Send + Sync + 'static {
+    fn pages(&self, tags: &[BufferTag]) -> Vec<Result<Box<[u8; BLCKSZ]>, String>>;
+}
+
+/// Attributes may be cached this long: nothing but this file system changes the overlay.
+const TTL: Duration = Duration::from_secs(1);
+const BLOCK: u64 = BLCKSZ as u64;
+
+struct Inodes {
+    paths: HashMap<u64, PathBuf>,
+    numbers: HashMap<PathBuf, u64>,
+    next: u64,
+}
+
+impl Inodes {
+    fn number(&mut self, path: &Path) -> u64 {
+        if let Some(n) = self.numbers.get(path) {
+            return *n;
+        }
+        let n = self.next;
+        self.next += 1;
+        self.paths.insert(n, path.to_path_buf());
+        self.numbers.insert(path.to_path_buf(), n);
+        n
+    }
+
+    fn forget_path(&mut self, path: &Path) {
+        if let Some(n) = self.numbers.remove(path) {
+            self.paths.remove(&n);
+        }
+    }
+
+    /// Moves `from` and everything below it to `to`.
+    fn rename(&mut self, from: &Path, to: &Path) {
+        self.forget_path(to);
+        let moved: Vec<(PathBuf, u64)> =
+            self.numbers.iter().filter(|(p, _)| p.starts_with(from)).map(|(p, n)| (p.clone(), *n)).collect();
+        for (old, n) in moved {
+            // (Joining an empty rest would add a trailing slash: a file is no directory.)
+            let rest = old.strip_prefix(from).expect("below from");
+            let new = if rest.as_os_str().is_empty() { to.to_path_buf() } else { to.join(rest) };
+            self.numbers.remove(&old);
+            self.numbers.insert(new.clone(), n);
+            self.paths.insert(n, new);
+        }
+    }
+}
+
+struct OpenFile {
+    file: File,
+    /// The relation file's index in [`HistoryFiles`], if its blocks may come from history.
+    history: Option<u32>,
+    path: PathBuf,
+}
+
+pub struct BranchFs {
+    /// The branch's name in log lines.
+    name: String,
+    overlay: PathBuf,
+    history: Arc<HistoryFiles>,
+    source: Arc<dyn PageSource>,
+    inodes: RwLock<Inodes>,
+    files: RwLock<HashMap<u64, Arc<OpenFile>>>,
+    next_fh: AtomicU64,
+    /// Serialises copy-up and first writes of history blocks (rare; reads never wait on it).
+    cow: Mutex<()>,
+}
+
+fn errno(e: &std::io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn attr(ino: u64, m: &std::fs::Metadata) -> FileAttr {
+    let time = |s: i64, ns: i64| {
+        if s >= 0 {
+            UNIX_EPOCH + Duration::new(s as u64, ns as u32)
+        } else {
+            UNIX_EPOCH
+        }
+    };
+    let kind = kind_of(m.file_type());
+    FileAttr {
+        ino: INodeNo(ino),
+        size: m.len(),
+        blocks: m.blocks(),
+        atime: time(m.atime(), m.atime_nsec()),
+        mtime: time(m.mtime(), m.mtime_nsec()),
+        ctime: time(m.ctime(), m.ctime_nsec()),
+        crtime: time(m.ctime(), m.ctime_nsec()),
+        kind,
+        perm: (m.mode() & 0o7777) as u16,
+        nlink: m.nlink() as u32,
+        uid: m.uid(),
+        gid: m.gid(),
+        rdev: m.rdev() as u32,
+        blksize: BLCKSZ as u32,
+        flags: 0,
+    }
+}
+
+/// What the overlay holds: directories, symbolic links and regular files (PostgreSQL makes
+/// nothing else).
+fn kind_of(ft: std::fs::FileType) -> FileType {
+    if ft.is_dir() {
+        FileType::Directory
+    } else if ft.is_symlink() {
+        FileType::Symlink
+    } else {
+        FileType::RegularFile
+    }
+}
+
+fn cstring(p: &Path) -> Result<CString, Errno> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)
+}
+
+impl BranchFs {
+    pub fn new(name: String, overlay: PathBuf, history: Arc<HistoryFiles>, source: Arc<dyn PageSource>) -> BranchFs {
+        let mut inodes = Inodes { paths: HashMap::new(), numbers: HashMap::new(), next: 2 };
+        inodes.paths.insert(1, PathBuf::new());
+        inodes.numbers.insert(PathBuf::new(), 1);
+        BranchFs {
+            name,
+            overlay,
+            history,
+            source,
+            inodes: RwLock::new(inodes),
+            files: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            cow: Mutex::new(()),
+        }
+    }
+
+    fn rel_path(&self, ino: INodeNo) -> Result<PathBuf, Errno> {
+        let inodes = self.inodes.read().unwrap_or_else(|p| p.into_inner());
+        inodes.paths.get(&ino.0).cloned().ok_or(Errno::ENOENT)
+    }
+
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<PathBuf, Errno> {
+        Ok(self.rel_path(parent)?.join(name))
+    }
+
+    fn real(&self, rel: &Path) -> PathBuf {
+        self.overlay.join(rel)
+    }
+
+    fn entry(&self, rel: &Path) -> Result<FileAttr, Errno> {
+        let m = std::fs::symlink_metadata(self.real(rel)).map_err(|e| errno(&e))?;
+        let n = self.inodes.write().unwrap_or_else(|p| p.into_inner()).number(rel);
+        Ok(attr(n, &m))
+    }
+
+    fn open_file(&self, f: FileHandle) -> Result<Arc<OpenFile>, Errno> {
+        self.files.read().unwrap_or_else(|p| p.into_inner()).get(&f.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    fn history_of(&self, rel: &Path) -> Option<u32> {
+        self.history.lookup(rel.to_str()?)
+    }
+
+    fn log(&self, what: std::fmt::Arguments<'_>) {
+        eprintln!("neon-sidecar: branch {}: {what}", self.name);
+    }
+
+    /// Opens `rel` in the overlay with the caller's flags (but `O_DIRECT` and `O_APPEND`: we
+    /// read and write at offsets the kernel gives) and files a handle for it.
+    fn open_handle(&self, rel: &Path, flags: i32, create_mode: Option<u32>) -> Result<u64, Errno> {
+        let history = self.history_of(rel);
+        let mut o = OpenOptions::new();
+        o.read(true);
+        let acc = flags & libc::O_ACCMODE;
+        o.write(acc == libc::O_WRONLY || acc == libc::O_RDWR);
+        if acc == libc::O_WRONLY {
+            // We may need to read a history block we copy up: open read-write.
+            o.read(true).write(true);
+        }
+        let passed = flags & !(libc::O_DIRECT | libc::O_APPEND | libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC);
+        o.custom_flags(passed);
+        if let Some(mode) = create_mode {
+            o.create(true).write(true).mode(mode);
+            if flags & libc::O_EXCL != 0 {
+                o.create_new(true);
+            }
+        }
+        let file = o.open(self.real(rel)).map_err(|e| errno(&e))?;
+        if flags & libc::O_TRUNC != 0 {
+            self.truncate(rel, &file, history, 0)?;
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let of = Arc::new(OpenFile { file, history, path: rel.to_path_buf() });
+        self.files.write().unwrap_or_else(|p| p.into_inner()).insert(fh, of);
+        Ok(fh)
+    }
+
+    fn truncate(&self, rel: &Path, file: &File, history: Option<u32>, size: u64) -> Result<(), Errno> {
+        if let Some(i) = history {
+            let blocks = size.div_ceil(BLOCK) as u32;
+            self.history.truncated(i, blocks).map_err(|e| {
+                self.log(format_args!("truncating {}: {e}", rel.display()));
+                Errno::EIO
+            })?;
+        }
+        file.set_len(size).map_err(|e| errno(&e))
+    }
+
+    /// History's pages for the history blocks among `blocks`, by block.
+    fn history_pages(&self, of: &OpenFile, i: u32, blocks: &[u32]) -> Result<HashMap<u32, Box<[u8; BLCKSZ]>>, Errno> {
+        let wanted: Vec<(u32, BufferTag)> = blocks
+            .iter()
+            .filter_map(|b| match self.history.source(i, *b) {
+                Source::History(tag) => Some((*b, tag)),
+                Source::Overlay => None,
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let tags: Vec<BufferTag> = wanted.iter().map(|(_, t)| *t).collect();
+        let pages = self.source.pages(&tags);
+        let mut out = HashMap::with_capacity(wanted.len());
+        for ((block, tag), page) in wanted.into_iter().zip(pages) {
+            match page {
+                Ok(p) => {
+                    out.insert(block, p);
+                }
+                Err(e) => {
+                    self.log(format_args!("block {block} of {} ({tag}): {e}", of.path.display()));
+                    return Err(Errno::EIO);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_at(&self, of: &OpenFile, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let len = of.file.metadata().map_err(|e| errno(&e))?.len();
+        let end = (offset + u64::from(size)).min(len);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; (end - offset) as usize];
+        read_overlay(&of.file, offset, &mut buf).map_err(|e| errno(&e))?;
+        if let Some(i) = of.history {
+            let blocks: Vec<u32> = ((offset / BLOCK) as u32..=((end - 1) / BLOCK) as u32).collect();
+            for (block, page) in self.history_pages(of, i, &blocks)? {
+                let (start, stop) = (u64::from(block) * BLOCK, u64::from(block + 1) * BLOCK);
+                let (from, to) = (start.max(offset), stop.min(end));
+                buf[(from - offset) as usize..(to - offset) as usize]
+                    .copy_from_slice(&page[(from - start) as usize..(to - start) as usize]);
+            }
+        }
+        Ok(buf)
+    }
+
+    fn write_at(&self, of: &OpenFile, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        let Some(i) = of.history else {
+            return of.file.write_all_at(data, offset).map_err(|e| errno(&e));
+        };
+        let end = offset + data.len() as u64;
+        let _cow = self.cow.lock().unwrap_or_else(|p| p.into_inner());
+        let blocks: Vec<u32> =
+            if data.is_empty() { Vec::new() } else { ((offset / BLOCK) as u32..=((end - 1) / BLOCK) as u32).collect() };
+        // Blocks only partly written keep the rest of history's page: copy those up first.
+        let partial: Vec<u32> = blocks
+            .iter()
+            .copied()
+            .filter(|b| {
+                let (start, stop) = (u64::from(*b) * BLOCK, u64::from(*b + 1) * BLOCK);
+                offset > start || end < stop
+            })
+            .collect();
+        for (block, page) in self.history_pages(of, i, &partial)? {
+            of.file.write_all_at(&page[..], u64::from(block) * BLOCK).map_err(|e| errno(&e))?;
+        }
+        of.file.write_all_at(data, offset).map_err(|e| errno(&e))?;
+        for b in blocks {
+            self.history.written(i, b).map_err(|e| {
+                self.log(format_args!("writing block {b} of {}: {e}", of.path.display()));
+                Errno::EIO
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Filesystem for BranchFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.child(parent, name).and_then(|p| self.entry(&p)) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.rel_path(ino).and_then(|p| self.entry(&p)) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let result = (|| {
+            let rel = self.rel_path(ino)?;
+            let real = self.real(&rel);
+            if let Some(mode) = mode {
+                std::fs::set_permissions(&real, std::fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(|e| errno(&e))?;
+            }
+            if uid.is_some() || gid.is_some() {
+                std::os::unix::fs::lchown(&real, uid, gid).map_err(|e| errno(&e))?;
+            }
+            if let Some(size) = size {
+                match fh.map(|f| self.open_file(f)).transpose()? {
+                    Some(of) => self.truncate(&rel, &of.file, of.history, size)?,
+                    None => {
+                        let file = OpenOptions::new().write(true).open(&real).map_err(|e| errno(&e))?;
+                        self.truncate(&rel, &file, self.history_of(&rel), size)?;
+                    }
+                }
+            }
+            if atime.is_some() || mtime.is_some() {
+                let ts = |t: Option<TimeOrNow>| match t {
+                    None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+                    Some(TimeOrNow::Now) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+                    Some(TimeOrNow::SpecificTime(t)) => {
+                        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+                        libc::timespec { tv_sec: d.as_secs() as libc::time_t, tv_nsec: d.subsec_nanos() as _ }
+                    }
+                };
+                let times = [ts(atime), ts(mtime)];
+                let c = cstring(&real)?;
+                // SAFETY: `c` is a valid NUL-terminated path and `times` two timespecs, as
+                // utimensat requires; nothing is retained after the call.
+                if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }
+                    != 0
+                {
+                    return Err(errno(&std::io::Error::last_os_error()));
+                }
+            }
+            self.entry(&rel)
+        })();
+        match result {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.rel_path(ino).and_then(|p| std::fs::read_link(self.real(&p)).map_err(|e| errno(&e))) {
+            Ok(target) => reply.data(target.as_os_str().as_bytes()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            return reply.error(Errno::EPERM);
+        }
+        let result = self.child(parent, name).and_then(|rel| {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode & !umask & 0o7777)
+                .open(self.real(&rel))
+                .map_err(|e| errno(&e))?;
+            self.entry(&rel)
+        });
+        match result {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        use std::os::unix::fs::DirBuilderExt;
+        let result = self.child(parent, name).and_then(|rel| {
+            std::fs::DirBuilder::new().mode(mode & !umask & 0o7777).create(self.real(&rel)).map_err(|e| errno(&e))?;
+            self.entry(&rel)
+        });
+        match result {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = self.child(parent, name).and_then(|rel| {
+            std::fs::remove_file(self.real(&rel)).map_err(|e| errno(&e))?;
+            if let Some(i) = self.history_of(&rel) {
+                self.history.unlinked(i).map_err(|e| {
+                    self.log(format_args!("unlinking {}: {e}", rel.display()));
+                    Errno::EIO
+                })?;
+            }
+            self.inodes.write().unwrap_or_else(|p| p.into_inner()).forget_path(&rel);
+            Ok(())
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = self.child(parent, name).and_then(|rel| {
+            std::fs::remove_dir(self.real(&rel)).map_err(|e| errno(&e))?;
+            self.inodes.write().unwrap_or_else(|p| p.into_inner()).forget_path(&rel);
+            Ok(())
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let result = self.child(parent, link_name).and_then(|rel| {
+            std::os::unix::fs::symlink(target, self.real(&rel)).map_err(|e| errno(&e))?;
+            self.entry(&rel)
+        });
+        match result {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let result = (|| {
+            if flags.bits() != 0 {
+                return Err(Errno::EINVAL);
+            }
+            let (from, to) = (self.child(parent, name)?, self.child(newparent, newname)?);
+            if self.history_of(&from).is_some() {
+                self.log(format_args!("refusing to rename {} (its blocks come from history)", from.display()));
+                return Err(Errno::EXDEV);
+            }
+            let replaced = self.history_of(&to);
+            std::fs::rename(self.real(&from), self.real(&to)).map_err(|e| errno(&e))?;
+            if let Some(i) = replaced {
+                self.history.unlinked(i).map_err(|_| Errno::EIO)?;
+            }
+            self.inodes.write().unwrap_or_else(|p| p.into_inner()).rename(&from, &to);
+            Ok(())
+        })();
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.rel_path(ino).and_then(|rel| self.open_handle(&rel, flags.0, None)) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let result = self.child(parent, name).and_then(|rel| {
+            let fh = self.open_handle(&rel, flags, Some(mode & !umask & 0o7777))?;
+            Ok((self.entry(&rel)?, fh))
+        });
+        match result {
+            Ok((a, fh)) => reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.open_file(fh).and_then(|of| self.read_at(&of, offset, size)) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.open_file(fh).and_then(|of| self.write_at(&of, offset, data)) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: fuser::LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.files.write().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        let result = self.open_file(fh).and_then(|of| {
+            let synced = if datasync { of.file.sync_data() } else { of.file.sync_all() };
+            synced.map_err(|e| errno(&e))?;
+            if of.history.is_some() {
+                self.history.sync().map_err(|e| {
+                    self.log(format_args!("fsync of {}: {e}", of.path.display()));
+                    Errno::EIO
+                })?;
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.rel_path(ino) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let result = (|| {
+            let rel = self.rel_path(ino)?;
+            let mut entries: Vec<(std::ffi::OsString, FileType)> =
+                vec![(".".into(), FileType::Directory), ("..".into(), FileType::Directory)];
+            for e in std::fs::read_dir(self.real(&rel)).map_err(|e| errno(&e))? {
+                let e = e.map_err(|e| errno(&e))?;
+                let kind = kind_of(e.file_type().map_err(|e| errno(&e))?);
+                entries.push((e.file_name(), kind));
+            }
+            let mut inodes = self.inodes.write().unwrap_or_else(|p| p.into_inner());
+            for (i, (name, kind)) in entries.into_iter().enumerate().skip(offset as usize) {
+                let n = if name == "." || name == ".." { ino.0 } else { inodes.number(&rel.join(&name)) };
+                if reply.add(INodeNo(n), (i + 1) as u64, kind, &name) {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let result = self
+            .rel_path(ino)
+            .and_then(|rel| File::open(self.real(&rel)).and_then(|d| d.sync_all()).map_err(|e| errno(&e)));
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match nix::sys::statvfs::statvfs(&self.overlay) {
+            Ok(s) => reply.statfs(
+                s.blocks(),
+                s.blocks_free(),
+                s.blocks_available(),
+                s.files(),
+                s.files_free(),
+                s.block_size() as u32,
+                s.name_max() as u32,
+                s.fragment_size() as u32,
+            ),
+            Err(e) => reply.error(Errno::from_i32(e as i32)),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // Permissions are checked by the kernel (`default_permissions`); this only says the
+        // file exists.
+        match self.rel_path(ino).and_then(|p| std::fs::symlink_metadata(self.real(&p)).map_err(|e| errno(&e))) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! Branches: writable data directories as of any LSN that stock PostgreSQL 15 boots at once,
+//! whatever the database's size, because relation pages are rebuilt only when read.
+//!
+//! * [`history`] — which blocks of a branch's relation files still come from history.
+//! * [`fs`]      — the FUSE file system over the branch's overlay directory.
+//!
+//! A branch is, under `<shared dir>/branches/<id>/`:
+//!
+//! ```text
+//! branch.meta   "name = value" lines: id, lsn, timeline (the branch's own PostgreSQL
+//!               timeline), source (the store's timeline holding lsn), mount; then
+//!               "crc = <crc32c of the lines before, hex>"
+//! overlay/      the data directory's files: at creation what a base backup without relation
+//!               pages holds (pg_control with a checkpoint at the LSN on a new timeline, its
+//!               WAL segment and .history file, pg_xact, pg_multixact, relation maps,
+//!               two-phase files, configuration), and every relation segment file as a sparse
+//!               file of its size then; afterwards whatever the branch's server writes
+//! relations, blocks.log   see [`history`]
+//! data/         the default mount point
+//! ```
+//!
+//! A branch is made in `<id>.new/` and renamed into place when complete, so a crash leaves no
+//! half branch (a leftover `.new` is removed at start). It pins its LSN in the store (no
+//! retention or garbage collection removes what it reads) for as long as it exists. The
+//! sidecar mounts its branches when it starts (clearing a mount a killed sidecar left behind)
+//! and unmounts them when it stops; dropping a branch unmounts it and deletes its directory.
+//! The mount is private to the sidecar's OS user, which must be the branch server's (and to
+//! root, where `/etc/fuse.conf` has `user_allow_other`).
+
+pub mod fs;
+pub mod history;
+
+use crate::basebackup::{self, Options, TimelineFiles};
+use crate::repo::reconstruct::{self, GetPageError};
+use crate::repo::store::Store;
+use crate::repo::timeline::{private_dir, write_durably, Timeline};
+use crate::walredo::WalRedoManager;
+use history::HistoryFiles;
+use neon_types::protocol::BranchInfo;
+use neon_types::{BufferTag, Lsn, BLCKSZ};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BranchError {
+    #[error("branch {id}: {path}: {source}")]
+    Io { id: u32, path: PathBuf, source: std::io::Error },
+    #[error("branch {id}: {source}")]
+    History { id: u32, source: history::HistoryError },
+    #[error("branch at {lsn}: {source}")]
+    Basebackup { lsn: Lsn, source: basebackup::BasebackupError },
+    #[error("branch {id}: {path}: {why}")]
+    BadMeta { id: u32, path: PathBuf, why: String },
+    #[error("there is no branch {id} (branches: {have})")]
+    NoSuchBranch { id: u32, have: String },
+    #[error("branch {id} is in use by PostgreSQL (postmaster pid {pid}): stop that server first")]
+    InUse { id: u32, pid: i32 },
+    #[error("branch {id}: mounting at {mount}: {source}")]
+    Mount { id: u32, mount: PathBuf, source: std::io::Error },
+    #[error("branch at {lsn}: mount point {mount}: {why}")]
+    BadMountPoint { lsn: Lsn, mount: PathBuf, why: String },
+}
+
+/// What `branch.meta` records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BranchMeta {
+    pub id: u32,
+    pub lsn: Lsn,
+    /// The branch's own PostgreSQL timeline.
+    pub timeline: u32,
+    /// The store's timeline whose lineage holds `lsn`.
+    pub source: u32,
+    pub mount: PathBuf,
+}
+
+const META_FILE: &str = "branch.meta";
+
+impl BranchMeta {
+    fn encode(&self) -> Vec<u8> {
+        let body = format!(
+            "id = {}\nlsn = {}\ntimeline = {}\nsource = {}\nmount = {}\n",
+            self.id,
+            self.lsn,
+            self.timeline,
+            self.source,
+            self.mount.display()
+        );
+        format!("{body}crc = {:08x}\n", crc32c::crc32c(body.as_bytes())).into_bytes()
+    }
+
+    fn read(id: u32, path: &Path) -> Result<BranchMeta, BranchError> {
+        let bad = |why: String| BranchError::BadMeta { id, path: path.to_path_buf(), why };
+        let text = std::fs::read_to_string(path).map_err(|source| BranchError::Io { id, path: path.into(), source })?;
+        let (body, crc) = text.rsplit_once("crc = ").ok_or_else(|| bad("no CRC line".into()))?;
+        if u32::from_str_radix(crc.trim(), 16).ok() != Some(crc32c::crc32c(body.as_bytes())) {
+            return Err(bad("CRC mismatch".into()));
+        }
+        let values: HashMap<&str, &str> =
+            body.lines().filter_map(|l| l.split_once(" = ")).map(|(k, v)| (k.trim(), v.trim())).collect();
+        let get = |k: &str| values.get(k).copied().ok_or_else(|| bad(format!("no {k}")));
+        let num = |k: &str| get(k)?.parse::<u32>().map_err(|_| bad(format!("bad {k}")));
+        let meta = BranchMeta {
+            id: num("id")?,
+            lsn: get("lsn")?.parse().map_err(|_| bad("bad lsn".into()))?,
+            timeline: num("timeline")?,
+            source: num("source")?,
+            mount: PathBuf::from(get("mount")?),
+        };
+        if meta.id != id {
+            return Err(bad(format!("says it is branch {}", meta.id)));
+        }
+        Ok(meta)
+    }
+}
+
+/// Rebuilds history's pages for a branch, through the redo pool that serves `GetPage`;
+/// checksums stamped when the cluster has them.
+struct HistoryPages {
+    timeline: Arc<Timeline>,
+    redo: Arc<dyn WalRedoManager>,
+    lsn: Lsn,
+    checksums: bool,
+}
+
+impl fs::PageSource for HistoryPages {
+    fn pages(&self, tags: &[BufferTag]) -> Vec<Result<Box<[u8; BLCKSZ]>, String>> {
+        let mut rels: BTreeMap<neon_types::RelTag, reconstruct::RelationAt> = BTreeMap::new();
+        for tag in tags {
+            if let std::collections::btree_map::Entry::Vacant(e) = rels.entry(tag.rel) {
+                match reconstruct::relation_at(&self.timeline, tag.rel, self.lsn) {
+                    Ok(r) => {
+                        e.insert(r);
+                    }
+                    Err(err) => return tags.iter().map(|_| Err(err.to_string())).collect(),
+                }
+            }
+        }
+        let pages =
+            reconstruct::pages_of(&self.timeline, self.redo.as_ref(), tags.iter().map(|t| (&rels[&t.rel], t.blkno)));
+        pages
+            .into_iter()
+            .zip(tags)
+            .map(|(page, tag)| {
+                let mut page = page.map_err(|e: GetPageError| e.to_string())?;
+                if self.checksums {
+                    basebackup::checksum::stamp(&mut page, tag.blkno);
+                }
+                Ok(page)
+            })
+            .collect()
+    }
+}
+
+struct Live {
+    meta: BranchMeta,
+    history: Arc<HistoryFiles>,
+    owner: Arc<Timeline>,
+    session: Option<fuser::BackgroundSession>,
+}
+
+/// The sidecar's branches.
+pub struct Branches {
+    dir: PathBuf,
+    live: Mutex<BTreeMap<u32, Live>>,
+    /// Serialises creations (ids) and drops.
+    changing: Mutex<()>,
+}
+
+fn io_err(id: u32, path: &Path) -> impl FnOnce(std::io::Error) -> BranchError + '_ {
+    move |source| BranchError::Io { id, path: path.to_path_buf(), source }
+}
+
+impl Branches {
+    /// The branches under `<shared>/branches`, mounted (half-made ones removed).
+    pub fn open(shared: &Path, store: &Store, redo: &Arc<dyn WalRedoManager>) -> Result<Branches, BranchError> {
+        let dir = shared.join("branches");
+        private_dir(&dir).map_err(io_err(0, &dir))?;
+        let branches = Branches { dir: dir.clone(), live: Mutex::new(BTreeMap::new()), changing: Mutex::new(()) };
+        for e in std::fs::read_dir(&dir).map_err(io_err(0, &dir))?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".new") {
+                let _ = std::fs::remove_dir_all(e.path());
+                continue;
+            }
+            let Ok(id) = name.parse::<u32>() else { continue };
+            let meta = BranchMeta::read(id, &e.path().join(META_FILE))?;
+            let live = branches.load(store, redo, meta)?;
+            branches.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, live);
+        }
+        Ok(branches)
+    }
+
+    fn branch_dir(&self, id: u32) -> PathBuf {
+        self.dir.join(id.to_string())
+    }
+
+    /// Opens a branch's state, pins its LSN and mounts it.
+    fn load(&self, store: &Store, redo: &Arc<dyn WalRedoManager>, meta: BranchMeta) -> Result<Live, BranchError> {
+        let id = meta.id;
+        let dir = self.branch_dir(id);
+        let history = Arc::new(HistoryFiles::open(&dir).map_err(|source| BranchError::History { id, source })?);
+        let timeline = store.timeline(meta.source).ok_or_else(|| BranchError::BadMeta {
+            id,
+            path: dir.join(META_FILE),
+            why: format!("the store has no timeline {}", meta.source),
+        })?;
+        let owner = timeline.owner_at(meta.lsn);
+        owner.pin(meta.lsn);
+        let checksums = crate::repo::meta::compute_has_checksums(&timeline);
+        let source = Arc::new(HistoryPages { timeline, redo: redo.clone(), lsn: meta.lsn, checksums });
+        let mut live = Live { meta, history, owner, session: None };
+        self.mount(&mut live, source)?;
+        Ok(live)
+    }
+
+    fn mount(&self, live: &mut Live, source: Arc<HistoryPages>) -> Result<(), BranchError> {
+        let (id, mount) = (live.meta.id, live.meta.mount.clone());
+        let mount_err = |source| BranchError::Mount { id, mount: mount.clone(), source };
+        clear_stale_mount(&mount);
+        private_dir(&mount).map_err(mount_err)?;
+        let fs = fs::BranchFs::new(
+            format!("{id}"),
+            self.branch_dir(id).join("overlay"),
+            live.history.clone(),
+            source as Arc<dyn fs::PageSource>,
+        );
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::FSName(format!("neon-branch-{id}")),
+            fuser::MountOption::Subtype("neon".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::NoSuid,
+            fuser::MountOption::NoDev,
+        ];
+        // Root may enter it too (to back it up, or clean up), where FUSE allows that.
+        if allow_root() {
+            config.acl = fuser::SessionACL::RootAndOwner;
+        }
+        config.n_threads = Some(4);
+        config.clone_fd = true;
+        live.session = Some(fuser::spawn_mount(fs, &mount, &config).map_err(mount_err)?);
+        Ok(())
+    }
+
+    /// Makes a branch as of `lsn` on timeline `t` (whose lineage holds it, durably), mounted
+    /// at `mount` (default: `<branch>/data`).
+    pub fn create(
+        &self,
+        store: &Store,
+        t: &Arc<Timeline>,
+        redo: &Arc<dyn WalRedoManager>,
+        lsn: Lsn,
+        mount: Option<PathBuf>,
+    ) -> Result<BranchInfo, BranchError> {
+        let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let id = {
+            let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            live.keys().max().map_or(1, |m| m + 1)
+        };
+        let mount = match mount {
+            Some(m) => {
+                let bad = |why: &str| BranchError::BadMountPoint { lsn, mount: m.clone(), why: why.to_string() };
+                if !m.is_absolute() {
+                    return Err(bad("must be an absolute path"));
+                }
+                if let Ok(mut entries) = std::fs::read_dir(&m) {
+                    if entries.next().is_some() {
+                        return Err(bad("is not empty"));
+                    }
+                }
+                m
+            }
+            None => self.branch_dir(id).join("data"),
+        };
+        let building = self.dir.join(format!("{id}.new"));
+        let _ = std::fs::remove_dir_all(&building);
+        let overlay = building.join("overlay");
+        private_dir(&overlay).map_err(io_err(id, &overlay))?;
+        let result = self.build(store, t, redo, lsn, id, &building, &overlay, mount);
+        let meta = match result {
+            Ok(meta) => meta,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&building);
+                return Err(e);
+            }
+        };
+        let dir = self.branch_dir(id);
+        std::fs::rename(&building, &dir).map_err(io_err(id, &dir))?;
+        sync_dir(&self.dir).map_err(io_err(id, &self.dir))?;
+        let checksums = crate::repo::meta::compute_has_checksums(t);
+        let history = Arc::new(HistoryFiles::open(&dir).map_err(|source| BranchError::History { id, source })?);
+        let owner = t.owner_at(lsn);
+        owner.pin(lsn);
+        let source = Arc::new(HistoryPages { timeline: t.clone(), redo: redo.clone(), lsn, checksums });
+        let mut live = Live { meta, history, owner, session: None };
+        if let Err(e) = self.mount(&mut live, source) {
+            live.owner.unpin(lsn);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let info = info(&live);
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, live);
+        Ok(info)
+    }
+
+    /// Writes the overlay and state of a new branch into `building`.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        &self,
+        store: &Store,
+        t: &Arc<Timeline>,
+        redo: &Arc<dyn WalRedoManager>,
+        lsn: Lsn,
+        id: u32,
+        building: &Path,
+        overlay: &Path,
+        mount: PathBuf,
+    ) -> Result<BranchMeta, BranchError> {
+        let bb = |source| BranchError::Basebackup { lsn, source };
+        let files = TimelineFiles::of(store, t, lsn).map_err(|e| bb(e.into()))?;
+        let opts = Options {
+            relation_pages: false,
+            workers: 1,
+            new_timeline: true,
+            progress_every: std::time::Duration::from_secs(3600),
+            tablespace_map: Default::default(),
+        };
+        let (tar, stats) =
+            basebackup::write_basebackup(t, redo.as_ref(), lsn, &files, opts, Vec::new(), &mut |_: &_| {})
+                .map_err(bb)?;
+        let mut unpack = crate::replication::tar_reader::TarUnpacker::new(overlay);
+        unpack.feed(&tar).map_err(|e| io_err(id, overlay)(std::io::Error::other(e.to_string())))?;
+        // Relation segment files: sparse, of their size at `lsn`.
+        let mut segments = Vec::new();
+        let dbs = crate::repo::meta::list_databases(t, lsn).map_err(|e| bb(e.into()))?;
+        for db in std::iter::once(0).chain(dbs.iter().map(|d| d.dbnode)) {
+            let rels = crate::repo::meta::list_relations(t, db, lsn).map_err(|e| bb(e.into()))?;
+            segments.extend(basebackup::relation_segments(&rels));
+        }
+        for s in &segments {
+            let path = overlay.join(&s.path);
+            if let Some(parent) = path.parent() {
+                private_dir(parent).map_err(io_err(id, parent))?;
+            }
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io_err(id, &path))?;
+            f.set_len(u64::from(s.blocks) * BLCKSZ as u64).map_err(io_err(id, &path))?;
+        }
+        HistoryFiles::create(building, &segments).map_err(|source| BranchError::History { id, source })?;
+        let meta = BranchMeta { id, lsn, timeline: stats.timeline, source: t.owner_at(lsn).id(), mount };
+        // Everything written so far, durable at once (the files are many and small).
+        sync_fs(overlay).map_err(io_err(id, overlay))?;
+        let path = building.join(META_FILE);
+        write_durably(&building.join("branch.meta.tmp"), &path, &meta.encode()).map_err(io_err(id, &path))?;
+        Ok(meta)
+    }
+
+    pub fn list(&self) -> Vec<BranchInfo> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).values().map(info).collect()
+    }
+
+    /// Unmounts branch `id` and deletes it (refused while a server runs on it).
+    pub fn drop_branch(&self, id: u32) -> Result<BranchInfo, BranchError> {
+        let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut live = {
+            let mut all = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            let have = all.keys().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+            let Some(live) = all.remove(&id) else {
+                return Err(BranchError::NoSuchBranch { id, have: if have.is_empty() { "none".into() } else { have } });
+            };
+            if let Some(pid) = running_postmaster(&self.branch_dir(id).join("overlay")) {
+                all.insert(id, live);
+                return Err(BranchError::InUse { id, pid });
+            }
+            live
+        };
+        let info = info(&live);
+        unmount(&live.meta.mount);
+        drop(live.session.take());
+        live.owner.unpin(live.meta.lsn);
+        let dir = self.branch_dir(id);
+        let doomed = self.dir.join(format!("{id}.new"));
+        std::fs::rename(&dir, &doomed).map_err(io_err(id, &dir))?;
+        std::fs::remove_dir_all(&doomed).map_err(io_err(id, &doomed))?;
+        if live.meta.mount != dir.join("data") {
+            let _ = std::fs::remove_dir(&live.meta.mount);
+        }
+        Ok(info)
+    }
+
+    /// Unmounts every branch (the sidecar stops; they are mounted again when it starts).
+    pub fn unmount_all(&self) {
+        let mut all = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        for live in all.values_mut() {
+            unmount(&live.meta.mount);
+            drop(live.session.take());
+        }
+    }
+}
+
+fn info(live: &Live) -> BranchInfo {
+    let (files, written) = live.history.counts();
+    BranchInfo {
+        id: live.meta.id,
+        lsn: live.meta.lsn,
+        timeline: live.meta.timeline,
+        history_files: files as u32,
+        written_blocks: written,
+        path: live.meta.mount.display().to_string(),
+    }
+}
+
+/// The pid of a live postmaster whose `postmaster.pid` is in `datadir`.
+fn running_postmaster(datadir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(datadir.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// `syncfs` of the file system holding `path`.
+fn sync_fs(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: `f` is an open descriptor for the duration of the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Detaches the FUSE mount at `mount` (lazily: a file still open keeps the connection until
+/// it is closed). As root directly; otherwise through `fusermount3`, as FUSE requires.
+pub fn unmount(mount: &Path) {
+    let Ok(c) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(mount.as_os_str())) else { return };
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return;
+    }
+    let _ = std::process::Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(mount)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// Whether the mount may let root in besides the owner: as root, or where `/etc/fuse.conf`
+/// has `user_allow_other` (which `fusermount3` requires for `allow_root`).
+fn allow_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root || std::fs::read_to_string("/etc/fuse.conf").is_ok_and(|c| c.lines().any(|l| l.trim() == "user_allow_other"))
+}
+
+/// A mount a killed sidecar left (every access fails with `ENOTCONN`) is detached.
+fn clear_stale_mount(mount: &Path) {
+    if let Err(e) = std::fs::metadata(mount) {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            unmount(mount);
+        }
+    }
+}
