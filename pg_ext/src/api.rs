@@ -1,4 +1,4 @@
-//! The SQL API: pages, sizes, history, status, prefetch and base backups as of any LSN the
+//! The SQL API: pages, sizes, history, status, prefetch, base backups and branches as of any LSN the
 //! sidecar holds. Arguments follow pageinspect and pg_walinspect (`regclass`, fork names,
 //! `int8` block numbers, `pg_lsn`).
 //!
@@ -387,12 +387,18 @@ fn neon_history() -> TableIterator<
         name!(origin_lsn, PgLsn),
         name!(compute_flush_lsn, PgLsn),
         name!(gaps, Option<String>),
+        name!(branch_pins, Option<String>),
     ),
 > {
     let what = "history";
     let timelines = match ask(&Request::History, what, Some(guc::request_timeout())) {
         Response::History(t) => t,
         r => unexpected(what, r),
+    };
+    // Branches pin their LSNs (a sidecar without a shared directory has none).
+    let branches = match call(&Request::BranchList, Some(guc::request_timeout()), &mut |_| {}) {
+        Ok(Response::Branches(b)) => b,
+        _ => Vec::new(),
     };
     let flush = PgLsn(crate::flush_lsn());
     let rows: Vec<_> = timelines
@@ -412,6 +418,14 @@ fn neon_history() -> TableIterator<
                 PgLsn(t.origin),
                 flush,
                 gaps,
+                {
+                    let pins: Vec<String> = branches
+                        .iter()
+                        .filter(|b| b.source == t.timeline)
+                        .map(|b| format!("branch {} at {}", b.id, b.lsn))
+                        .collect();
+                    (!pins.is_empty()).then(|| pins.join(", "))
+                },
             )
         })
         .collect();
@@ -519,6 +533,84 @@ fn neon_basebackup(
     }
 }
 
+/// The branches the sidecar has, as rows.
+fn branch_rows(branches: Vec<neon_types::protocol::BranchInfo>) -> Vec<BranchRow> {
+    branches
+        .into_iter()
+        .map(|b| (b.id as i32, b.path, PgLsn(b.lsn), b.timeline as i32, b.source as i32, b.written_blocks as i64))
+        .collect()
+}
+
+type BranchRow = (i32, String, PgLsn, i32, i32, i64);
+
+/// A writable branch as of `lsn` (NULL: the compute's WAL flush position now): a data directory
+/// the sidecar mounts, on which PostgreSQL 15, run as this server's OS user, boots at once and
+/// without replay; relation pages are rebuilt when read, writes stay in the branch.
+#[pg_extern(volatile, parallel_safe)]
+#[allow(clippy::type_complexity)]
+fn neon_branch_create(
+    lsn: default!(Option<PgLsn>, "NULL"),
+    timeline: default!(Option<i32>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(id, i32),
+        name!(path, String),
+        name!(lsn, PgLsn),
+        name!(timeline, i32),
+        name!(source_timeline, i32),
+        name!(written_blocks, i64),
+    ),
+> {
+    let lsn = match lsn {
+        None => crate::flush_lsn(),
+        l => lsn_arg(l),
+    };
+    let timeline = timeline_arg(timeline);
+    let what = format!("branch at {lsn}{}", on_text(timeline));
+    let req = on(timeline, Request::BranchCreate { lsn, mount: None, wait_ms: wait_ms() });
+    match ask(&req, &what, None) {
+        Response::Branches(b) => TableIterator::new(branch_rows(b)),
+        r => unexpected(&what, r),
+    }
+}
+
+/// Every branch: its id, mount path, LSN, own timeline, the timeline whose history it pins,
+/// and how many blocks it has written.
+#[pg_extern(volatile, parallel_safe)]
+#[allow(clippy::type_complexity)]
+fn neon_branches() -> TableIterator<
+    'static,
+    (
+        name!(id, i32),
+        name!(path, String),
+        name!(lsn, PgLsn),
+        name!(timeline, i32),
+        name!(source_timeline, i32),
+        name!(written_blocks, i64),
+    ),
+> {
+    let what = "branches";
+    match ask(&Request::BranchList, what, Some(guc::request_timeout())) {
+        Response::Branches(b) => TableIterator::new(branch_rows(b)),
+        r => unexpected(what, r),
+    }
+}
+
+/// Unmounts branch `id` and deletes it (its server must be stopped); returns its path.
+#[pg_extern(volatile, parallel_safe)]
+fn neon_branch_drop(id: Option<i32>) -> String {
+    let id = required(id, "id");
+    if id < 1 {
+        fail(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("invalid branch id {id}"), None);
+    }
+    let what = format!("dropping branch {id}");
+    match ask(&Request::BranchDrop { id: id as u32 }, &what, Some(guc::request_timeout())) {
+        Response::Branches(b) if b.len() == 1 => b[0].path.clone(),
+        r => unexpected(&what, r),
+    }
+}
+
 extension_sql!(
     r#"
 DO $$
@@ -526,7 +618,8 @@ DECLARE f text;
 BEGIN
     FOREACH f IN ARRAY ARRAY['neon_get_page(regclass, text, int8, pg_lsn, int4)', 'neon_rel_size(regclass, text, pg_lsn, int4)',
                              'neon_history()', 'neon_sidecar_status()', 'neon_prefetch(regclass, pg_lsn, int8, int8)',
-                             'neon_basebackup(pg_lsn, boolean, int4)'] LOOP
+                             'neon_basebackup(pg_lsn, boolean, int4)', 'neon_branch_create(pg_lsn, int4)',
+                             'neon_branches()', 'neon_branch_drop(int4)'] LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO pg_read_server_files', f);
     END LOOP;
@@ -537,7 +630,20 @@ COMMENT ON FUNCTION neon_history() IS 'the timelines and LSNs the sidecar holds 
 COMMENT ON FUNCTION neon_sidecar_status() IS 'the sidecar''s and the prefetch worker''s state and counters';
 COMMENT ON FUNCTION neon_prefetch(regclass, pg_lsn, int8, int8) IS 'queue blocks of a relation at an LSN for the background worker to have rebuilt';
 COMMENT ON FUNCTION neon_basebackup(pg_lsn, boolean, int4) IS 'a bootable base backup as of an LSN, written into the shared directory';
+COMMENT ON FUNCTION neon_branch_create(pg_lsn, int4) IS 'a writable data directory as of an LSN, mounted by the sidecar, that PostgreSQL boots at once';
+COMMENT ON FUNCTION neon_branches() IS 'the branches the sidecar has, and the LSNs they pin';
+COMMENT ON FUNCTION neon_branch_drop(int4) IS 'unmount and delete a branch (its server stopped)';
 "#,
     name = "api_permissions",
-    requires = [neon_get_page, neon_rel_size, neon_history, neon_sidecar_status, neon_prefetch, neon_basebackup]
+    requires = [
+        neon_get_page,
+        neon_rel_size,
+        neon_history,
+        neon_sidecar_status,
+        neon_prefetch,
+        neon_basebackup,
+        neon_branch_create,
+        neon_branches,
+        neon_branch_drop
+    ]
 );

@@ -216,3 +216,77 @@ fn branches_boot_at_past_lsns_keep_their_writes_and_leave_history_alone() -> Res
     sidecar.stop()?;
     Ok(())
 }
+
+/// WAL until the store's oldest readable LSN passes `lsn` or `until` says stop (checked after
+/// each round); fails after four minutes.
+fn churn(c: &Cluster, sidecar: &SidecarProcess, mut until: impl FnMut(Lsn) -> bool) -> Result<Lsn> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    c.execute("CREATE TABLE IF NOT EXISTS filler (id int, pad text)")?;
+    loop {
+        c.execute("INSERT INTO filler SELECT g, repeat('x', 400) FROM generate_series(1, 20000) g")?;
+        c.execute("TRUNCATE filler")?;
+        c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "300"])?;
+        sidecar.wait_durable(workload::flush_lsn(c)?)?;
+        let oldest = sidecar.timelines()?[0].oldest;
+        if until(oldest) {
+            return Ok(oldest);
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "history never got there: {}", sidecar.log_text());
+    }
+}
+
+/// From SQL: `neon_branch_create` makes a branch that `neon_branches()` and `neon_history()`
+/// show as a pin; with a small retention, history behind the horizon stays while the branch
+/// lives (it boots and reads old pages), and goes once it is dropped.
+#[test]
+fn a_branch_made_from_sql_pins_its_history() -> Result<()> {
+    let (c, store) = cluster_born_with_store()?;
+    let sidecar = SidecarProcess::start_for_compute(&c, &store, &["--retention-mb", "8"])?;
+    let mounts = Unmount(Default::default());
+    c.execute("CREATE EXTENSION neon")?;
+    c.pgbench(&["-i", "-q", "-s", "1"])?;
+    let early = workload::flush_lsn(&c)?;
+    let sum_then = c.query_one_string("SELECT sum(abalance) FROM pgbench_accounts")?;
+    sidecar.wait_durable(early)?;
+    let made = c.query_rows(&format!("SELECT id, path, lsn FROM neon_branch_create('{early}')"))?;
+    let (id, path) = match &made[..] {
+        [row] => (row[0].clone().context("id")?, PathBuf::from(row[1].clone().context("path")?)),
+        rows => anyhow::bail!("neon_branch_create gave {rows:?}"),
+    };
+    mounts.0.borrow_mut().push(path.clone());
+    anyhow::ensure!(
+        made[0][2].as_deref() == Some(&early.to_string()[..]),
+        "branch LSN {:?}, asked {early}",
+        made[0][2]
+    );
+    let listed = c.query_one_string("SELECT string_agg(id || ' ' || lsn, ',') FROM neon_branches()")?;
+    anyhow::ensure!(listed == format!("{id} {early}"), "neon_branches() says {listed}");
+    let pins = c.query_one_string("SELECT branch_pins FROM neon_history() WHERE followed")?;
+    anyhow::ensure!(pins == format!("branch {id} at {early}"), "neon_history() pins: {pins}");
+
+    // Far past the retention: history does not move while the branch pins it.
+    let mut rounds = 0;
+    churn(&c, &sidecar, |_| {
+        rounds += 1;
+        rounds == 6
+    })?;
+    let (durable, _) = sidecar.history()?;
+    let oldest = sidecar.timelines()?[0].oldest;
+    anyhow::ensure!(oldest <= early, "history starts at {oldest}, past the branch's {early} (durable {durable})");
+    anyhow::ensure!(durable.0 - early.0 > 3 * (8 << 20), "only {} bytes of WAL past the branch", durable.0 - early.0);
+    let mut b = boot(&path, early)?;
+    let sum = b.query_one_string("SELECT sum(abalance) FROM pgbench_accounts")?;
+    anyhow::ensure!(sum == sum_then, "the branch reads sum(abalance) {sum}, it was {sum_then}");
+    b.stop()?;
+    drop(b);
+
+    // Dropped, it pins nothing: history moves past it.
+    let dropped = c.query_one_string(&format!("SELECT neon_branch_drop({id})"))?;
+    anyhow::ensure!(Path::new(&dropped) == path && !mounted(&path)? && !path.exists(), "dropped {dropped}");
+    let moved = churn(&c, &sidecar, |oldest| oldest > early)?;
+    eprintln!("with branch {id} at {early}: history kept from {oldest}; dropped: history from {moved}");
+    let err = c.query_one_string(&format!("SELECT neon_branch_create('{early}')")).unwrap_err();
+    anyhow::ensure!(format!("{err:#}").contains(&early.to_string()), "a branch before history: {err:#}");
+    sidecar.stop()?;
+    Ok(())
+}

@@ -52,7 +52,8 @@
 //!                       bytes written and time taken, about once a second)
 //!   0x8C Branches       n u32 | n × branch (BranchCreate: the one made; BranchDrop: the one
 //!                       dropped; BranchList: all):
-//!                       id u32 | lsn u64 | timeline u32 (its own) | history_files u32 |
+//!                       id u32 | lsn u64 | timeline u32 (its own) | source u32 (the
+//!                       store's timeline whose history it reads, pinned at lsn) | history_files u32 |
 //!                       written_blocks u64 | path_len u32 | UTF-8 mount path
 //!   0xFF Error          code u8 | UTF-8 message
 //! ```
@@ -172,6 +173,8 @@ pub struct BranchInfo {
     pub lsn: Lsn,
     /// The PostgreSQL timeline the branch starts (its own).
     pub timeline: u32,
+    /// The store's timeline whose history the branch reads (pinned at `lsn`).
+    pub source: u32,
     /// Relation files whose blocks come from history.
     pub history_files: u32,
     /// Blocks of those the branch has written.
@@ -514,6 +517,7 @@ impl Response {
                     b.extend_from_slice(&br.id.to_le_bytes());
                     b.extend_from_slice(&br.lsn.0.to_le_bytes());
                     b.extend_from_slice(&br.timeline.to_le_bytes());
+                    b.extend_from_slice(&br.source.to_le_bytes());
                     b.extend_from_slice(&br.history_files.to_le_bytes());
                     b.extend_from_slice(&br.written_blocks.to_le_bytes());
                     b.extend_from_slice(&(br.path.len() as u32).to_le_bytes());
@@ -593,11 +597,11 @@ impl Response {
                 let n = r.u32()? as usize;
                 let mut branches = Vec::with_capacity(n.min(1024));
                 for _ in 0..n {
-                    let (id, lsn, timeline, history_files) = (r.u32()?, r.lsn()?, r.u32()?, r.u32()?);
-                    let written_blocks = r.u64()?;
+                    let (id, lsn, timeline, source) = (r.u32()?, r.lsn()?, r.u32()?, r.u32()?);
+                    let (history_files, written_blocks) = (r.u32()?, r.u64()?);
                     let len = r.u32()? as usize;
                     let path = String::from_utf8(r.take(len)?.to_vec()).or_else(|_| malformed("path is not UTF-8"))?;
-                    branches.push(BranchInfo { id, lsn, timeline, history_files, written_blocks, path });
+                    branches.push(BranchInfo { id, lsn, timeline, source, history_files, written_blocks, path });
                 }
                 Response::Branches(branches)
             }
@@ -753,7 +757,15 @@ mod tests {
             Response::RelationFile(None),
             Response::Branches(vec![]),
             Response::Branches(vec![
-                BranchInfo { id: 1, lsn: Lsn(8), timeline: 2, history_files: 9, written_blocks: 10, path: "/a".into() },
+                BranchInfo {
+                    id: 1,
+                    lsn: Lsn(8),
+                    timeline: 2,
+                    source: 1,
+                    history_files: 9,
+                    written_blocks: 10,
+                    path: "/a".into(),
+                },
                 BranchInfo {
                     id: 2,
                     lsn: Lsn(9),

@@ -410,6 +410,7 @@ fn info(live: &Live) -> BranchInfo {
         id: live.meta.id,
         lsn: live.meta.lsn,
         timeline: live.meta.timeline,
+        source: live.owner.id(),
         history_files: files as u32,
         written_blocks: written,
         path: live.meta.mount.display().to_string(),
