@@ -770,6 +770,7 @@ mod tests {
                     id: 2,
                     lsn: Lsn(9),
                     timeline: 3,
+                    source: 2,
                     history_files: 0,
                     written_blocks: 0,
                     path: "/b/c".into(),
