@@ -290,3 +290,81 @@ fn a_branch_made_from_sql_pins_its_history() -> Result<()> {
     sidecar.stop()?;
     Ok(())
 }
+
+/// Flips a byte of the payload of the newest value of `key` at or before `lsn` in the store's
+/// layer files (in place: the running sidecar's mapping sees it); returns the file's path.
+fn corrupt_newest_value(store: &Path, key: sidecar::repo::key::Key, lsn: Lsn) -> Result<PathBuf> {
+    use sidecar::repo::layer::DeltaLayer;
+    use std::os::unix::fs::FileExt;
+    let mut newest: Option<(Lsn, PathBuf, usize)> = None;
+    for t in std::fs::read_dir(store.join("timelines"))? {
+        for f in std::fs::read_dir(t?.path())? {
+            let path = f?.path();
+            let Ok(layer) = DeltaLayer::open(&path) else { continue };
+            for (i, (k, at)) in layer.entries().enumerate() {
+                if k == key && at <= lsn && newest.as_ref().is_none_or(|(n, _, _)| at > *n) {
+                    newest = Some((at, path.clone(), i));
+                }
+            }
+        }
+    }
+    let (_, path, i) =
+        newest.with_context(|| format!("no value of {key} at or before {lsn} in {}", store.display()))?;
+    // Footer (last 48 bytes): magic u64 | version u32 | entries u32 | index offset u64 | ...;
+    // index entries of 38 bytes: key [18] | lsn u64 | blob offset u64 | length u32; a blob's
+    // payload follows its 8-byte header (see `repo::layer`).
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+    let len = file.metadata()?.len();
+    let mut u64_at = |at: u64| -> Result<u64> {
+        let mut b = [0u8; 8];
+        file.read_exact_at(&mut b, at)?;
+        Ok(u64::from_le_bytes(b))
+    };
+    let index = u64_at(len - 48 + 16)?;
+    let blob = u64_at(index + i as u64 * 38 + 26)?;
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, blob + 9)?;
+    file.write_all_at(&[byte[0] ^ 0x40], blob + 9)?;
+    Ok(path)
+}
+
+/// A value of the store that fails its CRC, read through a branch: the branch's server gets an
+/// I/O error for that block (never a page), the sidecar's log names the file and the layer,
+/// and the rest of the branch reads on.
+#[test]
+fn a_corrupt_value_read_through_a_branch_is_an_io_error() -> Result<()> {
+    let (c, store) = cluster_born_with_store()?;
+    let sidecar = SidecarProcess::start_for_compute(&c, &store, &[])?;
+    let mounts = Unmount(Default::default());
+    c.execute("CREATE TABLE victim AS SELECT g, md5(g::text) AS h FROM generate_series(1, 2000) g")?;
+    c.execute("CREATE TABLE fine AS SELECT 42 AS x")?;
+    let ids = c.query_one_string(
+        "SELECT (SELECT oid FROM pg_database WHERE datname = current_database()) || ' ' || pg_relation_filenode('victim')",
+    )?;
+    let (db, rel) = ids.split_once(' ').context("two numbers")?;
+    let node = neon_types::RelFileNode { spcnode: 1663, dbnode: db.parse()?, relnode: rel.parse()? };
+    let lsn = workload::flush_lsn(&c)?;
+    sidecar.wait_durable(lsn)?;
+    let (id, path) = mounts.create(&sidecar, lsn)?;
+    let tag = neon_types::BufferTag { rel: neon_types::RelTag { node, fork: neon_types::ForkNumber::Main }, blkno: 0 };
+    let layer = corrupt_newest_value(&store, sidecar::repo::key::Key::rel_block(&tag), lsn)?;
+    let mut b = boot(&path, lsn)?;
+    let err = b.query_one_string("SELECT count(*) FROM victim").err().context("read a corrupt page")?;
+    let file = format!("base/{}/{}", node.dbnode, node.relnode);
+    anyhow::ensure!(
+        format!("{err:#}").contains("Input/output error") && format!("{err:#}").contains(&file),
+        "the branch server said {err:#}"
+    );
+    let log = sidecar.log_text();
+    let layer_name = layer.file_name().context("a file")?.to_string_lossy().into_owned();
+    anyhow::ensure!(
+        log.lines().any(|l| l.contains(&format!("branch {id}")) && l.contains(&file) && l.contains(&layer_name)),
+        "the sidecar's log does not name {file} and {layer_name}: {log}"
+    );
+    anyhow::ensure!(b.query_one_string("SELECT x FROM fine")? == "42", "the rest of the branch");
+    b.stop()?;
+    drop(b);
+    drop_branch(&sidecar, id, &path)?;
+    sidecar.stop()?;
+    Ok(())
+}
