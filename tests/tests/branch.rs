@@ -315,7 +315,7 @@ fn corrupt_newest_value(store: &Path, key: sidecar::repo::key::Key, lsn: Lsn) ->
     // payload follows its 8-byte header (see `repo::layer`).
     let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
     let len = file.metadata()?.len();
-    let mut u64_at = |at: u64| -> Result<u64> {
+    let u64_at = |at: u64| -> Result<u64> {
         let mut b = [0u8; 8];
         file.read_exact_at(&mut b, at)?;
         Ok(u64::from_le_bytes(b))
