@@ -17,10 +17,10 @@
 //! Goals: (a) ≤ 1.5 × (b) in seconds, and (a) ≥ 10 × faster than (c).
 
 use anyhow::{Context, Result};
+use neon_tests::bench::{dir_bytes, restore_and_replay, state};
 use neon_tests::sidecar::{boot_basebackup, init_store, SidecarProcess};
-use neon_tests::{chown_to_server_user, run_as_server_user, workload, Cluster};
+use neon_tests::{chown_to_server_user, workload, Cluster};
 use neon_types::protocol::{Request, Response};
-use neon_types::Lsn;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -35,83 +35,6 @@ fn parse_args() -> Result<Args> {
         &[("scale", "70"), ("wal-mb", "1024")],
     )?;
     Ok(Args { scale: f.get("scale")?, wal_mb: f.get("wal-mb")? })
-}
-
-/// What a copy of the database at L must hold: pgbench_history's rows (one per transaction)
-/// and the sum of the accounts' balances.
-const AT_L: &str =
-    "SELECT (SELECT count(*) FROM pgbench_history) || ' ' || (SELECT sum(abalance) FROM pgbench_accounts)";
-
-/// [`AT_L`] on `db`, as "rows sum".
-fn state(db: &mut postgres::Client) -> Result<String> {
-    Ok(db.query_one(AT_L, &[])?.get(0))
-}
-
-fn dir_bytes(p: &Path) -> u64 {
-    std::fs::read_dir(p)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| match e.file_type() {
-                    Ok(t) if t.is_dir() => dir_bytes(&e.path()),
-                    _ => e.metadata().map(|m| m.len()).unwrap_or(0),
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-/// (c): the start backup copied, the archive replayed to `target` and the copy promoted, until
-/// it accepts connections. `pg_ctl -w` cannot say when that is: it returns once recovery has
-/// started (`hot_standby = off`) or once the copy is consistent (`on`), long before `target`,
-/// so the copy is polled until a connection works and it is out of recovery. Returns the time
-/// that took and [`AT_L`] read from the copy afterwards.
-fn restore_and_replay(c: &Cluster, base: &Path, archive: &Path, target: Lsn) -> Result<(Duration, String)> {
-    let dir = c.root_dir().join("restored");
-    let t = Instant::now();
-    let ok = std::process::Command::new("cp").arg("-a").arg(base).arg(&dir).status()?;
-    anyhow::ensure!(ok.success(), "copying the base backup");
-    // No hot standby: until it is promoted, the copy turns connections away at once.
-    let conf = format!(
-        "restore_command = 'cp {}/%f %p'\nrecovery_target_lsn = '{target}'\nrecovery_target_action = 'promote'\n\
-         listen_addresses = ''\nport = 5433\nunix_socket_directories = '{}'\nhot_standby = off\n",
-        archive.display(),
-        dir.display()
-    );
-    std::fs::write(dir.join("postgresql.auto.conf"), conf)?;
-    std::fs::write(dir.join("recovery.signal"), "")?;
-    chown_to_server_user(&dir)?;
-    let mut start = std::process::Command::new(c.server_tool("pg_ctl").get_program());
-    start.arg("-D").arg(&dir).args(["-w", "-t", "3600", "-l"]).arg(dir.join("log")).arg("start");
-    run_as_server_user(&mut start);
-    let out = start.output()?;
-    anyhow::ensure!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
-    let conn = format!("host={} port=5433 user={} dbname=postgres", dir.display(), neon_tests::SUPERUSER);
-    let postmaster: i32 = std::fs::read_to_string(dir.join("postmaster.pid"))?
-        .lines()
-        .next()
-        .context("empty postmaster.pid")?
-        .trim()
-        .parse()?;
-    let promoted = loop {
-        let ready = postgres::Client::connect(&conn, postgres::NoTls).ok().and_then(|mut db| {
-            let in_recovery: bool = db.query_one("SELECT pg_is_in_recovery()", &[]).ok()?.get(0);
-            (!in_recovery).then_some(db)
-        });
-        if let Some(db) = ready {
-            break Ok((t.elapsed(), db));
-        }
-        if !neon_tests::process_alive(postmaster) || t.elapsed() > Duration::from_secs(3600) {
-            let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
-            break Err(anyhow::anyhow!("the restored copy never came up:\n{}", neon_tests::tail_lines(&log, 20)));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let held = promoted.and_then(|(elapsed, mut db)| Ok((elapsed, state(&mut db)?)));
-    let mut stop = std::process::Command::new(c.server_tool("pg_ctl").get_program());
-    stop.arg("-D").arg(&dir).args(["-m", "immediate", "stop"]);
-    run_as_server_user(&mut stop);
-    stop.output()?;
-    held.context("the restored copy")
 }
 
 fn main() -> Result<()> {
