@@ -38,12 +38,15 @@ demo: deps install-ext
 # basebackup: a backup at a past LSN beside pg_basebackup (now) and restore + replay to the LSN,
 #   both copies of the LSN booted and checked against the compute's state there.
 # sql: neon_get_page from SQL beside get_raw_page; a past-LSN sequential read, prefetch off vs on.
+# branch: a branch's first answer beside base backup + boot, restore + replay and pg_basebackup
+#   of now + boot, same run; a cold scan on the branch beside one on a local copy.
 bench: deps install-ext
 	bash bench/decode
 	bash bench/walredo
 	bash bench/ingest
 	bash bench/basebackup
 	bash bench/sql
+	bash bench/branch
 
 # The fuzz target must keep compiling; running it is `cd sidecar/fuzz && cargo fuzz run decode_wal`.
 fuzz-check:

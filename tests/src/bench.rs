@@ -4,9 +4,9 @@
 use crate::Cluster;
 use anyhow::{Context, Result};
 use neon_types::Lsn;
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use std::collections::HashMap;
 
 /// The program's `--name value` flags: every name in `defaults` (with its default unless
 /// given); anything else is an error that shows `usage`.
@@ -112,4 +112,3 @@ pub fn restore_and_replay(c: &Cluster, base: &Path, archive: &Path, target: Lsn)
     stop.output()?;
     held.context("the restored copy")
 }
-

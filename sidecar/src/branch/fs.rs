@@ -263,21 +263,33 @@ impl BranchFs {
         Ok(out)
     }
 
+    /// `size` bytes at `offset` (fewer at the end of the file): history's pages for blocks
+    /// that come from history, the overlay file's bytes for the others (read only for those:
+    /// the overlay holds nothing where history answers).
     fn read_at(&self, of: &OpenFile, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         let len = of.file.metadata().map_err(|e| errno(&e))?.len();
         let end = (offset + u64::from(size)).min(len);
         if offset >= end {
             return Ok(Vec::new());
         }
-        let mut buf = vec![0u8; (end - offset) as usize];
-        read_overlay(&of.file, offset, &mut buf).map_err(|e| errno(&e))?;
-        if let Some(i) = of.history {
-            let blocks: Vec<u32> = ((offset / BLOCK) as u32..=((end - 1) / BLOCK) as u32).collect();
-            for (block, page) in self.history_pages(of, i, &blocks)? {
-                let (start, stop) = (u64::from(block) * BLOCK, u64::from(block + 1) * BLOCK);
-                let (from, to) = (start.max(offset), stop.min(end));
-                buf[(from - offset) as usize..(to - offset) as usize]
-                    .copy_from_slice(&page[(from - start) as usize..(to - start) as usize]);
+        let mut buf = Vec::with_capacity((end - offset) as usize);
+        let Some(i) = of.history else {
+            buf.resize((end - offset) as usize, 0);
+            read_overlay(&of.file, offset, &mut buf).map_err(|e| errno(&e))?;
+            return Ok(buf);
+        };
+        let blocks: Vec<u32> = ((offset / BLOCK) as u32..=((end - 1) / BLOCK) as u32).collect();
+        let mut pages = self.history_pages(of, i, &blocks)?;
+        for block in blocks {
+            let (start, stop) = (u64::from(block) * BLOCK, u64::from(block + 1) * BLOCK);
+            let (from, to) = (start.max(offset), stop.min(end));
+            match pages.remove(&block) {
+                Some(page) => buf.extend_from_slice(&page[(from - start) as usize..(to - start) as usize]),
+                None => {
+                    let at = buf.len();
+                    buf.resize(at + (to - from) as usize, 0);
+                    read_overlay(&of.file, from, &mut buf[at..]).map_err(|e| errno(&e))?;
+                }
             }
         }
         Ok(buf)
