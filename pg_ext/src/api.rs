@@ -398,7 +398,9 @@ fn neon_history() -> TableIterator<
     // Branches pin their LSNs (a sidecar without a shared directory has none).
     let branches = match call(&Request::BranchList, Some(guc::request_timeout()), &mut |_| {}) {
         Ok(Response::Branches(b)) => b,
-        _ => Vec::new(),
+        Err(ClientError::Sidecar { code: ErrorCode::BadRequest, .. }) => Vec::new(),
+        Ok(r) => unexpected(what, r),
+        Err(e) => failed(what, e),
     };
     let flush = PgLsn(crate::flush_lsn());
     let rows: Vec<_> = timelines
@@ -546,7 +548,7 @@ type BranchRow = (i32, String, PgLsn, i32, i32, i64);
 /// A writable branch as of `lsn` (NULL: the compute's WAL flush position now): a data directory
 /// the sidecar mounts, on which PostgreSQL 15, run as this server's OS user, boots at once and
 /// without replay; relation pages are rebuilt when read, writes stay in the branch.
-#[pg_extern(volatile, parallel_safe)]
+#[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::type_complexity)]
 fn neon_branch_create(
     lsn: default!(Option<PgLsn>, "NULL"),
@@ -598,7 +600,7 @@ fn neon_branches() -> TableIterator<
 }
 
 /// Unmounts branch `id` and deletes it (its server must be stopped); returns its path.
-#[pg_extern(volatile, parallel_safe)]
+#[pg_extern(volatile, parallel_unsafe)]
 fn neon_branch_drop(id: Option<i32>) -> String {
     let id = required(id, "id");
     if id < 1 {

@@ -128,9 +128,6 @@ impl ClusterBuilder {
         self
     }
 
-    /// Runs initdb and writes the configuration, but does not start the
-    /// server; start it with [`Cluster::start_again`]. Useful to tamper with
-    /// the data directory before the first start.
     /// Runs the server on `data`, a data directory made elsewhere (a branch's mount), instead
     /// of an initdb'd one; its socket and log are in the cluster's own temp directory.
     pub fn existing_data_dir(mut self, data: &Path) -> Self {
@@ -138,6 +135,9 @@ impl ClusterBuilder {
         self
     }
 
+    /// Runs initdb (unless the data directory exists: [`ClusterBuilder::existing_data_dir`]) and writes the configuration, but does not start the
+    /// server; start it with [`Cluster::start_again`]. Useful to tamper with
+    /// the data directory before the first start.
     pub fn init(self) -> Result<Cluster> {
         let base = temp_base();
         let dir = tempfile::Builder::new()

@@ -77,6 +77,9 @@ impl Inodes {
     }
 }
 
+/// A directory's entries when it was opened.
+type Listing = Vec<(std::ffi::OsString, FileType)>;
+
 struct OpenFile {
     file: File,
     /// The relation file's index in [`HistoryFiles`], if its blocks may come from history.
@@ -92,6 +95,8 @@ pub struct BranchFs {
     source: Arc<dyn PageSource>,
     inodes: RwLock<Inodes>,
     files: RwLock<HashMap<u64, Arc<OpenFile>>>,
+    /// Open directories' listings, by handle.
+    dirs: RwLock<HashMap<u64, Arc<Listing>>>,
     next_fh: AtomicU64,
     /// Serialises copy-up and first writes of history blocks (rare; reads never wait on it).
     cow: Mutex<()>,
@@ -157,6 +162,7 @@ impl BranchFs {
             source,
             inodes: RwLock::new(inodes),
             files: RwLock::new(HashMap::new()),
+            dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             cow: Mutex::new(()),
         }
@@ -196,15 +202,19 @@ impl BranchFs {
     /// Opens `rel` in the overlay with the caller's flags (but `O_DIRECT` and `O_APPEND`: we
     /// read and write at offsets the kernel gives) and files a handle for it.
     fn open_handle(&self, rel: &Path, flags: i32, create_mode: Option<u32>) -> Result<u64, Errno> {
+        let real = self.real(rel);
+        if let (Some(i), Some(_)) = (self.history_of(rel), create_mode) {
+            // Created anew where a file with history was (its unlink lost in a crash): the new
+            // file is the branch's own.
+            if std::fs::symlink_metadata(&real).is_err() {
+                self.history.unlinked(i).map_err(|e| self.io_error(rel, &e))?;
+            }
+        }
         let history = self.history_of(rel);
         let mut o = OpenOptions::new();
-        o.read(true);
+        // Read-write whenever writing: a partial write of a history block reads it first.
         let acc = flags & libc::O_ACCMODE;
-        o.write(acc == libc::O_WRONLY || acc == libc::O_RDWR);
-        if acc == libc::O_WRONLY {
-            // We may need to read a history block we copy up: open read-write.
-            o.read(true).write(true);
-        }
+        o.read(true).write(acc == libc::O_WRONLY || acc == libc::O_RDWR);
         let passed = flags & !(libc::O_DIRECT | libc::O_APPEND | libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC);
         o.custom_flags(passed);
         if let Some(mode) = create_mode {
@@ -213,9 +223,9 @@ impl BranchFs {
                 o.create_new(true);
             }
         }
-        let file = o.open(self.real(rel)).map_err(|e| errno(&e))?;
+        let file = o.open(&real).map_err(|e| errno(&e))?;
         if flags & libc::O_TRUNC != 0 {
-            self.truncate(rel, &file, history, 0)?;
+            self.truncate(rel, history, 0)?;
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let of = Arc::new(OpenFile { file, history, path: rel.to_path_buf() });
@@ -223,19 +233,32 @@ impl BranchFs {
         Ok(fh)
     }
 
-    fn truncate(&self, rel: &Path, file: &File, history: Option<u32>, size: u64) -> Result<(), Errno> {
+    /// An error of the branch's own state: logged, `EIO` to the caller.
+    fn io_error(&self, rel: &Path, e: &dyn std::fmt::Display) -> Errno {
+        self.log(format_args!("{}: {e}", rel.display()));
+        Errno::EIO
+    }
+
+    /// Cuts `rel` to `size` bytes (through a handle of its own: the caller's may be
+    /// read-only). A history block cut in the middle keeps its first part: copied up first.
+    fn truncate(&self, rel: &Path, history: Option<u32>, size: u64) -> Result<(), Errno> {
+        let file = OpenOptions::new().read(true).write(true).open(self.real(rel)).map_err(|e| errno(&e))?;
         if let Some(i) = history {
-            let blocks = size.div_ceil(BLOCK) as u32;
-            self.history.truncated(i, blocks).map_err(|e| {
-                self.log(format_args!("truncating {}: {e}", rel.display()));
-                Errno::EIO
-            })?;
+            let _cow = self.cow.lock().unwrap_or_else(|p| p.into_inner());
+            if !size.is_multiple_of(BLOCK) {
+                let tail = (size / BLOCK) as u32;
+                for (block, page) in self.history_pages(rel, i, &[tail])? {
+                    file.write_all_at(&page[..], u64::from(block) * BLOCK).map_err(|e| errno(&e))?;
+                    self.history.written(i, block);
+                }
+            }
+            self.history.truncated(i, size.div_ceil(BLOCK) as u32).map_err(|e| self.io_error(rel, &e))?;
         }
         file.set_len(size).map_err(|e| errno(&e))
     }
 
     /// History's pages for the history blocks among `blocks`, by block.
-    fn history_pages(&self, of: &OpenFile, i: u32, blocks: &[u32]) -> Result<HashMap<u32, Box<[u8; BLCKSZ]>>, Errno> {
+    fn history_pages(&self, rel: &Path, i: u32, blocks: &[u32]) -> Result<HashMap<u32, Box<[u8; BLCKSZ]>>, Errno> {
         let wanted: Vec<(u32, BufferTag)> = blocks
             .iter()
             .filter_map(|b| match self.history.source(i, *b) {
@@ -255,7 +278,7 @@ impl BranchFs {
                     out.insert(block, p);
                 }
                 Err(e) => {
-                    self.log(format_args!("block {block} of {} ({tag}): {e}", of.path.display()));
+                    self.log(format_args!("block {block} of {} ({tag}): {e}", rel.display()));
                     return Err(Errno::EIO);
                 }
             }
@@ -279,7 +302,11 @@ impl BranchFs {
             return Ok(buf);
         };
         let blocks: Vec<u32> = ((offset / BLOCK) as u32..=((end - 1) / BLOCK) as u32).collect();
-        let mut pages = self.history_pages(of, i, &blocks)?;
+        let mut pages = self.history_pages(&of.path, i, &blocks)?;
+        // A first write may have landed while history rebuilt the page: the overlay wins (under
+        // the lock writes take, so none lands between this look and the read below).
+        let _cow = self.cow.lock().unwrap_or_else(|p| p.into_inner());
+        pages.retain(|block, _| matches!(self.history.source(i, *block), Source::History(_)));
         for block in blocks {
             let (start, stop) = (u64::from(block) * BLOCK, u64::from(block + 1) * BLOCK);
             let (from, to) = (start.max(offset), stop.min(end));
@@ -312,15 +339,12 @@ impl BranchFs {
                 offset > start || end < stop
             })
             .collect();
-        for (block, page) in self.history_pages(of, i, &partial)? {
+        for (block, page) in self.history_pages(&of.path, i, &partial)? {
             of.file.write_all_at(&page[..], u64::from(block) * BLOCK).map_err(|e| errno(&e))?;
         }
         of.file.write_all_at(data, offset).map_err(|e| errno(&e))?;
         for b in blocks {
-            self.history.written(i, b).map_err(|e| {
-                self.log(format_args!("writing block {b} of {}: {e}", of.path.display()));
-                Errno::EIO
-            })?;
+            self.history.written(i, b);
         }
         Ok(())
     }
@@ -339,7 +363,12 @@ impl Filesystem for BranchFs {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        // An open file answers for itself (it may be unlinked or renamed over since).
+        let open = fh.and_then(|f| self.open_file(f).ok()).and_then(|of| of.file.metadata().ok());
+        if let Some(m) = open {
+            return reply.attr(&TTL, &attr(ino.0, &m));
+        }
         match self.rel_path(ino).and_then(|p| self.entry(&p)) {
             Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(e),
@@ -375,13 +404,11 @@ impl Filesystem for BranchFs {
                 std::os::unix::fs::lchown(&real, uid, gid).map_err(|e| errno(&e))?;
             }
             if let Some(size) = size {
-                match fh.map(|f| self.open_file(f)).transpose()? {
-                    Some(of) => self.truncate(&rel, &of.file, of.history, size)?,
-                    None => {
-                        let file = OpenOptions::new().write(true).open(&real).map_err(|e| errno(&e))?;
-                        self.truncate(&rel, &file, self.history_of(&rel), size)?;
-                    }
-                }
+                let history = match fh.map(|f| self.open_file(f)).transpose()? {
+                    Some(of) => of.history,
+                    None => self.history_of(&rel),
+                };
+                self.truncate(&rel, history, size)?;
             }
             if atime.is_some() || mtime.is_some() {
                 let ts = |t: Option<TimeOrNow>| match t {
@@ -513,7 +540,7 @@ impl Filesystem for BranchFs {
                 return Err(Errno::EINVAL);
             }
             let (from, to) = (self.child(parent, name)?, self.child(newparent, newname)?);
-            if self.history_of(&from).is_some() {
+            if self.history_of(&from).is_some() || from.to_str().is_some_and(|f| self.history.has_under(f)) {
                 self.log(format_args!("refusing to rename {} (its blocks come from history)", from.display()));
                 return Err(Errno::EXDEV);
             }
@@ -533,7 +560,7 @@ impl Filesystem for BranchFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.rel_path(ino).and_then(|rel| self.open_handle(&rel, flags.0, None)) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
         }
     }
@@ -553,7 +580,7 @@ impl Filesystem for BranchFs {
             Ok((self.entry(&rel)?, fh))
         });
         match result {
-            Ok((a, fh)) => reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::empty()),
+            Ok((a, fh)) => reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
         }
     }
@@ -615,11 +642,8 @@ impl Filesystem for BranchFs {
         let result = self.open_file(fh).and_then(|of| {
             let synced = if datasync { of.file.sync_data() } else { of.file.sync_all() };
             synced.map_err(|e| errno(&e))?;
-            if of.history.is_some() {
-                self.history.sync().map_err(|e| {
-                    self.log(format_args!("fsync of {}: {e}", of.path.display()));
-                    Errno::EIO
-                })?;
+            if let Some(i) = of.history {
+                self.history.sync(i, &of.file).map_err(|e| self.io_error(&of.path, &e))?;
             }
             Ok(())
         });
@@ -629,14 +653,9 @@ impl Filesystem for BranchFs {
         }
     }
 
+    /// The listing is taken when the directory is opened: offsets into it stay valid while
+    /// entries are unlinked between `readdir` calls (PostgreSQL unlinks as it iterates).
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.rel_path(ino) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let result = (|| {
             let rel = self.rel_path(ino)?;
             let mut entries: Vec<(std::ffi::OsString, FileType)> =
@@ -646,10 +665,34 @@ impl Filesystem for BranchFs {
                 let kind = kind_of(e.file_type().map_err(|e| errno(&e))?);
                 entries.push((e.file_name(), kind));
             }
+            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+            self.dirs.write().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(entries));
+            Ok(fh)
+        })();
+        match result {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.write().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let result = (|| {
+            let rel = self.rel_path(ino)?;
+            let entries =
+                self.dirs.read().unwrap_or_else(|p| p.into_inner()).get(&fh.0).cloned().ok_or(Errno::EBADF)?;
             let mut inodes = self.inodes.write().unwrap_or_else(|p| p.into_inner());
-            for (i, (name, kind)) in entries.into_iter().enumerate().skip(offset as usize) {
-                let n = if name == "." || name == ".." { ino.0 } else { inodes.number(&rel.join(&name)) };
-                if reply.add(INodeNo(n), (i + 1) as u64, kind, &name) {
+            for (i, (name, kind)) in entries.iter().enumerate().skip(offset as usize) {
+                let n = match name.to_str() {
+                    Some(".") => ino.0,
+                    Some("..") => rel.parent().map_or(ino.0, |p| inodes.number(p)),
+                    _ => inodes.number(&rel.join(name)),
+                };
+                if reply.add(INodeNo(n), (i + 1) as u64, *kind, name) {
                     break;
                 }
             }

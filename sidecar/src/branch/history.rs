@@ -5,11 +5,16 @@
 //! Every relation file of the branch's data directory is a real (sparse) file in the overlay,
 //! created at the size it had at the branch's LSN. Block `b` of such a file is read from
 //! history (rebuilt at the LSN) while `b` is below the file's *history limit* and the branch has
-//! not written it; otherwise from the overlay file. Writing a block for the first time files a
-//! `written` record after the data is in the overlay file (so a crash in between reads the old
-//! page, as a lost write, which PostgreSQL's own WAL replay repairs); a truncation lowers the
-//! limit; an unlink ends the file's history (a file created later at the same path is the
-//! branch's own).
+//! not written it; otherwise from the overlay file. A truncation lowers the limit; an unlink
+//! ends the file's history (a file created later at the same path is the branch's own; one
+//! missing from the overlay when the branch is loaded has none either).
+//!
+//! Writing a history block for the first time is known at once in memory; its `written` record
+//! is filed when the file is fsync'd, after the overlay file's own `fdatasync` (and at a clean
+//! unmount, after a `syncfs`), so the journal never names a block whose data may not be on disk.
+//! What PostgreSQL wrote but has not fsync'd is, after a crash of the sidecar or the machine,
+//! the page history had — a lost unsynced write, which its WAL replay repairs, as after any
+//! crash (the branch's server must restart when the sidecar does: its mount went away).
 //!
 //! ```text
 //! <branch>/relations   (written once, at creation)
@@ -89,6 +94,8 @@ pub struct HistoryFiles {
     journal: Mutex<File>,
     files: Mutex<Vec<FileState>>,
     by_path: HashMap<String, u32>,
+    /// First writes not yet in the journal, by file: filed when that file is fsync'd.
+    pending: Mutex<HashMap<u32, Vec<u32>>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HistoryError + '_ {
@@ -119,8 +126,9 @@ impl HistoryFiles {
         crate::repo::timeline::write_durably(&dir.join("blocks.log.tmp"), &journal, &[]).map_err(io(&journal))
     }
 
-    /// Loads a branch's state: its manifest, then its journal.
-    pub fn open(dir: &Path) -> Result<HistoryFiles, HistoryError> {
+    /// Loads a branch's state: its manifest, then its journal; a file missing from `overlay`
+    /// has no history any more (it was unlinked and the crash came before the record).
+    pub fn open(dir: &Path, overlay: &Path) -> Result<HistoryFiles, HistoryError> {
         let path = dir.join(RELATIONS_FILE);
         let files = read_manifest(&path)?;
         let by_path = files.iter().enumerate().map(|(i, f)| (f.path.clone(), i as u32)).collect();
@@ -130,18 +138,23 @@ impl HistoryFiles {
             .collect();
         let journal_path = dir.join(JOURNAL_FILE);
         let bytes = std::fs::read(&journal_path).map_err(io(&journal_path))?;
-        let whole = bytes.len() / RECORD_LEN * RECORD_LEN;
+        let records = bytes.len() / RECORD_LEN;
         let mut valid = 0;
-        for rec in bytes[..whole].chunks_exact(RECORD_LEN) {
+        for (n, rec) in bytes.chunks_exact(RECORD_LEN).enumerate() {
+            let corrupt = |why: String| HistoryError::Corrupt { path: journal_path.clone(), why };
             if crc32c::crc32c(&rec[..9]).to_le_bytes() != rec[9..13] {
+                // Only the last record can be torn (never acknowledged); one before it is damage.
+                if n + 1 < records {
+                    return Err(corrupt(format!("record {n} of {records} fails its CRC")));
+                }
                 break;
             }
             let (kind, index) = (rec[0], u32::from_le_bytes(rec[1..5].try_into().expect("4 bytes")));
             let block = u32::from_le_bytes(rec[5..9].try_into().expect("4 bytes"));
-            let corrupt = |why: String| HistoryError::Corrupt { path: journal_path.clone(), why };
+            let files = states.len();
             let s = states
                 .get_mut(index as usize)
-                .ok_or_else(|| corrupt(format!("record {} names file {index} of {}", valid, by_path_len(&by_path))))?;
+                .ok_or_else(|| corrupt(format!("record {n} names file {index} of {files}")))?;
             match kind {
                 WRITTEN => s.set_written(block),
                 TRUNCATED => s.limit = s.limit.min(block),
@@ -150,10 +163,22 @@ impl HistoryFiles {
             }
             valid += 1;
         }
+        for s in states.iter_mut().filter(|s| !s.unlinked) {
+            if std::fs::symlink_metadata(overlay.join(&s.file.path)).is_err() {
+                s.unlinked = true;
+            }
+        }
         let journal = OpenOptions::new().append(true).mode(0o600).open(&journal_path).map_err(io(&journal_path))?;
         // A torn tail was never acknowledged: cut it so new records follow the valid ones.
         journal.set_len((valid * RECORD_LEN) as u64).map_err(io(&journal_path))?;
-        Ok(HistoryFiles { journal_path, journal: Mutex::new(journal), files: Mutex::new(states), by_path })
+        let (journal, files, pending) = (Mutex::new(journal), Mutex::new(states), Mutex::new(HashMap::new()));
+        Ok(HistoryFiles { journal_path, journal, files, by_path, pending })
+    }
+
+    /// Whether a file below directory `dir` (a relative path) has history.
+    pub fn has_under(&self, dir: &str) -> bool {
+        let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        files.iter().any(|f| !f.unlinked && Path::new(&f.file.path).starts_with(dir))
     }
 
     /// The history file at `path`, if it has (still) history.
@@ -174,22 +199,19 @@ impl HistoryFiles {
         }
     }
 
-    /// The file's path (for messages).
-    pub fn path(&self, i: u32) -> String {
-        self.files.lock().unwrap_or_else(|p| p.into_inner())[i as usize].file.path.clone()
-    }
-
-    /// Records that the branch wrote block `block` of file `i` (its data already in the
-    /// overlay file). Nothing is recorded for blocks that never came from history.
-    pub fn written(&self, i: u32, block: u32) -> Result<(), HistoryError> {
+    /// Notes that the branch wrote block `block` of file `i` (its data already in the overlay
+    /// file): read from the overlay from now on, journalled at the file's next [`sync`]. Nothing
+    /// is noted for blocks that never came from history.
+    ///
+    /// [`sync`]: HistoryFiles::sync
+    pub fn written(&self, i: u32, block: u32) {
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let s = &mut files[i as usize];
         if s.unlinked || block >= s.limit || s.is_written(block) {
-            return Ok(());
+            return;
         }
-        self.append(WRITTEN, i, block)?;
         s.set_written(block);
-        Ok(())
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).entry(i).or_default().push(block);
     }
 
     /// Records a truncation of file `i` to `blocks` blocks (before the overlay file is cut).
@@ -212,22 +234,48 @@ impl HistoryFiles {
         }
         self.append(UNLINKED, i, 0)?;
         files[i as usize].unlinked = true;
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&i);
         Ok(())
     }
 
     fn append(&self, kind: u8, i: u32, block: u32) -> Result<(), HistoryError> {
-        let mut rec = [0u8; RECORD_LEN];
-        rec[0] = kind;
-        rec[1..5].copy_from_slice(&i.to_le_bytes());
-        rec[5..9].copy_from_slice(&block.to_le_bytes());
-        let crc = crc32c::crc32c(&rec[..9]);
-        rec[9..13].copy_from_slice(&crc.to_le_bytes());
-        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        journal.write_all(&rec).map_err(io(&self.journal_path))
+        self.append_all(kind, i, &[block])
     }
 
-    /// Makes the journal durable (a file's fsync makes what it depends on durable too).
-    pub fn sync(&self) -> Result<(), HistoryError> {
+    fn append_all(&self, kind: u8, i: u32, blocks: &[u32]) -> Result<(), HistoryError> {
+        let mut recs = Vec::with_capacity(blocks.len() * RECORD_LEN);
+        for block in blocks {
+            let at = recs.len();
+            recs.push(kind);
+            recs.extend_from_slice(&i.to_le_bytes());
+            recs.extend_from_slice(&block.to_le_bytes());
+            let crc = crc32c::crc32c(&recs[at..]);
+            recs.extend_from_slice(&crc.to_le_bytes());
+        }
+        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        journal.write_all(&recs).map_err(io(&self.journal_path))
+    }
+
+    /// Makes file `i`'s writes durable: its overlay file's data (`data`), then the journal
+    /// records of its first writes, then the journal.
+    pub fn sync(&self, i: u32, data: &File) -> Result<(), HistoryError> {
+        data.sync_data().map_err(io(&self.journal_path))?;
+        let blocks = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&i).unwrap_or_default();
+        if let Err(e) = self.append_all(WRITTEN, i, &blocks) {
+            self.pending.lock().unwrap_or_else(|p| p.into_inner()).entry(i).or_default().extend(blocks);
+            return Err(e);
+        }
+        let journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        journal.sync_data().map_err(io(&self.journal_path))
+    }
+
+    /// Journals every first write (a clean unmount): `overlay`'s file system synced first.
+    pub fn sync_all(&self, overlay: &Path) -> Result<(), HistoryError> {
+        crate::branch::sync_fs(overlay).map_err(io(overlay))?;
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        for (i, blocks) in pending {
+            self.append_all(WRITTEN, i, &blocks)?;
+        }
         let journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
         journal.sync_data().map_err(io(&self.journal_path))
     }
@@ -237,10 +285,6 @@ impl HistoryFiles {
         let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         (files.len(), files.iter().flat_map(|f| &f.written).map(|w| u64::from(w.count_ones())).sum())
     }
-}
-
-fn by_path_len(m: &HashMap<String, u32>) -> usize {
-    m.len()
 }
 
 fn read_manifest(path: &Path) -> Result<Vec<RelationSegment>, HistoryError> {
@@ -303,43 +347,62 @@ mod tests {
     }
 
     #[test]
-    fn state_survives_reopening_and_a_torn_tail() {
+    fn state_survives_reopening_a_torn_tail_and_a_lost_file() {
         let dir = tempfile::tempdir().unwrap();
+        let overlay = dir.path().join("overlay");
+        std::fs::create_dir_all(overlay.join("base/5")).unwrap();
         let files = vec![
             RelationSegment { path: "base/5/100".into(), rel: rel(100), first: 0, blocks: 10 },
             RelationSegment { path: "base/5/100.1".into(), rel: rel(100), first: 131072, blocks: 3 },
+            RelationSegment { path: "base/5/200".into(), rel: rel(200), first: 0, blocks: 1 },
         ];
+        for f in &files[..2] {
+            std::fs::write(overlay.join(&f.path), b"").unwrap();
+        }
         HistoryFiles::create(dir.path(), &files).unwrap();
-        let h = HistoryFiles::open(dir.path()).unwrap();
+        let h = HistoryFiles::open(dir.path(), &overlay).unwrap();
+        // Missing from the overlay: no history (an unlink the crash came before recording).
+        assert_eq!(h.lookup("base/5/200"), None);
         let f1 = h.lookup("base/5/100.1").unwrap();
         assert_eq!(h.source(f1, 2), Source::History(BufferTag { rel: rel(100), blkno: 131074 }));
         assert_eq!(h.source(f1, 3), Source::Overlay);
-        h.written(f1, 2).unwrap();
-        h.written(f1, 2).unwrap(); // once only
+        h.written(f1, 2);
+        h.written(f1, 2); // once only
+        assert_eq!(h.source(f1, 2), Source::Overlay);
         let f0 = h.lookup("base/5/100").unwrap();
         h.truncated(f0, 4).unwrap();
+        h.written(f0, 1); // never fsync'd: lost with the sidecar
+        let data = File::open(overlay.join("base/5/100.1")).unwrap();
+        h.sync(f1, &data).unwrap();
         drop(h);
-        // A torn record after the valid ones.
         let journal = dir.path().join(JOURNAL_FILE);
         assert_eq!(std::fs::metadata(&journal).unwrap().len(), 2 * RECORD_LEN as u64);
+        // A torn record after the valid ones.
         OpenOptions::new().append(true).open(&journal).unwrap().write_all(&[1, 0, 0]).unwrap();
-        let h = HistoryFiles::open(dir.path()).unwrap();
+        let h = HistoryFiles::open(dir.path(), &overlay).unwrap();
         assert_eq!(h.source(f1, 2), Source::Overlay);
         assert_eq!(h.source(f1, 1), Source::History(BufferTag { rel: rel(100), blkno: 131073 }));
         assert_eq!(h.source(f0, 4), Source::Overlay);
-        assert_eq!(h.source(f0, 3), Source::History(BufferTag { rel: rel(100), blkno: 3 }));
-        assert_eq!(h.counts(), (2, 1));
+        assert_eq!(h.source(f0, 1), Source::History(BufferTag { rel: rel(100), blkno: 1 }));
+        assert_eq!(h.counts(), (3, 1));
+        assert!(h.has_under("base/5") && !h.has_under("base/6"));
         h.unlinked(f0).unwrap();
         assert_eq!(h.lookup("base/5/100"), None);
         drop(h);
-        let h = HistoryFiles::open(dir.path()).unwrap();
+        let h = HistoryFiles::open(dir.path(), &overlay).unwrap();
         assert_eq!(h.lookup("base/5/100"), None);
+        drop(h);
         assert_eq!(std::fs::metadata(&journal).unwrap().len(), 3 * RECORD_LEN as u64);
+        // Damage before the last record is an error, not a shorter history.
+        let mut b = std::fs::read(&journal).unwrap();
+        b[3] ^= 1;
+        std::fs::write(&journal, &b).unwrap();
+        assert!(matches!(HistoryFiles::open(dir.path(), &overlay), Err(HistoryError::Corrupt { .. })));
         // A flipped bit in the manifest is an error, never another file's pages.
         let m = dir.path().join(RELATIONS_FILE);
         let mut b = std::fs::read(&m).unwrap();
         b[12] ^= 1;
         std::fs::write(&m, b).unwrap();
-        assert!(matches!(HistoryFiles::open(dir.path()), Err(HistoryError::Corrupt { .. })));
+        assert!(matches!(HistoryFiles::open(dir.path(), &overlay), Err(HistoryError::Corrupt { .. })));
     }
 }

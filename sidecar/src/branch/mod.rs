@@ -136,8 +136,14 @@ impl fs::PageSource for HistoryPages {
                 }
             }
         }
-        let pages =
-            reconstruct::pages_of(&self.timeline, self.redo.as_ref(), tags.iter().map(|t| (&rels[&t.rel], t.blkno)));
+        // A panic in a FUSE callback would end one of the mount's few threads: it is an error
+        // for these pages instead.
+        let rebuilt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            reconstruct::pages_of(&self.timeline, self.redo.as_ref(), tags.iter().map(|t| (&rels[&t.rel], t.blkno)))
+        }));
+        let Ok(pages) = rebuilt else {
+            return tags.iter().map(|t| Err(format!("rebuilding {t} at {} panicked", self.lsn))).collect();
+        };
         pages
             .into_iter()
             .zip(tags)
@@ -156,6 +162,7 @@ struct Live {
     meta: BranchMeta,
     history: Arc<HistoryFiles>,
     owner: Arc<Timeline>,
+    source: Arc<HistoryPages>,
     session: Option<fuser::BackgroundSession>,
 }
 
@@ -177,16 +184,27 @@ impl Branches {
         let dir = shared.join("branches");
         private_dir(&dir).map_err(io_err(0, &dir))?;
         let branches = Branches { dir: dir.clone(), live: Mutex::new(BTreeMap::new()), changing: Mutex::new(()) };
+        let mut ids = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(io_err(0, &dir))?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.ends_with(".new") {
                 let _ = std::fs::remove_dir_all(e.path());
-                continue;
+            } else if let Ok(id) = name.parse::<u32>() {
+                ids.push(id);
             }
-            let Ok(id) = name.parse::<u32>() else { continue };
-            let meta = BranchMeta::read(id, &e.path().join(META_FILE))?;
-            let live = branches.load(store, redo, meta)?;
-            branches.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, live);
+        }
+        ids.sort_unstable();
+        for id in ids {
+            // One branch that cannot be mounted does not stop the sidecar (nor ingest): it
+            // is reported, and left on disk as it is.
+            let loaded = BranchMeta::read(id, &branches.branch_dir(id).join(META_FILE))
+                .and_then(|meta| branches.load(store, redo, meta));
+            match loaded {
+                Ok(live) => {
+                    branches.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, live);
+                }
+                Err(e) => eprintln!("neon-sidecar: branch {id} is not mounted: {e}"),
+            }
         }
         Ok(branches)
     }
@@ -199,7 +217,9 @@ impl Branches {
     fn load(&self, store: &Store, redo: &Arc<dyn WalRedoManager>, meta: BranchMeta) -> Result<Live, BranchError> {
         let id = meta.id;
         let dir = self.branch_dir(id);
-        let history = Arc::new(HistoryFiles::open(&dir).map_err(|source| BranchError::History { id, source })?);
+        let history = Arc::new(
+            HistoryFiles::open(&dir, &dir.join("overlay")).map_err(|source| BranchError::History { id, source })?,
+        );
         let timeline = store.timeline(meta.source).ok_or_else(|| BranchError::BadMeta {
             id,
             path: dir.join(META_FILE),
@@ -209,12 +229,16 @@ impl Branches {
         owner.pin(meta.lsn);
         let checksums = crate::repo::meta::compute_has_checksums(&timeline);
         let source = Arc::new(HistoryPages { timeline, redo: redo.clone(), lsn: meta.lsn, checksums });
-        let mut live = Live { meta, history, owner, session: None };
-        self.mount(&mut live, source)?;
+        let mut live = Live { meta, history, owner, source, session: None };
+        if let Err(e) = self.mount(&mut live) {
+            live.owner.unpin(live.meta.lsn);
+            return Err(e);
+        }
         Ok(live)
     }
 
-    fn mount(&self, live: &mut Live, source: Arc<HistoryPages>) -> Result<(), BranchError> {
+    fn mount(&self, live: &mut Live) -> Result<(), BranchError> {
+        let source = live.source.clone();
         let (id, mount) = (live.meta.id, live.meta.mount.clone());
         let mount_err = |source| BranchError::Mount { id, mount: mount.clone(), source };
         clear_stale_mount(&mount);
@@ -264,6 +288,12 @@ impl Branches {
                 if !m.is_absolute() {
                     return Err(bad("must be an absolute path"));
                 }
+                if m.to_str().is_none_or(|p| p.chars().any(char::is_control)) {
+                    return Err(bad("must be UTF-8 without control characters"));
+                }
+                if m.starts_with(&self.dir) {
+                    return Err(bad("is inside the sidecar's branches directory"));
+                }
                 if let Ok(mut entries) = std::fs::read_dir(&m) {
                     if entries.next().is_some() {
                         return Err(bad("is not empty"));
@@ -273,12 +303,58 @@ impl Branches {
             }
             None => self.branch_dir(id).join("data"),
         };
+        // Pinned before anything is read, and then checked to be (still) in history: garbage
+        // collection cannot take what the branch is being made of.
+        let owner = t.owner_at(lsn);
+        owner.pin(lsn);
+        let made = crate::repo::reconstruct::check_in_history(t, lsn)
+            .map_err(|source| BranchError::Basebackup {
+                lsn,
+                source: basebackup::BasebackupError::Page { lsn, source },
+            })
+            .and_then(|()| self.make(store, t, redo, lsn, id, mount));
+        let (meta, dir) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                owner.unpin(lsn);
+                return Err(e);
+            }
+        };
+        let checksums = crate::repo::meta::compute_has_checksums(t);
+        let history = match HistoryFiles::open(&dir, &dir.join("overlay")) {
+            Ok(h) => Arc::new(h),
+            Err(source) => {
+                owner.unpin(lsn);
+                return Err(BranchError::History { id, source });
+            }
+        };
+        let source = Arc::new(HistoryPages { timeline: t.clone(), redo: redo.clone(), lsn, checksums });
+        let mut live = Live { meta, history, owner, source, session: None };
+        if let Err(e) = self.mount(&mut live) {
+            live.owner.unpin(lsn);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let info = info(&live);
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, live);
+        Ok(info)
+    }
+
+    /// Builds branch `id` in `<id>.new` and renames it into place; its metadata and directory.
+    fn make(
+        &self,
+        store: &Store,
+        t: &Arc<Timeline>,
+        redo: &Arc<dyn WalRedoManager>,
+        lsn: Lsn,
+        id: u32,
+        mount: PathBuf,
+    ) -> Result<(BranchMeta, PathBuf), BranchError> {
         let building = self.dir.join(format!("{id}.new"));
         let _ = std::fs::remove_dir_all(&building);
         let overlay = building.join("overlay");
         private_dir(&overlay).map_err(io_err(id, &overlay))?;
-        let result = self.build(store, t, redo, lsn, id, &building, &overlay, mount);
-        let meta = match result {
+        let meta = match self.build(store, t, redo, lsn, id, &building, &overlay, mount) {
             Ok(meta) => meta,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&building);
@@ -288,20 +364,7 @@ impl Branches {
         let dir = self.branch_dir(id);
         std::fs::rename(&building, &dir).map_err(io_err(id, &dir))?;
         sync_dir(&self.dir).map_err(io_err(id, &self.dir))?;
-        let checksums = crate::repo::meta::compute_has_checksums(t);
-        let history = Arc::new(HistoryFiles::open(&dir).map_err(|source| BranchError::History { id, source })?);
-        let owner = t.owner_at(lsn);
-        owner.pin(lsn);
-        let source = Arc::new(HistoryPages { timeline: t.clone(), redo: redo.clone(), lsn, checksums });
-        let mut live = Live { meta, history, owner, session: None };
-        if let Err(e) = self.mount(&mut live, source) {
-            live.owner.unpin(lsn);
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
-        let info = info(&live);
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, live);
-        Ok(info)
+        Ok((meta, dir))
     }
 
     /// Writes the overlay and state of a new branch into `building`.
@@ -381,12 +444,20 @@ impl Branches {
             live
         };
         let info = info(&live);
-        unmount(&live.meta.mount);
-        drop(live.session.take());
-        live.owner.unpin(live.meta.lsn);
+        // Out of the way first (a crash from here on leaves a `.new`, removed at the next
+        // start): if that fails, the branch stays as it was.
         let dir = self.branch_dir(id);
         let doomed = self.dir.join(format!("{id}.new"));
-        std::fs::rename(&dir, &doomed).map_err(io_err(id, &dir))?;
+        unmount(&live.meta.mount);
+        drop(live.session.take());
+        if let Err(e) = std::fs::rename(&dir, &doomed) {
+            // It stays as it was: mounted again, pinned, listed.
+            let remounted = self.mount(&mut live);
+            self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, live);
+            remounted?;
+            return Err(io_err(id, &dir)(e));
+        }
+        live.owner.unpin(live.meta.lsn);
         std::fs::remove_dir_all(&doomed).map_err(io_err(id, &doomed))?;
         if live.meta.mount != dir.join("data") {
             let _ = std::fs::remove_dir(&live.meta.mount);
@@ -398,6 +469,12 @@ impl Branches {
     pub fn unmount_all(&self) {
         let mut all = self.live.lock().unwrap_or_else(|p| p.into_inner());
         for live in all.values_mut() {
+            // First writes not yet journalled are made durable and journalled (their files
+            // synced first).
+            let overlay = self.branch_dir(live.meta.id).join("overlay");
+            if let Err(e) = live.history.sync_all(&overlay) {
+                eprintln!("neon-sidecar: branch {}: journalling its writes at stop: {e}", live.meta.id);
+            }
             unmount(&live.meta.mount);
             drop(live.session.take());
         }
@@ -421,8 +498,11 @@ fn info(live: &Live) -> BranchInfo {
 fn running_postmaster(datadir: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(datadir.join("postmaster.pid")).ok()?;
     let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+    // SAFETY: kill with signal 0 only checks that the process exists (EPERM: it does, as
+    // another user's).
+    let alive =
+        unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    (pid > 0 && alive).then_some(pid)
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -430,7 +510,7 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// `syncfs` of the file system holding `path`.
-fn sync_fs(path: &Path) -> std::io::Result<()> {
+pub(crate) fn sync_fs(path: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(path)?;
     // SAFETY: `f` is an open descriptor for the duration of the call.
