@@ -112,3 +112,18 @@ pub fn restore_and_replay(c: &Cluster, base: &Path, archive: &Path, target: Lsn)
     stop.output()?;
     held.context("the restored copy")
 }
+
+/// A copy of `c`'s `pg_wal` files in `<root>/archive` (given to the server's OS user), as an
+/// archive that `restore_command` reads from; its path.
+pub fn archive_wal(c: &Cluster) -> Result<std::path::PathBuf> {
+    let archive = c.root_dir().join("archive");
+    std::fs::create_dir_all(&archive)?;
+    for e in std::fs::read_dir(c.wal_dir())? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::copy(e.path(), archive.join(e.file_name()))?;
+        }
+    }
+    crate::chown_to_server_user(&archive)?;
+    Ok(archive)
+}

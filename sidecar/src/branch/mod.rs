@@ -215,25 +215,33 @@ impl Branches {
 
     /// Opens a branch's state, pins its LSN and mounts it.
     fn load(&self, store: &Store, redo: &Arc<dyn WalRedoManager>, meta: BranchMeta) -> Result<Live, BranchError> {
-        let id = meta.id;
-        let dir = self.branch_dir(id);
+        let timeline = store.timeline(meta.source).ok_or_else(|| BranchError::BadMeta {
+            id: meta.id,
+            path: self.branch_dir(meta.id).join(META_FILE),
+            why: format!("the store has no timeline {}", meta.source),
+        })?;
+        let (owner, lsn) = (timeline.owner_at(meta.lsn), meta.lsn);
+        owner.pin(lsn);
+        self.attach(redo, timeline, meta).inspect_err(|_| owner.unpin(lsn))
+    }
+
+    /// Opens the state of a branch whose LSN the caller has pinned on `timeline`'s lineage, and
+    /// mounts it.
+    fn attach(
+        &self,
+        redo: &Arc<dyn WalRedoManager>,
+        timeline: Arc<Timeline>,
+        meta: BranchMeta,
+    ) -> Result<Live, BranchError> {
+        let (id, dir) = (meta.id, self.branch_dir(meta.id));
         let history = Arc::new(
             HistoryFiles::open(&dir, &dir.join("overlay")).map_err(|source| BranchError::History { id, source })?,
         );
-        let timeline = store.timeline(meta.source).ok_or_else(|| BranchError::BadMeta {
-            id,
-            path: dir.join(META_FILE),
-            why: format!("the store has no timeline {}", meta.source),
-        })?;
         let owner = timeline.owner_at(meta.lsn);
-        owner.pin(meta.lsn);
         let checksums = crate::repo::meta::compute_has_checksums(&timeline);
         let source = Arc::new(HistoryPages { timeline, redo: redo.clone(), lsn: meta.lsn, checksums });
         let mut live = Live { meta, history, owner, source, session: None };
-        if let Err(e) = self.mount(&mut live) {
-            live.owner.unpin(live.meta.lsn);
-            return Err(e);
-        }
+        self.mount(&mut live)?;
         Ok(live)
     }
 
@@ -320,21 +328,14 @@ impl Branches {
                 return Err(e);
             }
         };
-        let checksums = crate::repo::meta::compute_has_checksums(t);
-        let history = match HistoryFiles::open(&dir, &dir.join("overlay")) {
-            Ok(h) => Arc::new(h),
-            Err(source) => {
+        let live = match self.attach(redo, t.clone(), meta) {
+            Ok(live) => live,
+            Err(e) => {
                 owner.unpin(lsn);
-                return Err(BranchError::History { id, source });
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
             }
         };
-        let source = Arc::new(HistoryPages { timeline: t.clone(), redo: redo.clone(), lsn, checksums });
-        let mut live = Live { meta, history, owner, source, session: None };
-        if let Err(e) = self.mount(&mut live) {
-            live.owner.unpin(lsn);
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
         let info = info(&live);
         self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, live);
         Ok(info)

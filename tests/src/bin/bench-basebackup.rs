@@ -19,7 +19,7 @@
 use anyhow::{Context, Result};
 use neon_tests::bench::{dir_bytes, restore_and_replay, state};
 use neon_tests::sidecar::{boot_basebackup, init_store, SidecarProcess};
-use neon_tests::{chown_to_server_user, workload, Cluster};
+use neon_tests::{workload, Cluster};
 use neon_types::protocol::{Request, Response};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -102,15 +102,7 @@ fn main() -> Result<()> {
     let b_bytes = dir_bytes(&now_dir);
 
     eprintln!("bench: (c) restore the start backup and replay to {target} ...");
-    let archive = c.root_dir().join("archive");
-    std::fs::create_dir_all(&archive)?;
-    for e in std::fs::read_dir(c.wal_dir())? {
-        let e = e?;
-        if e.file_type()?.is_file() {
-            std::fs::copy(e.path(), archive.join(e.file_name()))?;
-        }
-    }
-    chown_to_server_user(&archive)?;
+    let archive = neon_tests::bench::archive_wal(&c)?;
     let replay_mb = (target - run_start) as f64 / 1048576.0;
     c.stop()?;
     let (r, c_held) = restore_and_replay(&c, &base, &archive, target)?;

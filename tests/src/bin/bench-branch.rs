@@ -153,15 +153,7 @@ fn one_scale(scale: u32, wal_mb: u64) -> Result<Row> {
 
     // (b) restore + replay to L.
     eprintln!("bench: scale {scale}: (b) restore + replay to {target} ...");
-    let archive = c.root_dir().join("archive");
-    std::fs::create_dir_all(&archive)?;
-    for e in std::fs::read_dir(c.wal_dir())? {
-        let e = e?;
-        if e.file_type()?.is_file() {
-            std::fs::copy(e.path(), archive.join(e.file_name()))?;
-        }
-    }
-    chown_to_server_user(&archive)?;
+    let archive = neon_tests::bench::archive_wal(&c)?;
     c.stop()?;
     drop_caches();
     let (replay, held) = restore_and_replay(&c, &base, &archive, target)?;

@@ -90,7 +90,6 @@ fn standby_replay(c: &Cluster, backup: &Path, archive: &Path, end: Lsn) -> Resul
     std::fs::write(backup.join("postgresql.auto.conf"), conf)?;
     std::fs::write(backup.join("recovery.signal"), "")?;
     neon_tests::chown_to_server_user(backup)?;
-    neon_tests::chown_to_server_user(archive)?;
     let t = Instant::now();
     let log = backup.join("replay.log");
     let mut cmd = std::process::Command::new(c.server_tool("postgres").get_program());
@@ -184,14 +183,7 @@ fn main() -> Result<()> {
     // (2) Ingest of that WAL (the run and the checkpoint after it), and a standby replaying it
     // from the backup, each alone. Both rates are of the run's WAL: what the standby replays
     // before it (the backup's checkpoint and end) is a few records.
-    let archive = c.root_dir().join("archive");
-    std::fs::create_dir_all(&archive)?;
-    for e in std::fs::read_dir(c.wal_dir())? {
-        let e = e?;
-        if e.file_type()?.is_file() {
-            std::fs::copy(e.path(), archive.join(e.file_name()))?;
-        }
-    }
+    let archive = neon_tests::bench::archive_wal(&c)?;
     let wal_mb = (end - run_start) as f64 / 1048576.0;
     eprintln!("bench: ingesting {wal_mb:.0} MB ...");
     let (ingest_time, store) = ingest(&archive, run_start, end, &c.root_dir().join("store"))?;
