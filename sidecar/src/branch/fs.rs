@@ -353,6 +353,13 @@ impl BranchFs {
 impl Filesystem for BranchFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
+        // PostgreSQL writes 8 KB at a time (a scan's hint bits, evicted buffers): the kernel's
+        // writeback cache turns those into page-cache copies, sent here in large runs later and
+        // always before an fsync is — the durability PostgreSQL asks for is the fsync's. Nothing
+        // but this file system changes the overlay, so the kernel may keep sizes and times.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE) {
+            self.log(format_args!("the kernel offers no writeback cache ({missing:?}): writes go through one by one"));
+        }
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 use super::scratch::as_server_user;
 use super::RedoConfig;
 use neon_types::walredo::READY_MARKER;
+use neon_types::BLCKSZ;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -41,6 +42,9 @@ fn log_excerpt(log: &str) -> String {
         format!(": {}", picked.join(" | "))
     }
 }
+
+/// Exchanges whose reply is at most this long (one page and its header) spin for it.
+const SPIN_REPLY_MAX: usize = 2 * BLCKSZ;
 
 pub struct RedoProcess {
     child: Child,
@@ -97,7 +101,7 @@ impl RedoProcess {
         let mut seen = Vec::new();
         let mut chunk = [0u8; 512];
         while !seen.windows(READY_MARKER.len()).any(|w| w == READY_MARKER) {
-            let n = p.read_some(&mut chunk, deadline)?;
+            let n = p.read_some(&mut chunk, deadline, false)?;
             seen.extend_from_slice(&chunk[..n]);
             if seen.len() > 64 * 1024 {
                 return Err(fail(format!("no ready marker in {} bytes of output", seen.len())));
@@ -134,8 +138,9 @@ impl RedoProcess {
                 }
             }
         }
+        let spin = reply.len() <= SPIN_REPLY_MAX;
         while got < reply.len() {
-            got += self.read_some(&mut reply[got..], deadline)?;
+            got += self.read_some(&mut reply[got..], deadline, spin)?;
         }
         Ok(())
     }
@@ -184,10 +189,10 @@ impl RedoProcess {
         Ok(())
     }
 
-    fn read_some(&mut self, buf: &mut [u8], deadline: Instant) -> Result<usize, ProcessError> {
+    fn read_some(&mut self, buf: &mut [u8], deadline: Instant, spin: bool) -> Result<usize, ProcessError> {
         // A reply usually follows within microseconds: look for it briefly before sleeping in
         // poll, whose wake-up costs more than a short redo.
-        let spin_until = Instant::now() + self.spin;
+        let spin_until = Instant::now() + if spin { self.spin } else { Duration::ZERO };
         loop {
             let n = self.read_now(buf)?;
             if n > 0 {
