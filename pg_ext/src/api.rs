@@ -36,7 +36,7 @@ thread_local! {
     static READ_AHEAD: Cell<Option<(RelTag, Lsn, u32, u32)>> = const { Cell::new(None) };
 }
 
-fn fail(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
+pub(crate) fn fail(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
     let mut report = ErrorReport::new(code, message, "neon");
     if let Some(h) = hint {
         report = report.set_hint(h);
@@ -45,13 +45,13 @@ fn fail(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
     unreachable!("ERROR does not return")
 }
 
-fn required<T>(v: Option<T>, what: &str) -> T {
+pub(crate) fn required<T>(v: Option<T>, what: &str) -> T {
     v.unwrap_or_else(|| fail(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, format!("{what} must not be NULL"), None))
 }
 
 /// One request to the sidecar; `what` says what was asked, for the error message. Waits at
 /// most `timeout` (`None`: until cancelled), and always honours query cancel.
-fn ask(req: &Request, what: &str, timeout: Option<std::time::Duration>) -> Response {
+pub(crate) fn ask(req: &Request, what: &str, timeout: Option<std::time::Duration>) -> Response {
     ask_with_progress(req, what, timeout, &mut |_| {})
 }
 
@@ -119,21 +119,21 @@ fn failed(what: &str, e: ClientError) -> ! {
     fail(code, message, hint)
 }
 
-fn unexpected(what: &str, r: Response) -> ! {
+pub(crate) fn unexpected(what: &str, r: Response) -> ! {
     fail(PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION, format!("{what}: unexpected answer from the sidecar: {r:?}"), None)
 }
 
 /// How long a call that waits for its LSN at the sidecar (for `neon.request_timeout`) waits
 /// for the answer: that, and time to rebuild the page.
-fn lsn_call_timeout() -> Option<std::time::Duration> {
+pub(crate) fn lsn_call_timeout() -> Option<std::time::Duration> {
     Some(guc::request_timeout() + std::time::Duration::from_secs(5))
 }
 
-fn wait_ms() -> u32 {
+pub(crate) fn wait_ms() -> u32 {
     guc::request_timeout().as_millis().min(u32::MAX as u128) as u32
 }
 
-fn lsn_arg(lsn: Option<PgLsn>) -> Lsn {
+pub(crate) fn lsn_arg(lsn: Option<PgLsn>) -> Lsn {
     let lsn = required(lsn, "lsn").0;
     if !lsn.is_valid() {
         fail(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("invalid LSN {lsn}"), None);
@@ -160,7 +160,7 @@ fn fork_arg(fork: Option<&str>) -> ForkNumber {
 
 /// The `timeline` argument: `None` (NULL) reads the timeline the sidecar follows now, and
 /// earlier LSNs on it its ancestors' history up to its fork.
-fn timeline_arg(timeline: Option<i32>) -> Option<u32> {
+pub(crate) fn timeline_arg(timeline: Option<i32>) -> Option<u32> {
     match timeline {
         None => None,
         Some(t) if t >= 1 => Some(t as u32),
@@ -169,7 +169,7 @@ fn timeline_arg(timeline: Option<i32>) -> Option<u32> {
 }
 
 /// `req` on `timeline` (`None`: as the sidecar follows now).
-fn on(timeline: Option<u32>, req: Request) -> Request {
+pub(crate) fn on(timeline: Option<u32>, req: Request) -> Request {
     match timeline {
         Some(timeline) => Request::OnTimeline { timeline, request: Box::new(req) },
         None => req,
@@ -177,7 +177,7 @@ fn on(timeline: Option<u32>, req: Request) -> Request {
 }
 
 /// " on timeline N" for messages, when one was asked for.
-fn on_text(timeline: Option<u32>) -> String {
+pub(crate) fn on_text(timeline: Option<u32>) -> String {
     timeline.map(|t| format!(" on timeline {t}")).unwrap_or_default()
 }
 

@@ -2,6 +2,7 @@
 //! PostgreSQL 15 server (`shared_preload_libraries = 'neon'`, `CREATE EXTENSION neon`):
 //!
 //! * [`api`]: the SQL functions — pages, sizes, history and base backups as of any LSN;
+//! * [`time`]: times as LSNs (`neon_lsn_at`) and back (`neon_time_at`);
 //! * [`client`]: the link to the sidecar (its unix socket, `neon_types::protocol`);
 //! * [`prefetch`]: the shared-memory prefetch queue and the background worker draining it;
 //! * [`shared_pages`]: pages the sidecar has cached, read from its shared page file;
@@ -18,6 +19,7 @@ mod guc;
 mod prefetch;
 mod shared_pages;
 mod sqltypes;
+mod time;
 mod walredo;
 
 ::pgrx::pg_module_magic!(name, version);

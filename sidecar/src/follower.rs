@@ -33,6 +33,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// How stale the compute's clock may get while it sends nothing: the sidecar asks for a
+/// keepalive, which carries it (times up to it are known to have happened).
+const CLOCK_EVERY: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct FollowerConfig {
     pub replication: ReplicationConfig,
@@ -530,6 +534,8 @@ fn stream_loop(
     let mut last_flush = Instant::now();
     let mut unflushed = 0u64;
     let mut reported = repo.durable_lsn();
+    // The server's clock comes with what it sends; while it sends nothing, it is asked.
+    let (mut heard, mut asked) = (Instant::now(), Instant::now());
     while !stop.load(Ordering::Relaxed) {
         if flusher.is_finished() {
             // It only stops early on an error, which joining reports.
@@ -547,6 +553,15 @@ fn stream_loop(
             Err(e) => return Err(e.into()),
         };
         let mut reply = false;
+        match &event {
+            Some(
+                StreamEvent::XLogData { server_end, sent_at, .. } | StreamEvent::Keepalive { server_end, sent_at, .. },
+            ) => {
+                repo.note_clock(*sent_at, *server_end);
+                heard = Instant::now();
+            }
+            None => {}
+        }
         match event {
             Some(StreamEvent::XLogData { data, .. }) => {
                 unflushed += data.len() as u64;
@@ -586,9 +601,13 @@ fn stream_loop(
             }
         }
         let durable = repo.durable_lsn();
-        if reply || durable > reported {
-            stream.send_status(durable, durable, durable, false)?;
+        let ask = heard.elapsed() >= CLOCK_EVERY && asked.elapsed() >= CLOCK_EVERY;
+        if reply || durable > reported || ask {
+            stream.send_status(durable, durable, durable, ask)?;
             reported = durable;
+            if ask {
+                asked = Instant::now();
+            }
         }
     }
     Ok(Followed::Stopped)

@@ -14,6 +14,7 @@ use crate::basebackup::{BasebackupError, Options, Progress};
 use crate::page_cache::{Lookup, PageCache};
 use crate::repo::catalog::{self, CatalogError};
 use crate::repo::meta;
+use crate::repo::point_in_time::{self, PointInTimeError};
 use crate::repo::reconstruct::{self, GetPageError};
 use crate::repo::store::Store;
 use crate::repo::timeline::{RepoError, Timeline};
@@ -118,6 +119,15 @@ const PENDING_WAIT: Duration = Duration::from_secs(30);
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error { code, message: message.into() }
+}
+
+fn time_error(e: PointInTimeError) -> Response {
+    let code = match &e {
+        PointInTimeError::BeforeHistory { .. } | PointInTimeError::Removed { .. } => ErrorCode::OutOfHistory,
+        PointInTimeError::NotYet { .. } | PointInTimeError::NoTransactions { .. } => ErrorCode::NotYet,
+        PointInTimeError::Index(_) => ErrorCode::Internal,
+    };
+    error(code, e.to_string())
 }
 
 impl PageService {
@@ -270,6 +280,20 @@ impl PageService {
                 Response::Branches(vec![made])
             }
             Request::BranchList => Response::Branches(self.branches()?.list()),
+            Request::LsnAt { time, inclusive, clock, wait_ms } => {
+                let live = Arc::ptr_eq(t, &self.store.current());
+                if let Some((now, flushed)) = clock.filter(|_| live) {
+                    // The compute's reading counts once its WAL up to there is filed: waited
+                    // for here, and if it is not in time, older readings answer.
+                    repo.note_clock(now, flushed);
+                    let _ = repo.wait_for_lsn(flushed, Duration::from_millis(wait_ms.into()));
+                }
+                Response::Lsn(point_in_time::lsn_at(t, time, inclusive, live).map_err(time_error)?)
+            }
+            Request::TimeAt { lsn } => {
+                let (before, after) = point_in_time::around(t, lsn).map_err(time_error)?;
+                Response::Commits { before: before.map(|e| (e.lsn, e.time)), after: after.map(|e| (e.lsn, e.time)) }
+            }
             Request::BranchDrop { id } => {
                 let dropped = self.branches()?.drop_branch(id).map_err(|e| {
                     let code = match &e {

@@ -93,6 +93,7 @@ pub mod mount;
 pub mod pagemask;
 pub mod pages;
 pub mod pg_waldump;
+pub mod recovery;
 pub mod sidecar;
 pub mod snapshot;
 pub mod store;

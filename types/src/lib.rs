@@ -8,10 +8,12 @@ pub mod page;
 pub mod page_file;
 pub mod protocol;
 mod reltag;
+mod time;
 pub mod walredo;
 
 pub use lsn::{Lsn, LsnParseError};
 pub use reltag::{BufferTag, ForkNumber, ForkParseError, Oid, RelFileNode, RelTag};
+pub use time::{PgTime, TimeParseError};
 
 /// PostgreSQL's page size (`BLCKSZ`); Debian's build uses the default.
 pub const BLCKSZ: usize = 8192;

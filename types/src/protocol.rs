@@ -31,6 +31,11 @@
 //!                       `<shared dir>/branches/<id>/data`)
 //!   0x0E BranchList     (empty)
 //!   0x0F BranchDrop     id u32
+//!   0x10 LsnAt          time i64 | inclusive u8 | clock i64 | clock_lsn u64 | wait_ms u32
+//!                       (where recovery with recovery_target_time = time stops; clock: the
+//!                       compute's clock when its WAL was flushed to clock_lsn, i64::MIN: none;
+//!                       the sidecar waits up to wait_ms to have filed WAL up to clock_lsn)
+//!   0x11 TimeAt         lsn u64
 //!   rel = spcnode u32 | dbnode u32 | relnode u32 | fork u8
 //!   wait_ms: how long to wait for `lsn` to arrive before answering NotYet
 //! responses:
@@ -55,10 +60,13 @@
 //!                       id u32 | lsn u64 | timeline u32 (its own) | source u32 (the
 //!                       store's timeline whose history it reads, pinned at lsn) | history_files u32 |
 //!                       written_blocks u64 | path_len u32 | UTF-8 mount path
+//!   0x8D Commits        before, after: each present u8 | lsn u64 | time i64 (the transaction
+//!                       ends around an LSN: the last record starting before it, the first at
+//!                       or after it)
 //!   0xFF Error          code u8 | UTF-8 message
 //! ```
 
-use crate::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag, BLCKSZ};
+use crate::{BufferTag, ForkNumber, Lsn, PgTime, RelFileNode, RelTag, BLCKSZ};
 use std::io::{Read, Write};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"NEPS");
@@ -164,6 +172,18 @@ pub enum Request {
     BranchDrop {
         id: u32,
     },
+    /// The LSN where recovery to `time` stops; `clock`: the compute's clock and its WAL flush
+    /// position when it read it.
+    LsnAt {
+        time: PgTime,
+        inclusive: bool,
+        clock: Option<(PgTime, Lsn)>,
+        wait_ms: u32,
+    },
+    /// The transaction ends around `lsn`.
+    TimeAt {
+        lsn: Lsn,
+    },
 }
 
 /// A branch, as `Branches` reports it.
@@ -220,6 +240,11 @@ pub enum Response {
     /// The answer to `RelationFile`: `None` if no such relation was visible then.
     RelationFile(Option<RelFileNode>),
     Branches(Vec<BranchInfo>),
+    /// Transaction ends (start LSN of the record, its time) before and at or after an LSN.
+    Commits {
+        before: Option<(Lsn, PgTime)>,
+        after: Option<(Lsn, PgTime)>,
+    },
     /// Not a final response: how far a long request has come.
     Progress {
         done: u64,
@@ -370,6 +395,18 @@ impl Request {
                 b.extend_from_slice(&id.to_le_bytes());
                 0x0F
             }
+            Request::LsnAt { time, inclusive, clock, wait_ms } => {
+                b.extend_from_slice(&time.0.to_le_bytes());
+                b.push(u8::from(*inclusive));
+                let (c, at) = clock.unwrap_or((PgTime(i64::MIN), Lsn(0)));
+                b.extend_from_slice(&c.0.to_le_bytes());
+                put_lsn_wait(&mut b, at, *wait_ms);
+                0x10
+            }
+            Request::TimeAt { lsn } => {
+                b.extend_from_slice(&lsn.0.to_le_bytes());
+                0x11
+            }
         };
         (kind, b)
     }
@@ -412,6 +449,15 @@ impl Request {
             }
             0x0E => Request::BranchList,
             0x0F => Request::BranchDrop { id: r.u32()? },
+            0x10 => {
+                let time = PgTime(r.u64()? as i64);
+                let inclusive = r.u8()? != 0;
+                let clock = PgTime(r.u64()? as i64);
+                let (at, wait_ms) = (r.lsn()?, r.u32()?);
+                let clock = (clock.0 != i64::MIN).then_some((clock, at));
+                Request::LsnAt { time, inclusive, clock, wait_ms }
+            }
+            0x11 => Request::TimeAt { lsn: r.lsn()? },
             k => return malformed(format!("unknown request kind {k:#04x}")),
         };
         r.end()?;
@@ -525,6 +571,15 @@ impl Response {
                 }
                 0x8C
             }
+            Response::Commits { before, after } => {
+                for c in [before, after] {
+                    let (lsn, time) = c.unwrap_or((Lsn(0), PgTime(0)));
+                    b.push(u8::from(c.is_some()));
+                    b.extend_from_slice(&lsn.0.to_le_bytes());
+                    b.extend_from_slice(&time.0.to_le_bytes());
+                }
+                0x8D
+            }
             Response::Error { code, message } => {
                 b.push(*code as u8);
                 b.extend_from_slice(message.as_bytes());
@@ -604,6 +659,15 @@ impl Response {
                     branches.push(BranchInfo { id, lsn, timeline, source, history_files, written_blocks, path });
                 }
                 Response::Branches(branches)
+            }
+            0x8D => {
+                let mut one = || -> Result<Option<(Lsn, PgTime)>, ProtocolError> {
+                    let present = r.u8()? != 0;
+                    let (lsn, time) = (r.lsn()?, PgTime(r.u64()? as i64));
+                    Ok(present.then_some((lsn, time)))
+                };
+                let before = one()?;
+                Response::Commits { before, after: one()? }
             }
             0xFF => {
                 let code = ErrorCode::from_u8(r.u8()?);
@@ -711,6 +775,9 @@ mod tests {
             Request::BranchCreate { lsn: Lsn(83), mount: None, wait_ms: 0 },
             Request::BranchList,
             Request::BranchDrop { id: 3 },
+            Request::LsnAt { time: PgTime(-5), inclusive: false, clock: None, wait_ms: 0 },
+            Request::LsnAt { time: PgTime(7), inclusive: true, clock: Some((PgTime(9), Lsn(84))), wait_ms: 10 },
+            Request::TimeAt { lsn: Lsn(85) },
         ];
         for req in reqs {
             let mut b = Vec::new();
@@ -776,6 +843,8 @@ mod tests {
                     path: "/b/c".into(),
                 },
             ]),
+            Response::Commits { before: None, after: None },
+            Response::Commits { before: Some((Lsn(3), PgTime(-4))), after: Some((Lsn(5), PgTime(6))) },
             Response::Error { code: ErrorCode::NotYet, message: "later".into() },
         ];
         for resp in resps {

@@ -1,6 +1,6 @@
 //! `neon-sidecar`: the sidecar daemon's command line. Each subcommand is a thin shell over the
 //! library: `waldump` (the WAL decoder), `redo` (page reconstruction), and the store's `init`, `attach`, `run`,
-//! `import-wal`, `get-page`, `status`, `basebackup` and `branch`.
+//! `import-wal`, `get-page`, `status`, `basebackup`, `branch`, `lsn-at` and `time-at`.
 
 use clap::{Parser, Subcommand};
 use sidecar::cli::branch::{self, BranchArgs};
@@ -8,6 +8,7 @@ use sidecar::cli::init::{self, AttachArgs, InitArgs};
 use sidecar::cli::redo::{self, RedoArgs};
 use sidecar::cli::run::{self, RunArgs};
 use sidecar::cli::store::{self, BasebackupArgs, GetPageArgs, ImportWalArgs, StatusArgs};
+use sidecar::cli::time::{self, LsnAtArgs, TimeAtArgs};
 use sidecar::cli::waldump::{self, WaldumpArgs};
 
 #[derive(Parser)]
@@ -39,6 +40,10 @@ enum Command {
     Basebackup(BasebackupArgs),
     /// Writable data directories as of an LSN, served on demand (a running sidecar's).
     Branch(BranchArgs),
+    /// The LSN where PostgreSQL's recovery to a time (recovery_target_time) stops.
+    LsnAt(LsnAtArgs),
+    /// The transaction end times before and after an LSN.
+    TimeAt(TimeAtArgs),
 }
 
 fn main() {
@@ -61,6 +66,8 @@ fn main() {
         Command::Status(args) => store::status(&args, &mut std::io::stdout()),
         Command::Basebackup(args) => store::basebackup(&args, &mut std::io::stdout()),
         Command::Branch(args) => branch::run(&args, &mut std::io::stdout()),
+        Command::LsnAt(args) => time::lsn_at(&args, &mut std::io::stdout()),
+        Command::TimeAt(args) => time::time_at(&args, &mut std::io::stdout()),
     };
     if let Err(e) = result {
         eprintln!("neon-sidecar: error: {}", error_text(&e));

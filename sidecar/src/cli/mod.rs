@@ -9,7 +9,8 @@
 //! * [`run`] — `run`, the daemon: follow the compute, serve pages;
 //! * [`store`] — `get-page`, `status`, `import-wal`, `basebackup` against a store or a running
 //!   sidecar;
-//! * [`branch`] — `branch create|list|drop` against a running sidecar.
+//! * [`branch`] — `branch create|list|drop` against a running sidecar;
+//! * [`time`] — `lsn-at` and `time-at`: times as LSNs and back.
 pub mod args;
 pub mod branch;
 pub mod conf;
@@ -17,4 +18,5 @@ pub mod init;
 pub mod redo;
 pub mod run;
 pub mod store;
+pub mod time;
 pub mod waldump;

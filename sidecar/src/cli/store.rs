@@ -44,7 +44,7 @@ pub struct TimelineArg {
 
 impl TimelineArg {
     /// `req`, on the chosen timeline.
-    fn request(&self, req: Request) -> Request {
+    pub(crate) fn request(&self, req: Request) -> Request {
         match self.timeline {
             Some(timeline) => Request::OnTimeline { timeline, request: Box::new(req) },
             None => req,
@@ -52,7 +52,7 @@ impl TimelineArg {
     }
 
     /// The chosen timeline of a store opened to read, and the newest LSN it holds durably.
-    fn of(&self, store: &Store) -> anyhow::Result<(Arc<Timeline>, Lsn)> {
+    pub(crate) fn of(&self, store: &Store) -> anyhow::Result<(Arc<Timeline>, Lsn)> {
         let t = store.get(self.timeline)?;
         let durable = t.durable_lsn();
         Ok((t, durable))

@@ -12,7 +12,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
-use neon_types::Lsn;
+use neon_types::{Lsn, PgTime};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
@@ -20,7 +20,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Where and as whom to connect.
 #[derive(Debug, Clone)]
@@ -120,10 +120,12 @@ pub struct SystemInfo {
 /// One message of the WAL stream.
 #[derive(Debug, Clone)]
 pub enum StreamEvent {
-    /// WAL bytes starting at `start`; `server_end` is the server's flush position.
-    XLogData { start: Lsn, server_end: Lsn, data: Bytes },
-    /// The server's flush position; answer with a status update when `reply_requested`.
-    Keepalive { server_end: Lsn, reply_requested: bool },
+    /// WAL bytes starting at `start`; `server_end` is the server's flush position and
+    /// `sent_at` its clock when it sent them.
+    XLogData { start: Lsn, server_end: Lsn, sent_at: PgTime, data: Bytes },
+    /// The server's WAL position and clock; answer with a status update when
+    /// `reply_requested`.
+    Keepalive { server_end: Lsn, sent_at: PgTime, reply_requested: bool },
 }
 
 /// A replication connection in command mode.
@@ -406,12 +408,6 @@ pub struct WalStream {
     conn: ReplicationConn,
 }
 
-/// Microseconds since 2000-01-01, PostgreSQL's timestamp epoch.
-fn pg_now() -> i64 {
-    let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as i64;
-    unix - 946_684_800_000_000
-}
-
 impl WalStream {
     /// The next XLogData or keepalive, waiting at most `timeout`; `Ok(None)` when the server
     /// ends the stream (e.g. at a timeline switch).
@@ -427,14 +423,14 @@ impl WalStream {
                         b'w' if data.len() >= 24 => {
                             let start = Lsn(data.get_u64());
                             let server_end = Lsn(data.get_u64());
-                            let _send_time = data.get_i64();
-                            return Ok(Some(StreamEvent::XLogData { start, server_end, data }));
+                            let sent_at = PgTime(data.get_i64());
+                            return Ok(Some(StreamEvent::XLogData { start, server_end, sent_at, data }));
                         }
                         b'k' if data.len() >= 17 => {
                             let server_end = Lsn(data.get_u64());
-                            let _time = data.get_i64();
+                            let sent_at = PgTime(data.get_i64());
                             let reply_requested = data.get_u8() != 0;
-                            return Ok(Some(StreamEvent::Keepalive { server_end, reply_requested }));
+                            return Ok(Some(StreamEvent::Keepalive { server_end, sent_at, reply_requested }));
                         }
                         kind => {
                             return Err(ReplicationError::Protocol(format!("unexpected stream message {kind:#04x}")))
@@ -462,7 +458,7 @@ impl WalStream {
         body.put_u64(write.0);
         body.put_u64(flush.0);
         body.put_u64(apply.0);
-        body.put_i64(pg_now());
+        body.put_i64(PgTime::now().0);
         body.put_u8(reply_requested as u8);
         // CopyData: 'd', length, body.
         let out = &mut self.conn.out;

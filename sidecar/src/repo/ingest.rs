@@ -175,6 +175,9 @@ impl Ingest {
         // A transaction's end matters to relations, two-phase state and the counters alike:
         // parsed once here.
         let xact = parse_xact_end(rec)?;
+        if let Some(x) = &xact {
+            repo.note_commit(rec.lsn, lsn, neon_types::PgTime(x.xact_time));
+        }
         self.relation_life_cycle(repo, rec, xact.as_ref())?;
         self.cluster_metadata(repo, rec, xact.as_ref())?;
         for (target, record) in native_records(&rec.view())? {

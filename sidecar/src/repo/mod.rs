@@ -14,8 +14,11 @@
 //! * [`slru`]  — which SLRU pages a truncation removes.
 //! * [`compaction`] — image layers for long chains, full images for retention.
 //! * [`reconstruct`] — any page, and any relation's size, at any LSN.
+//! * [`commit_times`] — when each transaction ended, by LSN: times into LSNs as recovery reads them.
+//! * [`point_in_time`] — a time as the LSN where recovery to it stops, on a timeline's lineage.
 //! * [`catalog`] — the file a relation had at an LSN (before a rewrite), from `pg_class` then.
 pub mod catalog;
+pub mod commit_times;
 pub mod compaction;
 pub mod import;
 pub mod ingest;
@@ -23,6 +26,7 @@ pub mod key;
 pub mod layer;
 pub mod memlayer;
 pub mod meta;
+pub mod point_in_time;
 pub mod reconstruct;
 pub mod slru;
 pub mod store;

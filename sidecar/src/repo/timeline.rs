@@ -35,11 +35,12 @@
 //!              "fullimage-<lsn>" (every key), LSNs in hex, "-<n>" added to a name in use
 //! ```
 
+use super::commit_times::{CommitTimes, CommitTimesError};
 use super::key::Key;
 use super::layer::{DeltaLayer, DeltaLayerWriter, LayerError};
 use super::memlayer::MemLayer;
 use super::value::Value;
-use neon_types::Lsn;
+use neon_types::{Lsn, PgTime};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::ops::Range;
@@ -59,6 +60,8 @@ const OLD_MANIFEST_MAGICS: [&[u8; 8]; 1] = [b"NEONMF03"];
 pub enum RepoError {
     #[error(transparent)]
     Layer(#[from] LayerError),
+    #[error(transparent)]
+    CommitTimes(#[from] CommitTimesError),
     #[error("repository {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("manifest {path} is corrupt: {what}")]
@@ -162,6 +165,12 @@ pub struct Timeline {
     /// Readers waiting for `last` to move.
     arrivals: (Mutex<()>, Condvar),
     waiting: AtomicUsize,
+    /// When each transaction in this timeline's own WAL ended.
+    commit_times: CommitTimes,
+    /// Readings of the compute's clock (from its WAL sender, or passed with a request), each
+    /// with how far its WAL reached then, oldest first: a time up to a reading whose WAL is
+    /// all filed has happened, and its transaction ends are all in the index.
+    clock: Mutex<std::collections::VecDeque<(PgTime, Lsn)>>,
 }
 
 impl Timeline {
@@ -218,7 +227,10 @@ impl Timeline {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
+        let commit_times = CommitTimes::open(dir, writer)?;
         Ok(Timeline {
+            commit_times,
+            clock: Mutex::new(std::collections::VecDeque::new()),
             dir: dir.to_path_buf(),
             id: manifest.id,
             parent: manifest.parent,
@@ -394,6 +406,45 @@ impl Timeline {
         self.oldest.fetch_max(from.0, Ordering::AcqRel);
     }
 
+    /// When transactions in this timeline's own WAL ended.
+    pub fn commit_times(&self) -> &CommitTimes {
+        &self.commit_times
+    }
+
+    /// Notes a commit or abort record (start, end, `xact_time`), made durable with the flush
+    /// that makes its end durable.
+    pub fn note_commit(&self, start: Lsn, end: Lsn, time: PgTime) {
+        self.commit_times.note(start, end, time);
+    }
+
+    /// Notes a reading of the compute's clock and how far its WAL reached then.
+    pub fn note_clock(&self, time: PgTime, wal_end: Lsn) {
+        let mut c = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+        if c.back().is_some_and(|(t, _)| time <= *t) {
+            return;
+        }
+        // Readings older than the newest whose WAL is filed say nothing more.
+        let last = self.last_lsn();
+        while c.len() >= 2 && c[1].1 <= last {
+            c.pop_front();
+        }
+        if c.len() >= CLOCK_READINGS {
+            c.pop_front();
+        }
+        c.push_back((time, wal_end));
+    }
+
+    /// The newest reading of the compute's clock whose WAL is filed up to `last`.
+    pub fn clock_filed(&self, last: Lsn) -> Option<(PgTime, Lsn)> {
+        let c = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+        c.iter().rev().find(|(_, at)| *at <= last).copied()
+    }
+
+    /// The parent timeline and the fork LSN, once linked.
+    pub fn linked_parent(&self) -> Option<(Arc<Timeline>, Lsn)> {
+        self.ancestor().map(|(a, fork)| (a.clone(), fork))
+    }
+
     /// The layer files, oldest first.
     pub fn layers(&self) -> Vec<Arc<DeltaLayer>> {
         self.read().files.clone()
@@ -521,7 +572,10 @@ impl Timeline {
         if let Some(layer) = &written {
             names.push(file_name(layer.path()));
         }
-        if let Err(e) = self.write_manifest(self.history_start(), (upto, upto_record), &names) {
+        // The index of transaction ends first: what the manifest calls durable has its ends.
+        let persisted = self.commit_times.persist(upto).map_err(RepoError::from);
+        if let Err(e) = persisted.and_then(|()| self.write_manifest(self.history_start(), (upto, upto_record), &names))
+        {
             // The new file is not history yet — unless the manifest got renamed into place
             // before the failure (an fsync of the directory): so it stays, and the next
             // writer's open removes it if no manifest names it. Its values go back to memory.
@@ -948,6 +1002,9 @@ pub fn write_durably_with<T, E: From<std::io::Error>>(
     }
     done
 }
+
+/// Clock readings kept while their WAL is being filed.
+const CLOCK_READINGS: usize = 256;
 
 const DELTA_PREFIX: &str = "delta";
 const IMAGE_PREFIX: &str = "image";

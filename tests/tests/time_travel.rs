@@ -1,0 +1,218 @@
+//! Times instead of LSNs. The oracle is PostgreSQL itself: for each time asked, a base backup
+//! is recovered with `recovery_target_time` (inclusive and not) on the same WAL, and the LSN
+//! `neon_lsn_at` answers must be the start of the very record the server says it stopped
+//! before — found by `pg_waldump` from the transaction id and kind in the server's log. The
+//! times are read from `pg_waldump` too: a commit's exact time, a microsecond before it, an
+//! abort, a two-phase commit and rollback, an idle gap, a burst, and after the last commit
+//! (where recovery runs out of WAL, and we answer the end of the WAL filed).
+
+use anyhow::{Context, Result};
+use neon_tests::recovery::{recover_to_time, RecoveryEnd};
+use neon_tests::sidecar::{cluster_born_with_store, SidecarProcess};
+use neon_tests::{bench::archive_wal, workload, Cluster};
+use neon_types::{Lsn, PgTime};
+use std::path::Path;
+use std::time::Duration;
+
+/// A transaction end `pg_waldump` shows.
+#[derive(Debug, Clone, Copy)]
+struct XactEnd {
+    lsn: Lsn,
+    /// The transaction it ends (for two-phase records, the prepared one).
+    xid: u32,
+    commit: bool,
+    time: PgTime,
+}
+
+/// Every commit and abort record (prepared or not) from `start` on, in WAL order.
+fn xact_ends(archive: &Path, start: Lsn) -> Result<Vec<XactEnd>> {
+    let out = std::process::Command::new(neon_tests::pg_bin("pg_waldump"))
+        .env("TZ", "UTC")
+        .arg("-p")
+        .arg(archive)
+        .args(["-r", "Transaction", "-s", &start.to_string()])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let re = regex::Regex::new(
+        r"tx:\s*(\d+), lsn: ([0-9A-F]+/[0-9A-F]+), prev \S+, desc: (COMMIT_PREPARED|ABORT_PREPARED|COMMIT|ABORT) (?:(\d+): )?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC",
+    )?;
+    let mut ends = Vec::new();
+    for m in text.lines().filter_map(|l| re.captures(l)) {
+        let prepared = m.get(4).map(|x| x.as_str().parse::<u32>()).transpose()?;
+        ends.push(XactEnd {
+            lsn: m[2].parse()?,
+            xid: prepared.unwrap_or(m[1].parse()?),
+            commit: m[3].starts_with("COMMIT"),
+            time: PgTime::parse(&format!("{}+00", &m[5]))?,
+        });
+    }
+    anyhow::ensure!(!ends.is_empty(), "pg_waldump found no transaction ends: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(ends)
+}
+
+fn backup_start(base: &Path) -> Result<Lsn> {
+    let label = std::fs::read_to_string(base.join("backup_label"))?;
+    let line = label.lines().find_map(|l| l.strip_prefix("START WAL LOCATION: ")).context("backup_label")?;
+    Ok(line.split_whitespace().next().context("backup_label")?.parse()?)
+}
+
+fn lsn_at(c: &Cluster, ts: PgTime, inclusive: bool) -> Result<Lsn> {
+    Ok(c.query_one_string(&format!("SELECT neon_lsn_at('{ts}', {inclusive})"))?.parse()?)
+}
+
+fn cli(s: &SidecarProcess, args: &[&str]) -> Result<String> {
+    let out =
+        std::process::Command::new(neon_tests::sidecar_bin()?).args(args).arg("--socket").arg(s.socket()).output()?;
+    anyhow::ensure!(out.status.success(), "neon-sidecar {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+#[test]
+fn lsn_at_is_where_postgres_recovery_to_that_time_stops() -> Result<()> {
+    let (c, store) = cluster_born_with_store()?;
+    let sidecar = SidecarProcess::start_for_compute(&c, &store, &[])?;
+    c.execute("CREATE EXTENSION neon")?;
+    c.execute("CREATE TABLE tt (id int PRIMARY KEY, v text)")?;
+    let base = c.root_dir().join("base");
+    c.run_server_tool("pg_basebackup", &["-D", base.to_str().unwrap(), "-X", "none", "-c", "fast"])?;
+    neon_tests::chown_to_server_user(&base)?;
+
+    // The transactions: commits, an abort, two-phase commit and rollback, an idle gap, a burst.
+    let pause = || std::thread::sleep(Duration::from_millis(120));
+    let mut db = c.connect("postgres")?;
+    for i in 0..4 {
+        db.execute("INSERT INTO tt VALUES ($1, 'c')", &[&i])?;
+        pause();
+    }
+    db.batch_execute("BEGIN; INSERT INTO tt VALUES (100, 'a'); ROLLBACK")?;
+    pause();
+    db.batch_execute("BEGIN; INSERT INTO tt VALUES (101, 'p'); PREPARE TRANSACTION 'p1'")?;
+    pause();
+    db.batch_execute("COMMIT PREPARED 'p1'")?;
+    pause();
+    db.batch_execute("BEGIN; INSERT INTO tt VALUES (102, 'q'); PREPARE TRANSACTION 'p2'")?;
+    pause();
+    db.batch_execute("ROLLBACK PREPARED 'p2'")?;
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 200..260 {
+        db.execute("INSERT INTO tt VALUES ($1, 'b')", &[&i])?;
+    }
+    pause();
+    db.execute("INSERT INTO tt VALUES (300, 'last')", &[])?;
+    let end = workload::flush_lsn(&c)?;
+    sidecar.wait_durable(end)?;
+    let archive = archive_wal(&c)?;
+    let ends = xact_ends(&archive, backup_start(&base)?)?;
+    let by_kind = |commit: bool, f: &dyn Fn(&XactEnd) -> bool| ends.iter().position(|e| e.commit == commit && f(e));
+    // What each case is about, by its index in `ends` (the first two stay clear of the
+    // backup's start, which recovery needs to pass).
+    let abort = by_kind(false, &|_| true).context("no abort")?;
+    let gap = (1..ends.len()).max_by_key(|i| ends[*i].time.0 - ends[i - 1].time.0).context("gap")?;
+    let picks = [2, 3, abort, abort + 1, abort + 2, gap, gap + 20, ends.len() - 1];
+    // (The abort, the two-phase commit and rollback, then the burst after the idle gap.)
+    anyhow::ensure!(gap == abort + 3 && gap + 20 < ends.len() - 1, "workload shape: {ends:#?}");
+    let mut cases: Vec<(PgTime, bool)> = Vec::new();
+    for &k in &picks {
+        let t = ends[k].time;
+        cases.extend([(PgTime(t.0 - 1), true), (t, true), (t, false)]);
+    }
+    cases.push((PgTime((ends[gap - 1].time.0 + ends[gap].time.0) / 2), true));
+
+    for (n, &(ts, inclusive)) in cases.iter().enumerate() {
+        let ours = lsn_at(&c, ts, inclusive)?;
+        let theirs = recover_to_time(&c, &base, &archive, &ts.to_string(), inclusive, n)?;
+        match theirs {
+            RecoveryEnd::Before { xid, commit, ref time } => {
+                let at = ends
+                    .iter()
+                    .find(|e| e.xid == xid && e.commit == commit)
+                    .with_context(|| format!("pg_waldump has no end of transaction {xid}"))?;
+                anyhow::ensure!(
+                    ours == at.lsn,
+                    "{ts} (inclusive {inclusive}): we say {ours}, PostgreSQL stopped before {} of {xid} at {} ({time})",
+                    if commit { "commit" } else { "abort" },
+                    at.lsn
+                );
+                // And back: the record we name is the first transaction end at or after it.
+                let around = c.query_rows(&format!(
+                    "SELECT before_lsn, after_lsn, extract(epoch FROM after_time) * 1000000 - 946684800000000 FROM neon_time_at('{ours}')"
+                ))?;
+                let after_us: f64 = around[0][2].as_deref().context("after_time")?.parse()?;
+                anyhow::ensure!(
+                    around[0][1].as_deref() == Some(&at.lsn.to_string()[..]) && after_us as i64 == at.time.0,
+                    "{around:?} vs {at:?}"
+                );
+            }
+            RecoveryEnd::WalEnded => {
+                let last = ends.last().expect("ends");
+                anyhow::ensure!(
+                    ts.0 >= last.time.0 && ours > last.lsn,
+                    "{ts} (inclusive {inclusive}): PostgreSQL ran out of WAL, we say {ours} (last transaction end {last:?})"
+                );
+            }
+        }
+    }
+
+    // After the last commit, up to the compute's clock: the end of the WAL filed — also from
+    // the command line, whose clock is the WAL sender's (asked for while the compute is idle).
+    let last = *ends.last().expect("ends");
+    let after_last = PgTime(last.time.0 + 1000);
+    let ours = lsn_at(&c, after_last, true)?;
+    anyhow::ensure!(ours > last.lsn, "after the last commit: {ours}, its record at {}", last.lsn);
+    std::thread::sleep(Duration::from_millis(1500));
+    let from_cli: Lsn = cli(&sidecar, &["lsn-at", "--time", &after_last.to_string()])?.trim().parse()?;
+    anyhow::ensure!(from_cli > last.lsn, "lsn-at after the last commit: {from_cli}");
+    let k = picks[4];
+    let from_cli: Lsn =
+        cli(&sidecar, &["lsn-at", "--time", &ends[k].time.to_string(), "--exclusive"])?.trim().parse()?;
+    anyhow::ensure!(from_cli == ends[k].lsn, "lsn-at --exclusive at {:?}: {from_cli}", ends[k]);
+    let around = cli(&sidecar, &["time-at", "--lsn", &ends[k].lsn.to_string()])?;
+    let want = format!("before\t{}\t{}\nafter\t{}\t{}\n", ends[k - 1].lsn, ends[k - 1].time, ends[k].lsn, ends[k].time);
+    anyhow::ensure!(around == want, "time-at: {around:?}, want {want:?}");
+
+    // Clear errors for what cannot be answered, and nothing changes.
+    let err = |sql: &str| c.execute(sql).err().map(|e| format!("{e:#}")).unwrap_or_default();
+    let before = err("SELECT neon_lsn_at('1999-01-01 00:00:00+00')");
+    anyhow::ensure!(before.contains("before the history") && before.contains("earliest transaction end"), "{before}");
+    let future = err("SELECT neon_lsn_at(now() + interval '1 hour')");
+    anyhow::ensure!(future.contains("has not happened yet"), "{future}");
+    for bad in ["SELECT neon_lsn_at(NULL)", "SELECT neon_lsn_at('infinity')", "SELECT neon_lsn_at(now(), NULL)"] {
+        let e = err(bad);
+        anyhow::ensure!(e.contains("must"), "{bad}: {e}");
+    }
+    anyhow::ensure!(c.query_one_string("SELECT count(*) FROM tt")? == "66", "the compute's rows changed");
+    Ok(())
+}
+
+/// A stopped and restarted sidecar still answers from the index it persisted (and files the
+/// WAL after it without noting anything twice).
+#[test]
+fn commit_times_survive_a_restart_of_the_sidecar() -> Result<()> {
+    let (c, store) = cluster_born_with_store()?;
+    let sidecar = SidecarProcess::start_for_compute(&c, &store, &[])?;
+    c.execute("CREATE EXTENSION neon")?;
+    c.execute("CREATE TABLE tt (id int)")?;
+    // A time between two commits (a statement's own start, between the inserts).
+    let mut ts = String::new();
+    for i in 0..20 {
+        if i == 10 {
+            ts = c.query_one_string("SELECT now()")?;
+        }
+        c.execute(&format!("INSERT INTO tt VALUES ({i})"))?;
+    }
+    let mid = workload::flush_lsn(&c)?;
+    sidecar.wait_durable(mid)?;
+    let answer = c.query_one_string(&format!("SELECT neon_lsn_at('{ts}')"))?;
+    let around = c.query_rows(&format!("SELECT * FROM neon_time_at('{answer}')"))?;
+    sidecar.kill9()?;
+    let sidecar = SidecarProcess::restart_for_compute(&c, &store, &[])?;
+    for i in 0..20 {
+        c.execute(&format!("INSERT INTO tt VALUES ({i})"))?;
+    }
+    sidecar.wait_durable(workload::flush_lsn(&c)?)?;
+    let again = c.query_one_string(&format!("SELECT neon_lsn_at('{ts}')"))?;
+    anyhow::ensure!(again == answer, "before the restart {answer}, after {again}");
+    let around_again = c.query_rows(&format!("SELECT * FROM neon_time_at('{answer}')"))?;
+    anyhow::ensure!(around == around_again, "{around:?} then {around_again:?}");
+    Ok(())
+}
