@@ -9,9 +9,9 @@ CREATE ROLE regress_neon_nobody;
 CREATE ROLE regress_neon_reader;
 GRANT pg_read_server_files TO regress_neon_reader;
 GRANT SELECT ON open_t TO regress_neon_reader;
-SELECT p.proname, has_function_privilege('regress_neon_nobody', p.oid, 'EXECUTE') AS nobody,
+SELECT p.oid::regprocedure AS function, has_function_privilege('regress_neon_nobody', p.oid, 'EXECUTE') AS nobody,
        has_function_privilege('regress_neon_reader', p.oid, 'EXECUTE') AS reader
-  FROM pg_proc p WHERE p.proname LIKE 'neon\_%' AND p.proname <> 'neon_try' ORDER BY p.proname;
+  FROM pg_proc p WHERE p.proname LIKE 'neon\_%' AND p.proname <> 'neon_try' ORDER BY p.oid::regprocedure::text;
 SET ROLE regress_neon_nobody;
 SELECT neon_try(format('SELECT neon_get_page(%L, %L, 0, %L)', 'open_t', 'main', :'lsn'), :'lsn', 'open_t');
 SELECT neon_try('SELECT neon_history()');

@@ -292,7 +292,7 @@ fn read_ahead(rel: RelTag, lsn: Lsn, blkno: u32) {
 /// (`heap_page_items(neon_get_page('t', 'main', 0, '0/16B3748'))`). `timeline`: another
 /// PostgreSQL timeline than the one the sidecar follows now.
 #[pg_extern(volatile, parallel_safe)]
-fn neon_get_page(
+pub(crate) fn neon_get_page(
     rel: Option<RegClass>,
     fork: Option<&str>,
     blkno: Option<i64>,
@@ -335,7 +335,7 @@ fn neon_get_page(
 
 /// The number of blocks of `rel`'s `fork` at `lsn`.
 #[pg_extern(volatile, parallel_safe)]
-fn neon_rel_size(
+pub(crate) fn neon_rel_size(
     rel: Option<RegClass>,
     fork: Option<&str>,
     lsn: Option<PgLsn>,
@@ -504,7 +504,7 @@ fn neon_prefetch(rel: Option<RegClass>, lsn: Option<PgLsn>, first_block: Option<
 /// directory: a tar stock PostgreSQL 15 boots from. `full => false` leaves out relation pages
 /// (for a compute that fetches them itself; it does not start on its own).
 #[pg_extern(volatile, parallel_safe)]
-fn neon_basebackup(
+pub(crate) fn neon_basebackup(
     lsn: default!(Option<PgLsn>, "NULL"),
     full: default!(Option<bool>, "true"),
     timeline: default!(Option<i32>, "NULL"),
@@ -550,7 +550,7 @@ type BranchRow = (i32, String, PgLsn, i32, i32, i64);
 /// without replay; relation pages are rebuilt when read, writes stay in the branch.
 #[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::type_complexity)]
-fn neon_branch_create(
+pub(crate) fn neon_branch_create(
     lsn: default!(Option<PgLsn>, "NULL"),
     timeline: default!(Option<i32>, "NULL"),
 ) -> TableIterator<

@@ -1,10 +1,15 @@
 //! Time in the user's words: `neon_lsn_at(ts)` — the LSN where PostgreSQL's recovery with
 //! `recovery_target_time = ts` stops, answered by the sidecar from its index of transaction
-//! ends — and `neon_time_at(lsn)`, the transaction end times around an LSN. The other
-//! functions take a time wherever they take an LSN through [`point_arg`].
+//! ends — and `neon_time_at(lsn)`, the transaction end times around an LSN.
+//!
+//! Every function that takes an LSN also takes a time: `timestamptz` overloads of
+//! `neon_get_page`, `neon_rel_size`, `neon_basebackup` and `neon_branch_create` read as of
+//! `neon_lsn_at(ts)`. A quoted literal (`'0/16B3748'`, `'2026-12-03 10:42+01'`) has no type,
+//! and PostgreSQL cannot choose between `pg_lsn` and `timestamptz` for it: a `text` overload
+//! takes it and reads it as an LSN if it has an LSN's shape, as a time otherwise.
 
-use crate::api::{ask, fail, on, on_text, required, timeline_arg, unexpected, wait_ms};
-use crate::sqltypes::PgLsn;
+use crate::api::{self, ask, fail, on, on_text, required, timeline_arg, unexpected, wait_ms};
+use crate::sqltypes::{PgLsn, RegClass};
 use neon_types::protocol::{Request, Response};
 use neon_types::{Lsn, PgTime};
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
@@ -41,6 +46,49 @@ pub(crate) fn lsn_at(time: PgTime, inclusive: bool, timeline: Option<u32>) -> Ls
         Response::Lsn(lsn) => lsn,
         r => unexpected(&what, r),
     }
+}
+
+/// The LSN of a time argument, on `timeline` (what the function it is given to reads).
+fn lsn_of_time(at: Option<TimestampWithTimeZone>, timeline: Option<i32>) -> PgLsn {
+    PgLsn(lsn_at(time_arg(at, "at"), true, timeline_arg(timeline)))
+}
+
+/// An LSN or a time, as text: an LSN if it looks like one (`X/Y`, hexadecimal), otherwise a
+/// time in PostgreSQL's input syntax (the session's `TimeZone` applying), as of which the
+/// LSN is `neon_lsn_at` of it. `None` stays `None` (functions where NULL means now).
+fn lsn_of_text(at: Option<&str>, timeline: Option<i32>) -> Option<PgLsn> {
+    let text = at?.trim();
+    let lsn_shaped = text.split_once('/').is_some_and(|(h, l)| {
+        [h, l].iter().all(|p| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+    });
+    if lsn_shaped {
+        return Some(PgLsn(text.parse().unwrap_or_else(|e| {
+            fail(PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION, format!("invalid LSN \"{text}\": {e}"), None)
+        })));
+    }
+    let cstr = std::ffi::CString::new(text).unwrap_or_else(|_| {
+        fail(PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION, "a time must not contain NUL".into(), None)
+    });
+    let parsed = PgTryBuilder::new(|| {
+        // SAFETY: timestamptz_in reads the C string and the two by-value arguments
+        // (typioparam, typmod -1), as its SQL declaration says; it allocates nothing we keep.
+        unsafe {
+            pgrx::fcinfo::direct_function_call::<TimestampWithTimeZone>(
+                pg_sys::timestamptz_in,
+                &[cstr.as_c_str().into_datum(), pg_sys::InvalidOid.into_datum(), (-1i32).into_datum()],
+            )
+        }
+    })
+    .catch_others(|_| None)
+    .execute();
+    let Some(ts) = parsed else {
+        fail(
+            PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
+            format!("\"{text}\" is neither an LSN (like 0/16B3748) nor a time (like 2026-12-03 10:42:00+01)"),
+            None,
+        )
+    };
+    Some(lsn_of_time(Some(ts), timeline))
 }
 
 /// The LSN where PostgreSQL's recovery with `recovery_target_time = ts` would stop (before
@@ -88,19 +136,148 @@ fn neon_time_at(
     }
 }
 
+/// `neon_get_page` as of a time.
+#[pg_extern(volatile, parallel_safe, name = "neon_get_page")]
+fn neon_get_page_at_time(
+    rel: Option<RegClass>,
+    fork: Option<&str>,
+    blkno: Option<i64>,
+    at: Option<TimestampWithTimeZone>,
+    timeline: default!(Option<i32>, "NULL"),
+) -> Vec<u8> {
+    api::neon_get_page(rel, fork, blkno, Some(lsn_of_time(at, timeline)), timeline)
+}
+
+/// `neon_get_page` as of an LSN or a time written as a literal.
+#[pg_extern(volatile, parallel_safe, name = "neon_get_page")]
+fn neon_get_page_at_text(
+    rel: Option<RegClass>,
+    fork: Option<&str>,
+    blkno: Option<i64>,
+    at: Option<&str>,
+    timeline: default!(Option<i32>, "NULL"),
+) -> Vec<u8> {
+    api::neon_get_page(rel, fork, blkno, lsn_of_text(at, timeline), timeline)
+}
+
+/// `neon_rel_size` as of a time.
+#[pg_extern(volatile, parallel_safe, name = "neon_rel_size")]
+fn neon_rel_size_at_time(
+    rel: Option<RegClass>,
+    fork: Option<&str>,
+    at: Option<TimestampWithTimeZone>,
+    timeline: default!(Option<i32>, "NULL"),
+) -> i64 {
+    api::neon_rel_size(rel, fork, Some(lsn_of_time(at, timeline)), timeline)
+}
+
+/// `neon_rel_size` as of an LSN or a time written as a literal.
+#[pg_extern(volatile, parallel_safe, name = "neon_rel_size")]
+fn neon_rel_size_at_text(
+    rel: Option<RegClass>,
+    fork: Option<&str>,
+    at: Option<&str>,
+    timeline: default!(Option<i32>, "NULL"),
+) -> i64 {
+    api::neon_rel_size(rel, fork, lsn_of_text(at, timeline), timeline)
+}
+
+/// `neon_basebackup` as of a time.
+#[pg_extern(volatile, parallel_safe, name = "neon_basebackup")]
+fn neon_basebackup_at_time(
+    at: Option<TimestampWithTimeZone>,
+    full: default!(Option<bool>, "true"),
+    timeline: default!(Option<i32>, "NULL"),
+) -> TableIterator<'static, (name!(path, String), name!(lsn, PgLsn), name!(bytes, i64), name!(seconds, f64))> {
+    api::neon_basebackup(Some(lsn_of_time(at, timeline)), full, timeline)
+}
+
+/// `neon_basebackup` as of an LSN or a time written as a literal (NULL: now).
+#[pg_extern(volatile, parallel_safe, name = "neon_basebackup")]
+fn neon_basebackup_at_text(
+    at: Option<&str>,
+    full: default!(Option<bool>, "true"),
+    timeline: default!(Option<i32>, "NULL"),
+) -> TableIterator<'static, (name!(path, String), name!(lsn, PgLsn), name!(bytes, i64), name!(seconds, f64))> {
+    api::neon_basebackup(lsn_of_text(at, timeline), full, timeline)
+}
+
+/// `neon_branch_create` as of a time.
+#[pg_extern(volatile, parallel_unsafe, name = "neon_branch_create")]
+#[allow(clippy::type_complexity)]
+fn neon_branch_create_at_time(
+    at: Option<TimestampWithTimeZone>,
+    timeline: default!(Option<i32>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(id, i32),
+        name!(path, String),
+        name!(lsn, PgLsn),
+        name!(timeline, i32),
+        name!(source_timeline, i32),
+        name!(written_blocks, i64),
+    ),
+> {
+    api::neon_branch_create(Some(lsn_of_time(at, timeline)), timeline)
+}
+
+/// `neon_branch_create` as of an LSN or a time written as a literal (NULL: now).
+#[pg_extern(volatile, parallel_unsafe, name = "neon_branch_create")]
+#[allow(clippy::type_complexity)]
+fn neon_branch_create_at_text(
+    at: Option<&str>,
+    timeline: default!(Option<i32>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(id, i32),
+        name!(path, String),
+        name!(lsn, PgLsn),
+        name!(timeline, i32),
+        name!(source_timeline, i32),
+        name!(written_blocks, i64),
+    ),
+> {
+    api::neon_branch_create(lsn_of_text(at, timeline), timeline)
+}
+
 extension_sql!(
     r#"
 DO $$
 DECLARE f text;
 BEGIN
-    FOREACH f IN ARRAY ARRAY['neon_lsn_at(timestamptz, boolean, int4)', 'neon_time_at(pg_lsn, int4)'] LOOP
+    FOREACH f IN ARRAY ARRAY['neon_lsn_at(timestamptz, boolean, int4)', 'neon_time_at(pg_lsn, int4)',
+                             'neon_get_page(regclass, text, int8, timestamptz, int4)', 'neon_get_page(regclass, text, int8, text, int4)',
+                             'neon_rel_size(regclass, text, timestamptz, int4)', 'neon_rel_size(regclass, text, text, int4)',
+                             'neon_basebackup(timestamptz, boolean, int4)', 'neon_basebackup(text, boolean, int4)',
+                             'neon_branch_create(timestamptz, int4)', 'neon_branch_create(text, int4)'] LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO pg_read_server_files', f);
     END LOOP;
 END $$;
 COMMENT ON FUNCTION neon_lsn_at(timestamptz, boolean, int4) IS 'the LSN where recovery with recovery_target_time = ts stops: the state as of that time';
 COMMENT ON FUNCTION neon_time_at(pg_lsn, int4) IS 'the transaction end times just before and at or after an LSN';
+COMMENT ON FUNCTION neon_get_page(regclass, text, int8, timestamptz, int4) IS 'a block of a relation as it was at a time';
+COMMENT ON FUNCTION neon_get_page(regclass, text, int8, text, int4) IS 'a block of a relation as it was at an LSN or time written as text';
+COMMENT ON FUNCTION neon_rel_size(regclass, text, timestamptz, int4) IS 'the number of blocks of a relation fork at a time';
+COMMENT ON FUNCTION neon_rel_size(regclass, text, text, int4) IS 'the number of blocks of a relation fork at an LSN or time written as text';
+COMMENT ON FUNCTION neon_basebackup(timestamptz, boolean, int4) IS 'a bootable base backup as of a time';
+COMMENT ON FUNCTION neon_basebackup(text, boolean, int4) IS 'a bootable base backup as of an LSN or time written as text';
+COMMENT ON FUNCTION neon_branch_create(timestamptz, int4) IS 'a writable branch as of a time';
+COMMENT ON FUNCTION neon_branch_create(text, int4) IS 'a writable branch as of an LSN or time written as text';
 "#,
     name = "time_permissions",
-    requires = [neon_lsn_at, neon_time_at]
+    requires = [
+        neon_lsn_at,
+        neon_time_at,
+        neon_get_page_at_time,
+        neon_get_page_at_text,
+        neon_rel_size_at_time,
+        neon_rel_size_at_text,
+        neon_basebackup_at_time,
+        neon_basebackup_at_text,
+        neon_branch_create_at_time,
+        neon_branch_create_at_text
+    ]
 );

@@ -170,6 +170,31 @@ fn lsn_at_is_where_postgres_recovery_to_that_time_stops() -> Result<()> {
     let want = format!("before\t{}\t{}\nafter\t{}\t{}\n", ends[k - 1].lsn, ends[k - 1].time, ends[k].lsn, ends[k].time);
     anyhow::ensure!(around == want, "time-at: {around:?}, want {want:?}");
 
+    // Every function that takes an LSN takes a time: typed, or as a literal (read as an LSN
+    // when it looks like one), each reading as of neon_lsn_at of it.
+    let ts = ends[picks[3]].time;
+    let at = lsn_at(&c, ts, true)?;
+    let same = |sql_time: &str, sql_lsn: &str| -> Result<()> {
+        let (a, b) = (c.query_one_string(sql_time)?, c.query_one_string(sql_lsn)?);
+        anyhow::ensure!(a == b, "{sql_time} = {a}, {sql_lsn} = {b}");
+        Ok(())
+    };
+    same(
+        &format!("SELECT neon_rel_size('tt', 'main', '{ts}'::timestamptz) || ' ' || md5(neon_get_page('tt', 'main', 0, '{ts}'::timestamptz))"),
+        &format!("SELECT neon_rel_size('tt', 'main', '{at}'::pg_lsn) || ' ' || md5(neon_get_page('tt', 'main', 0, '{at}'::pg_lsn))"),
+    )?;
+    same(
+        &format!("SELECT md5(neon_get_page('tt', 'main', 0, '{ts}')) || md5(neon_get_page('tt', 'main', 0, '{at}'))"),
+        &format!("SELECT md5(neon_get_page('tt', 'main', 0, '{at}'::pg_lsn)) || md5(neon_get_page('tt', 'main', 0, '{at}'::pg_lsn))"),
+    )?;
+    same(&format!("SELECT lsn FROM neon_basebackup('{ts}', false)"), &format!("SELECT '{at}'::pg_lsn"))?;
+    let e = c
+        .execute("SELECT neon_rel_size('tt', 'main', 'yesterday-ish')")
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    anyhow::ensure!(e.contains("neither an LSN") && e.contains("nor a time"), "{e}");
+
     // Clear errors for what cannot be answered, and nothing changes.
     let err = |sql: &str| c.execute(sql).err().map(|e| format!("{e:#}")).unwrap_or_default();
     let before = err("SELECT neon_lsn_at('1999-01-01 00:00:00+00')");
