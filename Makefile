@@ -40,6 +40,8 @@ demo: deps install-ext
 # sql: neon_get_page from SQL beside get_raw_page; a past-LSN sequential read, prefetch off vs on.
 # branch: a branch's first answer beside base backup + boot, restore + replay and pg_basebackup
 #   of now + boot, same run; a cold scan on the branch beside one on a local copy.
+# timetravel: neon_lsn_at from SQL with a year of transaction ends in the index, beside a sidecar
+#   round trip without a lookup and a call with no sidecar at all.
 bench: deps install-ext
 	bash bench/decode
 	bash bench/walredo
@@ -47,6 +49,7 @@ bench: deps install-ext
 	bash bench/basebackup
 	bash bench/sql
 	bash bench/branch
+	bash bench/timetravel
 
 # The fuzz target must keep compiling; running it is `cd sidecar/fuzz && cargo fuzz run decode_wal`.
 fuzz-check:

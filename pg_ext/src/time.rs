@@ -37,7 +37,7 @@ pub(crate) fn lsn_at(time: PgTime, inclusive: bool, timeline: Option<u32>) -> Ls
     // SAFETY: reads the clock; no state is touched.
     let now = PgTime(unsafe { pg_sys::GetCurrentTimestamp() });
     let clock = Some((now, crate::flush_lsn()));
-    let what = format!("the LSN of {time}{}", on_text(timeline));
+    let what = format!("neon_lsn_at{}", on_text(timeline));
     match ask(
         &on(timeline, Request::LsnAt { time, inclusive, clock, wait_ms: wait_ms() }),
         &what,

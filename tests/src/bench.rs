@@ -127,3 +127,29 @@ pub fn archive_wal(c: &Cluster) -> Result<std::path::PathBuf> {
     crate::chown_to_server_user(&archive)?;
     Ok(archive)
 }
+
+/// `bench_calls(q, n)`: runs `q` (`$1` = the call's number) `n` times in one backend, each
+/// timed with `clock_timestamp()`: microseconds per call, without the client's round trip.
+pub const CALL_TIMER: &str = r#"
+CREATE FUNCTION bench_calls(q text, n int) RETURNS float8[] LANGUAGE plpgsql AS $$
+DECLARE t0 timestamptz; out float8[] := '{}';
+BEGIN
+    FOR i IN 0 .. n - 1 LOOP
+        t0 := clock_timestamp();
+        EXECUTE q USING i;
+        out := out || extract(epoch FROM clock_timestamp() - t0) * 1e6;
+    END LOOP;
+    RETURN out;
+END $$;
+"#;
+
+/// p50 and p99 (µs) of the calls `q` makes (`$1` = the call's number), on `db` (which has
+/// [`CALL_TIMER`]).
+pub fn call_percentiles(db: &mut postgres::Client, q: &str, n: u32) -> Result<(f64, f64)> {
+    let sql = format!(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), percentile_cont(0.99) WITHIN GROUP (ORDER BY d) \
+         FROM unnest(bench_calls($q${q}$q$, {n})) d"
+    );
+    let row = db.query_one(sql.as_str(), &[])?;
+    Ok((row.get(0), row.get(1)))
+}

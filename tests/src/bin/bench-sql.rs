@@ -13,31 +13,9 @@
 //! Goals: cached p50 < 50 µs from SQL; prefetch ≥ 3 × faster on the sequential read.
 
 use anyhow::Result;
+use neon_tests::bench::{call_percentiles as percentiles, CALL_TIMER as TIMER};
 use neon_tests::sidecar::{cluster_born_with_store, SidecarProcess};
 use std::time::{Duration, Instant};
-
-const TIMER: &str = r#"
-CREATE FUNCTION bench_calls(q text, n int) RETURNS float8[] LANGUAGE plpgsql AS $$
-DECLARE t0 timestamptz; out float8[] := '{}';
-BEGIN
-    FOR i IN 0 .. n - 1 LOOP
-        t0 := clock_timestamp();
-        EXECUTE q USING i;
-        out := out || extract(epoch FROM clock_timestamp() - t0) * 1e6;
-    END LOOP;
-    RETURN out;
-END $$;
-"#;
-
-/// p50 and p99 (µs) of the calls `q` makes (`$1` = the call's number), on `db`.
-fn percentiles(db: &mut postgres::Client, q: &str, n: u32) -> Result<(f64, f64)> {
-    let sql = format!(
-        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), percentile_cont(0.99) WITHIN GROUP (ORDER BY d) \
-         FROM unnest(bench_calls($q${q}$q$, {n})) d"
-    );
-    let row = db.query_one(sql.as_str(), &[])?;
-    Ok((row.get(0), row.get(1)))
-}
 
 /// Sets `neon.prefetch_distance` on `db` and reads it back there: the timed queries run on
 /// `db`, so that is where the setting has to be.
