@@ -11,6 +11,7 @@ pub static SIDECAR_SOCKET: GucSetting<Option<CString>> = GucSetting::<Option<CSt
 pub static SHARED_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static PREFETCH_DISTANCE: GucSetting<i32> = GucSetting::<i32>::new(128);
 pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+pub static MAX_AS_OF: GucSetting<i32> = GucSetting::<i32>::new(4);
 
 pub fn define() {
     GucRegistry::define_string_guc(
@@ -48,6 +49,16 @@ pub fn define() {
         i32::MAX,
         GucContext::Userset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"neon.max_as_of",
+        c"How many past schemas (neon_as_of) may exist at once, each with its own server on a branch.",
+        c"Each runs a read-only PostgreSQL on a branch of the sidecar until neon_as_of_drop.",
+        &MAX_AS_OF,
+        0,
+        1000,
+        GucContext::Suset,
+        GucFlags::default(),
     );
 }
 

@@ -2,6 +2,8 @@
 //! PostgreSQL 15 server (`shared_preload_libraries = 'neon'`, `CREATE EXTENSION neon`):
 //!
 //! * [`api`]: the SQL functions — pages, sizes, history and base backups as of any LSN;
+//! * [`as_of`]: the past as a schema (`neon_as_of`): foreign tables of a read-only server on
+//!   a branch;
 //! * [`time`]: times as LSNs (`neon_lsn_at`) and back (`neon_time_at`);
 //! * [`client`]: the link to the sidecar (its unix socket, `neon_types::protocol`);
 //! * [`prefetch`]: the shared-memory prefetch queue and the background worker draining it;
@@ -14,6 +16,7 @@ use pgrx::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 mod api;
+mod as_of;
 mod client;
 mod guc;
 mod prefetch;

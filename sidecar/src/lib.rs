@@ -2,7 +2,8 @@
 //! benchmarks without the binary. Modules follow the data: WAL arrives over `replication`,
 //! `wal` decodes it, `repo` files it by (key, LSN) (the `follower` loop drives the two),
 //! `walredo` rebuilds pages from it, `basebackup` writes data directories as of an LSN,
-//! `branch` mounts writable ones whose pages are rebuilt when read, and `service` (with its
+//! `branch` mounts writable ones whose pages are rebuilt when read, `past` runs read-only
+//! servers on branches for the compute to query, and `service` (with its
 //! `page_cache`) answers the compute; `cli` is the command line over all of them.
 
 pub mod basebackup;
@@ -10,6 +11,7 @@ pub mod branch;
 pub mod cli;
 pub mod follower;
 pub mod page_cache;
+pub mod past;
 pub mod replication;
 pub mod repo;
 pub mod service;

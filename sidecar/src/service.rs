@@ -102,6 +102,8 @@ pub struct PageService {
     pub ingest: Arc<crate::follower::IngestState>,
     /// Branches (`None`: the sidecar was started without a shared directory).
     pub branches: Option<crate::branch::Branches>,
+    /// Read-only servers on branches (`None`: no shared directory).
+    pub past: Option<crate::past::PastServers>,
 }
 
 fn code_of(e: &GetPageError) -> ErrorCode {
@@ -119,6 +121,24 @@ const PENDING_WAIT: Duration = Duration::from_secs(30);
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error { code, message: message.into() }
+}
+
+fn branch_error(e: crate::branch::BranchError) -> Response {
+    use crate::branch::BranchError;
+    let code = match &e {
+        BranchError::BadMountPoint { .. } | BranchError::InUse { .. } => ErrorCode::BadRequest,
+        BranchError::NoSuchBranch { .. } => ErrorCode::NotFound,
+        _ => ErrorCode::Internal,
+    };
+    error(code, e.to_string())
+}
+
+fn past_error(e: crate::past::PastError) -> Response {
+    match e {
+        crate::past::PastError::Branch(b) => branch_error(b),
+        crate::past::PastError::NoSuch { .. } => error(ErrorCode::NotFound, e.to_string()),
+        e => error(ErrorCode::Internal, e.to_string()),
+    }
 }
 
 fn time_error(e: PointInTimeError) -> Response {
@@ -270,13 +290,8 @@ impl PageService {
                 self.ready(repo, lsn, wait_ms)?;
                 let flush_grace = Duration::from_millis(wait_ms.into()) + Duration::from_secs(5);
                 repo.wait_for_durable(lsn, flush_grace).map_err(|e| error(ErrorCode::NotYet, e.to_string()))?;
-                let made = branches.create(&self.store, t, &self.redo, lsn, mount.map(PathBuf::from)).map_err(|e| {
-                    let code = match &e {
-                        crate::branch::BranchError::BadMountPoint { .. } => ErrorCode::BadRequest,
-                        _ => ErrorCode::Internal,
-                    };
-                    error(code, e.to_string())
-                })?;
+                let made =
+                    branches.create(&self.store, t, &self.redo, lsn, mount.map(PathBuf::from)).map_err(branch_error)?;
                 Response::Branches(vec![made])
             }
             Request::BranchList => Response::Branches(self.branches()?.list()),
@@ -295,16 +310,21 @@ impl PageService {
                 Response::Commits { before: before.map(|e| (e.lsn, e.time)), after: after.map(|e| (e.lsn, e.time)) }
             }
             Request::BranchDrop { id } => {
-                let dropped = self.branches()?.drop_branch(id).map_err(|e| {
-                    let code = match &e {
-                        crate::branch::BranchError::NoSuchBranch { .. } => ErrorCode::NotFound,
-                        crate::branch::BranchError::InUse { .. } => ErrorCode::BadRequest,
-                        _ => ErrorCode::Internal,
-                    };
-                    error(code, e.to_string())
-                })?;
+                let dropped = self.branches()?.drop_branch(id).map_err(branch_error)?;
                 Response::Branches(vec![dropped])
             }
+            Request::PastStart { lsn, wait_ms } => {
+                let (branches, past) = (self.branches()?, self.past()?);
+                self.ready(repo, lsn, wait_ms)?;
+                let flush_grace = Duration::from_millis(wait_ms.into()) + Duration::from_secs(5);
+                repo.wait_for_durable(lsn, flush_grace).map_err(|e| error(ErrorCode::NotYet, e.to_string()))?;
+                Response::Past(vec![past.start(branches, &self.store, t, &self.redo, lsn).map_err(past_error)?])
+            }
+            Request::PastStop { id } => {
+                let (branches, past) = (self.branches()?, self.past()?);
+                Response::Past(vec![past.stop(branches, id).map_err(past_error)?])
+            }
+            Request::PastList => Response::Past(self.past()?.list()),
             Request::Basebackup { lsn, full, new_timeline, wait_ms } => {
                 let shared = self.basebackups.as_ref().ok_or_else(|| {
                     error(ErrorCode::BadRequest, "the sidecar runs without a shared directory (--shared-dir)")
@@ -336,6 +356,12 @@ impl PageService {
                     path: made.path.display().to_string(),
                 }
             }
+        })
+    }
+
+    fn past(&self) -> Result<&crate::past::PastServers, Response> {
+        self.past.as_ref().ok_or_else(|| {
+            error(ErrorCode::BadRequest, "the sidecar runs without a shared directory (--shared-dir): no past servers")
         })
     }
 

@@ -241,3 +241,125 @@ fn commit_times_survive_a_restart_of_the_sidecar() -> Result<()> {
     anyhow::ensure!(around == around_again, "{around:?} then {around_again:?}");
     Ok(())
 }
+
+/// Stops, however the test ends, every past server the sidecar runs (and drops their
+/// branches), before the sidecar itself is killed: no server or mount is left behind.
+struct StopPast<'a>(&'a SidecarProcess);
+
+impl Drop for StopPast<'_> {
+    fn drop(&mut self) {
+        use neon_types::protocol::{Request, Response};
+        if let Ok(Response::Past(servers)) = self.0.ask(&Request::PastList) {
+            for p in servers {
+                let _ = self.0.ask(&Request::PastStop { id: p.id });
+            }
+        }
+    }
+}
+
+/// The "oops" stories, end to end from SQL: rows deleted by mistake found by time and put
+/// back; an UPDATE by mistake undone; a dropped table read from the past and recreated; a
+/// table whose columns changed since, read as it was; a TOASTed value as it was. The past is
+/// read-only, bad calls are clear errors that leave nothing behind, and `neon_as_of_drop`
+/// leaves no schema, server, branch, mount or process. Needs FUSE (as the branch tests).
+#[test]
+fn the_past_as_a_schema_puts_mistakes_right() -> Result<()> {
+    let (c, store) = cluster_born_with_store()?;
+    let sidecar = SidecarProcess::start_for_compute(&c, &store, &[])?;
+    let _stop_past = StopPast(&sidecar);
+    c.execute("CREATE EXTENSION neon")?;
+    c.execute(
+        "CREATE TABLE accounts (id int PRIMARY KEY, owner text, balance int);
+         INSERT INTO accounts SELECT g, 'owner ' || g, g * 10 FROM generate_series(1, 200) g;
+         CREATE TABLE docs (id int PRIMARY KEY, body text);
+         INSERT INTO docs SELECT 1, string_agg(md5(g::text), '') FROM generate_series(1, 4000) g;
+         CREATE TABLE gone (id int, v text);
+         INSERT INTO gone SELECT g, 'kept ' || g FROM generate_series(1, 50) g;
+         CREATE TABLE shape (a int, b text, c int);
+         INSERT INTO shape VALUES (1, 'one', 10), (2, 'two', 20);",
+    )?;
+    let q = |sql: &str| c.query_one_string(sql);
+    let sum_then = q("SELECT sum(balance) FROM accounts")?;
+    let docs_then = q("SELECT md5(body) FROM docs")?;
+    let gone_then = q("SELECT md5(string_agg(id || v, ',' ORDER BY id)) FROM gone")?;
+    anyhow::ensure!(
+        q("SELECT pg_column_size(body) < octet_length(body) OR pg_column_size(body) > 2000 FROM docs")? == "t"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    let before_mistakes = q("SELECT now()")?;
+    std::thread::sleep(Duration::from_millis(50));
+    c.execute(
+        "DELETE FROM accounts WHERE id % 10 = 0;
+         UPDATE accounts SET balance = 0 WHERE id <= 50;
+         DROP TABLE gone;
+         ALTER TABLE shape DROP COLUMN b, ADD COLUMN d int;
+         UPDATE docs SET body = 'short';",
+    )?;
+    sidecar.wait_durable(workload::flush_lsn(&c)?)?;
+
+    let made =
+        c.query_rows(&format!("SELECT schema_name, lsn, tables FROM neon_as_of('{before_mistakes}', 'past')"))?;
+    let want_lsn = q(&format!("SELECT neon_lsn_at('{before_mistakes}')"))?;
+    anyhow::ensure!(
+        made.len() == 1 && made[0][0].as_deref() == Some("past") && made[0][1].as_deref() == Some(&want_lsn[..]),
+        "neon_as_of gave {made:?}, neon_lsn_at {want_lsn}"
+    );
+    anyhow::ensure!(made[0][2].as_deref() == Some("4"), "imported {:?} tables", made[0][2]);
+    // A primary-key lookup runs there, with its condition sent along.
+    anyhow::ensure!(q("SELECT owner || ' ' || balance FROM past.accounts WHERE id = 70")? == "owner 70 700");
+    let plan = c.query_rows("EXPLAIN (VERBOSE, COSTS OFF) SELECT * FROM past.accounts WHERE id = 70")?;
+    anyhow::ensure!(
+        plan.iter().flatten().flatten().any(|l| l.contains("WHERE ((id = 70))")),
+        "not pushed down: {plan:?}"
+    );
+    // Deleted rows found and put back; the update undone.
+    anyhow::ensure!(q("SELECT count(*) FROM past.accounts")? == "200" && q("SELECT count(*) FROM accounts")? == "180");
+    c.execute("INSERT INTO accounts SELECT * FROM past.accounts ON CONFLICT DO NOTHING")?;
+    c.execute(
+        "UPDATE accounts a SET balance = p.balance FROM past.accounts p WHERE a.id = p.id AND a.balance <> p.balance",
+    )?;
+    anyhow::ensure!(q("SELECT count(*) || ' ' || sum(balance) FROM accounts")? == format!("200 {sum_then}"));
+    // The dropped table, recreated from the past.
+    c.execute("CREATE TABLE gone AS SELECT * FROM past.gone")?;
+    anyhow::ensure!(q("SELECT md5(string_agg(id || v, ',' ORDER BY id)) FROM gone")? == gone_then);
+    // Columns as they were; a TOASTed value as it was.
+    let cols = q("SELECT string_agg(column_name, ',' ORDER BY ordinal_position) FROM information_schema.columns WHERE table_schema = 'past' AND table_name = 'shape'")?;
+    anyhow::ensure!(cols == "a,b,c", "past.shape has columns {cols}");
+    anyhow::ensure!(q("SELECT string_agg(b, ',' ORDER BY a) FROM past.shape")? == "one,two");
+    anyhow::ensure!(q("SELECT md5(body) FROM past.docs")? == docs_then);
+    // The past does not change.
+    let err = |sql: &str| c.execute(sql).err().map(|e| format!("{e:#}")).unwrap_or_default();
+    let e = err("INSERT INTO past.accounts VALUES (1000, 'x', 1)");
+    anyhow::ensure!(e.contains("read-only transaction"), "{e}");
+
+    // Bad calls: clear errors, nothing left behind.
+    let branches = || q("SELECT count(*) FROM neon_branches()");
+    let before = (branches()?, q("SELECT count(*) FROM pg_foreign_server")?, q("SELECT count(*) FROM pg_namespace")?);
+    let e = err(&format!("SELECT * FROM neon_as_of('{before_mistakes}', 'past')"));
+    anyhow::ensure!(e.contains("schema \"past\" already exists"), "{e}");
+    let e = err(&format!("SELECT * FROM neon_as_of('{before_mistakes}', 'past2', '{{nosuch}}')"));
+    anyhow::ensure!(e.contains("nosuch"), "{e}");
+    let e = err("SELECT * FROM neon_as_of(now() + interval '1 hour', 'past3')");
+    anyhow::ensure!(e.contains("has not happened yet"), "{e}");
+    let e = err(&format!("SET neon.max_as_of = 1; SELECT * FROM neon_as_of('{before_mistakes}', 'past4')"));
+    anyhow::ensure!(e.contains("neon.max_as_of"), "{e}");
+    c.execute("CREATE ROLE nobody_here")?;
+    let e = err(&format!("SET ROLE nobody_here; SELECT * FROM neon_as_of('{before_mistakes}', 'past5')"));
+    anyhow::ensure!(e.contains("permission denied"), "{e}");
+    let after = (branches()?, q("SELECT count(*) FROM pg_foreign_server")?, q("SELECT count(*) FROM pg_namespace")?);
+    anyhow::ensure!(before == after, "failed calls left something: {before:?} then {after:?}");
+
+    // Dropped: nothing left.
+    let dropped = q("SELECT neon_as_of_drop('past')")?;
+    anyhow::ensure!(dropped == want_lsn, "neon_as_of_drop gave {dropped}");
+    anyhow::ensure!(q("SELECT count(*) FROM pg_namespace WHERE nspname = 'past'")? == "0");
+    anyhow::ensure!(q("SELECT count(*) FROM pg_foreign_server")? == "0");
+    anyhow::ensure!(branches()? == "0" && q("SELECT count(*) FROM neon_as_of_schemas")? == "0");
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    anyhow::ensure!(!mounts.contains(&c.root_dir().display().to_string()), "a mount is left: {mounts}");
+    anyhow::ensure!(
+        std::fs::read_dir(c.root_dir().join("shared/past"))?.next().is_none(),
+        "a past server's directory is left"
+    );
+    Ok(())
+}

@@ -36,6 +36,9 @@
 //!                       compute's clock when its WAL was flushed to clock_lsn, i64::MIN: none;
 //!                       the sidecar waits up to wait_ms to have filed WAL up to clock_lsn)
 //!   0x11 TimeAt         lsn u64
+//!   0x12 PastStart      lsn u64 | wait_ms u32 (a branch at lsn and a read-only server on it)
+//!   0x13 PastStop       id u32 (stops it and drops its branch)
+//!   0x14 PastList       (empty)
 //!   rel = spcnode u32 | dbnode u32 | relnode u32 | fork u8
 //!   wait_ms: how long to wait for `lsn` to arrive before answering NotYet
 //! responses:
@@ -63,6 +66,8 @@
 //!   0x8D Commits        before, after: each present u8 | lsn u64 | time i64 (the transaction
 //!                       ends around an LSN: the last record starting before it, the first at
 //!                       or after it)
+//!   0x8E Past           n u32 | n × (id u32 | lsn u64 | port u16 | path_len u32 | UTF-8
+//!                       socket directory)
 //!   0xFF Error          code u8 | UTF-8 message
 //! ```
 
@@ -184,6 +189,25 @@ pub enum Request {
     TimeAt {
         lsn: Lsn,
     },
+    PastStart {
+        lsn: Lsn,
+        wait_ms: u32,
+    },
+    PastStop {
+        id: u32,
+    },
+    PastList,
+}
+
+/// A read-only server on a branch, as `Past` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PastInfo {
+    /// Its branch.
+    pub id: u32,
+    pub lsn: Lsn,
+    /// Where its unix socket is (`host` for libpq).
+    pub socket_dir: String,
+    pub port: u16,
 }
 
 /// A branch, as `Branches` reports it.
@@ -240,6 +264,7 @@ pub enum Response {
     /// The answer to `RelationFile`: `None` if no such relation was visible then.
     RelationFile(Option<RelFileNode>),
     Branches(Vec<BranchInfo>),
+    Past(Vec<PastInfo>),
     /// Transaction ends (start LSN of the record, its time) before and at or after an LSN.
     Commits {
         before: Option<(Lsn, PgTime)>,
@@ -407,6 +432,15 @@ impl Request {
                 b.extend_from_slice(&lsn.0.to_le_bytes());
                 0x11
             }
+            Request::PastStart { lsn, wait_ms } => {
+                put_lsn_wait(&mut b, *lsn, *wait_ms);
+                0x12
+            }
+            Request::PastStop { id } => {
+                b.extend_from_slice(&id.to_le_bytes());
+                0x13
+            }
+            Request::PastList => 0x14,
         };
         (kind, b)
     }
@@ -458,6 +492,9 @@ impl Request {
                 Request::LsnAt { time, inclusive, clock, wait_ms }
             }
             0x11 => Request::TimeAt { lsn: r.lsn()? },
+            0x12 => Request::PastStart { lsn: r.lsn()?, wait_ms: r.u32()? },
+            0x13 => Request::PastStop { id: r.u32()? },
+            0x14 => Request::PastList,
             k => return malformed(format!("unknown request kind {k:#04x}")),
         };
         r.end()?;
@@ -571,6 +608,17 @@ impl Response {
                 }
                 0x8C
             }
+            Response::Past(servers) => {
+                b.extend_from_slice(&(servers.len() as u32).to_le_bytes());
+                for p in servers {
+                    b.extend_from_slice(&p.id.to_le_bytes());
+                    b.extend_from_slice(&p.lsn.0.to_le_bytes());
+                    b.extend_from_slice(&p.port.to_le_bytes());
+                    b.extend_from_slice(&(p.socket_dir.len() as u32).to_le_bytes());
+                    b.extend_from_slice(p.socket_dir.as_bytes());
+                }
+                0x8E
+            }
             Response::Commits { before, after } => {
                 for c in [before, after] {
                     let (lsn, time) = c.unwrap_or((Lsn(0), PgTime(0)));
@@ -659,6 +707,19 @@ impl Response {
                     branches.push(BranchInfo { id, lsn, timeline, source, history_files, written_blocks, path });
                 }
                 Response::Branches(branches)
+            }
+            0x8E => {
+                let n = r.u32()? as usize;
+                let mut servers = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    let (id, lsn) = (r.u32()?, r.lsn()?);
+                    let port = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes"));
+                    let len = r.u32()? as usize;
+                    let socket_dir = String::from_utf8(r.take(len)?.to_vec())
+                        .or_else(|_| malformed("socket directory is not UTF-8"))?;
+                    servers.push(PastInfo { id, lsn, socket_dir, port });
+                }
+                Response::Past(servers)
             }
             0x8D => {
                 let mut one = || -> Result<Option<(Lsn, PgTime)>, ProtocolError> {
@@ -778,6 +839,9 @@ mod tests {
             Request::LsnAt { time: PgTime(-5), inclusive: false, clock: None, wait_ms: 0 },
             Request::LsnAt { time: PgTime(7), inclusive: true, clock: Some((PgTime(9), Lsn(84))), wait_ms: 10 },
             Request::TimeAt { lsn: Lsn(85) },
+            Request::PastStart { lsn: Lsn(86), wait_ms: 11 },
+            Request::PastStop { id: 4 },
+            Request::PastList,
         ];
         for req in reqs {
             let mut b = Vec::new();
@@ -844,6 +908,8 @@ mod tests {
                 },
             ]),
             Response::Commits { before: None, after: None },
+            Response::Past(vec![]),
+            Response::Past(vec![PastInfo { id: 3, lsn: Lsn(7), socket_dir: "/s/past/3".into(), port: 5432 }]),
             Response::Commits { before: Some((Lsn(3), PgTime(-4))), after: Some((Lsn(5), PgTime(6))) },
             Response::Error { code: ErrorCode::NotYet, message: "later".into() },
         ];

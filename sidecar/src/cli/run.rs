@@ -102,6 +102,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut redo_cfg = args.redo.config("sidecar")?;
     redo_cfg.processes = args.redo_processes.max(1);
     redo_cfg.data_checksums |= crate::repo::meta::compute_has_checksums(&store.current());
+    let pg_bin_dir = redo_cfg.pg_bin_dir.clone();
     let redo: Arc<dyn WalRedoManager> = Arc::new(PostgresRedoManager::new(redo_cfg)?);
     let retention = args.retention_mb << 20;
     let ingest = Arc::new(IngestState::default());
@@ -134,6 +135,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                     ),
                     None => None,
                 };
+                let past = match &shared_dir {
+                    Some(d) => Some(
+                        crate::past::PastServers::new(d, pg_bin_dir.clone())
+                            .with_context(|| format!("past servers in {}", d.display()))?,
+                    ),
+                    None => None,
+                };
                 let service = Arc::new(PageService {
                     store: store.clone(),
                     redo: redo.clone(),
@@ -144,6 +152,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                     cache,
                     ingest: ingest.clone(),
                     branches,
+                    past,
                 });
                 // Pages cached for reads without a timeline are of another history once the
                 // followed timeline changes.
@@ -158,6 +167,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 Some(s.spawn(move || {
                     let served = service::serve(serving, listener, &STOP);
                     service.cache.retire();
+                    // The servers first: their branches are unmounted next.
+                    if let Some(p) = &service.past {
+                        p.stop_all();
+                    }
                     if let Some(b) = &service.branches {
                         b.unmount_all();
                     }
