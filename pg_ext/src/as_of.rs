@@ -114,7 +114,7 @@ $fn$;
 
 CREATE FUNCTION neon_as_of_remove(into_schema name)
 RETURNS pg_lsn
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $fn$
 DECLARE
     r record;
 BEGIN

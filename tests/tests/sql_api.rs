@@ -16,7 +16,8 @@ use postgres::error::SqlState;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const SUITES: &[&str] = &["neon_setup", "neon_pages", "neon_errors", "neon_permissions", "neon_history"];
+const SUITES: &[&str] =
+    &["neon_setup", "neon_pages", "neon_errors", "neon_permissions", "neon_history", "neon_time_travel"];
 
 fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository")
