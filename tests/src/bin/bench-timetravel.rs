@@ -10,7 +10,14 @@
 //! connection: `neon_rel_size` (a round trip to the sidecar that does no time lookup) and
 //! `pg_current_wal_lsn()` (no sidecar at all).
 //!
-//! Goal (issue 15): `neon_lsn_at` p50 ≤ 1 ms with a year of history.
+//! Before that, the past as a schema at pgbench `--scale`: a time recorded after `pgbench -i`
+//! and some traffic later, `neon_as_of(time, 'past')` and the first row of
+//! `past.pgbench_accounts` (wall time from the client), then primary-key lookups of random
+//! accounts through the past schema (each reads pages the branch has not read yet) beside the
+//! same lookups on the compute's own table.
+//!
+//! Goals (issue 15): `neon_lsn_at` p50 ≤ 1 ms with a year of history; `neon_as_of` to the
+//! first row ≤ 2 s and a primary-key lookup through it p50 ≤ 5 ms at scale 70.
 
 use anyhow::{Context, Result};
 use neon_tests::bench::{call_percentiles, Flags, CALL_TIMER};
@@ -30,13 +37,36 @@ fn synthetic_time(t0: i64, i: u64) -> i64 {
 }
 
 fn main() -> Result<()> {
-    let f = Flags::parse("bench-timetravel [--years N] [--calls N]", &[("years", "1"), ("calls", "2000")])?;
-    let (years, calls): (u64, u32) = (f.get("years")?, f.get("calls")?);
+    let f = Flags::parse(
+        "bench-timetravel [--years N] [--calls N] [--scale N]",
+        &[("years", "1"), ("calls", "2000"), ("scale", "70")],
+    )?;
+    let (years, calls, scale): (u64, u32, u32) = (f.get("years")?, f.get("calls")?, f.get("scale")?);
     let entries = years * SECONDS_A_YEAR as u64;
     let (c, store) = cluster_born_with_store()?;
     let sidecar = SidecarProcess::start_for_compute(&c, &store, &[])?;
     c.execute("CREATE EXTENSION neon")?;
     c.execute(CALL_TIMER)?;
+
+    // The past as a schema.
+    eprintln!("bench: pgbench -i -s {scale} ...");
+    c.pgbench(&["-i", "-q", "-s", &scale.to_string()])?;
+    let then = c.query_one_string("SELECT now()")?;
+    c.pgbench(&["-n", "-c", "2", "-j", "2", "-T", "5"])?;
+    sidecar.wait_durable(workload::flush_lsn(&c)?)?;
+    let mut db = c.connect("postgres")?;
+    let t = Instant::now();
+    db.query_one(&format!("SELECT tables FROM neon_as_of('{then}'::timestamptz, 'past')"), &[])?;
+    let made = t.elapsed();
+    let first: i32 = db.query_one("SELECT abalance FROM past.pgbench_accounts WHERE aid = 1", &[])?.get(0);
+    let first_row = t.elapsed();
+    anyhow::ensure!(first == 0, "an account's balance right after pgbench -i is 0, not {first}");
+    let accounts = scale as u64 * 100_000;
+    let lookup = |table: &str| format!("SELECT abalance FROM {table} WHERE aid = ($1::int8 * 7919) % {accounts} + 1");
+    let past_pk = call_percentiles(&mut db, &lookup("past.pgbench_accounts"), calls)?;
+    let local_pk = call_percentiles(&mut db, &lookup("pgbench_accounts"), calls)?;
+    db.query_one("SELECT neon_as_of_drop('past')", &[])?;
+    drop(db);
     // WAL enough for one LSN a byte apart per entry, and a little more.
     c.execute("CREATE TABLE filler (id int, pad text)")?;
     let start = workload::flush_lsn(&c)?;
@@ -104,6 +134,15 @@ fn main() -> Result<()> {
     );
     let year = call_percentiles(&mut db, &year_q, calls)?;
 
+    println!("The past as a schema at pgbench scale {scale} ({accounts} accounts)");
+    println!();
+    println!("{:<58} {:>9.2} s", "neon_as_of(time, 'past')", made.as_secs_f64());
+    println!("{:<58} {:>9.2} s", "... and the first row of past.pgbench_accounts", first_row.as_secs_f64());
+    println!("{:<58} {:>9} {:>9}", "primary-key lookup, random accounts (µs)", "p50", "p99");
+    println!("{:<58} {:>9.0} {:>9.0}", "  through past.pgbench_accounts (pages read cold)", past_pk.0, past_pk.1);
+    println!("{:<58} {:>9.0} {:>9.0}", "  anchor: the compute's own pgbench_accounts", local_pk.0, local_pk.1);
+    println!("Goals: first row <= 2 s; past lookup p50 <= 5000 µs.");
+    println!();
     println!("neon_lsn_at from SQL, {calls} calls each, timed in the backend (µs)");
     println!();
     println!("{:<58} {:>9} {:>9}", "call", "p50", "p99");
