@@ -72,8 +72,16 @@ BEGIN
     IF at IS NULL OR into_schema IS NULL OR schemas IS NULL OR grantee IS NULL THEN
         RAISE EXCEPTION 'neon_as_of: at, into_schema and schemas must not be NULL';
     END IF;
+    -- The past is read as the cluster's superuser: only for a role that may read everything
+    -- anyway (pg_read_server_files), and only one the session acts as.
     IF NOT pg_has_role(session_user, grantee, 'USAGE') THEN
         RAISE EXCEPTION 'neon_as_of: % may not act for %', session_user, grantee;
+    END IF;
+    IF NOT pg_has_role(grantee, 'pg_read_server_files', 'USAGE') THEN
+        RAISE EXCEPTION 'neon_as_of: % is not a member of pg_read_server_files', grantee;
+    END IF;
+    IF EXISTS (SELECT FROM unnest(schemas) AS asked(nsp) WHERE asked.nsp = 'information_schema' OR asked.nsp LIKE 'pg\_%') THEN
+        RAISE EXCEPTION 'neon_as_of: system schemas are not imported (asked: %)', schemas;
     END IF;
     IF EXISTS (SELECT FROM pg_namespace WHERE nspname = into_schema) THEN
         RAISE EXCEPTION 'neon_as_of: schema "%" already exists', into_schema
@@ -128,7 +136,15 @@ BEGIN
     EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', r.schema_name);
     EXECUTE format('DROP SERVER IF EXISTS %I CASCADE', r.server);
     DELETE FROM @extschema@.neon_as_of_schemas a WHERE a.schema_name = into_schema;
-    PERFORM @extschema@.neon_past_stop(r.branch);
+    -- Stopping a server is not undone by a rollback: a past schema whose server and branch
+    -- already went (dropped, then rolled back) is removed all the same.
+    BEGIN
+        PERFORM @extschema@.neon_past_stop(r.branch);
+    EXCEPTION WHEN OTHERS THEN
+        IF SQLERRM NOT LIKE '%no past server or branch%' THEN
+            RAISE;
+        END IF;
+    END;
     RETURN r.lsn;
 END
 $fn$;
@@ -153,8 +169,10 @@ LANGUAGE sql AS $$ SELECT @extschema@.neon_as_of_remove(into_schema) $$;
 DO $$
 DECLARE f text;
 BEGIN
-    FOREACH f IN ARRAY ARRAY['neon_past_start(pg_lsn, int4)', 'neon_past_stop(int4)',
-                             'neon_as_of_make(pg_lsn, name, text[], name)', 'neon_as_of_remove(name)',
+    -- The server calls themselves only through neon_as_of (which keeps count and books).
+    REVOKE ALL ON FUNCTION neon_past_start(pg_lsn, int4) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION neon_past_stop(int4) FROM PUBLIC;
+    FOREACH f IN ARRAY ARRAY['neon_as_of_make(pg_lsn, name, text[], name)', 'neon_as_of_remove(name)',
                              'neon_as_of(pg_lsn, name, text[])', 'neon_as_of(timestamptz, name, text[])',
                              'neon_as_of(text, name, text[])', 'neon_as_of_drop(name)'] LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);

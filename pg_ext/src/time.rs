@@ -34,9 +34,19 @@ fn timestamptz(t: PgTime) -> TimestampWithTimeZone {
 /// answers; the compute's clock now and its WAL flush position go with the question, so a
 /// time that has passed since the last transaction ended is known to have.
 pub(crate) fn lsn_at(time: PgTime, inclusive: bool, timeline: Option<u32>) -> Lsn {
-    // SAFETY: reads the clock; no state is touched.
-    let now = PgTime(unsafe { pg_sys::GetCurrentTimestamp() });
-    let clock = Some((now, crate::flush_lsn()));
+    // The clock first, then all WAL inserted by then flushed (a commit acknowledged without
+    // a flush, `synchronous_commit = off`, included): every transaction that ended by `now`
+    // is in WAL up to `end`. A server in recovery writes no WAL and says nothing of its clock.
+    // SAFETY: reads the clock, the recovery state and the insert position; XLogFlush of a
+    // position already inserted only writes and syncs WAL, as any commit does.
+    let clock = unsafe {
+        let now = PgTime(pg_sys::GetCurrentTimestamp());
+        (!pg_sys::RecoveryInProgress()).then(|| {
+            let end = pg_sys::GetXLogInsertRecPtr();
+            pg_sys::XLogFlush(end);
+            (now, Lsn(end))
+        })
+    };
     let what = format!("neon_lsn_at{}", on_text(timeline));
     match ask(
         &on(timeline, Request::LsnAt { time, inclusive, clock, wait_ms: wait_ms() }),

@@ -27,7 +27,7 @@ use crate::repo::timeline::{RepoError, Timeline};
 use crate::wal::decoder::{DecodeError, WalStreamDecoder};
 use crate::wal::page::record_start;
 use crate::wal::record::RecordError;
-use neon_types::Lsn;
+use neon_types::{Lsn, PgTime};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,10 @@ use std::time::{Duration, Instant};
 /// How stale the compute's clock may get while it sends nothing: the sidecar asks for a
 /// keepalive, which carries it (times up to it are known to have happened).
 const CLOCK_EVERY: Duration = Duration::from_secs(1);
+
+/// How far behind a WAL sender's clock reading its WAL position may be: a flush, or with
+/// `synchronous_commit = off` up to three `wal_writer_delay`s (200 ms by default).
+const STREAM_CLOCK_MARGIN: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct FollowerConfig {
@@ -557,7 +561,10 @@ fn stream_loop(
             Some(
                 StreamEvent::XLogData { server_end, sent_at, .. } | StreamEvent::Keepalive { server_end, sent_at, .. },
             ) => {
-                repo.note_clock(*sent_at, *server_end);
+                // The WAL position beside the clock may lack a commit already timestamped (and,
+                // with asynchronous commit, acknowledged) but not yet sent: the reading vouches
+                // only for times a margin before it.
+                repo.note_clock(PgTime(sent_at.0 - STREAM_CLOCK_MARGIN.as_micros() as i64), *server_end);
                 heard = Instant::now();
             }
             None => {}

@@ -18,9 +18,10 @@ use crate::repo::point_in_time::{self, PointInTimeError};
 use crate::repo::reconstruct::{self, GetPageError};
 use crate::repo::store::Store;
 use crate::repo::timeline::{RepoError, Timeline};
+use crate::wal::consts::SIZE_OF_LONG_PAGE_HEADER;
 use crate::walredo::WalRedoManager;
 use neon_types::protocol::{ErrorCode, ProtocolError, Request, Response, TimelineHistory};
-use neon_types::Lsn;
+use neon_types::{Lsn, XLOG_BLCKSZ};
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -143,7 +144,9 @@ fn past_error(e: crate::past::PastError) -> Response {
 
 fn time_error(e: PointInTimeError) -> Response {
     let code = match &e {
-        PointInTimeError::BeforeHistory { .. } | PointInTimeError::Removed { .. } => ErrorCode::OutOfHistory,
+        PointInTimeError::BeforeHistory { .. } | PointInTimeError::Removed { .. } | PointInTimeError::Lost { .. } => {
+            ErrorCode::OutOfHistory
+        }
         PointInTimeError::NotYet { .. } | PointInTimeError::NoTransactions { .. } => ErrorCode::NotYet,
         PointInTimeError::Index(_) => ErrorCode::Internal,
     };
@@ -298,6 +301,10 @@ impl PageService {
             Request::LsnAt { time, inclusive, clock, wait_ms } => {
                 let live = Arc::ptr_eq(t, &self.store.current());
                 if let Some((now, flushed)) = clock.filter(|_| live) {
+                    // A position at the start of a WAL page (just past its header) is where the
+                    // last record before it ended, as far as the records filed can say.
+                    let in_header = flushed.0 % XLOG_BLCKSZ as u64 <= SIZE_OF_LONG_PAGE_HEADER as u64;
+                    let flushed = if in_header { Lsn(flushed.0 - flushed.0 % XLOG_BLCKSZ as u64) } else { flushed };
                     // The compute's reading counts once its WAL up to there is filed: waited
                     // for here, and if it is not in time, older readings answer.
                     repo.note_clock(now, flushed);

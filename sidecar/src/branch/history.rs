@@ -259,8 +259,14 @@ impl HistoryFiles {
     /// Makes file `i`'s writes durable: its overlay file's data (`data`), then the journal
     /// records of its first writes, then the journal.
     pub fn sync(&self, i: u32, data: &File) -> Result<(), HistoryError> {
-        data.sync_data().map_err(io(&self.journal_path))?;
+        // The blocks first, then the data: a first write landing in between (another FUSE
+        // thread, the kernel's writeback) stays pending for the next sync, never journalled
+        // ahead of its data.
         let blocks = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&i).unwrap_or_default();
+        if let Err(e) = data.sync_data() {
+            self.pending.lock().unwrap_or_else(|p| p.into_inner()).entry(i).or_default().extend(blocks);
+            return Err(io(&self.journal_path)(e));
+        }
         if let Err(e) = self.append_all(WRITTEN, i, &blocks) {
             self.pending.lock().unwrap_or_else(|p| p.into_inner()).entry(i).or_default().extend(blocks);
             return Err(e);
@@ -271,8 +277,14 @@ impl HistoryFiles {
 
     /// Journals every first write (a clean unmount): `overlay`'s file system synced first.
     pub fn sync_all(&self, overlay: &Path) -> Result<(), HistoryError> {
-        crate::branch::sync_fs(overlay).map_err(io(overlay))?;
         let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Err(e) = crate::branch::sync_fs(overlay) {
+            let mut back = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, blocks) in pending {
+                back.entry(i).or_default().extend(blocks);
+            }
+            return Err(io(overlay)(e));
+        }
         for (i, blocks) in pending {
             self.append_all(WRITTEN, i, &blocks)?;
         }

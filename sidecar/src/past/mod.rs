@@ -61,16 +61,20 @@ fn ready(datadir: &Path) -> bool {
         .is_ok_and(|t| t.lines().nth(7).is_some_and(|s| s.trim() == "ready"))
 }
 
-/// Asks `child` to stop (fast shutdown: SIGINT) and waits; SIGKILL after `STOP_TIMEOUT`.
+/// Asks `child` to stop (fast shutdown: SIGINT) and waits; after `STOP_TIMEOUT`, an
+/// immediate shutdown (SIGQUIT, which ends its backends too), and SIGKILL as the last resort.
 fn stop_child(child: &mut Child) {
+    use nix::sys::signal::{kill, Signal};
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-    let deadline = Instant::now() + STOP_TIMEOUT;
-    while Instant::now() < deadline {
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
+    for (signal, wait) in [(Signal::SIGINT, STOP_TIMEOUT), (Signal::SIGQUIT, Duration::from_secs(5))] {
+        let _ = kill(pid, signal);
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -129,6 +133,11 @@ impl PastServers {
             ("archive_mode", "off".into()),
             ("max_wal_senders", "0".into()),
             ("max_replication_slots", "0".into()),
+            // A copy to read from, not the compute: its memory and preloads are not wanted.
+            ("shared_buffers", "32MB".into()),
+            ("max_connections", "20".into()),
+            ("session_preload_libraries", String::new()),
+            ("local_preload_libraries", String::new()),
         ] {
             cmd.args(set(k, &v));
         }
@@ -162,6 +171,12 @@ impl PastServers {
     /// Stops the server on branch `id` (if it runs: one the sidecar started before a restart
     /// does not), then drops the branch.
     pub fn stop(&self, branches: &Branches, id: u32) -> Result<PastInfo, PastError> {
+        let dir = self.dir.join(id.to_string());
+        if !self.lock().contains_key(&id) && !dir.is_dir() {
+            // Not a past server's branch: branches are dropped as branches.
+            let have = self.lock().keys().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+            return Err(PastError::NoSuch { id, have: if have.is_empty() { "none".into() } else { have } });
+        }
         let running = self.lock().remove(&id);
         if let Some(mut r) = running {
             stop_child(&mut r.child);
@@ -173,7 +188,6 @@ impl PastServers {
             }
             e => PastError::Branch(e),
         })?;
-        let dir = self.dir.join(id.to_string());
         let _ = std::fs::remove_dir_all(&dir);
         Ok(PastInfo { id, lsn: dropped.lsn, socket_dir: dir.display().to_string(), port: PORT })
     }

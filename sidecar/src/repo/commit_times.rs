@@ -40,7 +40,7 @@ use neon_types::{Lsn, PgTime};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Entries per sealed chunk.
 pub const CHUNK: usize = 4096;
@@ -82,7 +82,8 @@ struct Chunk {
 }
 
 struct Inner {
-    chunks: Vec<Chunk>,
+    /// Shared with lookups, which take it without copying (copied on a seal).
+    chunks: Arc<Vec<Chunk>>,
     sealed_len: u64,
     /// In the log file, after the sealed chunks.
     logged: Vec<Entry>,
@@ -245,7 +246,7 @@ impl CommitTimes {
         let newest = logged.last().map(|e| e.lsn).or(chunks.last().map(|c| c.last));
         Ok(CommitTimes {
             dir: dir.to_path_buf(),
-            inner: Mutex::new(Inner { chunks, sealed_len, logged, pending: Vec::new(), newest }),
+            inner: Mutex::new(Inner { chunks: Arc::new(chunks), sealed_len, logged, pending: Vec::new(), newest }),
         })
     }
 
@@ -275,17 +276,23 @@ impl CommitTimes {
 
     /// Makes every entry whose record ends at or before `upto` durable (before the timeline's
     /// manifest says `upto` is), sealing a chunk when the log has enough.
+    ///
+    /// One caller at a time (the timeline's flush, under its flush lock): the files are
+    /// written without the lock, so ingest's notes and lookups go on meanwhile.
     pub fn persist(&self, upto: Lsn) -> Result<(), CommitTimesError> {
-        let mut inner = self.lock();
-        let n = inner.pending.iter().take_while(|(_, end)| *end <= upto).count();
-        if n == 0 {
-            return Ok(());
-        }
-        let mut logged = inner.logged.clone();
-        logged.extend(inner.pending[..n].iter().map(|(e, _)| *e));
-        let (mut chunks, mut sealed_len) = (Vec::new(), inner.sealed_len);
+        let (n, mut logged, mut sealed_len, last_max) = {
+            let inner = self.lock();
+            let n = inner.pending.iter().take_while(|(_, end)| *end <= upto).count();
+            if n == 0 {
+                return Ok(());
+            }
+            let mut logged = inner.logged.clone();
+            logged.extend(inner.pending[..n].iter().map(|(e, _)| *e));
+            (n, logged, inner.sealed_len, inner.chunks.last().map(|c| c.max))
+        };
+        let mut chunks = Vec::new();
         while logged.len() >= CHUNK {
-            let before = chunks.last().or(inner.chunks.last()).map(|c: &Chunk| c.max);
+            let before = chunks.last().map(|c: &Chunk| c.max).or(last_max);
             let chunk = self.seal(&logged[..CHUNK], before, sealed_len)?;
             sealed_len = chunk.offset + u64::from(chunk.len) + 4;
             chunks.push(chunk);
@@ -298,10 +305,14 @@ impl CommitTimes {
             &encode_log(sealed_len, &logged),
         )
         .map_err(|source| CommitTimesError::Io { path, source })?;
-        // Durable: only now does memory move on (a failure above leaves it as it was).
+        // Durable: only now does memory move on (a failure above leaves it as it was; notes
+        // made meanwhile were appended after these `n`).
+        let mut inner = self.lock();
         inner.pending.drain(..n);
         inner.logged = logged;
-        inner.chunks.extend(chunks);
+        if !chunks.is_empty() {
+            Arc::make_mut(&mut inner.chunks).extend(chunks);
+        }
         inner.sealed_len = sealed_len;
         Ok(())
     }
@@ -353,8 +364,8 @@ impl CommitTimes {
         Ok(out)
     }
 
-    /// The entries not in sealed chunks, and the running maximum before them.
-    fn unsealed(&self) -> (Vec<Chunk>, Vec<Entry>) {
+    /// The sealed chunks, and the entries not in them.
+    fn unsealed(&self) -> (Arc<Vec<Chunk>>, Vec<Entry>) {
         let inner = self.lock();
         let mut tail = inner.logged.clone();
         tail.extend(inner.pending.iter().map(|(e, _)| *e));
