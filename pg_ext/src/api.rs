@@ -86,6 +86,20 @@ fn call(
     })
 }
 
+/// One request while a transaction aborts, where nothing may raise an ERROR: no interrupt
+/// checks, no panic out of it, and a connection in use (an error cut a call short) means no
+/// call. The failure is the caller's to ignore.
+pub(crate) fn call_during_abort(req: &Request, timeout: std::time::Duration) -> Result<Response, String> {
+    let Some(path) = guc::sidecar_socket() else { return Err("no neon.sidecar_socket".into()) };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        SIDECAR.with(|s| match s.try_borrow_mut() {
+            Ok(mut slot) => slot.call(&path, req, Some(timeout), &mut || false, &mut |_| {}).map_err(|e| e.to_string()),
+            Err(_) => Err("the sidecar connection is in use".into()),
+        })
+    }))
+    .unwrap_or_else(|_| Err("a panic".into()))
+}
+
 /// The ERROR for a failed request: `what` was asked.
 fn failed(what: &str, e: ClientError) -> ! {
     let (code, hint) = match &e {

@@ -11,7 +11,8 @@
 //! `SECURITY DEFINER` function owned by the extension's owner, called through `neon_as_of`,
 //! which passes the caller's role (checked to be one the session user has) to receive
 //! `USAGE` on the schema and `SELECT` on its tables. A failure part way stops the server and
-//! drops the branch, and the catalog changes roll back with it.
+//! drops the branch, and the catalog changes roll back with it; so does a transaction that
+//! aborts after `neon_as_of` (a transaction callback stops the server).
 
 use crate::api::{ask, required, timeline_arg, unexpected, wait_ms};
 use crate::sqltypes::PgLsn;
@@ -30,6 +31,20 @@ fn neon_past_start(
     match ask(&crate::api::on(timeline, Request::PastStart { lsn, wait_ms: wait_ms() }), &what, None) {
         Response::Past(p) if p.len() == 1 => {
             let p = &p[0];
+            // A server is no catalog row: if this transaction aborts (an error or cancel after
+            // this call, a ROLLBACK), nothing would ever stop it and its branch would stay
+            // pinned. Stopped then, best effort (nothing may fail while aborting).
+            let id = p.id;
+            let timeout = crate::guc::request_timeout();
+            pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, move || {
+                // (One that a failing neon_as_of stopped already is gone: nothing to say.)
+                match crate::api::call_during_abort(&Request::PastStop { id }, timeout) {
+                    Err(e) if !e.contains("no past server or branch") => {
+                        log!("neon: could not stop the past server on branch {id} of an aborted transaction: {e}")
+                    }
+                    _ => {}
+                }
+            });
             TableIterator::once((p.id as i32, p.socket_dir.clone(), i32::from(p.port), PgLsn(p.lsn)))
         }
         r => unexpected(&what, r),

@@ -338,6 +338,10 @@ fn the_past_as_a_schema_puts_mistakes_right() -> Result<()> {
     let before = (branches()?, q("SELECT count(*) FROM pg_foreign_server")?, q("SELECT count(*) FROM pg_namespace")?);
     let e = err(&format!("SELECT * FROM neon_as_of('{before_mistakes}', 'past')"));
     anyhow::ensure!(e.contains("schema \"past\" already exists"), "{e}");
+    // Made, then rolled back with its transaction: its server and branch go too.
+    c.execute(&format!("BEGIN; SELECT * FROM neon_as_of('{before_mistakes}', 'past_rolled_back'); ROLLBACK"))?;
+    let e = err(&format!("BEGIN; SELECT * FROM neon_as_of('{before_mistakes}', 'past_cancelled'); SELECT 1/0"));
+    anyhow::ensure!(e.contains("division by zero"), "{e}");
     let e = err(&format!("SELECT * FROM neon_as_of('{before_mistakes}', 'past2', '{{nosuch}}')"));
     anyhow::ensure!(e.contains("nosuch"), "{e}");
     let e = err("SELECT * FROM neon_as_of(now() + interval '1 hour', 'past3')");
