@@ -173,10 +173,7 @@ LANGUAGE sql AS $$ SELECT * FROM @extschema@.neon_as_of_make(@extschema@.neon_ls
 CREATE FUNCTION neon_as_of(at text, into_schema name, schemas text[] DEFAULT '{public}')
 RETURNS TABLE(schema_name name, lsn pg_lsn, tables int4)
 LANGUAGE sql AS $$
-    SELECT * FROM @extschema@.neon_as_of_make(
-        CASE WHEN at ~ '^\s*[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\s*$' THEN at::pg_lsn
-             ELSE @extschema@.neon_lsn_at(at::timestamptz) END,
-        into_schema, schemas, current_user)
+    SELECT * FROM @extschema@.neon_as_of_make(@extschema@.neon_lsn_of(at), into_schema, schemas, current_user)
 $$;
 CREATE FUNCTION neon_as_of_drop(into_schema name) RETURNS pg_lsn
 LANGUAGE sql AS $$ SELECT @extschema@.neon_as_of_remove(into_schema) $$;

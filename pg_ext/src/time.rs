@@ -101,6 +101,13 @@ fn lsn_of_text(at: Option<&str>, timeline: Option<i32>) -> Option<PgLsn> {
     Some(lsn_of_time(Some(ts), timeline))
 }
 
+/// An LSN or a time written as text, as the functions' `text` overloads read it (an LSN if it
+/// has an LSN's shape, otherwise the LSN of the time); NULL stays NULL.
+#[pg_extern(volatile, parallel_safe)]
+fn neon_lsn_of(at: Option<&str>, timeline: default!(Option<i32>, "NULL")) -> Option<PgLsn> {
+    lsn_of_text(at, timeline)
+}
+
 /// The LSN where PostgreSQL's recovery with `recovery_target_time = ts` would stop (before
 /// the first commit or abort whose time is after `ts`; at or after it when not `inclusive`,
 /// as `recovery_target_inclusive = off`): the state as of `ts`. A time after the last
@@ -257,7 +264,7 @@ extension_sql!(
 DO $$
 DECLARE f text;
 BEGIN
-    FOREACH f IN ARRAY ARRAY['neon_lsn_at(timestamptz, boolean, int4)', 'neon_time_at(pg_lsn, int4)',
+    FOREACH f IN ARRAY ARRAY['neon_lsn_at(timestamptz, boolean, int4)', 'neon_time_at(pg_lsn, int4)', 'neon_lsn_of(text, int4)',
                              'neon_get_page(regclass, text, int8, timestamptz, int4)', 'neon_get_page(regclass, text, int8, text, int4)',
                              'neon_rel_size(regclass, text, timestamptz, int4)', 'neon_rel_size(regclass, text, text, int4)',
                              'neon_basebackup(timestamptz, boolean, int4)', 'neon_basebackup(text, boolean, int4)',
@@ -267,6 +274,7 @@ BEGIN
     END LOOP;
 END $$;
 COMMENT ON FUNCTION neon_lsn_at(timestamptz, boolean, int4) IS 'the LSN where recovery with recovery_target_time = ts stops: the state as of that time';
+COMMENT ON FUNCTION neon_lsn_of(text, int4) IS 'an LSN or a time written as text, as an LSN (the LSN of the time)';
 COMMENT ON FUNCTION neon_time_at(pg_lsn, int4) IS 'the transaction end times just before and at or after an LSN';
 COMMENT ON FUNCTION neon_get_page(regclass, text, int8, timestamptz, int4) IS 'a block of a relation as it was at a time';
 COMMENT ON FUNCTION neon_get_page(regclass, text, int8, text, int4) IS 'a block of a relation as it was at an LSN or time written as text';
@@ -280,6 +288,7 @@ COMMENT ON FUNCTION neon_branch_create(text, int4) IS 'a writable branch as of a
     name = "time_permissions",
     requires = [
         neon_lsn_at,
+        neon_lsn_of,
         neon_time_at,
         neon_get_page_at_time,
         neon_get_page_at_text,

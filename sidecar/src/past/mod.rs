@@ -14,6 +14,7 @@ use crate::walredo::WalRedoManager;
 use neon_types::protocol::PastInfo;
 use neon_types::Lsn;
 use std::collections::BTreeMap;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -91,6 +92,12 @@ impl PastServers {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The error for branch `id`, which has no past server: naming those that run.
+    fn no_such(&self, id: u32) -> PastError {
+        let have = self.lock().keys().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+        PastError::NoSuch { id, have: if have.is_empty() { "none".into() } else { have } }
+    }
+
     /// A branch at `lsn` of `t` and a read-only server on it, ready for connections.
     pub fn start(
         &self,
@@ -117,7 +124,14 @@ impl PastServers {
         crate::repo::timeline::write_durably(&dir.join("pg_hba.conf.tmp"), &hba, b"local all all trust\n")
             .map_err(io("writing", &hba))?;
         let log_path = dir.join("server.log");
-        let log = std::fs::File::create(&log_path).map_err(io("creating", &log_path))?;
+        // Private like everything here: the log may quote the past's rows.
+        let log = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(io("creating", &log_path))?;
         let set = |k: &str, v: &str| ["-c".to_string(), format!("{k}={v}")];
         let mut cmd = Command::new(self.pg_bin_dir.join("postgres"));
         cmd.arg("-D").arg(datadir);
@@ -174,18 +188,14 @@ impl PastServers {
         let dir = self.dir.join(id.to_string());
         if !self.lock().contains_key(&id) && !dir.is_dir() {
             // Not a past server's branch: branches are dropped as branches.
-            let have = self.lock().keys().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
-            return Err(PastError::NoSuch { id, have: if have.is_empty() { "none".into() } else { have } });
+            return Err(self.no_such(id));
         }
         let running = self.lock().remove(&id);
         if let Some(mut r) = running {
             stop_child(&mut r.child);
         }
         let dropped = branches.drop_branch(id).map_err(|e| match e {
-            BranchError::NoSuchBranch { .. } => {
-                let have = self.lock().keys().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
-                PastError::NoSuch { id, have: if have.is_empty() { "none".into() } else { have } }
-            }
+            BranchError::NoSuchBranch { .. } => self.no_such(id),
             e => PastError::Branch(e),
         })?;
         let _ = std::fs::remove_dir_all(&dir);
