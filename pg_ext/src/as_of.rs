@@ -19,7 +19,9 @@ use crate::sqltypes::PgLsn;
 use neon_types::protocol::{Request, Response};
 use pgrx::prelude::*;
 
-/// A branch at `lsn` with a read-only server on it: its id and how to reach it.
+/// A read-only server on the past at `lsn` (on a branch, or a copy where the sidecar cannot
+/// mount one): its id and how to reach it. It stops after `neon.as_of_idle_timeout` unused and
+/// starts again when next connected to.
 #[pg_extern(volatile, parallel_unsafe)]
 fn neon_past_start(
     lsn: Option<PgLsn>,
@@ -28,9 +30,17 @@ fn neon_past_start(
     let lsn = crate::api::lsn_arg(lsn);
     let timeline = timeline_arg(timeline);
     let what = format!("past server at {lsn}{}", crate::api::on_text(timeline));
-    match ask(&crate::api::on(timeline, Request::PastStart { lsn, wait_ms: wait_ms() }), &what, None) {
+    let idle_ms = crate::guc::as_of_idle_timeout_ms();
+    match ask(&crate::api::on(timeline, Request::PastStart { lsn, wait_ms: wait_ms(), idle_ms }), &what, None) {
         Response::Past(p) if p.len() == 1 => {
             let p = &p[0];
+            if p.branch.is_none() {
+                notice!(
+                    "neon: the sidecar does not mount branches here (FUSE): the past at {} is a full copy in {} (slower to make; see the sidecar's log for why)",
+                    p.lsn,
+                    p.socket_dir
+                );
+            }
             // A server is no catalog row: if this transaction aborts (an error or cancel after
             // this call, a ROLLBACK), nothing would ever stop it and its branch would stay
             // pinned. Stopped then, best effort (nothing may fail while aborting).
@@ -39,8 +49,8 @@ fn neon_past_start(
             pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, move || {
                 // (One that a failing neon_as_of stopped already is gone: nothing to say.)
                 match crate::api::call_during_abort(&Request::PastStop { id }, timeout) {
-                    Err(e) if !e.contains("no past server or branch") => {
-                        log!("neon: could not stop the past server on branch {id} of an aborted transaction: {e}")
+                    Err(e) if !e.contains("no past server") => {
+                        log!("neon: could not stop past server {id} of an aborted transaction: {e}")
                     }
                     _ => {}
                 }
@@ -51,7 +61,7 @@ fn neon_past_start(
     }
 }
 
-/// Stops the past server on branch `id` and drops the branch.
+/// Stops past server `id` and drops its branch or copy.
 #[pg_extern(volatile, parallel_unsafe)]
 fn neon_past_stop(id: Option<i32>) -> PgLsn {
     let id = required(id, "id");
@@ -67,7 +77,7 @@ extension_sql!(
 CREATE TABLE neon_as_of_schemas (
     schema_name name PRIMARY KEY,
     server name NOT NULL,
-    branch int4 NOT NULL,
+    past_server int4 NOT NULL,  -- the sidecar's id of the server it reads (neon_past_stop)
     lsn pg_lsn NOT NULL,
     grantee name NOT NULL
 );
@@ -154,9 +164,9 @@ BEGIN
     -- Stopping a server is not undone by a rollback: a past schema whose server and branch
     -- already went (dropped, then rolled back) is removed all the same.
     BEGIN
-        PERFORM @extschema@.neon_past_stop(r.branch);
+        PERFORM @extschema@.neon_past_stop(r.past_server);
     EXCEPTION WHEN OTHERS THEN
-        IF SQLERRM NOT LIKE '%no past server or branch%' THEN
+        IF SQLERRM NOT LIKE '%no past server%' THEN
             RAISE;
         END IF;
     END;

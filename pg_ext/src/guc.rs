@@ -12,6 +12,7 @@ pub static SHARED_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString
 pub static PREFETCH_DISTANCE: GucSetting<i32> = GucSetting::<i32>::new(128);
 pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 pub static MAX_AS_OF: GucSetting<i32> = GucSetting::<i32>::new(4);
+pub static AS_OF_IDLE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(600_000);
 
 pub fn define() {
     GucRegistry::define_string_guc(
@@ -60,6 +61,16 @@ pub fn define() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"neon.as_of_idle_timeout",
+        c"How long a past server (neon_as_of) may go unused before the sidecar stops it (0: never).",
+        c"A stopped one starts again when its foreign tables are next read; taken when neon_as_of runs.",
+        &AS_OF_IDLE_TIMEOUT_MS,
+        0,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
 }
 
 /// `neon.sidecar_socket`, if set.
@@ -70,6 +81,11 @@ pub fn sidecar_socket() -> Option<PathBuf> {
 /// `neon.shared_dir`, if set.
 pub fn shared_dir() -> Option<PathBuf> {
     SHARED_DIR.get().filter(|s| !s.as_bytes().is_empty()).map(|s| PathBuf::from(s.to_string_lossy().into_owned()))
+}
+
+/// `neon.as_of_idle_timeout` in ms (0: never).
+pub fn as_of_idle_timeout_ms() -> u32 {
+    AS_OF_IDLE_TIMEOUT_MS.get().max(0) as u32
 }
 
 pub fn request_timeout() -> Duration {

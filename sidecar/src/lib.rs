@@ -9,6 +9,7 @@
 pub mod basebackup;
 pub mod branch;
 pub mod cli;
+pub mod conf_file;
 pub mod follower;
 pub mod page_cache;
 pub mod past;

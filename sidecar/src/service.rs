@@ -317,15 +317,25 @@ impl PageService {
                 Response::Commits { before: before.map(|e| (e.lsn, e.time)), after: after.map(|e| (e.lsn, e.time)) }
             }
             Request::BranchDrop { id } => {
+                if let Some(past) = self.past.as_ref().and_then(|p| p.on_branch(id)) {
+                    return Err(error(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "branch {id} holds past server {past} (neon_as_of): drop that instead (neon_as_of_drop)"
+                        ),
+                    ));
+                }
                 let dropped = self.branches()?.drop_branch(id).map_err(branch_error)?;
                 Response::Branches(vec![dropped])
             }
-            Request::PastStart { lsn, wait_ms } => {
+            Request::PastStart { lsn, wait_ms, idle_ms } => {
                 let (branches, past) = (self.branches()?, self.past()?);
                 self.ready(repo, lsn, wait_ms)?;
                 let flush_grace = Duration::from_millis(wait_ms.into()) + Duration::from_secs(5);
                 repo.wait_for_durable(lsn, flush_grace).map_err(|e| error(ErrorCode::NotYet, e.to_string()))?;
-                Response::Past(vec![past.start(branches, &self.store, t, &self.redo, lsn).map_err(past_error)?])
+                Response::Past(vec![past
+                    .start(branches, &self.store, t, &self.redo, lsn, idle_ms)
+                    .map_err(past_error)?])
             }
             Request::PastStop { id } => {
                 let (branches, past) = (self.branches()?, self.past()?);

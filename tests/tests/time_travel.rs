@@ -243,6 +243,16 @@ fn commit_times_survive_a_restart_of_the_sidecar() -> Result<()> {
     Ok(())
 }
 
+/// What `<shared>/past` holds besides its next id: past servers' directories.
+fn past_servers_on_disk(c: &Cluster) -> Result<Vec<String>> {
+    Ok(std::fs::read_dir(c.root_dir().join("shared/past"))?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|n| n != "next-id")
+        .collect())
+}
+
 /// Stops, however the test ends, every past server the sidecar runs (and drops their
 /// branches), before the sidecar itself is killed: no server or mount is left behind.
 struct StopPast<'a>(&'a SidecarProcess);
@@ -379,9 +389,171 @@ fn the_past_as_a_schema_puts_mistakes_right() -> Result<()> {
     anyhow::ensure!(branches()? == "0" && q("SELECT count(*) FROM neon_as_of_schemas")? == "0");
     let mounts = std::fs::read_to_string("/proc/self/mounts")?;
     anyhow::ensure!(!mounts.contains(&c.root_dir().display().to_string()), "a mount is left: {mounts}");
+    anyhow::ensure!(past_servers_on_disk(&c)?.is_empty(), "a past server's directory is left");
+    Ok(())
+}
+
+/// A sidecar that is restarted during a test: whichever runs when the test ends, however it
+/// ends, has its past servers stopped (and their branches dropped) first.
+struct Restarted(Option<SidecarProcess>);
+
+impl Restarted {
+    fn get(&self) -> &SidecarProcess {
+        self.0.as_ref().expect("a sidecar runs")
+    }
+
+    fn take(&mut self) -> SidecarProcess {
+        self.0.take().expect("a sidecar runs")
+    }
+}
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        if let Some(s) = &self.0 {
+            drop(StopPast(s));
+        }
+    }
+}
+
+/// The one past server a test made, as the sidecar reports it.
+fn the_past_server(sidecar: &SidecarProcess) -> Result<neon_types::protocol::PastInfo> {
+    use neon_types::protocol::{Request, Response};
+    match sidecar.ask(&Request::PastList)? {
+        Response::Past(p) if p.len() == 1 => Ok(p[0].clone()),
+        r => anyhow::bail!("expected one past server, the sidecar has {r:?}"),
+    }
+}
+
+/// The pid of the postmaster a past server runs, if it runs (its `pid` file, checked live).
+fn past_postmaster(info: &neon_types::protocol::PastInfo) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(Path::new(&info.socket_dir).join("pid")).ok()?.trim().parse().ok()?;
+    Path::new(&format!("/proc/{pid}/cmdline")).exists().then_some(pid)
+}
+
+/// The extension, and a table `t` of `rows` rows (`id`, `'v' || id`); the LSN after them.
+fn extension_and_table_t(c: &Cluster, rows: u32) -> Result<Lsn> {
+    c.execute(&format!(
+        "CREATE EXTENSION neon;
+         CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, {rows}) g;"
+    ))?;
+    workload::flush_lsn(c)
+}
+
+/// Waits (up to 20 s) for `done`.
+fn wait_for(what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done()? {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "waited 20 s for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// A past server stops when idle (`neon.as_of_idle_timeout`) but never inside a transaction
+/// that uses it, and starts again on the next query — in the same session, whose
+/// `postgres_fdw` connection it cut, and in a new one. The sidecar stops them all when it
+/// stops; after a restart, clean or `kill -9` (which leaves a postmaster running, stopped by
+/// the next sidecar), they serve again on demand. Needs FUSE (as the branch tests).
+#[test]
+fn past_servers_sleep_when_idle_and_wake_on_demand() -> Result<()> {
+    let (c, store) = cluster_born_with_store()?;
+    let mut sidecar = Restarted(Some(SidecarProcess::start_for_compute(&c, &store, &[])?));
+    let at = extension_and_table_t(&c, 100)?;
+    c.execute("DELETE FROM t WHERE id > 10")?;
+    sidecar.get().wait_durable(workload::flush_lsn(&c)?)?;
+    let mut session = c.connect("postgres")?;
+    session.batch_execute(&format!("SET neon.as_of_idle_timeout = '1s'; SELECT * FROM neon_as_of('{at}', 'past')"))?;
+    let count = |s: &mut postgres::Client| -> Result<i64> {
+        Ok(s.query_one("SELECT count(*) FROM past.t WHERE v LIKE 'v%'", &[])?.get(0))
+    };
+    anyhow::ensure!(count(&mut session)? == 100);
+    let info = the_past_server(sidecar.get())?;
+    anyhow::ensure!(info.branch.is_some() && info.running, "{info:?}");
+    let first = past_postmaster(&info).context("no postmaster runs")?;
+
+    // Idle: stopped, postmaster and all.
+    wait_for("the idle past server to stop", || Ok(!the_past_server(sidecar.get())?.running))?;
+    anyhow::ensure!(past_postmaster(&info).is_none(), "its postmaster {first} still runs");
+    // Its branch is not to be dropped from under it, running or not.
+    let branch = info.branch.context("on a branch")?;
+    let e = c.execute(&format!("SELECT neon_branch_drop({branch})")).err().context("the branch was dropped")?;
+    anyhow::ensure!(format!("{e:#}").contains("neon_as_of_drop"), "{e:#}");
+    // The same session reads on (its connection was cut; postgres_fdw connects again).
+    anyhow::ensure!(count(&mut session)? == 100);
+    anyhow::ensure!(the_past_server(sidecar.get())?.running);
+    // Inside a transaction the connection is in use, however long it waits.
+    session.batch_execute("BEGIN")?;
+    anyhow::ensure!(count(&mut session)? == 100);
+    std::thread::sleep(Duration::from_millis(2500));
+    anyhow::ensure!(the_past_server(sidecar.get())?.running, "stopped inside a transaction");
+    anyhow::ensure!(count(&mut session)? == 100);
+    session.batch_execute("COMMIT")?;
+    wait_for("the past server to stop again", || Ok(!the_past_server(sidecar.get())?.running))?;
+    // A new session wakes it too.
+    anyhow::ensure!(c.query_one_string("SELECT count(*) FROM past.t")? == "100");
+
+    // The sidecar stops: so does the server; started again: the server serves on demand.
+    anyhow::ensure!(the_past_server(sidecar.get())?.running);
+    sidecar.take().stop()?;
+    anyhow::ensure!(past_postmaster(&info).is_none(), "a stopped sidecar left its past server running");
+    sidecar.0 = Some(SidecarProcess::restart_for_compute(&c, &store, &[])?);
+    anyhow::ensure!(!the_past_server(sidecar.get())?.running);
+    anyhow::ensure!(count(&mut session)? == 100);
+
+    // Killed with the server running: the next sidecar stops that postmaster and serves anew.
+    let orphan = past_postmaster(&the_past_server(sidecar.get())?).context("no postmaster runs")?;
+    sidecar.take().kill9()?;
+    anyhow::ensure!(past_postmaster(&info) == Some(orphan), "the postmaster went with the sidecar");
+    sidecar.0 = Some(SidecarProcess::restart_for_compute(&c, &store, &[])?);
+    anyhow::ensure!(past_postmaster(&info).is_none(), "postmaster {orphan} a killed sidecar left still runs");
+    anyhow::ensure!(count(&mut session)? == 100);
+    anyhow::ensure!(past_postmaster(&info).is_some_and(|p| p != orphan));
+
+    // Dropped: nothing left.
+    let dropped: String = session.query_one("SELECT neon_as_of_drop('past')::text", &[])?.get(0);
+    anyhow::ensure!(dropped == at.to_string(), "dropped {dropped}, made at {at}");
+    anyhow::ensure!(c.query_one_string("SELECT count(*) FROM neon_branches()")? == "0");
+    anyhow::ensure!(past_servers_on_disk(&c)?.is_empty());
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    anyhow::ensure!(!mounts.contains(&c.root_dir().display().to_string()), "a mount is left: {mounts}");
+    sidecar.take().stop()
+}
+
+/// Where the sidecar mounts no branches (`--no-fuse`), `neon_as_of` says so and reads the
+/// past from a full copy: the same answers, and the drop removes the copy.
+#[test]
+fn without_fuse_the_past_is_a_copy() -> Result<()> {
+    let (c, store) = cluster_born_with_store()?;
+    let sidecar = SidecarProcess::start_for_compute(&c, &store, &["--no-fuse"])?;
+    let _stop_past = StopPast(&sidecar);
+    let at = extension_and_table_t(&c, 1000)?;
+    let then = c.query_one_string("SELECT md5(string_agg(id || v, ',' ORDER BY id)) FROM t")?;
+    c.execute("UPDATE t SET v = 'changed' WHERE id % 3 = 0")?;
+    sidecar.wait_durable(workload::flush_lsn(&c)?)?;
+    let e =
+        c.query_one_string(&format!("SELECT id FROM neon_branch_create('{at}')")).err().context("a branch was made")?;
+    anyhow::ensure!(format!("{e:#}").contains("--no-fuse"), "{e:#}");
+
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut config: postgres::Config = c.conn_str("postgres").parse()?;
+    let seen = notices.clone();
+    config.notice_callback(move |n| seen.lock().expect("notices").push(n.message().to_string()));
+    let mut session = config.connect(postgres::NoTls)?;
+    session.batch_execute(&format!("SELECT * FROM neon_as_of('{at}', 'past')"))?;
+    let notices = notices.lock().expect("notices").clone();
+    let info = the_past_server(&sidecar)?;
+    anyhow::ensure!(info.branch.is_none(), "{info:?}");
     anyhow::ensure!(
-        std::fs::read_dir(c.root_dir().join("shared/past"))?.next().is_none(),
-        "a past server's directory is left"
+        notices.iter().any(|n| n.contains("full copy") && n.contains(&info.socket_dir)),
+        "no NOTICE of the copy: {notices:?}"
     );
+    let past: String = session.query_one("SELECT md5(string_agg(id || v, ',' ORDER BY id)) FROM past.t", &[])?.get(0);
+    anyhow::ensure!(past == then, "the copy's rows differ from the table's then");
+    let one: String = session.query_one("SELECT v FROM past.t WHERE id = 3", &[])?.get(0);
+    anyhow::ensure!(one == "v3");
+    anyhow::ensure!(Path::new(&info.socket_dir).join("data/PG_VERSION").exists());
+    session.query_one("SELECT neon_as_of_drop('past')", &[])?;
+    anyhow::ensure!(past_servers_on_disk(&c)?.is_empty(), "the copy is left");
     Ok(())
 }

@@ -36,8 +36,10 @@
 //!                       compute's clock when its WAL was flushed to clock_lsn, i64::MIN: none;
 //!                       the sidecar waits up to wait_ms to have filed WAL up to clock_lsn)
 //!   0x11 TimeAt         lsn u64
-//!   0x12 PastStart      lsn u64 | wait_ms u32 (a branch at lsn and a read-only server on it)
-//!   0x13 PastStop       id u32 (stops it and drops its branch)
+//!   0x12 PastStart      lsn u64 | wait_ms u32 | idle_ms u32 (a read-only server on a branch at
+//!                       lsn, or on a copy where branches cannot be mounted; stopped after
+//!                       idle_ms without use, 0: never, and started again when next used)
+//!   0x13 PastStop       id u32 (stops it and drops its branch or copy)
 //!   0x14 PastList       (empty)
 //!   rel = spcnode u32 | dbnode u32 | relnode u32 | fork u8
 //!   wait_ms: how long to wait for `lsn` to arrive before answering NotYet
@@ -66,8 +68,8 @@
 //!   0x8D Commits        before, after: each present u8 | lsn u64 | time i64 (the transaction
 //!                       ends around an LSN: the last record starting before it, the first at
 //!                       or after it)
-//!   0x8E Past           n u32 | n × (id u32 | lsn u64 | port u16 | path_len u32 | UTF-8
-//!                       socket directory)
+//!   0x8E Past           n u32 | n × (id u32 | branch u32 (0: a copy) | lsn u64 | port u16 |
+//!                       running u8 | path_len u32 | UTF-8 socket directory)
 //!   0xFF Error          code u8 | UTF-8 message
 //! ```
 
@@ -192,6 +194,7 @@ pub enum Request {
     PastStart {
         lsn: Lsn,
         wait_ms: u32,
+        idle_ms: u32,
     },
     PastStop {
         id: u32,
@@ -199,15 +202,19 @@ pub enum Request {
     PastList,
 }
 
-/// A read-only server on a branch, as `Past` reports it.
+/// A read-only server on the past, as `Past` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PastInfo {
-    /// Its branch.
     pub id: u32,
+    /// The branch it runs on; `None`: on a copy (a base backup), where the sidecar could not
+    /// mount a branch.
+    pub branch: Option<u32>,
     pub lsn: Lsn,
     /// Where its unix socket is (`host` for libpq).
     pub socket_dir: String,
     pub port: u16,
+    /// Whether its postmaster runs now (an idle one is started again by the next connection).
+    pub running: bool,
 }
 
 /// A branch, as `Branches` reports it.
@@ -432,8 +439,9 @@ impl Request {
                 b.extend_from_slice(&lsn.0.to_le_bytes());
                 0x11
             }
-            Request::PastStart { lsn, wait_ms } => {
+            Request::PastStart { lsn, wait_ms, idle_ms } => {
                 put_lsn_wait(&mut b, *lsn, *wait_ms);
+                b.extend_from_slice(&idle_ms.to_le_bytes());
                 0x12
             }
             Request::PastStop { id } => {
@@ -492,7 +500,7 @@ impl Request {
                 Request::LsnAt { time, inclusive, clock, wait_ms }
             }
             0x11 => Request::TimeAt { lsn: r.lsn()? },
-            0x12 => Request::PastStart { lsn: r.lsn()?, wait_ms: r.u32()? },
+            0x12 => Request::PastStart { lsn: r.lsn()?, wait_ms: r.u32()?, idle_ms: r.u32()? },
             0x13 => Request::PastStop { id: r.u32()? },
             0x14 => Request::PastList,
             k => return malformed(format!("unknown request kind {k:#04x}")),
@@ -612,8 +620,10 @@ impl Response {
                 b.extend_from_slice(&(servers.len() as u32).to_le_bytes());
                 for p in servers {
                     b.extend_from_slice(&p.id.to_le_bytes());
+                    b.extend_from_slice(&p.branch.unwrap_or(0).to_le_bytes());
                     b.extend_from_slice(&p.lsn.0.to_le_bytes());
                     b.extend_from_slice(&p.port.to_le_bytes());
+                    b.push(u8::from(p.running));
                     b.extend_from_slice(&(p.socket_dir.len() as u32).to_le_bytes());
                     b.extend_from_slice(p.socket_dir.as_bytes());
                 }
@@ -712,12 +722,20 @@ impl Response {
                 let n = r.u32()? as usize;
                 let mut servers = Vec::with_capacity(n.min(1024));
                 for _ in 0..n {
-                    let (id, lsn) = (r.u32()?, r.lsn()?);
+                    let (id, branch, lsn) = (r.u32()?, r.u32()?, r.lsn()?);
                     let port = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes"));
+                    let running = r.u8()? != 0;
                     let len = r.u32()? as usize;
                     let socket_dir = String::from_utf8(r.take(len)?.to_vec())
                         .or_else(|_| malformed("socket directory is not UTF-8"))?;
-                    servers.push(PastInfo { id, lsn, socket_dir, port });
+                    servers.push(PastInfo {
+                        id,
+                        branch: (branch != 0).then_some(branch),
+                        lsn,
+                        socket_dir,
+                        port,
+                        running,
+                    });
                 }
                 Response::Past(servers)
             }
@@ -839,7 +857,7 @@ mod tests {
             Request::LsnAt { time: PgTime(-5), inclusive: false, clock: None, wait_ms: 0 },
             Request::LsnAt { time: PgTime(7), inclusive: true, clock: Some((PgTime(9), Lsn(84))), wait_ms: 10 },
             Request::TimeAt { lsn: Lsn(85) },
-            Request::PastStart { lsn: Lsn(86), wait_ms: 11 },
+            Request::PastStart { lsn: Lsn(86), wait_ms: 11, idle_ms: 600_000 },
             Request::PastStop { id: 4 },
             Request::PastList,
         ];
@@ -909,7 +927,24 @@ mod tests {
             ]),
             Response::Commits { before: None, after: None },
             Response::Past(vec![]),
-            Response::Past(vec![PastInfo { id: 3, lsn: Lsn(7), socket_dir: "/s/past/3".into(), port: 5432 }]),
+            Response::Past(vec![
+                PastInfo {
+                    id: 3,
+                    branch: Some(9),
+                    lsn: Lsn(7),
+                    socket_dir: "/s/past/3".into(),
+                    port: 5432,
+                    running: true,
+                },
+                PastInfo {
+                    id: 4,
+                    branch: None,
+                    lsn: Lsn(8),
+                    socket_dir: "/s/past/4".into(),
+                    port: 5432,
+                    running: false,
+                },
+            ]),
             Response::Commits { before: Some((Lsn(3), PgTime(-4))), after: Some((Lsn(5), PgTime(6))) },
             Response::Error { code: ErrorCode::NotYet, message: "later".into() },
         ];

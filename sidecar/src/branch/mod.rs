@@ -38,7 +38,7 @@ use crate::walredo::WalRedoManager;
 use history::HistoryFiles;
 use neon_types::protocol::BranchInfo;
 use neon_types::{BufferTag, Lsn, BLCKSZ};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -60,6 +60,8 @@ pub enum BranchError {
     Mount { id: u32, mount: PathBuf, source: std::io::Error },
     #[error("branch at {lsn}: mount point {mount}: {why}")]
     BadMountPoint { lsn: Lsn, mount: PathBuf, why: String },
+    #[error("branch at {lsn}: this sidecar does not mount branches (it runs with --no-fuse)")]
+    NoFuse { lsn: Lsn },
 }
 
 /// What `branch.meta` records.
@@ -78,34 +80,25 @@ const META_FILE: &str = "branch.meta";
 
 impl BranchMeta {
     fn encode(&self) -> Vec<u8> {
-        let body = format!(
-            "id = {}\nlsn = {}\ntimeline = {}\nsource = {}\nmount = {}\n",
-            self.id,
-            self.lsn,
-            self.timeline,
-            self.source,
-            self.mount.display()
-        );
-        format!("{body}crc = {:08x}\n", crc32c::crc32c(body.as_bytes())).into_bytes()
+        crate::conf_file::encode(&[
+            ("id", self.id.to_string()),
+            ("lsn", self.lsn.to_string()),
+            ("timeline", self.timeline.to_string()),
+            ("source", self.source.to_string()),
+            ("mount", self.mount.display().to_string()),
+        ])
     }
 
     fn read(id: u32, path: &Path) -> Result<BranchMeta, BranchError> {
         let bad = |why: String| BranchError::BadMeta { id, path: path.to_path_buf(), why };
         let text = std::fs::read_to_string(path).map_err(|source| BranchError::Io { id, path: path.into(), source })?;
-        let (body, crc) = text.rsplit_once("crc = ").ok_or_else(|| bad("no CRC line".into()))?;
-        if u32::from_str_radix(crc.trim(), 16).ok() != Some(crc32c::crc32c(body.as_bytes())) {
-            return Err(bad("CRC mismatch".into()));
-        }
-        let values: HashMap<&str, &str> =
-            body.lines().filter_map(|l| l.split_once(" = ")).map(|(k, v)| (k.trim(), v.trim())).collect();
-        let get = |k: &str| values.get(k).copied().ok_or_else(|| bad(format!("no {k}")));
-        let num = |k: &str| get(k)?.parse::<u32>().map_err(|_| bad(format!("bad {k}")));
+        let s = crate::conf_file::decode(&text).map_err(bad)?;
         let meta = BranchMeta {
-            id: num("id")?,
-            lsn: get("lsn")?.parse().map_err(|_| bad("bad lsn".into()))?,
-            timeline: num("timeline")?,
-            source: num("source")?,
-            mount: PathBuf::from(get("mount")?),
+            id: s.parse("id").map_err(bad)?,
+            lsn: s.parse("lsn").map_err(bad)?,
+            timeline: s.parse("timeline").map_err(bad)?,
+            source: s.parse("source").map_err(bad)?,
+            mount: PathBuf::from(s.get("mount").map_err(bad)?),
         };
         if meta.id != id {
             return Err(bad(format!("says it is branch {}", meta.id)));
@@ -172,6 +165,9 @@ pub struct Branches {
     live: Mutex<BTreeMap<u32, Live>>,
     /// Serialises creations (ids) and drops.
     changing: Mutex<()>,
+    /// False: branches are kept (pinned, listed, dropped) but neither mounted nor made, where
+    /// FUSE is not to be used.
+    mounting: bool,
 }
 
 fn io_err(id: u32, path: &Path) -> impl FnOnce(std::io::Error) -> BranchError + '_ {
@@ -179,11 +175,18 @@ fn io_err(id: u32, path: &Path) -> impl FnOnce(std::io::Error) -> BranchError + 
 }
 
 impl Branches {
-    /// The branches under `<shared>/branches`, mounted (half-made ones removed).
-    pub fn open(shared: &Path, store: &Store, redo: &Arc<dyn WalRedoManager>) -> Result<Branches, BranchError> {
+    /// The branches under `<shared>/branches`, mounted unless `mounting` is false (half-made
+    /// ones removed).
+    pub fn open(
+        shared: &Path,
+        store: &Store,
+        redo: &Arc<dyn WalRedoManager>,
+        mounting: bool,
+    ) -> Result<Branches, BranchError> {
         let dir = shared.join("branches");
         private_dir(&dir).map_err(io_err(0, &dir))?;
-        let branches = Branches { dir: dir.clone(), live: Mutex::new(BTreeMap::new()), changing: Mutex::new(()) };
+        let branches =
+            Branches { dir: dir.clone(), live: Mutex::new(BTreeMap::new()), changing: Mutex::new(()), mounting };
         let mut ids = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(io_err(0, &dir))?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -246,6 +249,9 @@ impl Branches {
     }
 
     fn mount(&self, live: &mut Live) -> Result<(), BranchError> {
+        if !self.mounting {
+            return Ok(());
+        }
         let source = live.source.clone();
         let (id, mount) = (live.meta.id, live.meta.mount.clone());
         let mount_err = |source| BranchError::Mount { id, mount: mount.clone(), source };
@@ -285,10 +291,19 @@ impl Branches {
         lsn: Lsn,
         mount: Option<PathBuf>,
     ) -> Result<BranchInfo, BranchError> {
+        if !self.mounting {
+            return Err(BranchError::NoFuse { lsn });
+        }
         let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        // Past every branch, live or only on disk (one that failed to load keeps its id).
+        let on_disk = std::fs::read_dir(&self.dir)
+            .map_err(io_err(0, &self.dir))?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.trim_end_matches(".new").parse::<u32>().ok())
+            .max();
         let id = {
             let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-            live.keys().max().map_or(1, |m| m + 1)
+            live.keys().copied().chain(on_disk).max().map_or(1, |m| m + 1)
         };
         let mount = match mount {
             Some(m) => {

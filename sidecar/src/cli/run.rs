@@ -71,6 +71,10 @@ pub struct RunArgs {
     /// if it is not a directory, the data is in the shared directory itself.
     #[arg(long, default_value = "/dev/shm")]
     pub page_file_memory: Option<PathBuf>,
+    /// Mount no branches (where FUSE is not to be used): branch creation is refused, existing
+    /// branches stay pinned but unmounted, and `neon_as_of` runs its past servers on copies.
+    #[arg(long)]
+    pub no_fuse: bool,
     #[command(flatten)]
     pub redo: RedoProcessArgs,
 }
@@ -128,19 +132,22 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                     Some(d) => PageCache::shared(d, pages, memory)?,
                     None => PageCache::private(pages)?,
                 };
+                if let Some(d) = &shared_dir {
+                    crate::past::stop_orphans(d);
+                }
                 let branches = match &shared_dir {
                     Some(d) => Some(
-                        crate::branch::Branches::open(d, &store, &redo)
+                        crate::branch::Branches::open(d, &store, &redo, !args.no_fuse)
                             .with_context(|| format!("branches in {}", d.display()))?,
                     ),
                     None => None,
                 };
-                let past = match &shared_dir {
-                    Some(d) => Some(
-                        crate::past::PastServers::new(d, pg_bin_dir.clone())
+                let past = match (&shared_dir, &branches) {
+                    (Some(d), Some(b)) => Some(
+                        crate::past::PastServers::open(d, pg_bin_dir.clone(), b)
                             .with_context(|| format!("past servers in {}", d.display()))?,
                     ),
-                    None => None,
+                    _ => None,
                 };
                 let service = Arc::new(PageService {
                     store: store.clone(),

@@ -25,7 +25,7 @@ use neon_tests::sidecar::{cluster_born_with_store, SidecarProcess};
 use neon_tests::workload;
 use neon_types::{Lsn, PgTime};
 use sidecar::repo::commit_times::{CommitTimes, CHUNK};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const SECONDS_A_YEAR: i64 = 365 * 86_400;
 
@@ -34,6 +34,15 @@ fn synthetic_time(t0: i64, i: u64) -> i64 {
     // A fixed LCG: jitter of up to ±300 ms around one a second.
     let jitter = (i.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407) >> 33) % 600_001;
     t0 + i as i64 * 1_000_000 + jitter as i64 - 300_000
+}
+
+/// Whether the sidecar's one past server's postmaster runs.
+fn past_server_runs(sidecar: &SidecarProcess) -> Result<bool> {
+    use neon_types::protocol::{Request, Response};
+    match sidecar.ask(&Request::PastList)? {
+        Response::Past(p) if p.len() == 1 => Ok(p[0].running),
+        r => anyhow::bail!("expected one past server, the sidecar has {r:?}"),
+    }
 }
 
 fn main() -> Result<()> {
@@ -55,6 +64,8 @@ fn main() -> Result<()> {
     c.pgbench(&["-n", "-c", "2", "-j", "2", "-T", "5"])?;
     sidecar.wait_durable(workload::flush_lsn(&c)?)?;
     let mut db = c.connect("postgres")?;
+    // Stopped when idle for 3 s, to time its waking below (the lookups keep it busy).
+    db.batch_execute("SET neon.as_of_idle_timeout = '3s'")?;
     let t = Instant::now();
     db.query_one(&format!("SELECT tables FROM neon_as_of('{then}'::timestamptz, 'past')"), &[])?;
     let made = t.elapsed();
@@ -65,6 +76,16 @@ fn main() -> Result<()> {
     let lookup = |table: &str| format!("SELECT abalance FROM {table} WHERE aid = ($1::int8 * 7919) % {accounts} + 1");
     let past_pk = call_percentiles(&mut db, &lookup("past.pgbench_accounts"), calls)?;
     let local_pk = call_percentiles(&mut db, &lookup("pgbench_accounts"), calls)?;
+    // Idle: stopped; the next lookup starts it again (and postgres_fdw reconnects).
+    let stopped = Instant::now();
+    while past_server_runs(&sidecar)? {
+        anyhow::ensure!(stopped.elapsed() < Duration::from_secs(30), "the idle past server never stopped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t = Instant::now();
+    let again: i32 = db.query_one("SELECT abalance FROM past.pgbench_accounts WHERE aid = 1", &[])?.get(0);
+    let woken = t.elapsed();
+    anyhow::ensure!(again == first && past_server_runs(&sidecar)?);
     db.query_one("SELECT neon_as_of_drop('past')", &[])?;
     drop(db);
     // WAL enough for one LSN a byte apart per entry, and a little more.
@@ -138,6 +159,12 @@ fn main() -> Result<()> {
     println!();
     println!("{:<58} {:>9.2} s", "neon_as_of(time, 'past')", made.as_secs_f64());
     println!("{:<58} {:>9.2} s", "... and the first row of past.pgbench_accounts", first_row.as_secs_f64());
+    println!(
+        "{:<58} {:>9.2} s  ({:.2}x the first row)",
+        "a row after an idle stop (the server started again)",
+        woken.as_secs_f64(),
+        woken.as_secs_f64() / first_row.as_secs_f64()
+    );
     println!("{:<58} {:>9} {:>9}", "primary-key lookup, random accounts (µs)", "p50", "p99");
     println!("{:<58} {:>9.0} {:>9.0}", "  through past.pgbench_accounts (pages read cold)", past_pk.0, past_pk.1);
     println!("{:<58} {:>9.0} {:>9.0}", "  anchor: the compute's own pgbench_accounts", local_pk.0, local_pk.1);
