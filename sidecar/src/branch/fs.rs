@@ -85,7 +85,15 @@ struct OpenFile {
     /// The relation file's index in [`HistoryFiles`], if its blocks may come from history.
     history: Option<u32>,
     path: PathBuf,
+    /// Where the last read ended, and how far read-ahead was asked for (blocks).
+    sequence: Mutex<(u32, u32)>,
 }
+
+/// A read starting this close to where the last ended continues a sequential read (the kernel
+/// sends its read-ahead requests on several threads, not always in order).
+const SEQUENTIAL_SLACK: u32 = 32;
+/// How far past a sequential read history's pages are read ahead (2 MB).
+const READ_AHEAD_BLOCKS: u32 = 256;
 
 pub struct BranchFs {
     /// The branch's name in log lines.
@@ -93,6 +101,7 @@ pub struct BranchFs {
     overlay: PathBuf,
     history: Arc<HistoryFiles>,
     source: Arc<dyn PageSource>,
+    ahead: super::read_ahead::ReadAhead,
     inodes: RwLock<Inodes>,
     files: RwLock<HashMap<u64, Arc<OpenFile>>>,
     /// Open directories' listings, by handle.
@@ -155,11 +164,13 @@ impl BranchFs {
         let mut inodes = Inodes { paths: HashMap::new(), numbers: HashMap::new(), next: 2 };
         inodes.paths.insert(1, PathBuf::new());
         inodes.numbers.insert(PathBuf::new(), 1);
+        let ahead = super::read_ahead::ReadAhead::new(&name, source.clone());
         BranchFs {
             name,
             overlay,
             history,
             source,
+            ahead,
             inodes: RwLock::new(inodes),
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
@@ -228,7 +239,7 @@ impl BranchFs {
             self.truncate(rel, history, 0)?;
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let of = Arc::new(OpenFile { file, history, path: rel.to_path_buf() });
+        let of = Arc::new(OpenFile { file, history, path: rel.to_path_buf(), sequence: Mutex::new((u32::MAX, 0)) });
         self.files.write().unwrap_or_else(|p| p.into_inner()).insert(fh, of);
         Ok(fh)
     }
@@ -270,7 +281,24 @@ impl BranchFs {
             return Ok(HashMap::new());
         }
         let tags: Vec<BufferTag> = wanted.iter().map(|(_, t)| *t).collect();
-        let pages = self.source.pages(&tags);
+        // Those read ahead first; the rest rebuilt now, in one exchange.
+        let mut pages: Vec<Result<Box<[u8; BLCKSZ]>, String>> = Vec::with_capacity(tags.len());
+        let mut missing = Vec::new();
+        for (n, page) in self.ahead.take(&tags).into_iter().enumerate() {
+            match page {
+                Some(p) => pages.push(Ok(p)),
+                None => {
+                    missing.push(n);
+                    pages.push(Err(String::new()));
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let rebuilt = self.source.pages(&missing.iter().map(|n| tags[*n]).collect::<Vec<_>>());
+            for (n, page) in missing.into_iter().zip(rebuilt) {
+                pages[n] = page;
+            }
+        }
         let mut out = HashMap::with_capacity(wanted.len());
         for ((block, tag), page) in wanted.into_iter().zip(pages) {
             match page {
@@ -284,6 +312,34 @@ impl BranchFs {
             }
         }
         Ok(out)
+    }
+
+    /// When `blocks` continue a sequential read of `of` (of `file_blocks`), has history's pages
+    /// after them rebuilt ahead, up to [`READ_AHEAD_BLOCKS`] past the read.
+    fn read_ahead(&self, of: &OpenFile, i: u32, blocks: &[u32], file_blocks: u32) {
+        let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else { return };
+        let range = {
+            let mut seq = of.sequence.lock().unwrap_or_else(|p| p.into_inner());
+            let (ended, asked) = *seq;
+            let sequential = ended != u32::MAX && first.abs_diff(ended) <= SEQUENTIAL_SLACK;
+            if !sequential {
+                // A new sequence (another scan of a file kept open starts at its beginning).
+                *seq = (last + 1, 0);
+                return;
+            }
+            seq.0 = ended.max(last + 1);
+            let from = asked.max(last + 1);
+            let to = (last + 1).saturating_add(READ_AHEAD_BLOCKS).min(file_blocks);
+            if from >= to {
+                return;
+            }
+            seq.1 = to;
+            from..to
+        };
+        self.ahead.schedule(range.filter_map(|b| match self.history.source(i, b) {
+            Source::History(tag) => Some(tag),
+            Source::Overlay => None,
+        }));
     }
 
     /// `size` bytes at `offset` (fewer at the end of the file): history's pages for blocks
@@ -302,6 +358,7 @@ impl BranchFs {
             return Ok(buf);
         };
         let blocks: Vec<u32> = ((offset / BLOCK) as u32..=((end - 1) / BLOCK) as u32).collect();
+        self.read_ahead(of, i, &blocks, (len.div_ceil(BLOCK)) as u32);
         let mut pages = self.history_pages(&of.path, i, &blocks)?;
         // A first write may have landed while history rebuilt the page: the overlay wins (under
         // the lock writes take, so none lands between this look and the read below).

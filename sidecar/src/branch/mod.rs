@@ -3,6 +3,7 @@
 //!
 //! * [`history`] — which blocks of a branch's relation files still come from history.
 //! * [`fs`]      — the FUSE file system over the branch's overlay directory.
+//! * [`read_ahead`] — history's pages rebuilt ahead of a sequential reader.
 //!
 //! A branch is, under `<shared dir>/branches/<id>/`:
 //!
@@ -29,6 +30,7 @@
 
 pub mod fs;
 pub mod history;
+pub mod read_ahead;
 
 use crate::basebackup::{self, Options, TimelineFiles};
 use crate::repo::reconstruct::{self, GetPageError};

@@ -1,5 +1,7 @@
 //! Unpacking a tar stream as it arrives (the archive `BASE_BACKUP` sends), into a directory:
-//! regular files and directories only, with every path checked to stay inside it.
+//! regular files and directories only, with every path checked to stay inside it. Runs of
+//! zeros are left as holes (a WAL segment is mostly zeros after its last record; a copy's data
+//! files have empty pages): the files read the same, and are written in a fraction of the time.
 //!
 //! ```text
 //! header (512 bytes, ustar): name [0..100] | mode | uid | gid | size [124..136] (octal, or
@@ -25,7 +27,7 @@ pub enum TarError {
 
 enum State {
     Header,
-    Data { file: Option<File>, left: u64, pad: usize },
+    Data { file: Option<File>, size: u64, left: u64, pad: usize },
     Done,
 }
 
@@ -55,6 +57,19 @@ fn cstr(field: &[u8]) -> String {
     String::from_utf8_lossy(&field[..field.iter().position(|b| *b == 0).unwrap_or(field.len())]).into_owned()
 }
 
+/// Writes `data` at `f`'s position, seeking over 4 KB pieces that are all zeros.
+fn write_sparse(f: &mut File, data: &[u8]) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    for piece in data.chunks(4096) {
+        if piece.iter().all(|b| *b == 0) {
+            f.seek(SeekFrom::Current(piece.len() as i64))?;
+        } else {
+            f.write_all(piece)?;
+        }
+    }
+    Ok(())
+}
+
 impl TarUnpacker {
     pub fn new(dir: &Path) -> TarUnpacker {
         TarUnpacker { dir: dir.to_path_buf(), pending: Vec::new(), state: State::Header, files: 0, bytes: 0 }
@@ -81,11 +96,16 @@ impl TarUnpacker {
         while !data.is_empty() {
             match &mut self.state {
                 State::Done => return Ok(()),
-                State::Data { file, left, pad } => {
+                State::Data { file, size, left, pad } => {
                     if *left > 0 {
                         let n = (*left).min(data.len() as u64) as usize;
                         if let Some(f) = file {
-                            f.write_all(&data[..n]).map_err(|e| TarError::Io { dir: self.dir.clone(), source: e })?;
+                            let io = |e| TarError::Io { dir: self.dir.clone(), source: e };
+                            write_sparse(f, &data[..n]).map_err(io)?;
+                            if *left == n as u64 {
+                                // A hole at the end is the file's length, not a write.
+                                f.set_len(*size).map_err(io)?;
+                            }
                         }
                         *left -= n as u64;
                         self.bytes += n as u64;
@@ -153,7 +173,37 @@ impl TarUnpacker {
             _ => None,
         };
         let pad = (BLOCK - (size % BLOCK as u64) as usize) % BLOCK;
-        self.state = State::Data { file, left: size, pad };
+        self.state = State::Data { file, size, left: size, pad };
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TarUnpacker;
+    use crate::basebackup::tar::TarWriter;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Zeros become holes — at the start, between data and at the end — and the file reads
+    /// the same, whatever pieces the stream arrives in.
+    #[test]
+    fn zeros_are_holes_and_read_back_the_same() {
+        let mut data = vec![0u8; 4 << 20];
+        data[5000] = 1;
+        data[(2 << 20) + 17] = 2;
+        let mut w = TarWriter::new(Vec::new(), 0);
+        w.file("seg", &data).unwrap();
+        w.file("small", b"abc").unwrap();
+        let tar = w.finish().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = TarUnpacker::new(dir.path());
+        for piece in tar.chunks(3000) {
+            u.feed(piece).unwrap();
+        }
+        assert!(u.is_done());
+        assert_eq!(std::fs::read(dir.path().join("seg")).unwrap(), data);
+        assert_eq!(std::fs::read(dir.path().join("small")).unwrap(), b"abc");
+        let m = std::fs::metadata(dir.path().join("seg")).unwrap();
+        assert!(m.blocks() * 512 < 1 << 20, "{} bytes allocated for 4 MB of mostly zeros", m.blocks() * 512);
     }
 }

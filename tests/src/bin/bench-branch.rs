@@ -44,12 +44,40 @@ fn timed(b: &Cluster, sql: &str) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
-/// The cold scan: `b` restarted (nothing in shared buffers), the page cache dropped.
-fn cold_scan(b: &mut Cluster) -> Result<Duration> {
+/// The cold scan: `b` restarted (nothing in shared buffers), the page cache dropped; the scan
+/// alone profiled if asked (see `profile_start`).
+fn cold_scan(b: &mut Cluster, profile: bool) -> Result<Duration> {
     b.stop()?;
     drop_caches();
     b.start_again()?;
-    timed(b, SCAN)
+    let perf = if profile { profile_start()? } else { None };
+    let took = timed(b, SCAN);
+    profile_stop(perf)?;
+    took
+}
+
+/// With `NEON_BENCH_PERF=FILE`, `perf record` of the whole machine (call graphs) while the
+/// branch is scanned, into FILE: where a cold scan's time goes.
+fn profile_start() -> Result<Option<std::process::Child>> {
+    let Some(out) = std::env::var_os("NEON_BENCH_PERF") else { return Ok(None) };
+    let child = std::process::Command::new("perf")
+        .args(["record", "-a", "-g", "-F", "499", "-o"])
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting perf record")?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(Some(child))
+}
+
+fn profile_stop(perf: Option<std::process::Child>) -> Result<()> {
+    if let Some(mut child) = perf {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        child.wait()?;
+    }
+    Ok(())
 }
 
 struct Row {
@@ -105,13 +133,21 @@ fn one_scale(scale: u32, wal_mb: u64) -> Result<Row> {
         Response::Branches(b) if b.len() == 1 => PathBuf::from(&b[0].path),
         r => anyhow::bail!("unexpected {r:?}"),
     };
+    let created = t.elapsed();
     let mut on_branch = Cluster::builder().existing_data_dir(&path).init()?;
     on_branch.start_again()?;
+    let booted = t.elapsed();
     on_branch.query_one_string(FIRST_ANSWER)?;
     let branch = t.elapsed();
+    eprintln!(
+        "bench: scale {scale}: branch made in {:.3} s, its server ready at {:.3} s, first answer at {:.3} s",
+        created.as_secs_f64(),
+        booted.as_secs_f64(),
+        branch.as_secs_f64()
+    );
     let held = state(&mut on_branch.connect("postgres")?)?;
     anyhow::ensure!(held == at_target, "the branch holds {held}, the compute held {at_target} at {target}");
-    let scan_branch = cold_scan(&mut on_branch)?;
+    let scan_branch = cold_scan(&mut on_branch, true)?;
     on_branch.stop()?;
     drop(on_branch);
 
@@ -128,7 +164,7 @@ fn one_scale(scale: u32, wal_mb: u64) -> Result<Row> {
     let ours = t.elapsed();
     let held = state(&mut local.connect("postgres")?)?;
     anyhow::ensure!(held == at_target, "(a) holds {held}, the compute held {at_target} at {target}");
-    let scan_local = cold_scan(&mut local)?;
+    let scan_local = cold_scan(&mut local, false)?;
     drop(local);
     let id = match sidecar.ask(&Request::BranchList)? {
         Response::Branches(b) => b[0].id,
