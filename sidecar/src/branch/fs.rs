@@ -321,14 +321,15 @@ impl BranchFs {
         let range = {
             let mut seq = of.sequence.lock().unwrap_or_else(|p| p.into_inner());
             let (ended, asked) = *seq;
-            let sequential = ended != u32::MAX && first.abs_diff(ended) <= SEQUENTIAL_SLACK;
+            // Forward from about where the last read ended (a backward scan is not read ahead).
+            let sequential = ended != u32::MAX && first.abs_diff(ended) <= SEQUENTIAL_SLACK && last + 1 > ended;
             if !sequential {
                 // A new sequence (another scan of a file kept open starts at its beginning).
                 *seq = (last + 1, 0);
                 return;
             }
             seq.0 = ended.max(last + 1);
-            let from = asked.max(last + 1);
+            let from = asked.max(ended).max(last + 1);
             let to = (last + 1).saturating_add(READ_AHEAD_BLOCKS).min(file_blocks);
             if from >= to {
                 return;

@@ -12,6 +12,7 @@
 use super::fs::PageSource;
 use neon_types::{BufferTag, BLCKSZ};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -22,13 +23,18 @@ const JOB_PAGES: usize = 32;
 const WORKERS: usize = 2;
 
 enum Slot {
+    /// Queued: a reader wanting it takes it back and rebuilds it at once.
     Pending,
+    /// A worker rebuilds it now: a reader waits.
+    Running,
     Ready(Box<[u8; BLCKSZ]>),
 }
 
 struct Shared {
     slots: Mutex<HashMap<BufferTag, Slot>>,
     done: Condvar,
+    /// The branch is going (unmounted): queued work is dropped, not done.
+    stopping: AtomicBool,
 }
 
 pub struct ReadAhead {
@@ -37,14 +43,41 @@ pub struct ReadAhead {
 }
 
 impl ReadAhead {
-    /// Workers rebuilding from `source`; they stop when this is dropped.
+    /// Workers rebuilding from `source`; they stop when this is dropped (after the request
+    /// under way, dropping the queued ones).
     pub fn new(name: &str, source: Arc<dyn PageSource>) -> ReadAhead {
-        let shared = Arc::new(Shared { slots: Mutex::new(HashMap::new()), done: Condvar::new() });
+        let shared = Arc::new(Shared {
+            slots: Mutex::new(HashMap::new()),
+            done: Condvar::new(),
+            stopping: AtomicBool::new(false),
+        });
         let (jobs, queue) = crossbeam_channel::unbounded::<Vec<BufferTag>>();
         for n in 0..WORKERS {
             let (shared, queue, source) = (shared.clone(), queue.clone(), source.clone());
             let spawned = std::thread::Builder::new().name(format!("ahead-{name}-{n}")).spawn(move || {
-                for tags in queue {
+                for queued in queue {
+                    // Those no reader took back meanwhile, now under way.
+                    let tags: Vec<BufferTag> = {
+                        let mut slots = shared.slots.lock().unwrap_or_else(|p| p.into_inner());
+                        let stopping = shared.stopping.load(Ordering::Relaxed);
+                        queued
+                            .into_iter()
+                            .filter(|t| match slots.get_mut(t) {
+                                Some(s @ Slot::Pending) if !stopping => {
+                                    *s = Slot::Running;
+                                    true
+                                }
+                                Some(Slot::Pending) => {
+                                    slots.remove(t);
+                                    false
+                                }
+                                _ => false,
+                            })
+                            .collect()
+                    };
+                    if tags.is_empty() {
+                        continue;
+                    }
                     // (A panic rebuilding is an error for these pages: the reader's own try says so.)
                     let pages = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| source.pages(&tags)))
                         .unwrap_or_default();
@@ -76,7 +109,7 @@ impl ReadAhead {
         let mut slots = self.lock();
         if slots.len() >= CAPACITY {
             // Pages read ahead but never read (a scan that stopped): made room for.
-            slots.retain(|_, s| matches!(s, Slot::Pending));
+            slots.retain(|_, s| !matches!(s, Slot::Ready(_)));
         }
         let room = CAPACITY.saturating_sub(slots.len());
         let new: Vec<BufferTag> = tags.into_iter().filter(|t| !slots.contains_key(t)).take(room).collect();
@@ -90,17 +123,19 @@ impl ReadAhead {
                 job.iter().for_each(|t| {
                     slots.remove(t);
                 });
+                self.shared.done.notify_all();
             }
         }
     }
 
-    /// The pages of `tags` the workers have (waiting for those under way), taken out of the
-    /// cache; `None` for the others.
+    /// The pages of `tags` the workers have (waiting for those being rebuilt now), taken out
+    /// of the cache; `None` for the others (those only queued are taken back: the caller
+    /// rebuilds them at once rather than wait for their turn).
     pub fn take(&self, tags: &[BufferTag]) -> Vec<Option<Box<[u8; BLCKSZ]>>> {
         let mut slots = self.lock();
         let mut out = Vec::with_capacity(tags.len());
         for tag in tags {
-            while matches!(slots.get(tag), Some(Slot::Pending)) {
+            while matches!(slots.get(tag), Some(Slot::Running)) {
                 // (Bounded, so a lost wake-up costs a moment, not the read.)
                 slots = self
                     .shared
@@ -115,6 +150,12 @@ impl ReadAhead {
             });
         }
         out
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
     }
 }
 
@@ -146,8 +187,12 @@ mod tests {
         let source = Arc::new(Stamped(Default::default()));
         let ahead = ReadAhead::new("t", source.clone());
         ahead.schedule((10..50).map(tag));
-        // Asked again while under way: not rebuilt twice.
+        // Asked again while queued or under way: not rebuilt twice.
         ahead.schedule((10..50).map(tag));
+        // (Both requests under way: a reader waits for them rather than taking them back.)
+        while source.0.load(std::sync::atomic::Ordering::Relaxed) < 40 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let got = ahead.take(&[tag(12), tag(13), tag(49), tag(50)]);
         assert_eq!(got[0].as_deref().map(|p| p[0]), Some(12));
         assert!(got[1].is_none(), "a page the workers could not rebuild is the reader's to rebuild");

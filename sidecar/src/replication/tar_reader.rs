@@ -1,7 +1,8 @@
 //! Unpacking a tar stream as it arrives (the archive `BASE_BACKUP` sends), into a directory:
 //! regular files and directories only, with every path checked to stay inside it. Runs of
-//! zeros are left as holes (a WAL segment is mostly zeros after its last record; a copy's data
-//! files have empty pages): the files read the same, and are written in a fraction of the time.
+//! zeros in data files are left as holes (a copy's data files have empty pages): the files read
+//! the same, and are written in less time. Not in `pg_wal/`: PostgreSQL counts on its
+//! segments being allocated, so that a write into one never meets a full disk.
 //!
 //! ```text
 //! header (512 bytes, ustar): name [0..100] | mode | uid | gid | size [124..136] (octal, or
@@ -27,7 +28,7 @@ pub enum TarError {
 
 enum State {
     Header,
-    Data { file: Option<File>, size: u64, left: u64, pad: usize },
+    Data { file: Option<File>, sparse: bool, size: u64, left: u64, pad: usize },
     Done,
 }
 
@@ -96,12 +97,16 @@ impl TarUnpacker {
         while !data.is_empty() {
             match &mut self.state {
                 State::Done => return Ok(()),
-                State::Data { file, size, left, pad } => {
+                State::Data { file, sparse, size, left, pad } => {
                     if *left > 0 {
                         let n = (*left).min(data.len() as u64) as usize;
                         if let Some(f) = file {
                             let io = |e| TarError::Io { dir: self.dir.clone(), source: e };
-                            write_sparse(f, &data[..n]).map_err(io)?;
+                            if *sparse {
+                                write_sparse(f, &data[..n]).map_err(io)?;
+                            } else {
+                                f.write_all(&data[..n]).map_err(io)?;
+                            }
                             if *left == n as u64 {
                                 // A hole at the end is the file's length, not a write.
                                 f.set_len(*size).map_err(io)?;
@@ -173,7 +178,8 @@ impl TarUnpacker {
             _ => None,
         };
         let pad = (BLOCK - (size % BLOCK as u64) as usize) % BLOCK;
-        self.state = State::Data { file, size, left: size, pad };
+        let sparse = !name.starts_with("pg_wal/");
+        self.state = State::Data { file, sparse, size, left: size, pad };
         Ok(())
     }
 }
@@ -194,6 +200,7 @@ mod tests {
         let mut w = TarWriter::new(Vec::new(), 0);
         w.file("seg", &data).unwrap();
         w.file("small", b"abc").unwrap();
+        w.file("pg_wal/000000010000000000000001", &data).unwrap();
         let tar = w.finish().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut u = TarUnpacker::new(dir.path());
@@ -205,5 +212,9 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join("small")).unwrap(), b"abc");
         let m = std::fs::metadata(dir.path().join("seg")).unwrap();
         assert!(m.blocks() * 512 < 1 << 20, "{} bytes allocated for 4 MB of mostly zeros", m.blocks() * 512);
+        // A WAL segment is allocated whole.
+        let wal = dir.path().join("pg_wal/000000010000000000000001");
+        assert_eq!(std::fs::read(&wal).unwrap(), data);
+        assert!(std::fs::metadata(&wal).unwrap().blocks() * 512 >= 4 << 20);
     }
 }
