@@ -298,11 +298,7 @@ impl Branches {
         }
         let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         // Past every branch, live or only on disk (one that failed to load keeps its id).
-        let on_disk = std::fs::read_dir(&self.dir)
-            .map_err(io_err(0, &self.dir))?
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.trim_end_matches(".new").parse::<u32>().ok())
-            .max();
+        let on_disk = highest_id_in(&self.dir).map_err(io_err(0, &self.dir))?;
         let id = {
             let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
             live.keys().copied().chain(on_disk).max().map_or(1, |m| m + 1)
@@ -523,8 +519,16 @@ fn running_postmaster(datadir: &Path) -> Option<i32> {
     (pid > 0 && alive).then_some(pid)
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// The highest id among `dir`'s entries named `<id>` or `<id>.new` (branches, past servers).
+pub(crate) fn highest_id_in(dir: &Path) -> std::io::Result<Option<u32>> {
+    Ok(std::fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.trim_end_matches(".new").parse::<u32>().ok())
+        .max())
 }
 
 /// `syncfs` of the file system holding `path`.

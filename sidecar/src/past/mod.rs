@@ -114,6 +114,11 @@ fn start_error(conf: &PastConf, layout: &Layout, why: String) -> PastError {
     PastError::Start { id: conf.id, lsn: conf.lsn, why, log: postmaster::log_tail(layout) }
 }
 
+/// Whether `child` has not exited.
+fn alive(child: &mut Child) -> bool {
+    matches!(child.try_wait(), Ok(None))
+}
+
 /// One past server: its postmaster, while it runs.
 struct Server {
     conf: PastConf,
@@ -143,7 +148,7 @@ impl front::Backend for Server {
     fn ensure_running(&self) -> Result<PathBuf, String> {
         let mut pm = self.lock();
         // One that died (crashed, or was killed) is started again.
-        if pm.as_mut().is_none_or(|c| !matches!(c.try_wait(), Ok(None))) {
+        if !pm.as_mut().is_some_and(alive) {
             let started = postmaster::start(&self.pg_bin_dir, &self.layout);
             *pm = Some(started.map_err(|why| start_error(&self.conf, &self.layout, why).to_string())?);
         }
@@ -151,14 +156,13 @@ impl front::Backend for Server {
     }
 
     fn running(&self) -> bool {
-        match self.postmaster.try_lock() {
-            Ok(mut pm) => pm.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))),
+        let mut pm = match self.postmaster.try_lock() {
+            Ok(pm) => pm,
             // Being started or stopped: reported as running, not waited for.
-            Err(std::sync::TryLockError::WouldBlock) => true,
-            Err(std::sync::TryLockError::Poisoned(p)) => {
-                p.into_inner().as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-            }
-        }
+            Err(std::sync::TryLockError::WouldBlock) => return true,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        pm.as_mut().is_some_and(alive)
     }
 
     fn stop(&self) {
@@ -264,7 +268,7 @@ impl PastServers {
     fn serve(&self, conf: PastConf, layout: Layout, postmaster: Option<Child>) -> Result<Arc<Server>, PastError> {
         let id = conf.id;
         let idle = (conf.idle_ms > 0).then(|| Duration::from_millis(u64::from(conf.idle_ms)));
-        let door_path = layout.dir.join(format!(".s.PGSQL.{PORT}"));
+        let door_path = layout.front_door();
         let server =
             Arc::new(Server { conf, layout, pg_bin_dir: self.pg_bin_dir.clone(), postmaster: Mutex::new(postmaster) });
         let door = match front::FrontDoor::open(door_path.clone(), server.clone(), idle) {
@@ -321,7 +325,7 @@ impl PastServers {
             write_durably(&building.join("pg_hba.conf.tmp"), &hba, b"local all all trust\n")
                 .map_err(io("writing", &hba))?;
             std::fs::rename(&building, &dir).map_err(io("renaming into", &dir))?;
-            std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("syncing", &self.dir))?;
+            crate::branch::sync_dir(&self.dir).map_err(io("syncing", &self.dir))?;
             // Running before its door opens: its idle time starts then.
             let layout = Layout { dir: dir.clone(), datadir: conf.datadir.clone() };
             match postmaster::start(&self.pg_bin_dir, &layout) {
@@ -345,12 +349,12 @@ impl PastServers {
     /// directory, made: the rest of a start needs no lock.
     fn reserve_id(&self) -> Result<(u32, PathBuf), PastError> {
         let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
-        let list_err = |source| PastError::Io { id: 0, what: "listing", path: self.dir.clone(), source };
-        let on_disk = std::fs::read_dir(&self.dir)
-            .map_err(list_err)?
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.trim_end_matches(".new").parse::<u32>().ok())
-            .max();
+        let on_disk = crate::branch::highest_id_in(&self.dir).map_err(|source| PastError::Io {
+            id: 0,
+            what: "listing",
+            path: self.dir.clone(),
+            source,
+        })?;
         let next_path = self.dir.join(NEXT_ID_FILE);
         let recorded = std::fs::read_to_string(&next_path).ok().and_then(|t| t.trim().parse::<u32>().ok());
         let id = on_disk.map_or(1, |m| m + 1).max(recorded.unwrap_or(1));
@@ -386,7 +390,7 @@ impl PastServers {
             progress_every: Duration::from_secs(5),
             tablespace_map: Default::default(),
         };
-        let out = Unpack(crate::replication::tar_reader::TarUnpacker::new(datadir));
+        let out = crate::replication::tar_reader::TarUnpacker::new(datadir);
         let mut progress = |p: &basebackup::Progress| {
             eprintln!(
                 "neon-sidecar: past server {id}: copying the past at {lsn}: {} of {} pages, {:?}",
@@ -395,7 +399,7 @@ impl PastServers {
         };
         let (out, _) =
             basebackup::write_basebackup(t, redo.as_ref(), lsn, &files, opts, out, &mut progress).map_err(copy_err)?;
-        if !out.0.is_done() {
+        if !out.is_done() {
             return Err(copy_err(basebackup::BasebackupError::Io(std::io::Error::other("the archive did not end"))));
         }
         crate::branch::sync_fs(datadir).map_err(|source| PastError::Io {
@@ -422,8 +426,7 @@ impl PastServers {
                 Ok(_) | Err(BranchError::NoSuchBranch { .. }) => {}
                 Err(e) => {
                     // It stays, as it was: served again, on its branch.
-                    let conf = served.server.conf.clone();
-                    let layout = Layout { dir: served.server.layout.dir.clone(), datadir: conf.datadir.clone() };
+                    let (conf, layout) = (served.server.conf.clone(), served.server.layout.clone());
                     drop(served);
                     let _ = self.serve(conf, layout, None);
                     return Err(e.into());
@@ -450,19 +453,5 @@ impl PastServers {
         for served in all.values_mut() {
             served.stop();
         }
-    }
-}
-
-/// A tar stream unpacked as it is written.
-struct Unpack(crate::replication::tar_reader::TarUnpacker);
-
-impl std::io::Write for Unpack {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.feed(buf).map_err(std::io::Error::other)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }

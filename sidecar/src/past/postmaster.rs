@@ -17,6 +17,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const PID_FILE: &str = "pid";
 
 /// Where one past server lives: `dir` is private to the sidecar's OS user.
+#[derive(Clone)]
 pub struct Layout {
     pub dir: PathBuf,
     pub datadir: PathBuf,
@@ -26,6 +27,11 @@ impl Layout {
     /// The postmaster's own socket directory (the sidecar's front door is `dir` itself).
     pub fn server_sockets(&self) -> PathBuf {
         self.dir.join("server")
+    }
+
+    /// The socket the compute connects to: the sidecar's (host = `dir`, port [`PORT`]).
+    pub fn front_door(&self) -> PathBuf {
+        self.dir.join(format!(".s.PGSQL.{PORT}"))
     }
 
     /// The postmaster's own socket.

@@ -184,6 +184,18 @@ impl TarUnpacker {
     }
 }
 
+/// A tar stream unpacked as it is written (a base backup's writer can be the unpacker).
+impl Write for TarUnpacker {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.feed(buf).map_err(std::io::Error::other)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::TarUnpacker;
