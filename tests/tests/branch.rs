@@ -161,6 +161,16 @@ fn branches_boot_at_past_lsns_keep_their_writes_and_leave_history_alone() -> Res
     let before = history_page(&sidecar, accounts, *l1)?;
     let (id1, path1) = mounts.create(&sidecar, *l1)?;
     let mut b1 = boot(&path1, *l1)?;
+    // Relation files are made in the overlay when the server first looks them up: booted, it
+    // sees every one of them and the overlay holds few.
+    let db_dir = format!("base/{}", accounts.dbnode);
+    let count = |dir: &Path| -> Result<usize> { Ok(std::fs::read_dir(dir.join(&db_dir))?.count()) };
+    let (listed, made) = (count(&path1)?, count(&path1.parent().context("branch dir")?.join("overlay"))?);
+    anyhow::ensure!(
+        listed > 200 && made * 2 < listed,
+        "{db_dir}: {listed} files listed on the mount, {made} made in the overlay"
+    );
+    anyhow::ensure!(path1.join(&db_dir).join(accounts.relnode.to_string()).exists(), "pgbench_accounts is not listed");
     expect_as_recorded(&b1, *l1, dumps1)?;
     b1.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "300"])?;
     b1.execute("CREATE TABLE branch_only AS SELECT g FROM generate_series(1, 5000) g; CHECKPOINT;")?;

@@ -179,6 +179,12 @@ impl BranchFs {
         }
     }
 
+    /// Has the system catalogs' pages rebuilt in the background: a new branch's server is
+    /// about to start, and its first connection reads them.
+    pub fn warm_catalogs(&self) {
+        self.ahead.schedule(self.history.catalog_pages());
+    }
+
     fn rel_path(&self, ino: INodeNo) -> Result<PathBuf, Errno> {
         let inodes = self.inodes.read().unwrap_or_else(|p| p.into_inner());
         inodes.paths.get(&ino.0).cloned().ok_or(Errno::ENOENT)
@@ -192,8 +198,23 @@ impl BranchFs {
         self.overlay.join(rel)
     }
 
+    /// `rel`'s metadata in the overlay, a relation file with history made there first if it
+    /// is not yet (files are made when first looked up).
+    fn stat(&self, rel: &Path) -> Result<std::fs::Metadata, Errno> {
+        match std::fs::symlink_metadata(self.real(rel)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let Some(i) = self.history_of(rel) else { return Err(Errno::ENOENT) };
+                if !self.history.materialize(i).map_err(|e| self.io_error(rel, &e))? {
+                    return Err(Errno::ENOENT);
+                }
+                std::fs::symlink_metadata(self.real(rel)).map_err(|e| errno(&e))
+            }
+            r => r.map_err(|e| errno(&e)),
+        }
+    }
+
     fn entry(&self, rel: &Path) -> Result<FileAttr, Errno> {
-        let m = std::fs::symlink_metadata(self.real(rel)).map_err(|e| errno(&e))?;
+        let m = self.stat(rel)?;
         let n = self.inodes.write().unwrap_or_else(|p| p.into_inner()).number(rel);
         Ok(attr(n, &m))
     }
@@ -215,13 +236,21 @@ impl BranchFs {
     fn open_handle(&self, rel: &Path, flags: i32, create_mode: Option<u32>) -> Result<u64, Errno> {
         let real = self.real(rel);
         if let (Some(i), Some(_)) = (self.history_of(rel), create_mode) {
-            // Created anew where a file with history was (its unlink lost in a crash): the new
-            // file is the branch's own.
-            if std::fs::symlink_metadata(&real).is_err() {
+            if self.history.on_demand() {
+                // Not made yet: made now, and then opened as the file that exists.
+                self.history.materialize(i).map_err(|e| self.io_error(rel, &e))?;
+            } else if std::fs::symlink_metadata(&real).is_err() {
+                // Created anew where a file with history was (its unlink lost in a crash): the
+                // new file is the branch's own.
                 self.history.unlinked(i).map_err(|e| self.io_error(rel, &e))?;
             }
         }
         let history = self.history_of(rel);
+        if history.is_some() && create_mode.is_none() {
+            // Looked up before, so made already; but never open a path history still serves
+            // without its overlay file.
+            self.stat(rel)?;
+        }
         let mut o = OpenOptions::new();
         // Read-write whenever writing: a partial write of a history block reads it first.
         let acc = flags & libc::O_ACCMODE;
@@ -461,6 +490,7 @@ impl Filesystem for BranchFs {
         let result = (|| {
             let rel = self.rel_path(ino)?;
             let real = self.real(&rel);
+            self.stat(&rel)?;
             if let Some(mode) = mode {
                 std::fs::set_permissions(&real, std::fs::Permissions::from_mode(mode & 0o7777))
                     .map_err(|e| errno(&e))?;
@@ -551,12 +581,19 @@ impl Filesystem for BranchFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let result = self.child(parent, name).and_then(|rel| {
-            std::fs::remove_file(self.real(&rel)).map_err(|e| errno(&e))?;
-            if let Some(i) = self.history_of(&rel) {
+            // History's end is recorded first: a crash before the overlay file goes leaves a
+            // file that is the branch's own, never one that comes back from history.
+            let history = self.history_of(&rel);
+            if let Some(i) = history {
                 self.history.unlinked(i).map_err(|e| {
                     self.log(format_args!("unlinking {}: {e}", rel.display()));
                     Errno::EIO
                 })?;
+            }
+            match std::fs::remove_file(self.real(&rel)) {
+                // Never made in the overlay: its history's end was all there was to it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && history.is_some() => {}
+                r => r.map_err(|e| errno(&e))?,
             }
             self.inodes.write().unwrap_or_else(|p| p.into_inner()).forget_path(&rel);
             Ok(())
@@ -725,10 +762,18 @@ impl Filesystem for BranchFs {
             let rel = self.rel_path(ino)?;
             let mut entries: Vec<(std::ffi::OsString, FileType)> =
                 vec![(".".into(), FileType::Directory), ("..".into(), FileType::Directory)];
+            let mut seen = std::collections::HashSet::new();
             for e in std::fs::read_dir(self.real(&rel)).map_err(|e| errno(&e))? {
                 let e = e.map_err(|e| errno(&e))?;
                 let kind = kind_of(e.file_type().map_err(|e| errno(&e))?);
+                seen.insert(e.file_name());
                 entries.push((e.file_name(), kind));
+            }
+            // Relation files not made in the overlay yet.
+            for name in self.history.names_in(&rel) {
+                if !seen.contains(OsStr::new(&name)) {
+                    entries.push((name.into(), FileType::RegularFile));
+                }
             }
             let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
             self.dirs.write().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(entries));
@@ -798,7 +843,7 @@ impl Filesystem for BranchFs {
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
         // Permissions are checked by the kernel (`default_permissions`); this only says the
         // file exists.
-        match self.rel_path(ino).and_then(|p| std::fs::symlink_metadata(self.real(&p)).map_err(|e| errno(&e))) {
+        match self.rel_path(ino).and_then(|p| self.stat(&p)) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         }

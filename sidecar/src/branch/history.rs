@@ -2,12 +2,19 @@
 //! written: the copy-on-write state beside the overlay (DESIGN: a branch is an ordinary
 //! directory tree plus this).
 //!
-//! Every relation file of the branch's data directory is a real (sparse) file in the overlay,
-//! created at the size it had at the branch's LSN. Block `b` of such a file is read from
-//! history (rebuilt at the LSN) while `b` is below the file's *history limit* and the branch has
-//! not written it; otherwise from the overlay file. A truncation lowers the limit; an unlink
-//! ends the file's history (a file created later at the same path is the branch's own; one
-//! missing from the overlay when the branch is loaded has none either).
+//! Every relation file of the branch's data directory at its LSN is listed here, and becomes a
+//! real (sparse) file in the overlay, of the size it had at the LSN, only when it is first
+//! looked up ([`HistoryFiles::materialize`]): making a branch writes no file per relation, so
+//! it takes the same time whatever the number of relations, and a server touches few of them.
+//! Until then the file system lists it from here. Block `b` of such a file is read from history
+//! (rebuilt at the LSN) while `b` is below the file's *history limit* and the branch has not
+//! written it; otherwise from the overlay file. A truncation lowers the limit; an unlink ends
+//! the file's history, recorded before the overlay file goes (a file created later at the same
+//! path is the branch's own).
+//!
+//! Branches made before files were made on demand (manifest version 1) had every file made at
+//! creation: there a file missing from the overlay when the branch is loaded has no history
+//! (it was unlinked and the crash came before the record).
 //!
 //! Writing a history block for the first time is known at once in memory; its `written` record
 //! is filed when the file is fsync'd, after the overlay file's own `fdatasync` (and at a clean
@@ -18,7 +25,8 @@
 //!
 //! ```text
 //! <branch>/relations   (written once, at creation)
-//!   magic "NBRL" | version u8 | count u32 | count × entry | crc32c u32 (of all before)
+//!   magic "NBRL" | version u8 (2; 1: files made at creation) | count u32 | count × entry |
+//!   crc32c u32 (of all before)
 //!   entry: path_len u16 | path (UTF-8, relative to the data directory) |
 //!          spcnode u32 | dbnode u32 | relnode u32 | fork u8 | first_block u32 | blocks u32
 //!          (the history blocks first_block.. of that fork, as the file's blocks 0..)
@@ -39,7 +47,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 const MAGIC: &[u8; 4] = b"NBRL";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// The manifest version of branches whose every relation file was made at creation.
+const VERSION_ALL_MADE: u8 = 1;
 const RECORD_LEN: usize = 13;
 const WRITTEN: u8 = 1;
 const TRUNCATED: u8 = 2;
@@ -96,6 +106,12 @@ pub struct HistoryFiles {
     by_path: HashMap<String, u32>,
     /// First writes not yet in the journal, by file: filed when that file is fsync'd.
     pending: Mutex<HashMap<u32, Vec<u32>>>,
+    /// Files made in the overlay on demand whose directory entry is not known durable yet:
+    /// synced with the file's first fsync.
+    fresh: Mutex<std::collections::HashSet<u32>>,
+    /// Files are made on demand (manifest version 2), not all at creation.
+    on_demand: bool,
+    overlay: PathBuf,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HistoryError + '_ {
@@ -126,11 +142,11 @@ impl HistoryFiles {
         crate::repo::timeline::write_durably(&dir.join("blocks.log.tmp"), &journal, &[]).map_err(io(&journal))
     }
 
-    /// Loads a branch's state: its manifest, then its journal; a file missing from `overlay`
-    /// has no history any more (it was unlinked and the crash came before the record).
+    /// Loads a branch's state: its manifest, then its journal (and for a version-1 branch, a
+    /// file missing from `overlay` has no history any more).
     pub fn open(dir: &Path, overlay: &Path) -> Result<HistoryFiles, HistoryError> {
         let path = dir.join(RELATIONS_FILE);
-        let files = read_manifest(&path)?;
+        let (version, files) = read_manifest(&path)?;
         let by_path = files.iter().enumerate().map(|(i, f)| (f.path.clone(), i as u32)).collect();
         let mut states: Vec<FileState> = files
             .into_iter()
@@ -163,7 +179,8 @@ impl HistoryFiles {
             }
             valid += 1;
         }
-        for s in states.iter_mut().filter(|s| !s.unlinked) {
+        let on_demand = version != VERSION_ALL_MADE;
+        for s in states.iter_mut().filter(|s| !s.unlinked && !on_demand) {
             if std::fs::symlink_metadata(overlay.join(&s.file.path)).is_err() {
                 s.unlinked = true;
             }
@@ -172,7 +189,83 @@ impl HistoryFiles {
         // A torn tail was never acknowledged: cut it so new records follow the valid ones.
         journal.set_len((valid * RECORD_LEN) as u64).map_err(io(&journal_path))?;
         let (journal, files, pending) = (Mutex::new(journal), Mutex::new(states), Mutex::new(HashMap::new()));
-        Ok(HistoryFiles { journal_path, journal, files, by_path, pending })
+        Ok(HistoryFiles {
+            journal_path,
+            journal,
+            files,
+            by_path,
+            pending,
+            fresh: Mutex::default(),
+            on_demand,
+            overlay: overlay.to_path_buf(),
+        })
+    }
+
+    /// Makes file `i` in the overlay if it is not there yet: sparse, as long as its history
+    /// limit. False if its history ended (unlinked): then it is not made. Under the state lock,
+    /// so an unlink recorded meanwhile is never undone by a lookup that raced it.
+    pub fn materialize(&self, i: u32) -> Result<bool, HistoryError> {
+        let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &files[i as usize];
+        if s.unlinked {
+            return Ok(false);
+        }
+        let path = self.overlay.join(&s.file.path);
+        let made = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
+        match made {
+            Ok(f) => {
+                f.set_len(u64::from(s.limit) * neon_types::BLCKSZ as u64).map_err(io(&path))?;
+                self.fresh.lock().unwrap_or_else(|p| p.into_inner()).insert(i);
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(true),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// History's pages of the system catalogs (relations below the first normal OID) that a
+    /// server's first connection reads: the shared ones first, then each database's but the
+    /// templates' (PostgreSQL 15 gives `template1` and `template0` OIDs 1 and 4), newest first.
+    pub fn catalog_pages(&self) -> Vec<BufferTag> {
+        const FIRST_NORMAL_OID: u32 = 16384;
+        const TEMPLATES: [u32; 2] = [1, 4];
+        let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut catalogs: Vec<&FileState> = files
+            .iter()
+            .filter(|f| {
+                let node = f.file.rel.node;
+                !f.unlinked
+                    && node.relnode < FIRST_NORMAL_OID
+                    && f.file.rel.fork == ForkNumber::Main
+                    && !TEMPLATES.contains(&node.dbnode)
+            })
+            .collect();
+        catalogs.sort_by_key(|f| (f.file.rel.node.dbnode != 0, std::cmp::Reverse(f.file.rel.node.dbnode)));
+        catalogs
+            .iter()
+            .flat_map(|f| (0..f.limit).map(|b| BufferTag { rel: f.file.rel, blkno: f.file.first + b }))
+            .collect()
+    }
+
+    /// Whether files are made on demand ([`materialize`]), not all at creation.
+    ///
+    /// [`materialize`]: HistoryFiles::materialize
+    pub fn on_demand(&self) -> bool {
+        self.on_demand
+    }
+
+    /// The names of the files with history directly in directory `dir` (a relative path),
+    /// made in the overlay or not.
+    pub fn names_in(&self, dir: &Path) -> Vec<String> {
+        let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        files
+            .iter()
+            .filter(|f| !f.unlinked)
+            .filter_map(|f| {
+                let p = Path::new(&f.file.path);
+                (p.parent() == Some(dir)).then(|| p.file_name()?.to_str().map(str::to_string)).flatten()
+            })
+            .collect()
     }
 
     /// Whether a file below directory `dir` (a relative path) has history.
@@ -259,6 +352,15 @@ impl HistoryFiles {
     /// Makes file `i`'s writes durable: its overlay file's data (`data`), then the journal
     /// records of its first writes, then the journal.
     pub fn sync(&self, i: u32, data: &File) -> Result<(), HistoryError> {
+        // A file made on demand: its directory entry first, or the synced data has no name.
+        if self.fresh.lock().unwrap_or_else(|p| p.into_inner()).contains(&i) {
+            let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+            let path = self.overlay.join(&files[i as usize].file.path);
+            drop(files);
+            let dir = path.parent().unwrap_or(&self.overlay);
+            crate::branch::sync_dir(dir).map_err(io(dir))?;
+            self.fresh.lock().unwrap_or_else(|p| p.into_inner()).remove(&i);
+        }
         // The blocks first, then the data: a first write landing in between (another FUSE
         // thread, the kernel's writeback) stays pending for the next sync, never journalled
         // ahead of its data.
@@ -285,6 +387,7 @@ impl HistoryFiles {
             }
             return Err(io(overlay)(e));
         }
+        self.fresh.lock().unwrap_or_else(|p| p.into_inner()).clear();
         for (i, blocks) in pending {
             self.append_all(WRITTEN, i, &blocks)?;
         }
@@ -299,7 +402,8 @@ impl HistoryFiles {
     }
 }
 
-fn read_manifest(path: &Path) -> Result<Vec<RelationSegment>, HistoryError> {
+/// The manifest's version and files.
+fn read_manifest(path: &Path) -> Result<(u8, Vec<RelationSegment>), HistoryError> {
     let b = std::fs::read(path).map_err(io(path))?;
     let corrupt = |why: &str| HistoryError::Corrupt { path: path.to_path_buf(), why: why.to_string() };
     if b.len() < 13 || &b[..4] != MAGIC {
@@ -309,8 +413,8 @@ fn read_manifest(path: &Path) -> Result<Vec<RelationSegment>, HistoryError> {
     if crc32c::crc32c(body).to_le_bytes() != crc {
         return Err(corrupt("CRC mismatch"));
     }
-    if body[4] != VERSION {
-        return Err(corrupt(&format!("version {} (this sidecar reads {VERSION})", body[4])));
+    if body[4] != VERSION && body[4] != VERSION_ALL_MADE {
+        return Err(corrupt(&format!("version {} (this sidecar reads {VERSION_ALL_MADE} and {VERSION})", body[4])));
     }
     let count = u32::from_le_bytes(body[5..9].try_into().expect("4 bytes")) as usize;
     let mut at = 9;
@@ -333,7 +437,7 @@ fn read_manifest(path: &Path) -> Result<Vec<RelationSegment>, HistoryError> {
         let node = RelFileNode { spcnode: u32s[0], dbnode: u32s[1], relnode: u32s[2] };
         files.push(RelationSegment { path, rel: RelTag { node, fork }, first, blocks });
     }
-    Ok(files)
+    Ok((body[4], files))
 }
 
 /// Reads `len` bytes at `offset` of an overlay file, zeros past its end.
@@ -358,6 +462,63 @@ mod tests {
         RelTag { node: RelFileNode { spcnode: 1663, dbnode: 5, relnode }, fork: ForkNumber::Main }
     }
 
+    /// A manifest rewritten as version 1 (every file made at creation), its CRC fixed.
+    fn as_version_1(dir: &Path) {
+        let m = dir.join(RELATIONS_FILE);
+        let mut b = std::fs::read(&m).unwrap();
+        b[4] = VERSION_ALL_MADE;
+        let body = b.len() - 4;
+        let crc = crc32c::crc32c(&b[..body]);
+        b[body..].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&m, b).unwrap();
+    }
+
+    #[test]
+    fn files_are_made_on_demand_once_and_never_after_their_unlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let overlay = dir.path().join("overlay");
+        std::fs::create_dir_all(overlay.join("base/5")).unwrap();
+        let files = vec![
+            RelationSegment { path: "base/5/100".into(), rel: rel(100), first: 0, blocks: 10 },
+            RelationSegment { path: "base/5/200".into(), rel: rel(200), first: 0, blocks: 2 },
+            RelationSegment { path: "global/300".into(), rel: rel(300), first: 0, blocks: 1 },
+        ];
+        HistoryFiles::create(dir.path(), &files).unwrap();
+        let h = HistoryFiles::open(dir.path(), &overlay).unwrap();
+        assert!(h.on_demand());
+        let mut names = h.names_in(Path::new("base/5"));
+        names.sort();
+        assert_eq!(names, ["100", "200"]);
+        // Not in the overlay yet, and still history's.
+        let f1 = h.lookup("base/5/200").unwrap();
+        assert!(!overlay.join("base/5/200").exists());
+        assert!(h.materialize(f1).unwrap());
+        let made = overlay.join("base/5/200");
+        assert_eq!(std::fs::metadata(&made).unwrap().len(), 2 * neon_types::BLCKSZ as u64);
+        // Made once: the branch's writes in it are not cut by a second lookup.
+        std::fs::write(&made, [7u8; 3]).unwrap();
+        assert!(h.materialize(f1).unwrap());
+        assert_eq!(std::fs::metadata(&made).unwrap().len(), 3);
+        // Its first fsync syncs the directory entry too, once.
+        h.sync(f1, &File::open(&made).unwrap()).unwrap();
+        assert!(h.fresh.lock().unwrap().is_empty());
+        // Unlinked: never made again, not listed, and so after reopening.
+        h.unlinked(f1).unwrap();
+        std::fs::remove_file(&made).unwrap();
+        assert!(!h.materialize(f1).unwrap() && !made.exists());
+        assert_eq!(h.names_in(Path::new("base/5")), ["100"]);
+        drop(h);
+        let h = HistoryFiles::open(dir.path(), &overlay).unwrap();
+        assert_eq!(h.lookup("base/5/200"), None);
+        assert!(h.lookup("base/5/100").is_some() && h.lookup("global/300").is_some());
+        // A version-1 branch: a file missing from the overlay has no history.
+        drop(h);
+        as_version_1(dir.path());
+        let h = HistoryFiles::open(dir.path(), &overlay).unwrap();
+        assert!(!h.on_demand());
+        assert_eq!(h.lookup("base/5/100"), None);
+    }
+
     #[test]
     fn state_survives_reopening_a_torn_tail_and_a_lost_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -372,8 +533,10 @@ mod tests {
             std::fs::write(overlay.join(&f.path), b"").unwrap();
         }
         HistoryFiles::create(dir.path(), &files).unwrap();
+        as_version_1(dir.path());
         let h = HistoryFiles::open(dir.path(), &overlay).unwrap();
-        // Missing from the overlay: no history (an unlink the crash came before recording).
+        // Version 1, missing from the overlay: no history (an unlink the crash came before
+        // recording).
         assert_eq!(h.lookup("base/5/200"), None);
         let f1 = h.lookup("base/5/100.1").unwrap();
         assert_eq!(h.source(f1, 2), Source::History(BufferTag { rel: rel(100), blkno: 131074 }));

@@ -14,8 +14,9 @@
 //! overlay/      the data directory's files: at creation what a base backup without relation
 //!               pages holds (pg_control with a checkpoint at the LSN on a new timeline, its
 //!               WAL segment and .history file, pg_xact, pg_multixact, relation maps,
-//!               two-phase files, configuration), and every relation segment file as a sparse
-//!               file of its size then; afterwards whatever the branch's server writes
+//!               two-phase files, configuration) and the relation files' directories; each
+//!               relation segment file appears (sparse, of its size at the LSN) when the
+//!               server first looks it up; and whatever the branch's server writes
 //! relations, blocks.log   see [`history`]
 //! data/         the default mount point
 //! ```
@@ -227,16 +228,17 @@ impl Branches {
         })?;
         let (owner, lsn) = (timeline.owner_at(meta.lsn), meta.lsn);
         owner.pin(lsn);
-        self.attach(redo, timeline, meta).inspect_err(|_| owner.unpin(lsn))
+        self.attach(redo, timeline, meta, false).inspect_err(|_| owner.unpin(lsn))
     }
 
     /// Opens the state of a branch whose LSN the caller has pinned on `timeline`'s lineage, and
-    /// mounts it.
+    /// mounts it (`new`: made just now, its catalogs warmed for the server about to start).
     fn attach(
         &self,
         redo: &Arc<dyn WalRedoManager>,
         timeline: Arc<Timeline>,
         meta: BranchMeta,
+        new: bool,
     ) -> Result<Live, BranchError> {
         let (id, dir) = (meta.id, self.branch_dir(meta.id));
         let history = Arc::new(
@@ -246,11 +248,11 @@ impl Branches {
         let checksums = crate::repo::meta::compute_has_checksums(&timeline);
         let source = Arc::new(HistoryPages { timeline, redo: redo.clone(), lsn: meta.lsn, checksums });
         let mut live = Live { meta, history, owner, source, session: None };
-        self.mount(&mut live)?;
+        self.mount(&mut live, new)?;
         Ok(live)
     }
 
-    fn mount(&self, live: &mut Live) -> Result<(), BranchError> {
+    fn mount(&self, live: &mut Live, warm: bool) -> Result<(), BranchError> {
         if !self.mounting {
             return Ok(());
         }
@@ -265,6 +267,9 @@ impl Branches {
             live.history.clone(),
             source as Arc<dyn fs::PageSource>,
         );
+        if warm {
+            fs.warm_catalogs();
+        }
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             fuser::MountOption::FSName(format!("neon-branch-{id}")),
@@ -341,7 +346,7 @@ impl Branches {
                 return Err(e);
             }
         };
-        let live = match self.attach(redo, t.clone(), meta) {
+        let live = match self.attach(redo, t.clone(), meta, true) {
             Ok(live) => live,
             Err(e) => {
                 owner.unpin(lsn);
@@ -403,31 +408,23 @@ impl Branches {
             progress_every: std::time::Duration::from_secs(3600),
             tablespace_map: Default::default(),
         };
-        let (tar, stats) =
-            basebackup::write_basebackup(t, redo.as_ref(), lsn, &files, opts, Vec::new(), &mut |_: &_| {})
-                .map_err(bb)?;
-        let mut unpack = crate::replication::tar_reader::TarUnpacker::new(overlay);
-        unpack.feed(&tar).map_err(|e| io_err(id, overlay)(std::io::Error::other(e.to_string())))?;
-        // Relation segment files: sparse, of their size at `lsn`.
+        // Unpacked as it is written (its errors name the overlay).
+        let unpack = crate::replication::tar_reader::TarUnpacker::new(overlay);
+        let (_, stats) =
+            basebackup::write_basebackup(t, redo.as_ref(), lsn, &files, opts, unpack, &mut |_: &_| {}).map_err(bb)?;
+        // Relation segment files: listed, and made in the overlay when first looked up (see
+        // `history`); only their directories now.
         let mut segments = Vec::new();
         let dbs = crate::repo::meta::list_databases(t, lsn).map_err(|e| bb(e.into()))?;
         for db in std::iter::once(0).chain(dbs.iter().map(|d| d.dbnode)) {
             let rels = crate::repo::meta::list_relations(t, db, lsn).map_err(|e| bb(e.into()))?;
             segments.extend(basebackup::relation_segments(&rels));
         }
-        for s in &segments {
-            let path = overlay.join(&s.path);
-            if let Some(parent) = path.parent() {
-                private_dir(parent).map_err(io_err(id, parent))?;
-            }
-            use std::os::unix::fs::OpenOptionsExt;
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io_err(id, &path))?;
-            f.set_len(u64::from(s.blocks) * BLCKSZ as u64).map_err(io_err(id, &path))?;
+        let dirs: std::collections::BTreeSet<&Path> =
+            segments.iter().filter_map(|s| Path::new(&s.path).parent()).collect();
+        for dir in dirs {
+            let path = overlay.join(dir);
+            private_dir(&path).map_err(io_err(id, &path))?;
         }
         HistoryFiles::create(building, &segments).map_err(|source| BranchError::History { id, source })?;
         let meta = BranchMeta { id, lsn, timeline: stats.timeline, source: t.owner_at(lsn).id(), mount };
@@ -436,6 +433,13 @@ impl Branches {
         let path = building.join(META_FILE);
         write_durably(&building.join("branch.meta.tmp"), &path, &meta.encode()).map_err(io_err(id, &path))?;
         Ok(meta)
+    }
+
+    /// Whether branch `id` exists: loaded, or on disk though it could not be loaded (a mount
+    /// that failed is not a branch gone).
+    pub fn exists(&self, id: u32) -> bool {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&id)
+            || self.branch_dir(id).join(META_FILE).exists()
     }
 
     pub fn list(&self) -> Vec<BranchInfo> {
@@ -466,7 +470,7 @@ impl Branches {
         drop(live.session.take());
         if let Err(e) = std::fs::rename(&dir, &doomed) {
             // It stays as it was: mounted again, pinned, listed.
-            let remounted = self.mount(&mut live);
+            let remounted = self.mount(&mut live, false);
             self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, live);
             remounted?;
             return Err(io_err(id, &dir)(e));
@@ -566,11 +570,52 @@ fn allow_root() -> bool {
     root || std::fs::read_to_string("/etc/fuse.conf").is_ok_and(|c| c.lines().any(|l| l.trim() == "user_allow_other"))
 }
 
-/// A mount a killed sidecar left (every access fails with `ENOTCONN`) is detached.
+/// A mount a killed sidecar left is detached. Known by the mount table, not by an access
+/// failing with `ENOTCONN`: for a second after the kill the kernel still answers from its
+/// attribute cache, and only a change then fails.
 fn clear_stale_mount(mount: &Path) {
-    if let Err(e) = std::fs::metadata(mount) {
-        if e.raw_os_error() == Some(libc::ENOTCONN) {
-            unmount(mount);
+    if branch_mounted_at(mount) {
+        unmount(mount);
+    }
+}
+
+/// Whether a branch file system (ours: type `fuse.neon`) is mounted at `mount`.
+fn branch_mounted_at(mount: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mounts") else { return false };
+    table.lines().any(|line| {
+        let mut fields = line.split(' ');
+        let (Some(_), Some(point), Some(kind)) = (fields.next(), fields.next(), fields.next()) else { return false };
+        kind == "fuse.neon" && Path::new(&unescape_mount_field(point)) == mount
+    })
+}
+
+/// A `/proc/self/mounts` field with its octal escapes (`\040` for a space) undone.
+fn unescape_mount_field(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let code =
+            b.get(i + 1..i + 4).and_then(|d| std::str::from_utf8(d).ok()).and_then(|d| u8::from_str_radix(d, 8).ok());
+        match code {
+            Some(c) if b[i] == b'\\' => {
+                out.push(c);
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
         }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mount_table_fields_are_unescaped() {
+        assert_eq!(super::unescape_mount_field(r"/tmp/a\040b\134c/data"), r"/tmp/a b\c/data");
+        assert_eq!(super::unescape_mount_field(r"/tmp/plain\0"), r"/tmp/plain\0");
     }
 }

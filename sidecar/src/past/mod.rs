@@ -219,7 +219,6 @@ impl PastServers {
         let dir = shared.join("past");
         private_dir(&dir)?;
         let past = PastServers { dir, pg_bin_dir, servers: Mutex::new(BTreeMap::new()), changing: Mutex::new(()) };
-        let live: Vec<u32> = branches.list().iter().map(|b| b.id).collect();
         for e in std::fs::read_dir(&past.dir)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let Ok(id) = name.trim_end_matches(".new").parse::<u32>() else { continue };
@@ -239,7 +238,7 @@ impl PastServers {
                 }
             };
             let layout = Layout { dir: e.path(), datadir: conf.datadir.clone() };
-            if conf.branch.is_some_and(|b| !live.contains(&b)) {
+            if conf.branch.is_some_and(|b| !branches.exists(b)) {
                 eprintln!(
                     "neon-sidecar: removing past server {id}: its branch {} is gone",
                     conf.branch.unwrap_or_default()

@@ -130,6 +130,16 @@ pub fn start(pg_bin_dir: &Path, layout: &Layout) -> Result<Child, String> {
 
 /// Whether process `pid` is a live postgres on `datadir` (a zombie's command line is empty;
 /// a pid reused by another process has another one).
+/// Whether process `pid` has finished exiting: gone, or a zombie (no parent reaps it here).
+fn exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => {
+            stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()).is_some_and(|s| s == "Z" || s == "X")
+        }
+    }
+}
+
 fn postmaster_of(pid: i32, datadir: &Path) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
         let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
@@ -191,12 +201,19 @@ pub fn stop_orphan(layout: &Layout) {
         );
         let pid = nix::unistd::Pid::from_raw(pid);
         let _ = kill(pid, Signal::SIGQUIT);
+        // Until it has exited, not merely stopped being a postgres on the directory: its
+        // command line is gone early in its exit, its working directory (inside the branch's
+        // mount, which is then not mounted again: ENOTCONN) only later.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && ours(pid.as_raw()) {
+        while Instant::now() < deadline && !exited(pid.as_raw()) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if ours(pid.as_raw()) {
+        if !exited(pid.as_raw()) && ours(pid.as_raw()) {
             let _ = kill(pid, Signal::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && !exited(pid.as_raw()) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
     let _ = std::fs::remove_file(pid_file);

@@ -1,8 +1,10 @@
 //! Unpacking a tar stream as it arrives (the archive `BASE_BACKUP` sends), into a directory:
 //! regular files and directories only, with every path checked to stay inside it. Runs of
 //! zeros in data files are left as holes (a copy's data files have empty pages): the files read
-//! the same, and are written in less time. Not in `pg_wal/`: PostgreSQL counts on its
-//! segments being allocated, so that a write into one never meets a full disk.
+//! the same, and are written in less time. PostgreSQL counts on a WAL segment being allocated,
+//! so that a write into one never meets a full disk: a `pg_wal/` file is allocated whole
+//! first (`fallocate`, which reads as zeros without writing them), or, where the file system
+//! cannot, written out in full.
 //!
 //! ```text
 //! header (512 bytes, ustar): name [0..100] | mode | uid | gid | size [124..136] (octal, or
@@ -56,6 +58,23 @@ fn octal(field: &[u8]) -> Result<u64, TarError> {
 
 fn cstr(field: &[u8]) -> String {
     String::from_utf8_lossy(&field[..field.iter().position(|b| *b == 0).unwrap_or(field.len())]).into_owned()
+}
+
+/// Allocates `size` bytes of `f` without writing them (they read as zeros); false where the
+/// file system cannot.
+fn allocate(f: &File, size: u64) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    if size == 0 {
+        return Ok(true);
+    }
+    // SAFETY: fallocate(2) on a descriptor `f` owns, for the range [0, size).
+    match unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as libc::off_t) } {
+        0 => Ok(true),
+        _ => match std::io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
+            e => Err(e),
+        },
+    }
 }
 
 /// Writes `data` at `f`'s position, seeking over 4 KB pieces that are all zeros.
@@ -178,7 +197,10 @@ impl TarUnpacker {
             _ => None,
         };
         let pad = (BLOCK - (size % BLOCK as u64) as usize) % BLOCK;
-        let sparse = !name.starts_with("pg_wal/");
+        let sparse = match &file {
+            Some(f) if name.starts_with("pg_wal/") => allocate(f, size).map_err(|e| self.io(e))?,
+            _ => true,
+        };
         self.state = State::Data { file, sparse, size, left: size, pad };
         Ok(())
     }
@@ -224,7 +246,8 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join("small")).unwrap(), b"abc");
         let m = std::fs::metadata(dir.path().join("seg")).unwrap();
         assert!(m.blocks() * 512 < 1 << 20, "{} bytes allocated for 4 MB of mostly zeros", m.blocks() * 512);
-        // A WAL segment is allocated whole.
+        // A WAL segment is allocated whole (its zeros not written: fallocate, or written where
+        // the file system cannot).
         let wal = dir.path().join("pg_wal/000000010000000000000001");
         assert_eq!(std::fs::read(&wal).unwrap(), data);
         assert!(std::fs::metadata(&wal).unwrap().blocks() * 512 >= 4 << 20);

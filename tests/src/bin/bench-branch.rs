@@ -10,6 +10,10 @@
 //!   the archived WAL to `recovery_target_lsn = L` until promoted;
 //! * (c) `pg_basebackup` of the database *now*, booted, the query — a copy-speed anchor only.
 //!
+//! Every server is started the same way: `pg_ctl start`, ready when its `postmaster.pid` says
+//! so (looked at every 5 ms; `pg_ctl -w` alone looks every 100 ms), then a first connection.
+//! `--sidecar-args` are added to the sidecar's `run` (e.g. `--chain-limit 8`).
+//!
 //! L lies 80 % into `--wal-mb` of pgbench WAL written after the start backup. Every copy of L
 //! is checked (after its timing) against what the compute held at L: pgbench_history's rows
 //! and sum(abalance). Then a cold sequential scan of pgbench_accounts (server restarted, the
@@ -92,7 +96,7 @@ struct Row {
     scan_local: Duration,
 }
 
-fn one_scale(scale: u32, wal_mb: u64) -> Result<Row> {
+fn one_scale(scale: u32, wal_mb: u64, sidecar_args: &[&str]) -> Result<Row> {
     let mut c = Cluster::builder()
         .guc("wal_keep_size", "64GB")
         .guc("max_wal_size", "8GB")
@@ -102,7 +106,7 @@ fn one_scale(scale: u32, wal_mb: u64) -> Result<Row> {
     let store = c.root_dir().join("store");
     init_store(&c, &store)?;
     c.start_again()?;
-    let sidecar = SidecarProcess::start_for_compute(&c, &store, &[])?;
+    let sidecar = SidecarProcess::start_for_compute(&c, &store, sidecar_args)?;
     eprintln!("bench: scale {scale}: pgbench -i ...");
     c.pgbench(&["-i", "-q", "-s", &scale.to_string()])?;
     let base = c.root_dir().join("start-backup");
@@ -209,12 +213,14 @@ fn one_scale(scale: u32, wal_mb: u64) -> Result<Row> {
 
 fn main() -> Result<()> {
     let f = neon_tests::bench::Flags::parse(
-        "bench-branch [--scales 10,70] [--wal-mb MB of WAL after the start backup]",
-        &[("scales", "10,70"), ("wal-mb", "200")],
+        "bench-branch [--scales 10,70] [--wal-mb MB of WAL after the start backup] [--sidecar-args 'ARGS of run']",
+        &[("scales", "10,70"), ("wal-mb", "200"), ("sidecar-args", "")],
     )?;
     let scales: Vec<u32> = f.get::<String>("scales")?.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?;
     let wal_mb: u64 = f.get("wal-mb")?;
-    let rows: Vec<Row> = scales.iter().map(|s| one_scale(*s, wal_mb)).collect::<Result<_>>()?;
+    let sidecar_args: String = f.get("sidecar-args")?;
+    let sidecar_args: Vec<&str> = sidecar_args.split_whitespace().collect();
+    let rows: Vec<Row> = scales.iter().map(|s| one_scale(*s, wal_mb, &sidecar_args)).collect::<Result<_>>()?;
     let cold = if is_root() { "page cache dropped" } else { "page cache NOT dropped (not root): warm" };
     println!("A copy of the database as of a past LSN, queried: seconds from the request to the first answer of");
     println!("`{FIRST_ANSWER}` (one run per scale, same run for every column)");
