@@ -490,9 +490,10 @@ impl Cluster {
 
     /// Starts the server (again): after [`stop`](Self::stop),
     /// [`crash`](Self::crash), [`kill9`](Self::kill9), or after
-    /// [`ClusterBuilder::init`]. Waits with `pg_ctl -w` (which also waits for
-    /// crash recovery to finish) and then for a successful connection. On
-    /// failure the error contains the tail of the server log.
+    /// [`ClusterBuilder::init`]. Waits until the postmaster says in
+    /// `postmaster.pid` that it is ready (after crash recovery; see
+    /// `pg_ctl_start`) and then for a successful connection. On failure the
+    /// error contains the tail of the server log.
     pub fn start_again(&mut self) -> Result<()> {
         if self.is_running() {
             bail!("start_again: the server of {} is already running", self.root.display());

@@ -1,7 +1,8 @@
 //! The file system a branch's PostgreSQL runs on: a FUSE mount that passes every operation
 //! through to the branch's overlay directory, except reads of relation-file blocks that still
 //! come from history ([`HistoryFiles`]), which are rebuilt at the branch's LSN by the
-//! [`PageSource`] — a multi-block read as one batch. Writes go to the overlay; the first write
+//! [`PageSource`] — a multi-block read as one batch. Relation files with history are listed
+//! from the branch's manifest until they are made in the overlay, which a lookup does. Writes go to the overlay; the first write
 //! to a history block is journalled after its data, and a partial write to one first copies
 //! the history page up. A page history cannot give (the sidecar's store fails, a value is
 //! corrupt) is `EIO` and a log line naming the file and block: never zeros, never another page.
@@ -182,7 +183,8 @@ impl BranchFs {
     /// Has the system catalogs' pages rebuilt in the background: a new branch's server is
     /// about to start, and its first connection reads them.
     pub fn warm_catalogs(&self) {
-        self.ahead.schedule(self.history.catalog_pages());
+        // Half the cache at most: a first scan's read-ahead finds room beside them.
+        self.ahead.schedule(self.history.catalog_pages(super::read_ahead::CAPACITY / 2));
     }
 
     fn rel_path(&self, ino: INodeNo) -> Result<PathBuf, Errno> {
@@ -237,7 +239,8 @@ impl BranchFs {
         let real = self.real(rel);
         if let (Some(i), Some(_)) = (self.history_of(rel), create_mode) {
             if self.history.on_demand() {
-                // Not made yet: made now, and then opened as the file that exists.
+                // Not made yet (rare: the kernel looks a name up before creating it, and a
+                // listed name is made then): made now, and opened as the file that exists.
                 self.history.materialize(i).map_err(|e| self.io_error(rel, &e))?;
             } else if std::fs::symlink_metadata(&real).is_err() {
                 // Created anew where a file with history was (its unlink lost in a crash): the
@@ -606,6 +609,10 @@ impl Filesystem for BranchFs {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let result = self.child(parent, name).and_then(|rel| {
+            // Files not made in the overlay yet are in it all the same.
+            if rel.to_str().is_some_and(|d| self.history.has_under(d)) {
+                return Err(Errno::ENOTEMPTY);
+            }
             std::fs::remove_dir(self.real(&rel)).map_err(|e| errno(&e))?;
             self.inodes.write().unwrap_or_else(|p| p.into_inner()).forget_path(&rel);
             Ok(())
@@ -646,11 +653,11 @@ impl Filesystem for BranchFs {
                 self.log(format_args!("refusing to rename {} (its blocks come from history)", from.display()));
                 return Err(Errno::EXDEV);
             }
-            let replaced = self.history_of(&to);
-            std::fs::rename(self.real(&from), self.real(&to)).map_err(|e| errno(&e))?;
-            if let Some(i) = replaced {
-                self.history.unlinked(i).map_err(|_| Errno::EIO)?;
+            // The replaced file's history ends first, durably (as for an unlink).
+            if let Some(i) = self.history_of(&to) {
+                self.history.unlinked(i).map_err(|e| self.io_error(&to, &e))?;
             }
+            std::fs::rename(self.real(&from), self.real(&to)).map_err(|e| errno(&e))?;
             self.inodes.write().unwrap_or_else(|p| p.into_inner()).rename(&from, &to);
             Ok(())
         })();

@@ -57,6 +57,7 @@ const UNLINKED: u8 = 3;
 
 pub const RELATIONS_FILE: &str = "relations";
 pub const JOURNAL_FILE: &str = "blocks.log";
+const MAKING_DIR: &str = "making";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
@@ -74,6 +75,10 @@ struct FileState {
     limit: u32,
     written: Vec<u64>,
     unlinked: bool,
+    /// Written or resized since the branch was loaded: its overlay file is not what
+    /// [`HistoryFiles::materialize`] would make again, so its directory entry must be durable
+    /// before a sync of it is acknowledged.
+    changed: bool,
 }
 
 impl FileState {
@@ -107,8 +112,11 @@ pub struct HistoryFiles {
     /// First writes not yet in the journal, by file: filed when that file is fsync'd.
     pending: Mutex<HashMap<u32, Vec<u32>>>,
     /// Files made in the overlay on demand whose directory entry is not known durable yet:
-    /// synced with the file's first fsync.
+    /// synced at the first fsync of one of them that the branch changed.
     fresh: Mutex<std::collections::HashSet<u32>>,
+    /// Where a file is made (sized) before it is linked into the overlay: a crash never
+    /// leaves one half made there.
+    making: PathBuf,
     /// Files are made on demand (manifest version 2), not all at creation.
     on_demand: bool,
     overlay: PathBuf,
@@ -150,7 +158,7 @@ impl HistoryFiles {
         let by_path = files.iter().enumerate().map(|(i, f)| (f.path.clone(), i as u32)).collect();
         let mut states: Vec<FileState> = files
             .into_iter()
-            .map(|file| FileState { limit: file.blocks, file, written: Vec::new(), unlinked: false })
+            .map(|file| FileState { limit: file.blocks, file, written: Vec::new(), unlinked: false, changed: false })
             .collect();
         let journal_path = dir.join(JOURNAL_FILE);
         let bytes = std::fs::read(&journal_path).map_err(io(&journal_path))?;
@@ -180,11 +188,16 @@ impl HistoryFiles {
             valid += 1;
         }
         let on_demand = version != VERSION_ALL_MADE;
-        for s in states.iter_mut().filter(|s| !s.unlinked && !on_demand) {
-            if std::fs::symlink_metadata(overlay.join(&s.file.path)).is_err() {
-                s.unlinked = true;
+        if !on_demand {
+            for s in states.iter_mut().filter(|s| !s.unlinked) {
+                if std::fs::symlink_metadata(overlay.join(&s.file.path)).is_err() {
+                    s.unlinked = true;
+                }
             }
         }
+        let making = dir.join(MAKING_DIR);
+        let _ = std::fs::remove_dir_all(&making);
+        crate::repo::timeline::private_dir(&making).map_err(io(&making))?;
         let journal = OpenOptions::new().append(true).mode(0o600).open(&journal_path).map_err(io(&journal_path))?;
         // A torn tail was never acknowledged: cut it so new records follow the valid ones.
         journal.set_len((valid * RECORD_LEN) as u64).map_err(io(&journal_path))?;
@@ -196,14 +209,16 @@ impl HistoryFiles {
             by_path,
             pending,
             fresh: Mutex::default(),
+            making,
             on_demand,
             overlay: overlay.to_path_buf(),
         })
     }
 
     /// Makes file `i` in the overlay if it is not there yet: sparse, as long as its history
-    /// limit. False if its history ended (unlinked): then it is not made. Under the state lock,
-    /// so an unlink recorded meanwhile is never undone by a lookup that raced it.
+    /// limit, sized under another name and then linked into place (never seen half made).
+    /// False if its history ended (unlinked): then it is not made. Under the state lock, so an
+    /// unlink recorded meanwhile is never undone by a lookup that raced it.
     pub fn materialize(&self, i: u32) -> Result<bool, HistoryError> {
         let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let s = &files[i as usize];
@@ -211,10 +226,22 @@ impl HistoryFiles {
             return Ok(false);
         }
         let path = self.overlay.join(&s.file.path);
-        let made = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
-        match made {
-            Ok(f) => {
-                f.set_len(u64::from(s.limit) * neon_types::BLCKSZ as u64).map_err(io(&path))?;
+        if std::fs::symlink_metadata(&path).is_ok() {
+            return Ok(true);
+        }
+        if s.changed || s.written.iter().any(|w| *w != 0) {
+            // The branch wrote it, and it is gone: made again it would read as zeros there.
+            let why = "the branch wrote this file and it is missing from the overlay".to_string();
+            return Err(HistoryError::Corrupt { path, why });
+        }
+        let tmp = self.making.join(i.to_string());
+        let _ = std::fs::remove_file(&tmp);
+        let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
+        f.set_len(u64::from(s.limit) * neon_types::BLCKSZ as u64).map_err(io(&tmp))?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
                 self.fresh.lock().unwrap_or_else(|p| p.into_inner()).insert(i);
                 Ok(true)
             }
@@ -224,11 +251,23 @@ impl HistoryFiles {
     }
 
     /// History's pages of the system catalogs (relations below the first normal OID) that a
-    /// server's first connection reads: the shared ones first, then each database's but the
-    /// templates' (PostgreSQL 15 gives `template1` and `template0` OIDs 1 and 4), newest first.
-    pub fn catalog_pages(&self) -> Vec<BufferTag> {
+    /// server's first connection reads, at most `max`: the shared ones first, then each
+    /// database's but the templates' (PostgreSQL 15 gives `template1` and `template0` OIDs 1
+    /// and 4), newest first; not the catalogs that grow with the data and that a connection
+    /// does not read (large objects, statistics, dependencies, descriptions, security labels,
+    /// and their indexes and TOAST).
+    pub fn catalog_pages(&self, max: usize) -> Vec<BufferTag> {
         const FIRST_NORMAL_OID: u32 = 16384;
         const TEMPLATES: [u32; 2] = [1, 4];
+        const BULKY: [u32; 24] = [
+            2613, 2683, 2995, 2996, // pg_largeobject, its metadata
+            2619, 2696, 2840, 2841, // pg_statistic
+            3429, 3433, 3430, 3431, // pg_statistic_ext_data
+            2608, 2673, 2674, // pg_depend
+            1214, 1232, 1233, // pg_shdepend
+            2609, 2675, 2834, 2835, // pg_description
+            3596, 3597, // pg_seclabel
+        ];
         let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let mut catalogs: Vec<&FileState> = files
             .iter()
@@ -238,12 +277,14 @@ impl HistoryFiles {
                     && node.relnode < FIRST_NORMAL_OID
                     && f.file.rel.fork == ForkNumber::Main
                     && !TEMPLATES.contains(&node.dbnode)
+                    && !BULKY.contains(&node.relnode)
             })
             .collect();
         catalogs.sort_by_key(|f| (f.file.rel.node.dbnode != 0, std::cmp::Reverse(f.file.rel.node.dbnode)));
         catalogs
             .iter()
             .flat_map(|f| (0..f.limit).map(|b| BufferTag { rel: f.file.rel, blkno: f.file.first + b }))
+            .take(max)
             .collect()
     }
 
@@ -300,6 +341,7 @@ impl HistoryFiles {
     pub fn written(&self, i: u32, block: u32) {
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let s = &mut files[i as usize];
+        s.changed = true;
         if s.unlinked || block >= s.limit || s.is_written(block) {
             return;
         }
@@ -311,6 +353,7 @@ impl HistoryFiles {
     pub fn truncated(&self, i: u32, blocks: u32) -> Result<(), HistoryError> {
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let s = &mut files[i as usize];
+        s.changed = true;
         if s.unlinked || blocks >= s.limit {
             return Ok(());
         }
@@ -319,13 +362,15 @@ impl HistoryFiles {
         Ok(())
     }
 
-    /// Records that file `i` was unlinked: its history ends.
+    /// Records that file `i` was unlinked, durably (before its overlay file goes: a file
+    /// missing from the overlay is history's again): its history ends.
     pub fn unlinked(&self, i: u32) -> Result<(), HistoryError> {
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         if files[i as usize].unlinked {
             return Ok(());
         }
         self.append(UNLINKED, i, 0)?;
+        self.journal.lock().unwrap_or_else(|p| p.into_inner()).sync_data().map_err(io(&self.journal_path))?;
         files[i as usize].unlinked = true;
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&i);
         Ok(())
@@ -352,14 +397,26 @@ impl HistoryFiles {
     /// Makes file `i`'s writes durable: its overlay file's data (`data`), then the journal
     /// records of its first writes, then the journal.
     pub fn sync(&self, i: u32, data: &File) -> Result<(), HistoryError> {
-        // A file made on demand: its directory entry first, or the synced data has no name.
-        if self.fresh.lock().unwrap_or_else(|p| p.into_inner()).contains(&i) {
+        // A file made on demand that the branch changed: its directory entry first, or the
+        // synced data may have no name after a crash. (One it did not change would be made
+        // again the same.) Every file made in that directory is durable with it.
+        let fresh_dir = {
+            // (Locks in materialize's order: the files, then the fresh ones.)
             let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-            let path = self.overlay.join(&files[i as usize].file.path);
-            drop(files);
-            let dir = path.parent().unwrap_or(&self.overlay);
-            crate::branch::sync_dir(dir).map_err(io(dir))?;
-            self.fresh.lock().unwrap_or_else(|p| p.into_inner()).remove(&i);
+            let fresh = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
+            let dir_of = |f: u32| Path::new(&files[f as usize].file.path).parent().map(Path::to_path_buf);
+            (fresh.contains(&i) && files[i as usize].changed).then(|| {
+                let dir = dir_of(i);
+                (fresh.iter().copied().filter(|f| dir_of(*f) == dir).collect::<Vec<u32>>(), dir)
+            })
+        };
+        if let Some((made, dir)) = fresh_dir {
+            let dir = self.overlay.join(dir.unwrap_or_default());
+            crate::branch::sync_dir(&dir).map_err(io(&dir))?;
+            let mut fresh = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
+            for f in made {
+                fresh.remove(&f);
+            }
         }
         // The blocks first, then the data: a first write landing in between (another FUSE
         // thread, the kernel's writeback) stays pending for the next sync, never journalled
@@ -380,14 +437,15 @@ impl HistoryFiles {
     /// Journals every first write (a clean unmount): `overlay`'s file system synced first.
     pub fn sync_all(&self, overlay: &Path) -> Result<(), HistoryError> {
         let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let fresh = std::mem::take(&mut *self.fresh.lock().unwrap_or_else(|p| p.into_inner()));
         if let Err(e) = crate::branch::sync_fs(overlay) {
             let mut back = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             for (i, blocks) in pending {
                 back.entry(i).or_default().extend(blocks);
             }
+            self.fresh.lock().unwrap_or_else(|p| p.into_inner()).extend(fresh);
             return Err(io(overlay)(e));
         }
-        self.fresh.lock().unwrap_or_else(|p| p.into_inner()).clear();
         for (i, blocks) in pending {
             self.append_all(WRITTEN, i, &blocks)?;
         }
@@ -499,9 +557,20 @@ mod tests {
         std::fs::write(&made, [7u8; 3]).unwrap();
         assert!(h.materialize(f1).unwrap());
         assert_eq!(std::fs::metadata(&made).unwrap().len(), 3);
-        // Its first fsync syncs the directory entry too, once.
+        assert!(std::fs::read_dir(dir.path().join(MAKING_DIR)).unwrap().next().is_none(), "a temporary file left");
+        // A sync of a made file the branch did not change needs no durable name (it would be
+        // made again the same); of a changed one, it syncs the directory of both.
+        let f0 = h.lookup("base/5/100").unwrap();
+        assert!(h.materialize(f0).unwrap());
+        h.sync(f0, &File::open(overlay.join("base/5/100")).unwrap()).unwrap();
+        assert_eq!(h.fresh.lock().unwrap().len(), 2);
+        h.written(f1, 0);
         h.sync(f1, &File::open(&made).unwrap()).unwrap();
         assert!(h.fresh.lock().unwrap().is_empty());
+        // Written, then lost from the overlay (not unlinked): an error, never zeros made anew.
+        std::fs::remove_file(&made).unwrap();
+        assert!(matches!(h.materialize(f1), Err(HistoryError::Corrupt { .. })));
+        std::fs::write(&made, [7u8; 3]).unwrap();
         // Unlinked: never made again, not listed, and so after reopening.
         h.unlinked(f1).unwrap();
         std::fs::remove_file(&made).unwrap();
@@ -516,7 +585,8 @@ mod tests {
         as_version_1(dir.path());
         let h = HistoryFiles::open(dir.path(), &overlay).unwrap();
         assert!(!h.on_demand());
-        assert_eq!(h.lookup("base/5/100"), None);
+        assert_eq!(h.lookup("global/300"), None);
+        assert!(h.lookup("base/5/100").is_some());
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //!               relation segment file appears (sparse, of its size at the LSN) when the
 //!               server first looks it up; and whatever the branch's server writes
 //! relations, blocks.log   see [`history`]
+//! making/       relation files being made in the overlay (sized here, then linked there)
 //! data/         the default mount point
 //! ```
 //!
@@ -570,22 +571,33 @@ fn allow_root() -> bool {
     root || std::fs::read_to_string("/etc/fuse.conf").is_ok_and(|c| c.lines().any(|l| l.trim() == "user_allow_other"))
 }
 
-/// A mount a killed sidecar left is detached. Known by the mount table, not by an access
-/// failing with `ENOTCONN`: for a second after the kill the kernel still answers from its
+/// A mount a killed sidecar left is detached. Known by the mount table (and by an access
+/// failing with `ENOTCONN`): for a second after the kill the kernel may still answer from its
 /// attribute cache, and only a change then fails.
 fn clear_stale_mount(mount: &Path) {
-    if branch_mounted_at(mount) {
+    let dead = std::fs::metadata(mount).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+    if dead || branch_mounted_at(mount) {
         unmount(mount);
     }
 }
 
-/// Whether a branch file system (ours: type `fuse.neon`) is mounted at `mount`.
+/// Whether a branch file system is mounted at `mount`: a FUSE mount (`fuse` when mounted by
+/// root, `fuse.neon` through `fusermount3`) named `neon-branch-<id>`, at the path the kernel
+/// resolves `mount` to.
 fn branch_mounted_at(mount: &Path) -> bool {
+    let resolved = match (mount.parent().and_then(|p| p.canonicalize().ok()), mount.file_name()) {
+        (Some(parent), Some(name)) => parent.join(name),
+        _ => mount.to_path_buf(),
+    };
     let Ok(table) = std::fs::read_to_string("/proc/self/mounts") else { return false };
     table.lines().any(|line| {
         let mut fields = line.split(' ');
-        let (Some(_), Some(point), Some(kind)) = (fields.next(), fields.next(), fields.next()) else { return false };
-        kind == "fuse.neon" && Path::new(&unescape_mount_field(point)) == mount
+        let (Some(source), Some(point), Some(kind)) = (fields.next(), fields.next(), fields.next()) else {
+            return false;
+        };
+        (kind == "fuse" || kind.starts_with("fuse."))
+            && source.starts_with("neon-branch-")
+            && Path::new(&unescape_mount_field(point)) == resolved
     })
 }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// Pages cached or under way at most (32 MB).
-const CAPACITY: usize = 4096;
+pub(crate) const CAPACITY: usize = 4096;
 /// Pages rebuilt by one worker request (one batched, pipelined redo exchange).
 const JOB_PAGES: usize = 32;
 const WORKERS: usize = 2;

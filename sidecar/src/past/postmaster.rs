@@ -128,8 +128,6 @@ pub fn start(pg_bin_dir: &Path, layout: &Layout) -> Result<Child, String> {
     }
 }
 
-/// Whether process `pid` is a live postgres on `datadir` (a zombie's command line is empty;
-/// a pid reused by another process has another one).
 /// Whether process `pid` has finished exiting: gone, or a zombie (no parent reaps it here).
 fn exited(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -140,6 +138,8 @@ fn exited(pid: i32) -> bool {
     }
 }
 
+/// Whether process `pid` is a live postgres on `datadir` (a zombie's command line is empty;
+/// a pid reused by another process has another one).
 fn postmaster_of(pid: i32, datadir: &Path) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
         let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
@@ -203,8 +203,9 @@ pub fn stop_orphan(layout: &Layout) {
         let _ = kill(pid, Signal::SIGQUIT);
         // Until it has exited, not merely stopped being a postgres on the directory: its
         // command line is gone early in its exit, its working directory (inside the branch's
-        // mount, which is then not mounted again: ENOTCONN) only later.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // mount, which is then not mounted again: ENOTCONN) only later. Longer than the 5 s
+        // PostgreSQL gives its children before it kills them: never orphaned inside it.
+        let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline && !exited(pid.as_raw()) {
             std::thread::sleep(Duration::from_millis(20));
         }
