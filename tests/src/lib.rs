@@ -94,6 +94,7 @@ pub mod pagemask;
 pub mod pages;
 pub mod pg_waldump;
 pub mod recovery;
+pub mod seaweed;
 pub mod sidecar;
 pub mod snapshot;
 pub mod store;
