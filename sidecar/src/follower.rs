@@ -22,6 +22,7 @@
 use crate::replication::client::{ReplicationConfig, ReplicationConn, ReplicationError, Slot, StreamEvent};
 use crate::repo::ingest::{Ingest, IngestError};
 use crate::repo::key::Key;
+use crate::repo::layer::LayerError;
 use crate::repo::store::{Store, StoreError};
 use crate::repo::timeline::{RepoError, Timeline};
 use crate::wal::decoder::{DecodeError, WalStreamDecoder};
@@ -52,6 +53,10 @@ pub struct FollowerConfig {
     pub flush_bytes: u64,
     /// Page chains longer than this are handed to `on_flush` for imaging (0: not tracked).
     pub chain_limit: u32,
+    /// `--durability remote`: the compute is told its WAL is flushed only as far as the
+    /// remote store holds the history (so its slot keeps the rest). `None`: as far as the
+    /// local store does.
+    pub remote_durable: Option<Arc<crate::remote::upload::UploadStatus>>,
 }
 
 /// Called after each flush with the timeline, its durable LSN and the page keys whose chains
@@ -121,14 +126,16 @@ pub enum FollowError {
 
 impl FollowError {
     /// Whether reconnecting (and waiting) can cure it. Failing to write the store is retried:
-    /// the disk may get room again.
+    /// the disk may get room again; so is failing to fetch an evicted layer file that filing
+    /// a record reads: the remote store may be back (or repaired).
     pub fn is_final(&self) -> bool {
-        !matches!(
+        let fetch = |e: &RepoError| matches!(e, RepoError::Layer(LayerError::Remote { .. }));
+        !(matches!(
             self,
             FollowError::Replication(_)
                 | FollowError::Repo(_)
                 | FollowError::Store(StoreError::Io { .. } | StoreError::Timeline(RepoError::Io { .. }))
-        )
+        ) || matches!(self, FollowError::Ingest(IngestError::Repo(e)) | FollowError::Store(StoreError::Timeline(e)) if fetch(e)))
     }
 }
 
@@ -537,7 +544,7 @@ fn stream_loop(
 ) -> Result<Followed, FollowError> {
     let mut last_flush = Instant::now();
     let mut unflushed = 0u64;
-    let mut reported = repo.durable_lsn();
+    let mut reported = Lsn::INVALID;
     // The server's clock comes with what it sends; while it sends nothing, it is asked.
     let (mut heard, mut asked) = (Instant::now(), Instant::now());
     while !stop.load(Ordering::Relaxed) {
@@ -608,10 +615,11 @@ fn stream_loop(
             }
         }
         let durable = repo.durable_lsn();
+        let flushed = cfg.remote_durable.as_ref().map_or(durable, |r| durable.min(r.durable()));
         let ask = heard.elapsed() >= CLOCK_EVERY && asked.elapsed() >= CLOCK_EVERY;
-        if reply || durable > reported || ask {
-            stream.send_status(durable, durable, durable, ask)?;
-            reported = durable;
+        if reply || flushed > reported || ask {
+            stream.send_status(durable, flushed, flushed, ask)?;
+            reported = flushed;
             if ask {
                 asked = Instant::now();
             }

@@ -105,6 +105,8 @@ pub struct PageService {
     pub branches: Option<crate::branch::Branches>,
     /// Read-only servers on branches (`None`: no shared directory).
     pub past: Option<crate::past::PastServers>,
+    /// The remote store's side of things, for status (`None`: no `--remote`).
+    pub remote: Option<crate::remote::RemoteState>,
 }
 
 fn code_of(e: &GetPageError) -> ErrorCode {
@@ -513,6 +515,12 @@ impl PageService {
         let _ = writeln!(s, "compute_flush_lsn {flush}");
         // How far ingest is behind the compute, as the compute last said where it was.
         let _ = writeln!(s, "ingest_lag_bytes {}", if flush.is_valid() { flush.0.saturating_sub(b.last.0) } else { 0 });
+        let (files, bytes) = self.store.local_layers();
+        let _ = writeln!(s, "local_layer_files {files}");
+        let _ = writeln!(s, "local_layer_bytes {bytes}");
+        if let Some(r) = &self.remote {
+            r.write_status(&mut s);
+        }
         s
     }
 

@@ -97,7 +97,11 @@ impl SeaweedFs {
         anyhow::ensure!(self.child.is_none(), "SeaweedFS in {} is running", self.dir.display());
         let p = self.ports;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("weed.log"))?;
+        // Its glog files go beside its data, not into /tmp (where they would outlive the test).
+        let logs = self.dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
         let child = Command::new(weed_bin()?)
+            .arg(format!("-logdir={}", logs.display()))
             .arg("server")
             .arg(format!("-dir={}", self.dir.join("data").display()))
             .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-s3"])

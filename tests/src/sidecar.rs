@@ -63,14 +63,25 @@ impl SidecarProcess {
 
     /// [`SidecarProcess::start`] with more `run` options.
     pub fn start_with(c: &Cluster, store: &Path, extra: &[&str]) -> Result<SidecarProcess> {
-        Self::spawn(c, store, extra, false)
+        Self::spawn(c, store, extra, false, &[])
     }
 
     /// The product's own arrangement: the sidecar runs as the server's OS user (so only it and
     /// the compute can reach the socket and the shared directory `<root>/shared`), and the
     /// compute's `neon.sidecar_socket` / `neon.shared_dir` point at them (reloaded).
     pub fn start_for_compute(c: &Cluster, store: &Path, extra: &[&str]) -> Result<SidecarProcess> {
-        let s = Self::restart_for_compute(c, store, extra)?;
+        Self::start_for_compute_with_env(c, store, extra, &[])
+    }
+
+    /// [`SidecarProcess::start_for_compute`] with `env` in the sidecar's environment (an object
+    /// store's credentials, which are never arguments).
+    pub fn start_for_compute_with_env(
+        c: &Cluster,
+        store: &Path,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> Result<SidecarProcess> {
+        let s = Self::restart_for_compute_with_env(c, store, extra, env)?;
         c.append_conf(&format!(
             "neon.sidecar_socket = '{}'\nneon.shared_dir = '{}'\n",
             s.socket.display(),
@@ -83,15 +94,31 @@ impl SidecarProcess {
     /// Starts the sidecar again after a stop, as [`SidecarProcess::start_for_compute`] did
     /// (the compute's settings already point at it).
     pub fn restart_for_compute(c: &Cluster, store: &Path, extra: &[&str]) -> Result<SidecarProcess> {
+        Self::restart_for_compute_with_env(c, store, extra, &[])
+    }
+
+    /// [`SidecarProcess::restart_for_compute`] with `env` in the sidecar's environment.
+    pub fn restart_for_compute_with_env(
+        c: &Cluster,
+        store: &Path,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> Result<SidecarProcess> {
         let shared = c.root_dir().join("shared");
         std::fs::create_dir_all(&shared)?;
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700))?;
         let mut args = vec!["--shared-dir", shared.to_str().context("path is not UTF-8")?];
         args.extend_from_slice(extra);
-        Self::spawn(c, store, &args, true)
+        Self::spawn(c, store, &args, true, env)
     }
 
-    fn spawn(c: &Cluster, store: &Path, extra: &[&str], as_server_user: bool) -> Result<SidecarProcess> {
+    fn spawn(
+        c: &Cluster,
+        store: &Path,
+        extra: &[&str],
+        as_server_user: bool,
+        env: &[(&str, String)],
+    ) -> Result<SidecarProcess> {
         let dir = c.root_dir().join("sidecar");
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
@@ -117,6 +144,7 @@ impl SidecarProcess {
             .arg(&socket)
             .args(["--flush-ms", "200"])
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -243,6 +271,23 @@ impl SidecarProcess {
         Ok(())
     }
 
+    /// Waits up to `timeout` for the sidecar to exit by itself: its exit status, or None if it
+    /// still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().context("not running")?;
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL at whatever moment this is.
     pub fn kill9(mut self) -> Result<()> {
         self.signal_and_wait(libc::SIGKILL)?;
@@ -268,6 +313,17 @@ impl Drop for SidecarProcess {
 /// copied into the cluster's directory.
 fn server_user_copy_of_sidecar(c: &Cluster) -> Result<PathBuf> {
     sidecar_bin_in(c.root_dir())
+}
+
+/// `neon-sidecar <args>` as the server's OS user (as `run` runs in these tests), with `env`
+/// added to its environment; what it printed, or an error with it.
+pub fn sidecar_cli_as_server_user(c: &Cluster, args: &[&str], env: &[(&str, String)]) -> Result<String> {
+    let mut cmd = Command::new(server_user_copy_of_sidecar(c)?);
+    crate::run_as_server_user(&mut cmd);
+    let out = cmd.args(args).envs(env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(out.status.success(), "neon-sidecar {args:?} failed: {text}");
+    Ok(text)
 }
 
 /// [`sidecar_bin`], or as root a copy in `<dir>/bin/` the server's OS user can run.

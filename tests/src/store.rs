@@ -72,6 +72,7 @@ pub fn follow_while(c: &Cluster, dir: &Path, work: impl FnOnce() -> Result<Lsn>)
         flush_interval: Duration::from_millis(200),
         flush_bytes: 16 << 20,
         chain_limit: 0,
+        remote_durable: None,
     };
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {

@@ -311,7 +311,7 @@ fn corrupt_newest_value(store: &Path, key: sidecar::repo::key::Key, lsn: Lsn) ->
         for f in std::fs::read_dir(t?.path())? {
             let path = f?.path();
             let Ok(layer) = DeltaLayer::open(&path) else { continue };
-            for (i, (k, at)) in layer.entries().enumerate() {
+            for (i, (k, at)) in layer.entries()?.into_iter().enumerate() {
                 if k == key && at <= lsn && newest.as_ref().is_none_or(|(n, _, _)| at > *n) {
                     newest = Some((at, path.clone(), i));
                 }

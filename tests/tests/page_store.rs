@@ -81,7 +81,8 @@ fn streamed_history_serves_pages_now_and_in_the_past() -> Result<()> {
     // A flipped byte in a value (the first blob, whose payload starts at byte 8): the page
     // needing it is refused, naming the file.
     std::fs::write(&layer, &good)?;
-    let (key, lsn) = sidecar::repo::layer::DeltaLayer::open(&layer)?.entries().next().context("an empty layer")?;
+    let (key, lsn) =
+        sidecar::repo::layer::DeltaLayer::open(&layer)?.entries()?.into_iter().next().context("an empty layer")?;
     anyhow::ensure!(key.buffer_tag().is_some(), "the first value is not a block's: {key}");
     let mut bad = good;
     bad[9] ^= 0x40;

@@ -1,11 +1,13 @@
 //! `neon-sidecar`: the sidecar daemon's command line. Each subcommand is a thin shell over the
 //! library: `waldump` (the WAL decoder), `redo` (page reconstruction), and the store's `init`, `attach`, `run`,
-//! `import-wal`, `get-page`, `status`, `basebackup`, `branch`, `lsn-at` and `time-at`.
+//! `import-wal`, `get-page`, `status`, `basebackup`, `branch`, `lsn-at`, `time-at` and
+//! `attach-remote`.
 
 use clap::{Parser, Subcommand};
 use sidecar::cli::branch::{self, BranchArgs};
 use sidecar::cli::init::{self, AttachArgs, InitArgs};
 use sidecar::cli::redo::{self, RedoArgs};
+use sidecar::cli::remote::{self, AttachRemoteArgs};
 use sidecar::cli::run::{self, RunArgs};
 use sidecar::cli::store::{self, BasebackupArgs, GetPageArgs, ImportWalArgs, StatusArgs};
 use sidecar::cli::time::{self, LsnAtArgs, TimeAtArgs};
@@ -29,7 +31,7 @@ enum Command {
     /// Take a running compute into a new store (BASE_BACKUP, import; history from its end).
     Attach(AttachArgs),
     /// Follow a compute's WAL through a replication slot into a store, serving pages.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Ingest WAL segment files (an archive, a pg_wal copy) into a store.
     ImportWal(ImportWalArgs),
     /// A page of a store as of an LSN.
@@ -44,6 +46,8 @@ enum Command {
     LsnAt(LsnAtArgs),
     /// The transaction end times before and after an LSN.
     TimeAt(TimeAtArgs),
+    /// Set up a new store from a remote store (`run --remote` uploaded it elsewhere).
+    AttachRemote(AttachRemoteArgs),
 }
 
 fn main() {
@@ -68,6 +72,7 @@ fn main() {
         Command::Branch(args) => branch::run(&args, &mut std::io::stdout()),
         Command::LsnAt(args) => time::lsn_at(&args, &mut std::io::stdout()),
         Command::TimeAt(args) => time::time_at(&args, &mut std::io::stdout()),
+        Command::AttachRemote(args) => remote::attach_remote(&args, &mut std::io::stdout()),
     };
     if let Err(e) = result {
         eprintln!("neon-sidecar: error: {}", error_text(&e));

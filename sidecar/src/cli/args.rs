@@ -33,6 +33,42 @@ impl BlockArgs {
     }
 }
 
+/// Where the remote store is (history in object storage). Credentials are never flags: they
+/// come from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RemoteArgs {
+    /// Keep history in this object store too: `s3://BUCKET/PREFIX` (any S3-compatible store)
+    /// or `file:///DIR` (a mounted share).
+    #[arg(long)]
+    pub remote: Option<String>,
+    /// The S3 endpoint, `http(s)://host:port`, for stores other than AWS.
+    #[arg(long)]
+    pub remote_endpoint: Option<String>,
+    /// The S3 region (default: `AWS_DEFAULT_REGION`, or us-east-1).
+    #[arg(long)]
+    pub remote_region: Option<String>,
+    /// Path-style S3 requests (`endpoint/bucket/key`), as most S3-compatible stores want.
+    #[arg(long)]
+    pub remote_path_style: bool,
+}
+
+impl RemoteArgs {
+    /// The remote store, if one is given.
+    pub fn open(&self) -> anyhow::Result<Option<crate::remote::Remote>> {
+        use crate::remote::storage::{ObjectStorage, RemoteUrl, S3Settings};
+        let Some(url) = &self.remote else { return Ok(None) };
+        let url: RemoteUrl = url.parse()?;
+        let settings = S3Settings {
+            endpoint: self.remote_endpoint.clone(),
+            region: self.remote_region.clone(),
+            path_style: self.remote_path_style,
+            keys: None,
+        };
+        let storage = ObjectStorage::open(&url, &settings)?;
+        Ok(Some(crate::remote::Remote::new(std::sync::Arc::new(storage))))
+    }
+}
+
 /// How to run wal-redo processes from a command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RedoProcessArgs {

@@ -10,12 +10,14 @@
 //! * [`store`] — `get-page`, `status`, `import-wal`, `basebackup` against a store or a running
 //!   sidecar;
 //! * [`branch`] — `branch create|list|drop` against a running sidecar;
-//! * [`time`] — `lsn-at` and `time-at`: times as LSNs and back.
+//! * [`time`] — `lsn-at` and `time-at`: times as LSNs and back;
+//! * [`remote`] — `attach-remote`: a store made from the remote store alone.
 pub mod args;
 pub mod branch;
 pub mod conf;
 pub mod init;
 pub mod redo;
+pub mod remote;
 pub mod run;
 pub mod store;
 pub mod time;

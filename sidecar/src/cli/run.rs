@@ -4,12 +4,14 @@
 //! (`repo::compaction`).
 
 use crate::basebackup::shared::SharedBasebackups;
-use crate::cli::args::{ComputeArgs, RedoProcessArgs};
+use crate::cli::args::{ComputeArgs, RedoProcessArgs, RemoteArgs};
 use crate::cli::conf::SidecarConf;
 use crate::follower::{self, FollowerConfig, IngestState};
 use crate::page_cache::PageCache;
+use crate::remote::download::RemoteLayers;
 use crate::repo::compaction;
 use crate::repo::key::Key;
+use crate::repo::layer::LayerSource;
 use crate::repo::store::Store;
 use crate::repo::timeline::Timeline;
 use crate::service::{self, PageService};
@@ -77,6 +79,35 @@ pub struct RunArgs {
     pub no_fuse: bool,
     #[command(flatten)]
     pub redo: RedoProcessArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// How often layer files written since are uploaded to the remote store, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub remote_upload_ms: u64,
+    /// How long an object no index names any more (a merged or collected layer file, an
+    /// older index) stays in the remote store before it is deleted, for readers of an older
+    /// index (an `attach-remote` under way), in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    pub remote_grace_ms: u64,
+    /// With --remote: keep at most this many MB of layer files on local disk, evicting those
+    /// already in the remote store (least recently read first); they are fetched again when
+    /// read. Default: keep them all.
+    #[arg(long)]
+    pub local_cache_mb: Option<u64>,
+    /// With --local-cache-mb: a layer file read in the last this many milliseconds stays on
+    /// local disk even above the limit (a long scan does not fetch it again and again).
+    #[arg(long, default_value_t = 5000)]
+    pub local_cache_keep_ms: u64,
+    /// What the compute is told is flushed, so what its slot may let go of: WAL whose
+    /// history is on local disk (`local`), or in the remote store too (`remote`).
+    #[arg(long, value_enum, default_value_t = Durability::Local)]
+    pub durability: Durability,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    Local,
+    Remote,
 }
 
 /// Set by SIGTERM and SIGINT: `run` stops after a last flush.
@@ -90,15 +121,23 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let conf = SidecarConf::read(&args.store)?;
     let socket = args.socket.clone().or(conf.socket.clone());
     let shared_dir = args.shared_dir.clone().or(conf.shared_dir.clone());
-    let cfg = FollowerConfig {
+    let mut cfg = FollowerConfig {
         replication: args.compute.replication("neon-sidecar", &conf)?,
         store: args.store.clone(),
         slot: args.compute.slot(&conf),
         flush_interval: Duration::from_millis(args.flush_ms),
         flush_bytes: args.flush_mb << 20,
         chain_limit: args.chain_limit,
+        remote_durable: None,
     };
-    let store = Arc::new(Store::open(&cfg.store)?);
+    // The remote store first: layer files not on local disk come from it.
+    let remote = args.remote.open()?;
+    if remote.is_none() && (args.local_cache_mb.is_some() || args.durability == Durability::Remote) {
+        anyhow::bail!("--local-cache-mb and --durability remote need --remote (the store they rely on)");
+    }
+    let layers = remote.as_ref().map(|r| Arc::new(RemoteLayers::new(r.clone())));
+    let source = layers.clone().map(|l| l as Arc<dyn LayerSource>);
+    let store = Arc::new(Store::open_with_source(&cfg.store, true, source)?);
     for sig in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
@@ -110,7 +149,44 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let redo: Arc<dyn WalRedoManager> = Arc::new(PostgresRedoManager::new(redo_cfg)?);
     let retention = args.retention_mb << 20;
     let ingest = Arc::new(IngestState::default());
+    // This sidecar's generation claimed before anything else runs.
+    let uploader = match &remote {
+        Some(remote) => {
+            let mut u = crate::remote::upload::Uploader::start(remote.clone(), &args.store)
+                .with_context(|| format!("remote store {}", remote.describe()))?;
+            u.set_grace(Duration::from_millis(args.remote_grace_ms));
+            eprintln!("neon-sidecar: keeping history in {} too (generation {})", remote.describe(), u.generation());
+            if args.durability == Durability::Remote {
+                cfg.remote_durable = Some(u.status.clone());
+            }
+            Some(u)
+        }
+        None => None,
+    };
+    let remote_state = match (&remote, &uploader, &layers) {
+        (Some(remote), Some(u), Some(layers)) => Some(crate::remote::RemoteState {
+            remote: remote.clone(),
+            upload: u.status.clone(),
+            layers: layers.clone(),
+            durability_remote: args.durability == Durability::Remote,
+        }),
+        _ => None,
+    };
     std::thread::scope(|s| {
+        let uploading = uploader.map(|mut u| {
+            let every = Duration::from_millis(args.remote_upload_ms.max(10));
+            let store = store.clone();
+            let cache = args.local_cache_mb.map(|mb| (mb << 20, Duration::from_millis(args.local_cache_keep_ms)));
+            s.spawn(move || {
+                let done = u.run(every, &STOP, &store, cache);
+                if let Err(e) = &done {
+                    // Another sidecar writes the prefix now: this one must not go on.
+                    eprintln!("neon-sidecar: {e}\nneon-sidecar: stopping");
+                    STOP.store(true, Ordering::Relaxed);
+                }
+                done
+            })
+        });
         let server = match &socket {
             Some(path) => {
                 let listener = service::bind(path)?;
@@ -160,6 +236,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                     ingest: ingest.clone(),
                     branches,
                     past,
+                    remote: remote_state,
                 });
                 // Pages cached for reads without a timeline are of another history once the
                 // followed timeline changes.
@@ -208,6 +285,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         };
         STOP.store(true, Ordering::Relaxed);
         compactor.join().expect("compaction thread");
+        if let Some(u) = uploading {
+            u.join().expect("upload thread")?;
+        }
         if let Some(server) = server {
             server.join().expect("page service thread")?;
         }

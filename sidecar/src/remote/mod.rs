@@ -6,18 +6,58 @@
 //!   where the store is (`s3://BUCKET/PREFIX`, `file:///DIR`).
 //! * [`object`]  — the format of every object: payload and a CRC32C trailer, checked on read.
 //! * [`faults`]  — a store that fails when told to, for tests.
+//! * [`index`]   — the object that names everything the remote store holds.
+//! * [`upload`]  — layer files uploaded as they are written, then an index naming them;
+//!   generations that stop an older writer; garbage deleted.
+//! * [`download`] — layer files fetched back when a read needs one not on local disk.
+//! * [`attach`]  — a new store from the remote store alone.
 //!
 //! [`Remote`] puts and gets whole objects through a [`storage::RemoteStorage`], sealing each
 //! on the way up and checking it on the way down: what comes back is what was put, or an
 //! error naming the object.
 
+pub mod attach;
+pub mod download;
 pub mod faults;
+pub mod index;
 pub mod object;
 pub mod storage;
+pub mod upload;
 
 use bytes::Bytes;
 use std::sync::Arc;
 use storage::{RemoteStorage, StorageError};
+
+/// The remote store as a running sidecar uses it, for `neon_sidecar_status()`.
+pub struct RemoteState {
+    pub remote: Remote,
+    pub upload: Arc<upload::UploadStatus>,
+    pub layers: Arc<download::RemoteLayers>,
+    /// `--durability remote`: the compute's slot keeps WAL until the remote holds its history.
+    pub durability_remote: bool,
+}
+
+impl RemoteState {
+    /// `name value` lines, as the page service's status has them.
+    pub fn write_status(&self, s: &mut String) {
+        use std::fmt::Write;
+        use std::sync::atomic::Ordering::Relaxed;
+        let u = &self.upload;
+        let _ = writeln!(s, "remote_store {}", self.remote.describe());
+        let _ = writeln!(s, "remote_generation {}", u.generation.load(Relaxed));
+        let _ = writeln!(s, "remote_durable_lsn {}", u.durable());
+        let _ = writeln!(s, "remote_durability {}", if self.durability_remote { "remote" } else { "local" });
+        let _ = writeln!(s, "remote_queue_files {}", u.queued_files.load(Relaxed));
+        let _ = writeln!(s, "remote_queue_bytes {}", u.queued_bytes.load(Relaxed));
+        let _ = writeln!(s, "remote_uploaded_bytes {}", u.uploaded_bytes.load(Relaxed));
+        let _ = writeln!(s, "remote_fetched_files {}", self.layers.fetched_files.load(Relaxed));
+        let _ = writeln!(s, "remote_fetched_bytes {}", self.layers.fetched_bytes.load(Relaxed));
+        let _ = writeln!(s, "remote_fetch_errors {}", self.layers.fetch_errors.load(Relaxed));
+        let _ = writeln!(s, "remote_fenced {}", u.fenced.load(Relaxed));
+        // One line: the error's own line breaks would start lines of their own.
+        let _ = writeln!(s, "remote_error {}", u.error().unwrap_or_default().replace('\n', " "));
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {

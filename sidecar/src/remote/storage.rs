@@ -35,7 +35,8 @@ pub enum StorageError {
 pub trait RemoteStorage: Send + Sync {
     fn put(&self, name: &str, body: Bytes) -> Result<(), StorageError>;
     fn get(&self, name: &str) -> Result<Bytes, StorageError>;
-    /// The names of the objects directly under `dir` (no trailing `/`), sorted.
+    /// The names of the objects under `dir` (no trailing `/`), in its sub-directories too,
+    /// sorted.
     fn list(&self, dir: &str) -> Result<Vec<String>, StorageError>;
     /// Deleting an object that is not there is not an error.
     fn delete(&self, name: &str) -> Result<(), StorageError>;
@@ -198,13 +199,18 @@ impl RemoteStorage for ObjectStorage {
     }
 
     fn list(&self, dir: &str) -> Result<Vec<String>, StorageError> {
-        let path = self.path(dir);
-        let listed = self
-            .runtime
-            .block_on(self.store.list_with_delimiter(Some(&path)))
-            .map_err(|e| self.failed("listing", dir, e))?;
-        let mut names: Vec<String> =
-            listed.objects.into_iter().filter_map(|o| o.location.filename().map(|f| format!("{dir}/{f}"))).collect();
+        // Directory by directory: S3 lists a level at a time with a delimiter, and a local
+        // directory tree the same way.
+        let mut names = Vec::new();
+        let mut dirs = vec![dir.to_string()];
+        while let Some(d) = dirs.pop() {
+            let listed = self
+                .runtime
+                .block_on(self.store.list_with_delimiter(Some(&self.path(&d))))
+                .map_err(|e| self.failed("listing", &d, e))?;
+            names.extend(listed.objects.into_iter().filter_map(|o| o.location.filename().map(|f| format!("{d}/{f}"))));
+            dirs.extend(listed.common_prefixes.iter().filter_map(|p| p.filename().map(|f| format!("{d}/{f}"))));
+        }
         names.sort();
         Ok(names)
     }

@@ -46,6 +46,10 @@ use std::sync::{Arc, Mutex};
 pub const CHUNK: usize = 4096;
 const LOG: &str = "commit-times.log";
 const CHUNKS: &str = "commit-times";
+/// The two files, for those who copy a timeline elsewhere (the remote store): the log is
+/// rewritten whole; the chunk file only grows, up to the length the log says is sealed.
+pub const LOG_FILE: &str = LOG;
+pub const CHUNK_FILE: &str = CHUNKS;
 const LOG_MAGIC: u32 = u32::from_le_bytes(*b"NCTL");
 const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"NCTC");
 const LOG_HEADER: usize = 16;
@@ -170,6 +174,23 @@ fn encode_chunk(entries: &[Entry], mut max: Option<PgTime>) -> (Vec<u8>, PgTime)
     out.extend_from_slice(&payload);
     out.extend_from_slice(&pcrc.to_le_bytes());
     (out, max)
+}
+
+/// How much of the chunk file the log `bytes` (read from `path`) says is sealed: that prefix
+/// never changes.
+pub fn sealed_length(path: &Path, bytes: &[u8]) -> Result<u64, CommitTimesError> {
+    if bytes.len() < LOG_HEADER + 4 || le_u32(bytes, 0) != LOG_MAGIC {
+        return Err(CommitTimesError::Corrupt { path: path.to_path_buf(), at: 0, what: "not a log".into() });
+    }
+    let body = bytes.len() - 4;
+    if le_u32(bytes, body) != crc32c(&bytes[..body]) {
+        return Err(CommitTimesError::Corrupt {
+            path: path.to_path_buf(),
+            at: body as u64,
+            what: "the log fails its CRC".into(),
+        });
+    }
+    Ok(le_u64(bytes, 4))
 }
 
 impl CommitTimes {

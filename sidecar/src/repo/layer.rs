@@ -12,6 +12,11 @@
 //!         min lsn u64 | max lsn u64 | index crc32c u32 | footer crc32c u32 (of the 44 bytes before)
 //! all integers little-endian, except keys (their own big-endian encoding, see `key`).
 //! ```
+//!
+//! With a remote store, a layer file once uploaded gets a *stub* beside it ([`RemoteStub`]:
+//! its object and the facts of its footer); the local file may then be evicted
+//! ([`DeltaLayer::evict`]) and is fetched back through a [`LayerSource`] when next read, and
+//! checked to be the same file. A store attached from the remote holds stubs only at first.
 
 use super::key::{Key, KEY_LEN};
 use super::value::{Value, ValueError};
@@ -23,6 +28,8 @@ use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"NEONDL01");
 const VERSION: u32 = 1;
@@ -39,6 +46,8 @@ pub enum LayerError {
     Corrupt { path: PathBuf, what: String },
     #[error("layer file {path}: {key} at {lsn}: {source}")]
     Value { path: PathBuf, key: Key, lsn: Lsn, source: ValueError },
+    #[error("layer file {path} {what}")]
+    Remote { path: PathBuf, what: String },
 }
 
 /// Writes a delta layer. Nothing is visible under the final name until [`finish`]; dropping
@@ -147,28 +156,52 @@ impl Drop for DeltaLayerWriter {
     }
 }
 
-/// An open delta layer.
-pub struct DeltaLayer {
-    path: PathBuf,
-    map: Bytes,
-    index: Range<usize>,
-    entries: usize,
-    lsn_range: (Lsn, Lsn),
+/// Where a layer file that is not on local disk — evicted once it was uploaded, or never
+/// downloaded on this machine — is fetched from (the remote store; `repo` knows it only by
+/// this).
+pub trait LayerSource: Send + Sync {
+    /// Puts the file `stub` describes at `path`: written to a temporary name, fsync'd and
+    /// renamed. Errors name the object and the store.
+    fn fetch(&self, stub: &RemoteStub, path: &Path) -> Result<(), LayerError>;
 }
 
-impl DeltaLayer {
-    /// Opens a layer file, checking its footer and index.
-    pub fn open(path: &Path) -> Result<DeltaLayer, LayerError> {
+/// What is known of a layer file without reading its values: from its footer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerFacts {
+    pub size: u64,
+    pub entries: u32,
+    pub lsn_range: (Lsn, Lsn),
+    /// The footer's own CRC32C: which file this is (names are reused once a file is gone).
+    pub footer_crc: u32,
+}
+
+impl LayerFacts {
+    /// The facts of a whole layer file, checking its footer.
+    pub fn of(path: &Path, bytes: &[u8]) -> Result<LayerFacts, LayerError> {
+        let footer = bytes.len().checked_sub(FOOTER_LEN).map(|at| &bytes[at..]);
+        Self::from_footer(path, bytes.len() as u64, footer)
+    }
+
+    /// The facts of the layer file at `path`, from its footer alone.
+    pub fn read(path: &Path) -> Result<LayerFacts, LayerError> {
+        use std::os::unix::fs::FileExt;
+        let io = |source| LayerError::Io { path: path.to_path_buf(), source };
+        let file = File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        let mut footer = [0u8; FOOTER_LEN];
+        let footer = match size.checked_sub(FOOTER_LEN as u64) {
+            Some(at) => {
+                file.read_exact_at(&mut footer, at).map_err(io)?;
+                Some(&footer[..])
+            }
+            None => None,
+        };
+        Self::from_footer(path, size, footer)
+    }
+
+    fn from_footer(path: &Path, size: u64, footer: Option<&[u8]>) -> Result<LayerFacts, LayerError> {
         let corrupt = |what: String| LayerError::Corrupt { path: path.to_path_buf(), what };
-        let file = File::open(path).map_err(|source| LayerError::Io { path: path.to_path_buf(), source })?;
-        // SAFETY: layer files are immutable once renamed into place and only ever removed
-        // (never truncated or rewritten) while mapped, so the mapped bytes cannot change.
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| LayerError::Io { path: path.to_path_buf(), source })?;
-        let map = Bytes::from_owner(map);
-        if map.len() < FOOTER_LEN {
-            return Err(corrupt(format!("{} bytes is shorter than its footer", map.len())));
-        }
-        let f = &map[map.len() - FOOTER_LEN..];
+        let Some(f) = footer else { return Err(corrupt(format!("{size} bytes is shorter than its footer"))) };
         let u32_at = |o: usize| u32::from_le_bytes(f[o..o + 4].try_into().expect("4 bytes"));
         let u64_at = |o: usize| u64::from_le_bytes(f[o..o + 8].try_into().expect("8 bytes"));
         if crc32c::crc32c(&f[..44]) != u32_at(44) {
@@ -177,88 +210,318 @@ impl DeltaLayer {
         if u64_at(0) != MAGIC || u32_at(8) != VERSION {
             return Err(corrupt(format!("not a version {VERSION} delta layer")));
         }
-        let entries = u32_at(12) as usize;
-        let index_start = usize::try_from(u64_at(16)).map_err(|_| corrupt("index offset".into()))?;
-        let index_end = index_start.checked_add(entries * ENTRY_LEN).filter(|&e| e == map.len() - FOOTER_LEN);
-        let Some(index_end) = index_end else {
-            return Err(corrupt(format!("index of {entries} entries at {index_start} does not end at the footer")));
-        };
-        if crc32c::crc32c(&map[index_start..index_end]) != u32_at(40) {
-            return Err(corrupt("index checksum mismatch".into()));
+        Ok(LayerFacts {
+            size,
+            entries: u32_at(12),
+            lsn_range: (Lsn(u64_at(24)), Lsn(u64_at(32))),
+            footer_crc: u32_at(44),
+        })
+    }
+}
+
+/// A layer file's copy in the remote store, kept beside the file as `<name>.remote` once it
+/// is uploaded (and in place of the file once it is evicted): the object, and the facts of
+/// the file, so that the layer is known without it.
+///
+/// ```text
+/// "NEONRL01" | size u64 | entries u32 | min lsn u64 | max lsn u64 | footer crc32c u32 |
+/// u16 len | object name | crc32c u32 (of all before it); little-endian
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteStub {
+    pub object: String,
+    pub facts: LayerFacts,
+}
+
+const STUB_MAGIC: &[u8; 8] = b"NEONRL01";
+/// What a layer file's stub is called: `<layer file name><STUB_SUFFIX>`.
+pub const STUB_SUFFIX: &str = ".remote";
+
+impl RemoteStub {
+    pub fn path_for(layer: &Path) -> PathBuf {
+        let mut p = layer.as_os_str().to_owned();
+        p.push(STUB_SUFFIX);
+        PathBuf::from(p)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let f = &self.facts;
+        let mut b = Vec::with_capacity(64 + self.object.len());
+        b.extend_from_slice(STUB_MAGIC);
+        b.extend_from_slice(&f.size.to_le_bytes());
+        b.extend_from_slice(&f.entries.to_le_bytes());
+        b.extend_from_slice(&f.lsn_range.0 .0.to_le_bytes());
+        b.extend_from_slice(&f.lsn_range.1 .0.to_le_bytes());
+        b.extend_from_slice(&f.footer_crc.to_le_bytes());
+        b.extend_from_slice(&(self.object.len() as u16).to_le_bytes());
+        b.extend_from_slice(self.object.as_bytes());
+        b.extend_from_slice(&crc32c::crc32c(&b).to_le_bytes());
+        b
+    }
+
+    pub fn decode(path: &Path, b: &[u8]) -> Result<RemoteStub, LayerError> {
+        let corrupt = |what: &str| LayerError::Corrupt { path: path.to_path_buf(), what: what.to_string() };
+        if b.len() < 46 || &b[..8] != STUB_MAGIC {
+            return Err(corrupt("not a remote stub"));
         }
-        let lsn_range = (Lsn(u64_at(24)), Lsn(u64_at(32)));
-        Ok(DeltaLayer { path: path.to_path_buf(), map, index: index_start..index_end, entries, lsn_range })
+        let (body, crc) = b.split_at(b.len() - 4);
+        if crc32c::crc32c(body).to_le_bytes() != crc {
+            return Err(corrupt("stub checksum mismatch"));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(body[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(body[o..o + 8].try_into().expect("8 bytes"));
+        let len = u16::from_le_bytes(body[40..42].try_into().expect("2 bytes")) as usize;
+        let object = body.get(42..).filter(|o| o.len() == len).ok_or_else(|| corrupt("stub length"))?;
+        Ok(RemoteStub {
+            object: String::from_utf8(object.to_vec()).map_err(|_| corrupt("object name is not UTF-8"))?,
+            facts: LayerFacts {
+                size: u64_at(8),
+                entries: u32_at(16),
+                lsn_range: (Lsn(u64_at(20)), Lsn(u64_at(28))),
+                footer_crc: u32_at(36),
+            },
+        })
+    }
+
+    /// The stub beside `layer`, if there is one.
+    pub fn read(layer: &Path) -> Result<Option<RemoteStub>, LayerError> {
+        let path = Self::path_for(layer);
+        match std::fs::read(&path) {
+            Ok(b) => Self::decode(&path, &b).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(LayerError::Io { path, source }),
+        }
+    }
+}
+
+/// The mapped bytes of a layer file on local disk.
+struct Mapped {
+    map: Bytes,
+    index: Range<usize>,
+}
+
+/// A layer: its facts always, its bytes when the file is on local disk (mapped when first
+/// needed after an eviction, fetched from its [`LayerSource`] if the file is not there).
+pub struct DeltaLayer {
+    path: PathBuf,
+    facts: LayerFacts,
+    mapped: std::sync::RwLock<Option<Arc<Mapped>>>,
+    /// One fetch at a time per layer; readers wanting it meanwhile wait for that one.
+    fetching: std::sync::Mutex<()>,
+    source: Option<Arc<dyn LayerSource>>,
+    /// When it was last read, in [`clock`] ticks: the cache evicts the least recently used.
+    last_used: AtomicU64,
+}
+
+/// A coarse clock for recency: milliseconds since the process started.
+fn clock() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
+
+fn map_file(path: &Path) -> Result<(LayerFacts, Mapped), LayerError> {
+    let corrupt = |what: String| LayerError::Corrupt { path: path.to_path_buf(), what };
+    let file = File::open(path).map_err(|source| LayerError::Io { path: path.to_path_buf(), source })?;
+    // SAFETY: layer files are immutable once renamed into place and only ever removed
+    // (never truncated or rewritten) while mapped, so the mapped bytes cannot change.
+    let map = unsafe { Mmap::map(&file) }.map_err(|source| LayerError::Io { path: path.to_path_buf(), source })?;
+    let map = Bytes::from_owner(map);
+    let facts = LayerFacts::of(path, &map)?;
+    let f = &map[map.len() - FOOTER_LEN..];
+    let entries = facts.entries as usize;
+    let index_start = usize::try_from(u64::from_le_bytes(f[16..24].try_into().expect("8 bytes")))
+        .map_err(|_| corrupt("index offset".into()))?;
+    let index_end = index_start.checked_add(entries * ENTRY_LEN).filter(|&e| e == map.len() - FOOTER_LEN);
+    let Some(index_end) = index_end else {
+        return Err(corrupt(format!("index of {entries} entries at {index_start} does not end at the footer")));
+    };
+    if crc32c::crc32c(&map[index_start..index_end]) != u32::from_le_bytes(f[40..44].try_into().expect("4 bytes")) {
+        return Err(corrupt("index checksum mismatch".into()));
+    }
+    Ok((facts, Mapped { map, index: index_start..index_end }))
+}
+
+impl DeltaLayer {
+    /// Opens a layer file, checking its footer and index.
+    pub fn open(path: &Path) -> Result<DeltaLayer, LayerError> {
+        let (facts, mapped) = map_file(path)?;
+        Ok(DeltaLayer::new(path, facts, Some(mapped), None))
+    }
+
+    fn new(path: &Path, facts: LayerFacts, mapped: Option<Mapped>, source: Option<Arc<dyn LayerSource>>) -> DeltaLayer {
+        DeltaLayer {
+            path: path.to_path_buf(),
+            facts,
+            mapped: std::sync::RwLock::new(mapped.map(Arc::new)),
+            fetching: Default::default(),
+            source,
+            last_used: AtomicU64::new(clock()),
+        }
+    }
+
+    /// Opens a layer that may be in the remote store only: the file if it is on local disk,
+    /// else its stub (the file fetched from `source` when first read).
+    pub fn open_or_stub(path: &Path, source: Option<Arc<dyn LayerSource>>) -> Result<DeltaLayer, LayerError> {
+        match map_file(path) {
+            Ok((facts, mapped)) => Ok(DeltaLayer::new(path, facts, Some(mapped), source)),
+            Err(LayerError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
+                match RemoteStub::read(path)? {
+                    Some(stub) => Ok(DeltaLayer::new(path, stub.facts, None, source)),
+                    None => Err(LayerError::Io { path: path.to_path_buf(), source: e }),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives the layer a source to fetch its file from once it is evicted.
+    pub fn with_source(mut self, source: Option<Arc<dyn LayerSource>>) -> DeltaLayer {
+        self.source = source;
+        self
+    }
+
+    /// The layer's bytes: mapped, or fetched and mapped now.
+    fn mapped(&self) -> Result<Arc<Mapped>, LayerError> {
+        self.last_used.store(clock(), Ordering::Relaxed);
+        if let Some(m) = &*self.mapped.read().unwrap_or_else(|p| p.into_inner()) {
+            return Ok(m.clone());
+        }
+        let _one = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = &*self.mapped.read().unwrap_or_else(|p| p.into_inner()) {
+            return Ok(m.clone());
+        }
+        let (facts, mapped) = match map_file(&self.path) {
+            Ok(m) => m,
+            Err(LayerError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
+                let stub = RemoteStub::read(&self.path)?.ok_or_else(|| LayerError::Corrupt {
+                    path: self.path.clone(),
+                    what: "neither the file nor its remote stub is there".into(),
+                })?;
+                let Some(source) = &self.source else {
+                    return Err(LayerError::Remote {
+                        path: self.path.clone(),
+                        what: format!(
+                            "is in the remote store only (object {}); run with the --remote that holds it",
+                            stub.object
+                        ),
+                    });
+                };
+                source.fetch(&stub, &self.path)?;
+                map_file(&self.path)?
+            }
+            Err(e) => return Err(e),
+        };
+        if facts != self.facts {
+            return Err(LayerError::Corrupt {
+                path: self.path.clone(),
+                what: format!("the file is not the layer named so ({facts:?}, expected {:?})", self.facts),
+            });
+        }
+        let mapped = Arc::new(mapped);
+        *self.mapped.write().unwrap_or_else(|p| p.into_inner()) = Some(mapped.clone());
+        Ok(mapped)
+    }
+
+    /// Whether the file is on local disk (mapped) now.
+    pub fn is_local(&self) -> bool {
+        self.mapped.read().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    pub fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+
+    /// How long ago it was last read, in milliseconds.
+    pub fn idle_ms(&self) -> u64 {
+        clock().saturating_sub(self.last_used())
+    }
+
+    /// Removes the local file of a layer that has an up-to-date stub (it is in the remote
+    /// store); it is fetched again when read. False if it has none (not uploaded yet) or is
+    /// not local. Readers holding its bytes keep them: the mapping outlives the file.
+    pub fn evict(&self) -> Result<bool, LayerError> {
+        let _one = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.is_local() || self.source.is_none() {
+            return Ok(false);
+        }
+        match RemoteStub::read(&self.path)? {
+            Some(stub) if stub.facts == self.facts => {}
+            _ => return Ok(false),
+        }
+        *self.mapped.write().unwrap_or_else(|p| p.into_inner()) = None;
+        std::fs::remove_file(&self.path).map_err(|source| LayerError::Io { path: self.path.clone(), source })?;
+        Ok(true)
+    }
+
+    /// Removes the layer's file and its stub (the layer is no longer history).
+    pub fn remove_files(&self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(RemoteStub::path_for(&self.path));
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    pub fn facts(&self) -> LayerFacts {
+        self.facts
+    }
+
     /// Smallest and largest LSN of the values in the layer.
     pub fn lsn_range(&self) -> (Lsn, Lsn) {
-        self.lsn_range
+        self.facts.lsn_range
     }
 
     /// The file's size.
     pub fn size_bytes(&self) -> u64 {
-        self.map.len() as u64
+        self.facts.size
     }
 
     pub fn len(&self) -> usize {
-        self.entries
+        self.facts.entries as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries == 0
+        self.facts.entries == 0
     }
 
     /// Every (key, LSN) in the layer, in index order.
-    pub fn entries(&self) -> impl Iterator<Item = (Key, Lsn)> + '_ {
-        (0..self.entries).map(|i| {
-            let (k, l, ..) = self.entry(i);
-            (k, l)
-        })
-    }
-
-    fn entry(&self, i: usize) -> (Key, Lsn, u64, u32) {
-        let e = &self.map[self.index.start + i * ENTRY_LEN..][..ENTRY_LEN];
-        let key = Key::decode(e[..KEY_LEN].try_into().expect("key bytes")).unwrap_or_default();
-        let u64_at = |o: usize| u64::from_le_bytes(e[o..o + 8].try_into().expect("8 bytes"));
-        (key, Lsn(u64_at(KEY_LEN)), u64_at(KEY_LEN + 8), u32::from_le_bytes(e[KEY_LEN + 16..].try_into().expect("4")))
-    }
-
-    /// The index position of the first entry not before `(key, lsn)`.
-    fn seek(&self, key: Key, lsn: Lsn) -> usize {
-        let (mut lo, mut hi) = (0, self.entries);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            let (k, l, ..) = self.entry(mid);
-            if (k, l) < (key, lsn) {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        lo
+    pub fn entries(&self) -> Result<Vec<(Key, Lsn)>, LayerError> {
+        let m = self.mapped()?;
+        Ok((0..self.len()).map(|i| m.entry(i)).map(|(k, l, ..)| (k, l)).collect())
     }
 
     /// Every value of every key in `keys`, in index order, each checked against its CRC.
     pub fn for_each_in_range(&self, keys: Range<Key>, mut f: impl FnMut(Key, Lsn, Value)) -> Result<(), LayerError> {
-        for i in self.seek(keys.start, Lsn(0))..self.entries {
-            let (k, lsn, off, len) = self.entry(i);
+        let m = self.mapped()?;
+        for i in m.seek(self.len(), keys.start, Lsn(0))..self.len() {
+            let (k, lsn, off, len) = m.entry(i);
             if k >= keys.end {
                 break;
             }
-            f(k, lsn, self.blob(k, lsn, off, len)?);
+            f(k, lsn, m.blob(&self.path, k, lsn, off, len)?);
         }
         Ok(())
     }
 
     /// Every value in (key, LSN) order, each read (and checked against its CRC) when reached.
     pub fn values_in_order(&self) -> impl Iterator<Item = Result<(Key, Lsn, Value), LayerError>> + '_ {
-        (0..self.entries).map(|i| {
-            let (k, lsn, off, len) = self.entry(i);
-            self.blob(k, lsn, off, len).map(|v| (k, lsn, v))
+        let (m, mut failed) = match self.mapped() {
+            Ok(m) => (Some(m), None),
+            Err(e) => (None, Some(e)),
+        };
+        let mut i = 0;
+        std::iter::from_fn(move || {
+            if let Some(e) = failed.take() {
+                return Some(Err(e));
+            }
+            let m = m.as_ref()?;
+            if i == self.len() {
+                return None;
+            }
+            let (k, lsn, off, len) = m.entry(i);
+            i += 1;
+            Some(m.blob(&self.path, k, lsn, off, len).map(|v| (k, lsn, v)))
         })
     }
 
@@ -278,23 +541,57 @@ impl DeltaLayer {
     /// CRC) only when the walk gets to it — a reader stops at the first image, however many
     /// older values the key has here (a relation's size key gets one per extension).
     pub fn newest_first(&self, key: Key, upto: Lsn) -> impl Iterator<Item = Result<(Lsn, Value), LayerError>> + '_ {
-        let mut i = self.seek(key, upto);
+        let (m, mut failed, mut i) = match self.mapped() {
+            Ok(m) => {
+                let i = m.seek(self.len(), key, upto);
+                (Some(m), None, i)
+            }
+            Err(e) => (None, Some(e), 0),
+        };
         std::iter::from_fn(move || {
+            if let Some(e) = failed.take() {
+                return Some(Err(e));
+            }
+            let m = m.as_ref()?;
             if i == 0 {
                 return None;
             }
             i -= 1;
-            let (k, lsn, off, len) = self.entry(i);
+            let (k, lsn, off, len) = m.entry(i);
             if k != key {
                 i = 0;
                 return None;
             }
-            Some(self.blob(key, lsn, off, len).map(|v| (lsn, v)))
+            Some(m.blob(&self.path, key, lsn, off, len).map(|v| (lsn, v)))
         })
     }
+}
 
-    fn blob(&self, key: Key, lsn: Lsn, off: u64, len: u32) -> Result<Value, LayerError> {
-        let corrupt = |what: String| LayerError::Corrupt { path: self.path.clone(), what };
+impl Mapped {
+    fn entry(&self, i: usize) -> (Key, Lsn, u64, u32) {
+        let e = &self.map[self.index.start + i * ENTRY_LEN..][..ENTRY_LEN];
+        let key = Key::decode(e[..KEY_LEN].try_into().expect("key bytes")).unwrap_or_default();
+        let u64_at = |o: usize| u64::from_le_bytes(e[o..o + 8].try_into().expect("8 bytes"));
+        (key, Lsn(u64_at(KEY_LEN)), u64_at(KEY_LEN + 8), u32::from_le_bytes(e[KEY_LEN + 16..].try_into().expect("4")))
+    }
+
+    /// The index position of the first of `entries` not before `(key, lsn)`.
+    fn seek(&self, entries: usize, key: Key, lsn: Lsn) -> usize {
+        let (mut lo, mut hi) = (0, entries);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let (k, l, ..) = self.entry(mid);
+            if (k, l) < (key, lsn) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    fn blob(&self, path: &Path, key: Key, lsn: Lsn, off: u64, len: u32) -> Result<Value, LayerError> {
+        let corrupt = |what: String| LayerError::Corrupt { path: path.to_path_buf(), what };
         let start = usize::try_from(off).map_err(|_| corrupt(format!("blob offset {off}")))?;
         let end = start + BLOB_HEADER_LEN + len as usize;
         if end > self.index.start {
@@ -307,7 +604,7 @@ impl DeltaLayer {
         if stored_len != len || crc32c::crc32c(&payload) != stored_crc {
             return Err(corrupt(format!("checksum mismatch in the value of {key} at {lsn} (offset {off})")));
         }
-        Value::decode(payload).map_err(|source| LayerError::Value { path: self.path.clone(), key, lsn, source })
+        Value::decode(payload).map_err(|source| LayerError::Value { path: path.to_path_buf(), key, lsn, source })
     }
 }
 
@@ -333,6 +630,25 @@ mod tests {
             w.put(tag(blk), Lsn(lsn), &v).unwrap();
         }
         w.finish().unwrap()
+    }
+
+    #[test]
+    fn a_stub_comes_back_as_written_and_damage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let facts = LayerFacts::read(&path).unwrap();
+        assert_eq!(facts, LayerFacts::of(&path, &std::fs::read(&path).unwrap()).unwrap());
+        let stub = RemoteStub { object: "timelines/00000001/layer.g00000002.7".into(), facts };
+        let b = stub.encode();
+        let at = RemoteStub::path_for(&path);
+        assert_eq!(RemoteStub::decode(&at, &b).unwrap(), stub);
+        for i in 0..b.len() {
+            let mut bad = b.clone();
+            bad[i] ^= 1;
+            assert!(RemoteStub::decode(&at, &bad).is_err(), "a flip at byte {i} went unnoticed");
+        }
+        let e = RemoteStub::decode(&at, &b[..b.len() - 1]).unwrap_err().to_string();
+        assert!(e.contains("layer.remote"), "{e}");
     }
 
     #[test]

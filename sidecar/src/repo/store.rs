@@ -17,6 +17,7 @@
 //!
 //! Every file is written to a temporary name, fsync'd and renamed.
 
+use super::layer::LayerSource;
 use super::timeline::{private_dir, write_durably, RepoError, Timeline};
 use neon_types::Lsn;
 use std::collections::BTreeMap;
@@ -118,6 +119,8 @@ pub struct Store {
     on_switch: std::sync::Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
     /// The writer's lock (`None`: opened to read beside a writer).
     _lock: Option<std::fs::File>,
+    /// Where layer files not on local disk come from (with a remote store).
+    source: Option<Arc<dyn LayerSource>>,
 }
 
 impl Store {
@@ -161,21 +164,28 @@ impl Store {
             generation: AtomicU64::new(0),
             on_switch: Default::default(),
             _lock: Some(lock),
+            source: None,
         })
     }
 
     /// Opens the store in `dir` to write it (follow a compute, import WAL): it must be set up,
     /// private, and not in use.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        Self::open_inner(dir, true)
+        Self::open_with_source(dir, true, None)
     }
 
     /// Opens the store in `dir` to read what is durable, beside a running writer.
     pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
-        Self::open_inner(dir, false)
+        Self::open_with_source(dir, false, None)
     }
 
-    fn open_inner(dir: &Path, writer: bool) -> Result<Store, StoreError> {
+    /// [`Store::open`] (`writer`) or [`Store::open_read_only`], with layer files that are not
+    /// on local disk (evicted, or never downloaded) fetched from `source` when read.
+    pub fn open_with_source(
+        dir: &Path,
+        writer: bool,
+        source: Option<Arc<dyn LayerSource>>,
+    ) -> Result<Store, StoreError> {
         if !dir.is_dir() {
             return Err(StoreError::NotSetUp { dir: dir.to_path_buf() });
         }
@@ -202,7 +212,7 @@ impl Store {
                 }
                 continue;
             }
-            let t = if writer { Timeline::open(&e.path())? } else { Timeline::open_read_only(&e.path())? };
+            let t = Timeline::open_with_source(&e.path(), writer, source.clone())?;
             if t.id() != id {
                 return Err(corrupt(
                     dir,
@@ -233,6 +243,7 @@ impl Store {
             generation: AtomicU64::new(0),
             on_switch: Default::default(),
             _lock: lock,
+            source,
         })
     }
 
@@ -282,6 +293,39 @@ impl Store {
         self.timelines.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
+    /// Layer files on local disk: how many and their bytes.
+    pub fn local_layers(&self) -> (usize, u64) {
+        let local: Vec<_> = self.timelines().iter().flat_map(|t| t.layers()).filter(|l| l.is_local()).collect();
+        (local.len(), local.iter().map(|l| l.size_bytes()).sum())
+    }
+
+    /// Local disk as a cache of the remote store: evicts the least recently read layer files
+    /// that are in the remote store (they have a stub) until the local ones take at most
+    /// `limit` bytes, or none is left to evict. One read in the last `keep` stays even above
+    /// the limit: a read walking more history than the limit holds (a scan, a base backup)
+    /// would otherwise fetch the same files again after every eviction. The files and bytes
+    /// evicted.
+    pub fn evict_layers(&self, limit: u64, keep: std::time::Duration) -> Result<(usize, u64), StoreError> {
+        let mut local: Vec<_> = self.timelines().iter().flat_map(|t| t.layers()).filter(|l| l.is_local()).collect();
+        let mut bytes: u64 = local.iter().map(|l| l.size_bytes()).sum();
+        local.sort_by_key(|l| l.last_used());
+        let (mut files, mut freed) = (0, 0);
+        for l in local {
+            if bytes <= limit {
+                break;
+            }
+            if u128::from(l.idle_ms()) < keep.as_millis() {
+                continue;
+            }
+            if l.evict().map_err(RepoError::from)? {
+                bytes -= l.size_bytes();
+                freed += l.size_bytes();
+                files += 1;
+            }
+        }
+        Ok((files, freed))
+    }
+
     /// Counts changes of the current timeline: a cache of pages read without a timeline is
     /// stale once it moves.
     pub fn generation(&self) -> u64 {
@@ -321,7 +365,7 @@ impl Store {
         if !history.is_empty() {
             write_durably(&dir.join("history.tmp"), &dir.join(HISTORY), history).map_err(io(&dir))?;
         }
-        let t = Arc::new(Timeline::create(&dir, id, parent)?);
+        let t = Arc::new(Timeline::create(&dir, id, parent)?.with_source(self.source.clone()));
         if let Some(p) = ancestor {
             p.pin(t.parent().expect("a parent").1);
             t.set_ancestor(p);

@@ -37,7 +37,7 @@
 
 use super::commit_times::{CommitTimes, CommitTimesError};
 use super::key::Key;
-use super::layer::{DeltaLayer, DeltaLayerWriter, LayerError};
+use super::layer::{DeltaLayer, DeltaLayerWriter, LayerError, LayerSource, STUB_SUFFIX};
 use super::memlayer::MemLayer;
 use super::value::Value;
 use neon_types::{Lsn, PgTime};
@@ -171,18 +171,36 @@ pub struct Timeline {
     /// with how far its WAL reached then, oldest first: a time up to a reading whose WAL is
     /// all filed has happened, and its transaction ends are all in the index.
     clock: Mutex<std::collections::VecDeque<(PgTime, Lsn)>>,
+    /// Where evicted layer files come back from (with a remote store).
+    source: Option<Arc<dyn LayerSource>>,
 }
 
 impl Timeline {
     /// Opens (or creates, as timeline 1 with no parent) the timeline in `dir` for writing: the
     /// one writer also removes layer files an interrupted flush left behind.
     pub fn open(dir: &Path) -> Result<Timeline, RepoError> {
-        Self::open_inner(dir, true, None)
+        Self::open_inner(dir, true, None, None)
     }
 
     /// Opens the timeline in `dir` to read what is durable, beside a running writer.
     pub fn open_read_only(dir: &Path) -> Result<Timeline, RepoError> {
-        Self::open_inner(dir, false, None)
+        Self::open_inner(dir, false, None, None)
+    }
+
+    /// [`Timeline::open`] (`writer`) or [`Timeline::open_read_only`], with layer files that
+    /// are not on local disk fetched from `source` when read.
+    pub fn open_with_source(
+        dir: &Path,
+        writer: bool,
+        source: Option<Arc<dyn LayerSource>>,
+    ) -> Result<Timeline, RepoError> {
+        Self::open_inner(dir, writer, None, source)
+    }
+
+    /// Where layer files evicted from local disk come back from (for a timeline made new).
+    pub fn with_source(mut self, source: Option<Arc<dyn LayerSource>>) -> Timeline {
+        self.source = source;
+        self
     }
 
     /// Makes timeline `id` in `dir` (which must not hold one), forked from `parent` at an LSN,
@@ -194,13 +212,18 @@ impl Timeline {
                 what: format!("timeline {id} exists already"),
             });
         }
-        let t = Self::open_inner(dir, true, Some((id, parent)))?;
+        let t = Self::open_inner(dir, true, Some((id, parent)), None)?;
         let durable = t.durable_lsn();
         t.write_manifest(t.history_start(), (durable, FiledRecord::default()), &[])?;
         Ok(t)
     }
 
-    fn open_inner(dir: &Path, writer: bool, new: Option<(u32, Option<(u32, Lsn)>)>) -> Result<Timeline, RepoError> {
+    fn open_inner(
+        dir: &Path,
+        writer: bool,
+        new: Option<(u32, Option<(u32, Lsn)>)>,
+        source: Option<Arc<dyn LayerSource>>,
+    ) -> Result<Timeline, RepoError> {
         let io = |source| RepoError::Io { path: dir.to_path_buf(), source };
         private_dir(dir).map_err(io)?;
         let path = dir.join(MANIFEST);
@@ -216,19 +239,22 @@ impl Timeline {
         };
         let mut files = Vec::new();
         for name in &manifest.names {
-            files.push(Arc::new(DeltaLayer::open(&dir.join(name))?));
+            files.push(Arc::new(DeltaLayer::open_or_stub(&dir.join(name), source.clone())?));
         }
         sort_layers(&mut files);
         // Files not in the manifest were written by a flush that never completed.
         for entry in std::fs::read_dir(dir).map_err(io)?.filter(|_| writer) {
             let entry = entry.map_err(io)?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if is_layer_name(&name) && !manifest.names.contains(&name) {
+            // A stub goes with its layer file (evicted or not).
+            let layer = name.strip_suffix(STUB_SUFFIX).unwrap_or(&name);
+            if is_layer_name(layer) && !manifest.names.iter().any(|n| n == layer) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
         let commit_times = CommitTimes::open(dir, writer)?;
         Ok(Timeline {
+            source,
             commit_times,
             clock: Mutex::new(std::collections::VecDeque::new()),
             dir: dir.to_path_buf(),
@@ -617,7 +643,7 @@ impl Timeline {
             w.put(key, lsn, value)?;
         }
         let path = w.finish()?;
-        Ok(DeltaLayer::open(&path)?)
+        Ok(DeltaLayer::open(&path)?.with_source(self.source.clone()))
     }
 
     /// Adds a layer of images at `lsn`: values of keys materialised there, so reconstruction
@@ -667,7 +693,7 @@ impl Timeline {
         let mut removed = Vec::new();
         for l in doomed {
             // Readers may still hold the map; unlinking a mapped file is safe on Linux.
-            let _ = std::fs::remove_file(l.path());
+            l.remove_files();
             removed.push(l.path().to_path_buf());
         }
         Ok(removed)
@@ -745,7 +771,7 @@ impl Timeline {
             sort_layers(&mut l.files);
         }
         for l in &chosen {
-            let _ = std::fs::remove_file(l.path());
+            l.remove_files();
         }
         Ok(Some(path))
     }
@@ -790,7 +816,7 @@ impl Timeline {
             }
         }
         let path = w.finish()?;
-        Ok(DeltaLayer::open(&path)?)
+        Ok(DeltaLayer::open(&path)?.with_source(self.source.clone()))
     }
 
     /// Checks what reads rely on: in newest-LSN order, no file's values reach back into an
@@ -1058,6 +1084,21 @@ impl Default for Manifest {
             names: Vec::new(),
         }
     }
+}
+
+/// What a timeline directory holds durably, as its manifest says: the manifest's bytes, the
+/// layer files it names, and its durable LSN (what an uploader copies elsewhere).
+pub fn read_durable_manifest(dir: &Path) -> Result<(Vec<u8>, Vec<String>, Lsn), RepoError> {
+    let path = dir.join(MANIFEST);
+    let bytes = std::fs::read(&path).map_err(|source| RepoError::Io { path: path.clone(), source })?;
+    let (names, durable) = manifest_layers(&path, &bytes)?;
+    Ok((bytes, names, durable))
+}
+
+/// The layer files a manifest's bytes name and its durable LSN; `path` names it in errors.
+pub fn manifest_layers(path: &Path, bytes: &[u8]) -> Result<(Vec<String>, Lsn), RepoError> {
+    let m = parse_manifest(path, bytes)?;
+    Ok((m.names, m.durable))
 }
 
 fn parse_manifest(path: &Path, b: &[u8]) -> Result<Manifest, RepoError> {

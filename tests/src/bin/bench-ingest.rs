@@ -117,6 +117,7 @@ fn lag_under_pgbench(c: &Cluster, dir: &Path, seconds: u32) -> Result<(Vec<f64>,
         flush_interval: Duration::from_millis(1000),
         flush_bytes: 64 << 20,
         chain_limit: 0,
+        remote_durable: None,
     };
     let stop = AtomicBool::new(false);
     let done = AtomicBool::new(false);

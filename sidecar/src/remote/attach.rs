@@ -1,0 +1,120 @@
+//! A store set up from the remote store alone (`neon-sidecar attach-remote`), on a machine
+//! that never had it: everything the newest index holds is written to a new store directory
+//! — identity, current timeline, each timeline's manifest, history file and commit-time
+//! index — and every layer file as its stub only. The store serves at once: `run --remote`
+//! fetches each layer file when a read first needs it, and follows the compute from the
+//! remote's durable LSN.
+//!
+//! The identity file is written last, as `Store::create` does: a store attach interrupted is
+//! not set up, and attaching again starts afresh.
+
+use super::index::{Index, IndexedTimeline};
+use super::upload::{newest_index, UploadError};
+use super::Remote;
+use crate::repo::commit_times::{CHUNK_FILE, LOG_FILE};
+use crate::repo::layer::RemoteStub;
+use crate::repo::timeline::{private_dir, write_durably};
+use neon_types::Lsn;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Upload(#[from] UploadError),
+    #[error(transparent)]
+    Remote(#[from] super::RemoteError),
+    #[error("store {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("store {dir} is set up already; attach-remote makes a new store (give it an empty directory)")]
+    SetUp { dir: PathBuf },
+    #[error("remote store {store} holds no index: no neon-sidecar has uploaded history there")]
+    Empty { store: String },
+    #[error("remote store {store}: {what} is corrupt: {why}")]
+    Corrupt { store: String, what: String, why: String },
+}
+
+/// What an attach wrote.
+#[derive(Debug)]
+pub struct Attached {
+    pub index: String,
+    pub generation: u32,
+    pub durable: Lsn,
+    pub timelines: usize,
+    pub layer_files: usize,
+    pub layer_bytes: u64,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AttachError + '_ {
+    move |source| AttachError::Io { path: path.to_path_buf(), source }
+}
+
+fn put(path: &Path, bytes: &[u8]) -> Result<(), AttachError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    write_durably(Path::new(&tmp), path, bytes).map_err(io(path))
+}
+
+/// Sets up the store in `dir` (absent or empty) from the newest index in `remote`.
+pub fn attach(remote: &Remote, dir: &Path) -> Result<Attached, AttachError> {
+    if dir.join("identity").exists() {
+        return Err(AttachError::SetUp { dir: dir.to_path_buf() });
+    }
+    let (name, index) = newest_index(remote)?.ok_or_else(|| AttachError::Empty { store: remote.describe() })?;
+    private_dir(dir).map_err(io(dir))?;
+    let timelines = dir.join("timelines");
+    // What an interrupted attach left: made again.
+    match std::fs::remove_dir_all(&timelines) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&timelines)(e)),
+        _ => {}
+    }
+    private_dir(&timelines).map_err(io(&timelines))?;
+    let (mut files, mut bytes) = (0, 0);
+    for t in &index.timelines {
+        let tdir = timelines.join(format!("{:08X}", t.id));
+        private_dir(&tdir).map_err(io(&tdir))?;
+        write_timeline(remote, &index, t, &tdir)?;
+        files += t.files.len();
+        bytes += t.files.iter().map(|(_, s)| s.facts.size).sum::<u64>();
+    }
+    put(&dir.join("current"), &index.current)?;
+    put(&dir.join("identity"), &index.identity)?;
+    Ok(Attached {
+        index: name,
+        generation: index.generation,
+        durable: index.durable,
+        timelines: index.timelines.len(),
+        layer_files: files,
+        layer_bytes: bytes,
+    })
+}
+
+fn write_timeline(remote: &Remote, index: &Index, t: &IndexedTimeline, tdir: &Path) -> Result<(), AttachError> {
+    for (layer, stub) in &t.files {
+        put(&RemoteStub::path_for(&tdir.join(layer)), &stub.encode())?;
+    }
+    if !t.history.is_empty() {
+        put(&tdir.join("history"), &t.history)?;
+    }
+    if !t.commit_log.is_empty() {
+        let mut chunks = Vec::new();
+        for p in &t.pieces {
+            let b = remote.get_object(&p.object)?;
+            if p.offset != chunks.len() as u64 || b.len() as u64 != p.len || crc32c::crc32c(&b) != p.crc {
+                return Err(AttachError::Corrupt {
+                    store: remote.describe(),
+                    what: p.object.clone(),
+                    why: format!(
+                        "not the piece of the commit-time index that index generation {} names",
+                        index.generation
+                    ),
+                });
+            }
+            chunks.extend_from_slice(&b);
+        }
+        put(&tdir.join(CHUNK_FILE), &chunks)?;
+        put(&tdir.join(LOG_FILE), &t.commit_log)?;
+    }
+    // Last: a timeline directory without a manifest is not a timeline (and is made again).
+    put(&tdir.join("manifest"), &t.manifest)?;
+    Ok(())
+}
