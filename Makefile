@@ -42,6 +42,9 @@ demo: deps install-ext
 #   of now + boot, same run; a cold scan on the branch beside one on a local copy.
 # timetravel: neon_lsn_at from SQL with a year of transaction ends in the index, beside a sidecar
 #   round trip without a lookup and a call with no sidecar at all.
+# remote: uploads to an object store (SeaweedFS) beside the local layer-writing rate, their lag;
+#   a cold page read that fetches its layer files beside a local one; attach-remote of ~1 GB to
+#   its first page beside fetching the whole history.
 bench: deps install-ext
 	bash bench/decode
 	bash bench/walredo
@@ -50,6 +53,7 @@ bench: deps install-ext
 	bash bench/sql
 	bash bench/branch
 	bash bench/timetravel
+	bash bench/remote
 
 # The fuzz target must keep compiling; running it is `cd sidecar/fuzz && cargo fuzz run decode_wal`.
 fuzz-check:
