@@ -45,16 +45,24 @@ struct Ports {
 }
 
 /// A TCP port on 127.0.0.1, and the one 10000 above it (SeaweedFS's gRPC port beside an HTTP
-/// one), both free a moment ago.
+/// one), both free a moment ago. Both lie below the kernel's ephemeral range (32768 and up by
+/// default), so no outgoing connection takes one between this check and the server's bind;
+/// and none is handed out twice by this process.
 fn free_port_pair() -> Result<u16> {
-    for _ in 0..200 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let port = l.local_addr()?.port();
-        if port < 55000 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let mut b = [0u8; 2];
+    for _ in 0..1000 {
+        use std::io::Read;
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+        let port = 20000 + u16::from_le_bytes(b) % 2700;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if !given.contains(&port) && free(port) && free(port + 10000) {
+            given.push(port);
             return Ok(port);
         }
     }
-    bail!("no free pair of ports on 127.0.0.1")
+    bail!("no free pair of ports on 127.0.0.1 between 20000 and 32700")
 }
 
 fn random_hex(bytes: usize) -> Result<String> {

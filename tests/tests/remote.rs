@@ -196,7 +196,7 @@ fn a_sidecar_keeps_its_layer_files_in_seaweedfs_resumes_after_kill_9_and_yields_
     // names only objects that are there.
     c.pgbench(&["-n", "-c", "2", "-j", "2", "-T", "2"])?;
     sidecar.kill9()?;
-    let mut sidecar = SidecarProcess::restart_for_compute_with_env(&c, &store, &args, &weed.env())?;
+    let sidecar = SidecarProcess::restart_for_compute_with_env(&c, &store, &args, &weed.env())?;
     c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "100"])?;
     let target = workload::flush_lsn(&c)?;
     sidecar.wait_durable(target)?;
@@ -204,16 +204,24 @@ fn a_sidecar_keeps_its_layer_files_in_seaweedfs_resumes_after_kill_9_and_yields_
     anyhow::ensure!(index.1.generation == 2, "after a restart the index is of generation {}", index.1.generation);
     index_matches_store(&remote, &index, &store)?;
 
-    // The object store down for 30 s: ingest goes on locally; the uploads resume after.
+    // The object store down for 30 s: ingest goes on locally — a sidecar started meanwhile
+    // too — and the uploads resume after (its generation claimed then).
     weed.stop()?;
     let down = Instant::now();
     c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "200"])?;
     let target = workload::flush_lsn(&c)?;
     sidecar.wait_durable(target)?;
+    sidecar.stop()?;
+    let mut sidecar = SidecarProcess::restart_for_compute_with_env(&c, &store, &args, &weed.env())?;
+    c.pgbench(&["-n", "-c", "2", "-j", "2", "-t", "100"])?;
+    let target = workload::flush_lsn(&c)?;
+    sidecar.wait_durable(target)?;
+    anyhow::ensure!(sidecar.status("remote_generation")? == "0", "a generation claimed with the store down");
     std::thread::sleep(Duration::from_secs(30).saturating_sub(down.elapsed()));
     weed.start_again()?;
     let index = wait_remote_durable(&remote, target, &sidecar)?;
     index_matches_store(&remote, &index, &store)?;
+    anyhow::ensure!(index.1.generation == 3, "after the outage the index is of generation {}", index.1.generation);
     anyhow::ensure!(sidecar.log_text().contains("trying again in"), "the outage went unreported");
 
     // Garbage goes: what the kill orphaned, layer files merged away, older indexes — every
@@ -223,6 +231,8 @@ fn a_sidecar_keeps_its_layer_files_in_seaweedfs_resumes_after_kill_9_and_yields_
     // A newer writer on the same prefix: this one stops, saying so.
     let other_store = tempfile::tempdir()?;
     std::fs::create_dir_all(other_store.path().join("timelines"))?;
+    // The same cluster's (a prefix of another cluster's history is refused).
+    std::fs::copy(store.join("identity"), other_store.path().join("identity"))?;
     let newer = sidecar::remote::upload::Uploader::start(remote.clone(), other_store.path())?;
     c.pgbench(&["-n", "-c", "1", "-j", "1", "-t", "50"])?;
     let exited = sidecar.wait_exit(Duration::from_secs(60))?;
@@ -446,6 +456,16 @@ fn history_lives_in_the_remote_store(backend: &mut Backend) -> Result<()> {
         r => anyhow::bail!("a page was served from damaged objects: {r:?}"),
     }
     anyhow::ensure!(status_u64(&sidecar, "remote_fetch_errors")? > 0, "the damage was not counted");
+    // Whole objects, each of another layer file (swapped in the store): refused as well.
+    for (i, (object, _)) in originals.iter().enumerate() {
+        storage.put(object, originals[(i + 1) % originals.len()].1.clone())?;
+    }
+    match accounts_page(&c, &sidecar, second.lsn)? {
+        Response::Error { message, .. } => {
+            anyhow::ensure!(message.contains("as another file"), "the error for a swapped layer object: {message}")
+        }
+        r => anyhow::bail!("a page was served from swapped objects: {r:?}"),
+    }
     for (object, body) in originals {
         storage.put(&object, body)?;
     }

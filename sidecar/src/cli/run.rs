@@ -9,6 +9,7 @@ use crate::cli::conf::SidecarConf;
 use crate::follower::{self, FollowerConfig, IngestState};
 use crate::page_cache::PageCache;
 use crate::remote::download::RemoteLayers;
+use crate::remote::upload::{UploadError, UploadStatus, Uploader};
 use crate::repo::compaction;
 use crate::repo::key::Key;
 use crate::repo::layer::LayerSource;
@@ -149,38 +150,51 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let redo: Arc<dyn WalRedoManager> = Arc::new(PostgresRedoManager::new(redo_cfg)?);
     let retention = args.retention_mb << 20;
     let ingest = Arc::new(IngestState::default());
-    // This sidecar's generation claimed before anything else runs.
-    let uploader = match &remote {
-        Some(remote) => {
-            let mut u = crate::remote::upload::Uploader::start(remote.clone(), &args.store)
-                .with_context(|| format!("remote store {}", remote.describe()))?;
-            u.set_grace(Duration::from_millis(args.remote_grace_ms));
-            eprintln!("neon-sidecar: keeping history in {} too (generation {})", remote.describe(), u.generation());
-            if args.durability == Durability::Remote {
-                cfg.remote_durable = Some(u.status.clone());
+    // This sidecar's generation claimed before anything else runs; if the remote store is out
+    // of reach, ingest starts anyway and the claim is tried again in the background.
+    let upload_status = Arc::new(UploadStatus::default());
+    let uploader: Option<Option<Uploader>> = match &remote {
+        Some(remote) => Some(match Uploader::start_with_status(remote.clone(), &args.store, upload_status.clone()) {
+            Ok(u) => {
+                eprintln!("neon-sidecar: keeping history in {} too (generation {})", remote.describe(), u.generation());
+                Some(u)
             }
-            Some(u)
-        }
+            Err(UploadError::Remote(e)) => {
+                eprintln!("neon-sidecar: {e}; claiming a generation there again in the background");
+                upload_status.set_error(Some(e.to_string()));
+                None
+            }
+            Err(e) => return Err(e).with_context(|| format!("remote store {}", remote.describe())),
+        }),
         None => None,
     };
-    let remote_state = match (&remote, &uploader, &layers) {
-        (Some(remote), Some(u), Some(layers)) => Some(crate::remote::RemoteState {
+    if remote.is_some() && args.durability == Durability::Remote {
+        cfg.remote_durable = Some(upload_status.clone());
+    }
+    let remote_state = match (&remote, &layers) {
+        (Some(remote), Some(layers)) => Some(crate::remote::RemoteState {
             remote: remote.clone(),
-            upload: u.status.clone(),
+            upload: upload_status.clone(),
             layers: layers.clone(),
             durability_remote: args.durability == Durability::Remote,
         }),
         _ => None,
     };
     std::thread::scope(|s| {
-        let uploading = uploader.map(|mut u| {
+        let uploading = uploader.map(|claimed| {
             let every = Duration::from_millis(args.remote_upload_ms.max(10));
             let store = store.clone();
             let cache = args.local_cache_mb.map(|mb| (mb << 20, Duration::from_millis(args.local_cache_keep_ms)));
+            let (remote, status) = (remote.clone().expect("with an uploader"), upload_status.clone());
             s.spawn(move || {
-                let done = u.run(every, &STOP, &store, cache);
+                let done = claim_until_stopped(claimed, &remote, &args.store, &status).and_then(|u| {
+                    let Some(mut u) = u else { return Ok(()) };
+                    u.set_grace(Duration::from_millis(args.remote_grace_ms));
+                    u.run(every, &STOP, &store, cache)
+                });
                 if let Err(e) = &done {
-                    // Another sidecar writes the prefix now: this one must not go on.
+                    // Another sidecar writes the prefix now (or another cluster's history is
+                    // there): this one must not go on.
                     eprintln!("neon-sidecar: {e}\nneon-sidecar: stopping");
                     STOP.store(true, Ordering::Relaxed);
                 }
@@ -374,4 +388,41 @@ fn compact_once(c: &mut Compacting, redo: &dyn WalRedoManager, retention: u64) -
     // Every flush adds a file or two: merge old ones so reads walk few.
     while repo.merge_layers(MERGE_ABOVE_FILES, MERGE_RUN, MERGE_MAX_BYTES)?.is_some() {}
     Ok(())
+}
+
+/// The uploader: `claimed` if the generation was claimed at start, else claimed now, tried
+/// again with backoff (1 s doubling to 30 s) while the remote store is out of reach. `None`
+/// if the sidecar stops first.
+fn claim_until_stopped(
+    claimed: Option<Uploader>,
+    remote: &crate::remote::Remote,
+    store: &std::path::Path,
+    status: &Arc<UploadStatus>,
+) -> Result<Option<Uploader>, UploadError> {
+    if claimed.is_some() {
+        return Ok(claimed);
+    }
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let until = std::time::Instant::now() + backoff;
+        while std::time::Instant::now() < until {
+            if STOP.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        match Uploader::start_with_status(remote.clone(), store, status.clone()) {
+            Ok(u) => {
+                eprintln!("neon-sidecar: keeping history in {} too (generation {})", remote.describe(), u.generation());
+                status.set_error(None);
+                return Ok(Some(u));
+            }
+            Err(UploadError::Remote(e)) => {
+                eprintln!("neon-sidecar: {e} (trying again in {backoff:?})");
+                status.set_error(Some(e.to_string()));
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }

@@ -8,12 +8,12 @@
 //! The identity file is written last, as `Store::create` does: a store attach interrupted is
 //! not set up, and attaching again starts afresh.
 
-use super::index::{Index, IndexedTimeline};
+use super::index::IndexedTimeline;
 use super::upload::{newest_index, UploadError};
 use super::Remote;
 use crate::repo::commit_times::{CHUNK_FILE, LOG_FILE};
 use crate::repo::layer::RemoteStub;
-use crate::repo::timeline::{private_dir, write_durably};
+use crate::repo::timeline::{is_layer_name, private_dir, write_durably};
 use neon_types::Lsn;
 use std::path::{Path, PathBuf};
 
@@ -61,6 +61,8 @@ pub fn attach(remote: &Remote, dir: &Path) -> Result<Attached, AttachError> {
     }
     let (name, index) = newest_index(remote)?.ok_or_else(|| AttachError::Empty { store: remote.describe() })?;
     private_dir(dir).map_err(io(dir))?;
+    // An empty directory made beforehand (`mkdir` leaves it 0755): the store is private.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io(dir))?;
     let timelines = dir.join("timelines");
     // What an interrupted attach left: made again.
     match std::fs::remove_dir_all(&timelines) {
@@ -72,7 +74,7 @@ pub fn attach(remote: &Remote, dir: &Path) -> Result<Attached, AttachError> {
     for t in &index.timelines {
         let tdir = timelines.join(format!("{:08X}", t.id));
         private_dir(&tdir).map_err(io(&tdir))?;
-        write_timeline(remote, &index, t, &tdir)?;
+        write_timeline(remote, &name, t, &tdir)?;
         files += t.files.len();
         bytes += t.files.iter().map(|(_, s)| s.facts.size).sum::<u64>();
     }
@@ -88,8 +90,16 @@ pub fn attach(remote: &Remote, dir: &Path) -> Result<Attached, AttachError> {
     })
 }
 
-fn write_timeline(remote: &Remote, index: &Index, t: &IndexedTimeline, tdir: &Path) -> Result<(), AttachError> {
+fn write_timeline(remote: &Remote, index: &str, t: &IndexedTimeline, tdir: &Path) -> Result<(), AttachError> {
     for (layer, stub) in &t.files {
+        // A name from the store becomes a path: a layer file's name, nothing else.
+        if !is_layer_name(layer) || layer.contains('/') {
+            return Err(AttachError::Corrupt {
+                store: remote.describe(),
+                what: index.to_string(),
+                why: format!("timeline {:08X} names {layer:?}, which is not a layer file's name", t.id),
+            });
+        }
         put(&RemoteStub::path_for(&tdir.join(layer)), &stub.encode())?;
     }
     if !t.history.is_empty() {
@@ -99,13 +109,20 @@ fn write_timeline(remote: &Remote, index: &Index, t: &IndexedTimeline, tdir: &Pa
         let mut chunks = Vec::new();
         for p in &t.pieces {
             let b = remote.get_object(&p.object)?;
-            if p.offset != chunks.len() as u64 || b.len() as u64 != p.len || crc32c::crc32c(&b) != p.crc {
+            let crc = crc32c::crc32c(&b);
+            if p.offset != chunks.len() as u64 || b.len() as u64 != p.len || crc != p.crc {
                 return Err(AttachError::Corrupt {
                     store: remote.describe(),
                     what: p.object.clone(),
                     why: format!(
-                        "not the piece of the commit-time index that index generation {} names",
-                        index.generation
+                        "not the piece of timeline {:08X}'s commit-time index that {index} names (it names {} bytes \
+                         at {} with CRC32C {:08x}; this is {} bytes with {crc:08x}, and {} bytes came before it)",
+                        t.id,
+                        p.len,
+                        p.offset,
+                        p.crc,
+                        b.len(),
+                        chunks.len()
                     ),
                 });
             }

@@ -13,17 +13,27 @@ pub struct Faulty {
     pub down: AtomicBool,
     /// The next this many requests fail.
     pub fail_next: AtomicUsize,
+    /// Requests for objects whose names start so fail (a sidecar killed before its index).
+    pub fail_under: std::sync::Mutex<Option<String>>,
     /// Uploads that reach the store (though the next one may be told it failed).
     pub puts: AtomicUsize,
 }
 
 impl Faulty {
     pub fn new(inner: Arc<dyn RemoteStorage>) -> Faulty {
-        Faulty { inner, down: AtomicBool::new(false), fail_next: AtomicUsize::new(0), puts: AtomicUsize::new(0) }
+        Faulty {
+            inner,
+            down: AtomicBool::new(false),
+            fail_next: AtomicUsize::new(0),
+            fail_under: Default::default(),
+            puts: AtomicUsize::new(0),
+        }
     }
 
     fn fault(&self, op: &'static str, object: &str) -> Result<(), StorageError> {
+        let under = self.fail_under.lock().unwrap_or_else(|p| p.into_inner());
         let failing = self.down.load(Ordering::SeqCst)
+            || under.as_ref().is_some_and(|p| object.starts_with(p.as_str()))
             || self.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
         if failing {
             return Err(StorageError::Injected {

@@ -65,7 +65,12 @@ impl std::str::FromStr for RemoteUrl {
     type Err = StorageError;
 
     fn from_str(s: &str) -> Result<RemoteUrl, StorageError> {
-        let bad = |why: &str| StorageError::Config { url: s.to_string(), why: why.to_string() };
+        // Keys written into the URL (`s3://KEY:SECRET@bucket`) are refused, and not repeated.
+        let shown = match s.split_once('@') {
+            Some((before, after)) => format!("{}***@{after}", &before[..before.find("://").map_or(0, |i| i + 3)]),
+            None => s.to_string(),
+        };
+        let bad = |why: &str| StorageError::Config { url: shown.clone(), why: why.to_string() };
         if let Some(rest) = s.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() || bucket.contains('@') {
@@ -127,7 +132,9 @@ impl ObjectStorage {
                     backoff: object_store::BackoffConfig::default(),
                 };
                 let options = object_store::ClientOptions::new()
-                    .with_timeout(Duration::from_secs(30))
+                    // The whole request: a merged layer file may be large (the cap is
+                    // MERGE_MAX_BYTES); a store that does not answer fails at connecting.
+                    .with_timeout(Duration::from_secs(300))
                     .with_connect_timeout(Duration::from_secs(5))
                     .with_allow_http(true);
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
@@ -240,10 +247,12 @@ mod tests {
         assert_eq!("s3://b".parse::<RemoteUrl>().unwrap().to_string(), "s3://b");
         let file: RemoteUrl = "file:///mnt/share".parse().unwrap();
         assert_eq!(file, RemoteUrl::File { dir: "/mnt/share".into() });
-        for bad in ["s3://", "s3://key:secret@bucket/p", "file://relative", "http://x", "s3://b/../up"] {
+        for bad in ["s3://", "file://relative", "http://x", "s3://b/../up"] {
             let e = bad.parse::<RemoteUrl>().unwrap_err().to_string();
             assert!(e.starts_with(&format!("remote store {bad}:")), "{bad}: {e}");
         }
+        let e = "s3://key:secret@bucket/p".parse::<RemoteUrl>().unwrap_err().to_string();
+        assert!(e.starts_with("remote store s3://***@bucket/p:") && !e.contains("secret@"), "{e}");
     }
 
     #[test]

@@ -64,8 +64,20 @@ pub enum UploadError {
          now; this one (generation {ours}) stops writing there"
     )]
     Fenced { store: String, ours: u32, newer: u32 },
+    #[error(
+        "remote store {store}: another neon-sidecar claimed generation {ours} at the same moment as this one; \
+         this one stops writing there"
+    )]
+    ClaimLost { store: String, ours: u32 },
     #[error("remote store {store}: {what} is corrupt: {why}")]
     Corrupt { store: String, what: String, why: String },
+    #[error(
+        "remote store {store} holds another cluster's history (its newest index {index} is of another system \
+         identifier or store): give this store a prefix of its own"
+    )]
+    Foreign { store: String, index: String },
+    #[error("store {path}: {why}")]
+    Local { path: PathBuf, why: String },
 }
 
 /// What the uploader has done, for status reports.
@@ -88,7 +100,7 @@ impl UploadStatus {
         Lsn(self.durable.load(Ordering::Acquire))
     }
 
-    fn set_error(&self, e: Option<String>) {
+    pub fn set_error(&self, e: Option<String>) {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
     }
 
@@ -96,6 +108,9 @@ impl UploadStatus {
         self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
+
+/// A layer file the manifest no longer names: the round reads the manifests again.
+struct Gone;
 
 /// A layer file known to be uploaded: which file (inode and size) has which stub.
 struct Known {
@@ -118,6 +133,8 @@ pub struct Uploader {
     pieces: BTreeMap<u32, Vec<Piece>>,
     /// The newest indexes (at most two) and the objects each names.
     named: VecDeque<(String, BTreeSet<String>)>,
+    /// The last index written, as encoded: an index is written when it would differ.
+    last_index: Option<Vec<u8>>,
     /// Objects put since the last index: those it does not name (their layer file was
     /// merged or collected meanwhile) are garbage at once.
     unindexed: Vec<String>,
@@ -171,6 +188,23 @@ fn timeline_dirs(store: &Path) -> Result<Vec<(u32, PathBuf)>, UploadError> {
     Ok(out)
 }
 
+/// The objects the stubs in the store's timelines name.
+fn local_stub_objects(store: &Path) -> Result<BTreeSet<String>, UploadError> {
+    let mut out = BTreeSet::new();
+    for (_, dir) in timeline_dirs(store)? {
+        for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let path = e.map_err(io(&dir))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if let Some(layer) = name.strip_suffix(crate::repo::layer::STUB_SUFFIX) {
+                if let Ok(Some(stub)) = RemoteStub::read(&dir.join(layer)) {
+                    out.insert(stub.object);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Whether `pieces` are the start of the chunk file in `dir`, byte for byte.
 fn pieces_match(dir: &Path, pieces: &[Piece]) -> bool {
     let Ok(f) = std::fs::File::open(dir.join(CHUNK_FILE)) else { return pieces.is_empty() };
@@ -188,14 +222,29 @@ impl Uploader {
     /// index names is adopted (its commit-time pieces, where they are the local file's), and
     /// what no index names is queued for deletion.
     pub fn start(remote: Remote, store: &Path) -> Result<Uploader, UploadError> {
-        let generation = generations(&remote)?.into_iter().max().unwrap_or(0) + 1;
+        Self::start_with_status(remote, store, Arc::default())
+    }
+
+    /// [`Uploader::start`], reporting into `status` (made before the claim could be made).
+    pub fn start_with_status(remote: Remote, store: &Path, status: Arc<UploadStatus>) -> Result<Uploader, UploadError> {
+        // Whose prefix it is first: another cluster's history is never touched.
+        let newest = newest_index(&remote)?;
+        let identity = read_file(&store.join("identity"))?;
+        if let Some((name, index)) = &newest {
+            if index.identity != identity {
+                return Err(UploadError::Foreign { store: remote.describe(), index: name.clone() });
+            }
+        }
+        // Above every generation claimed or named by an index (claims may have been removed).
+        let indexed = remote.list(INDEX_DIR)?.iter().filter_map(|n| generation_of(n)).max().unwrap_or(0);
+        let generation = generations(&remote)?.into_iter().max().unwrap_or(0).max(indexed) + 1;
         let nonce = random_nonce();
         let claim = format!("generations/{generation:08X}");
         let body = format!("nonce = {nonce}\npid = {}\n", std::process::id());
         remote.put_object(&claim, body.as_bytes())?;
         if remote.get_object(&claim)? != body.as_bytes() {
             // Another sidecar claimed the same generation at the same moment, and won.
-            return Err(UploadError::Fenced { store: remote.describe(), ours: generation, newer: generation });
+            return Err(UploadError::ClaimLost { store: remote.describe(), ours: generation });
         }
         let mut u = Uploader {
             remote,
@@ -207,30 +256,33 @@ impl Uploader {
             known: BTreeMap::new(),
             pieces: BTreeMap::new(),
             named: VecDeque::new(),
+            last_index: None,
             unindexed: Vec::new(),
             doomed: Vec::new(),
             grace: GRACE,
-            status: Default::default(),
+            status,
         };
         u.status.generation.store(generation, Ordering::Relaxed);
-        let newest = newest_index(&u.remote)?;
-        let now = Instant::now();
-        let mut live = BTreeSet::new();
+        // What the newest index or a local stub names is live (a stub written before a crash
+        // may name an object no index has named yet: the first index of this generation
+        // will); the rest is garbage, deleted after the grace period.
+        let mut live: BTreeSet<String> = local_stub_objects(store)?;
         if let Some((name, index)) = &newest {
-            live = index.objects().map(str::to_string).collect();
+            live.extend(index.objects().map(str::to_string));
+            live.insert(name.clone());
             for t in &index.timelines {
                 let dir = store.join(format!("timelines/{:08X}", t.id));
                 if pieces_match(&dir, &t.pieces) {
                     u.pieces.insert(t.id, t.pieces.clone());
                 }
             }
-            u.named.push_back((name.clone(), live.clone()));
+            u.named.push_back((name.clone(), index.objects().map(str::to_string).collect()));
             u.status.durable.store(index.durable.0, Ordering::Relaxed);
         }
+        let now = Instant::now();
         for dir in [INDEX_DIR, "timelines"] {
             for object in u.remote.list(dir)? {
-                let keep = live.contains(&object) || newest.as_ref().is_some_and(|(n, _)| *n == object);
-                if !keep {
+                if !live.contains(&object) {
                     u.doomed.push((object, now));
                 }
             }
@@ -257,7 +309,7 @@ impl Uploader {
         }
         let claim = self.remote.get_object(&format!("generations/{:08X}", self.generation))?;
         if !String::from_utf8_lossy(&claim).contains(&self.nonce) {
-            return Err(UploadError::Fenced { store, ours: self.generation, newer: self.generation });
+            return Err(UploadError::ClaimLost { store, ours: self.generation });
         }
         Ok(())
     }
@@ -267,40 +319,45 @@ impl Uploader {
         format!("timelines/{tl:08X}/{base}.g{:08X}.{}", self.generation, self.made)
     }
 
-    /// Whether the layer file `name` of timeline `tl` is uploaded: its stub if so. `None` if
-    /// not (the file is there without a stub of it).
-    fn uploaded(&mut self, tl: u32, name: &str, path: &Path) -> Result<Option<RemoteStub>, UploadError> {
+    /// Whether the layer file `name` of timeline `tl` (in `dir`) is uploaded: its stub if so,
+    /// `None` if not (the file is there without a stub of it), [`Gone`] if the manifest no
+    /// longer names it (merged or collected since it was read).
+    fn uploaded(&mut self, tl: u32, dir: &Path, name: &str) -> Result<Result<Option<RemoteStub>, Gone>, UploadError> {
+        let path = dir.join(name);
+        let path = path.as_path();
         let m = match std::fs::metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // Evicted: its stub says where it is.
-                return match RemoteStub::read(path)? {
-                    Some(stub) => Ok(Some(stub)),
-                    None => Err(UploadError::Corrupt {
-                        store: self.store.display().to_string(),
-                        what: format!("layer file {}", path.display()),
-                        why: "the manifest names it, yet neither it nor its remote stub is there".into(),
-                    }),
-                };
+                if let Some(stub) = RemoteStub::read(path)? {
+                    return Ok(Ok(Some(stub)));
+                }
+                if !read_durable_manifest(dir)?.1.iter().any(|n| n == name) {
+                    return Ok(Err(Gone));
+                }
+                return Err(UploadError::Local {
+                    path: path.to_path_buf(),
+                    why: "the manifest names this layer file, yet neither it nor its remote stub is there".into(),
+                });
             }
             Err(e) => return Err(io(path)(e)),
         };
         if let Some(k) = self.known.get(&(tl, name.to_string())) {
             if k.inode == m.ino() && k.size == m.len() {
-                return Ok(Some(k.stub.clone()));
+                return Ok(Ok(Some(k.stub.clone())));
             }
         }
         let stub = match RemoteStub::read(path) {
             Ok(Some(stub)) => stub,
             // A damaged stub of a file that is here: uploaded again, stubbed anew.
-            Ok(None) | Err(LayerError::Corrupt { .. }) => return Ok(None),
+            Ok(None) | Err(LayerError::Corrupt { .. }) => return Ok(Ok(None)),
             Err(e) => return Err(e.into()),
         };
         if stub.facts != LayerFacts::read(path)? {
-            return Ok(None);
+            return Ok(Ok(None));
         }
         self.known.insert((tl, name.to_string()), Known { inode: m.ino(), size: m.len(), stub: stub.clone() });
-        Ok(Some(stub))
+        Ok(Ok(Some(stub)))
     }
 
     /// Uploads a layer file and stubs it. `None` if it is gone meanwhile (collected, merged).
@@ -312,8 +369,9 @@ impl Uploader {
         };
         let facts = LayerFacts::of(path, &bytes)?;
         let object = self.next_object(tl, name);
-        self.remote.put_object(&object, &bytes)?;
+        // Known before it is put: a put that failed may still have landed.
         self.unindexed.push(object.clone());
+        self.remote.put_object(&object, &bytes)?;
         let stub = RemoteStub { object, facts };
         let stub_path = RemoteStub::path_for(path);
         let mut tmp = stub_path.as_os_str().to_owned();
@@ -331,12 +389,12 @@ impl Uploader {
     }
 
     /// Uploads what the chunk file of the timeline in `dir` has sealed beyond its pieces; the
-    /// log read (which names that length). Whether a piece went up.
-    fn upload_commit_times(&mut self, tl: u32, dir: &Path) -> Result<(Vec<u8>, bool), UploadError> {
+    /// log read (which names that length).
+    fn upload_commit_times(&mut self, tl: u32, dir: &Path) -> Result<Vec<u8>, UploadError> {
         let log_path = dir.join(LOG_FILE);
         let log = match std::fs::read(&log_path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), false)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io(&log_path)(e)),
         };
         let sealed = sealed_length(&log_path, &log)?;
@@ -348,18 +406,18 @@ impl Uploader {
             covered = 0;
         }
         if covered == sealed {
-            return Ok((log, false));
+            return Ok(log);
         }
         let path = dir.join(CHUNK_FILE);
         let f = std::fs::File::open(&path).map_err(io(&path))?;
         let mut b = vec![0u8; (sealed - covered) as usize];
         f.read_exact_at(&mut b, covered).map_err(io(&path))?;
         let object = self.next_object(tl, &format!("commit-times.{covered:016X}"));
-        self.remote.put_object(&object, &b)?;
         self.unindexed.push(object.clone());
+        self.remote.put_object(&object, &b)?;
         let piece = Piece { offset: covered, len: b.len() as u64, crc: crc32c::crc32c(&b), object };
         self.pieces.entry(tl).or_default().push(piece);
-        Ok((log, true))
+        Ok(log)
     }
 
     /// One round: uploads what is not uploaded, then (if anything changed) an index. The
@@ -373,6 +431,11 @@ impl Uploader {
             manifest: Vec<u8>,
             files: Vec<(String, Option<RemoteStub>)>,
         }
+        // Another writer first: a fenced one neither uploads nor deletes.
+        self.check_fenced()?;
+        // Before the timelines: a fork made meanwhile is then in them, if `current` names it.
+        let current = read_file(&self.store.join("current"))?;
+        let identity = read_file(&self.store.join("identity"))?;
         let mut timelines = Vec::new();
         // (timeline, file) positions of what is not uploaded yet, with its size.
         let mut queue = Vec::new();
@@ -383,10 +446,16 @@ impl Uploader {
             let (manifest, names, durable) = read_durable_manifest(&dir)?;
             let mut files = Vec::new();
             for name in names {
-                let path = dir.join(&name);
-                let stub = self.uploaded(id, &name, &path)?;
+                let Ok(stub) = self.uploaded(id, &dir, &name)? else {
+                    // The manifest changed under us: the next round reads it again.
+                    return Ok(self.status.durable());
+                };
                 if stub.is_none() {
-                    queue.push((timelines.len(), files.len(), std::fs::metadata(&path).map_or(0, |m| m.len())));
+                    queue.push((
+                        timelines.len(),
+                        files.len(),
+                        std::fs::metadata(dir.join(&name)).map_or(0, |m| m.len()),
+                    ));
                 }
                 files.push((name, stub));
             }
@@ -394,12 +463,10 @@ impl Uploader {
         }
         self.status.queued_files.store(queue.len() as u64, Ordering::Relaxed);
         self.status.queued_bytes.store(queue.iter().map(|q| q.2).sum(), Ordering::Relaxed);
-        let mut changed = !queue.is_empty();
         for (t, at, size) in queue {
             let (id, name) = (timelines[t].id, timelines[t].files[at].0.clone());
             let path = timelines[t].dir.join(&name);
             let Some(stub) = self.upload_layer(id, &name, &path)? else {
-                // The manifest changed under us: the next round reads it again.
                 return Ok(self.status.durable());
             };
             timelines[t].files[at].1 = Some(stub);
@@ -408,41 +475,34 @@ impl Uploader {
         }
         let mut indexed = Vec::new();
         for t in &timelines {
-            let (commit_log, sent) = self.upload_commit_times(t.id, &t.dir)?;
-            changed |= sent;
+            let commit_log = self.upload_commit_times(t.id, &t.dir)?;
+            let history = match std::fs::read(t.dir.join("history")) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(io(&t.dir.join("history"))(e)),
+            };
             indexed.push(IndexedTimeline {
                 id: t.id,
                 manifest: t.manifest.clone(),
-                history: std::fs::read(t.dir.join("history")).unwrap_or_default(),
+                history,
                 commit_log,
                 pieces: self.pieces.get(&t.id).cloned().unwrap_or_default(),
                 files: t.files.iter().map(|(n, s)| (n.clone(), s.clone().expect("uploaded above"))).collect(),
             });
         }
-        let current = read_file(&self.store.join("current"))?;
         let current_id = current.get(8..12).map(|t| u32::from_le_bytes(t.try_into().expect("4 bytes")));
         let durable = timelines.iter().find(|t| Some(t.id) == current_id).map_or(Lsn::INVALID, |t| t.durable);
-        if changed || durable > self.status.durable() || self.sequence == 0 {
-            self.check_fenced()?;
+        let index = Index { generation: self.generation, durable, identity, current, timelines: indexed };
+        let encoded = index.encode();
+        // Anything that changed (a file, a piece, a manifest, the durable LSN, a timeline):
+        // a new index.
+        if self.last_index.as_ref() != Some(&encoded) {
             self.sequence += 1;
-            let index = Index {
-                generation: self.generation,
-                durable,
-                identity: read_file(&self.store.join("identity"))?,
-                current,
-                timelines: indexed,
-            };
             let name = index_name(self.generation, self.sequence);
-            self.remote.put_object(&name, &index.encode())?;
-            self.status.durable.store(durable.0, Ordering::Release);
             let named: BTreeSet<String> = index.objects().map(str::to_string).collect();
+            // Known before it is put: a put that failed may still have landed.
+            self.named.push_back((name.clone(), named.clone()));
             let now = Instant::now();
-            for o in std::mem::take(&mut self.unindexed) {
-                if !named.contains(&o) {
-                    self.doomed.push((o, now));
-                }
-            }
-            self.named.push_back((name, named));
             if self.named.len() > 2 {
                 let (old, objects) = self.named.pop_front().expect("three");
                 self.doomed.push((old, now));
@@ -452,17 +512,28 @@ impl Uploader {
                     }
                 }
             }
+            self.remote.put_object(&name, &encoded)?;
+            self.last_index = Some(encoded);
+            self.status.durable.fetch_max(durable.0, Ordering::AcqRel);
+            for o in std::mem::take(&mut self.unindexed) {
+                if !named.contains(&o) {
+                    self.doomed.push((o, now));
+                }
+            }
         }
         self.collect_garbage();
         Ok(durable)
     }
 
-    /// Deletes what no index has named for the grace period; a failure is tried again next
-    /// round.
+    /// Deletes what no index has named for the grace period, never what one of the two
+    /// newest names (named again since it was doomed); a failure is tried again next round.
     fn collect_garbage(&mut self) {
         let now = Instant::now();
-        let (remote, grace) = (&self.remote, self.grace);
-        self.doomed.retain(|(object, since)| now.duration_since(*since) < grace || remote.delete(object).is_err());
+        let (remote, grace, named) = (&self.remote, self.grace, &self.named);
+        self.doomed.retain(|(object, since)| {
+            let live = named.iter().any(|(index, objects)| index == object || objects.contains(object));
+            !live && (now.duration_since(*since) < grace || remote.delete(object).is_err())
+        });
     }
 
     /// Rounds until `stop` (a last one then), every `every` and sooner after a failure is
@@ -507,7 +578,7 @@ impl Uploader {
                             }
                         }
                     }
-                    Err(e @ UploadError::Fenced { .. }) => {
+                    Err(e @ (UploadError::Fenced { .. } | UploadError::ClaimLost { .. })) => {
                         self.status.fenced.store(true, Ordering::Relaxed);
                         self.status.set_error(Some(e.to_string()));
                         return Err(e);
@@ -531,4 +602,109 @@ impl Uploader {
 
 fn read_file(path: &Path) -> Result<Vec<u8>, UploadError> {
     std::fs::read(path).map_err(io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::download::RemoteLayers;
+    use crate::remote::faults::Faulty;
+    use crate::remote::storage::{ObjectStorage, RemoteStorage, RemoteUrl, S3Settings};
+    use crate::repo::key::Key;
+    use crate::repo::layer::LayerSource;
+    use crate::repo::store::Identity;
+    use crate::repo::value::Value;
+
+    /// A store of three layer files (a key written at 100, 200, 300; one flush each).
+    fn store_of_three_layers(dir: &Path) -> Store {
+        let s = Store::create(dir, Identity { system_id: 7, wal_segment_size: 16 << 20 }, 1).unwrap();
+        let t = s.current();
+        t.begin_history(Lsn(100));
+        for n in 1..=3u8 {
+            let lsn = Lsn(100 * n as u64);
+            t.put(Key::meta(1, 1), lsn, Value::Image(bytes::Bytes::from(vec![n; 64])));
+            t.advance(lsn);
+            t.flush().unwrap();
+        }
+        s
+    }
+
+    fn named_objects_exist(remote: &Remote) -> BTreeSet<String> {
+        let (name, index) = newest_index(remote).unwrap().expect("an index");
+        let named: BTreeSet<String> = index.objects().map(str::to_string).collect();
+        for o in &named {
+            remote.get_object(o).unwrap_or_else(|e| panic!("{name} names {o}: {e}"));
+        }
+        named
+    }
+
+    #[test]
+    fn killed_between_its_stubs_and_its_index_the_next_generation_loses_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = RemoteUrl::File { dir: tmp.path().join("remote") };
+        let files: Arc<dyn RemoteStorage> = Arc::new(ObjectStorage::open(&url, &S3Settings::default()).unwrap());
+        let faulty = Arc::new(Faulty::new(files));
+        let remote = Remote::new(faulty.clone());
+        let dir = tmp.path().join("store");
+        let store = store_of_three_layers(&dir);
+        let layers = store.current().layers().len();
+        assert_eq!(layers, 3);
+
+        // Every layer file goes up and is stubbed; the index does not: killed there.
+        let mut first = Uploader::start(remote.clone(), &dir).unwrap();
+        *faulty.fail_under.lock().unwrap() = Some(INDEX_DIR.to_string());
+        let e = first.round().unwrap_err().to_string();
+        assert!(e.contains("upload of object index/"), "{e}");
+        drop(first);
+        *faulty.fail_under.lock().unwrap() = None;
+        assert!(newest_index(&remote).unwrap().is_none());
+
+        // The next generation names what the stubs name, and its garbage collection (no grace
+        // at all here) never takes an object its index names.
+        let mut second = Uploader::start(remote.clone(), &dir).unwrap();
+        assert_eq!(second.generation(), 2);
+        second.set_grace(Duration::ZERO);
+        for _ in 0..3 {
+            second.round().unwrap();
+        }
+        let named = named_objects_exist(&remote);
+        let layer_objects: Vec<String> = remote.list("timelines").unwrap();
+        assert_eq!(layer_objects.len(), layers, "{layer_objects:?}");
+        assert!(layer_objects.iter().all(|o| named.contains(o) && o.contains(".g00000001.")), "{layer_objects:?}");
+        assert_eq!(second.status.queued_files.load(Ordering::Relaxed), 0);
+        assert_eq!(second.status.durable(), Lsn(300));
+
+        // Evicted, every layer file is fetched back when read, and reads as before.
+        let before = store.current().values_for(Key::meta(1, 1), Lsn(300)).unwrap();
+        drop(store);
+        let source: Arc<dyn LayerSource> = Arc::new(RemoteLayers::new(remote.clone()));
+        let store = Store::open_with_source(&dir, true, Some(source)).unwrap();
+        assert_eq!(store.evict_layers(0, Duration::ZERO).unwrap().0, layers);
+        assert_eq!(store.local_layers(), (0, 0));
+        assert_eq!(store.current().values_for(Key::meta(1, 1), Lsn(300)).unwrap(), before);
+
+        // An older writer, once a newer generation claimed the prefix, stops at its next
+        // round: neither an index nor a deletion.
+        let _third = Uploader::start(remote.clone(), &dir).unwrap();
+        let e = second.round().unwrap_err();
+        assert!(matches!(e, UploadError::Fenced { ours: 2, newer: 3, .. }), "{e}");
+        assert!(e.to_string().contains("generation 3 (another neon-sidecar, started later"), "{e}");
+        named_objects_exist(&remote);
+    }
+
+    #[test]
+    fn another_clusters_prefix_is_refused_untouched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = RemoteUrl::File { dir: tmp.path().join("remote") };
+        let remote = Remote::new(Arc::new(ObjectStorage::open(&url, &S3Settings::default()).unwrap()));
+        let ours = tmp.path().join("ours");
+        drop(store_of_three_layers(&ours));
+        Uploader::start(remote.clone(), &ours).unwrap().round().unwrap();
+        let theirs = tmp.path().join("theirs");
+        drop(Store::create(&theirs, Identity { system_id: 8, wal_segment_size: 16 << 20 }, 1).unwrap());
+        let before = remote.list("").unwrap();
+        let e = Uploader::start(remote.clone(), &theirs).err().expect("refused").to_string();
+        assert!(e.contains("holds another cluster's history") && e.contains("index/"), "{e}");
+        assert_eq!(remote.list("").unwrap(), before, "a refused sidecar claimed or wrote something");
+    }
 }

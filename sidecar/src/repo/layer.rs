@@ -48,6 +48,8 @@ pub enum LayerError {
     Value { path: PathBuf, key: Key, lsn: Lsn, source: ValueError },
     #[error("layer file {path} {what}")]
     Remote { path: PathBuf, what: String },
+    #[error("layer file {path} is in the remote store only (object {object}); run with the --remote that holds it")]
+    NoRemote { path: PathBuf, object: String },
 }
 
 /// Writes a delta layer. Nothing is visible under the final name until [`finish`]; dropping
@@ -398,13 +400,7 @@ impl DeltaLayer {
                     what: "neither the file nor its remote stub is there".into(),
                 })?;
                 let Some(source) = &self.source else {
-                    return Err(LayerError::Remote {
-                        path: self.path.clone(),
-                        what: format!(
-                            "is in the remote store only (object {}); run with the --remote that holds it",
-                            stub.object
-                        ),
-                    });
+                    return Err(LayerError::NoRemote { path: self.path.clone(), object: stub.object });
                 };
                 source.fetch(&stub, &self.path)?;
                 map_file(&self.path)?
@@ -414,7 +410,11 @@ impl DeltaLayer {
         if facts != self.facts {
             return Err(LayerError::Corrupt {
                 path: self.path.clone(),
-                what: format!("the file is not the layer named so ({facts:?}, expected {:?})", self.facts),
+                what: format!(
+                    "the file is not the layer named so ({facts:?}, expected {:?}; fetched from the remote store if \
+                     its stub names an object)",
+                    self.facts
+                ),
             });
         }
         let mapped = Arc::new(mapped);
@@ -423,6 +423,13 @@ impl DeltaLayer {
     }
 
     /// Whether the file is on local disk (mapped) now.
+    /// Makes the layer's bytes local, fetching them if it is evicted: a reader that holds a
+    /// lock others need fetches first, without it.
+    pub fn make_local(&self) -> Result<(), LayerError> {
+        self.mapped().map(drop)
+    }
+
+    /// Whether its bytes are mapped: reading them needs no fetch.
     pub fn is_local(&self) -> bool {
         self.mapped.read().unwrap_or_else(|p| p.into_inner()).is_some()
     }
@@ -449,8 +456,12 @@ impl DeltaLayer {
             _ => return Ok(false),
         }
         *self.mapped.write().unwrap_or_else(|p| p.into_inner()) = None;
-        std::fs::remove_file(&self.path).map_err(|source| LayerError::Io { path: self.path.clone(), source })?;
-        Ok(true)
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => Ok(true),
+            // Collected or merged away meanwhile: nothing to evict.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(LayerError::Io { path: self.path.clone(), source }),
+        }
     }
 
     /// Removes the layer's file and its stub (the layer is no longer history).

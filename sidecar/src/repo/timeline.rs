@@ -917,17 +917,42 @@ impl Timeline {
     /// This timeline's own values of `key` in `floor..=lsn`, newest first, into `out`, down to
     /// the first that needs no earlier value; true if one was found.
     fn own_values(&self, key: Key, lsn: Lsn, floor: Lsn, out: &mut Vec<(Lsn, Value)>) -> Result<bool, RepoError> {
+        let start = out.len();
+        let mut fetched = Vec::new();
+        loop {
+            match self.own_values_local(key, lsn, floor, out, &fetched)? {
+                Walk::Done(found) => return Ok(found),
+                Walk::Fetch(layer) => {
+                    out.truncate(start);
+                    layer.make_local()?;
+                    fetched.push(layer);
+                }
+            }
+        }
+    }
+
+    /// [`Timeline::own_values`] under the layers' lock, stopping at the first layer file that
+    /// must be fetched (unless it is in `fetched`: evicted again already, it is fetched under
+    /// the lock rather than in a loop).
+    fn own_values_local(
+        &self,
+        key: Key,
+        lsn: Lsn,
+        floor: Lsn,
+        out: &mut Vec<(Lsn, Value)>,
+        fetched: &[Arc<DeltaLayer>],
+    ) -> Result<Walk<bool>, RepoError> {
         let l = self.read();
         let upto = Lsn(lsn.0.saturating_add(1));
         let mems = [Some(&l.inmem), l.frozen.as_deref()];
         for mem in mems.into_iter().flatten() {
             for (at, v) in mem.newest_first(&key, lsn) {
                 if *at < floor {
-                    return Ok(false);
+                    return Ok(Walk::Done(false));
                 }
                 out.push((*at, v.clone()));
                 if v.will_init() {
-                    return Ok(true);
+                    return Ok(Walk::Done(true));
                 }
             }
         }
@@ -935,46 +960,38 @@ impl Timeline {
             if layer.lsn_range().0 > lsn {
                 continue;
             }
+            if must_fetch(layer, fetched) {
+                return Ok(Walk::Fetch(layer.clone()));
+            }
             for value in layer.newest_first(key, upto) {
                 let (at, v) = value?;
                 if at < floor {
-                    return Ok(false);
+                    return Ok(Walk::Done(false));
                 }
                 let init = v.will_init();
                 out.push((at, v));
                 if init {
-                    return Ok(true);
+                    return Ok(Walk::Done(true));
                 }
             }
         }
-        Ok(false)
+        Ok(Walk::Done(false))
     }
 
     /// The newest value at or before `lsn` of every key in `keys` that has one (this
     /// timeline's own, else its parent's as of the fork; never older than a gap's base).
     pub fn latest_in_range(&self, keys: Range<Key>, lsn: Lsn) -> Result<BTreeMap<Key, (Lsn, Value)>, RepoError> {
         let floor = self.floor(lsn);
-        let mut out: BTreeMap<Key, (Lsn, Value)> = BTreeMap::new();
-        {
-            let l = self.read();
-            let lowest = floor.unwrap_or_default();
-            let mut offer = |k: Key, at: Lsn, v: Value| {
-                if at <= lsn && at >= lowest && out.get(&k).is_none_or(|(have, _)| *have < at) {
-                    out.insert(k, (at, v));
-                }
-            };
-            for layer in &l.files {
-                if layer.lsn_range().0 <= lsn && layer.lsn_range().1 >= lowest {
-                    layer.for_each_in_range(keys.clone(), &mut offer)?;
+        let mut fetched = Vec::new();
+        let mut out = loop {
+            match self.latest_in_range_local(keys.clone(), lsn, floor, &fetched)? {
+                Walk::Done(out) => break out,
+                Walk::Fetch(layer) => {
+                    layer.make_local()?;
+                    fetched.push(layer);
                 }
             }
-            let mems = [l.frozen.as_deref(), Some(&l.inmem)];
-            for mem in mems.into_iter().flatten() {
-                for (k, at, v) in mem.in_range(keys.clone()) {
-                    offer(k, at, v.clone());
-                }
-            }
-        }
+        };
         if let Some((a, fork)) = self.ancestor_below(floor) {
             for (k, v) in a.latest_in_range(keys, lsn.min(fork))? {
                 out.entry(k).or_insert(v);
@@ -982,6 +999,56 @@ impl Timeline {
         }
         Ok(out)
     }
+
+    /// This timeline's own part of [`Timeline::latest_in_range`] under the layers' lock, as
+    /// [`Timeline::own_values_local`] walks.
+    fn latest_in_range_local(
+        &self,
+        keys: Range<Key>,
+        lsn: Lsn,
+        floor: Option<Lsn>,
+        fetched: &[Arc<DeltaLayer>],
+    ) -> Result<Walk<Latest>, RepoError> {
+        let mut out = Latest::new();
+        let l = self.read();
+        let lowest = floor.unwrap_or_default();
+        let relevant: Vec<&Arc<DeltaLayer>> =
+            l.files.iter().filter(|f| f.lsn_range().0 <= lsn && f.lsn_range().1 >= lowest).collect();
+        if let Some(layer) = relevant.iter().find(|f| must_fetch(f, fetched)) {
+            return Ok(Walk::Fetch(Arc::clone(layer)));
+        }
+        let mut offer = |k: Key, at: Lsn, v: Value| {
+            if at <= lsn && at >= lowest && out.get(&k).is_none_or(|(have, _)| *have < at) {
+                out.insert(k, (at, v));
+            }
+        };
+        for layer in relevant {
+            layer.for_each_in_range(keys.clone(), &mut offer)?;
+        }
+        let mems = [l.frozen.as_deref(), Some(&l.inmem)];
+        for mem in mems.into_iter().flatten() {
+            for (k, at, v) in mem.in_range(keys.clone()) {
+                offer(k, at, v.clone());
+            }
+        }
+        drop(l);
+        Ok(Walk::Done(out))
+    }
+}
+
+/// The newest value of each key, as [`Timeline::latest_in_range`] gives them.
+type Latest = BTreeMap<Key, (Lsn, Value)>;
+
+/// How a walk of the layers under their lock ended: with its answer, or at a layer file to
+/// fetch first — without the lock, which ingest and every other reader need meanwhile.
+enum Walk<T> {
+    Done(T),
+    Fetch(Arc<DeltaLayer>),
+}
+
+/// Whether `layer` is evicted and not already fetched once by this walk.
+fn must_fetch(layer: &Arc<DeltaLayer>, fetched: &[Arc<DeltaLayer>]) -> bool {
+    !layer.is_local() && !fetched.iter().any(|f| Arc::ptr_eq(f, layer))
 }
 
 /// Creates `dir` private to this user (every value of the database is in there), and missing
