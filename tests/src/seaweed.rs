@@ -157,21 +157,23 @@ impl SeaweedFs {
 
     /// Stops the store (an outage: its data stays).
     pub fn stop(&mut self) -> Result<()> {
-        let Some(mut child) = self.child.take() else { return Ok(()) };
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while child.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                child.kill()?;
-                child.wait()?;
-                break;
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    child.kill()?;
+                    child.wait()?;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        // The gRPC sockets it makes in /tmp whatever it is told (no option moves them).
+        // The gRPC sockets it makes in /tmp whatever it is told (no option moves them); also
+        // when it had exited by itself.
         let p = self.ports;
-        for (what, port) in [("master", p.master), ("volume", p.volume), ("s3", p.s3)] {
+        for (what, port) in [("master", p.master), ("volume", p.volume), ("filer", p.filer), ("s3", p.s3)] {
             let _ = std::fs::remove_file(format!("/tmp/seaweedfs-{what}-grpc-{}.sock", port + 10000));
         }
         Ok(())
