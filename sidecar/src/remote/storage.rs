@@ -155,7 +155,11 @@ impl ObjectStorage {
                 (Arc::new(store), prefix.clone())
             }
             RemoteUrl::File { dir } => {
-                std::fs::create_dir_all(dir).map_err(|e| config(format!("creating {}: {e}", dir.display())))?;
+                // Private when made here (it holds every row); a share made beforehand is left
+                // as its owner made it.
+                std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+                    .create(dir)
+                    .map_err(|e| config(format!("creating {}: {e}", dir.display())))?;
                 // Written to a temporary name, fsync'd with its directory, renamed: durable.
                 let store = object_store::local::LocalFileSystem::new_with_prefix(dir)
                     .map_err(|e| config(e.to_string()))?
@@ -260,6 +264,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = RemoteUrl::File { dir: dir.path().join("remote") };
         let s = ObjectStorage::open(&url, &S3Settings::default()).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join("remote")).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o700, "a remote directory made here is private");
         s.put("layers/b", Bytes::from_static(b"bee")).unwrap();
         s.put("layers/a", Bytes::from_static(b"ay")).unwrap();
         s.put("manifest/1", Bytes::from_static(b"m")).unwrap();
