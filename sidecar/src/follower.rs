@@ -130,12 +130,12 @@ impl FollowError {
     /// a record reads: the remote store may be back (or repaired).
     pub fn is_final(&self) -> bool {
         let fetch = |e: &RepoError| matches!(e, RepoError::Layer(LayerError::Remote { .. }));
-        !(matches!(
-            self,
-            FollowError::Replication(_)
-                | FollowError::Repo(_)
-                | FollowError::Store(StoreError::Io { .. } | StoreError::Timeline(RepoError::Io { .. }))
-        ) || matches!(self, FollowError::Ingest(IngestError::Repo(e)) | FollowError::Store(StoreError::Timeline(e)) if fetch(e)))
+        match self {
+            FollowError::Replication(_) | FollowError::Repo(_) | FollowError::Store(StoreError::Io { .. }) => false,
+            FollowError::Store(StoreError::Timeline(e)) => !(matches!(e, RepoError::Io { .. }) || fetch(e)),
+            FollowError::Ingest(IngestError::Repo(e)) => !fetch(e),
+            _ => true,
+        }
     }
 }
 

@@ -8,6 +8,16 @@ use crate::Cluster;
 use anyhow::{Context, Result};
 use neon_types::Lsn;
 
+/// The file of `pgbench_accounts` now (in the connection's database, `postgres`).
+pub fn pgbench_accounts_file(c: &Cluster) -> Result<neon_types::RelFileNode> {
+    let ids = c.query_one_string(
+        "SELECT (SELECT oid FROM pg_database WHERE datname = current_database()) || ' ' || \
+         pg_relation_filenode('pgbench_accounts')",
+    )?;
+    let (db, rel) = ids.split_once(' ').context("two numbers")?;
+    Ok(neon_types::RelFileNode { spcnode: 1663, dbnode: db.parse()?, relnode: rel.parse()? })
+}
+
 /// The server's current WAL insert position.
 pub fn insert_lsn(c: &Cluster) -> Result<Lsn> {
     lsn_query(c, "SELECT pg_current_wal_insert_lsn()::text")

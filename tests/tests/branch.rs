@@ -103,16 +103,6 @@ fn boot_check_drop(s: &SidecarProcess, mounts: &Unmount, lsn: Lsn, dumps: &BTree
     Ok(())
 }
 
-/// The file of `pgbench_accounts` now.
-fn accounts_file(c: &Cluster) -> Result<neon_types::RelFileNode> {
-    let ids = c.query_one_string(
-        "SELECT (SELECT oid FROM pg_database WHERE datname = current_database()) || ' ' || \
-         pg_relation_filenode('pgbench_accounts')",
-    )?;
-    let (db, rel) = ids.split_once(' ').context("two numbers")?;
-    Ok(neon_types::RelFileNode { spcnode: 1663, dbnode: db.parse()?, relnode: rel.parse()? })
-}
-
 /// Page 0 of `node`'s main fork at `lsn`, from the sidecar's history.
 fn history_page(s: &SidecarProcess, node: neon_types::RelFileNode, lsn: Lsn) -> Result<Box<[u8; neon_types::BLCKSZ]>> {
     use neon_types::protocol::{Request, Response};
@@ -136,7 +126,7 @@ fn branches_boot_at_past_lsns_keep_their_writes_and_leave_history_alone() -> Res
         Ok(())
     };
     c.pgbench(&["-i", "-q", "-s", "1"])?;
-    let accounts = accounts_file(&c)?;
+    let accounts = workload::pgbench_accounts_file(&c)?;
     mark(&c)?;
     workload::mixed(&c, 1)?;
     mark(&c)?;

@@ -332,12 +332,7 @@ fn slot_restart(c: &neon_tests::Cluster) -> Result<neon_types::Lsn> {
 
 /// Block 0 of `pgbench_accounts` at `lsn`, as the sidecar answers.
 fn accounts_page(c: &neon_tests::Cluster, s: &SidecarProcess, lsn: neon_types::Lsn) -> Result<Response> {
-    let ids = c.query_one_string(
-        "SELECT (SELECT oid FROM pg_database WHERE datname = current_database()) || ' ' || \
-         pg_relation_filenode('pgbench_accounts')",
-    )?;
-    let (db, rel) = ids.split_once(' ').context("two numbers")?;
-    let node = neon_types::RelFileNode { spcnode: 1663, dbnode: db.parse()?, relnode: rel.parse()? };
+    let node = workload::pgbench_accounts_file(c)?;
     let tag = neon_types::BufferTag { rel: neon_types::RelTag { node, fork: neon_types::ForkNumber::Main }, blkno: 0 };
     Ok(s.client()?.request(&Request::GetPage { tag, lsn, wait_ms: 10_000 })?)
 }

@@ -154,18 +154,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     // of reach, ingest starts anyway and the claim is tried again in the background.
     let upload_status = Arc::new(UploadStatus::default());
     let uploader: Option<Option<Uploader>> = match &remote {
-        Some(remote) => Some(match Uploader::start_with_status(remote.clone(), &args.store, upload_status.clone()) {
-            Ok(u) => {
-                eprintln!("neon-sidecar: keeping history in {} too (generation {})", remote.describe(), u.generation());
-                Some(u)
-            }
-            Err(UploadError::Remote(e)) => {
-                eprintln!("neon-sidecar: {e}; claiming a generation there again in the background");
-                upload_status.set_error(Some(e.to_string()));
-                None
-            }
-            Err(e) => return Err(e).with_context(|| format!("remote store {}", remote.describe())),
-        }),
+        Some(remote) => Some(
+            claim(remote, &args.store, &upload_status)
+                .with_context(|| format!("remote store {}", remote.describe()))?,
+        ),
         None => None,
     };
     if remote.is_some() && args.durability == Durability::Remote {
@@ -390,9 +382,31 @@ fn compact_once(c: &mut Compacting, redo: &dyn WalRedoManager, retention: u64) -
     Ok(())
 }
 
-/// The uploader: `claimed` if the generation was claimed at start, else claimed now, tried
-/// again with backoff (1 s doubling to 30 s) while the remote store is out of reach. `None`
-/// if the sidecar stops first.
+/// One try at claiming this sidecar's generation on `remote`: the uploader, or `None` (said,
+/// and in `status`) if the store is out of reach; any other failure is final.
+fn claim(
+    remote: &crate::remote::Remote,
+    store: &std::path::Path,
+    status: &Arc<UploadStatus>,
+) -> Result<Option<Uploader>, UploadError> {
+    match Uploader::start_with_status(remote.clone(), store, status.clone()) {
+        Ok(u) => {
+            eprintln!("neon-sidecar: keeping history in {} too (generation {})", remote.describe(), u.generation());
+            status.set_error(None);
+            Ok(Some(u))
+        }
+        Err(UploadError::Remote(e)) => {
+            eprintln!("neon-sidecar: {e}; claiming a generation there again later");
+            status.set_error(Some(e.to_string()));
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The uploader: `claimed` if the generation was claimed at start, else [`claim`]ed again
+/// with backoff (1 s doubling to 30 s) while the remote store is out of reach. `None` if the
+/// sidecar stops first.
 fn claim_until_stopped(
     claimed: Option<Uploader>,
     remote: &crate::remote::Remote,
@@ -411,18 +425,9 @@ fn claim_until_stopped(
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        match Uploader::start_with_status(remote.clone(), store, status.clone()) {
-            Ok(u) => {
-                eprintln!("neon-sidecar: keeping history in {} too (generation {})", remote.describe(), u.generation());
-                status.set_error(None);
-                return Ok(Some(u));
-            }
-            Err(UploadError::Remote(e)) => {
-                eprintln!("neon-sidecar: {e} (trying again in {backoff:?})");
-                status.set_error(Some(e.to_string()));
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-            Err(e) => return Err(e),
+        if let Some(u) = claim(remote, store, status)? {
+            return Ok(Some(u));
         }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }

@@ -13,7 +13,8 @@ use super::upload::{newest_index, UploadError};
 use super::Remote;
 use crate::repo::commit_times::{CHUNK_FILE, LOG_FILE};
 use crate::repo::layer::RemoteStub;
-use crate::repo::timeline::{is_layer_name, private_dir, write_durably};
+use crate::repo::store::{timeline_dir, CURRENT, HISTORY, IDENTITY, TIMELINES};
+use crate::repo::timeline::{is_layer_name, private_dir, MANIFEST};
 use neon_types::Lsn;
 use std::path::{Path, PathBuf};
 
@@ -49,21 +50,19 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AttachError + '_ {
 }
 
 fn put(path: &Path, bytes: &[u8]) -> Result<(), AttachError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    write_durably(Path::new(&tmp), path, bytes).map_err(io(path))
+    super::put_file(path, bytes).map_err(io(path))
 }
 
 /// Sets up the store in `dir` (absent or empty) from the newest index in `remote`.
 pub fn attach(remote: &Remote, dir: &Path) -> Result<Attached, AttachError> {
-    if dir.join("identity").exists() {
+    if dir.join(IDENTITY).exists() {
         return Err(AttachError::SetUp { dir: dir.to_path_buf() });
     }
     let (name, index) = newest_index(remote)?.ok_or_else(|| AttachError::Empty { store: remote.describe() })?;
     private_dir(dir).map_err(io(dir))?;
     // An empty directory made beforehand (`mkdir` leaves it 0755): the store is private.
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io(dir))?;
-    let timelines = dir.join("timelines");
+    let timelines = dir.join(TIMELINES);
     // What an interrupted attach left: made again.
     match std::fs::remove_dir_all(&timelines) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&timelines)(e)),
@@ -72,14 +71,14 @@ pub fn attach(remote: &Remote, dir: &Path) -> Result<Attached, AttachError> {
     private_dir(&timelines).map_err(io(&timelines))?;
     let (mut files, mut bytes) = (0, 0);
     for t in &index.timelines {
-        let tdir = timelines.join(format!("{:08X}", t.id));
+        let tdir = timeline_dir(dir, t.id);
         private_dir(&tdir).map_err(io(&tdir))?;
         write_timeline(remote, &name, t, &tdir)?;
         files += t.files.len();
         bytes += t.files.iter().map(|(_, s)| s.facts.size).sum::<u64>();
     }
-    put(&dir.join("current"), &index.current)?;
-    put(&dir.join("identity"), &index.identity)?;
+    put(&dir.join(CURRENT), &index.current)?;
+    put(&dir.join(IDENTITY), &index.identity)?;
     Ok(Attached {
         index: name,
         generation: index.generation,
@@ -103,7 +102,7 @@ fn write_timeline(remote: &Remote, index: &str, t: &IndexedTimeline, tdir: &Path
         put(&RemoteStub::path_for(&tdir.join(layer)), &stub.encode())?;
     }
     if !t.history.is_empty() {
-        put(&tdir.join("history"), &t.history)?;
+        put(&tdir.join(HISTORY), &t.history)?;
     }
     if !t.commit_log.is_empty() {
         let mut chunks = Vec::new();
@@ -132,6 +131,6 @@ fn write_timeline(remote: &Remote, index: &str, t: &IndexedTimeline, tdir: &Path
         put(&tdir.join(LOG_FILE), &t.commit_log)?;
     }
     // Last: a timeline directory without a manifest is not a timeline (and is made again).
-    put(&tdir.join("manifest"), &t.manifest)?;
+    put(&tdir.join(MANIFEST), &t.manifest)?;
     Ok(())
 }

@@ -10,8 +10,8 @@
 //!   identity blob | current blob | timelines u32 | timelines ×
 //!     (id u32 | manifest blob | history blob | commit-times.log blob |
 //!      pieces u32 | pieces × (offset u64 | length u64 | crc32c u32 | short object) |
-//!      files u32 | files × (short layer name | short object | size u64 | entries u32 |
-//!                           min lsn u64 | max lsn u64 | footer crc32c u32))
+//!      files u32 | files × (short layer name | short object | facts: 32 bytes, as
+//!                           `LayerFacts::encode_into` writes them))
 //! blob: u32 length | bytes; short: u16 length | UTF-8; integers little-endian
 //! ```
 //!
@@ -107,14 +107,9 @@ impl Index {
             }
             b.extend_from_slice(&(t.files.len() as u32).to_le_bytes());
             for (name, stub) in &t.files {
-                let f = &stub.facts;
                 short(&mut b, name);
                 short(&mut b, &stub.object);
-                b.extend_from_slice(&f.size.to_le_bytes());
-                b.extend_from_slice(&f.entries.to_le_bytes());
-                b.extend_from_slice(&f.lsn_range.0 .0.to_le_bytes());
-                b.extend_from_slice(&f.lsn_range.1 .0.to_le_bytes());
-                b.extend_from_slice(&f.footer_crc.to_le_bytes());
+                stub.facts.encode_into(&mut b);
             }
         }
         b
@@ -145,12 +140,7 @@ impl Index {
             for _ in 0..r.u32()? {
                 let name = r.short()?;
                 let object = r.short()?;
-                let facts = LayerFacts {
-                    size: r.u64()?,
-                    entries: r.u32()?,
-                    lsn_range: (Lsn(r.u64()?), Lsn(r.u64()?)),
-                    footer_crc: r.u32()?,
-                };
+                let facts = LayerFacts::decode(r.take(LayerFacts::ENCODED_LEN)?.try_into().expect("32 bytes"));
                 t.files.push((name, RemoteStub { object, facts }));
             }
             timelines.push(t);

@@ -33,8 +33,8 @@ use super::index::{generation_of, index_name, Index, IndexedTimeline, Piece, IND
 use super::{Remote, RemoteError};
 use crate::repo::commit_times::{sealed_length, CommitTimesError, CHUNK_FILE, LOG_FILE};
 use crate::repo::layer::{LayerError, LayerFacts, RemoteStub};
-use crate::repo::store::Store;
-use crate::repo::timeline::{read_durable_manifest, write_durably, RepoError};
+use crate::repo::store::{decode_current, timeline_dir, Store, CURRENT, HISTORY, IDENTITY, TIMELINES};
+use crate::repo::timeline::{read_durable_manifest, RepoError, MANIFEST};
 use neon_types::Lsn;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -176,7 +176,7 @@ pub fn newest_index(remote: &Remote) -> Result<Option<(String, Index)>, UploadEr
 }
 
 fn timeline_dirs(store: &Path) -> Result<Vec<(u32, PathBuf)>, UploadError> {
-    let dir = store.join("timelines");
+    let dir = store.join(TIMELINES);
     let mut out = Vec::new();
     for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
         let e = e.map_err(io(&dir))?;
@@ -229,7 +229,7 @@ impl Uploader {
     pub fn start_with_status(remote: Remote, store: &Path, status: Arc<UploadStatus>) -> Result<Uploader, UploadError> {
         // Whose prefix it is first: another cluster's history is never touched.
         let newest = newest_index(&remote)?;
-        let identity = read_file(&store.join("identity"))?;
+        let identity = read_file(&store.join(IDENTITY))?;
         if let Some((name, index)) = &newest {
             if index.identity != identity {
                 return Err(UploadError::Foreign { store: remote.describe(), index: name.clone() });
@@ -271,7 +271,7 @@ impl Uploader {
             live.extend(index.objects().map(str::to_string));
             live.insert(name.clone());
             for t in &index.timelines {
-                let dir = store.join(format!("timelines/{:08X}", t.id));
+                let dir = timeline_dir(store, t.id);
                 if pieces_match(&dir, &t.pieces) {
                     u.pieces.insert(t.id, t.pieces.clone());
                 }
@@ -280,7 +280,7 @@ impl Uploader {
             u.status.durable.store(index.durable.0, Ordering::Relaxed);
         }
         let now = Instant::now();
-        for dir in [INDEX_DIR, "timelines"] {
+        for dir in [INDEX_DIR, TIMELINES] {
             for object in u.remote.list(dir)? {
                 if !live.contains(&object) {
                     u.doomed.push((object, now));
@@ -316,7 +316,7 @@ impl Uploader {
 
     fn next_object(&mut self, tl: u32, base: &str) -> String {
         self.made += 1;
-        format!("timelines/{tl:08X}/{base}.g{:08X}.{}", self.generation, self.made)
+        format!("{TIMELINES}/{tl:08X}/{base}.g{:08X}.{}", self.generation, self.made)
     }
 
     /// Whether the layer file `name` of timeline `tl` (in `dir`) is uploaded: its stub if so,
@@ -374,9 +374,7 @@ impl Uploader {
         self.remote.put_object(&object, &bytes)?;
         let stub = RemoteStub { object, facts };
         let stub_path = RemoteStub::path_for(path);
-        let mut tmp = stub_path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        write_durably(Path::new(&tmp), &stub_path, &stub.encode()).map_err(io(&stub_path))?;
+        super::put_file(&stub_path, &stub.encode()).map_err(io(&stub_path))?;
         if !path.exists() {
             // Collected while it went up: the stub must not outlive it.
             let _ = std::fs::remove_file(&stub_path);
@@ -434,13 +432,13 @@ impl Uploader {
         // Another writer first: a fenced one neither uploads nor deletes.
         self.check_fenced()?;
         // Before the timelines: a fork made meanwhile is then in them, if `current` names it.
-        let current = read_file(&self.store.join("current"))?;
-        let identity = read_file(&self.store.join("identity"))?;
+        let current = read_file(&self.store.join(CURRENT))?;
+        let identity = read_file(&self.store.join(IDENTITY))?;
         let mut timelines = Vec::new();
         // (timeline, file) positions of what is not uploaded yet, with its size.
         let mut queue = Vec::new();
         for (id, dir) in timeline_dirs(&self.store)? {
-            if !dir.join("manifest").exists() {
+            if !dir.join(MANIFEST).exists() {
                 continue;
             }
             let (manifest, names, durable) = read_durable_manifest(&dir)?;
@@ -476,10 +474,10 @@ impl Uploader {
         let mut indexed = Vec::new();
         for t in &timelines {
             let commit_log = self.upload_commit_times(t.id, &t.dir)?;
-            let history = match std::fs::read(t.dir.join("history")) {
+            let history = match std::fs::read(t.dir.join(HISTORY)) {
                 Ok(b) => b,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(io(&t.dir.join("history"))(e)),
+                Err(e) => return Err(io(&t.dir.join(HISTORY))(e)),
             };
             indexed.push(IndexedTimeline {
                 id: t.id,
@@ -490,7 +488,7 @@ impl Uploader {
                 files: t.files.iter().map(|(n, s)| (n.clone(), s.clone().expect("uploaded above"))).collect(),
             });
         }
-        let current_id = current.get(8..12).map(|t| u32::from_le_bytes(t.try_into().expect("4 bytes")));
+        let current_id = decode_current(&current);
         let durable = timelines.iter().find(|t| Some(t.id) == current_id).map_or(Lsn::INVALID, |t| t.durable);
         let index = Index { generation: self.generation, durable, identity, current, timelines: indexed };
         let encoded = index.encode();

@@ -178,6 +178,29 @@ pub struct LayerFacts {
 }
 
 impl LayerFacts {
+    /// Bytes of [`LayerFacts::encode_into`]: size u64 | entries u32 | min lsn u64 |
+    /// max lsn u64 | footer crc32c u32, little-endian (in stubs and in the remote index).
+    pub const ENCODED_LEN: usize = 32;
+
+    pub fn encode_into(&self, b: &mut Vec<u8>) {
+        b.extend_from_slice(&self.size.to_le_bytes());
+        b.extend_from_slice(&self.entries.to_le_bytes());
+        b.extend_from_slice(&self.lsn_range.0 .0.to_le_bytes());
+        b.extend_from_slice(&self.lsn_range.1 .0.to_le_bytes());
+        b.extend_from_slice(&self.footer_crc.to_le_bytes());
+    }
+
+    pub fn decode(b: &[u8; Self::ENCODED_LEN]) -> LayerFacts {
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        LayerFacts {
+            size: u64_at(0),
+            entries: u32_at(8),
+            lsn_range: (Lsn(u64_at(12)), Lsn(u64_at(20))),
+            footer_crc: u32_at(28),
+        }
+    }
+
     /// The facts of a whole layer file, checking its footer.
     pub fn of(path: &Path, bytes: &[u8]) -> Result<LayerFacts, LayerError> {
         let footer = bytes.len().checked_sub(FOOTER_LEN).map(|at| &bytes[at..]);
@@ -226,8 +249,8 @@ impl LayerFacts {
 /// the file, so that the layer is known without it.
 ///
 /// ```text
-/// "NEONRL01" | size u64 | entries u32 | min lsn u64 | max lsn u64 | footer crc32c u32 |
-/// u16 len | object name | crc32c u32 (of all before it); little-endian
+/// "NEONRL01" | facts (LayerFacts::encode_into, 32 bytes) | u16 len | object name |
+/// crc32c u32 (of all before it); little-endian
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteStub {
@@ -247,14 +270,9 @@ impl RemoteStub {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let f = &self.facts;
         let mut b = Vec::with_capacity(64 + self.object.len());
         b.extend_from_slice(STUB_MAGIC);
-        b.extend_from_slice(&f.size.to_le_bytes());
-        b.extend_from_slice(&f.entries.to_le_bytes());
-        b.extend_from_slice(&f.lsn_range.0 .0.to_le_bytes());
-        b.extend_from_slice(&f.lsn_range.1 .0.to_le_bytes());
-        b.extend_from_slice(&f.footer_crc.to_le_bytes());
+        self.facts.encode_into(&mut b);
         b.extend_from_slice(&(self.object.len() as u16).to_le_bytes());
         b.extend_from_slice(self.object.as_bytes());
         b.extend_from_slice(&crc32c::crc32c(&b).to_le_bytes());
@@ -270,18 +288,11 @@ impl RemoteStub {
         if crc32c::crc32c(body).to_le_bytes() != crc {
             return Err(corrupt("stub checksum mismatch"));
         }
-        let u32_at = |o: usize| u32::from_le_bytes(body[o..o + 4].try_into().expect("4 bytes"));
-        let u64_at = |o: usize| u64::from_le_bytes(body[o..o + 8].try_into().expect("8 bytes"));
         let len = u16::from_le_bytes(body[40..42].try_into().expect("2 bytes")) as usize;
         let object = body.get(42..).filter(|o| o.len() == len).ok_or_else(|| corrupt("stub length"))?;
         Ok(RemoteStub {
             object: String::from_utf8(object.to_vec()).map_err(|_| corrupt("object name is not UTF-8"))?,
-            facts: LayerFacts {
-                size: u64_at(8),
-                entries: u32_at(16),
-                lsn_range: (Lsn(u64_at(20)), Lsn(u64_at(28))),
-                footer_crc: u32_at(36),
-            },
+            facts: LayerFacts::decode(body[8..40].try_into().expect("32 bytes")),
         })
     }
 
@@ -422,7 +433,6 @@ impl DeltaLayer {
         Ok(mapped)
     }
 
-    /// Whether the file is on local disk (mapped) now.
     /// Makes the layer's bytes local, fetching them if it is evicted: a reader that holds a
     /// lock others need fetches first, without it.
     pub fn make_local(&self) -> Result<(), LayerError> {

@@ -27,14 +27,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-const IDENTITY: &str = "identity";
+pub const IDENTITY: &str = "identity";
 const IDENTITY_MAGIC: &[u8; 8] = b"NEONID01";
-const CURRENT: &str = "current";
+pub const CURRENT: &str = "current";
 const CURRENT_MAGIC: &[u8; 8] = b"NEONCT01";
 const LOCK: &str = "lock";
-const TIMELINES: &str = "timelines";
+pub const TIMELINES: &str = "timelines";
 /// PostgreSQL's history file of a timeline, inside its directory.
-const HISTORY: &str = "history";
+pub const HISTORY: &str = "history";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -295,8 +295,12 @@ impl Store {
 
     /// Layer files on local disk: how many and their bytes.
     pub fn local_layers(&self) -> (usize, u64) {
-        let local: Vec<_> = self.timelines().iter().flat_map(|t| t.layers()).filter(|l| l.is_local()).collect();
+        let local = self.local_layer_list();
         (local.len(), local.iter().map(|l| l.size_bytes()).sum())
+    }
+
+    fn local_layer_list(&self) -> Vec<Arc<super::layer::DeltaLayer>> {
+        self.timelines().iter().flat_map(|t| t.layers()).filter(|l| l.is_local()).collect()
     }
 
     /// Local disk as a cache of the remote store: evicts the least recently read layer files
@@ -306,7 +310,7 @@ impl Store {
     /// would otherwise fetch the same files again after every eviction. The files and bytes
     /// evicted.
     pub fn evict_layers(&self, limit: u64, keep: std::time::Duration) -> Result<(usize, u64), StoreError> {
-        let mut local: Vec<_> = self.timelines().iter().flat_map(|t| t.layers()).filter(|l| l.is_local()).collect();
+        let mut local = self.local_layer_list();
         let mut bytes: u64 = local.iter().map(|l| l.size_bytes()).sum();
         local.sort_by_key(|l| l.last_used());
         let (mut files, mut freed) = (0, 0);
@@ -430,7 +434,8 @@ fn holds_layers(tdir: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn timeline_dir(dir: &Path, id: u32) -> PathBuf {
+/// Timeline `id`'s directory in the store in `dir`.
+pub fn timeline_dir(dir: &Path, id: u32) -> PathBuf {
     dir.join(TIMELINES).join(format!("{id:08X}"))
 }
 
@@ -491,11 +496,13 @@ fn write_current(dir: &Path, id: u32) -> Result<(), StoreError> {
 fn read_current(dir: &Path) -> Result<u32, StoreError> {
     let path = dir.join(CURRENT);
     let b = std::fs::read(&path).map_err(io(&path))?;
+    decode_current(&b).ok_or_else(|| corrupt(dir, CURRENT, "bad magic or checksum"))
+}
+
+/// The timeline a `current` file's bytes name, if they are one.
+pub fn decode_current(b: &[u8]) -> Option<u32> {
     let ok = b.len() == 16 && b.starts_with(CURRENT_MAGIC) && crc32c::crc32c(&b[..12]).to_le_bytes() == b[12..];
-    if !ok {
-        return Err(corrupt(dir, CURRENT, "bad magic or checksum"));
-    }
-    Ok(u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")))
+    ok.then(|| u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")))
 }
 
 #[cfg(test)]

@@ -49,7 +49,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-const MANIFEST: &str = "manifest";
+pub const MANIFEST: &str = "manifest";
 const MANIFEST_MAGIC: u64 = u64::from_le_bytes(*b"NEONMF05");
 /// Version 4: the same, without the record ending at the durable LSN (read as none known).
 const MANIFEST_MAGIC_V4: u64 = u64::from_le_bytes(*b"NEONMF04");
@@ -918,17 +918,10 @@ impl Timeline {
     /// the first that needs no earlier value; true if one was found.
     fn own_values(&self, key: Key, lsn: Lsn, floor: Lsn, out: &mut Vec<(Lsn, Value)>) -> Result<bool, RepoError> {
         let start = out.len();
-        let mut fetched = Vec::new();
-        loop {
-            match self.own_values_local(key, lsn, floor, out, &fetched)? {
-                Walk::Done(found) => return Ok(found),
-                Walk::Fetch(layer) => {
-                    out.truncate(start);
-                    layer.make_local()?;
-                    fetched.push(layer);
-                }
-            }
-        }
+        walk_fetching(|fetched| {
+            out.truncate(start);
+            self.own_values_local(key, lsn, floor, out, fetched)
+        })
     }
 
     /// [`Timeline::own_values`] under the layers' lock, stopping at the first layer file that
@@ -982,16 +975,7 @@ impl Timeline {
     /// timeline's own, else its parent's as of the fork; never older than a gap's base).
     pub fn latest_in_range(&self, keys: Range<Key>, lsn: Lsn) -> Result<BTreeMap<Key, (Lsn, Value)>, RepoError> {
         let floor = self.floor(lsn);
-        let mut fetched = Vec::new();
-        let mut out = loop {
-            match self.latest_in_range_local(keys.clone(), lsn, floor, &fetched)? {
-                Walk::Done(out) => break out,
-                Walk::Fetch(layer) => {
-                    layer.make_local()?;
-                    fetched.push(layer);
-                }
-            }
-        };
+        let mut out = walk_fetching(|fetched| self.latest_in_range_local(keys.clone(), lsn, floor, fetched))?;
         if let Some((a, fork)) = self.ancestor_below(floor) {
             for (k, v) in a.latest_in_range(keys, lsn.min(fork))? {
                 out.entry(k).or_insert(v);
@@ -1031,7 +1015,6 @@ impl Timeline {
                 offer(k, at, v.clone());
             }
         }
-        drop(l);
         Ok(Walk::Done(out))
     }
 }
@@ -1044,6 +1027,21 @@ type Latest = BTreeMap<Key, (Lsn, Value)>;
 enum Walk<T> {
     Done(T),
     Fetch(Arc<DeltaLayer>),
+}
+
+/// Runs `walk` (under the layers' lock) until it ends with an answer, fetching each layer file
+/// it stops at in between, without the lock; `walk` is told which it has fetched already.
+fn walk_fetching<T>(mut walk: impl FnMut(&[Arc<DeltaLayer>]) -> Result<Walk<T>, RepoError>) -> Result<T, RepoError> {
+    let mut fetched = Vec::new();
+    loop {
+        match walk(&fetched)? {
+            Walk::Done(answer) => return Ok(answer),
+            Walk::Fetch(layer) => {
+                layer.make_local()?;
+                fetched.push(layer);
+            }
+        }
+    }
 }
 
 /// Whether `layer` is evicted and not already fetched once by this walk.

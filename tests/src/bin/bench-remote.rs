@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use neon_tests::bench::Flags;
 use neon_tests::seaweed::SeaweedFs;
 use neon_tests::sidecar::{cluster_born_with_store, sidecar_cli_as_server_user, SidecarProcess};
-use neon_tests::{chown_to_server_user, workload, Cluster};
+use neon_tests::{chown_to_server_user, workload};
 use neon_types::protocol::{Request, Response};
 use neon_types::{BufferTag, ForkNumber, Lsn, RelFileNode, RelTag};
 use sidecar::remote::Remote;
@@ -79,15 +79,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn accounts_node(c: &Cluster) -> Result<RelFileNode> {
-    let ids = c.query_one_string(
-        "SELECT (SELECT oid FROM pg_database WHERE datname = current_database()) || ' ' || \
-         pg_relation_filenode('pgbench_accounts')",
-    )?;
-    let (db, rel) = ids.split_once(' ').context("two numbers")?;
-    Ok(RelFileNode { spcnode: 1663, dbnode: db.parse()?, relnode: rel.parse()? })
 }
 
 /// One GetPage, timed; an error answer is an error.
@@ -179,7 +170,7 @@ fn main() -> Result<()> {
     let mid = samples[samples.len() / 2].local;
 
     // 2. Cold page reads beside local ones, at the run's middle.
-    let node = accounts_node(&c)?;
+    let node = workload::pgbench_accounts_file(&c)?;
     let nblocks: u32 = c.query_one_string("SELECT pg_relation_size('pgbench_accounts') / 8192")?.parse()?;
     let picks = blocks(reads * 2, nblocks, 7);
     eprintln!("bench: {reads} page reads with every layer file local, then {reads} cold from the store ...");
