@@ -43,7 +43,7 @@ demo: deps install-ext
 # timetravel: neon_lsn_at from SQL with a year of transaction ends in the index, beside a sidecar
 #   round trip without a lookup and a call with no sidecar at all.
 # remote: uploads to an object store (SeaweedFS) beside the local layer-writing rate, their lag;
-#   a cold page read that fetches its layer files beside a local one; attach-remote of ~1 GB to
+#   a cold page read (byte ranges of the files that hold it) beside a local one; attach-remote of ~1 GB to
 #   its first page beside fetching the whole history.
 bench: deps install-ext
 	bash bench/decode

@@ -59,6 +59,16 @@ impl RemoteStorage for Faulty {
         self.inner.get(name)
     }
 
+    fn get_ranges(&self, name: &str, ranges: &[std::ops::Range<u64>]) -> Result<Vec<Bytes>, StorageError> {
+        self.fault("ranged download", name)?;
+        self.inner.get_ranges(name, ranges)
+    }
+
+    fn get_tail(&self, name: &str, len: u64) -> Result<(Bytes, u64), StorageError> {
+        self.fault("ranged download", name)?;
+        self.inner.get_tail(name, len)
+    }
+
     fn list(&self, dir: &str) -> Result<Vec<String>, StorageError> {
         self.fault("listing", dir)?;
         self.inner.list(dir)

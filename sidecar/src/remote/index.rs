@@ -19,6 +19,7 @@
 //! once, which together cover what the log (kept whole) says is sealed.
 
 use crate::repo::layer::{LayerFacts, RemoteStub};
+use crate::repo::layer_summary::summary_object;
 use neon_types::Lsn;
 
 const MAGIC: &[u8; 8] = b"NEONIX02";
@@ -67,9 +68,11 @@ pub fn generation_of(name: &str) -> Option<u32> {
 
 impl Index {
     /// Every object the index names.
-    pub fn objects(&self) -> impl Iterator<Item = &str> {
+    /// Every object the index names: layer files with their summaries, commit-time pieces.
+    pub fn objects(&self) -> impl Iterator<Item = String> + '_ {
         self.timelines.iter().flat_map(|t| {
-            t.files.iter().map(|(_, s)| s.object.as_str()).chain(t.pieces.iter().map(|p| p.object.as_str()))
+            let layers = t.files.iter().flat_map(|(_, s)| [s.object.clone(), summary_object(&s.object)]);
+            layers.chain(t.pieces.iter().map(|p| p.object.clone()))
         })
     }
 
@@ -207,7 +210,7 @@ mod tests {
         let back = Index::decode(&b).unwrap();
         assert_eq!(back.encode(), b);
         assert_eq!(back.timeline(1).unwrap().files[0].1, stub);
-        assert_eq!(back.objects().count(), 2);
+        assert_eq!(back.objects().count(), 3, "the layer file, its summary, the piece");
         assert!(Index::decode(&b[..b.len() - 1]).is_err());
         assert_eq!(generation_of(&index_name(0x1A, 5)), Some(0x1A));
     }

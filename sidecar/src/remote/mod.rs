@@ -60,6 +60,8 @@ impl RemoteState {
         let _ = writeln!(s, "remote_uploaded_bytes {}", u.uploaded_bytes.load(Relaxed));
         let _ = writeln!(s, "remote_fetched_files {}", self.layers.fetched_files.load(Relaxed));
         let _ = writeln!(s, "remote_fetched_bytes {}", self.layers.fetched_bytes.load(Relaxed));
+        let _ = writeln!(s, "remote_range_reads {}", self.layers.range_reads.load(Relaxed));
+        let _ = writeln!(s, "remote_range_bytes {}", self.layers.range_bytes.load(Relaxed));
         let _ = writeln!(s, "remote_fetch_errors {}", self.layers.fetch_errors.load(Relaxed));
         let _ = writeln!(s, "remote_fenced {}", u.fenced.load(Relaxed));
         // One line: the error's own line breaks would start lines of their own.

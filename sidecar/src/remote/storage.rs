@@ -35,6 +35,11 @@ pub enum StorageError {
 pub trait RemoteStorage: Send + Sync {
     fn put(&self, name: &str, body: Bytes) -> Result<(), StorageError>;
     fn get(&self, name: &str) -> Result<Bytes, StorageError>;
+    /// Byte ranges of object `name`, as stored (the seal's trailer is not checked: each
+    /// range is checked by what it holds). Requests for nearby ranges may be merged.
+    fn get_ranges(&self, name: &str, ranges: &[std::ops::Range<u64>]) -> Result<Vec<Bytes>, StorageError>;
+    /// The last `len` bytes of object `name` (all of it if shorter), and its size.
+    fn get_tail(&self, name: &str, len: u64) -> Result<(Bytes, u64), StorageError>;
     /// The names of the objects under `dir` (no trailing `/`), in its sub-directories too,
     /// sorted.
     fn list(&self, dir: &str) -> Result<Vec<String>, StorageError>;
@@ -209,6 +214,24 @@ impl RemoteStorage for ObjectStorage {
             .map_err(|e| self.failed("download", name, e))
     }
 
+    fn get_ranges(&self, name: &str, ranges: &[std::ops::Range<u64>]) -> Result<Vec<Bytes>, StorageError> {
+        let path = self.path(name);
+        self.runtime.block_on(self.store.get_ranges(&path, ranges)).map_err(|e| self.failed("ranged download", name, e))
+    }
+
+    fn get_tail(&self, name: &str, len: u64) -> Result<(Bytes, u64), StorageError> {
+        let path = self.path(name);
+        let options =
+            object_store::GetOptions { range: Some(object_store::GetRange::Suffix(len)), ..Default::default() };
+        self.runtime
+            .block_on(async {
+                let got = self.store.get_opts(&path, options).await?;
+                let size = got.meta.size;
+                Ok((got.bytes().await?, size))
+            })
+            .map_err(|e| self.failed("ranged download", name, e))
+    }
+
     fn list(&self, dir: &str) -> Result<Vec<String>, StorageError> {
         // Directory by directory: S3 lists a level at a time with a delimiter, and a local
         // directory tree the same way.
@@ -272,6 +295,10 @@ mod tests {
         s.put("layers/a", Bytes::from_static(b"ay")).unwrap();
         s.put("manifest/1", Bytes::from_static(b"m")).unwrap();
         assert_eq!(s.get("layers/a").unwrap(), Bytes::from_static(b"ay"));
+        let parts = s.get_ranges("layers/b", &[1..3, 0..1]).unwrap();
+        assert_eq!(parts, [Bytes::from_static(b"ee"), Bytes::from_static(b"b")]);
+        assert_eq!(s.get_tail("layers/b", 2).unwrap(), (Bytes::from_static(b"ee"), 3));
+        assert_eq!(s.get_tail("layers/b", 9).unwrap(), (Bytes::from_static(b"bee"), 3));
         assert_eq!(s.list("layers").unwrap(), ["layers/a", "layers/b"]);
         s.delete("layers/a").unwrap();
         s.delete("layers/a").unwrap();

@@ -23,6 +23,8 @@
 //! <prefix>/generations/<generation, 8 hex>       "nonce = <hex>" lines: the claim
 //! <prefix>/timelines/<tl, 8 hex>/<layer file name>.g<generation, 8 hex>.<n>
 //!                                                 a layer file, as on disk
+//! <prefix>/timelines/<tl, 8 hex>/<layer file name>.g<generation, 8 hex>.<n>.keys
+//!                                                 its summary (`repo::layer_summary`)
 //! <prefix>/timelines/<tl, 8 hex>/commit-times.<offset, 16 hex>.g<generation, 8 hex>.<n>
 //!                                                 a piece of the commit-time chunk file
 //! <prefix>/index/…                                see `index`
@@ -33,6 +35,7 @@ use super::index::{generation_of, index_name, Index, IndexedTimeline, Piece, IND
 use super::{Remote, RemoteError};
 use crate::repo::commit_times::{sealed_length, CommitTimesError, CHUNK_FILE, LOG_FILE};
 use crate::repo::layer::{LayerError, LayerFacts, RemoteStub};
+use crate::repo::layer_summary::{summary_object, LayerSummary};
 use crate::repo::store::{decode_current, timeline_dir, Store, CURRENT, HISTORY, IDENTITY, TIMELINES};
 use crate::repo::timeline::{read_durable_manifest, RepoError, MANIFEST};
 use neon_types::Lsn;
@@ -197,6 +200,7 @@ fn local_stub_objects(store: &Path) -> Result<BTreeSet<String>, UploadError> {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             if let Some(layer) = name.strip_suffix(crate::repo::layer::STUB_SUFFIX) {
                 if let Ok(Some(stub)) = RemoteStub::read(&dir.join(layer)) {
+                    out.insert(summary_object(&stub.object));
                     out.insert(stub.object);
                 }
             }
@@ -268,7 +272,7 @@ impl Uploader {
         // will); the rest is garbage, deleted after the grace period.
         let mut live: BTreeSet<String> = local_stub_objects(store)?;
         if let Some((name, index)) = &newest {
-            live.extend(index.objects().map(str::to_string));
+            live.extend(index.objects());
             live.insert(name.clone());
             for t in &index.timelines {
                 let dir = timeline_dir(store, t.id);
@@ -276,7 +280,7 @@ impl Uploader {
                     u.pieces.insert(t.id, t.pieces.clone());
                 }
             }
-            u.named.push_back((name.clone(), index.objects().map(str::to_string).collect()));
+            u.named.push_back((name.clone(), index.objects().collect()));
             u.status.durable.store(index.durable.0, Ordering::Relaxed);
         }
         let now = Instant::now();
@@ -367,11 +371,14 @@ impl Uploader {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io(path)(e)),
         };
-        let facts = LayerFacts::of(path, &bytes)?;
+        let summary = LayerSummary::build(path, &bytes)?;
+        let facts = summary.facts;
         let object = self.next_object(tl, name);
-        // Known before it is put: a put that failed may still have landed.
+        // Known before they are put: a put that failed may still have landed.
         self.unindexed.push(object.clone());
+        self.unindexed.push(summary_object(&object));
         self.remote.put_object(&object, &bytes)?;
+        self.remote.put_object(&summary_object(&object), &summary.encode())?;
         let stub = RemoteStub { object, facts };
         let stub_path = RemoteStub::path_for(path);
         super::put_file(&stub_path, &stub.encode()).map_err(io(&stub_path))?;
@@ -497,7 +504,7 @@ impl Uploader {
         if self.last_index.as_ref() != Some(&encoded) {
             self.sequence += 1;
             let name = index_name(self.generation, self.sequence);
-            let named: BTreeSet<String> = index.objects().map(str::to_string).collect();
+            let named: BTreeSet<String> = index.objects().collect();
             // Known before it is put: a put that failed may still have landed.
             self.named.push_back((name.clone(), named.clone()));
             let now = Instant::now();
@@ -629,7 +636,7 @@ mod tests {
 
     fn named_objects_exist(remote: &Remote) -> BTreeSet<String> {
         let (name, index) = newest_index(remote).unwrap().expect("an index");
-        let named: BTreeSet<String> = index.objects().map(str::to_string).collect();
+        let named: BTreeSet<String> = index.objects().collect();
         for o in &named {
             remote.get_object(o).unwrap_or_else(|e| panic!("{name} names {o}: {e}"));
         }
@@ -667,7 +674,7 @@ mod tests {
         }
         let named = named_objects_exist(&remote);
         let layer_objects: Vec<String> = remote.list("timelines").unwrap();
-        assert_eq!(layer_objects.len(), layers, "{layer_objects:?}");
+        assert_eq!(layer_objects.len(), layers * 2, "every layer file and its summary: {layer_objects:?}");
         assert!(layer_objects.iter().all(|o| named.contains(o) && o.contains(".g00000001.")), "{layer_objects:?}");
         assert_eq!(second.status.queued_files.load(Ordering::Relaxed), 0);
         assert_eq!(second.status.durable(), Lsn(300));
@@ -675,11 +682,20 @@ mod tests {
         // Evicted, every layer file is fetched back when read, and reads as before.
         let before = store.current().values_for(Key::meta(1, 1), Lsn(300)).unwrap();
         drop(store);
-        let source: Arc<dyn LayerSource> = Arc::new(RemoteLayers::new(remote.clone()));
+        let layers_source = Arc::new(RemoteLayers::new(remote.clone()));
+        let source: Arc<dyn LayerSource> = layers_source.clone();
         let store = Store::open_with_source(&dir, true, Some(source)).unwrap();
         assert_eq!(store.evict_layers(0, Duration::ZERO).unwrap().0, layers);
         assert_eq!(store.local_layers(), (0, 0));
         assert_eq!(store.current().values_for(Key::meta(1, 1), Lsn(300)).unwrap(), before);
+        // Read from byte ranges of the newest object alone (its value needs no older one).
+        assert_eq!(layers_source.fetched_files.load(Ordering::Relaxed), 0, "a file was fetched whole");
+        assert!(layers_source.range_reads.load(Ordering::Relaxed) > 0);
+        assert_eq!(store.local_layers(), (0, 0));
+        // A key no file holds: ruled out by the summaries, no more ranges read.
+        let ranges = layers_source.range_reads.load(Ordering::Relaxed);
+        assert!(store.current().values_for(Key::meta(1, 2), Lsn(300)).unwrap().is_empty());
+        assert!(layers_source.range_reads.load(Ordering::Relaxed) <= ranges + 2, "summaries of the two older files");
 
         // An older writer, once a newer generation claimed the prefix, stops at its next
         // round: neither an index nor a deletion.

@@ -19,6 +19,7 @@
 //! checked to be the same file. A store attached from the remote holds stubs only at first.
 
 use super::key::{Key, KEY_LEN};
+use super::layer_summary::LayerSummary;
 use super::value::{Value, ValueError};
 use bytes::{Bytes, BytesMut};
 use memmap2::Mmap;
@@ -28,13 +29,13 @@ use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"NEONDL01");
 const VERSION: u32 = 1;
-const FOOTER_LEN: usize = 48;
-const ENTRY_LEN: usize = KEY_LEN + 8 + 8 + 4;
+pub(crate) const FOOTER_LEN: usize = 48;
+pub(crate) const ENTRY_LEN: usize = KEY_LEN + 8 + 8 + 4;
 const BLOB_HEADER_LEN: usize = 8;
 
 /// Problems with a layer file, naming it.
@@ -160,12 +161,29 @@ impl Drop for DeltaLayerWriter {
 
 /// Where a layer file that is not on local disk — evicted once it was uploaded, or never
 /// downloaded on this machine — is fetched from (the remote store; `repo` knows it only by
-/// this).
+/// this). Errors name the object and the store.
 pub trait LayerSource: Send + Sync {
     /// Puts the file `stub` describes at `path`: written to a temporary name, fsync'd and
-    /// renamed. Errors name the object and the store.
+    /// renamed.
     fn fetch(&self, stub: &RemoteStub, path: &Path) -> Result<(), LayerError>;
+    /// The summary of the file `stub` describes (checked), if the store has one.
+    fn summary(&self, stub: &RemoteStub, path: &Path) -> Result<Option<LayerSummary>, LayerError>;
+    /// The footer of the file `stub` describes, once its object is found to be of that
+    /// file's size (a damaged error if not).
+    fn read_footer(&self, stub: &RemoteStub, path: &Path) -> Result<Bytes, LayerError>;
+    /// Byte ranges of the file `stub` describes, unchecked: the caller checks what they hold.
+    fn read_ranges(&self, stub: &RemoteStub, path: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, LayerError>;
+    /// What came back from object `stub.object` is damaged (`why`): the error to return,
+    /// counted and logged.
+    fn damaged(&self, stub: &RemoteStub, path: &Path, why: &str) -> LayerError;
 }
+
+/// Single-key reads of an evicted file, since it was last local, before the whole file is
+/// fetched instead (a base backup or a scan reads every key: one fetch beats thousands).
+const RANGED_READS_BEFORE_FETCH: u32 = 256;
+/// Index blocks, then values, fetched at a time by a single-key read of an evicted file.
+const BLOCKS_AT_ONCE: usize = 8;
+const VALUES_AT_ONCE: usize = 32;
 
 /// What is known of a layer file without reading its values: from its footer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,7 +242,7 @@ impl LayerFacts {
         Self::from_footer(path, size, footer)
     }
 
-    fn from_footer(path: &Path, size: u64, footer: Option<&[u8]>) -> Result<LayerFacts, LayerError> {
+    pub(crate) fn from_footer(path: &Path, size: u64, footer: Option<&[u8]>) -> Result<LayerFacts, LayerError> {
         let corrupt = |what: String| LayerError::Corrupt { path: path.to_path_buf(), what };
         let Some(f) = footer else { return Err(corrupt(format!("{size} bytes is shorter than its footer"))) };
         let u32_at = |o: usize| u32::from_le_bytes(f[o..o + 4].try_into().expect("4 bytes"));
@@ -324,6 +342,13 @@ pub struct DeltaLayer {
     source: Option<Arc<dyn LayerSource>>,
     /// When it was last read, in [`clock`] ticks: the cache evicts the least recently used.
     last_used: AtomicU64,
+    /// Its summary, once fetched for a read of an evicted file (`None` in it: the store has
+    /// none, so the file is fetched whole).
+    summary: std::sync::OnceLock<Option<Arc<LayerSummary>>>,
+    /// Single-key reads of the evicted file since it was last local.
+    ranged_reads: AtomicU32,
+    /// Whether the footer of its object was read and found to be this file's.
+    object_checked: AtomicBool,
 }
 
 /// A coarse clock for recency: milliseconds since the process started.
@@ -333,25 +358,79 @@ fn clock() -> u64 {
 }
 
 fn map_file(path: &Path) -> Result<(LayerFacts, Mapped), LayerError> {
-    let corrupt = |what: String| LayerError::Corrupt { path: path.to_path_buf(), what };
     let file = File::open(path).map_err(|source| LayerError::Io { path: path.to_path_buf(), source })?;
     // SAFETY: layer files are immutable once renamed into place and only ever removed
     // (never truncated or rewritten) while mapped, so the mapped bytes cannot change.
     let map = unsafe { Mmap::map(&file) }.map_err(|source| LayerError::Io { path: path.to_path_buf(), source })?;
     let map = Bytes::from_owner(map);
-    let facts = LayerFacts::of(path, &map)?;
-    let f = &map[map.len() - FOOTER_LEN..];
+    let (facts, index) = checked_index(path, &map)?;
+    Ok((facts, Mapped { map, index }))
+}
+
+/// The facts of a whole layer file and where its index lies, the footer and the index
+/// checked.
+pub(crate) fn checked_index(path: &Path, bytes: &[u8]) -> Result<(LayerFacts, Range<usize>), LayerError> {
+    let corrupt = |what: String| LayerError::Corrupt { path: path.to_path_buf(), what };
+    let facts = LayerFacts::of(path, bytes)?;
+    let f = &bytes[bytes.len() - FOOTER_LEN..];
     let entries = facts.entries as usize;
     let index_start = usize::try_from(u64::from_le_bytes(f[16..24].try_into().expect("8 bytes")))
         .map_err(|_| corrupt("index offset".into()))?;
-    let index_end = index_start.checked_add(entries * ENTRY_LEN).filter(|&e| e == map.len() - FOOTER_LEN);
+    let index_end = index_start.checked_add(entries * ENTRY_LEN).filter(|&e| e == bytes.len() - FOOTER_LEN);
     let Some(index_end) = index_end else {
         return Err(corrupt(format!("index of {entries} entries at {index_start} does not end at the footer")));
     };
-    if crc32c::crc32c(&map[index_start..index_end]) != u32::from_le_bytes(f[40..44].try_into().expect("4 bytes")) {
+    if crc32c::crc32c(&bytes[index_start..index_end]) != u32::from_le_bytes(f[40..44].try_into().expect("4 bytes")) {
         return Err(corrupt("index checksum mismatch".into()));
     }
-    Ok((facts, Mapped { map, index: index_start..index_end }))
+    Ok((facts, index_start..index_end))
+}
+
+/// Where the index of the layer file `facts` describes lies: it ends at the footer (as
+/// [`checked_index`] checks of every file read).
+pub(crate) fn index_span(facts: &LayerFacts) -> Range<u64> {
+    let end = facts.size.saturating_sub(FOOTER_LEN as u64);
+    end.saturating_sub(facts.entries as u64 * ENTRY_LEN as u64)..end
+}
+
+/// One index entry: key, LSN, blob offset, blob payload length.
+pub(crate) fn decode_entry(e: &[u8]) -> (Key, Lsn, u64, u32) {
+    let key = Key::decode(e[..KEY_LEN].try_into().expect("key bytes")).unwrap_or_default();
+    let u64_at = |o: usize| u64::from_le_bytes(e[o..o + 8].try_into().expect("8 bytes"));
+    (
+        key,
+        Lsn(u64_at(KEY_LEN)),
+        u64_at(KEY_LEN + 8),
+        u32::from_le_bytes(e[KEY_LEN + 16..ENTRY_LEN].try_into().expect("4")),
+    )
+}
+
+/// The bytes of the blob an index entry points at (header and payload).
+pub(crate) fn blob_span(off: u64, len: u32) -> Range<u64> {
+    off..off + (BLOB_HEADER_LEN as u64) + len as u64
+}
+
+/// The value in `blob` (header and payload, as [`blob_span`] has it), checked against its
+/// length and CRC32C.
+pub(crate) fn decode_blob(
+    path: &Path,
+    key: Key,
+    lsn: Lsn,
+    off: u64,
+    len: u32,
+    blob: Bytes,
+) -> Result<Value, LayerError> {
+    let corrupt = |what: String| LayerError::Corrupt { path: path.to_path_buf(), what };
+    if blob.len() != BLOB_HEADER_LEN + len as usize {
+        return Err(corrupt(format!("blob of {key} at {lsn} (offset {off}) is cut short")));
+    }
+    let stored_len = u32::from_le_bytes(blob[..4].try_into().expect("4 bytes"));
+    let stored_crc = u32::from_le_bytes(blob[4..BLOB_HEADER_LEN].try_into().expect("4 bytes"));
+    let payload = blob.slice(BLOB_HEADER_LEN..);
+    if stored_len != len || crc32c::crc32c(&payload) != stored_crc {
+        return Err(corrupt(format!("checksum mismatch in the value of {key} at {lsn} (offset {off})")));
+    }
+    Value::decode(payload).map_err(|source| LayerError::Value { path: path.to_path_buf(), key, lsn, source })
 }
 
 impl DeltaLayer {
@@ -369,6 +448,9 @@ impl DeltaLayer {
             fetching: Default::default(),
             source,
             last_used: AtomicU64::new(clock()),
+            summary: Default::default(),
+            ranged_reads: AtomicU32::new(0),
+            object_checked: AtomicBool::new(false),
         }
     }
 
@@ -406,13 +488,7 @@ impl DeltaLayer {
         let (facts, mapped) = match map_file(&self.path) {
             Ok(m) => m,
             Err(LayerError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
-                let stub = RemoteStub::read(&self.path)?.ok_or_else(|| LayerError::Corrupt {
-                    path: self.path.clone(),
-                    what: "neither the file nor its remote stub is there".into(),
-                })?;
-                let Some(source) = &self.source else {
-                    return Err(LayerError::NoRemote { path: self.path.clone(), object: stub.object });
-                };
+                let (stub, source) = self.remote()?;
                 source.fetch(&stub, &self.path)?;
                 map_file(&self.path)?
             }
@@ -431,6 +507,97 @@ impl DeltaLayer {
         let mapped = Arc::new(mapped);
         *self.mapped.write().unwrap_or_else(|p| p.into_inner()) = Some(mapped.clone());
         Ok(mapped)
+    }
+
+    /// The stub of an evicted file, and where to fetch from.
+    fn remote(&self) -> Result<(RemoteStub, &Arc<dyn LayerSource>), LayerError> {
+        let stub = RemoteStub::read(&self.path)?.ok_or_else(|| LayerError::Corrupt {
+            path: self.path.clone(),
+            what: "neither the file nor its remote stub is there".into(),
+        })?;
+        match &self.source {
+            Some(source) => Ok((stub, source)),
+            None => Err(LayerError::NoRemote { path: self.path.clone(), object: stub.object }),
+        }
+    }
+
+    /// False if the file is evicted and its summary, fetched already, says it holds no
+    /// value of `key`: a walk passes it by without a request.
+    pub fn might_contain(&self, key: Key) -> bool {
+        match self.summary.get() {
+            Some(Some(s)) if !self.is_local() => s.might_contain(key),
+            _ => true,
+        }
+    }
+
+    /// The values of `key` before `upto`, newest first down to the first that needs no
+    /// earlier one — read from the remote store without fetching the evicted file: its
+    /// summary, the index blocks the key lies in, the key's values (each checked). `None` if
+    /// the file is to be read instead, made local here: it was local already, the store has
+    /// no summary of it, or it has been read so often since it was last local that one fetch
+    /// is cheaper.
+    pub fn newest_first_remote(&self, key: Key, upto: Lsn) -> Result<Option<Vec<(Lsn, Value)>>, LayerError> {
+        if self.is_local() {
+            return Ok(None);
+        }
+        self.last_used.store(clock(), Ordering::Relaxed);
+        let (stub, source) = self.remote()?;
+        let summary = match self.summary.get() {
+            Some(s) => s.clone(),
+            None => {
+                let s = source.summary(&stub, &self.path)?;
+                if let Some(s) = &s {
+                    if s.facts != self.facts {
+                        let why = format!("its summary is of another file ({:?}, expected {:?})", s.facts, self.facts);
+                        return Err(source.damaged(&stub, &self.path, &why));
+                    }
+                }
+                self.summary.get_or_init(|| s.map(Arc::new)).clone()
+            }
+        };
+        let Some(summary) = summary else { return self.make_local().map(|()| None) };
+        if !summary.might_contain(key) {
+            return Ok(Some(Vec::new()));
+        }
+        if self.ranged_reads.fetch_add(1, Ordering::Relaxed) >= RANGED_READS_BEFORE_FETCH {
+            return self.make_local().map(|()| None);
+        }
+        let blocks = summary.blocks_for(key, upto);
+        let mut out = Vec::new();
+        let mut end = blocks.end;
+        while end > blocks.start {
+            let from = end.saturating_sub(BLOCKS_AT_ONCE).max(blocks.start);
+            if !self.object_checked.load(Ordering::Relaxed) {
+                // The object is this file (not another uploaded in its place): its footer.
+                let footer = source.read_footer(&stub, &self.path)?;
+                let facts = LayerFacts::from_footer(&self.path, self.facts.size, Some(&footer[..]));
+                if facts.as_ref().ok() != Some(&self.facts) {
+                    let why =
+                        format!("it came back as another file (its footer: {facts:?}; its stub: {:?})", self.facts);
+                    return Err(source.damaged(&stub, &self.path, &why));
+                }
+                self.object_checked.store(true, Ordering::Relaxed);
+            }
+            let got = source.read_ranges(&stub, &self.path, &[summary.block_bytes(from..end)])?;
+            let entries = summary
+                .entries_of(from..end, &got[0], key, upto)
+                .map_err(|why| source.damaged(&stub, &self.path, &why))?;
+            for batch in entries.chunks(VALUES_AT_ONCE) {
+                let spans: Vec<Range<u64>> = batch.iter().map(|&(_, off, len)| blob_span(off, len)).collect();
+                let blobs = source.read_ranges(&stub, &self.path, &spans)?;
+                for (&(lsn, off, len), blob) in batch.iter().zip(blobs) {
+                    let v = decode_blob(&self.path, key, lsn, off, len, blob)
+                        .map_err(|e| source.damaged(&stub, &self.path, &e.to_string()))?;
+                    let init = v.will_init();
+                    out.push((lsn, v));
+                    if init {
+                        return Ok(Some(out));
+                    }
+                }
+            }
+            end = from;
+        }
+        Ok(Some(out))
     }
 
     /// Makes the layer's bytes local, fetching them if it is evicted: a reader that holds a
@@ -466,6 +633,7 @@ impl DeltaLayer {
             _ => return Ok(false),
         }
         *self.mapped.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.ranged_reads.store(0, Ordering::Relaxed);
         match std::fs::remove_file(&self.path) {
             Ok(()) => Ok(true),
             // Collected or merged away meanwhile: nothing to evict.
@@ -590,10 +758,7 @@ impl DeltaLayer {
 
 impl Mapped {
     fn entry(&self, i: usize) -> (Key, Lsn, u64, u32) {
-        let e = &self.map[self.index.start + i * ENTRY_LEN..][..ENTRY_LEN];
-        let key = Key::decode(e[..KEY_LEN].try_into().expect("key bytes")).unwrap_or_default();
-        let u64_at = |o: usize| u64::from_le_bytes(e[o..o + 8].try_into().expect("8 bytes"));
-        (key, Lsn(u64_at(KEY_LEN)), u64_at(KEY_LEN + 8), u32::from_le_bytes(e[KEY_LEN + 16..].try_into().expect("4")))
+        decode_entry(&self.map[self.index.start + i * ENTRY_LEN..][..ENTRY_LEN])
     }
 
     /// The index position of the first of `entries` not before `(key, lsn)`.
@@ -612,20 +777,13 @@ impl Mapped {
     }
 
     fn blob(&self, path: &Path, key: Key, lsn: Lsn, off: u64, len: u32) -> Result<Value, LayerError> {
-        let corrupt = |what: String| LayerError::Corrupt { path: path.to_path_buf(), what };
-        let start = usize::try_from(off).map_err(|_| corrupt(format!("blob offset {off}")))?;
-        let end = start + BLOB_HEADER_LEN + len as usize;
-        if end > self.index.start {
-            return Err(corrupt(format!("blob of {key} at {lsn} runs past the values")));
+        let span = blob_span(off, len);
+        let in_values = usize::try_from(span.end).is_ok_and(|end| end <= self.index.start);
+        if !in_values {
+            let what = format!("blob of {key} at {lsn} runs past the values");
+            return Err(LayerError::Corrupt { path: path.to_path_buf(), what });
         }
-        let hdr = &self.map[start..start + BLOB_HEADER_LEN];
-        let stored_len = u32::from_le_bytes(hdr[..4].try_into().expect("4 bytes"));
-        let stored_crc = u32::from_le_bytes(hdr[4..].try_into().expect("4 bytes"));
-        let payload = self.map.slice(start + BLOB_HEADER_LEN..end);
-        if stored_len != len || crc32c::crc32c(&payload) != stored_crc {
-            return Err(corrupt(format!("checksum mismatch in the value of {key} at {lsn} (offset {off})")));
-        }
-        Value::decode(payload).map_err(|source| LayerError::Value { path: path.to_path_buf(), key, lsn, source })
+        decode_blob(path, key, lsn, off, len, self.map.slice(span.start as usize..span.end as usize))
     }
 }
 

@@ -5,6 +5,8 @@
 //! * [`value`] — what is stored: a page image, a WAL record for redo, or a Rust-native record.
 //! * [`layer`] — immutable delta-layer files: CRC-checked blobs and a sorted index, written to a
 //!   temporary name, fsync'd and renamed, read back through `mmap`.
+//! * [`layer_summary`] — a layer file's Bloom filter of keys and index-block table: one key's
+//!   values read from the remote store without fetching the file.
 //! * [`memlayer`] — the in-memory layer: values since the last flush.
 //! * [`store`] — the repository: the in-memory layer, the layer files and the manifest.
 //! * [`meta`]  — cluster metadata: databases, relation maps, two-phase state, checkpoint
@@ -24,6 +26,7 @@ pub mod import;
 pub mod ingest;
 pub mod key;
 pub mod layer;
+pub mod layer_summary;
 pub mod memlayer;
 pub mod meta;
 pub mod point_in_time;

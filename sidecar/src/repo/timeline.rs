@@ -924,47 +924,60 @@ impl Timeline {
         })
     }
 
-    /// [`Timeline::own_values`] under the layers' lock, stopping at the first layer file that
-    /// must be fetched (unless it is in `fetched`: evicted again already, it is fetched under
-    /// the lock rather than in a loop).
+    /// [`Timeline::own_values`] under the layers' lock, stopping at the first evicted layer
+    /// file that may hold the key and is not in `fetched` (its values read from the remote
+    /// store, or the file fetched: evicted again already, it is then fetched under the lock
+    /// rather than in a loop).
     fn own_values_local(
         &self,
         key: Key,
         lsn: Lsn,
         floor: Lsn,
         out: &mut Vec<(Lsn, Value)>,
-        fetched: &[Arc<DeltaLayer>],
+        fetched: &[Fetched],
     ) -> Result<Walk<bool>, RepoError> {
         let l = self.read();
         let upto = Lsn(lsn.0.saturating_add(1));
+        // Takes a value, newest first: the walk's answer once one is below the floor or
+        // needs no earlier value.
+        let mut take = |at: Lsn, v: Value| {
+            if at < floor {
+                return Some(false);
+            }
+            let init = v.will_init();
+            out.push((at, v));
+            init.then_some(true)
+        };
         let mems = [Some(&l.inmem), l.frozen.as_deref()];
         for mem in mems.into_iter().flatten() {
             for (at, v) in mem.newest_first(&key, lsn) {
-                if *at < floor {
-                    return Ok(Walk::Done(false));
-                }
-                out.push((*at, v.clone()));
-                if v.will_init() {
-                    return Ok(Walk::Done(true));
+                if let Some(done) = take(*at, v.clone()) {
+                    return Ok(Walk::Done(done));
                 }
             }
         }
         for layer in l.files.iter().rev() {
-            if layer.lsn_range().0 > lsn {
+            if layer.lsn_range().0 > lsn || !layer.might_contain(key) {
                 continue;
             }
-            if must_fetch(layer, fetched) {
-                return Ok(Walk::Fetch(layer.clone()));
+            if !layer.is_local() {
+                match fetched.iter().find(|f| Arc::ptr_eq(&f.layer, layer)) {
+                    Some(Fetched { values: Some(values), .. }) => {
+                        for (at, v) in values {
+                            if let Some(done) = take(*at, v.clone()) {
+                                return Ok(Walk::Done(done));
+                            }
+                        }
+                        continue;
+                    }
+                    Some(Fetched { values: None, .. }) => {}
+                    None => return Ok(Walk::Fetch(layer.clone(), Some((key, upto)))),
+                }
             }
             for value in layer.newest_first(key, upto) {
                 let (at, v) = value?;
-                if at < floor {
-                    return Ok(Walk::Done(false));
-                }
-                let init = v.will_init();
-                out.push((at, v));
-                if init {
-                    return Ok(Walk::Done(true));
+                if let Some(done) = take(at, v) {
+                    return Ok(Walk::Done(done));
                 }
             }
         }
@@ -991,7 +1004,7 @@ impl Timeline {
         keys: Range<Key>,
         lsn: Lsn,
         floor: Option<Lsn>,
-        fetched: &[Arc<DeltaLayer>],
+        fetched: &[Fetched],
     ) -> Result<Walk<Latest>, RepoError> {
         let mut out = Latest::new();
         let l = self.read();
@@ -999,7 +1012,7 @@ impl Timeline {
         let relevant: Vec<&Arc<DeltaLayer>> =
             l.files.iter().filter(|f| f.lsn_range().0 <= lsn && f.lsn_range().1 >= lowest).collect();
         if let Some(layer) = relevant.iter().find(|f| must_fetch(f, fetched)) {
-            return Ok(Walk::Fetch(Arc::clone(layer)));
+            return Ok(Walk::Fetch(Arc::clone(layer), None));
         }
         let mut offer = |k: Key, at: Lsn, v: Value| {
             if at <= lsn && at >= lowest && out.get(&k).is_none_or(|(have, _)| *have < at) {
@@ -1022,31 +1035,45 @@ impl Timeline {
 /// The newest value of each key, as [`Timeline::latest_in_range`] gives them.
 type Latest = BTreeMap<Key, (Lsn, Value)>;
 
-/// How a walk of the layers under their lock ended: with its answer, or at a layer file to
-/// fetch first — without the lock, which ingest and every other reader need meanwhile.
+/// How a walk of the layers under their lock ended: with its answer, or at an evicted layer
+/// file to read from the remote store first — without the lock, which ingest and every other
+/// reader need meanwhile: one key's values before an LSN, or (`None`) the whole file.
 enum Walk<T> {
     Done(T),
-    Fetch(Arc<DeltaLayer>),
+    Fetch(Arc<DeltaLayer>, Option<(Key, Lsn)>),
 }
 
-/// Runs `walk` (under the layers' lock) until it ends with an answer, fetching each layer file
-/// it stops at in between, without the lock; `walk` is told which it has fetched already.
-fn walk_fetching<T>(mut walk: impl FnMut(&[Arc<DeltaLayer>]) -> Result<Walk<T>, RepoError>) -> Result<T, RepoError> {
+/// What a walk read of an evicted file without the lock: the key's values, newest first
+/// (`DeltaLayer::newest_first_remote`), or `None` when the file itself was fetched.
+struct Fetched {
+    layer: Arc<DeltaLayer>,
+    values: Option<Vec<(Lsn, Value)>>,
+}
+
+/// Runs `walk` (under the layers' lock) until it ends with an answer, reading what it stops
+/// at in between, without the lock; `walk` is told what it has read already.
+fn walk_fetching<T>(mut walk: impl FnMut(&[Fetched]) -> Result<Walk<T>, RepoError>) -> Result<T, RepoError> {
     let mut fetched = Vec::new();
     loop {
         match walk(&fetched)? {
             Walk::Done(answer) => return Ok(answer),
-            Walk::Fetch(layer) => {
-                layer.make_local()?;
-                fetched.push(layer);
+            Walk::Fetch(layer, one_key) => {
+                let values = match one_key {
+                    Some((key, upto)) => layer.newest_first_remote(key, upto)?,
+                    None => None,
+                };
+                if values.is_none() {
+                    layer.make_local()?;
+                }
+                fetched.push(Fetched { layer, values });
             }
         }
     }
 }
 
 /// Whether `layer` is evicted and not already fetched once by this walk.
-fn must_fetch(layer: &Arc<DeltaLayer>, fetched: &[Arc<DeltaLayer>]) -> bool {
-    !layer.is_local() && !fetched.iter().any(|f| Arc::ptr_eq(f, layer))
+fn must_fetch(layer: &Arc<DeltaLayer>, fetched: &[Fetched]) -> bool {
+    !layer.is_local() && !fetched.iter().any(|f| Arc::ptr_eq(&f.layer, layer))
 }
 
 /// Creates `dir` private to this user (every value of the database is in there), and missing
