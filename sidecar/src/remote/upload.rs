@@ -34,10 +34,10 @@
 use super::index::{generation_of, index_name, Index, IndexedTimeline, Piece, INDEX_DIR};
 use super::{Remote, RemoteError};
 use crate::repo::commit_times::{sealed_length, CommitTimesError, CHUNK_FILE, LOG_FILE};
-use crate::repo::layer::{LayerError, LayerFacts, RemoteStub};
+use crate::repo::layer::{LayerError, LayerFacts, MergeInputs, RemoteStub};
 use crate::repo::layer_summary::{summary_object, LayerSummary};
 use crate::repo::store::{decode_current, timeline_dir, Store, CURRENT, HISTORY, IDENTITY, TIMELINES};
-use crate::repo::timeline::{read_durable_manifest, RepoError, MANIFEST};
+use crate::repo::timeline::{manifest_with_names, read_durable_manifest, RepoError, MANIFEST};
 use neon_types::Lsn;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -49,6 +49,14 @@ use std::time::{Duration, Instant};
 /// How long an object no index names any more is kept, for readers of an older index (the
 /// default of [`Uploader::set_grace`]).
 const GRACE: Duration = Duration::from_secs(60);
+/// Reads of the manifests a round makes when files go away under it (merged, collected).
+const PASSES_A_ROUND: usize = 3;
+/// Layer files at least this large go up in the background while rounds go on (the default
+/// of [`Uploader::set_background_from`]): a merged file may take many seconds, and until it
+/// is up an index names the files it was merged from in its place.
+const BACKGROUND_FROM: u64 = 16 << 20;
+/// Background uploads at a time.
+const BACKGROUND_AT_ONCE: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -115,6 +123,15 @@ impl UploadStatus {
 /// A layer file the manifest no longer names: the round reads the manifests again.
 struct Gone;
 
+/// A large layer file going up in the background (`put_layer` on a thread of its own).
+struct InFlight {
+    tl: u32,
+    name: String,
+    path: PathBuf,
+    object: String,
+    done: std::sync::mpsc::Receiver<Result<Option<LayerFacts>, UploadError>>,
+}
+
 /// A layer file known to be uploaded: which file (inode and size) has which stub.
 struct Known {
     inode: u64,
@@ -138,6 +155,11 @@ pub struct Uploader {
     named: VecDeque<(String, BTreeSet<String>)>,
     /// The last index written, as encoded: an index is written when it would differ.
     last_index: Option<Vec<u8>>,
+    /// The layer files the newest index names, by (timeline, name): a merged file's inputs
+    /// stand in for it from there until it is uploaded.
+    indexed: BTreeMap<(u32, String), RemoteStub>,
+    in_flight: Vec<InFlight>,
+    background_from: u64,
     /// Objects put since the last index: those it does not name (their layer file was
     /// merged or collected meanwhile) are garbage at once.
     unindexed: Vec<String>,
@@ -261,6 +283,9 @@ impl Uploader {
             pieces: BTreeMap::new(),
             named: VecDeque::new(),
             last_index: None,
+            indexed: BTreeMap::new(),
+            in_flight: Vec::new(),
+            background_from: BACKGROUND_FROM,
             unindexed: Vec::new(),
             doomed: Vec::new(),
             grace: GRACE,
@@ -281,6 +306,7 @@ impl Uploader {
                 }
             }
             u.named.push_back((name.clone(), index.objects().collect()));
+            u.indexed = indexed_files(index);
             u.status.durable.store(index.durable.0, Ordering::Relaxed);
         }
         let now = Instant::now();
@@ -301,6 +327,11 @@ impl Uploader {
     /// How long an object no index names stays before it is deleted.
     pub fn set_grace(&mut self, grace: Duration) {
         self.grace = grace;
+    }
+
+    /// Layer files of at least `bytes` go up in the background.
+    pub fn set_background_from(&mut self, bytes: u64) {
+        self.background_from = bytes;
     }
 
     /// Stops with [`UploadError::Fenced`] if a newer generation (or another claim of ours)
@@ -366,19 +397,74 @@ impl Uploader {
 
     /// Uploads a layer file and stubs it. `None` if it is gone meanwhile (collected, merged).
     fn upload_layer(&mut self, tl: u32, name: &str, path: &Path) -> Result<Option<RemoteStub>, UploadError> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(path)(e)),
-        };
-        let summary = LayerSummary::build(path, &bytes)?;
-        let facts = summary.facts;
         let object = self.next_object(tl, name);
         // Known before they are put: a put that failed may still have landed.
         self.unindexed.push(object.clone());
         self.unindexed.push(summary_object(&object));
-        self.remote.put_object(&object, &bytes)?;
-        self.remote.put_object(&summary_object(&object), &summary.encode())?;
+        match put_layer(&self.remote, path, &object)? {
+            Some(facts) => self.stub_uploaded(tl, name, path, object, facts),
+            None => Ok(None),
+        }
+    }
+
+    /// Starts uploading a layer file in the background.
+    fn start_background(&mut self, tl: u32, name: &str, path: &Path) -> Result<(), UploadError> {
+        let object = self.next_object(tl, name);
+        let (tx, done) = std::sync::mpsc::channel();
+        let (remote, file, o) = (self.remote.clone(), path.to_path_buf(), object.clone());
+        std::thread::Builder::new()
+            .name("remote-upload".into())
+            .spawn(move || {
+                let _ = tx.send(put_layer(&remote, &file, &o));
+            })
+            .map_err(io(path))?;
+        self.in_flight.push(InFlight { tl, name: name.to_string(), path: path.to_path_buf(), object, done });
+        Ok(())
+    }
+
+    /// Stubs the background uploads that ended; the first failure is the error (the file is
+    /// queued again).
+    fn reap(&mut self) -> Result<(), UploadError> {
+        use std::sync::mpsc::TryRecvError;
+        let mut failed = None;
+        let mut i = 0;
+        while i < self.in_flight.len() {
+            let got = match self.in_flight[i].done.try_recv() {
+                Err(TryRecvError::Empty) => {
+                    i += 1;
+                    continue;
+                }
+                Ok(got) => got,
+                Err(TryRecvError::Disconnected) => Err(UploadError::Local {
+                    path: self.in_flight[i].path.clone(),
+                    why: "its upload ended without an answer".into(),
+                }),
+            };
+            let f = self.in_flight.swap_remove(i);
+            // Known from now on: what the next index does not name is garbage.
+            self.unindexed.push(f.object.clone());
+            self.unindexed.push(summary_object(&f.object));
+            match got {
+                // Only if the file that went up is the one there now.
+                Ok(Some(facts)) if LayerFacts::read(&f.path).ok() == Some(facts) => {
+                    self.stub_uploaded(f.tl, &f.name, &f.path, f.object, facts)?;
+                }
+                Ok(_) => {}
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Stubs a layer file once `object` holds it. `None` if it is gone meanwhile.
+    fn stub_uploaded(
+        &mut self,
+        tl: u32,
+        name: &str,
+        path: &Path,
+        object: String,
+        facts: LayerFacts,
+    ) -> Result<Option<RemoteStub>, UploadError> {
         let stub = RemoteStub { object, facts };
         let stub_path = RemoteStub::path_for(path);
         super::put_file(&stub_path, &stub.encode()).map_err(io(&stub_path))?;
@@ -387,10 +473,39 @@ impl Uploader {
             let _ = std::fs::remove_file(&stub_path);
             return Ok(None);
         }
+        // Up: the files it was merged from need not stand in for it any more.
+        let _ = std::fs::remove_file(MergeInputs::path_for(path));
         let inode = std::fs::metadata(path).map_err(io(path))?.ino();
         self.known.insert((tl, name.to_string()), Known { inode, size: facts.size, stub: stub.clone() });
         self.status.uploaded_bytes.fetch_add(facts.size, Ordering::Relaxed);
         Ok(Some(stub))
+    }
+
+    /// The layer files (and their stubs) an index may name for the files `read` of the
+    /// timeline in `dir`: each uploaded file, and in place of one still going up, the files
+    /// it was merged from (when the newest index names them all, the same files). `None` if
+    /// a file is neither: no index can name this manifest yet.
+    fn indexable(
+        &self,
+        tl: u32,
+        dir: &Path,
+        read: &[(String, Option<RemoteStub>)],
+    ) -> Result<Option<Vec<(String, RemoteStub)>>, UploadError> {
+        let mut out = Vec::with_capacity(read.len());
+        for (name, stub) in read {
+            if let Some(stub) = stub {
+                out.push((name.clone(), stub.clone()));
+                continue;
+            }
+            let Some(inputs) = MergeInputs::read(&dir.join(name))? else { return Ok(None) };
+            for (input, facts) in inputs.files {
+                match self.indexed.get(&(tl, input.clone())) {
+                    Some(stub) if stub.facts == facts => out.push((input, stub.clone())),
+                    _ => return Ok(None),
+                }
+            }
+        }
+        Ok(Some(out))
     }
 
     /// Uploads what the chunk file of the timeline in `dir` has sealed beyond its pieces; the
@@ -428,6 +543,22 @@ impl Uploader {
     /// One round: uploads what is not uploaded, then (if anything changed) an index. The
     /// durable LSN the remote now holds.
     pub fn round(&mut self) -> Result<Lsn, UploadError> {
+        // Another writer first: a fenced one neither uploads nor deletes.
+        self.check_fenced()?;
+        // A file merged or collected away while a pass read or uploaded the manifests: they
+        // are read again at once (what went up meanwhile stays up), a few times at most.
+        for _ in 0..PASSES_A_ROUND {
+            if let Some(durable) = self.pass()? {
+                return Ok(durable);
+            }
+        }
+        Ok(self.status.durable())
+    }
+
+    /// Uploads what the manifests name and is not uploaded, then (if anything changed) an
+    /// index: the durable LSN the remote now holds; `None` if a file the manifests named
+    /// went away meanwhile.
+    fn pass(&mut self) -> Result<Option<Lsn>, UploadError> {
         /// A timeline as read this round; a file's stub is `None` until it is uploaded.
         struct Read {
             durable: Lsn,
@@ -436,14 +567,15 @@ impl Uploader {
             manifest: Vec<u8>,
             files: Vec<(String, Option<RemoteStub>)>,
         }
-        // Another writer first: a fenced one neither uploads nor deletes.
-        self.check_fenced()?;
+        self.reap()?;
         // Before the timelines: a fork made meanwhile is then in them, if `current` names it.
         let current = read_file(&self.store.join(CURRENT))?;
         let identity = read_file(&self.store.join(IDENTITY))?;
         let mut timelines = Vec::new();
-        // (timeline, file) positions of what is not uploaded yet, with its size.
+        // (timeline, file) positions of what is not uploaded yet, with its size: to upload
+        // now, and going up in the background.
         let mut queue = Vec::new();
+        let mut background = 0u64;
         for (id, dir) in timeline_dirs(&self.store)? {
             if !dir.join(MANIFEST).exists() {
                 continue;
@@ -452,34 +584,58 @@ impl Uploader {
             let mut files = Vec::new();
             for name in names {
                 let Ok(stub) = self.uploaded(id, &dir, &name)? else {
-                    // The manifest changed under us: the next round reads it again.
-                    return Ok(self.status.durable());
+                    // The manifest changed under us: read again.
+                    return Ok(None);
                 };
                 if stub.is_none() {
-                    queue.push((
-                        timelines.len(),
-                        files.len(),
-                        std::fs::metadata(dir.join(&name)).map_or(0, |m| m.len()),
-                    ));
+                    let path = dir.join(&name);
+                    let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+                    let in_flight = self.in_flight.iter().any(|f| f.tl == id && f.name == name);
+                    if in_flight {
+                        background += size;
+                    } else if size >= self.background_from && self.in_flight.len() < BACKGROUND_AT_ONCE {
+                        self.start_background(id, &name, &path)?;
+                        background += size;
+                    } else {
+                        queue.push((timelines.len(), files.len(), size));
+                    }
                 }
                 files.push((name, stub));
             }
             timelines.push(Read { durable, dir, id, manifest, files });
         }
-        self.status.queued_files.store(queue.len() as u64, Ordering::Relaxed);
-        self.status.queued_bytes.store(queue.iter().map(|q| q.2).sum(), Ordering::Relaxed);
+        self.status.queued_files.store((queue.len() + self.in_flight.len()) as u64, Ordering::Relaxed);
+        self.status.queued_bytes.store(queue.iter().map(|q| q.2).sum::<u64>() + background, Ordering::Relaxed);
+        let mut vanished = false;
         for (t, at, size) in queue {
             let (id, name) = (timelines[t].id, timelines[t].files[at].0.clone());
             let path = timelines[t].dir.join(&name);
-            let Some(stub) = self.upload_layer(id, &name, &path)? else {
-                return Ok(self.status.durable());
-            };
-            timelines[t].files[at].1 = Some(stub);
             self.status.queued_files.fetch_sub(1, Ordering::Relaxed);
             self.status.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+            match self.upload_layer(id, &name, &path)? {
+                Some(stub) => timelines[t].files[at].1 = Some(stub),
+                // Merged or collected meanwhile: the rest still goes up, then the manifests
+                // are read again.
+                None => vanished = true,
+            }
+        }
+        if vanished {
+            return Ok(None);
         }
         let mut indexed = Vec::new();
         for t in &timelines {
+            let Some(files) = self.indexable(t.id, &t.dir, &t.files)? else {
+                // A file still going up that nothing the index names can stand in for.
+                self.collect_garbage();
+                return Ok(Some(self.status.durable()));
+            };
+            let manifest = match files.len() == t.files.len() && files.iter().zip(&t.files).all(|(a, b)| a.0 == b.0) {
+                true => t.manifest.clone(),
+                false => {
+                    let names: Vec<String> = files.iter().map(|f| f.0.clone()).collect();
+                    manifest_with_names(&t.dir.join(MANIFEST), &t.manifest, &names)?
+                }
+            };
             let commit_log = self.upload_commit_times(t.id, &t.dir)?;
             let history = match std::fs::read(t.dir.join(HISTORY)) {
                 Ok(b) => b,
@@ -488,11 +644,11 @@ impl Uploader {
             };
             indexed.push(IndexedTimeline {
                 id: t.id,
-                manifest: t.manifest.clone(),
+                manifest,
                 history,
                 commit_log,
                 pieces: self.pieces.get(&t.id).cloned().unwrap_or_default(),
-                files: t.files.iter().map(|(n, s)| (n.clone(), s.clone().expect("uploaded above"))).collect(),
+                files,
             });
         }
         let current_id = decode_current(&current);
@@ -519,6 +675,7 @@ impl Uploader {
             }
             self.remote.put_object(&name, &encoded)?;
             self.last_index = Some(encoded);
+            self.indexed = indexed_files(&index);
             self.status.durable.fetch_max(durable.0, Ordering::AcqRel);
             for o in std::mem::take(&mut self.unindexed) {
                 if !named.contains(&o) {
@@ -527,7 +684,7 @@ impl Uploader {
             }
         }
         self.collect_garbage();
-        Ok(durable)
+        Ok(Some(durable))
     }
 
     /// Deletes what no index has named for the grace period, never what one of the two
@@ -561,12 +718,14 @@ impl Uploader {
             let stopping = stop.load(Ordering::Relaxed);
             if stopping || Instant::now() >= next {
                 let before = self.status.uploaded_bytes.load(Ordering::Relaxed);
+                let started = Instant::now();
                 match self.round() {
                     Ok(durable) => {
                         let sent = self.status.uploaded_bytes.load(Ordering::Relaxed) - before;
                         if sent > 0 || failing {
                             eprintln!(
-                                "neon-sidecar: remote {describe}: {sent} bytes of layer files uploaded, history there up to {durable}"
+                                "neon-sidecar: remote {describe}: {sent} bytes of layer files uploaded in {} ms, history there up to {durable}",
+                                started.elapsed().as_millis()
                             );
                         }
                         self.status.set_error(None);
@@ -605,6 +764,26 @@ impl Uploader {
     }
 }
 
+/// Uploads the layer file at `path` as `object`, then its summary: the file's facts, or
+/// `None` if it is gone (merged or collected meanwhile).
+fn put_layer(remote: &Remote, path: &Path, object: &str) -> Result<Option<LayerFacts>, UploadError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(path)(e)),
+    };
+    let summary = LayerSummary::build(path, &bytes)?;
+    remote.put_object(object, &bytes)?;
+    remote.put_object(&summary_object(object), &summary.encode())?;
+    Ok(Some(summary.facts))
+}
+
+/// The layer files an index names, by (timeline, name).
+fn indexed_files(index: &Index) -> BTreeMap<(u32, String), RemoteStub> {
+    let files = index.timelines.iter().flat_map(|t| t.files.iter().map(|(n, s)| ((t.id, n.clone()), s.clone())));
+    files.collect()
+}
+
 fn read_file(path: &Path) -> Result<Vec<u8>, UploadError> {
     std::fs::read(path).map_err(io(path))
 }
@@ -618,6 +797,7 @@ mod tests {
     use crate::repo::key::Key;
     use crate::repo::layer::LayerSource;
     use crate::repo::store::Identity;
+    use crate::repo::timeline::manifest_layers;
     use crate::repo::value::Value;
 
     /// A store of three layer files (a key written at 100, 200, 300; one flush each).
@@ -634,6 +814,14 @@ mod tests {
         s
     }
 
+    /// A remote store in files under `dir`, failing when told to.
+    fn faulty_files(dir: &Path) -> (Arc<Faulty>, Remote) {
+        let url = RemoteUrl::File { dir: dir.join("remote") };
+        let files: Arc<dyn RemoteStorage> = Arc::new(ObjectStorage::open(&url, &S3Settings::default()).unwrap());
+        let faulty = Arc::new(Faulty::new(files));
+        (faulty.clone(), Remote::new(faulty))
+    }
+
     fn named_objects_exist(remote: &Remote) -> BTreeSet<String> {
         let (name, index) = newest_index(remote).unwrap().expect("an index");
         let named: BTreeSet<String> = index.objects().collect();
@@ -646,10 +834,7 @@ mod tests {
     #[test]
     fn killed_between_its_stubs_and_its_index_the_next_generation_loses_nothing() {
         let tmp = tempfile::tempdir().unwrap();
-        let url = RemoteUrl::File { dir: tmp.path().join("remote") };
-        let files: Arc<dyn RemoteStorage> = Arc::new(ObjectStorage::open(&url, &S3Settings::default()).unwrap());
-        let faulty = Arc::new(Faulty::new(files));
-        let remote = Remote::new(faulty.clone());
+        let (faulty, remote) = faulty_files(tmp.path());
         let dir = tmp.path().join("store");
         let store = store_of_three_layers(&dir);
         let layers = store.current().layers().len();
@@ -704,6 +889,60 @@ mod tests {
         assert!(matches!(e, UploadError::Fenced { ours: 2, newer: 3, .. }), "{e}");
         assert!(e.to_string().contains("generation 3 (another neon-sidecar, started later"), "{e}");
         named_objects_exist(&remote);
+    }
+
+    #[test]
+    fn while_a_merged_file_goes_up_an_index_names_the_files_it_was_merged_from() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (faulty, remote) = faulty_files(tmp.path());
+        let dir = tmp.path().join("store");
+        drop(store_of_three_layers(&dir));
+        let source: Arc<dyn LayerSource> = Arc::new(RemoteLayers::new(remote.clone()));
+        let store = Store::open_with_source(&dir, true, Some(source)).unwrap();
+        let t = store.current();
+        let mut u = Uploader::start(remote.clone(), &dir).unwrap();
+        u.set_grace(Duration::ZERO);
+        let largest = t.layers().iter().map(|l| l.size_bytes()).max().unwrap();
+        u.set_background_from(largest * 2);
+        assert_eq!(u.round().unwrap(), Lsn(300));
+        let inputs: Vec<String> =
+            newest_index(&remote).unwrap().unwrap().1.timelines[0].files.iter().map(|f| f.0.clone()).collect();
+        assert_eq!(inputs.len(), 3);
+
+        // The three merged into one, which cannot go up for now; then a new file, which can.
+        let merged = t.merge_layers(0, 3, 1 << 30).unwrap().expect("a merge");
+        let merged_name = merged.file_name().unwrap().to_str().unwrap().to_string();
+        assert!(MergeInputs::read(&merged).unwrap().is_some(), "the merge did not say what it merged");
+        *faulty.fail_under.lock().unwrap() = Some(format!("timelines/00000001/{merged_name}"));
+        t.put(Key::meta(1, 1), Lsn(400), Value::Image(bytes::Bytes::from(vec![4; 64])));
+        t.advance(Lsn(400));
+        t.flush().unwrap();
+        assert_eq!(u.round().unwrap(), Lsn(400), "the merged file held the remote back");
+        let (name, index) = newest_index(&remote).unwrap().unwrap();
+        let tl = &index.timelines[0];
+        let named: Vec<&str> = tl.files.iter().map(|f| f.0.as_str()).collect();
+        assert!(inputs.iter().all(|i| named.contains(&i.as_str())) && named.len() == 4, "{name} names {named:?}");
+        let (in_manifest, durable) = manifest_layers(Path::new(&name), &tl.manifest).unwrap();
+        assert_eq!((in_manifest.len(), durable), (4, Lsn(400)));
+        assert!(!in_manifest.contains(&merged_name));
+        named_objects_exist(&remote);
+
+        // Once it is up, the index names it instead, and its inputs file is gone.
+        *faulty.fail_under.lock().unwrap() = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let _ = u.round();
+            let (_, index) = newest_index(&remote).unwrap().unwrap();
+            if index.timelines[0].files.iter().any(|f| f.0 == merged_name) {
+                assert_eq!(index.timelines[0].files.len(), 2);
+                break;
+            }
+            assert!(Instant::now() < deadline, "the merged file never went up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(MergeInputs::read(&merged).unwrap().is_none());
+        named_objects_exist(&remote);
+        assert_eq!(t.values_for(Key::meta(1, 1), Lsn(350)).unwrap().last().unwrap().0, Lsn(300));
     }
 
     #[test]

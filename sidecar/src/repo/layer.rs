@@ -282,9 +282,7 @@ pub const STUB_SUFFIX: &str = ".remote";
 
 impl RemoteStub {
     pub fn path_for(layer: &Path) -> PathBuf {
-        let mut p = layer.as_os_str().to_owned();
-        p.push(STUB_SUFFIX);
-        PathBuf::from(p)
+        beside(layer, STUB_SUFFIX)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -316,12 +314,86 @@ impl RemoteStub {
 
     /// The stub beside `layer`, if there is one.
     pub fn read(layer: &Path) -> Result<Option<RemoteStub>, LayerError> {
-        let path = Self::path_for(layer);
-        match std::fs::read(&path) {
-            Ok(b) => Self::decode(&path, &b).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(LayerError::Io { path, source }),
+        read_beside(&Self::path_for(layer), Self::decode)
+    }
+}
+
+/// `<layer file><suffix>`: a file kept beside a layer file (its stub, its merge inputs).
+fn beside(layer: &Path, suffix: &str) -> PathBuf {
+    let mut p = layer.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// The file at `path` beside a layer file, decoded, if it is there.
+fn read_beside<T>(path: &Path, decode: fn(&Path, &[u8]) -> Result<T, LayerError>) -> Result<Option<T>, LayerError> {
+    match std::fs::read(path) {
+        Ok(b) => decode(path, &b).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(LayerError::Io { path: path.to_path_buf(), source }),
+    }
+}
+
+/// The files a merged layer file holds the values of, kept beside it as `<name>.inputs`
+/// (written by the merge when history goes to a remote store, removed once the merged file
+/// is uploaded): until then an index may name those files' objects in its place, so a merge
+/// never holds back what the remote store holds.
+///
+/// ```text
+/// "NEONMI01" | u32 count | per file: u16 len | name | facts (LayerFacts::encode_into) |
+/// crc32c u32 (of all before it); little-endian
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeInputs {
+    pub files: Vec<(String, LayerFacts)>,
+}
+
+const INPUTS_MAGIC: &[u8; 8] = b"NEONMI01";
+/// What a merged layer file's inputs are called: `<layer file name><INPUTS_SUFFIX>`.
+pub const INPUTS_SUFFIX: &str = ".inputs";
+
+impl MergeInputs {
+    pub fn path_for(layer: &Path) -> PathBuf {
+        beside(layer, INPUTS_SUFFIX)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = INPUTS_MAGIC.to_vec();
+        b.extend_from_slice(&(self.files.len() as u32).to_le_bytes());
+        for (name, facts) in &self.files {
+            b.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            b.extend_from_slice(name.as_bytes());
+            facts.encode_into(&mut b);
         }
+        b.extend_from_slice(&crc32c::crc32c(&b).to_le_bytes());
+        b
+    }
+
+    pub fn decode(path: &Path, b: &[u8]) -> Result<MergeInputs, LayerError> {
+        let corrupt = |what: &str| LayerError::Corrupt { path: path.to_path_buf(), what: what.to_string() };
+        let Some((body, crc)) = b.split_last_chunk::<4>() else { return Err(corrupt("not merge inputs")) };
+        if body.get(..8) != Some(&INPUTS_MAGIC[..]) || crc32c::crc32c(body) != u32::from_le_bytes(*crc) {
+            return Err(corrupt("merge inputs checksum mismatch"));
+        }
+        let mut at = 8;
+        let mut take = |n: usize| {
+            let s = body.get(at..at + n).ok_or_else(|| corrupt("merge inputs cut short"))?;
+            at += n;
+            Ok::<_, LayerError>(s)
+        };
+        let count = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
+        let mut files = Vec::new();
+        for _ in 0..count {
+            let len = u16::from_le_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+            let name = String::from_utf8(take(len)?.to_vec()).map_err(|_| corrupt("a name is not UTF-8"))?;
+            files.push((name, LayerFacts::decode(take(LayerFacts::ENCODED_LEN)?.try_into().expect("32 bytes"))));
+        }
+        Ok(MergeInputs { files })
+    }
+
+    /// The inputs beside `layer`, if there are.
+    pub fn read(layer: &Path) -> Result<Option<MergeInputs>, LayerError> {
+        read_beside(&Self::path_for(layer), Self::decode)
     }
 }
 
@@ -642,10 +714,12 @@ impl DeltaLayer {
         }
     }
 
-    /// Removes the layer's file and its stub (the layer is no longer history).
+    /// Removes the layer's file, its stub and its merge inputs (the layer is no longer
+    /// history).
     pub fn remove_files(&self) {
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_file(RemoteStub::path_for(&self.path));
+        let _ = std::fs::remove_file(MergeInputs::path_for(&self.path));
     }
 
     pub fn path(&self) -> &Path {
@@ -828,6 +902,23 @@ mod tests {
         }
         let e = RemoteStub::decode(&at, &b[..b.len() - 1]).unwrap_err().to_string();
         assert!(e.contains("layer.remote"), "{e}");
+    }
+
+    #[test]
+    fn merge_inputs_come_back_as_written_and_damage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let facts = LayerFacts::read(&sample(dir.path())).unwrap();
+        let inputs = MergeInputs { files: vec![("delta-a".into(), facts), ("delta-b".into(), facts)] };
+        let b = inputs.encode();
+        let at = MergeInputs::path_for(&dir.path().join("layer"));
+        assert_eq!(MergeInputs::decode(&at, &b).unwrap(), inputs);
+        for i in 0..b.len() {
+            let mut bad = b.clone();
+            bad[i] ^= 1;
+            assert!(MergeInputs::decode(&at, &bad).is_err(), "a flip at byte {i} went unnoticed");
+        }
+        let e = MergeInputs::decode(&at, &b[..5]).unwrap_err().to_string();
+        assert!(e.contains("layer.inputs"), "{e}");
     }
 
     #[test]

@@ -37,7 +37,7 @@
 
 use super::commit_times::{CommitTimes, CommitTimesError};
 use super::key::Key;
-use super::layer::{DeltaLayer, DeltaLayerWriter, LayerError, LayerSource, STUB_SUFFIX};
+use super::layer::{DeltaLayer, DeltaLayerWriter, LayerError, LayerSource, MergeInputs, INPUTS_SUFFIX, STUB_SUFFIX};
 use super::memlayer::MemLayer;
 use super::value::Value;
 use neon_types::{Lsn, PgTime};
@@ -246,8 +246,8 @@ impl Timeline {
         for entry in std::fs::read_dir(dir).map_err(io)?.filter(|_| writer) {
             let entry = entry.map_err(io)?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            // A stub goes with its layer file (evicted or not).
-            let layer = name.strip_suffix(STUB_SUFFIX).unwrap_or(&name);
+            // A stub and merge inputs go with their layer file (evicted or not).
+            let layer = name.strip_suffix(STUB_SUFFIX).or_else(|| name.strip_suffix(INPUTS_SUFFIX)).unwrap_or(&name);
             if is_layer_name(layer) && !manifest.names.iter().any(|n| n == layer) {
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -762,6 +762,14 @@ impl Timeline {
         }
         let mut names: Vec<String> = files.iter().filter(|l| !is_chosen(l)).map(|l| file_name(l.path())).collect();
         names.push(name);
+        if self.source.is_some() {
+            // Until the merged file is uploaded, an index may name these in its place.
+            let inputs = MergeInputs { files: chosen.iter().map(|l| (file_name(l.path()), l.facts())).collect() };
+            let path = MergeInputs::path_for(layer.path());
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(".tmp");
+            write_durably(Path::new(&tmp), &path, &inputs.encode()).map_err(|source| RepoError::Io { path, source })?;
+        }
         self.write_manifest(self.history_start(), self.durable_point(), &names)?;
         let path = layer.path().to_path_buf();
         {
@@ -1191,6 +1199,22 @@ pub fn read_durable_manifest(dir: &Path) -> Result<(Vec<u8>, Vec<String>, Lsn), 
 pub fn manifest_layers(path: &Path, bytes: &[u8]) -> Result<(Vec<String>, Lsn), RepoError> {
     let m = parse_manifest(path, bytes)?;
     Ok((m.names, m.durable))
+}
+
+/// A manifest's bytes with `names` for its layer files (the same values in other files: a
+/// merged file's inputs in its place), all else as it was.
+pub fn manifest_with_names(path: &Path, bytes: &[u8], names: &[String]) -> Result<Vec<u8>, RepoError> {
+    let m = parse_manifest(path, bytes)?;
+    let names_len: usize = 4 + m.names.iter().map(|n| 2 + n.len()).sum::<usize>();
+    let mut b = bytes[..bytes.len() - 4 - names_len].to_vec();
+    b.extend_from_slice(&(names.len() as u32).to_le_bytes());
+    for n in names {
+        b.extend_from_slice(&(n.len() as u16).to_le_bytes());
+        b.extend_from_slice(n.as_bytes());
+    }
+    b.extend_from_slice(&crc32c::crc32c(&b).to_le_bytes());
+    parse_manifest(path, &b)?;
+    Ok(b)
 }
 
 fn parse_manifest(path: &Path, b: &[u8]) -> Result<Manifest, RepoError> {
