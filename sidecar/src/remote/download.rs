@@ -142,6 +142,10 @@ impl LayerSource for RemoteLayers {
             what: format!("is not on local disk and could not be read: {e}"),
         });
         let got = self.counted(got)?;
+        let whole = got.len() == ranges.len() && got.iter().zip(ranges).all(|(b, r)| b.len() as u64 == r.end - r.start);
+        if !whole {
+            return Err(self.damaged(stub, path, &format!("ranges {ranges:?} came back cut short")));
+        }
         self.range_reads.fetch_add(ranges.len() as u64, Ordering::Relaxed);
         self.range_bytes.fetch_add(got.iter().map(|b| b.len() as u64).sum(), Ordering::Relaxed);
         Ok(got)

@@ -51,9 +51,9 @@ use std::time::{Duration, Instant};
 const GRACE: Duration = Duration::from_secs(60);
 /// Reads of the manifests a round makes when files go away under it (merged, collected).
 const PASSES_A_ROUND: usize = 3;
-/// Layer files at least this large go up in the background while rounds go on (the default
-/// of [`Uploader::set_background_from`]): a merged file may take many seconds, and until it
-/// is up an index names the files it was merged from in its place.
+/// Merged layer files at least this large go up in the background while rounds go on (the
+/// default of [`Uploader::set_background_from`]): one may take many seconds, and until it is
+/// up an index names the files it was merged from in its place.
 const BACKGROUND_FROM: u64 = 16 << 20;
 /// Background uploads at a time.
 const BACKGROUND_AT_ONCE: usize = 2;
@@ -422,6 +422,16 @@ impl Uploader {
         Ok(())
     }
 
+    /// Waits for the background uploads to end (each ends, whether it fails or not).
+    fn wait_for_background(&mut self) {
+        while !self.in_flight.is_empty() {
+            if let Err(e) = self.reap() {
+                eprintln!("neon-sidecar: remote {}: {e}", self.remote.describe());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stubs the background uploads that ended; the first failure is the error (the file is
     /// queued again).
     fn reap(&mut self) -> Result<(), UploadError> {
@@ -483,23 +493,37 @@ impl Uploader {
 
     /// The layer files (and their stubs) an index may name for the files `read` of the
     /// timeline in `dir`: each uploaded file, and in place of one still going up, the files
-    /// it was merged from (when the newest index names them all, the same files). `None` if
-    /// a file is neither: no index can name this manifest yet.
+    /// it was merged from (when each is uploaded: the same files the newest index names, or
+    /// uploaded since; not deleted, as only an index naming the merged file itself can doom
+    /// them). `Ok(None)` if a file is neither: no index can name this manifest yet; [`Gone`]
+    /// if one was merged or collected away since the manifest was read.
     fn indexable(
         &self,
         tl: u32,
         dir: &Path,
         read: &[(String, Option<RemoteStub>)],
-    ) -> Result<Option<Vec<(String, RemoteStub)>>, UploadError> {
+    ) -> Result<Option<Vec<(String, RemoteStub)>>, Gone> {
         let mut out = Vec::with_capacity(read.len());
         for (name, stub) in read {
             if let Some(stub) = stub {
                 out.push((name.clone(), stub.clone()));
                 continue;
             }
-            let Some(inputs) = MergeInputs::read(&dir.join(name))? else { return Ok(None) };
+            let path = dir.join(name);
+            let inputs = match MergeInputs::read(&path) {
+                Ok(Some(inputs)) => inputs,
+                Ok(None) if !path.exists() => return Err(Gone),
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    // Then the index waits for the file itself.
+                    eprintln!("neon-sidecar: {e}");
+                    return Ok(None);
+                }
+            };
             for (input, facts) in inputs.files {
-                match self.indexed.get(&(tl, input.clone())) {
+                let key = (tl, input.clone());
+                let uploaded = self.indexed.get(&key).or_else(|| self.known.get(&key).map(|k| &k.stub));
+                match uploaded {
                     Some(stub) if stub.facts == facts => out.push((input, stub.clone())),
                     _ => return Ok(None),
                 }
@@ -593,7 +617,10 @@ impl Uploader {
                     let in_flight = self.in_flight.iter().any(|f| f.tl == id && f.name == name);
                     if in_flight {
                         background += size;
-                    } else if size >= self.background_from && self.in_flight.len() < BACKGROUND_AT_ONCE {
+                    } else if size >= self.background_from
+                        && self.in_flight.len() < BACKGROUND_AT_ONCE
+                        && MergeInputs::path_for(&path).exists()
+                    {
                         self.start_background(id, &name, &path)?;
                         background += size;
                     } else {
@@ -624,10 +651,12 @@ impl Uploader {
         }
         let mut indexed = Vec::new();
         for t in &timelines {
-            let Some(files) = self.indexable(t.id, &t.dir, &t.files)? else {
-                // A file still going up that nothing the index names can stand in for.
-                self.collect_garbage();
-                return Ok(Some(self.status.durable()));
+            let files = match self.indexable(t.id, &t.dir, &t.files) {
+                Ok(Some(files)) => files,
+                // A file still going up that nothing uploaded can stand in for. (No garbage
+                // collected either: that follows an index that landed.)
+                Ok(None) => return Ok(Some(self.status.durable())),
+                Err(Gone) => return Ok(None),
             };
             let manifest = match files.len() == t.files.len() && files.iter().zip(&t.files).all(|(a, b)| a.0 == b.0) {
                 true => t.manifest.clone(),
@@ -716,6 +745,10 @@ impl Uploader {
         let mut failing = false;
         loop {
             let stopping = stop.load(Ordering::Relaxed);
+            if stopping {
+                // What went up in the background is named by the last index too.
+                self.wait_for_background();
+            }
             if stopping || Instant::now() >= next {
                 let before = self.status.uploaded_bytes.load(Ordering::Relaxed);
                 let started = Instant::now();

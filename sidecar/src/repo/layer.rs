@@ -19,7 +19,7 @@
 //! checked to be the same file. A store attached from the remote holds stubs only at first.
 
 use super::key::{Key, KEY_LEN};
-use super::layer_summary::LayerSummary;
+use super::layer_summary::{summary_object, LayerSummary};
 use super::value::{Value, ValueError};
 use bytes::{Bytes, BytesMut};
 use memmap2::Mmap;
@@ -479,7 +479,8 @@ pub(crate) fn decode_entry(e: &[u8]) -> (Key, Lsn, u64, u32) {
 
 /// The bytes of the blob an index entry points at (header and payload).
 pub(crate) fn blob_span(off: u64, len: u32) -> Range<u64> {
-    off..off + (BLOB_HEADER_LEN as u64) + len as u64
+    // Saturating: a damaged offset must fail the bounds checks, not overflow.
+    off..off.saturating_add(BLOB_HEADER_LEN as u64 + len as u64)
 }
 
 /// The value in `blob` (header and payload, as [`blob_span`] has it), checked against its
@@ -620,7 +621,12 @@ impl DeltaLayer {
                 let s = source.summary(&stub, &self.path)?;
                 if let Some(s) = &s {
                     if s.facts != self.facts {
-                        let why = format!("its summary is of another file ({:?}, expected {:?})", s.facts, self.facts);
+                        let why = format!(
+                            "its summary {} is of another file ({:?}, expected {:?})",
+                            summary_object(&stub.object),
+                            s.facts,
+                            self.facts
+                        );
                         return Err(source.damaged(&stub, &self.path, &why));
                     }
                 }

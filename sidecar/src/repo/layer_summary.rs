@@ -141,8 +141,11 @@ impl LayerSummary {
         let mut out = Vec::new();
         for (b, block) in blocks.clone().zip(bytes.chunks(BLOCK_ENTRIES * ENTRY_LEN)) {
             let (k, l, crc) = self.blocks[b];
-            if crc32c::crc32c(block) != crc || decode_entry(block).0 != k || decode_entry(block).1 != l {
+            if crc32c::crc32c(block) != crc {
                 return Err(format!("index block {b} fails its CRC32C"));
+            }
+            if (decode_entry(block).0, decode_entry(block).1) != (k, l) {
+                return Err(format!("index block {b} does not begin where the summary says"));
             }
             for e in block.chunks_exact(ENTRY_LEN) {
                 let (k, lsn, off, len) = decode_entry(e);

@@ -37,7 +37,9 @@
 
 use super::commit_times::{CommitTimes, CommitTimesError};
 use super::key::Key;
-use super::layer::{DeltaLayer, DeltaLayerWriter, LayerError, LayerSource, MergeInputs, INPUTS_SUFFIX, STUB_SUFFIX};
+use super::layer::{
+    DeltaLayer, DeltaLayerWriter, LayerError, LayerSource, MergeInputs, RemoteStub, INPUTS_SUFFIX, STUB_SUFFIX,
+};
 use super::memlayer::MemLayer;
 use super::value::Value;
 use neon_types::{Lsn, PgTime};
@@ -703,8 +705,9 @@ impl Timeline {
     /// files already larger than `max_bytes / run` excepted, at most `max_bytes` together)
     /// into one, when there are more than `keep` files: reads walk fewer files, and what they
     /// find is the same (the merged file holds every value of the run; where an image and a
-    /// record share a key and LSN, the image, which already includes the record). Merged files
-    /// are not merged again, so each value is rewritten once. The merge streams (see
+    /// record share a key and LSN, the image, which already includes the record). A file
+    /// larger than the rest of its run together is left out of it, so a value is rewritten a
+    /// few times at most (size-tiered). The merge streams (see
     /// `write_merged`): its memory does not grow with the files. Returns the merged file, if
     /// any.
     ///
@@ -719,7 +722,10 @@ impl Timeline {
         // The first run of mergeable files, oldest first. An image layer at the LSN the file
         // before it ends at stays with that file: it may neither start a run (the merged file
         // would begin where another ends) nor be left out of the run that file ends.
-        let mergeable = |l: &Arc<DeltaLayer>| !is_full_image(l) && l.size_bytes() <= small;
+        // With a remote store, only files already uploaded are merged: until the merged file
+        // is up too, an index can name them in its place (and no upload is lost).
+        let uploaded = |l: &Arc<DeltaLayer>| self.source.is_none() || RemoteStub::path_for(l.path()).exists();
+        let mergeable = |l: &Arc<DeltaLayer>| !is_full_image(l) && l.size_bytes() <= small && uploaded(l);
         let at_end_of =
             |l: &Arc<DeltaLayer>, before: &Arc<DeltaLayer>| is_image(l) && l.lsn_range().0 == before.lsn_range().1;
         let mut chosen: Vec<Arc<DeltaLayer>> = Vec::new();
@@ -742,6 +748,15 @@ impl Timeline {
                     _ => {}
                 }
                 break;
+            }
+        }
+        // Size-tiered: a file larger than the rest of the run together is left out (with an
+        // image layer at its end), or a merged file would be rewritten at every flush as it
+        // takes in one or two new small files: each value is rewritten a few times at most.
+        while chosen.len() >= 2 && chosen[0].size_bytes() > chosen[1..].iter().map(|l| l.size_bytes()).sum::<u64>() {
+            let first = chosen.remove(0);
+            while chosen.first().is_some_and(|l| at_end_of(l, &first)) {
+                chosen.remove(0);
             }
         }
         if chosen.len() < 2 {
@@ -926,7 +941,7 @@ impl Timeline {
     /// the first that needs no earlier value; true if one was found.
     fn own_values(&self, key: Key, lsn: Lsn, floor: Lsn, out: &mut Vec<(Lsn, Value)>) -> Result<bool, RepoError> {
         let start = out.len();
-        walk_fetching(|fetched| {
+        walk_fetching(self, |fetched| {
             out.truncate(start);
             self.own_values_local(key, lsn, floor, out, fetched)
         })
@@ -996,7 +1011,7 @@ impl Timeline {
     /// timeline's own, else its parent's as of the fork; never older than a gap's base).
     pub fn latest_in_range(&self, keys: Range<Key>, lsn: Lsn) -> Result<BTreeMap<Key, (Lsn, Value)>, RepoError> {
         let floor = self.floor(lsn);
-        let mut out = walk_fetching(|fetched| self.latest_in_range_local(keys.clone(), lsn, floor, fetched))?;
+        let mut out = walk_fetching(self, |fetched| self.latest_in_range_local(keys.clone(), lsn, floor, fetched))?;
         if let Some((a, fork)) = self.ancestor_below(floor) {
             for (k, v) in a.latest_in_range(keys, lsn.min(fork))? {
                 out.entry(k).or_insert(v);
@@ -1059,21 +1074,31 @@ struct Fetched {
 }
 
 /// Runs `walk` (under the layers' lock) until it ends with an answer, reading what it stops
-/// at in between, without the lock; `walk` is told what it has read already.
-fn walk_fetching<T>(mut walk: impl FnMut(&[Fetched]) -> Result<Walk<T>, RepoError>) -> Result<T, RepoError> {
+/// at in between, without the lock; `walk` is told what it has read already. A file merged
+/// or collected away meanwhile (its read failed, and it is no longer one of `timeline`'s) is
+/// passed by: the next walk does not meet it.
+fn walk_fetching<T>(
+    timeline: &Timeline,
+    mut walk: impl FnMut(&[Fetched]) -> Result<Walk<T>, RepoError>,
+) -> Result<T, RepoError> {
     let mut fetched = Vec::new();
     loop {
         match walk(&fetched)? {
             Walk::Done(answer) => return Ok(answer),
             Walk::Fetch(layer, one_key) => {
-                let values = match one_key {
-                    Some((key, upto)) => layer.newest_first_remote(key, upto)?,
-                    None => None,
+                let read = match one_key {
+                    Some((key, upto)) => layer.newest_first_remote(key, upto),
+                    None => Ok(None),
                 };
-                if values.is_none() {
-                    layer.make_local()?;
+                let read = read.and_then(|values| match values {
+                    Some(values) => Ok(Some(values)),
+                    None => layer.make_local().map(|()| None),
+                });
+                match read {
+                    Ok(values) => fetched.push(Fetched { layer, values }),
+                    Err(_) if !timeline.read().files.iter().any(|f| Arc::ptr_eq(f, &layer)) => {}
+                    Err(e) => return Err(e.into()),
                 }
-                fetched.push(Fetched { layer, values });
             }
         }
     }
@@ -1320,6 +1345,31 @@ mod tests {
         drop(t);
         let t = Timeline::open(dir.path()).unwrap();
         assert_eq!(t.values_for(keys[7], Lsn(lsn)).unwrap(), newest);
+    }
+
+    #[test]
+    fn a_file_larger_than_the_rest_of_its_run_is_left_out_of_the_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Timeline::open(dir.path()).unwrap();
+        t.begin_history(Lsn(10));
+        let mut lsn = 10;
+        // One large file, then three small ones.
+        for n in [400u64, 5, 5, 5] {
+            for i in 0..n {
+                lsn += 8;
+                t.put(Key::meta(1, i as u32), Lsn(lsn), record(lsn));
+            }
+            t.advance(Lsn(lsn));
+            t.flush().unwrap();
+        }
+        let large = t.layers()[0].clone();
+        let merged = t.merge_layers(0, 16, 1 << 30).unwrap().expect("the small ones merged");
+        let files = t.layers();
+        assert_eq!(files.len(), 2);
+        assert!(Arc::ptr_eq(&files[0], &large), "the large file was rewritten");
+        assert_eq!(files[1].path(), merged);
+        assert!(files[1].size_bytes() < large.size_bytes());
+        t.check_layer_order().unwrap();
     }
 
     #[test]
