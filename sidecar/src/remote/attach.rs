@@ -14,7 +14,7 @@ use super::Remote;
 use crate::repo::commit_times::{CHUNK_FILE, LOG_FILE};
 use crate::repo::layer::RemoteStub;
 use crate::repo::store::{timeline_dir, CURRENT, HISTORY, IDENTITY, TIMELINES};
-use crate::repo::timeline::{is_layer_name, private_dir, MANIFEST};
+use crate::repo::timeline::{is_layer_name, private_dir, put_durably, MANIFEST};
 use neon_types::Lsn;
 use std::path::{Path, PathBuf};
 
@@ -50,7 +50,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AttachError + '_ {
 }
 
 fn put(path: &Path, bytes: &[u8]) -> Result<(), AttachError> {
-    super::put_file(path, bytes).map_err(io(path))
+    put_durably(path, bytes).map_err(io(path))
 }
 
 /// Sets up the store in `dir` (absent or empty) from the newest index in `remote`.

@@ -108,6 +108,11 @@ impl RemoteLayers {
     }
 }
 
+/// A read of the evicted layer file at `path` the store did not answer.
+fn out_of_reach(path: &Path, e: StorageError) -> LayerError {
+    LayerError::Remote { path: path.to_path_buf(), what: format!("is not on local disk and could not be read: {e}") }
+}
+
 impl LayerSource for RemoteLayers {
     fn fetch(&self, stub: &RemoteStub, path: &Path) -> Result<(), LayerError> {
         self.counted(self.fetch_checked(stub, path))
@@ -119,10 +124,7 @@ impl LayerSource for RemoteLayers {
 
     fn read_footer(&self, stub: &RemoteStub, path: &Path) -> Result<Bytes, LayerError> {
         let want = (FOOTER_LEN + TRAILER_LEN) as u64;
-        let tail = self.remote.storage().get_tail(&stub.object, want).map_err(|e| LayerError::Remote {
-            path: path.to_path_buf(),
-            what: format!("is not on local disk and could not be read: {e}"),
-        });
+        let tail = self.remote.storage().get_tail(&stub.object, want).map_err(|e| out_of_reach(path, e));
         let (tail, size) = self.counted(tail)?;
         self.range_reads.fetch_add(1, Ordering::Relaxed);
         self.range_bytes.fetch_add(tail.len() as u64, Ordering::Relaxed);
@@ -137,10 +139,7 @@ impl LayerSource for RemoteLayers {
     }
 
     fn read_ranges(&self, stub: &RemoteStub, path: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, LayerError> {
-        let got = self.remote.storage().get_ranges(&stub.object, ranges).map_err(|e| LayerError::Remote {
-            path: path.to_path_buf(),
-            what: format!("is not on local disk and could not be read: {e}"),
-        });
+        let got = self.remote.storage().get_ranges(&stub.object, ranges).map_err(|e| out_of_reach(path, e));
         let got = self.counted(got)?;
         let whole = got.len() == ranges.len() && got.iter().zip(ranges).all(|(b, r)| b.len() as u64 == r.end - r.start);
         if !whole {

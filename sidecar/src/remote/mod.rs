@@ -28,14 +28,6 @@ use bytes::Bytes;
 use std::sync::Arc;
 use storage::{RemoteStorage, StorageError};
 
-/// Writes a file of the store durably, through `<path>.tmp`
-/// (`repo::timeline::write_durably`): a stub, or what `attach` sets up.
-fn put_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    crate::repo::timeline::write_durably(std::path::Path::new(&tmp), path, bytes)
-}
-
 /// The remote store as a running sidecar uses it, for `neon_sidecar_status()`.
 pub struct RemoteState {
     pub remote: Remote,

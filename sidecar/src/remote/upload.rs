@@ -37,7 +37,7 @@ use crate::repo::commit_times::{sealed_length, CommitTimesError, CHUNK_FILE, LOG
 use crate::repo::layer::{LayerError, LayerFacts, MergeInputs, RemoteStub};
 use crate::repo::layer_summary::{summary_object, LayerSummary};
 use crate::repo::store::{decode_current, timeline_dir, Store, CURRENT, HISTORY, IDENTITY, TIMELINES};
-use crate::repo::timeline::{manifest_with_names, read_durable_manifest, RepoError, MANIFEST};
+use crate::repo::timeline::{manifest_with_names, put_durably, read_durable_manifest, RepoError, MANIFEST};
 use neon_types::Lsn;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -477,7 +477,7 @@ impl Uploader {
     ) -> Result<Option<RemoteStub>, UploadError> {
         let stub = RemoteStub { object, facts };
         let stub_path = RemoteStub::path_for(path);
-        super::put_file(&stub_path, &stub.encode()).map_err(io(&stub_path))?;
+        put_durably(&stub_path, &stub.encode()).map_err(io(&stub_path))?;
         if !path.exists() {
             // Collected while it went up: the stub must not outlive it.
             let _ = std::fs::remove_file(&stub_path);

@@ -781,9 +781,7 @@ impl Timeline {
             // Until the merged file is uploaded, an index may name these in its place.
             let inputs = MergeInputs { files: chosen.iter().map(|l| (file_name(l.path()), l.facts())).collect() };
             let path = MergeInputs::path_for(layer.path());
-            let mut tmp = path.as_os_str().to_owned();
-            tmp.push(".tmp");
-            write_durably(Path::new(&tmp), &path, &inputs.encode()).map_err(|source| RepoError::Io { path, source })?;
+            put_durably(&path, &inputs.encode()).map_err(|source| RepoError::Io { path, source })?;
         }
         self.write_manifest(self.history_start(), self.durable_point(), &names)?;
         let path = layer.path().to_path_buf();
@@ -1086,14 +1084,11 @@ fn walk_fetching<T>(
         match walk(&fetched)? {
             Walk::Done(answer) => return Ok(answer),
             Walk::Fetch(layer, one_key) => {
+                // `newest_first_remote` makes the file local itself when it answers `None`.
                 let read = match one_key {
                     Some((key, upto)) => layer.newest_first_remote(key, upto),
-                    None => Ok(None),
-                };
-                let read = read.and_then(|values| match values {
-                    Some(values) => Ok(Some(values)),
                     None => layer.make_local().map(|()| None),
-                });
+                };
                 match read {
                     Ok(values) => fetched.push(Fetched { layer, values }),
                     Err(_) if !timeline.read().files.iter().any(|f| Arc::ptr_eq(f, &layer)) => {}
@@ -1127,6 +1122,14 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
 /// directory: `path` then holds either its old contents or all of the new, whatever happens.
 pub fn write_durably(tmp: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_durably_with(tmp, path, |f| f.write_all(bytes))
+}
+
+/// [`write_durably`] through `<path>.tmp`: a file beside a layer file (its stub, its merge
+/// inputs), or what `attach-remote` sets up.
+pub fn put_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    write_durably(Path::new(&tmp), path, bytes)
 }
 
 /// [`write_durably`] with the contents written by `write` into `tmp` — made new and private
