@@ -728,40 +728,55 @@ impl Timeline {
         let mergeable = |l: &Arc<DeltaLayer>| !is_full_image(l) && l.size_bytes() <= small && uploaded(l);
         let at_end_of =
             |l: &Arc<DeltaLayer>, before: &Arc<DeltaLayer>| is_image(l) && l.lsn_range().0 == before.lsn_range().1;
-        let mut chosen: Vec<Arc<DeltaLayer>> = Vec::new();
-        for (i, l) in files.iter().enumerate() {
-            let follows_its_file = i > 0 && at_end_of(l, &files[i - 1]);
-            if !mergeable(l) || (chosen.is_empty() && follows_its_file) {
-                if chosen.len() >= 2 {
+        // Runs are tried in order: where tiering leaves fewer than two files of one, the next
+        // may still merge (else a large file before a full image would stop merging for good).
+        let mut from = 0;
+        let chosen = loop {
+            let mut chosen: Vec<Arc<DeltaLayer>> = Vec::new();
+            let mut next = files.len();
+            for (i, l) in files.iter().enumerate().skip(from) {
+                let follows_its_file = i > 0 && at_end_of(l, &files[i - 1]);
+                if !mergeable(l) || (chosen.is_empty() && follows_its_file) {
+                    if chosen.len() >= 2 {
+                        next = i;
+                        break;
+                    }
+                    chosen.clear();
+                    continue;
+                }
+                chosen.push(l.clone());
+                if chosen.len() >= run {
+                    match files.get(i + 1) {
+                        Some(after) if at_end_of(after, l) && mergeable(after) => continue,
+                        Some(after) if at_end_of(after, l) => {
+                            chosen.pop();
+                        }
+                        _ => {}
+                    }
+                    next = i + 1;
                     break;
                 }
-                chosen.clear();
-                continue;
             }
-            chosen.push(l.clone());
-            if chosen.len() >= run {
-                match files.get(i + 1) {
-                    Some(next) if at_end_of(next, l) && mergeable(next) => continue,
-                    Some(next) if at_end_of(next, l) => {
-                        chosen.pop();
-                    }
-                    _ => {}
+            // Size-tiered: a file larger than the rest of the run together is left out (with
+            // an image layer at its end), or a merged file would be rewritten at every flush
+            // as it takes in one or two new small files: each value is rewritten a few times
+            // at most.
+            while chosen.len() >= 2
+                && chosen[0].size_bytes() > chosen[1..].iter().map(|l| l.size_bytes()).sum::<u64>()
+            {
+                let first = chosen.remove(0);
+                while chosen.first().is_some_and(|l| at_end_of(l, &first)) {
+                    chosen.remove(0);
                 }
-                break;
             }
-        }
-        // Size-tiered: a file larger than the rest of the run together is left out (with an
-        // image layer at its end), or a merged file would be rewritten at every flush as it
-        // takes in one or two new small files: each value is rewritten a few times at most.
-        while chosen.len() >= 2 && chosen[0].size_bytes() > chosen[1..].iter().map(|l| l.size_bytes()).sum::<u64>() {
-            let first = chosen.remove(0);
-            while chosen.first().is_some_and(|l| at_end_of(l, &first)) {
-                chosen.remove(0);
+            if chosen.len() >= 2 {
+                break chosen;
             }
-        }
-        if chosen.len() < 2 {
-            return Ok(None);
-        }
+            if next >= files.len() {
+                return Ok(None);
+            }
+            from = next;
+        };
         // The merged file holds every value of the run: its LSN range is theirs together.
         let first = chosen.iter().map(|l| l.lsn_range().0).min().unwrap_or_default();
         let last = chosen.iter().map(|l| l.lsn_range().1).max().unwrap_or_default();
@@ -1373,6 +1388,40 @@ mod tests {
         assert_eq!(files[1].path(), merged);
         assert!(files[1].size_bytes() < large.size_bytes());
         t.check_layer_order().unwrap();
+    }
+
+    #[test]
+    fn a_run_that_tiering_leaves_alone_does_not_stop_later_runs_merging() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Timeline::open(dir.path()).unwrap();
+        t.begin_history(Lsn(10));
+        let mut lsn = 10;
+        let mut flush = |t: &Timeline, n: u64| {
+            for i in 0..n {
+                lsn += 8;
+                t.put(Key::meta(1, i as u32), Lsn(lsn), record(lsn));
+            }
+            t.advance(Lsn(lsn));
+            t.flush().unwrap();
+        };
+        // A large file and a small one (tiering leaves that run with one file), a full image
+        // (never merged), then three small files.
+        flush(&t, 400);
+        flush(&t, 5);
+        let images: BTreeMap<Key, Value> =
+            (0..5).map(|i| (Key::meta(1, i), Value::Image(Bytes::from_static(b"image")))).collect();
+        t.add_image_layer(t.durable_lsn(), &images, true).unwrap();
+        for _ in 0..3 {
+            flush(&t, 5);
+        }
+        let before = t.layers();
+        assert_eq!(before.len(), 6);
+        t.merge_layers(0, 16, 1 << 30).unwrap().expect("the three small files after the full image merged");
+        let after = t.layers();
+        assert_eq!(after.len(), 4);
+        assert!(before[..3].iter().zip(&after[..3]).all(|(b, a)| Arc::ptr_eq(b, a)), "the first run was rewritten");
+        t.check_layer_order().unwrap();
+        assert_eq!(t.values_for(Key::meta(1, 2), Lsn(lsn)).unwrap().len(), 4);
     }
 
     #[test]
