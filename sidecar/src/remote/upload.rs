@@ -57,6 +57,8 @@ const PASSES_A_ROUND: usize = 3;
 const BACKGROUND_FROM: u64 = 16 << 20;
 /// Background uploads at a time.
 const BACKGROUND_AT_ONCE: usize = 2;
+/// A round's uploads at a time.
+const UPLOADS_AT_ONCE: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -395,18 +397,6 @@ impl Uploader {
         Ok(Ok(Some(stub)))
     }
 
-    /// Uploads a layer file and stubs it. `None` if it is gone meanwhile (collected, merged).
-    fn upload_layer(&mut self, tl: u32, name: &str, path: &Path) -> Result<Option<RemoteStub>, UploadError> {
-        let object = self.next_object(tl, name);
-        // Known before they are put: a put that failed may still have landed.
-        self.unindexed.push(object.clone());
-        self.unindexed.push(summary_object(&object));
-        match put_layer(&self.remote, path, &object)? {
-            Some(facts) => self.stub_uploaded(tl, name, path, object, facts),
-            None => Ok(None),
-        }
-    }
-
     /// Starts uploading a layer file in the background.
     fn start_background(&mut self, tl: u32, name: &str, path: &Path) -> Result<(), UploadError> {
         let object = self.next_object(tl, name);
@@ -633,18 +623,41 @@ impl Uploader {
         }
         self.status.queued_files.store((queue.len() + self.in_flight.len()) as u64, Ordering::Relaxed);
         self.status.queued_bytes.store(queue.iter().map(|q| q.2).sum::<u64>() + background, Ordering::Relaxed);
+        // Named in order (an index written later must not know a name before it is used), put
+        // several at a time: a put's latency, not the store's bandwidth, bounds a round of
+        // many small files.
+        let mut puts = Vec::with_capacity(queue.len());
+        for &(t, at, size) in &queue {
+            let path = timelines[t].dir.join(&timelines[t].files[at].0);
+            let object = self.next_object(timelines[t].id, &timelines[t].files[at].0);
+            // Known before they are put: a put that failed may still have landed.
+            self.unindexed.push(object.clone());
+            self.unindexed.push(summary_object(&object));
+            puts.push(Put { path, object, size });
+        }
         let mut vanished = false;
-        for (t, at, size) in queue {
+        let mut failed = None;
+        let done = put_layers(&self.remote, puts, self.background_from, &self.status);
+        for ((t, at, _), (put, got)) in queue.into_iter().zip(done) {
             let (id, name) = (timelines[t].id, timelines[t].files[at].0.clone());
-            let path = timelines[t].dir.join(&name);
-            self.status.queued_files.fetch_sub(1, Ordering::Relaxed);
-            self.status.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-            match self.upload_layer(id, &name, &path)? {
-                Some(stub) => timelines[t].files[at].1 = Some(stub),
+            // What went up is stubbed even when another put failed: the next round skips it.
+            let stubbed = match got {
+                Some(Ok(Some(facts))) => self.stub_uploaded(id, &name, &put.path, put.object, facts),
+                Some(Ok(None)) => Ok(None),
+                Some(Err(e)) => Err(e),
+                // Not tried after another failed: the round ends with that error.
+                None => continue,
+            };
+            match stubbed {
+                Ok(Some(stub)) => timelines[t].files[at].1 = Some(stub),
                 // Merged or collected meanwhile: the rest still goes up, then the manifests
                 // are read again.
-                None => vanished = true,
+                Ok(None) => vanished = true,
+                Err(e) => failed = failed.or(Some(e)),
             }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         if vanished {
             return Ok(None);
@@ -764,7 +777,9 @@ impl Uploader {
                         self.status.set_error(None);
                         failing = false;
                         backoff = Duration::from_secs(1);
-                        next = Instant::now() + every;
+                        // From the round's start: a long round is followed at once by the
+                        // next, which takes what was flushed meanwhile.
+                        next = started + every;
                         if let Some((limit, keep)) = local_cache {
                             match store.evict_layers(limit, keep) {
                                 Ok((0, _)) => {}
@@ -796,6 +811,51 @@ impl Uploader {
         }
     }
 }
+
+/// A layer file to upload in a round, as the object named for it.
+struct Put {
+    path: PathBuf,
+    object: String,
+    size: u64,
+}
+
+/// Uploads `puts` ([`put_layer`] each), [`UPLOADS_AT_ONCE`] at a time but one of
+/// `large` bytes or more at a time (each holds its file twice in memory while it goes up),
+/// taking each off the status's queue as it starts: each with what its upload came to, in the
+/// order given. After a failure no other is started (the store is likely out of reach: the
+/// round ends, backoff follows): those are `None`.
+fn put_layers(remote: &Remote, puts: Vec<Put>, large: u64, status: &UploadStatus) -> Vec<(Put, Option<PutResult>)> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let one_large = Mutex::new(());
+    let results: Vec<Mutex<Option<PutResult>>> = puts.iter().map(|_| Mutex::new(None)).collect();
+    let work = || loop {
+        if failed.load(Ordering::Relaxed) {
+            break;
+        }
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(put) = puts.get(i) else { break };
+        let _large = (put.size >= large).then(|| one_large.lock().unwrap_or_else(|p| p.into_inner()));
+        status.queued_files.fetch_sub(1, Ordering::Relaxed);
+        status.queued_bytes.fetch_sub(put.size, Ordering::Relaxed);
+        let got = put_layer(remote, &put.path, &put.object);
+        if got.is_err() {
+            failed.store(true, Ordering::Relaxed);
+        }
+        *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(got);
+    };
+    std::thread::scope(|s| {
+        for _ in 1..UPLOADS_AT_ONCE.min(puts.len()) {
+            // A thread that cannot be made is one worker fewer: this one works too.
+            let _ = std::thread::Builder::new().name("remote-upload".into()).spawn_scoped(s, work);
+        }
+        work();
+    });
+    let results = results.into_iter().map(|r| r.into_inner().unwrap_or_else(|p| p.into_inner()));
+    puts.into_iter().zip(results).collect()
+}
+
+type PutResult = Result<Option<LayerFacts>, UploadError>;
 
 /// Uploads the layer file at `path` as `object`, then its summary: the file's facts, or
 /// `None` if it is gone (merged or collected meanwhile).
@@ -976,6 +1036,39 @@ mod tests {
         assert!(MergeInputs::read(&merged).unwrap().is_none());
         named_objects_exist(&remote);
         assert_eq!(t.values_for(Key::meta(1, 1), Lsn(350)).unwrap().last().unwrap().0, Lsn(300));
+    }
+
+    #[test]
+    fn a_put_that_fails_in_a_round_leaves_those_started_uploaded_and_only_it_goes_up_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (faulty, remote) = faulty_files(tmp.path());
+        let dir = tmp.path().join("store");
+        let store = store_of_three_layers(&dir);
+        let paths: Vec<PathBuf> = store.current().layers().iter().map(|l| l.path().to_path_buf()).collect();
+        let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+        // The last: every other was started before it (none is started after a failure).
+        let last = name(&paths[2]);
+        let mut u = Uploader::start(remote.clone(), &dir).unwrap();
+        *faulty.fail_under.lock().unwrap() = Some(format!("{TIMELINES}/00000001/{last}."));
+        let e = u.round().unwrap_err().to_string();
+        assert!(e.contains(&last), "the error names the object: {e}");
+        let stubbed: Vec<bool> = paths.iter().map(|p| RemoteStub::path_for(p).exists()).collect();
+        assert_eq!(stubbed, [true, true, false], "the files whose puts went through are stubbed");
+        for p in [&paths[0], &paths[1]] {
+            let stub = RemoteStub::read(p).unwrap().expect("a stub");
+            assert!(stub.object.contains(&name(p)), "{} stubbed as {}", p.display(), stub.object);
+        }
+        assert!(newest_index(&remote).unwrap().is_none(), "no index names a manifest with a file missing");
+
+        *faulty.fail_under.lock().unwrap() = None;
+        let puts = faulty.puts.load(Ordering::SeqCst);
+        assert_eq!(u.round().unwrap(), Lsn(300));
+        // The last file and its summary again, then the commit times and the index.
+        assert!(faulty.puts.load(Ordering::SeqCst) - puts <= 4, "only the file that failed went up again");
+        let named = named_objects_exist(&remote);
+        assert!(paths.iter().all(|p| named.iter().any(|o| o.contains(&name(p)))), "{named:?}");
+        assert_eq!(u.status.queued_files.load(Ordering::Relaxed), 0);
+        assert_eq!(u.status.queued_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -761,8 +761,7 @@ impl Timeline {
             // an image layer at its end), or a merged file would be rewritten at every flush
             // as it takes in one or two new small files: each value is rewritten a few times
             // at most.
-            while chosen.len() >= 2
-                && chosen[0].size_bytes() > chosen[1..].iter().map(|l| l.size_bytes()).sum::<u64>()
+            while chosen.len() >= 2 && chosen[0].size_bytes() > chosen[1..].iter().map(|l| l.size_bytes()).sum::<u64>()
             {
                 let first = chosen.remove(0);
                 while chosen.first().is_some_and(|l| at_end_of(l, &first)) {

@@ -41,6 +41,8 @@ struct Sample {
     remote: Lsn,
     layer_bytes: u64,
     uploaded: u64,
+    queued_files: u64,
+    queued_bytes: u64,
 }
 
 fn sample(s: &SidecarProcess, t0: Instant) -> Result<Sample> {
@@ -56,6 +58,8 @@ fn sample(s: &SidecarProcess, t0: Instant) -> Result<Sample> {
         remote: get("remote_durable_lsn")?.parse()?,
         layer_bytes: get("layer_bytes")?.parse()?,
         uploaded: get("remote_uploaded_bytes")?.parse()?,
+        queued_files: get("remote_queue_files")?.parse()?,
+        queued_bytes: get("remote_queue_bytes")?.parse()?,
     })
 }
 
@@ -73,6 +77,26 @@ fn lags(samples: &[Sample], from: Duration) -> Vec<Duration> {
     }
     out.sort();
     out
+}
+
+/// The samples as tab-separated text, one a line, for a look at where the lag came from.
+fn write_trace(path: &Path, t0: std::time::SystemTime, samples: &[Sample]) -> Result<()> {
+    let t0 = t0.duration_since(std::time::UNIX_EPOCH)?.as_millis();
+    let mut out = format!("# ms after {t0} ms since the Unix epoch\n");
+    out += &String::from("ms\tlocal\tremote\tlayer_bytes\tuploaded\tqueued_files\tqueued_bytes\n");
+    for s in samples {
+        out += &format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            s.at.as_millis(),
+            s.local,
+            s.remote,
+            s.layer_bytes,
+            s.uploaded,
+            s.queued_files,
+            s.queued_bytes
+        );
+    }
+    std::fs::write(path, out).with_context(|| format!("writing the trace {}", path.display()))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -121,9 +145,10 @@ fn p50_p99(mut v: Vec<Duration>) -> (f64, f64) {
 
 fn main() -> Result<()> {
     let f = Flags::parse(
-        "bench-remote [--scale N] [--secs N] [--clients N] [--reads N] [--history-mb N]",
-        &[("scale", "10"), ("secs", "30"), ("clients", "4"), ("reads", "30"), ("history-mb", "1024")],
+        "bench-remote [--scale N] [--secs N] [--clients N] [--reads N] [--history-mb N] [--trace FILE]",
+        &[("scale", "10"), ("secs", "30"), ("clients", "4"), ("reads", "30"), ("history-mb", "1024"), ("trace", "")],
     )?;
+    let trace: String = f.get("trace")?;
     let (scale, secs, clients): (u32, u32, u32) = (f.get("scale")?, f.get("secs")?, f.get("clients")?);
     let (reads, history_mb): (usize, u64) = (f.get("reads")?, f.get("history-mb")?);
     let (c, store) = cluster_born_with_store()?;
@@ -137,7 +162,7 @@ fn main() -> Result<()> {
 
     // 1. Uploads beside ingest.
     eprintln!("bench: pgbench -i -s {scale}, then {secs} s of pgbench with {clients} clients, sampled ...");
-    let t0 = Instant::now();
+    let (t0, t0_wall) = (Instant::now(), std::time::SystemTime::now());
     let done = AtomicBool::new(false);
     let wal_start = workload::flush_lsn(&c)?;
     let loaded = std::sync::Mutex::new(Duration::ZERO);
@@ -167,6 +192,9 @@ fn main() -> Result<()> {
         let samples = sampler.join().expect("the sampler panicked")?;
         Ok((samples, ran?))
     })?;
+    if !trace.is_empty() {
+        write_trace(Path::new(&trace), t0_wall, &samples)?;
+    }
     let lag = lags(&samples, Duration::ZERO);
     let lag_pgbench = lags(&samples, *loaded.lock().expect("unpoisoned"));
     let (first, last) = (samples[0], *samples.last().context("no samples")?);
