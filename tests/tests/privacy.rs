@@ -2,7 +2,8 @@
 //! hold every row of the database, so they are the server's OS user's alone from the moment
 //! they are made (directories 0700, files 0600). Checked as another OS user (`nobody`), who
 //! can neither list nor read them nor find a row of a table in them; and a store found open to
-//! others is refused, saying how to fix it.
+//! others is refused, saying how to fix it. A redo scratch directory a killed sidecar left (its
+//! rows with it) is removed by the next sidecar, whoever owns it: the sidecar or its `--run-as`.
 
 use anyhow::{Context, Result};
 use neon_tests::sidecar::{cluster_born_with_store, SidecarProcess};
@@ -79,5 +80,25 @@ fn the_store_scratch_and_shared_directories_are_the_server_users_alone() -> Resu
     let out = Command::new(neon_tests::sidecar_bin()?).args(["status", "--store"]).arg(&store).output()?;
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("readable by other users") && text.contains("chmod 700"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn a_sidecar_run_as_root_removes_the_scratch_a_killed_one_left() -> Result<()> {
+    anyhow::ensure!(neon_tests::is_root(), "this test starts the sidecar as root: it needs root (CI runs as root)");
+    let (c, store) = cluster_born_with_store()?;
+    // What a sidecar run as root and killed with -9 left: its redo scratch, handed to the
+    // server user, of a process that is gone.
+    let mut dead = Command::new("true").spawn()?;
+    dead.wait()?;
+    let stale = Path::new("/tmp").join(format!("neon-sidecar-{}-00000000deadbeef", dead.id()));
+    std::fs::create_dir(&stale)?;
+    std::fs::write(stale.join("postmaster.pid"), "")?;
+    neon_tests::chown_to_server_user(&stale)?;
+    let sidecar = SidecarProcess::start(&c, &store)?;
+    let left = stale.exists();
+    sidecar.stop()?;
+    let _ = std::fs::remove_dir_all(&stale);
+    assert!(!left, "the scratch {} of a sidecar that is gone is left", stale.display());
     Ok(())
 }

@@ -87,7 +87,16 @@ impl RedoProcessArgs {
     /// A one-process configuration with its scratch directory named after `purpose`.
     pub fn config(&self, purpose: &str) -> anyhow::Result<RedoConfig> {
         use std::hash::{BuildHasher, Hasher};
-        remove_stale_scratch(purpose);
+        // SAFETY: geteuid has no preconditions.
+        let run_as = match unsafe { libc::geteuid() } {
+            0 => {
+                let user = nix::unistd::User::from_name(&self.run_as)?
+                    .with_context(|| format!("no OS user {:?} to run postgres as", self.run_as))?;
+                Some((user.uid.as_raw(), user.gid.as_raw()))
+            }
+            _ => None,
+        };
+        remove_stale_scratch(purpose, run_as.map(|(uid, _)| uid));
         // Unguessable, so that nobody can make it first (the directory must be new: another
         // user's would not be private).
         let random = std::hash::RandomState::new().build_hasher().finish();
@@ -96,31 +105,27 @@ impl RedoProcessArgs {
         cfg.pg_bin_dir = self.pg_bin.clone();
         cfg.processes = 1;
         cfg.data_checksums = self.data_checksums;
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            let user = nix::unistd::User::from_name(&self.run_as)?
-                .with_context(|| format!("no OS user {:?} to run postgres as", self.run_as))?;
-            cfg.run_as = Some((user.uid.as_raw(), user.gid.as_raw()));
-        }
+        cfg.run_as = run_as;
         Ok(cfg)
     }
 }
 
 /// Removes the redo scratch directories (`$TMPDIR/neon-<purpose>-<pid>-<random>`) of this user's
-/// sidecars that ended without cleaning up (`kill -9`): their process is gone.
-fn remove_stale_scratch(purpose: &str) {
+/// sidecars that ended without cleaning up (`kill -9`): their process is gone. A sidecar run
+/// as root hands its scratch to `run_as` (the uid its redo processes run as): those too.
+fn remove_stale_scratch(purpose: &str, run_as: Option<u32>) {
     use std::os::unix::fs::MetadataExt;
     let prefix = format!("neon-{purpose}-");
     let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else { return };
     // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let uid = unsafe { libc::geteuid() };
     for e in dir.flatten() {
         let name = e.file_name();
         let pid = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|p| p.split('-').next());
         let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()) else {
             continue;
         };
-        let ours = e.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
+        let ours = e.metadata().is_ok_and(|m| m.is_dir() && (m.uid() == uid || Some(m.uid()) == run_as));
         // SAFETY: kill with signal 0 only asks whether the process exists.
         let gone =
             unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
