@@ -88,7 +88,8 @@ impl RedoProcessArgs {
     pub fn config(&self, purpose: &str) -> anyhow::Result<RedoConfig> {
         use std::hash::{BuildHasher, Hasher};
         // SAFETY: geteuid has no preconditions.
-        let run_as = match unsafe { libc::geteuid() } {
+        let uid = unsafe { libc::geteuid() };
+        let run_as = match uid {
             0 => {
                 let user = nix::unistd::User::from_name(&self.run_as)?
                     .with_context(|| format!("no OS user {:?} to run postgres as", self.run_as))?;
@@ -96,7 +97,7 @@ impl RedoProcessArgs {
             }
             _ => None,
         };
-        remove_stale_scratch(purpose, run_as.map(|(uid, _)| uid));
+        remove_stale_scratch(purpose, uid, run_as.map(|(u, _)| u));
         // Unguessable, so that nobody can make it first (the directory must be new: another
         // user's would not be private).
         let random = std::hash::RandomState::new().build_hasher().finish();
@@ -110,15 +111,14 @@ impl RedoProcessArgs {
     }
 }
 
-/// Removes the redo scratch directories (`$TMPDIR/neon-<purpose>-<pid>-<random>`) of this user's
-/// sidecars that ended without cleaning up (`kill -9`): their process is gone. A sidecar run
-/// as root hands its scratch to `run_as` (the uid its redo processes run as): those too.
-fn remove_stale_scratch(purpose: &str, run_as: Option<u32>) {
+/// Removes the redo scratch directories (`$TMPDIR/neon-<purpose>-<pid>-<random>`) of the
+/// sidecars of `uid` (this one's) that ended without cleaning up (`kill -9`): their process is
+/// gone. A sidecar run as root hands its scratch to `run_as` (the uid its redo processes run
+/// as): those too.
+fn remove_stale_scratch(purpose: &str, uid: u32, run_as: Option<u32>) {
     use std::os::unix::fs::MetadataExt;
     let prefix = format!("neon-{purpose}-");
     let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else { return };
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
     for e in dir.flatten() {
         let name = e.file_name();
         let pid = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|p| p.split('-').next());

@@ -83,7 +83,7 @@ fn lags(samples: &[Sample], from: Duration) -> Vec<Duration> {
 fn write_trace(path: &Path, t0: std::time::SystemTime, samples: &[Sample]) -> Result<()> {
     let t0 = t0.duration_since(std::time::UNIX_EPOCH)?.as_millis();
     let mut out = format!("# ms after {t0} ms since the Unix epoch\n");
-    out += &String::from("ms\tlocal\tremote\tlayer_bytes\tuploaded\tqueued_files\tqueued_bytes\n");
+    out.push_str("ms\tlocal\tremote\tlayer_bytes\tuploaded\tqueued_files\tqueued_bytes\n");
     for s in samples {
         out += &format!(
             "{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
