@@ -592,7 +592,8 @@ pub(crate) fn neon_branch_create(
 }
 
 /// Every branch: its id, mount path, LSN, own timeline, the timeline whose history it pins,
-/// and how many blocks it has written.
+/// how many blocks it has written, and — for one the sidecar could not mount when it started
+/// (kept, pinned, droppable) — why (NULL for the others).
 #[pg_extern(volatile, parallel_safe)]
 #[allow(clippy::type_complexity)]
 fn neon_branches() -> TableIterator<
@@ -604,11 +605,18 @@ fn neon_branches() -> TableIterator<
         name!(timeline, i32),
         name!(source_timeline, i32),
         name!(written_blocks, i64),
+        name!(problem, Option<String>),
     ),
 > {
     let what = "branches";
     match ask(&Request::BranchList, what, Some(guc::request_timeout())) {
-        Response::Branches(b) => TableIterator::new(branch_rows(b)),
+        Response::Branches(b) => {
+            let problems: Vec<Option<String>> =
+                b.iter().map(|b| Some(b.problem.clone()).filter(|p| !p.is_empty())).collect();
+            TableIterator::new(
+                branch_rows(b).into_iter().zip(problems).map(|((a, b, c, d, e, f), p)| (a, b, c, d, e, f, p)),
+            )
+        }
         r => unexpected(what, r),
     }
 }

@@ -1,5 +1,6 @@
 //! The page service's cache of rebuilt pages, keyed by page and LSN. Prefetch requests fill
-//! it ahead of a reader; `GetPage` looks here first and files what it rebuilds.
+//! it ahead of a reader; `GetPage` looks here first and files what it rebuilds, and so do the
+//! reads of history through a branch (`branch`): a branch at L and `GetPage` at L share pages.
 //!
 //! The pages live in the shared page file (`neon_types::page_file`, `<shared dir>/pages`,
 //! its data in `/dev/shm` where there is one), which backends read directly: a page the
@@ -21,6 +22,12 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub type Key = (BufferTag, Lsn);
+
+/// A rebuilt page, or why it could not be.
+type Rebuilt<E> = Result<Box<[u8; BLCKSZ]>, E>;
+
+/// How long a reader waits for a rebuild of the same page already under way.
+pub const PENDING_WAIT: Duration = Duration::from_secs(30);
 
 /// Counters for status reports.
 #[derive(Default)]
@@ -133,6 +140,62 @@ impl PageCache {
         Some(Claim { cache: self, key, owner: true, filed: false })
     }
 
+    /// The pages of `keys` (one reader's batch): those cached; those someone else is
+    /// rebuilding, waited for (at most `wait` each); the others rebuilt by `rebuild` as one
+    /// batch — it gets their positions in `keys` and returns their pages in that order — and
+    /// filed if `keep`, asked once they are rebuilt, says they are still the pages of their
+    /// keys (the followed history may have moved meanwhile).
+    pub fn pages<E: From<&'static str>>(
+        &self,
+        keys: &[Key],
+        wait: Duration,
+        mut rebuild: impl FnMut(&[usize]) -> Vec<Rebuilt<E>>,
+        keep: impl Fn() -> bool,
+    ) -> Vec<Rebuilt<E>> {
+        let mut out: Vec<Option<Rebuilt<E>>> = keys.iter().map(|_| None).collect();
+        let (mut claims, mut busy) = (Vec::new(), Vec::new());
+        for (n, key) in keys.iter().enumerate() {
+            if let Some(page) = self.get(key) {
+                out[n] = Some(Ok(page));
+            } else if let Some(claim) = self.try_claim(*key) {
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                claims.push((n, claim));
+            } else {
+                busy.push(n);
+            }
+        }
+        Self::rebuild_into(&mut out, claims, &mut rebuild, &keep);
+        // Waited for only now, holding no claim, and one at a time: two batches each waiting
+        // for a page the other has claimed would otherwise both wait out `wait`.
+        for n in busy {
+            match self.lookup(keys[n], wait) {
+                Lookup::Hit(page) => out[n] = Some(Ok(page)),
+                Lookup::Claimed(claim) => Self::rebuild_into(&mut out, vec![(n, claim)], &mut rebuild, &keep),
+            }
+        }
+        out.into_iter().map(|p| p.unwrap_or_else(|| Err(E::from("the page was not rebuilt")))).collect()
+    }
+
+    fn rebuild_into<E>(
+        out: &mut [Option<Rebuilt<E>>],
+        claims: Vec<(usize, Claim<'_>)>,
+        rebuild: &mut impl FnMut(&[usize]) -> Vec<Rebuilt<E>>,
+        keep: &impl Fn() -> bool,
+    ) {
+        if claims.is_empty() {
+            return;
+        }
+        let at: Vec<usize> = claims.iter().map(|(n, _)| *n).collect();
+        let pages = rebuild(&at);
+        let keep = keep();
+        for ((n, claim), page) in claims.into_iter().zip(pages) {
+            if let (Ok(p), true) = (&page, keep) {
+                claim.fill(p);
+            }
+            out[n] = Some(page);
+        }
+    }
+
     /// Pages held now.
     pub fn len(&self) -> usize {
         self.pages.len()
@@ -231,5 +294,51 @@ mod tests {
         assert_eq!(cache.len(), 8);
         assert!(matches!(cache.lookup(key(1), Duration::ZERO), Lookup::Claimed(_)), "oldest evicted");
         assert!(matches!(cache.lookup(key(9), Duration::ZERO), Lookup::Hit(p) if p[0] == 9));
+    }
+
+    #[test]
+    fn a_batch_takes_what_is_cached_waits_for_what_is_under_way_and_rebuilds_the_rest_once() {
+        let cache = PageCache::private(64).unwrap();
+        cache.try_claim(key(1)).unwrap().fill(&[1; BLCKSZ]);
+        let other = cache.try_claim(key(2)).unwrap();
+        let keys: Vec<Key> = (1..=5).map(key).collect();
+        let mut asked: Vec<Vec<usize>> = Vec::new();
+        let got = std::thread::scope(|s| {
+            s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                other.fill(&[2; BLCKSZ]);
+            });
+            cache.pages(
+                &keys,
+                Duration::from_secs(10),
+                |at: &[usize]| {
+                    asked.push(at.to_vec());
+                    at.iter()
+                        .map(|n| {
+                            if keys[*n].0.blkno == 4 {
+                                Err("broken".to_string())
+                            } else {
+                                Ok(Box::new([keys[*n].0.blkno as u8; BLCKSZ]))
+                            }
+                        })
+                        .collect()
+                },
+                || true,
+            )
+        });
+        assert_eq!(asked, vec![vec![2, 3, 4]], "one batch: neither the cached page nor the one under way");
+        let firsts: Vec<Result<u8, String>> = got.into_iter().map(|p| p.map(|p| p[0])).collect();
+        assert_eq!(firsts, vec![Ok(1), Ok(2), Ok(3), Err("broken".to_string()), Ok(5)]);
+        assert!(matches!(cache.lookup(key(5), Duration::ZERO), Lookup::Hit(p) if p[0] == 5), "filed");
+        assert!(matches!(cache.lookup(key(4), Duration::ZERO), Lookup::Claimed(_)), "a failure is not filed");
+        // Not kept: rebuilt, returned, not filed.
+        let got = cache.pages(
+            &[key(9)],
+            Duration::ZERO,
+            |_: &[usize]| vec![Ok::<_, String>(Box::new([9; BLCKSZ]))],
+            || false,
+        );
+        assert_eq!(got[0].as_ref().map(|p| p[0]), Ok(9));
+        assert!(matches!(cache.lookup(key(9), Duration::ZERO), Lookup::Claimed(_)), "filed though not kept");
     }
 }

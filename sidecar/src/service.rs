@@ -11,7 +11,7 @@
 
 use crate::basebackup::shared::SharedBasebackups;
 use crate::basebackup::{BasebackupError, Options, Progress};
-use crate::page_cache::{Lookup, PageCache};
+use crate::page_cache::{Lookup, PageCache, PENDING_WAIT};
 use crate::repo::catalog::{self, CatalogError};
 use crate::repo::meta;
 use crate::repo::point_in_time::{self, PointInTimeError};
@@ -98,7 +98,7 @@ pub struct PageService {
     pub basebackup_workers: usize,
     /// How often a base backup reports progress, and after how long it starts to.
     pub progress_every: Duration,
-    pub cache: PageCache,
+    pub cache: Arc<PageCache>,
     /// What ingest is doing (following, retrying, stopped and why).
     pub ingest: Arc<crate::follower::IngestState>,
     /// Branches (`None`: the sidecar was started without a shared directory).
@@ -118,9 +118,6 @@ fn code_of(e: &GetPageError) -> ErrorCode {
         _ => ErrorCode::Internal,
     }
 }
-
-/// How long a `GetPage` waits for a rebuild of the same page already under way.
-const PENDING_WAIT: Duration = Duration::from_secs(30);
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error { code, message: message.into() }
@@ -166,12 +163,8 @@ impl PageService {
         reconstruct::check_in_history(t, lsn).map_err(|e| error(code_of(&e), e.to_string()))
     }
 
-    /// Whether a page of timeline `t` at `lsn` is the page readers without a timeline get:
-    /// only those go into the shared page file, which backends read by page and LSN alone.
-    /// `generation` is the store's when the request began: a switch of the followed timeline
-    /// since then makes it another history.
     fn on_current_lineage(&self, t: &Arc<Timeline>, lsn: Lsn, generation: u64) -> bool {
-        self.store.generation() == generation && Arc::ptr_eq(&t.owner_at(lsn), &self.store.current().owner_at(lsn))
+        self.store.on_current_lineage(t, lsn, generation)
     }
 
     /// Answers one request; a long one (a base backup) first sends `Progress` responses

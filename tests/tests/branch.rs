@@ -40,10 +40,21 @@ impl Unmount {
     /// A new branch at `lsn`: its id and mount path (from `branch create`'s line), the mount
     /// to be detached at the end.
     fn create(&self, s: &SidecarProcess, lsn: Lsn) -> Result<(u32, PathBuf)> {
-        let line = branch_cli(s, &["create", "--lsn", &lsn.to_string()])?;
+        self.create_at(s, lsn, None)
+    }
+
+    /// The same, mounted at `mount` if given (`--mount`).
+    fn create_at(&self, s: &SidecarProcess, lsn: Lsn, mount: Option<&Path>) -> Result<(u32, PathBuf)> {
+        let lsn_text = lsn.to_string();
+        let mut args = vec!["create", "--lsn", &lsn_text];
+        if let Some(m) = mount {
+            args.extend(["--mount", m.to_str().context("mount point")?]);
+        }
+        let line = branch_cli(s, &args)?;
         let fields: Vec<&str> = line.trim().split('\t').collect();
-        anyhow::ensure!(fields.len() == 5 && fields[1] == lsn.to_string(), "branch create said {line:?}");
+        anyhow::ensure!(fields.len() == 5 && fields[1] == lsn_text, "branch create said {line:?}");
         let path = PathBuf::from(fields[4]);
+        anyhow::ensure!(mount.is_none_or(|m| m == path), "branch create mounted at {}, not {mount:?}", path.display());
         self.0.borrow_mut().push(path.clone());
         Ok((fields[0].parse()?, path))
     }
@@ -103,10 +114,15 @@ fn boot_check_drop(s: &SidecarProcess, mounts: &Unmount, lsn: Lsn, dumps: &BTree
     Ok(())
 }
 
-/// Page 0 of `node`'s main fork at `lsn`, from the sidecar's history.
-fn history_page(s: &SidecarProcess, node: neon_types::RelFileNode, lsn: Lsn) -> Result<Box<[u8; neon_types::BLCKSZ]>> {
+/// Block `blkno` of `node`'s main fork at `lsn`, from the sidecar's history.
+fn history_page(
+    s: &SidecarProcess,
+    node: neon_types::RelFileNode,
+    blkno: u32,
+    lsn: Lsn,
+) -> Result<Box<[u8; neon_types::BLCKSZ]>> {
     use neon_types::protocol::{Request, Response};
-    let tag = neon_types::BufferTag { rel: neon_types::RelTag { node, fork: neon_types::ForkNumber::Main }, blkno: 0 };
+    let tag = neon_types::BufferTag { rel: neon_types::RelTag { node, fork: neon_types::ForkNumber::Main }, blkno };
     match s.ask(&Request::GetPage { tag, lsn, wait_ms: 1000 })? {
         Response::Page(p) => Ok(p),
         r => anyhow::bail!("GetPage of {tag} at {lsn}: {r:?}"),
@@ -117,7 +133,9 @@ fn history_page(s: &SidecarProcess, node: neon_types::RelFileNode, lsn: Lsn) -> 
 fn branches_boot_at_past_lsns_keep_their_writes_and_leave_history_alone() -> Result<()> {
     anyhow::ensure!(Path::new("/dev/fuse").exists(), "branches need FUSE: /dev/fuse is missing on this machine");
     let (c, store) = cluster_born_with_store()?;
-    let sidecar = SidecarProcess::start_for_compute(&c, &store, &[])?;
+    // (A cache larger than the pages read, so none the test looks for is evicted.)
+    let sidecar_args = ["--page-cache-mb", "256"];
+    let sidecar = SidecarProcess::start_for_compute(&c, &store, &sidecar_args)?;
     let mounts = Unmount(Default::default());
     // Five LSNs through pgbench and the DDL mix (as basebackup_history records them).
     let mut marks: Vec<(Lsn, BTreeMap<String, String>)> = Vec::new();
@@ -145,10 +163,24 @@ fn branches_boot_at_past_lsns_keep_their_writes_and_leave_history_alone() -> Res
     for (lsn, dumps) in &marks[1..] {
         boot_check_drop(&sidecar, &mounts, *lsn, dumps)?;
     }
+    // The branches read history through the page service's cache: what the last one read
+    // (pg_dump reads every block) is there for `GetPage` at its LSN (nothing else reads now).
+    let counters = || -> Result<(u64, u64)> {
+        Ok((sidecar.status("cache_hits")?.parse()?, sidecar.status("cache_misses")?.parse()?))
+    };
+    let (hits, misses) = counters()?;
+    // (pgbench_accounts as it is now: the DDL mix rewrote it after the first mark.)
+    history_page(&sidecar, workload::pgbench_accounts_file(&c)?, 1, marks[marks.len() - 1].0)?;
+    anyhow::ensure!(
+        counters()? == (hits + 1, misses),
+        "GetPage of a block a branch read at its LSN: cache hits, misses {:?}, were {:?}",
+        counters()?,
+        (hits, misses)
+    );
 
     // Writes on a branch at the first LSN, through a crash of its postmaster.
     let (l1, dumps1) = &marks[0];
-    let before = history_page(&sidecar, accounts, *l1)?;
+    let before = history_page(&sidecar, accounts, 0, *l1)?;
     let (id1, path1) = mounts.create(&sidecar, *l1)?;
     let mut b1 = boot(&path1, *l1)?;
     // Relation files are made in the overlay when the server first looks them up: booted, it
@@ -182,7 +214,7 @@ fn branches_boot_at_past_lsns_keep_their_writes_and_leave_history_alone() -> Res
     );
 
     // History did not change: the store's page and a second branch at the same LSN.
-    anyhow::ensure!(history_page(&sidecar, accounts, *l1)? == before, "history's page changed under a branch");
+    anyhow::ensure!(history_page(&sidecar, accounts, 0, *l1)? == before, "history's page changed under a branch");
     boot_check_drop(&sidecar, &mounts, *l1, dumps1)?;
 
     // The sidecar dies: the branch server gets errors, not pages.
@@ -191,7 +223,7 @@ fn branches_boot_at_past_lsns_keep_their_writes_and_leave_history_alone() -> Res
     anyhow::ensure!(read.is_err(), "a read on the branch with the sidecar dead gave {read:?}");
     b1.kill9()?;
     // Started again, it mounts its branches; the branch server recovers with its writes.
-    let sidecar = SidecarProcess::restart_for_compute(&c, &store, &[])?;
+    let sidecar = SidecarProcess::restart_for_compute(&c, &store, &sidecar_args)?;
     anyhow::ensure!(mounted(&path1)?, "branch {id1} is not mounted again: {}", sidecar.log_text());
     b1.start_again()?;
     anyhow::ensure!(state(&b1)? == written, "after the sidecar's kill -9: {} (was {written})", state(&b1)?);
@@ -259,8 +291,10 @@ fn a_branch_made_from_sql_pins_its_history() -> Result<()> {
         "branch LSN {:?}, asked {early}",
         made[0][2]
     );
-    let listed = c.query_one_string("SELECT string_agg(id || ' ' || lsn, ',') FROM neon_branches()")?;
-    anyhow::ensure!(listed == format!("{id} {early}"), "neon_branches() says {listed}");
+    let listed = c.query_one_string(
+        "SELECT string_agg(id || ' ' || lsn || ' ' || coalesce(problem, 'ok'), ',') FROM neon_branches()",
+    )?;
+    anyhow::ensure!(listed == format!("{id} {early} ok"), "neon_branches() says {listed}");
     let pins = c.query_one_string("SELECT branch_pins FROM neon_history() WHERE followed")?;
     anyhow::ensure!(pins == format!("branch {id} at {early}"), "neon_history() pins: {pins}");
 
@@ -395,6 +429,95 @@ fn a_branch_of_a_cluster_with_checksums_has_valid_checksums() -> Result<()> {
     b.stop()?;
     drop(b);
     drop_branch(&sidecar, id, &path)?;
+    sidecar.stop()?;
+    Ok(())
+}
+
+/// Tablespaces on a branch mounted where it is asked (`--mount DIR`): each is a directory in
+/// place under `pg_tblspc/` (as in our base backups), so the branch's writes never reach the
+/// compute's tablespace directories; the branch dumps as recorded, with a database whose
+/// default tablespace is one of them, and its writes stay its own. When its mount point is
+/// unusable at the sidecar's next start, the branch is listed with why, and can be dropped.
+#[test]
+fn a_branch_mounted_where_asked_holds_its_tablespaces_in_place() -> Result<()> {
+    anyhow::ensure!(Path::new("/dev/fuse").exists(), "branches need FUSE: /dev/fuse is missing on this machine");
+    let (c, store) = cluster_born_with_store()?;
+    let sidecar = SidecarProcess::start_for_compute(&c, &store, &[])?;
+    let mounts = Unmount(Default::default());
+    let ts = c.tablespace_dir("ts1")?;
+    c.execute(&format!("CREATE TABLESPACE ts1 LOCATION '{ts}'"))?;
+    c.execute(
+        "CREATE TABLE t_ts (id int PRIMARY KEY, v text) TABLESPACE ts1;
+         INSERT INTO t_ts SELECT g, md5(g::text) FROM generate_series(1, 20000) g;",
+    )?;
+    c.execute("CREATE DATABASE db_ts TABLESPACE ts1")?;
+    c.connect("db_ts")?
+        .batch_execute("CREATE TABLE home AS SELECT g, md5(g::text) AS v FROM generate_series(1, 3000) g")?;
+    let lsn = workload::flush_lsn(&c)?;
+    let dumps = dump_all(&c)?;
+    // (Nothing but this test writes t_ts on the compute from here on: no autovacuum.)
+    c.execute("UPDATE t_ts SET v = 'after' WHERE id % 3 = 0; ALTER TABLE t_ts SET (autovacuum_enabled = off)")?;
+    c.execute("VACUUM t_ts")?;
+    c.execute("CHECKPOINT")?;
+    sidecar.wait_durable(workload::flush_lsn(&c)?)?;
+    let spc = c.query_one_string("SELECT oid FROM pg_tablespace WHERE spcname = 'ts1'")?;
+    // t_ts's files in the compute's tablespace directory: sizes and modification times.
+    let t_ts_file = c.data_dir().join(c.query_one_string("SELECT pg_relation_filepath('t_ts')")?);
+    let t_ts_files = || -> Result<Vec<(String, u64, std::time::SystemTime)>> {
+        let (dir, name) = (t_ts_file.parent().context("dir")?, t_ts_file.file_name().context("name")?);
+        let mut files = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(&*name.to_string_lossy()) {
+                let m = e.metadata()?;
+                files.push((n, m.len(), m.modified()?));
+            }
+        }
+        files.sort();
+        Ok(files)
+    };
+    let compute_files = t_ts_files()?;
+    anyhow::ensure!(t_ts_file.canonicalize()?.starts_with(&ts), "t_ts is not in {ts}: {}", t_ts_file.display());
+
+    let parent = PathBuf::from(c.tablespace_dir("mounts")?);
+    let (id, path) = mounts.create_at(&sidecar, lsn, Some(&parent.join("branch")))?;
+    let in_branch = path.join("pg_tblspc").join(&spc);
+    let kind = std::fs::symlink_metadata(&in_branch)?.file_type();
+    anyhow::ensure!(kind.is_dir(), "pg_tblspc/{spc} on the branch is not a directory in place: {kind:?}");
+    let b = boot(&path, lsn)?;
+    expect_as_recorded(&b, lsn, &dumps)?;
+    b.execute("UPDATE t_ts SET v = 'branch' WHERE id <= 1000; CHECKPOINT")?;
+    b.connect("db_ts")?
+        .batch_execute("INSERT INTO home SELECT g, 'branch' FROM generate_series(1, 500) g; CHECKPOINT")?;
+    anyhow::ensure!(
+        b.query_one_string("SELECT count(*) FROM t_ts WHERE v = 'branch'")? == "1000",
+        "the branch's writes to its tablespace"
+    );
+    anyhow::ensure!(t_ts_files()? == compute_files, "the branch's writes changed t_ts's files in the compute's {ts}");
+    anyhow::ensure!(
+        c.query_one_string("SELECT count(*) FROM t_ts WHERE v = 'branch'")? == "0",
+        "the compute sees the branch's writes"
+    );
+
+    // The mount point goes wrong while the sidecar is down (a file where its directory was):
+    // the sidecar starts, lists the branch with why it is not mounted, and drops it.
+    drop(b);
+    sidecar.stop()?;
+    std::fs::remove_dir(&path).with_context(|| format!("the mount point {} after the stop", path.display()))?;
+    std::fs::write(&path, b"in the way")?;
+    let sidecar = SidecarProcess::restart_for_compute(&c, &store, &[])?;
+    let list = branch_cli(&sidecar, &["list"])?;
+    anyhow::ensure!(
+        list.lines().count() == 1
+            && list.starts_with(&format!("{id}\t{lsn}\t"))
+            && list.contains(&format!("{}\tnot mounted: ", path.display())),
+        "branches listed with a broken mount point: {list}"
+    );
+    branch_cli(&sidecar, &["drop", &id.to_string()])?;
+    anyhow::ensure!(branch_cli(&sidecar, &["list"])?.is_empty(), "the branch is still listed after its drop");
+    anyhow::ensure!(std::fs::read(&path)? == b"in the way", "dropping the branch touched the file at its mount point");
+    std::fs::remove_file(&path)?;
     sidecar.stop()?;
     Ok(())
 }

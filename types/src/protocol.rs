@@ -64,7 +64,8 @@
 //!                       dropped; BranchList: all):
 //!                       id u32 | lsn u64 | timeline u32 (its own) | source u32 (the
 //!                       store's timeline whose history it reads, pinned at lsn) | history_files u32 |
-//!                       written_blocks u64 | path_len u32 | UTF-8 mount path
+//!                       written_blocks u64 | path_len u32 | UTF-8 mount path |
+//!                       problem_len u32 | UTF-8 problem (empty: mounted and served)
 //!   0x8D Commits        before, after: each present u8 | lsn u64 | time i64 (the transaction
 //!                       ends around an LSN: the last record starting before it, the first at
 //!                       or after it)
@@ -232,6 +233,9 @@ pub struct BranchInfo {
     pub written_blocks: u64,
     /// Where its data directory is mounted.
     pub path: String,
+    /// Why the sidecar could not mount it when it started (empty: mounted and served). Such
+    /// a branch keeps its history pinned until it is mounted at a later start or dropped.
+    pub problem: String,
 }
 
 /// One timeline of the sidecar's history, as `History` reports it.
@@ -613,6 +617,8 @@ impl Response {
                     b.extend_from_slice(&br.written_blocks.to_le_bytes());
                     b.extend_from_slice(&(br.path.len() as u32).to_le_bytes());
                     b.extend_from_slice(br.path.as_bytes());
+                    b.extend_from_slice(&(br.problem.len() as u32).to_le_bytes());
+                    b.extend_from_slice(br.problem.as_bytes());
                 }
                 0x8C
             }
@@ -714,7 +720,19 @@ impl Response {
                     let (history_files, written_blocks) = (r.u32()?, r.u64()?);
                     let len = r.u32()? as usize;
                     let path = String::from_utf8(r.take(len)?.to_vec()).or_else(|_| malformed("path is not UTF-8"))?;
-                    branches.push(BranchInfo { id, lsn, timeline, source, history_files, written_blocks, path });
+                    let len = r.u32()? as usize;
+                    let problem =
+                        String::from_utf8(r.take(len)?.to_vec()).or_else(|_| malformed("problem is not UTF-8"))?;
+                    branches.push(BranchInfo {
+                        id,
+                        lsn,
+                        timeline,
+                        source,
+                        history_files,
+                        written_blocks,
+                        path,
+                        problem,
+                    });
                 }
                 Response::Branches(branches)
             }
@@ -914,6 +932,7 @@ mod tests {
                     history_files: 9,
                     written_blocks: 10,
                     path: "/a".into(),
+                    problem: String::new(),
                 },
                 BranchInfo {
                     id: 2,
@@ -923,6 +942,7 @@ mod tests {
                     history_files: 0,
                     written_blocks: 0,
                     path: "/b/c".into(),
+                    problem: "mounting at /b/c: Transport endpoint is not connected".into(),
                 },
             ]),
             Response::Commits { before: None, after: None },

@@ -25,8 +25,10 @@
 //! A branch is made in `<id>.new/` and renamed into place when complete, so a crash leaves no
 //! half branch (a leftover `.new` is removed at start). It pins its LSN in the store (no
 //! retention or garbage collection removes what it reads) for as long as it exists. The
-//! sidecar mounts its branches when it starts (clearing a mount a killed sidecar left behind)
-//! and unmounts them when it stops; dropping a branch unmounts it and deletes its directory.
+//! sidecar mounts its branches when it starts (clearing a mount a killed sidecar left behind;
+//! one it cannot mount is listed with the reason, still pinned, and can be dropped) and
+//! unmounts them when it stops; dropping a branch unmounts it and deletes its directory.
+//! History's pages are read through the page service's cache, shared with `GetPage`.
 //! The mount is private to the sidecar's OS user, which must be the branch server's (and to
 //! root, where `/etc/fuse.conf` has `user_allow_other`).
 
@@ -35,6 +37,7 @@ pub mod history;
 pub mod read_ahead;
 
 use crate::basebackup::{self, Options, TimelineFiles};
+use crate::page_cache::{PageCache, PENDING_WAIT};
 use crate::repo::reconstruct::{self, GetPageError};
 use crate::repo::store::Store;
 use crate::repo::timeline::{private_dir, write_durably, Timeline};
@@ -111,17 +114,28 @@ impl BranchMeta {
     }
 }
 
-/// Rebuilds history's pages for a branch, through the redo pool that serves `GetPage`;
-/// checksums stamped when the cluster has them.
+/// Rebuilds history's pages for a branch, through the page service's cache and the redo pool
+/// that serve `GetPage`; checksums stamped when the cluster has them.
 struct HistoryPages {
     timeline: Arc<Timeline>,
     redo: Arc<dyn WalRedoManager>,
     lsn: Lsn,
     checksums: bool,
+    shared: Shared,
 }
 
-impl fs::PageSource for HistoryPages {
-    fn pages(&self, tags: &[BufferTag]) -> Vec<Result<Box<[u8; BLCKSZ]>, String>> {
+/// What every branch's pages share with the page service: its cache of rebuilt pages (keyed
+/// by page and LSN: a branch at L reads what `GetPage` at L filed, and files for it), which
+/// holds pages of the followed timeline's lineage only, as the store tells.
+#[derive(Clone)]
+struct Shared {
+    store: Arc<Store>,
+    cache: Arc<PageCache>,
+}
+
+impl HistoryPages {
+    /// `tags` rebuilt at the branch's LSN, as one batch, unstamped.
+    fn rebuild(&self, tags: &[BufferTag]) -> Vec<Result<Box<[u8; BLCKSZ]>, String>> {
         let mut rels: BTreeMap<neon_types::RelTag, reconstruct::RelationAt> = BTreeMap::new();
         for tag in tags {
             if let std::collections::btree_map::Entry::Vacant(e) = rels.entry(tag.rel) {
@@ -141,11 +155,30 @@ impl fs::PageSource for HistoryPages {
         let Ok(pages) = rebuilt else {
             return tags.iter().map(|t| Err(format!("rebuilding {t} at {} panicked", self.lsn))).collect();
         };
+        pages.into_iter().map(|page| page.map_err(|e: GetPageError| e.to_string())).collect()
+    }
+}
+
+impl fs::PageSource for HistoryPages {
+    fn pages(&self, tags: &[BufferTag]) -> Vec<Result<Box<[u8; BLCKSZ]>, String>> {
+        let Shared { store, cache } = &self.shared;
+        let generation = store.generation();
+        let pages = if store.on_current_lineage(&self.timeline, self.lsn, generation) {
+            let keys: Vec<_> = tags.iter().map(|t| (*t, self.lsn)).collect();
+            cache.pages(
+                &keys,
+                PENDING_WAIT,
+                |at: &[usize]| self.rebuild(&at.iter().map(|n| tags[*n]).collect::<Vec<_>>()),
+                || store.on_current_lineage(&self.timeline, self.lsn, generation),
+            )
+        } else {
+            self.rebuild(tags)
+        };
         pages
             .into_iter()
             .zip(tags)
             .map(|(page, tag)| {
-                let mut page = page.map_err(|e: GetPageError| e.to_string())?;
+                let mut page = page?;
                 if self.checksums {
                     basebackup::checksum::stamp(&mut page, tag.blkno);
                 }
@@ -163,15 +196,27 @@ struct Live {
     session: Option<fuser::BackgroundSession>,
 }
 
+/// A branch on disk that the sidecar could not mount when it started: listed with the reason,
+/// droppable, its history still pinned (when its metadata could be read) so that nothing it
+/// needs is collected before it is mounted at a later start.
+struct Unloaded {
+    meta: Option<BranchMeta>,
+    /// The store's timeline its pin is on.
+    owner: Option<Arc<Timeline>>,
+    why: String,
+}
+
 /// The sidecar's branches.
 pub struct Branches {
     dir: PathBuf,
     live: Mutex<BTreeMap<u32, Live>>,
+    unloaded: Mutex<BTreeMap<u32, Unloaded>>,
     /// Serialises creations (ids) and drops.
     changing: Mutex<()>,
     /// False: branches are kept (pinned, listed, dropped) but neither mounted nor made, where
     /// FUSE is not to be used.
     mounting: bool,
+    shared: Shared,
 }
 
 fn io_err(id: u32, path: &Path) -> impl FnOnce(std::io::Error) -> BranchError + '_ {
@@ -183,14 +228,21 @@ impl Branches {
     /// ones removed).
     pub fn open(
         shared: &Path,
-        store: &Store,
+        store: &Arc<Store>,
         redo: &Arc<dyn WalRedoManager>,
+        cache: &Arc<PageCache>,
         mounting: bool,
     ) -> Result<Branches, BranchError> {
         let dir = shared.join("branches");
         private_dir(&dir).map_err(io_err(0, &dir))?;
-        let branches =
-            Branches { dir: dir.clone(), live: Mutex::new(BTreeMap::new()), changing: Mutex::new(()), mounting };
+        let branches = Branches {
+            dir: dir.clone(),
+            live: Mutex::new(BTreeMap::new()),
+            unloaded: Mutex::new(BTreeMap::new()),
+            changing: Mutex::new(()),
+            mounting,
+            shared: Shared { store: store.clone(), cache: cache.clone() },
+        };
         let mut ids = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(io_err(0, &dir))?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -203,14 +255,25 @@ impl Branches {
         ids.sort_unstable();
         for id in ids {
             // One branch that cannot be mounted does not stop the sidecar (nor ingest): it
-            // is reported, and left on disk as it is.
-            let loaded = BranchMeta::read(id, &branches.branch_dir(id).join(META_FILE))
-                .and_then(|meta| branches.load(store, redo, meta));
+            // is reported (logged, and listed with the reason), and left on disk as it is.
+            let (meta, loaded) = match BranchMeta::read(id, &branches.branch_dir(id).join(META_FILE)) {
+                Ok(m) => (Some(m.clone()), branches.load(store, redo, m)),
+                Err(e) => (None, Err(e)),
+            };
             match loaded {
                 Ok(live) => {
                     branches.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, live);
                 }
-                Err(e) => eprintln!("neon-sidecar: branch {id} is not mounted: {e}"),
+                Err(e) => {
+                    eprintln!("neon-sidecar: branch {id} is not mounted: {e}");
+                    let owner = meta.as_ref().and_then(|m| {
+                        let owner = store.timeline(m.source)?.owner_at(m.lsn);
+                        owner.pin(m.lsn);
+                        Some(owner)
+                    });
+                    let unloaded = Unloaded { meta, owner, why: e.to_string() };
+                    branches.unloaded.lock().unwrap_or_else(|p| p.into_inner()).insert(id, unloaded);
+                }
             }
         }
         Ok(branches)
@@ -247,7 +310,13 @@ impl Branches {
         );
         let owner = timeline.owner_at(meta.lsn);
         let checksums = crate::repo::meta::compute_has_checksums(&timeline);
-        let source = Arc::new(HistoryPages { timeline, redo: redo.clone(), lsn: meta.lsn, checksums });
+        let source = Arc::new(HistoryPages {
+            timeline,
+            redo: redo.clone(),
+            lsn: meta.lsn,
+            checksums,
+            shared: self.shared.clone(),
+        });
         let mut live = Live { meta, history, owner, source, session: None };
         self.mount(&mut live, new)?;
         Ok(live)
@@ -443,16 +512,56 @@ impl Branches {
             || self.branch_dir(id).join(META_FILE).exists()
     }
 
+    /// Every branch, by id: those mounted, and those the sidecar could not mount (with why).
     pub fn list(&self) -> Vec<BranchInfo> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).values().map(info).collect()
+        let mut all: Vec<BranchInfo> = self.live.lock().unwrap_or_else(|p| p.into_inner()).values().map(info).collect();
+        let unloaded = self.unloaded.lock().unwrap_or_else(|p| p.into_inner());
+        all.extend(unloaded.iter().map(|(id, u)| unloaded_info(*id, u)));
+        all.sort_by_key(|b| b.id);
+        all
+    }
+
+    /// Deletes branch `id`, which could not be mounted: its directory, its mount point if it
+    /// was one of the user's (when empty), and its pin.
+    fn drop_unloaded(&self, id: u32) -> Option<Result<BranchInfo, BranchError>> {
+        let mut unloaded = self.unloaded.lock().unwrap_or_else(|p| p.into_inner());
+        let u = unloaded.get(&id)?;
+        let info = unloaded_info(id, u);
+        let dir = self.branch_dir(id);
+        let doomed = self.dir.join(format!("{id}.new"));
+        if let Some(m) = &u.meta {
+            // A mount a killed sidecar left behind.
+            clear_stale_mount(&m.mount);
+        }
+        if let Err(e) = std::fs::rename(&dir, &doomed) {
+            return Some(Err(io_err(id, &dir)(e)));
+        }
+        let u = unloaded.remove(&id)?;
+        if let (Some(owner), Some(m)) = (&u.owner, &u.meta) {
+            owner.unpin(m.lsn);
+        }
+        if let Err(e) = std::fs::remove_dir_all(&doomed) {
+            return Some(Err(io_err(id, &doomed)(e)));
+        }
+        if let Some(m) = u.meta.filter(|m| m.mount != dir.join("data")) {
+            let _ = std::fs::remove_dir(&m.mount);
+        }
+        Some(Ok(info))
     }
 
     /// Unmounts branch `id` and deletes it (refused while a server runs on it).
     pub fn drop_branch(&self, id: u32) -> Result<BranchInfo, BranchError> {
         let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(dropped) = self.drop_unloaded(id) {
+            return dropped;
+        }
         let mut live = {
             let mut all = self.live.lock().unwrap_or_else(|p| p.into_inner());
-            let have = all.keys().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+            let unloaded = self.unloaded.lock().unwrap_or_else(|p| p.into_inner());
+            let mut ids: Vec<u32> = all.keys().chain(unloaded.keys()).copied().collect();
+            drop(unloaded);
+            ids.sort_unstable();
+            let have = ids.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
             let Some(live) = all.remove(&id) else {
                 return Err(BranchError::NoSuchBranch { id, have: if have.is_empty() { "none".into() } else { have } });
             };
@@ -510,6 +619,21 @@ fn info(live: &Live) -> BranchInfo {
         history_files: files as u32,
         written_blocks: written,
         path: live.meta.mount.display().to_string(),
+        problem: String::new(),
+    }
+}
+
+fn unloaded_info(id: u32, u: &Unloaded) -> BranchInfo {
+    let m = u.meta.as_ref();
+    BranchInfo {
+        id,
+        lsn: m.map_or(Lsn(0), |m| m.lsn),
+        timeline: m.map_or(0, |m| m.timeline),
+        source: m.map_or(0, |m| m.source),
+        history_files: 0,
+        written_blocks: 0,
+        path: m.map_or(String::new(), |m| m.mount.display().to_string()),
+        problem: format!("not mounted: {}", u.why),
     }
 }
 

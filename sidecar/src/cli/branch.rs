@@ -50,8 +50,14 @@ fn branches(r: Response) -> anyhow::Result<Vec<BranchInfo>> {
     }
 }
 
+/// One line a branch: id, LSN, timeline, blocks written, mount path; and, for a branch the
+/// sidecar could not mount, why.
 fn print(out: &mut dyn Write, b: &BranchInfo) -> std::io::Result<()> {
-    writeln!(out, "{}\t{}\ttimeline {}\t{} blocks written\t{}", b.id, b.lsn, b.timeline, b.written_blocks, b.path)
+    write!(out, "{}\t{}\ttimeline {}\t{} blocks written\t{}", b.id, b.lsn, b.timeline, b.written_blocks, b.path)?;
+    if !b.problem.is_empty() {
+        write!(out, "\t{}", b.problem)?;
+    }
+    writeln!(out)
 }
 
 pub fn run(args: &BranchArgs, out: &mut dyn Write) -> anyhow::Result<()> {

@@ -210,16 +210,16 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 };
                 let pages = (args.page_cache_mb << 20) as usize / BLCKSZ;
                 let memory = args.page_file_memory.as_deref().filter(|m| m.is_dir());
-                let cache = match &shared_dir {
+                let cache = Arc::new(match &shared_dir {
                     Some(d) => PageCache::shared(d, pages, memory)?,
                     None => PageCache::private(pages)?,
-                };
+                });
                 if let Some(d) = &shared_dir {
                     crate::past::stop_orphans(d);
                 }
                 let branches = match &shared_dir {
                     Some(d) => Some(
-                        crate::branch::Branches::open(d, &store, &redo, !args.no_fuse)
+                        crate::branch::Branches::open(d, &store, &redo, &cache, !args.no_fuse)
                             .with_context(|| format!("branches in {}", d.display()))?,
                     ),
                     None => None,

@@ -336,6 +336,14 @@ impl Store {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Whether a page of timeline `t` at `lsn` is the page readers without a timeline get:
+    /// only those go into the shared page file, which backends read by page and LSN alone.
+    /// `generation` is the store's when the read began: a switch of the followed timeline
+    /// since then makes it another history.
+    pub fn on_current_lineage(&self, t: &Arc<Timeline>, lsn: Lsn, generation: u64) -> bool {
+        self.generation() == generation && Arc::ptr_eq(&t.owner_at(lsn), &self.current().owner_at(lsn))
+    }
+
     /// Makes timeline `id`, forked from `parent` at `fork` (its history file's switch point),
     /// with PostgreSQL's history file `history`. The parent must hold history up to the fork.
     pub fn fork(&self, id: u32, parent: u32, fork: Lsn, history: &[u8]) -> Result<Arc<Timeline>, StoreError> {
