@@ -182,6 +182,26 @@ fn branches_boot_at_past_lsns_keep_their_writes_and_leave_history_alone() -> Res
     let (l1, dumps1) = &marks[0];
     let before = history_page(&sidecar, accounts, 0, *l1)?;
     let (id1, path1) = mounts.create(&sidecar, *l1)?;
+    // The segment after the checkpoint's is there already, sparse: PostgreSQL's start-up need
+    // not write 16 MB of zeros through the mount to preallocate it.
+    let overlay_wal = path1.parent().context("branch dir")?.join("overlay/pg_wal");
+    let mut segments: Vec<(String, u64, u64)> = std::fs::read_dir(&overlay_wal)?
+        .map(|e| {
+            let e = e?;
+            let m = e.metadata()?;
+            Ok((
+                e.file_name().to_string_lossy().into_owned(),
+                m.len(),
+                std::os::unix::fs::MetadataExt::blocks(&m) * 512,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    segments.retain(|(name, ..)| name.len() == 24);
+    segments.sort();
+    anyhow::ensure!(
+        segments.len() == 2 && segments[1].1 == 16 << 20 && segments[1].2 < 1 << 20,
+        "the new branch's WAL segments (name, size, allocated): {segments:?}"
+    );
     let mut b1 = boot(&path1, *l1)?;
     // Relation files are made in the overlay when the server first looks them up: booted, it
     // sees every one of them and the overlay holds few.

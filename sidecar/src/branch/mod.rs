@@ -482,6 +482,8 @@ impl Branches {
         let unpack = crate::replication::tar_reader::TarUnpacker::new(overlay);
         let (_, stats) =
             basebackup::write_basebackup(t, redo.as_ref(), lsn, &files, opts, unpack, &mut |_: &_| {}).map_err(bb)?;
+        let pg_wal = overlay.join("pg_wal");
+        preallocate_next_segment(&pg_wal).map_err(io_err(id, &pg_wal))?;
         // Relation segment files: listed, and made in the overlay when first looked up (see
         // `history`); only their directories now.
         let mut segments = Vec::new();
@@ -635,6 +637,38 @@ fn unloaded_info(id: u32, u: &Unloaded) -> BranchInfo {
         path: m.map_or(String::new(), |m| m.mount.display().to_string()),
         problem: format!("not mounted: {}", u.why),
     }
+}
+
+/// Makes the WAL segment after the one in `pg_wal` (the checkpoint's: the only one there), as
+/// a sparse file of its size. PostgreSQL's start-up preallocates that segment when its
+/// checkpoint lies in the last quarter of its segment — 16 MB of zeros written through the
+/// mount, a quarter of the branch server's start — but takes a file already there as it is; a
+/// hole reads as zeros, as the bytes of a segment PostgreSQL filled itself do.
+fn preallocate_next_segment(pg_wal: &Path) -> std::io::Result<()> {
+    use crate::wal::segment::SegmentId;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut segments = Vec::new();
+    for e in std::fs::read_dir(pg_wal)? {
+        let e = e?;
+        let size = u32::try_from(e.metadata()?.len()).unwrap_or(0);
+        if let Some(id) = e.file_name().to_str().filter(|_| size > 0).and_then(|n| SegmentId::parse(n, size)) {
+            segments.push((id, size));
+        }
+    }
+    let [(this, seg_size)] = segments[..] else {
+        return Err(std::io::Error::other(format!(
+            "{} holds {} WAL segments, not one",
+            pg_wal.display(),
+            segments.len()
+        )));
+    };
+    let next = SegmentId { tli: this.tli, segno: this.segno + 1 };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(pg_wal.join(next.file_name(seg_size)))?;
+    file.set_len(u64::from(seg_size))
 }
 
 /// The pid of a live postmaster whose `postmaster.pid` is in `datadir`.
