@@ -18,7 +18,7 @@ use neon_types::{BufferTag, Lsn, BLCKSZ};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 pub type Key = (BufferTag, Lsn);
@@ -43,6 +43,10 @@ pub struct PageCache {
     pending: Mutex<HashSet<Key>>,
     filled: Condvar,
     pages: PageFileWriter,
+    /// Counts [`PageCache::clear`]s. A claim made before a clear files nothing after it (its
+    /// page may be of the history that was cleared): stores hold it shared, a clear
+    /// exclusively, so none lands between a clear's check and its wipe.
+    epoch: RwLock<u64>,
     pub stats: CacheStats,
 }
 
@@ -57,6 +61,8 @@ pub enum Lookup<'c> {
 pub struct Claim<'c> {
     cache: &'c PageCache,
     key: Key,
+    /// The cache's epoch when the claim was made.
+    epoch: u64,
     /// Whether this claim marked the key pending (and so must withdraw it); a waiter that gave
     /// up rebuilds unclaimed, leaving the pending mark to its owner.
     owner: bool,
@@ -81,7 +87,13 @@ impl PageCache {
     }
 
     fn over(pages: PageFileWriter) -> PageCache {
-        PageCache { pending: Mutex::default(), filled: Condvar::new(), pages, stats: CacheStats::default() }
+        PageCache {
+            pending: Mutex::default(),
+            filled: Condvar::new(),
+            pages,
+            epoch: RwLock::new(0),
+            stats: CacheStats::default(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<Key>> {
@@ -113,14 +125,14 @@ impl PageCache {
                 }
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 pending.insert(key);
-                return Lookup::Claimed(Claim { cache: self, key, owner: true, filed: false });
+                return Lookup::Claimed(self.claim(key, true));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 // Give up waiting and rebuild it too, unclaimed: whichever files first wins,
                 // the other's page is the same.
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                return Lookup::Claimed(Claim { cache: self, key, owner: false, filed: false });
+                return Lookup::Claimed(self.claim(key, false));
             }
             if !waited {
                 self.stats.waits.fetch_add(1, Ordering::Relaxed);
@@ -137,7 +149,7 @@ impl PageCache {
             return None;
         }
         pending.insert(key);
-        Some(Claim { cache: self, key, owner: true, filed: false })
+        Some(self.claim(key, true))
     }
 
     /// The pages of `keys` (one reader's batch): those cached; those someone else is
@@ -166,9 +178,11 @@ impl PageCache {
         }
         Self::rebuild_into(&mut out, claims, &mut rebuild, &keep);
         // Waited for only now, holding no claim, and one at a time: two batches each waiting
-        // for a page the other has claimed would otherwise both wait out `wait`.
+        // for a page the other has claimed would otherwise both wait out `wait`. One deadline
+        // for the whole batch.
+        let deadline = Instant::now() + wait;
         for n in busy {
-            match self.lookup(keys[n], wait) {
+            match self.lookup(keys[n], deadline.saturating_duration_since(Instant::now())) {
                 Lookup::Hit(page) => out[n] = Some(Ok(page)),
                 Lookup::Claimed(claim) => Self::rebuild_into(&mut out, vec![(n, claim)], &mut rebuild, &keep),
             }
@@ -212,7 +226,14 @@ impl PageCache {
     /// Forgets every page (the sidecar follows another timeline: pages read without one are
     /// of another history now, which begins at `oldest`).
     pub fn clear(&self, oldest: Lsn) {
+        let mut epoch = self.epoch.write().unwrap_or_else(|p| p.into_inner());
+        *epoch += 1;
         self.pages.clear(oldest);
+    }
+
+    fn claim(&self, key: Key, owner: bool) -> Claim<'_> {
+        let epoch = *self.epoch.read().unwrap_or_else(|p| p.into_inner());
+        Claim { cache: self, key, epoch, owner, filed: false }
     }
 
     /// Pages at LSNs before `lsn` are out of history: not served any more.
@@ -220,11 +241,14 @@ impl PageCache {
         self.pages.set_oldest_lsn(lsn);
     }
 
-    fn file(&self, key: Key, page: Option<&[u8; BLCKSZ]>, owner: bool) {
+    fn file(&self, key: Key, page: Option<&[u8; BLCKSZ]>, owner: bool, epoch: u64) {
         // Stored before the claim is withdrawn (under the lock), so whoever finds the key no
         // longer pending finds the page; but not under the lock, which lookups share.
         if let Some(p) = page {
-            self.pages.store(&key, p);
+            let now = self.epoch.read().unwrap_or_else(|p| p.into_inner());
+            if *now == epoch {
+                self.pages.store(&key, p);
+            }
         }
         if !owner {
             return;
@@ -243,7 +267,7 @@ impl Claim<'_> {
 
     /// Files the rebuilt page; waiters get it.
     pub fn fill(mut self, page: &[u8; BLCKSZ]) {
-        self.cache.file(self.key, Some(page), self.owner);
+        self.cache.file(self.key, Some(page), self.owner, self.epoch);
         self.filed = true;
     }
 }
@@ -251,7 +275,7 @@ impl Claim<'_> {
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         if !self.filed {
-            self.cache.file(self.key, None, self.owner);
+            self.cache.file(self.key, None, self.owner, self.epoch);
         }
     }
 }
@@ -304,8 +328,13 @@ mod tests {
         let keys: Vec<Key> = (1..=5).map(key).collect();
         let mut asked: Vec<Vec<usize>> = Vec::new();
         let got = std::thread::scope(|s| {
+            let cache = &cache;
             s.spawn(move || {
-                std::thread::sleep(Duration::from_millis(50));
+                // Once the batch waits for it.
+                let until = Instant::now() + Duration::from_secs(10);
+                while cache.stats.waits.load(Ordering::Relaxed) == 0 && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 other.fill(&[2; BLCKSZ]);
             });
             cache.pages(
@@ -327,6 +356,7 @@ mod tests {
             )
         });
         assert_eq!(asked, vec![vec![2, 3, 4]], "one batch: neither the cached page nor the one under way");
+        assert_eq!(cache.stats.waits.load(Ordering::Relaxed), 1, "the page under way was waited for");
         let firsts: Vec<Result<u8, String>> = got.into_iter().map(|p| p.map(|p| p[0])).collect();
         assert_eq!(firsts, vec![Ok(1), Ok(2), Ok(3), Err("broken".to_string()), Ok(5)]);
         assert!(matches!(cache.lookup(key(5), Duration::ZERO), Lookup::Hit(p) if p[0] == 5), "filed");
@@ -339,6 +369,11 @@ mod tests {
             || false,
         );
         assert_eq!(got[0].as_ref().map(|p| p[0]), Ok(9));
-        assert!(matches!(cache.lookup(key(9), Duration::ZERO), Lookup::Claimed(_)), "filed though not kept");
+        assert!(matches!(cache.lookup(key(9), Duration::ZERO), Lookup::Claimed(_)), "not kept, yet filed");
+        // A claim made before a clear (the followed history changed) files nothing after it.
+        let before = cache.try_claim(key(20)).unwrap();
+        cache.clear(Lsn(0));
+        before.fill(&[20; BLCKSZ]);
+        assert!(matches!(cache.lookup(key(20), Duration::ZERO), Lookup::Claimed(_)), "filed across a clear");
     }
 }

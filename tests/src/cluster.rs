@@ -607,6 +607,10 @@ impl Cluster {
     fn server_command(&self, program: PathBuf) -> Command {
         let mut cmd = Command::new(program);
         clear_pg_env(&mut cmd);
+        // `cargo run` and `cargo test` set it to dozens of build directories, which the dynamic
+        // loader would search for every library at each start of `pg_ctl` and `postgres`: time
+        // a benchmark of boot times would count, for a server that needs none of them.
+        cmd.env_remove("LD_LIBRARY_PATH");
         run_as_server_user(&mut cmd).current_dir(&self.root).env("LC_ALL", "C").stdin(Stdio::null());
         cmd
     }

@@ -20,13 +20,10 @@ pub(crate) const LOG_TAIL_LINES: usize = 40;
 
 /// Removes all `PG*` variables (PGDATA, PGHOST, PGOPTIONS, PGSERVICE, ...)
 /// inherited from the environment, so the developer's settings cannot leak
-/// into a test; and `LD_LIBRARY_PATH`, which `cargo run` and `cargo test` set
-/// to dozens of build directories that the dynamic loader would search, for
-/// every library, at each start of `pg_ctl` and `postgres` (time a benchmark
-/// of boot times would count; PostgreSQL needs none of them).
+/// into a test.
 pub fn clear_pg_env(cmd: &mut Command) -> &mut Command {
     for (key, _) in std::env::vars_os() {
-        if key.as_encoded_bytes().starts_with(b"PG") || key == "LD_LIBRARY_PATH" {
+        if key.as_encoded_bytes().starts_with(b"PG") {
             cmd.env_remove(key);
         }
     }

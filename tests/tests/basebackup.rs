@@ -275,3 +275,30 @@ fn a_build_nobody_waits_for_stops_and_builds_run_at_once() -> Result<()> {
     wait_idle(Duration::from_secs(1))?;
     sidecar.stop()
 }
+
+/// A base backup at an LSN in the last bytes of a WAL segment: its checkpoint record runs past
+/// the segment's end, so the backup carries the next segment too (the record goes on there
+/// under a long page header), and PostgreSQL starts from it without replay.
+#[test]
+fn a_checkpoint_record_crossing_into_the_next_segment_boots() -> Result<()> {
+    let (c, store) = cluster_born_with_store_and(&[])?;
+    let sidecar = SidecarProcess::start(&c, &store)?;
+    c.execute("CREATE TABLE kept AS SELECT g FROM generate_series(1, 1000) g")?;
+    c.execute("SELECT pg_switch_wal()")?;
+    c.execute("CREATE TABLE later AS SELECT 1 AS x")?;
+    let end = workload::flush_lsn(&c)?;
+    sidecar.wait_durable(end)?;
+    let seg = 16u64 << 20;
+    // 48 bytes before the segment the switch began: the 114-byte record does not fit.
+    let at = neon_types::Lsn(end.0 / seg * seg - 48);
+    let tar = c.root_dir().join("base.tar");
+    neon_tests::sidecar::basebackup_from_store(&store, at, &tar, &[])?;
+    let b = boot_basebackup(&tar)?;
+    let log = b.log_contents();
+    anyhow::ensure!(log.contains("database system was shut down at") && !log.contains("redo starts"), "{log}");
+    anyhow::ensure!(b.query_one_string("SELECT count(*) FROM kept")? == "1000", "kept, as of {at}");
+    anyhow::ensure!(b.query_one_string("SELECT to_regclass('later') IS NULL")? == "t", "later is after {at}");
+    drop(b);
+    sidecar.stop()?;
+    Ok(())
+}

@@ -14,7 +14,8 @@
 //! also as the main fork; no free-space maps), in 1 GB segment files; `pg_xact` and
 //! `pg_multixact` segments; `pg_twophase` state files; `pg_hba.conf` and `pg_ident.conf` as
 //! imported, an empty `postgresql.conf`; `global/pg_control` (last, as pg_basebackup does) and
-//! `pg_wal/<segment>` (with `new_timeline`, on the next timeline, and its `.history` file).
+//! `pg_wal/<segment>` (and the next one when the checkpoint record crosses into it; with
+//! `new_timeline`, on the next timeline, and its `.history` file).
 //! Without relation pages (`relation_pages: false`) it is the
 //! non-relational part only, for a compute that fetches pages itself (as Neon's pageserver
 //! serves its computes): such a directory does not start on its own.
@@ -432,14 +433,16 @@ pub fn write_basebackup<W: Write>(
     }
     b.stats.timeline = checkpoint.this_timeline;
     let record = walseg::checkpoint_record(&checkpoint, Lsn(0));
-    let (name, segment) = walseg::segment_with_record(
+    let segments = walseg::segments_with_record(
         at,
         &record,
         checkpoint.this_timeline,
         info.system_identifier,
         info.wal_segment_size,
     );
-    b.out.file(&format!("pg_wal/{name}"), &segment)?;
+    for (name, segment) in &segments {
+        b.out.file(&format!("pg_wal/{name}"), segment)?;
+    }
     b.out.file("global/pg_control", &control::generate(&template, at, &checkpoint)?)?;
     b.progress.bytes = b.out.tar.bytes;
     b.progress.elapsed = b.started.elapsed();

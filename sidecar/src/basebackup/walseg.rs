@@ -1,5 +1,5 @@
 //! The WAL a base backup ships: one segment holding a real `XLOG_CHECKPOINT_SHUTDOWN` record
-//! at the backup's LSN, with valid page headers, so stock PostgreSQL starts from it without
+//! at the backup's LSN (two when the record runs past the segment's end), with valid page headers, so stock PostgreSQL starts from it without
 //! replay (DESIGN.md §4). Bytes before the record are zeroes: nothing reads them (startup
 //! reads the checkpoint record directly, then WAL after it). The page holding the record has
 //! no `XLP_FIRST_IS_CONTRECORD` flag: with it, a record right after the header is refused
@@ -52,37 +52,35 @@ fn page_header(page: &mut [u8], info: u16, tli: u32, pageaddr: Lsn, rem_len: u32
     }
 }
 
-/// The segment file (name, bytes) holding `record` at `at` on timeline `tli`.
-pub fn segment_with_record(at: Lsn, record: &[u8], tli: u32, sysid: u64, seg_size: u32) -> (String, Vec<u8>) {
-    let seg = SegmentId { tli, segno: at.0 / u64::from(seg_size) };
-    let seg_start = seg.segno * u64::from(seg_size);
-    let mut bytes = vec![0u8; seg_size as usize];
-    let page_of = |lsn: u64| (lsn - seg_start) as usize / XLOG_BLCKSZ;
+/// The segment files (name, bytes) holding `record` at `at` on timeline `tli`: the one `at`
+/// is in and, when the record runs past its end, the next one, which continues it under a
+/// long page header announcing the continuation (PostgreSQL's records cross segments so).
+pub fn segments_with_record(at: Lsn, record: &[u8], tli: u32, sysid: u64, seg_size: u32) -> Vec<(String, Vec<u8>)> {
+    let seg_len = seg_size as usize;
+    let first_seg = at.0 / u64::from(seg_size);
+    let seg_start = first_seg * u64::from(seg_size);
+    // The segments side by side: positions count from the first one's start.
+    let mut bytes = vec![0u8; seg_len];
     let mut pos = (at.0 - seg_start) as usize;
     let mut rest = record;
     let mut first = true;
-    // The first page of the segment always has a (long) header; then every page the record
+    // The first page of a segment always has a (long) header; then every page the record
     // touches has one.
     page_header(&mut bytes[..XLOG_BLCKSZ], 0, tli, Lsn(seg_start), 0, Some((sysid, seg_size)));
     while !rest.is_empty() {
-        let page = page_of(seg_start + pos as u64);
-        let page_start = page * XLOG_BLCKSZ;
-        let header = if page == 0 { SIZE_OF_LONG_PAGE_HEADER } else { SIZE_OF_SHORT_PAGE_HEADER };
+        let page_start = pos / XLOG_BLCKSZ * XLOG_BLCKSZ;
+        if page_start >= bytes.len() {
+            bytes.resize(bytes.len() + seg_len, 0);
+        }
+        let long = page_start.is_multiple_of(seg_len).then_some((sysid, seg_size));
+        let header = if long.is_some() { SIZE_OF_LONG_PAGE_HEADER } else { SIZE_OF_SHORT_PAGE_HEADER };
+        let addr = Lsn(seg_start + page_start as u64);
+        let page = &mut bytes[page_start..page_start + XLOG_BLCKSZ];
         if !first {
-            let info = XLP_FIRST_IS_CONTRECORD;
-            let long = (page == 0).then_some((sysid, seg_size));
-            let addr = Lsn(seg_start + page_start as u64);
-            page_header(&mut bytes[page_start..page_start + XLOG_BLCKSZ], info, tli, addr, rest.len() as u32, long);
+            page_header(page, XLP_FIRST_IS_CONTRECORD, tli, addr, rest.len() as u32, long);
             pos = page_start + header;
-        } else if page != 0 {
-            page_header(
-                &mut bytes[page_start..page_start + XLOG_BLCKSZ],
-                0,
-                tli,
-                Lsn(seg_start + page_start as u64),
-                0,
-                None,
-            );
+        } else if page_start != 0 {
+            page_header(page, 0, tli, addr, 0, long);
         }
         let room = page_start + XLOG_BLCKSZ - pos;
         let n = room.min(rest.len());
@@ -91,7 +89,11 @@ pub fn segment_with_record(at: Lsn, record: &[u8], tli: u32, sysid: u64, seg_siz
         pos += n;
         first = false;
     }
-    (seg.file_name(seg_size), bytes)
+    bytes
+        .chunks(seg_len)
+        .enumerate()
+        .map(|(i, b)| (SegmentId { tli, segno: first_seg + i as u64 }.file_name(seg_size), b.to_vec()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -130,17 +132,36 @@ mod tests {
             let at = record_start(lsn, seg_size);
             let cp = CheckPoint { redo: at, ..cp };
             let record = checkpoint_record(&cp, Lsn(0));
-            let (name, bytes) = segment_with_record(at, &record, 1, 42, seg_size);
+            let segments = segments_with_record(at, &record, 1, 42, seg_size);
+            assert_eq!(segments.len(), 1);
+            let (name, bytes) = &segments[0];
             assert_eq!(name, "000000010000000000000003");
-            let first = PageHeader::parse(&bytes);
+            let first = PageHeader::parse(bytes);
             assert_ne!(first.info & XLP_LONG_HEADER, 0);
             let page = (at.0 as usize - 0x0300_0000) / XLOG_BLCKSZ * XLOG_BLCKSZ;
             let own = PageHeader::parse(&bytes[page..]);
             assert_eq!((own.info & XLP_FIRST_IS_CONTRECORD, own.pageaddr), (0, Lsn(0x0300_0000 + page as u64)));
-            let raw = read_back(&bytes, 0x0300_0000, at, record.len());
+            let raw = read_back(bytes, 0x0300_0000, at, record.len());
             let rec = DecodedRecord::parse(at, Lsn(at.0 + 114), bytes::Bytes::from(raw)).expect("CRC and layout");
             assert_eq!(CheckPoint::decode(rec.main_data()).unwrap(), cp);
         }
+        // Near a segment's end: the record goes on in the next segment, whose first page's long
+        // header announces it.
+        let at = record_start(Lsn(0x03FF_FFB0), seg_size);
+        let cp = CheckPoint { redo: at, ..cp };
+        let record = checkpoint_record(&cp, Lsn(0));
+        let segments = segments_with_record(at, &record, 1, 42, seg_size);
+        let names: Vec<&str> = segments.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["000000010000000000000003", "000000010000000000000004"]);
+        let next = PageHeader::parse(&segments[1].1);
+        assert_ne!(next.info & XLP_LONG_HEADER, 0);
+        assert_eq!(next.pageaddr, Lsn(0x0400_0000));
+        let (tail, spill) = (0x0400_0000 - at.0 as usize, record.len() - (0x0400_0000 - at.0 as usize));
+        assert_eq!((next.info & XLP_FIRST_IS_CONTRECORD != 0, next.rem_len as usize), (true, spill));
+        let mut raw = segments[0].1[seg_size as usize - tail..].to_vec();
+        raw.extend_from_slice(&segments[1].1[SIZE_OF_LONG_PAGE_HEADER..SIZE_OF_LONG_PAGE_HEADER + spill]);
+        let rec = DecodedRecord::parse(at, Lsn(at.0 + 114), bytes::Bytes::from(raw)).expect("CRC and layout");
+        assert_eq!(CheckPoint::decode(rec.main_data()).unwrap(), cp);
         assert_eq!(record_start(Lsn(0x0300_0000), seg_size), Lsn(0x0300_0000 + 40));
         assert_eq!(record_start(Lsn(0x0300_2000), seg_size), Lsn(0x0300_2000 + 24));
         assert_eq!(record_start(Lsn(0x0300_1234), seg_size), Lsn(0x0300_1238));

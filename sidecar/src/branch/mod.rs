@@ -121,14 +121,14 @@ struct HistoryPages {
     redo: Arc<dyn WalRedoManager>,
     lsn: Lsn,
     checksums: bool,
-    shared: Shared,
+    shared: SharedCache,
 }
 
 /// What every branch's pages share with the page service: its cache of rebuilt pages (keyed
 /// by page and LSN: a branch at L reads what `GetPage` at L filed, and files for it), which
 /// holds pages of the followed timeline's lineage only, as the store tells.
 #[derive(Clone)]
-struct Shared {
+struct SharedCache {
     store: Arc<Store>,
     cache: Arc<PageCache>,
 }
@@ -161,7 +161,7 @@ impl HistoryPages {
 
 impl fs::PageSource for HistoryPages {
     fn pages(&self, tags: &[BufferTag]) -> Vec<Result<Box<[u8; BLCKSZ]>, String>> {
-        let Shared { store, cache } = &self.shared;
+        let SharedCache { store, cache } = &self.shared;
         let generation = store.generation();
         let pages = if store.on_current_lineage(&self.timeline, self.lsn, generation) {
             let keys: Vec<_> = tags.iter().map(|t| (*t, self.lsn)).collect();
@@ -216,7 +216,7 @@ pub struct Branches {
     /// False: branches are kept (pinned, listed, dropped) but neither mounted nor made, where
     /// FUSE is not to be used.
     mounting: bool,
-    shared: Shared,
+    shared: SharedCache,
 }
 
 fn io_err(id: u32, path: &Path) -> impl FnOnce(std::io::Error) -> BranchError + '_ {
@@ -241,7 +241,7 @@ impl Branches {
             unloaded: Mutex::new(BTreeMap::new()),
             changing: Mutex::new(()),
             mounting,
-            shared: Shared { store: store.clone(), cache: cache.clone() },
+            shared: SharedCache { store: store.clone(), cache: cache.clone() },
         };
         let mut ids = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(io_err(0, &dir))?.flatten() {
@@ -329,7 +329,7 @@ impl Branches {
         let source = live.source.clone();
         let (id, mount) = (live.meta.id, live.meta.mount.clone());
         let mount_err = |source| BranchError::Mount { id, mount: mount.clone(), source };
-        clear_stale_mount(&mount);
+        clear_stale_mount(&mount, id);
         private_dir(&mount).map_err(mount_err)?;
         let fs = fs::BranchFs::new(
             format!("{id}"),
@@ -389,6 +389,9 @@ impl Branches {
                 }
                 if m.starts_with(&self.dir) {
                     return Err(bad("is inside the sidecar's branches directory"));
+                }
+                if let Some(other) = self.list().iter().find(|b| Path::new(&b.path) == m) {
+                    return Err(bad(&format!("is the mount point of branch {}", other.id)));
                 }
                 if let Ok(mut entries) = std::fs::read_dir(&m) {
                     if entries.next().is_some() {
@@ -482,8 +485,11 @@ impl Branches {
         let unpack = crate::replication::tar_reader::TarUnpacker::new(overlay);
         let (_, stats) =
             basebackup::write_basebackup(t, redo.as_ref(), lsn, &files, opts, unpack, &mut |_: &_| {}).map_err(bb)?;
+        // Only time is lost without it: said, not fatal.
         let pg_wal = overlay.join("pg_wal");
-        preallocate_next_segment(&pg_wal).map_err(io_err(id, &pg_wal))?;
+        if let Err(e) = preallocate_next_segment(&pg_wal) {
+            eprintln!("neon-sidecar: branch {id}: the next WAL segment is not preallocated: {}: {e}", pg_wal.display());
+        }
         // Relation segment files: listed, and made in the overlay when first looked up (see
         // `history`); only their directories now.
         let mut segments = Vec::new();
@@ -523,22 +529,30 @@ impl Branches {
         all
     }
 
-    /// Deletes branch `id`, which could not be mounted: its directory, its mount point if it
-    /// was one of the user's (when empty), and its pin.
+    /// Deletes branch `id`, which could not be mounted (refused while a server runs on it): its
+    /// directory, its mount point if it was one of the user's (when empty), and its pin.
     fn drop_unloaded(&self, id: u32) -> Option<Result<BranchInfo, BranchError>> {
-        let mut unloaded = self.unloaded.lock().unwrap_or_else(|p| p.into_inner());
-        let u = unloaded.get(&id)?;
-        let info = unloaded_info(id, u);
+        // Out of the list while its files go (slow: the lock is not held meanwhile), back in if
+        // they cannot.
+        let u = self.unloaded.lock().unwrap_or_else(|p| p.into_inner()).remove(&id)?;
+        let put_back = |u: Unloaded, e: BranchError| {
+            self.unloaded.lock().unwrap_or_else(|p| p.into_inner()).insert(id, u);
+            Some(Err(e))
+        };
+        let info = unloaded_info(id, &u);
         let dir = self.branch_dir(id);
-        let doomed = self.dir.join(format!("{id}.new"));
+        if let Some(pid) = running_postmaster(&dir.join("overlay")) {
+            return put_back(u, BranchError::InUse { id, pid });
+        }
+        // Mounts a killed sidecar left behind.
+        clear_stale_mount(&dir.join("data"), id);
         if let Some(m) = &u.meta {
-            // A mount a killed sidecar left behind.
-            clear_stale_mount(&m.mount);
+            clear_stale_mount(&m.mount, id);
         }
+        let doomed = self.dir.join(format!("{id}.new"));
         if let Err(e) = std::fs::rename(&dir, &doomed) {
-            return Some(Err(io_err(id, &dir)(e)));
+            return put_back(u, io_err(id, &dir)(e));
         }
-        let u = unloaded.remove(&id)?;
         if let (Some(owner), Some(m)) = (&u.owner, &u.meta) {
             owner.unpin(m.lsn);
         }
@@ -631,7 +645,8 @@ fn unloaded_info(id: u32, u: &Unloaded) -> BranchInfo {
         id,
         lsn: m.map_or(Lsn(0), |m| m.lsn),
         timeline: m.map_or(0, |m| m.timeline),
-        source: m.map_or(0, |m| m.source),
+        // (The timeline holding its pin, as for a mounted branch.)
+        source: u.owner.as_ref().map_or(m.map_or(0, |m| m.source), |o| o.id()),
         history_files: 0,
         written_blocks: 0,
         path: m.map_or(String::new(), |m| m.mount.display().to_string()),
@@ -639,35 +654,30 @@ fn unloaded_info(id: u32, u: &Unloaded) -> BranchInfo {
     }
 }
 
-/// Makes the WAL segment after the one in `pg_wal` (the checkpoint's: the only one there), as
-/// a sparse file of its size. PostgreSQL's start-up preallocates that segment when its
-/// checkpoint lies in the last quarter of its segment — 16 MB of zeros written through the
-/// mount, a quarter of the branch server's start — but takes a file already there as it is; a
-/// hole reads as zeros, as the bytes of a segment PostgreSQL filled itself do.
+/// Makes the WAL segment after the last in `pg_wal` (the checkpoint's), as a sparse file of its
+/// size. PostgreSQL's start-up preallocates that segment when its checkpoint lies in the last
+/// quarter of its segment — 16 MB of zeros written through the mount, half the branch server's
+/// start — but takes a file already there as it is; a hole reads as zeros, as the bytes of a
+/// segment PostgreSQL filled itself do.
 fn preallocate_next_segment(pg_wal: &Path) -> std::io::Result<()> {
     use crate::wal::segment::SegmentId;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut segments = Vec::new();
+    let mut last: Option<(SegmentId, u32)> = None;
     for e in std::fs::read_dir(pg_wal)? {
         let e = e?;
         let size = u32::try_from(e.metadata()?.len()).unwrap_or(0);
         if let Some(id) = e.file_name().to_str().filter(|_| size > 0).and_then(|n| SegmentId::parse(n, size)) {
-            segments.push((id, size));
+            if last.is_none_or(|(l, _)| id.segno > l.segno) {
+                last = Some((id, size));
+            }
         }
     }
-    let [(this, seg_size)] = segments[..] else {
-        return Err(std::io::Error::other(format!(
-            "{} holds {} WAL segments, not one",
-            pg_wal.display(),
-            segments.len()
-        )));
+    let Some((last, seg_size)) = last else {
+        return Err(std::io::Error::other("no WAL segment there"));
     };
-    let next = SegmentId { tli: this.tli, segno: this.segno + 1 };
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(pg_wal.join(next.file_name(seg_size)))?;
+    let next = SegmentId { tli: last.tli, segno: last.segno + 1 };
+    let path = pg_wal.join(next.file_name(seg_size));
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     file.set_len(u64::from(seg_size))
 }
 
@@ -732,17 +742,17 @@ fn allow_root() -> bool {
 /// A mount a killed sidecar left is detached. Known by the mount table (and by an access
 /// failing with `ENOTCONN`): for a second after the kill the kernel may still answer from its
 /// attribute cache, and only a change then fails.
-fn clear_stale_mount(mount: &Path) {
+fn clear_stale_mount(mount: &Path, id: u32) {
     let dead = std::fs::metadata(mount).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
-    if dead || branch_mounted_at(mount) {
+    if dead || branch_mounted_at(mount, id) {
         unmount(mount);
     }
 }
 
-/// Whether a branch file system is mounted at `mount`: a FUSE mount (`fuse` when mounted by
-/// root, `fuse.neon` through `fusermount3`) named `neon-branch-<id>`, at the path the kernel
-/// resolves `mount` to.
-fn branch_mounted_at(mount: &Path) -> bool {
+/// Whether branch `id`'s file system is mounted at `mount`: a FUSE mount (`fuse` when mounted
+/// by root, `fuse.neon` through `fusermount3`) named `neon-branch-<id>`, at the path the kernel
+/// resolves `mount` to (another branch's mount there is not this one's to clear).
+fn branch_mounted_at(mount: &Path, id: u32) -> bool {
     let resolved = match (mount.parent().and_then(|p| p.canonicalize().ok()), mount.file_name()) {
         (Some(parent), Some(name)) => parent.join(name),
         _ => mount.to_path_buf(),
@@ -754,7 +764,7 @@ fn branch_mounted_at(mount: &Path) -> bool {
             return false;
         };
         (kind == "fuse" || kind.starts_with("fuse."))
-            && source.starts_with("neon-branch-")
+            && source == format!("neon-branch-{id}")
             && Path::new(&unescape_mount_field(point)) == resolved
     })
 }

@@ -55,7 +55,8 @@ fn branches(r: Response) -> anyhow::Result<Vec<BranchInfo>> {
 fn print(out: &mut dyn Write, b: &BranchInfo) -> std::io::Result<()> {
     write!(out, "{}\t{}\ttimeline {}\t{} blocks written\t{}", b.id, b.lsn, b.timeline, b.written_blocks, b.path)?;
     if !b.problem.is_empty() {
-        write!(out, "\t{}", b.problem)?;
+        // (One line a branch, whatever the reason says.)
+        write!(out, "\t{}", b.problem.replace(|c: char| c.is_control(), " "))?;
     }
     writeln!(out)
 }

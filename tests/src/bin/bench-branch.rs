@@ -174,6 +174,10 @@ fn one_scale(scale: u32, wal_mb: u64, scans: usize, sidecar_args: &[&str]) -> Re
     anyhow::ensure!(held == at_target, "(a) holds {held}, the compute held {at_target} at {target}");
 
     // Cold scans, the branch's and the local copy's in turn (this machine is noisy): medians.
+    let cache = || -> Result<(u64, u64)> {
+        Ok((sidecar.status("cache_hits")?.parse()?, sidecar.status("cache_misses")?.parse()?))
+    };
+    let cache_before = cache()?;
     let (mut scans_branch, mut scans_local) = (Vec::new(), Vec::new());
     for n in 0..scans {
         eprintln!("bench: scale {scale}: cold scans, round {} of {scans} ...", n + 1);
@@ -186,9 +190,14 @@ fn one_scale(scale: u32, wal_mb: u64, scans: usize, sidecar_args: &[&str]) -> Re
         Response::Branches(b) => b[0].written_blocks,
         r => anyhow::bail!("unexpected {r:?}"),
     };
+    let cache_after = cache()?;
+    // (The sidecar's page cache is not emptied between rounds: its hits say what it saved.)
     eprintln!(
         "bench: scale {scale}: cold scans (s): branch {scans_branch:.2?}, local {scans_local:.2?}; {written} blocks \
-         of the branch are its own (its server wrote them: hint bits), the others are read from history"
+         of the branch are its own (its server wrote them: hint bits), the others are read from history: {} hits \
+         and {} misses of the sidecar's page cache",
+        cache_after.0 - cache_before.0,
+        cache_after.1 - cache_before.1
     );
     let (scan_branch, scan_local) = (median(scans_branch), median(scans_local));
     drop(on_branch);
