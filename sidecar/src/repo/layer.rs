@@ -773,6 +773,44 @@ impl DeltaLayer {
         Ok(())
     }
 
+    /// For each key in `keys`, its newest value at or before `lsn` in this file, if that is not
+    /// older than `lowest` (only those blobs are read and checked): two index searches a key,
+    /// however many values it has — a relation's size has one for every block it grew by.
+    pub fn newest_each_in_range(
+        &self,
+        keys: Range<Key>,
+        lsn: Lsn,
+        lowest: Lsn,
+        mut f: impl FnMut(Key, Lsn, Value),
+    ) -> Result<(), LayerError> {
+        let m = self.mapped()?;
+        let n = self.len();
+        let mut i = m.seek(n, keys.start, Lsn(0));
+        while i < n {
+            let (k, ..) = m.entry(i);
+            if k >= keys.end {
+                break;
+            }
+            // The first entry after `lsn`: the one before it (if it is this key's) is the newest.
+            let after = match lsn.0.checked_add(1) {
+                Some(next) => m.seek(n, k, Lsn(next)),
+                None => m.seek(n, k, Lsn(u64::MAX)),
+            };
+            if after > i {
+                let (_, at, off, len) = m.entry(after - 1);
+                if at >= lowest {
+                    f(k, at, m.blob(&self.path, k, at, off, len)?);
+                }
+            }
+            // On to the next key (past any of this one's entries at LSNs after `lsn`).
+            i = (m.seek(n, k, Lsn(u64::MAX)).max(after)).max(i + 1);
+            while i < n && m.entry(i).0 == k {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Every value in (key, LSN) order, each read (and checked against its CRC) when reached.
     pub fn values_in_order(&self) -> impl Iterator<Item = Result<(Key, Lsn, Value), LayerError>> + '_ {
         let (m, mut failed) = match self.mapped() {
@@ -941,6 +979,42 @@ mod tests {
         assert!(matches!(&mid[0].1, Value::WalRecord { raw, .. } if &raw[..] == b"rec 1@200"));
         assert!(l.values(tag(9), Lsn(0)..Lsn(1000)).unwrap().is_empty());
         assert_eq!(l.values(tag(3), Lsn(0)..Lsn(51)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_newest_value_of_each_key_is_what_every_value_in_order_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("layer");
+        let mut w = DeltaLayerWriter::new(&path).unwrap();
+        // Many values for some keys (a relation's size grows block by block), one for others.
+        for blk in 0..20u32 {
+            for lsn in (10..=10 + u64::from(blk % 7) * 10).step_by(10) {
+                w.put(tag(blk), Lsn(lsn), &Value::Image(Bytes::from(format!("{blk}@{lsn}")))).unwrap();
+            }
+        }
+        let l = DeltaLayer::open(&w.finish().unwrap()).unwrap();
+        for (range, lsn, lowest) in [
+            (tag(0)..tag(20), Lsn(1000), Lsn(0)),
+            (tag(3)..tag(11), Lsn(35), Lsn(0)),
+            (tag(2)..tag(19), Lsn(45), Lsn(30)),
+            (tag(0)..tag(20), Lsn(5), Lsn(0)),
+            (tag(0)..tag(20), Lsn(u64::MAX), Lsn(0)),
+        ] {
+            let mut want = std::collections::BTreeMap::new();
+            l.for_each_in_range(range.clone(), |k, at, v| {
+                if at <= lsn {
+                    want.insert(k, (at, v));
+                }
+            })
+            .unwrap();
+            want.retain(|_, (at, _)| *at >= lowest);
+            let mut got = std::collections::BTreeMap::new();
+            l.newest_each_in_range(range.clone(), lsn, lowest, |k, at, v| {
+                assert!(got.insert(k, (at, v)).is_none(), "{k} twice");
+            })
+            .unwrap();
+            assert_eq!(got, want, "{range:?} at {lsn}, not below {lowest}");
+        }
     }
 
     #[test]

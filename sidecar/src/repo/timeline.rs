@@ -1055,7 +1055,7 @@ impl Timeline {
             }
         };
         for layer in relevant {
-            layer.for_each_in_range(keys.clone(), &mut offer)?;
+            layer.newest_each_in_range(keys.clone(), lsn, lowest, &mut offer)?;
         }
         let mems = [l.frozen.as_deref(), Some(&l.inmem)];
         for mem in mems.into_iter().flatten() {

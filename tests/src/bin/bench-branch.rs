@@ -55,18 +55,19 @@ fn cold_scan(b: &mut Cluster, profile: bool) -> Result<Duration> {
     b.stop()?;
     drop_caches();
     b.start_again()?;
-    let perf = if profile { profile_start()? } else { None };
+    let perf = if profile { profile_start("NEON_BENCH_PERF", 499)? } else { None };
     let took = timed(b, SCAN);
     profile_stop(perf)?;
     took
 }
 
-/// With `NEON_BENCH_PERF=FILE`, `perf record` of the whole machine (call graphs) while the
-/// branch is scanned, into FILE: where a cold scan's time goes.
-fn profile_start() -> Result<Option<std::process::Child>> {
-    let Some(out) = std::env::var_os("NEON_BENCH_PERF") else { return Ok(None) };
+/// With `<var>=FILE`, `perf record` of the whole machine (call graphs, `hz` samples a second)
+/// into FILE: `NEON_BENCH_PERF` while the branch is scanned (where a cold scan's time goes),
+/// `NEON_BENCH_PERF_FIRST` from the branch's request to its first answer.
+fn profile_start(var: &str, hz: u32) -> Result<Option<std::process::Child>> {
+    let Some(out) = std::env::var_os(var) else { return Ok(None) };
     let child = std::process::Command::new("perf")
-        .args(["record", "-a", "-g", "-F", "499", "-o"])
+        .args(["record", "-a", "-g", "-F", &hz.to_string(), "-o"])
         .arg(out)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -138,6 +139,7 @@ fn one_scale(scale: u32, wal_mb: u64, scans: usize, sidecar_args: &[&str]) -> Re
 
     // The branch: request, boot, first answer.
     eprintln!("bench: scale {scale}: branch at {target} ...");
+    let perf = profile_start("NEON_BENCH_PERF_FIRST", 9999)?;
     let t = Instant::now();
     let path = match sidecar.ask(&Request::BranchCreate { lsn: target, mount: None, wait_ms: 0 })? {
         Response::Branches(b) if b.len() == 1 => PathBuf::from(&b[0].path),
@@ -149,6 +151,7 @@ fn one_scale(scale: u32, wal_mb: u64, scans: usize, sidecar_args: &[&str]) -> Re
     let booted = t.elapsed();
     on_branch.query_one_string(FIRST_ANSWER)?;
     let branch = t.elapsed();
+    profile_stop(perf)?;
     eprintln!(
         "bench: scale {scale}: branch made in {:.3} s, its server ready at {:.3} s, first answer at {:.3} s",
         created.as_secs_f64(),
