@@ -774,8 +774,9 @@ impl DeltaLayer {
     }
 
     /// For each key in `keys`, its newest value at or before `lsn` in this file, if that is not
-    /// older than `lowest` (only those blobs are read and checked): two index searches a key,
-    /// however many values it has — a relation's size has one for every block it grew by.
+    /// older than `lowest`: two index searches a key, however many values it has — a relation's
+    /// size has one for every block it grew by. Only the blobs returned are read and checked
+    /// against their CRCs (a damaged older value is found by whatever reads it).
     pub fn newest_each_in_range(
         &self,
         keys: Range<Key>,
@@ -791,22 +792,20 @@ impl DeltaLayer {
             if k >= keys.end {
                 break;
             }
-            // The first entry after `lsn`: the one before it (if it is this key's) is the newest.
-            let after = match lsn.0.checked_add(1) {
-                Some(next) => m.seek(n, k, Lsn(next)),
-                None => m.seek(n, k, Lsn(u64::MAX)),
-            };
+            // Where this key's entries end (an entry at LSN u64::MAX is one of them).
+            let mut end = m.seek(n, k, Lsn(u64::MAX)).max(i + 1);
+            while end < n && m.entry(end).0 == k {
+                end += 1;
+            }
+            // The first of them after `lsn`: the one before it (if it is this key's) is the newest.
+            let after = lsn.0.checked_add(1).map_or(end, |next| m.seek(n, k, Lsn(next)));
             if after > i {
                 let (_, at, off, len) = m.entry(after - 1);
                 if at >= lowest {
                     f(k, at, m.blob(&self.path, k, at, off, len)?);
                 }
             }
-            // On to the next key (past any of this one's entries at LSNs after `lsn`).
-            i = (m.seek(n, k, Lsn(u64::MAX)).max(after)).max(i + 1);
-            while i < n && m.entry(i).0 == k {
-                i += 1;
-            }
+            i = end;
         }
         Ok(())
     }
@@ -987,18 +986,26 @@ mod tests {
         let path = dir.path().join("layer");
         let mut w = DeltaLayerWriter::new(&path).unwrap();
         // Many values for some keys (a relation's size grows block by block), one for others.
+        // Keys begin at different LSNs; one has a value at the last LSN there is.
         for blk in 0..20u32 {
-            for lsn in (10..=10 + u64::from(blk % 7) * 10).step_by(10) {
+            let first = 10 * (u64::from(blk % 3) + 1);
+            for lsn in (first..=first + u64::from(blk % 7) * 10).step_by(10) {
                 w.put(tag(blk), Lsn(lsn), &Value::Image(Bytes::from(format!("{blk}@{lsn}")))).unwrap();
             }
         }
+        w.put(tag(20), Lsn(10), &Value::Image(Bytes::from_static(b"20@10"))).unwrap();
+        w.put(tag(20), Lsn(u64::MAX), &Value::Image(Bytes::from_static(b"20@max"))).unwrap();
         let l = DeltaLayer::open(&w.finish().unwrap()).unwrap();
         for (range, lsn, lowest) in [
-            (tag(0)..tag(20), Lsn(1000), Lsn(0)),
+            (tag(0)..tag(21), Lsn(1000), Lsn(0)),
             (tag(3)..tag(11), Lsn(35), Lsn(0)),
-            (tag(2)..tag(19), Lsn(45), Lsn(30)),
-            (tag(0)..tag(20), Lsn(5), Lsn(0)),
-            (tag(0)..tag(20), Lsn(u64::MAX), Lsn(0)),
+            // On stored LSNs: the bound is inclusive, some keys have nothing yet.
+            (tag(0)..tag(21), Lsn(20), Lsn(0)),
+            (tag(0)..tag(21), Lsn(30), Lsn(30)),
+            (tag(2)..tag(19), Lsn(40), Lsn(30)),
+            (tag(0)..tag(21), Lsn(5), Lsn(0)),
+            (tag(0)..tag(21), Lsn(u64::MAX), Lsn(0)),
+            (tag(0)..tag(21), Lsn(u64::MAX - 1), Lsn(0)),
         ] {
             let mut want = std::collections::BTreeMap::new();
             l.for_each_in_range(range.clone(), |k, at, v| {
