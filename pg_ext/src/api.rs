@@ -549,12 +549,9 @@ pub(crate) fn neon_basebackup(
     }
 }
 
-/// The branches the sidecar has, as rows.
-fn branch_rows(branches: Vec<neon_types::protocol::BranchInfo>) -> Vec<BranchRow> {
-    branches
-        .into_iter()
-        .map(|b| (b.id as i32, b.path, PgLsn(b.lsn), b.timeline as i32, b.source as i32, b.written_blocks as i64))
-        .collect()
+/// A branch the sidecar has, as a row.
+fn branch_row(b: neon_types::protocol::BranchInfo) -> BranchRow {
+    (b.id as i32, b.path, PgLsn(b.lsn), b.timeline as i32, b.source as i32, b.written_blocks as i64)
 }
 
 type BranchRow = (i32, String, PgLsn, i32, i32, i64);
@@ -586,7 +583,7 @@ pub(crate) fn neon_branch_create(
     let what = format!("branch at {lsn}{}", on_text(timeline));
     let req = on(timeline, Request::BranchCreate { lsn, mount: None, wait_ms: wait_ms() });
     match ask(&req, &what, None) {
-        Response::Branches(b) => TableIterator::new(branch_rows(b)),
+        Response::Branches(b) => TableIterator::new(b.into_iter().map(branch_row)),
         r => unexpected(&what, r),
     }
 }
@@ -610,13 +607,11 @@ fn neon_branches() -> TableIterator<
 > {
     let what = "branches";
     match ask(&Request::BranchList, what, Some(guc::request_timeout())) {
-        Response::Branches(b) => {
-            let problems: Vec<Option<String>> =
-                b.iter().map(|b| Some(b.problem.clone()).filter(|p| !p.is_empty())).collect();
-            TableIterator::new(
-                branch_rows(b).into_iter().zip(problems).map(|((a, b, c, d, e, f), p)| (a, b, c, d, e, f, p)),
-            )
-        }
+        Response::Branches(b) => TableIterator::new(b.into_iter().map(|b| {
+            let problem = Some(b.problem.clone()).filter(|p| !p.is_empty());
+            let (id, path, lsn, timeline, source, written) = branch_row(b);
+            (id, path, lsn, timeline, source, written, problem)
+        })),
         r => unexpected(what, r),
     }
 }

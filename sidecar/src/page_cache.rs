@@ -153,7 +153,7 @@ impl PageCache {
     }
 
     /// The pages of `keys` (one reader's batch): those cached; those someone else is
-    /// rebuilding, waited for (at most `wait` each); the others rebuilt by `rebuild` as one
+    /// rebuilding, waited for (at most `wait` in all); the others rebuilt by `rebuild` as one
     /// batch — it gets their positions in `keys` and returns their pages in that order — and
     /// filed if `keep`, asked once they are rebuilt, says they are still the pages of their
     /// keys (the followed history may have moved meanwhile).

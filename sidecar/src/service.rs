@@ -163,10 +163,6 @@ impl PageService {
         reconstruct::check_in_history(t, lsn).map_err(|e| error(code_of(&e), e.to_string()))
     }
 
-    fn on_current_lineage(&self, t: &Arc<Timeline>, lsn: Lsn, generation: u64) -> bool {
-        self.store.on_current_lineage(t, lsn, generation)
-    }
-
     /// Answers one request; a long one (a base backup) first sends `Progress` responses
     /// through `progress`, every `progress_every` once it has taken that long.
     pub fn handle(&self, req: Request, caller: &mut dyn Caller) -> Response {
@@ -207,13 +203,13 @@ impl PageService {
                     reconstruct::get_page(repo, self.redo.as_ref(), tag, lsn)
                         .map_err(|e| error(code_of(&e), e.to_string()))
                 };
-                let page = if self.on_current_lineage(t, lsn, generation) {
+                let page = if self.store.on_current_lineage(t, lsn, generation) {
                     match self.cache.lookup((tag, lsn), PENDING_WAIT) {
                         Lookup::Hit(page) => page,
                         Lookup::Claimed(claim) => {
                             let page = rebuild()?;
                             // Filed only if the followed timeline did not change meanwhile.
-                            if self.on_current_lineage(t, lsn, generation) {
+                            if self.store.on_current_lineage(t, lsn, generation) {
                                 claim.fill(&page);
                             }
                             page
@@ -235,7 +231,7 @@ impl PageService {
                 self.ready(repo, lsn, wait_ms)?;
                 self.metrics.prefetch_requests.fetch_add(1, Ordering::Relaxed);
                 // The cache serves the current lineage only: elsewhere there is nothing to fill.
-                if !self.on_current_lineage(t, lsn, generation) {
+                if !self.store.on_current_lineage(t, lsn, generation) {
                     return Ok(Response::Prefetched(0));
                 }
                 Response::Prefetched(self.prefetch(t, rel, first, n, lsn, generation)?)
@@ -427,7 +423,7 @@ impl PageService {
             .collect();
         done.fetch_add((blocks.len() - claims.len()) as u64, Ordering::Relaxed);
         let pages = reconstruct::pages_of(t, self.redo.as_ref(), claims.iter().map(|c| (r, c.key().0.blkno)));
-        let filed = self.on_current_lineage(t, r.lsn, generation);
+        let filed = self.store.on_current_lineage(t, r.lsn, generation);
         for (claim, page) in claims.into_iter().zip(pages) {
             // A page that fails is left for GetPage, which reports the error to its reader.
             if let (Ok(page), true) = (page, filed) {

@@ -1,10 +1,11 @@
 //! The WAL a base backup ships: one segment holding a real `XLOG_CHECKPOINT_SHUTDOWN` record
-//! at the backup's LSN (two when the record runs past the segment's end), with valid page headers, so stock PostgreSQL starts from it without
-//! replay (DESIGN.md §4). Bytes before the record are zeroes: nothing reads them (startup
-//! reads the checkpoint record directly, then WAL after it). The page holding the record has
-//! no `XLP_FIRST_IS_CONTRECORD` flag: with it, a record right after the header is refused
-//! ("contrecord is requested"). A record crossing into the next page continues there under a
-//! header that does carry the flag, with the remaining length.
+//! at the backup's LSN (two when the record runs past the segment's end), with valid page
+//! headers, so stock PostgreSQL starts from it without replay (DESIGN.md §4). Bytes before the
+//! record are zeroes: nothing reads them (startup reads the checkpoint record directly, then
+//! WAL after it). The page holding the record has no `XLP_FIRST_IS_CONTRECORD` flag: with it,
+//! a record right after the header is refused ("contrecord is requested"). A record crossing
+//! into the next page continues there under a header that does carry the flag, with the
+//! remaining length.
 //!
 //! ```text
 //! record (114 bytes): XLogRecord (24: tot_len 114, xid 0, prev, info 0x00 SHUTDOWN,

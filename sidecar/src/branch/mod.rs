@@ -256,21 +256,16 @@ impl Branches {
         for id in ids {
             // One branch that cannot be mounted does not stop the sidecar (nor ingest): it
             // is reported (logged, and listed with the reason), and left on disk as it is.
-            let (meta, loaded) = match BranchMeta::read(id, &branches.branch_dir(id).join(META_FILE)) {
-                Ok(m) => (Some(m.clone()), branches.load(store, redo, m)),
-                Err(e) => (None, Err(e)),
+            let loaded = match BranchMeta::read(id, &branches.branch_dir(id).join(META_FILE)) {
+                Ok(m) => branches.load(store, redo, m.clone()).map_err(|(owner, e)| (Some(m), owner, e)),
+                Err(e) => Err((None, None, e)),
             };
             match loaded {
                 Ok(live) => {
                     branches.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, live);
                 }
-                Err(e) => {
+                Err((meta, owner, e)) => {
                     eprintln!("neon-sidecar: branch {id} is not mounted: {e}");
-                    let owner = meta.as_ref().and_then(|m| {
-                        let owner = store.timeline(m.source)?.owner_at(m.lsn);
-                        owner.pin(m.lsn);
-                        Some(owner)
-                    });
                     let unloaded = Unloaded { meta, owner, why: e.to_string() };
                     branches.unloaded.lock().unwrap_or_else(|p| p.into_inner()).insert(id, unloaded);
                 }
@@ -284,15 +279,21 @@ impl Branches {
     }
 
     /// Opens a branch's state, pins its LSN and mounts it.
-    fn load(&self, store: &Store, redo: &Arc<dyn WalRedoManager>, meta: BranchMeta) -> Result<Live, BranchError> {
-        let timeline = store.timeline(meta.source).ok_or_else(|| BranchError::BadMeta {
-            id: meta.id,
-            path: self.branch_dir(meta.id).join(META_FILE),
-            why: format!("the store has no timeline {}", meta.source),
+    /// When it cannot be mounted, the pin stays (if it was taken: its timeline is returned),
+    /// for the branch stays on disk, to be dropped or mounted at a later start.
+    fn load(
+        &self,
+        store: &Store,
+        redo: &Arc<dyn WalRedoManager>,
+        meta: BranchMeta,
+    ) -> Result<Live, (Option<Arc<Timeline>>, BranchError)> {
+        let timeline = store.timeline(meta.source).ok_or_else(|| {
+            let why = format!("the store has no timeline {}", meta.source);
+            (None, BranchError::BadMeta { id: meta.id, path: self.branch_dir(meta.id).join(META_FILE), why })
         })?;
-        let (owner, lsn) = (timeline.owner_at(meta.lsn), meta.lsn);
-        owner.pin(lsn);
-        self.attach(redo, timeline, meta, false).inspect_err(|_| owner.unpin(lsn))
+        let owner = timeline.owner_at(meta.lsn);
+        owner.pin(meta.lsn);
+        self.attach(redo, timeline, meta, false).map_err(|e| (Some(owner), e))
     }
 
     /// Opens the state of a branch whose LSN the caller has pinned on `timeline`'s lineage, and
@@ -556,13 +557,17 @@ impl Branches {
         if let (Some(owner), Some(m)) = (&u.owner, &u.meta) {
             owner.unpin(m.lsn);
         }
-        if let Err(e) = std::fs::remove_dir_all(&doomed) {
-            return Some(Err(io_err(id, &doomed)(e)));
+        Some(self.delete(id, &doomed, u.meta.as_ref().map(|m| m.mount.as_path())).map(|()| info))
+    }
+
+    /// Deletes the directory of branch `id`, renamed to `doomed`, and its mount point if that
+    /// was one of the user's (when empty).
+    fn delete(&self, id: u32, doomed: &Path, mount: Option<&Path>) -> Result<(), BranchError> {
+        std::fs::remove_dir_all(doomed).map_err(io_err(id, doomed))?;
+        if let Some(m) = mount.filter(|m| *m != self.branch_dir(id).join("data")) {
+            let _ = std::fs::remove_dir(m);
         }
-        if let Some(m) = u.meta.filter(|m| m.mount != dir.join("data")) {
-            let _ = std::fs::remove_dir(&m.mount);
-        }
-        Some(Ok(info))
+        Ok(())
     }
 
     /// Unmounts branch `id` and deletes it (refused while a server runs on it).
@@ -602,10 +607,7 @@ impl Branches {
             return Err(io_err(id, &dir)(e));
         }
         live.owner.unpin(live.meta.lsn);
-        std::fs::remove_dir_all(&doomed).map_err(io_err(id, &doomed))?;
-        if live.meta.mount != dir.join("data") {
-            let _ = std::fs::remove_dir(&live.meta.mount);
-        }
+        self.delete(id, &doomed, Some(&live.meta.mount))?;
         Ok(info)
     }
 
